@@ -1,0 +1,58 @@
+"""The exceptions every layer raises.
+
+One small hierarchy so that callers can catch ``EmaAverageError`` for "the user gave us something
+wrong" and the CLI can turn any of them into a one-line message and exit code 1. Each class also
+derives from the builtin a Python user would reach for first (``ValueError``, ``RuntimeError``...).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class EmaAverageError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class ConfigurationError(EmaAverageError, ValueError):
+    """A setting is out of range or settings contradict each other (decay, num_updates, options)."""
+
+
+class ParameterError(EmaAverageError, ValueError):
+    """The tensors handed to an average cannot be averaged (empty, duplicate names, not floating)."""
+
+
+class AverageStateError(EmaAverageError, RuntimeError):
+    """An average was used in the wrong order, or a saved state does not fit it."""
+
+
+class CheckpointError(EmaAverageError):
+    """A checkpoint file or folder is missing, unreadable, unsafe or inconsistent with its run.
+
+    ``path`` names the file at fault so the message always says which one.
+    """
+
+    def __init__(self, path: str | Path | None, problem: str) -> None:
+        self.path = Path(path) if path is not None else None
+        self.problem = problem
+        super().__init__(f"{path}: {problem}" if path is not None else problem)
+
+
+class NoCheckpointsError(CheckpointError, FileNotFoundError):
+    """A directory holds no checkpoint this tool can read."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A torch file needs arbitrary unpickling, which is refused unless the user opts in."""
+
+
+class CheckpointMismatchError(CheckpointError, ValueError):
+    """Checkpoints of one run disagree on tensor names, shapes or dtypes, or on their steps."""
+
+
+class OutputError(EmaAverageError, OSError):
+    """The output cannot be written where asked (exists without --overwrite, disk full...)."""
+
+
+class DeviceError(EmaAverageError, RuntimeError):
+    """The requested device is not available on this machine."""

@@ -1,0 +1,289 @@
+"""The online engine against an independent float64 reference written here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ema_average import (
+    AverageStateError,
+    ConfigurationError,
+    ExponentialMovingAverage,
+    MovingAverage,
+    ParameterError,
+)
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+
+
+class Float64Reference:
+    """The seed's rule, written out plainly in float64: the expectation every test compares to."""
+
+    def __init__(self, params: dict[str, torch.Tensor], decay: float, numerator: float, denominator: float):
+        self.shadow = {n: p.detach().double().cpu().clone() for n, p in params.items()}
+        self.decay, self.numerator, self.denominator = decay, numerator, denominator
+
+    def apply(self, params: dict[str, torch.Tensor], num_updates: int | None) -> None:
+        d = self.decay
+        if num_updates is not None:
+            d = min(d, (self.numerator + num_updates) / (self.denominator + num_updates))
+        for n, p in params.items():
+            self.shadow[n] = d * self.shadow[n] + (1 - d) * p.detach().double().cpu()
+
+
+def make_params(dtype: torch.dtype, device: str, seed: int = 0) -> dict[str, torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"embed.weight": (50, 8), "layer.0.weight": (8, 8), "layer.0.bias": (8,), "head.weight": (3, 8)}
+    return {
+        n: torch.nn.Parameter(torch.randn(s, generator=g).to(device=device, dtype=dtype))
+        for n, s in shapes.items()
+    }
+
+
+def perturb(params: dict[str, torch.nn.Parameter], step: int) -> None:
+    g = torch.Generator().manual_seed(1000 + step)
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(0.1 * torch.randn(p.shape, generator=g).to(device=p.device, dtype=p.dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("with_num_updates", [False, True])
+def test_matches_float64_reference(device: str, dtype: torch.dtype, with_num_updates: bool) -> None:
+    params = make_params(dtype, device)
+    ema = ExponentialMovingAverage(params.items(), decay=0.9, numerator=1.0, denominator=10.0)
+    ref = Float64Reference(params, 0.9, 1.0, 10.0)
+    for step in range(1, 31):
+        perturb(params, step)
+        n = step if with_num_updates else None
+        ema.apply(n)
+        ref.apply(params, n)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    for name, avg in ema.averages().items():
+        assert avg.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert avg.device.type == device
+        torch.testing.assert_close(avg.cpu().double(), ref.shadow[name], rtol=tol, atol=tol)
+
+
+def test_warmup_rule_is_min_of_decay_and_ratio() -> None:
+    ema = ExponentialMovingAverage({"w": torch.zeros(1)}, decay=0.99, numerator=1.0, denominator=10.0)
+    assert ema.decay_for(None) == 0.99
+    assert ema.decay_for(0) == pytest.approx(0.1)
+    assert ema.decay_for(5) == pytest.approx(6 / 15)
+    assert ema.decay_for(10**6) == 0.99
+
+
+def test_one_update_by_hand() -> None:
+    p = torch.nn.Parameter(torch.tensor([0.0, 10.0]))
+    ema = ExponentialMovingAverage([("p", p)], decay=0.75)
+    with torch.no_grad():
+        p.copy_(torch.tensor([4.0, 2.0]))
+    ema.apply()
+    # 0.75 * 0 + 0.25 * 4 = 1 ; 0.75 * 10 + 0.25 * 2 = 8
+    assert ema.averages()["p"].tolist() == [1.0, 8.0]
+    ema.apply(
+        num_updates=2
+    )  # min(0.75, 3 / 12) = 0.25 -> 0.25 * 1 + 0.75 * 4 = 3.25 ; 0.25 * 8 + 0.75 * 2 = 3.5
+    assert ema.averages()["p"].tolist() == [3.25, 3.5]
+
+
+def test_bf16_average_keeps_moving_at_high_decay() -> None:
+    # In bf16, 1 + 1e-4 rounds back to 1: an EMA kept in the parameter dtype never moves.
+    p = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    ema = ExponentialMovingAverage([("p", p)], decay=0.9999)
+    with torch.no_grad():
+        p.fill_(2.0)
+    for _ in range(100):
+        ema.apply()
+    expected = 2.0 - 0.9999**100  # closed form of 100 updates towards 2 from 1
+    assert expected > 1.009
+    torch.testing.assert_close(
+        ema.averages()["p"].double(), torch.full((4,), expected, dtype=torch.float64), rtol=0, atol=5e-6
+    )
+    bf16_shadow = torch.ones(4, dtype=torch.bfloat16)
+    for _ in range(100):
+        bf16_shadow.mul_(0.9999).add_(p.detach() * 1e-4)
+    assert bf16_shadow.tolist() == [1.0] * 4  # the failure this engine avoids
+
+
+def test_assign_and_restore_are_bit_exact() -> None:
+    params = make_params(torch.bfloat16, "cpu")
+    ema = ExponentialMovingAverage(params.items(), decay=0.5)
+    perturb(params, 1)
+    ema.apply()
+    before = {n: p.detach().clone() for n, p in params.items()}
+    ema.assign_average_value()
+    for n, p in params.items():
+        assert torch.equal(p, ema.averages()[n].to(torch.bfloat16))
+        assert not torch.equal(p, before[n])
+    ema.restore()
+    for n, p in params.items():
+        assert torch.equal(p.view(torch.int16), before[n].view(torch.int16))
+
+
+def test_backups_exist_only_while_swapped() -> None:
+    params = make_params(torch.float32, "cpu")
+    ema = ExponentialMovingAverage(params.items())
+    assert ema._backups is None
+    ema.assign_average_value()
+    assert ema._backups is not None
+    ema.restore()
+    assert ema._backups is None
+
+
+def test_context_manager_restores_on_exception() -> None:
+    params = make_params(torch.float32, "cpu")
+    ema = ExponentialMovingAverage(params.items(), decay=0.5)
+    perturb(params, 1)
+    ema.apply()
+    before = {n: p.detach().clone() for n, p in params.items()}
+    with pytest.raises(RuntimeError, match="boom"), ema.average_parameters():
+        assert torch.equal(params["head.weight"], ema.averages()["head.weight"])
+        raise RuntimeError("boom")
+    for n, p in params.items():
+        assert torch.equal(p, before[n])
+
+
+def test_restore_without_assign_is_an_error() -> None:
+    ema = ExponentialMovingAverage(make_params(torch.float32, "cpu").items())
+    with pytest.raises(AverageStateError, match="without assign_average_value"):
+        ema.restore()
+
+
+def test_assign_twice_is_an_error() -> None:
+    ema = ExponentialMovingAverage(make_params(torch.float32, "cpu").items())
+    ema.assign_average_value()
+    with pytest.raises(AverageStateError, match="already assigned"):
+        ema.assign_average_value()
+
+
+def test_update_from_other_tensors_equals_apply() -> None:
+    params = make_params(torch.float32, "cpu")
+    tracked = ExponentialMovingAverage(params.items(), decay=0.8)
+    streamed = ExponentialMovingAverage.from_tensors(
+        {n: p.detach().clone() for n, p in params.items()}, decay=0.8
+    )
+    for step in range(1, 6):
+        perturb(params, step)
+        tracked.apply(num_updates=step)
+        streamed.update({n: p.detach().clone() for n, p in params.items()}, num_updates=step)
+    for n in params:
+        assert torch.equal(tracked.averages()[n], streamed.averages()[n])
+    with pytest.raises(AverageStateError, match="tracks no parameters"):
+        streamed.apply()
+
+
+def test_update_rejects_missing_or_misshapen_values() -> None:
+    ema = ExponentialMovingAverage.from_tensors({"a": torch.zeros(2), "b": torch.zeros(3)})
+    with pytest.raises(ParameterError, match="missing tensor 'b'"):
+        ema.update({"a": torch.ones(2)})
+    with pytest.raises(ParameterError, match="'b' has shape \\(4,\\)"):
+        ema.update({"a": torch.ones(2), "b": torch.ones(4)})
+
+
+def test_shadows_can_live_on_another_device_dtype_mix() -> None:
+    params = {"a": torch.nn.Parameter(torch.randn(4)), "b": torch.nn.Parameter(torch.randn(4).bfloat16())}
+    ema = ExponentialMovingAverage(params.items(), decay=0.5, device="cpu")
+    ref = Float64Reference(params, 0.5, 1.0, 10.0)
+    perturb(params, 3)
+    ema.apply()
+    ref.apply(params, None)
+    for n in params:
+        torch.testing.assert_close(ema.averages()[n].double(), ref.shadow[n])
+
+
+@CUDA
+def test_cuda_params_with_cpu_shadows_and_no_host_sync() -> None:
+    params = make_params(torch.bfloat16, "cuda")
+    ema = ExponentialMovingAverage(params.items(), decay=0.9, device="cpu")
+    ref = Float64Reference(params, 0.9, 1.0, 10.0)
+    perturb(params, 1)
+    ema.apply(num_updates=3)
+    ref.apply(params, 3)
+    for n in params:
+        assert ema.averages()[n].device.type == "cpu"
+        torch.testing.assert_close(ema.averages()[n].double(), ref.shadow[n], rtol=2e-6, atol=2e-6)
+    on_gpu = ExponentialMovingAverage(params.items(), decay=0.9)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        on_gpu.apply(num_updates=5)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_state_dict_round_trip() -> None:
+    params = make_params(torch.float32, "cpu")
+    ema = ExponentialMovingAverage(params.items(), decay=0.7)
+    perturb(params, 1)
+    ema.apply()
+    state = ema.state_dict()
+    fresh = ExponentialMovingAverage(make_params(torch.float32, "cpu", seed=9).items(), decay=0.7)
+    fresh.load_state_dict(state)
+    for n in params:
+        assert torch.equal(fresh.averages()[n], ema.averages()[n])
+    assert fresh.num_applied == 1
+    assert state["settings"] == {"decay": 0.7, "numerator": 1.0, "denominator": 10.0}
+
+
+def test_load_state_dict_names_the_first_mismatch() -> None:
+    ema = ExponentialMovingAverage({"a": torch.zeros(2), "b": torch.zeros(3)})
+    state = ema.state_dict()
+    state["averages"]["b"] = torch.zeros(5)
+    with pytest.raises(AverageStateError, match="'b' has shape \\(5,\\), expected \\(3,\\)"):
+        ema.load_state_dict(state)
+    del state["averages"]["a"]
+    with pytest.raises(AverageStateError, match="no average for 'a'"):
+        ema.load_state_dict(state)
+    state = ema.state_dict()
+    state["averages"]["c"] = torch.zeros(1)
+    with pytest.raises(AverageStateError, match="'c'"):
+        ema.load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        ([], "empty"),
+        ([("a", torch.zeros(1)), ("a", torch.zeros(1))], "appears twice"),
+        ([("steps", torch.zeros(1, dtype=torch.int64))], "only floating-point"),
+        ([("a", [1.0, 2.0])], "not a torch.Tensor"),
+    ],
+)
+def test_bad_parameters(parameters: list, message: str) -> None:
+    with pytest.raises(ParameterError, match=message):
+        ExponentialMovingAverage(parameters)
+
+
+@pytest.mark.parametrize("decay", [-0.1, 1.5, float("nan")])
+def test_decay_out_of_range(decay: float) -> None:
+    with pytest.raises(ConfigurationError, match="decay must be"):
+        ExponentialMovingAverage({"a": torch.zeros(1)}, decay=decay)
+
+
+def test_negative_num_updates() -> None:
+    ema = ExponentialMovingAverage({"a": torch.nn.Parameter(torch.zeros(1))})
+    with pytest.raises(ConfigurationError, match="non-negative"):
+        ema.apply(num_updates=-1)
+
+
+def test_registry() -> None:
+    assert MovingAverage.by_name("exponential") is ExponentialMovingAverage
+    assert MovingAverage.default_implementation == "exponential"
+    assert MovingAverage.list_available()[0] == "exponential"
+    with pytest.raises(ConfigurationError, match="no moving average named 'nope'"):
+        MovingAverage.by_name("nope")
+
+    @MovingAverage.register("test-constant")
+    class Constant(MovingAverage):
+        def decay_for(self, num_updates: int | None) -> float:
+            return 0.5
+
+    try:
+        assert MovingAverage.by_name("test-constant") is Constant
+        avg = Constant({"a": torch.zeros(2)})
+        avg.update({"a": torch.ones(2)})
+        assert avg.averages()["a"].tolist() == [0.5, 0.5]
+    finally:
+        del MovingAverage._registry["test-constant"]
