@@ -1,0 +1,165 @@
+"""Shared fixtures: small real checkpoints, written the way each producer writes them."""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+
+def make_state(seed: int, dtype: torch.dtype = torch.float32) -> OrderedDict[str, torch.Tensor]:
+    """A small model's state dict: floating weights plus an integer buffer, as BatchNorm has."""
+    g = torch.Generator().manual_seed(seed)
+    return OrderedDict(
+        [
+            ("encoder.weight", torch.randn(16, 8, generator=g).to(dtype)),
+            ("encoder.bias", torch.randn(16, generator=g).to(dtype)),
+            ("norm.running_mean", torch.randn(16, generator=g).to(dtype)),
+            ("norm.num_batches_tracked", torch.tensor(seed, dtype=torch.int64)),
+            ("head.weight", torch.randn(4, 16, generator=g).to(dtype)),
+        ]
+    )
+
+
+def write_safetensors_run(
+    folder: Path, steps: list[int], dtype: torch.dtype = torch.float32, metadata_key: str | None = "step"
+) -> dict[int, OrderedDict[str, torch.Tensor]]:
+    """``step_N.safetensors`` files; the step also in the header's metadata when ``metadata_key``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    states = {}
+    for step in steps:
+        states[step] = make_state(step, dtype)
+        metadata = {metadata_key: str(step)} if metadata_key else None
+        save_file(dict(states[step]), str(folder / f"model_step_{step}.safetensors"), metadata=metadata)
+    return states
+
+
+def write_torch_run(
+    folder: Path, steps: list[int], *, wrap: str | None = "model", step_key: str | None = "global_step"
+) -> dict[int, OrderedDict[str, torch.Tensor]]:
+    """``ckpt_N.pt`` files as a typical training loop saves them (``torch.save`` of a dict)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    states = {}
+    for step in steps:
+        states[step] = make_state(step)
+        obj: dict = dict(states[step]) if wrap is None else {wrap: states[step], "optimizer": {"lr": 0.1}}
+        if step_key is not None and wrap is not None:
+            obj[step_key] = step
+        torch.save(obj, folder / f"ckpt_{step}.pt")
+    return states
+
+
+def write_fairseq_run(folder: Path, updates: list[int], epoch: int = 1) -> dict[int, OrderedDict]:
+    """What fairseq's checkpoint_utils.save_state writes: cfg, args, model, optimizer_history with
+    num_updates, extra_state; save_checkpoint names it checkpoint_{epoch}_{updates}.pt and copies the
+    newest to checkpoint_last.pt (and checkpoint_best.pt)."""
+    from omegaconf import OmegaConf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    states = {}
+    for n in updates:
+        states[n] = make_state(n)
+        obj = {
+            "cfg": OmegaConf.create({"model": {"arch": "transformer"}, "optimization": {"lr": [0.1]}}),
+            "args": argparse.Namespace(arch="transformer", lr=[0.1]),
+            "model": states[n],
+            "optimizer_history": [
+                {
+                    "criterion_name": "CrossEntropyCriterion",
+                    "optimizer_name": "FairseqAdam",
+                    "lr_scheduler_state": {"best": 3.2},
+                    "num_updates": n,
+                }
+            ],
+            "extra_state": {"train_iterator": {"epoch": epoch, "iterations_in_epoch": n}, "val_loss": 3.2},
+            "last_optimizer_state": {"state": {}, "param_groups": []},
+        }
+        torch.save(obj, folder / f"checkpoint_{epoch}_{n}.pt")
+    last = folder / f"checkpoint_{epoch}_{updates[-1]}.pt"
+    for copy in ("checkpoint_last.pt", "checkpoint_best.pt"):
+        (folder / copy).write_bytes(last.read_bytes())
+    return states
+
+
+def write_lightning_run(folder: Path, max_steps: int = 12, every: int = 4) -> Path:
+    """A real Lightning Trainer with ModelCheckpoint saving every ``every`` steps."""
+    import lightning as L
+
+    class Tiny(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Sequential(
+                torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 1)
+            )
+
+        def training_step(self, batch, _):  # type: ignore[no-untyped-def]
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):  # type: ignore[no-untyped-def]
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 4), torch.randn(64, 1))
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=folder, every_n_train_steps=every, save_top_k=-1, filename="{epoch}-{step}"
+    )
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        callbacks=[checkpoints],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Tiny(), torch.utils.data.DataLoader(data, batch_size=8))
+    return folder
+
+
+def write_hf_trainer_run(folder: Path, max_steps: int = 6, save_steps: int = 3) -> Path:
+    """A real transformers Trainer on a tiny GPT-2 (tied embeddings), built from a config offline."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16))
+
+    class Tokens(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 32
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            ids = torch.randint(0, 50, (8,), generator=torch.Generator().manual_seed(i))
+            return {"input_ids": ids, "labels": ids}
+
+    args = TrainingArguments(
+        output_dir=str(folder),
+        max_steps=max_steps,
+        save_steps=save_steps,
+        save_strategy="steps",
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_steps=1000,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        Trainer(model=model, args=args, train_dataset=Tokens()).train()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def lightning_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_lightning_run(tmp_path_factory.mktemp("lightning") / "checkpoints")
+
+
+@pytest.fixture(scope="session")
+def hf_trainer_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_hf_trainer_run(tmp_path_factory.mktemp("hf") / "out")

@@ -1,0 +1,150 @@
+"""Finding a run: order, step sources, what is skipped, and every bad input named clearly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import make_state, write_safetensors_run, write_torch_run
+from ema_average.checkpoints import discover, find_run
+from ema_average.errors import CheckpointError, CheckpointMismatchError, NoCheckpointsError
+
+
+def test_ordered_by_step_not_by_name(tmp_path: Path) -> None:
+    write_safetensors_run(tmp_path, [1000, 200, 30])
+    assert [c.step for c in discover(tmp_path)] == [30, 200, 1000]
+
+
+def test_metadata_step_wins_over_name_unless_asked(tmp_path: Path) -> None:
+    save_file(dict(make_state(1)), str(tmp_path / "step_5.safetensors"), metadata={"step": "50"})
+    save_file(dict(make_state(2)), str(tmp_path / "step_6.safetensors"), metadata={"step": "60"})
+    assert [(c.step, c.step_source) for c in discover(tmp_path)] == [
+        (50, "metadata:step"),
+        (60, "metadata:step"),
+    ]
+    by_name = discover(tmp_path, steps_from="filename")
+    assert [(c.step, c.step_source) for c in by_name] == [(5, "filename:step=N"), (6, "filename:step=N")]
+
+
+def test_name_is_the_fallback(tmp_path: Path) -> None:
+    write_safetensors_run(tmp_path, [7, 3], metadata_key=None)
+    assert [(c.step, c.step_source) for c in discover(tmp_path)] == [
+        (3, "filename:step=N"),
+        (7, "filename:step=N"),
+    ]
+
+
+def test_steps_from_metadata_requires_it(tmp_path: Path) -> None:
+    write_safetensors_run(tmp_path, [7], metadata_key=None)
+    with pytest.raises(
+        CheckpointError, match=r"model_step_7\.safetensors: no training step found in its contents"
+    ):
+        discover(tmp_path, steps_from="metadata")
+
+
+def test_no_step_anywhere(tmp_path: Path) -> None:
+    torch.save(make_state(1), tmp_path / "final.pt")
+    with pytest.raises(
+        CheckpointError, match=r"final\.pt: no training step found in its contents or its name"
+    ):
+        discover(tmp_path)
+
+
+def test_torch_run_with_trainer_files_beside(tmp_path: Path) -> None:
+    write_torch_run(tmp_path, [10, 20])
+    torch.save({"state": {}}, tmp_path / "optimizer.pt")
+    torch.save({"x": 1}, tmp_path / "rng_state_0.pth")
+    assert [c.path.name for c in discover(tmp_path)] == ["ckpt_10.pt", "ckpt_20.pt"]
+
+
+def test_own_outputs_are_never_inputs(tmp_path: Path) -> None:
+    write_safetensors_run(tmp_path, [1, 2])
+    save_file(
+        dict(make_state(9)), str(tmp_path / "ema_step_9.safetensors"), metadata={"ema_average_version": "0"}
+    )
+    run = find_run(tmp_path)
+    assert [c.step for c in run.checkpoints] == [1, 2]
+    assert run.notices == [f"skipped {tmp_path / 'ema_step_9.safetensors'}: written by ema-average itself"]
+
+
+def test_empty_folder(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(
+        NoCheckpointsError, match=r"no checkpoints found; looked for files ending \.safetensors"
+    ):
+        discover(tmp_path)
+
+
+def test_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(NoCheckpointsError, match=r"nope: does not exist"):
+        discover(tmp_path / "nope")
+
+
+def test_checkpoints_in_several_folders(tmp_path: Path) -> None:
+    write_safetensors_run(tmp_path / "version_0", [1])
+    write_safetensors_run(tmp_path / "version_1", [1])
+    with pytest.raises(CheckpointError, match="holds checkpoints in 2 folders"):
+        discover(tmp_path)
+
+
+def test_run_in_a_subfolder_is_found(tmp_path: Path) -> None:
+    write_safetensors_run(tmp_path / "lightning_logs" / "version_0" / "checkpoints", [1, 2])
+    assert [c.step for c in discover(tmp_path)] == [1, 2]
+
+
+def test_missing_tensor_is_named(tmp_path: Path) -> None:
+    write_safetensors_run(tmp_path, [1])
+    state = make_state(2)
+    del state["head.weight"]
+    save_file(dict(state), str(tmp_path / "model_step_2.safetensors"), metadata={"step": "2"})
+    with pytest.raises(
+        CheckpointMismatchError, match=r"model_step_2\.safetensors: has no tensor 'head\.weight'"
+    ):
+        discover(tmp_path)
+
+
+def test_extra_tensor_is_named(tmp_path: Path) -> None:
+    write_safetensors_run(tmp_path, [1])
+    state = make_state(2)
+    state["extra"] = torch.zeros(1)
+    save_file(dict(state), str(tmp_path / "model_step_2.safetensors"), metadata={"step": "2"})
+    with pytest.raises(
+        CheckpointMismatchError, match=r"model_step_2\.safetensors: has tensor 'extra', absent"
+    ):
+        discover(tmp_path)
+
+
+def test_shape_and_dtype_mismatch_are_named(tmp_path: Path) -> None:
+    write_safetensors_run(tmp_path, [1])
+    state = make_state(2)
+    state["encoder.bias"] = torch.zeros(17)
+    save_file(dict(state), str(tmp_path / "model_step_2.safetensors"), metadata={"step": "2"})
+    with pytest.raises(CheckpointMismatchError, match=r"'encoder\.bias' is float32\[17\], but float32\[16\]"):
+        discover(tmp_path)
+    state = make_state(2)
+    state["head.weight"] = state["head.weight"].half()
+    save_file(dict(state), str(tmp_path / "model_step_2.safetensors"), metadata={"step": "2"})
+    with pytest.raises(CheckpointMismatchError, match=r"'head\.weight' is float16\[4, 16\], but float32"):
+        discover(tmp_path)
+
+
+def test_same_step_different_weights_names_both(tmp_path: Path) -> None:
+    save_file(dict(make_state(1)), str(tmp_path / "a.safetensors"), metadata={"step": "5"})
+    save_file(dict(make_state(2)), str(tmp_path / "b.safetensors"), metadata={"step": "5"})
+    with pytest.raises(
+        CheckpointMismatchError, match=r"b\.safetensors: has step 5, as does .*a\.safetensors"
+    ):
+        discover(tmp_path)
+
+
+def test_inputs_are_not_modified(tmp_path: Path) -> None:
+    write_safetensors_run(tmp_path, [1, 2])
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()}
+    for ckpt in discover(tmp_path):
+        for name in ckpt.tensor_names():
+            ckpt.read(name)
+        ckpt.close()
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()} == before

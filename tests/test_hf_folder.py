@@ -1,0 +1,88 @@
+"""Hugging Face Trainer checkpoint-N folders: single file, pytorch_model.bin, and sharded."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_state
+from ema_average.checkpoints import find_run
+from ema_average.errors import CheckpointError, NoCheckpointsError
+
+
+def test_real_trainer_output(hf_trainer_run: Path) -> None:
+    run = find_run(hf_trainer_run)
+    assert [c.path.name for c in run.checkpoints] == ["checkpoint-3", "checkpoint-6"]
+    assert [c.step for c in run.checkpoints] == [3, 6]
+    assert {c.step_source for c in run.checkpoints} == {"trainer_state.json:global_step"}
+    for ckpt in run.checkpoints:
+        expected = load_file(str(ckpt.path / "model.safetensors"))
+        assert set(ckpt.tensor_names()) == set(expected)
+        for name, tensor in expected.items():
+            assert torch.equal(ckpt.read(name), tensor)
+
+
+def test_step_from_folder_name_without_trainer_state(hf_trainer_run: Path, tmp_path: Path) -> None:
+    for src in ("checkpoint-3", "checkpoint-6"):
+        shutil.copytree(
+            hf_trainer_run / src, tmp_path / src, ignore=shutil.ignore_patterns("trainer_state.json")
+        )
+    run = find_run(tmp_path)
+    assert [(c.step, c.step_source) for c in run.checkpoints] == [
+        (3, "filename:checkpoint-N"),
+        (6, "filename:checkpoint-N"),
+    ]
+
+
+def test_pytorch_model_bin_folders(tmp_path: Path) -> None:
+    # transformers < 4.35 saved torch.save(state_dict) as WEIGHTS_NAME = "pytorch_model.bin", with the
+    # Trainer's trainer_state.json beside it.
+    for step in (10, 20):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        torch.save(make_state(step), folder / "pytorch_model.bin")
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        torch.save({"state": {}}, folder / "optimizer.pt")
+    run = find_run(tmp_path)
+    assert [c.step for c in run.checkpoints] == [10, 20]
+    assert torch.equal(run.checkpoints[1].read("head.weight"), make_state(20)["head.weight"])
+
+
+def test_sharded_folders_through_the_index(tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
+    for step in (5, 10):
+        torch.manual_seed(step)
+        folder = tmp_path / f"checkpoint-{step}"
+        GPT2LMHeadModel(config).save_pretrained(folder, max_shard_size="20KB")
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    assert (tmp_path / "checkpoint-5" / "model.safetensors.index.json").is_file()
+    run = find_run(tmp_path)
+    ckpt = run.checkpoints[0]
+    weight_map = json.loads((ckpt.path / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(ckpt.tensor_names()) == set(weight_map)
+    for name, shard in weight_map.items():
+        assert torch.equal(ckpt.read(name), load_file(str(ckpt.path / shard))[name])
+
+
+def test_index_naming_a_missing_shard(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoint-1"
+    folder.mkdir()
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"w": "gone.safetensors"}})
+    )
+    with pytest.raises(
+        CheckpointError, match=r"index\.json: names shard gone\.safetensors, which does not exist"
+    ):
+        find_run(tmp_path)
+
+
+def test_pointing_at_one_checkpoint_folder(hf_trainer_run: Path) -> None:
+    with pytest.raises(NoCheckpointsError, match="is one checkpoint folder"):
+        find_run(hf_trainer_run / "checkpoint-3")
