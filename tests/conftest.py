@@ -163,3 +163,18 @@ def lightning_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def hf_trainer_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_hf_trainer_run(tmp_path_factory.mktemp("hf") / "out")
+
+
+def float64_reference(
+    states: list[dict[str, torch.Tensor]],
+    steps: list[int],
+    decay: float,
+    numerator: float = 1.0,
+    denominator: float = 10.0,
+) -> dict[str, torch.Tensor]:
+    """The seed's rule over checkpoints in order, written out plainly in float64: the expectation."""
+    shadow = {n: t.double() for n, t in states[0].items() if t.is_floating_point()}
+    for state, step in zip(states[1:], steps[1:], strict=True):
+        d = min(decay, (numerator + step) / (denominator + step))
+        shadow = {n: d * s + (1 - d) * state[n].double() for n, s in shadow.items()}
+    return shadow

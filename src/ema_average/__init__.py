@@ -1,5 +1,6 @@
 """ema-average: exponential moving averages of PyTorch weights, online and from saved checkpoints."""
 
+from ema_average._version import __version__
 from ema_average.errors import (
     AverageStateError,
     CheckpointError,
@@ -13,8 +14,6 @@ from ema_average.errors import (
     UnsafeCheckpointError,
 )
 from ema_average.moving_average import ExponentialMovingAverage, MovingAverage, ema_update_
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AverageStateError",

@@ -48,6 +48,9 @@ class Checkpoint(ABC):
 
     layout: ClassVar[str] = "?"
     lazy: ClassVar[bool] = True
+    # True where read() returns views of a file mapping: the pipeline then skips its staging copy and
+    # closes the checkpoint after each pass so the touched pages are unmapped.
+    zero_copy: bool = False
 
     def __init__(self, path: Path) -> None:
         self.path = path

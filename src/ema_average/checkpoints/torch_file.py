@@ -49,6 +49,7 @@ class TorchCheckpoint(Checkpoint):
         self._open()
         if self._raw_is_lightning:
             self.layout = "lightning"
+        self.zero_copy = self._lazy
         if not self._lazy:
             self.lazy = False
             self.notes.append("legacy (non-zip) torch format: loaded whole, not lazily")

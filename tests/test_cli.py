@@ -1,0 +1,218 @@
+"""End to end through the installed ``ema-average`` console script."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import float64_reference, make_state, write_safetensors_run, write_torch_run
+
+EXE = str(Path(sys.executable).parent / "ema-average")
+STEPS = [10, 20, 40, 80]
+
+
+def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([EXE, *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def test_average_matches_float64_reference(tmp_path: Path) -> None:
+    states = write_safetensors_run(tmp_path / "run", STEPS)
+    result = run(tmp_path / "run", "-o", tmp_path / "ema.safetensors", "--decay", "0.9")
+    assert result.returncode == 0, result.stderr
+    assert "wrote" in result.stdout and "peak memory" in result.stdout
+    ref = float64_reference([states[s] for s in STEPS], STEPS, 0.9)
+    out = load_file(str(tmp_path / "ema.safetensors"))
+    for name, expected in ref.items():
+        torch.testing.assert_close(out[name].double(), expected, rtol=2e-6, atol=2e-7)
+
+
+def test_dtype_and_warmup_options(tmp_path: Path) -> None:
+    states = write_safetensors_run(tmp_path / "run", STEPS, torch.float32)
+    result = run(
+        tmp_path / "run", "-o", tmp_path / "o.safetensors", "--decay", "0.99", "--numerator", "5",
+        "--denominator", "50", "--dtype", "bfloat16",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    ref = float64_reference([states[s] for s in STEPS], STEPS, 0.99, 5.0, 50.0)
+    out = load_file(str(tmp_path / "o.safetensors"))
+    for name, expected in ref.items():
+        assert out[name].dtype == torch.bfloat16
+        torch.testing.assert_close(out[name].double(), expected, rtol=2**-8, atol=1e-4)
+
+
+def test_dry_run_shows_the_plan_and_writes_nothing(tmp_path: Path) -> None:
+    write_safetensors_run(tmp_path / "run", STEPS)
+    result = run(tmp_path / "run", "--dry-run", "--decay", "0.9")
+    assert result.returncode == 0, result.stderr
+    for text in ("model_step_10.safetensors", "metadata:step", "start", "0.7", "0.82", "51.6600%"):
+        assert text in result.stdout
+    assert not (tmp_path / "run-ema.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_first_checkpoint_dominance_is_pointed_out(tmp_path: Path) -> None:
+    write_safetensors_run(tmp_path / "run", [1000, 2000, 3000])
+    result = run(tmp_path / "run", "--dry-run")
+    assert "note: the first checkpoint (step 1000) carries" in result.stdout
+
+
+def test_version_and_help() -> None:
+    assert run("--version").stdout.startswith("ema-average ")
+    help_text = run("--help").stdout
+    for option in (
+        "--device",
+        "--decay",
+        "--dtype",
+        "--overwrite",
+        "--dry-run",
+        "--memory-budget",
+        "--trust-pickle",
+    ):
+        assert option in help_text
+
+
+def test_usage_error_exits_2(tmp_path: Path) -> None:
+    result = run(tmp_path, "--dtype", "int8")
+    assert result.returncode == 2
+
+
+def assert_nothing_written(folder: Path, expected: list[str]) -> None:
+    assert sorted(p.name for p in folder.iterdir()) == sorted(expected)
+
+
+@pytest.mark.parametrize("case", ["mismatch", "unsafe", "empty", "same-step", "no-step"])
+def test_bad_input_exits_1_names_the_file_and_leaves_nothing(tmp_path: Path, case: str) -> None:
+    run_dir = tmp_path / "run"
+    write_safetensors_run(run_dir, [1, 2])
+    culprit = run_dir / "bad.safetensors"
+    if case == "mismatch":
+        state = make_state(3)
+        state["head.weight"] = torch.zeros(5, 5)
+        save_file(dict(state), str(culprit), metadata={"step": "3"})
+        expected = "tensor 'head.weight' is float32[5, 5]"
+    elif case == "unsafe":
+        culprit = run_dir / "bad.pt"
+        marker = tmp_path / "pwned"
+        torch.save({"model": make_state(3), "x": _Evil(marker)}, culprit)
+        expected = "--trust-pickle"
+    elif case == "empty":
+        for p in run_dir.iterdir():
+            p.unlink()
+        culprit = run_dir
+        expected = "no checkpoints found"
+    elif case == "same-step":
+        save_file(dict(make_state(9)), str(culprit), metadata={"step": "2"})
+        expected = "has step 2, as does"
+    else:
+        torch.save(make_state(3), run_dir / "final.pt")
+        culprit = run_dir / "final.pt"
+        expected = "no training step found"
+    before = sorted(p.name for p in run_dir.iterdir())
+    result = run(run_dir, "-o", tmp_path / "ema.safetensors")
+    assert result.returncode == 1
+    line = result.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line
+    assert str(culprit) in line and expected in line
+    assert_nothing_written(tmp_path, ["run"])
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+    if case == "unsafe":
+        assert not (tmp_path / "pwned").exists()
+
+
+class _Evil:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    result = run(tmp_path / "missing", "--debug")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_unavailable_device_is_an_error_before_work(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    write_safetensors_run(tmp_path / "run", [1, 2])
+    result = run(tmp_path / "run", "--device", "cuda")
+    assert result.returncode == 1
+    assert "CUDA is not available" in result.stderr
+    assert_nothing_written(tmp_path, ["run"])
+
+
+def test_existing_output_is_kept_without_overwrite(tmp_path: Path) -> None:
+    write_safetensors_run(tmp_path / "run", [1, 2])
+    out = tmp_path / "ema.safetensors"
+    out.write_bytes(b"precious")
+    result = run(tmp_path / "run", "-o", out)
+    assert result.returncode == 1 and "--overwrite" in result.stderr
+    assert out.read_bytes() == b"precious"
+    assert run(tmp_path / "run", "-o", out, "--overwrite").returncode == 0
+    assert set(load_file(str(out))) == set(make_state(1))
+
+
+def big_run(folder: Path) -> None:
+    """8 checkpoints of 32 MiB: long enough to be interrupted midway."""
+    folder.mkdir()
+    for step in range(1, 9):
+        state = {f"layer.{i}.weight": torch.full((1024, 1024), float(step)) for i in range(8)}
+        save_file(state, str(folder / f"step_{step}.safetensors"))
+
+
+def wait_for_output_file(pid: int, folder: Path, timeout: float = 60.0) -> None:
+    """Until the process holds a file open in ``folder`` for writing (its temporary output)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if (
+                target.startswith(str(folder) + "/")
+                and "safetensors" not in target.split("/")[-1].split(".")[-1]
+            ):
+                return
+        time.sleep(0.002)
+    raise AssertionError("the run never opened its output")
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to see the run midway")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_run_killed_midway_leaves_nothing(tmp_path: Path, sig: signal.Signals) -> None:
+    big_run(tmp_path / "run")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    proc = subprocess.Popen(
+        [EXE, str(tmp_path / "run"), "-o", str(out_dir / "ema.safetensors"), "--memory-budget", "8MiB", "-q"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for_output_file(proc.pid, out_dir)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert list(out_dir.iterdir()) == [], stderr
+    if sig != signal.SIGKILL:
+        assert "interrupted; no output written" in stderr
+
+
+def test_torch_run_end_to_end(tmp_path: Path) -> None:
+    states = write_torch_run(tmp_path / "run", STEPS)
+    result = run(tmp_path / "run", "-o", tmp_path / "o.safetensors", "--decay", "0.5", "--exclude", "head.*")
+    assert result.returncode == 0, result.stderr
+    out = load_file(str(tmp_path / "o.safetensors"))
+    assert "head.weight" not in out
+    ref = float64_reference([states[s] for s in STEPS], STEPS, 0.5)
+    torch.testing.assert_close(out["encoder.weight"].double(), ref["encoder.weight"], rtol=2e-6, atol=2e-7)

@@ -1,0 +1,178 @@
+"""The offline job through its Python API: results against a float64 reference, for every layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import float64_reference, write_fairseq_run, write_safetensors_run, write_torch_run
+from ema_average.pipeline import AverageOptions, average_checkpoints, prepare
+from ema_average.plan import AverageSettings, Selection
+
+STEPS = [100, 250, 400, 1000, 1600]
+
+
+def assert_matches_reference(
+    out: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], dtype: torch.dtype
+) -> None:
+    for name, expected in ref.items():
+        assert out[name].dtype == dtype
+        if dtype in (torch.bfloat16, torch.float16):  # one rounding of the float32 average: within an ulp
+            eps = torch.finfo(dtype).eps
+            torch.testing.assert_close(out[name].double(), expected, rtol=eps, atol=eps * 1e-2)
+        else:
+            torch.testing.assert_close(out[name].double(), expected, rtol=2e-6, atol=2e-7)
+
+
+@pytest.mark.parametrize("decay", [0.9999, 0.9, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_safetensors_run_matches_float64(tmp_path: Path, decay: float, dtype: torch.dtype) -> None:
+    states = write_safetensors_run(tmp_path / "run", STEPS, dtype)
+    average_checkpoints(
+        AverageOptions(tmp_path / "run", tmp_path / "ema.safetensors", settings=AverageSettings(decay=decay))
+    )
+    out = load_file(str(tmp_path / "ema.safetensors"))
+    ref = float64_reference([states[s] for s in STEPS], STEPS, decay)
+    assert_matches_reference(out, ref, dtype)
+    assert torch.equal(out["norm.num_batches_tracked"], states[STEPS[-1]]["norm.num_batches_tracked"])
+
+
+def test_output_dtype_float32_from_bf16(tmp_path: Path) -> None:
+    states = write_safetensors_run(tmp_path / "run", STEPS, torch.bfloat16)
+    average_checkpoints(
+        AverageOptions(
+            tmp_path / "run",
+            tmp_path / "ema.safetensors",
+            settings=AverageSettings(decay=0.9),
+            dtype="float32",
+        )
+    )
+    ref = float64_reference([states[s] for s in STEPS], STEPS, 0.9)
+    assert_matches_reference(load_file(str(tmp_path / "ema.safetensors")), ref, torch.float32)
+
+
+def test_torch_files_match_float64(tmp_path: Path) -> None:
+    states = write_torch_run(tmp_path / "run", STEPS)
+    average_checkpoints(
+        AverageOptions(tmp_path / "run", tmp_path / "ema.safetensors", settings=AverageSettings(decay=0.95))
+    )
+    ref = float64_reference([states[s] for s in STEPS], STEPS, 0.95)
+    assert_matches_reference(load_file(str(tmp_path / "ema.safetensors")), ref, torch.float32)
+
+
+def test_grouped_and_ungrouped_give_identical_bytes(tmp_path: Path) -> None:
+    write_torch_run(tmp_path / "run", STEPS)
+    one = AverageOptions(tmp_path / "run", tmp_path / "one.safetensors", settings=AverageSettings(decay=0.9))
+    tiny = AverageOptions(
+        tmp_path / "run",
+        tmp_path / "grouped.safetensors",
+        settings=AverageSettings(decay=0.9),
+        memory_budget=200,
+    )
+    assert len(prepare(one).plan.groups) == 1
+    assert len(prepare(tiny).plan.groups) == 4  # one per averaged tensor
+    average_checkpoints(one)
+    average_checkpoints(tiny)
+    assert (tmp_path / "one.safetensors").read_bytes() == (tmp_path / "grouped.safetensors").read_bytes()
+
+
+def test_sharded_output_loads_through_its_index(tmp_path: Path) -> None:
+    write_safetensors_run(tmp_path / "run", STEPS)
+    average_checkpoints(AverageOptions(tmp_path / "run", tmp_path / "single.safetensors"))
+    (tmp_path / "out").mkdir()
+    average_checkpoints(
+        AverageOptions(tmp_path / "run", tmp_path / "out" / "model.safetensors", max_shard_size=300)
+    )
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    single = load_file(str(tmp_path / "single.safetensors"))
+    assert set(index["weight_map"]) == set(single)
+    assert len(set(index["weight_map"].values())) > 1
+    for name, shard in index["weight_map"].items():
+        assert torch.equal(load_file(str(tmp_path / "out" / shard))[name], single[name])
+
+
+def test_tied_weights_averaged_once_written_twice(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    embeds = {}
+    for step in STEPS:
+        embed = torch.randn(10, 4, generator=torch.Generator().manual_seed(step))
+        embeds[step] = {"embed.weight": embed}
+        torch.save(
+            {"model": {"embed.weight": embed, "lm_head.weight": embed}, "step": step}, run / f"c_{step}.pt"
+        )
+    prepared = prepare(AverageOptions(run, tmp_path / "o.safetensors", settings=AverageSettings(decay=0.9)))
+    assert any("tied weights" in note for note in prepared.plan.notes)
+    average_checkpoints(AverageOptions(run, tmp_path / "o.safetensors", settings=AverageSettings(decay=0.9)))
+    out = load_file(str(tmp_path / "o.safetensors"))
+    ref = float64_reference([embeds[s] for s in STEPS], STEPS, 0.9)["embed.weight"]
+    torch.testing.assert_close(out["embed.weight"].double(), ref, rtol=2e-6, atol=2e-7)
+    assert torch.equal(out["lm_head.weight"], out["embed.weight"])
+
+
+def test_lightning_run_with_strip_prefix(lightning_run: Path, tmp_path: Path) -> None:
+    average_checkpoints(
+        AverageOptions(
+            lightning_run,
+            tmp_path / "o.safetensors",
+            settings=AverageSettings(decay=0.8),
+            selection=Selection(strip_prefix="net."),
+        )
+    )
+    saved = [
+        torch.load(p, weights_only=True)
+        for p in sorted(lightning_run.glob("*.ckpt"), key=lambda p: int(p.stem.split("=")[-1]))
+    ]
+    steps = [s["global_step"] for s in saved]
+    ref = float64_reference([s["state_dict"] for s in saved], steps, 0.8)
+    out = load_file(str(tmp_path / "o.safetensors"))
+    assert_matches_reference(out, {k.removeprefix("net."): v for k, v in ref.items()}, torch.float32)
+    assert torch.equal(out["1.num_batches_tracked"], saved[-1]["state_dict"]["net.1.num_batches_tracked"])
+    module = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 1))
+    module.load_state_dict(out)  # loads into the bare module, as --strip-prefix promises
+
+
+def test_hf_trainer_run(hf_trainer_run: Path, tmp_path: Path) -> None:
+    average_checkpoints(
+        AverageOptions(hf_trainer_run, tmp_path / "o.safetensors", settings=AverageSettings(decay=0.7))
+    )
+    states = [load_file(str(hf_trainer_run / f"checkpoint-{s}" / "model.safetensors")) for s in (3, 6)]
+    ref = float64_reference(states, [3, 6], 0.7)
+    assert_matches_reference(load_file(str(tmp_path / "o.safetensors")), ref, torch.float32)
+
+
+def test_fairseq_run(tmp_path: Path) -> None:
+    states = write_fairseq_run(tmp_path / "run", [100, 200, 300])
+    average_checkpoints(
+        AverageOptions(tmp_path / "run", tmp_path / "o.safetensors", settings=AverageSettings(decay=0.9))
+    )
+    ref = float64_reference([states[s] for s in (100, 200, 300)], [100, 200, 300], 0.9)
+    assert_matches_reference(load_file(str(tmp_path / "o.safetensors")), ref, torch.float32)
+
+
+def test_output_metadata_records_how_it_was_made(tmp_path: Path) -> None:
+    write_safetensors_run(tmp_path / "run", [1, 2])
+    average_checkpoints(
+        AverageOptions(tmp_path / "run", tmp_path / "o.safetensors", settings=AverageSettings(decay=0.5))
+    )
+    with safe_open(str(tmp_path / "o.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["method"] == "exponential" and float(meta["decay"]) == 0.5
+    assert json.loads(meta["steps"]) == [1, 2] and meta["last_step"] == "2"
+    assert json.loads(meta["sources"]) == ["model_step_1.safetensors", "model_step_2.safetensors"]
+    assert "ema_average_version" in meta
+
+
+def test_default_output_is_beside_the_run_and_never_an_input(tmp_path: Path) -> None:
+    write_safetensors_run(tmp_path / "run", [1, 2])
+    summary = average_checkpoints(AverageOptions(tmp_path / "run"))
+    assert summary.outputs == [tmp_path / "run-ema.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "model_step_1.safetensors",
+        "model_step_2.safetensors",
+    ]
