@@ -10,40 +10,22 @@ from __future__ import annotations
 import argparse
 
 import torch
+from tiny_regression import make_model, test_loss, train_step
 
 from ema_average import ExponentialMovingAverage
 
 
-def make_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 8, generator=g)
-    y = torch.sin(x.sum(dim=1, keepdim=True)) + 0.3 * torch.randn(n, 1, generator=g)  # noisy target
-    return x, y
-
-
 def main(steps: int = 2000, decay: float = 0.995) -> dict[str, float]:
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
+    model = make_model()
     ema = ExponentialMovingAverage(model.named_parameters(), decay=decay)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    x_test, y_test = make_data(2000, seed=1)
-
-    def test_loss() -> float:
-        with torch.no_grad():
-            return torch.nn.functional.mse_loss(model(x_test), y_test).item()
-
-    initial = test_loss()
+    initial = test_loss(model)
     for step in range(1, steps + 1):
-        x, y = make_data(32, seed=100 + step)
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        train_step(model, optimizer, step)
         ema.apply(num_updates=step)
-
-    raw = test_loss()
+    raw = test_loss(model)
     with ema.average_parameters():
-        averaged = test_loss()
+        averaged = test_loss(model)
     return {"initial": initial, "raw": raw, "ema": averaged}
 
 
@@ -52,6 +34,6 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=2000)
     args = parser.parse_args()
     losses = main(args.steps)
-    print(f"test loss at start            {losses['initial']:.4f}")
+    print(f"test loss at start             {losses['initial']:.4f}")
     print(f"test loss of the trained model {losses['raw']:.4f}")
     print(f"test loss of its EMA           {losses['ema']:.4f}")

@@ -61,7 +61,19 @@ def test_dry_run_shows_the_plan_and_writes_nothing(tmp_path: Path) -> None:
 def test_first_checkpoint_dominance_is_pointed_out(tmp_path: Path) -> None:
     write_safetensors_run(tmp_path / "run", [1000, 2000, 3000])
     result = run(tmp_path / "run", "--dry-run")
-    assert "note: the first checkpoint (step 1000) carries" in result.stdout
+    # (2001 / 2010) * (3001 / 3010) = 0.99255: the warm-up rule, not 0.9999, sets both decays here
+    assert "note: the first checkpoint (step 1000) carries 99.3% of the average" in result.stdout
+    assert "--schedule step applies the decay once per training step" in result.stdout
+    assert "lower --decay to about 0.1 to give the first checkpoint ~1%" in result.stdout  # 0.1 ** 2 = 1%
+
+
+def test_dry_run_with_an_existing_output_notes_it(tmp_path: Path) -> None:
+    write_safetensors_run(tmp_path / "run", [1, 2])
+    (tmp_path / "run-ema.safetensors").write_bytes(b"old")
+    result = run(tmp_path / "run", "--dry-run")
+    assert result.returncode == 0
+    assert "already exists: a real run needs --overwrite" in result.stdout
+    assert (tmp_path / "run-ema.safetensors").read_bytes() == b"old"
 
 
 def test_version_and_help() -> None:
@@ -216,3 +228,38 @@ def test_torch_run_end_to_end(tmp_path: Path) -> None:
     assert "head.weight" not in out
     ref = float64_reference([states[s] for s in STEPS], STEPS, 0.5)
     torch.testing.assert_close(out["encoder.weight"].double(), ref["encoder.weight"], rtol=2e-6, atol=2e-7)
+
+
+def test_uniform_method_from_the_command_line(tmp_path: Path) -> None:
+    states = write_safetensors_run(tmp_path / "run", STEPS)
+    result = run(tmp_path / "run", "-o", tmp_path / "o.safetensors", "--method", "uniform")
+    assert result.returncode == 0, result.stderr
+    mean = torch.stack([states[s]["head.weight"].double() for s in STEPS]).mean(0)
+    torch.testing.assert_close(load_file(str(tmp_path / "o.safetensors"))["head.weight"].double(), mean)
+
+
+def test_decay_and_half_life_together_is_an_error(tmp_path: Path) -> None:
+    write_safetensors_run(tmp_path / "run", STEPS)
+    result = run(tmp_path / "run", "--decay", "0.9", "--half-life", "10")
+    assert result.returncode == 1 and "give --decay or --half-life, not both" in result.stderr
+
+
+def test_resume_from_the_command_line(tmp_path: Path) -> None:
+    write_safetensors_run(tmp_path / "run", STEPS[:2])
+    out = tmp_path / "live.safetensors"
+    assert run(tmp_path / "run", "-o", out, "--schedule", "step", "--decay", "0.99").returncode == 0
+    write_safetensors_run(tmp_path / "run", STEPS[2:])
+    result = run(tmp_path / "run", "--resume", out, "--schedule", "step", "--decay", "0.99")
+    assert result.returncode == 0, result.stderr
+    assert "continuing live.safetensors" in result.stdout and "(earlier average)" in result.stdout
+    again = run(tmp_path / "run", "--resume", out, "--schedule", "step", "--decay", "0.99")
+    assert again.returncode == 0 and "is up to date" in again.stdout
+    mismatch = run(tmp_path / "run", "--resume", out, "--decay", "0.99")
+    assert mismatch.returncode == 1 and "was made with schedule step, not checkpoint" in mismatch.stderr
+
+
+def test_selection_cannot_thin_a_resumed_average(tmp_path: Path) -> None:
+    write_safetensors_run(tmp_path / "run", STEPS)
+    assert run(tmp_path / "run", "-o", tmp_path / "o.safetensors").returncode == 0
+    result = run(tmp_path / "run", "--resume", tmp_path / "o.safetensors", "--last", "2")
+    assert result.returncode == 1 and "--last and --every cannot be combined with --resume" in result.stderr

@@ -7,17 +7,26 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXE = str(Path(sys.executable).parent / "ema-average")
+
+
+@pytest.fixture(autouse=True)
+def examples_importable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(EXAMPLES))  # as when the examples run as scripts
+
+
+def script(name: str, *args: str | Path) -> str:
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *map(str, args)], capture_output=True, text=True, check=True
+    )
+    return done.stdout
 
 
 def test_train_with_ema_runs_as_a_script() -> None:
-    out = subprocess.run(
-        [sys.executable, str(EXAMPLES / "train_with_ema.py"), "--steps", "300"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert "test loss of its EMA" in out.stdout
+    assert "test loss of its EMA" in script("train_with_ema.py", "--steps", "300")
 
 
 def test_train_with_ema_average_beats_the_noisy_last_iterate() -> None:
@@ -26,3 +35,37 @@ def test_train_with_ema_average_beats_the_noisy_last_iterate() -> None:
     losses = runpy.run_path(str(EXAMPLES / "train_with_ema.py"))["main"](steps=1500)
     assert losses["raw"] < losses["initial"]
     assert losses["ema"] < losses["raw"]
+
+
+def test_readme_main_job_flow(tmp_path: Path) -> None:
+    run_dir = tmp_path / "example-run"
+    assert "saved 20 checkpoints" in script("make_example_run.py", run_dir)
+    out = tmp_path / "example-run-ema.safetensors"
+    done = subprocess.run(
+        [EXE, str(run_dir), "--schedule", "step", "--decay", "0.998", "-q"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert out.is_file()
+    printed = script("evaluate_average.py", run_dir, out)
+    losses = runpy.run_path(str(EXAMPLES / "evaluate_average.py"))["main"](run_dir, out)
+    assert "test loss of the average" in printed
+    assert losses["average"] < losses["last"]
+
+
+def test_make_example_run_writes_pt_files_too(tmp_path: Path) -> None:
+    script("make_example_run.py", tmp_path / "r", "--steps", "200", "--every", "100", "--format", "pt")
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["step_000100.pt", "step_000200.pt"]
+
+
+def test_offline_vs_online_step_schedule_is_far_closer() -> None:
+    results = runpy.run_path(str(EXAMPLES / "offline_vs_online.py"))["main"](
+        steps=600, decay=0.99, everies=(10, 100)
+    )
+    for every, row in results.items():
+        assert row["step schedule"] < row["checkpoint schedule"] / 5, (every, row)
+        assert row["step schedule"] < row["uniform"], (every, row)
+
+
+def test_offline_vs_online_runs_as_a_script() -> None:
+    out = script("offline_vs_online.py", "--steps", "200", "--decay", "0.99", "--every", "50")
+    assert "step schedule" in out and "relative distance to the online EMA" in out

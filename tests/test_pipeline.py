@@ -11,8 +11,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import float64_reference, write_fairseq_run, write_safetensors_run, write_torch_run
+from ema_average.errors import CheckpointMismatchError
 from ema_average.pipeline import AverageOptions, average_checkpoints, prepare
-from ema_average.plan import AverageSettings, Selection
+from ema_average.plan import AverageSettings, CheckpointSelection, Selection
 
 STEPS = [100, 250, 400, 1000, 1600]
 
@@ -176,3 +177,124 @@ def test_default_output_is_beside_the_run_and_never_an_input(tmp_path: Path) -> 
         "model_step_1.safetensors",
         "model_step_2.safetensors",
     ]
+
+
+def per_step_reference(
+    states: list[dict[str, torch.Tensor]], steps: list[int], decay_at
+) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    """What an online average would hold, applying the per-step rule at every training step with the
+    weights of the checkpoint that ends each gap: a plain float64 loop over steps."""
+    shadow = {n: t.double() for n, t in states[0].items() if t.is_floating_point()}
+    for state, a, b in zip(states[1:], steps, steps[1:], strict=False):
+        for k in range(a + 1, b + 1):
+            d = decay_at(k)
+            shadow = {n: d * s + (1 - d) * state[n].double() for n, s in shadow.items()}
+    return shadow
+
+
+def test_uniform_is_the_arithmetic_mean(tmp_path: Path) -> None:
+    states = write_safetensors_run(tmp_path / "run", STEPS)
+    average_checkpoints(
+        AverageOptions(tmp_path / "run", tmp_path / "o.safetensors", settings=AverageSettings("uniform"))
+    )
+    out = load_file(str(tmp_path / "o.safetensors"))
+    for name in ("encoder.weight", "head.weight"):
+        mean = torch.stack([states[s][name].double() for s in STEPS]).mean(0)
+        torch.testing.assert_close(out[name].double(), mean, rtol=2e-6, atol=2e-7)
+
+
+def test_step_schedule_equals_an_online_ema_over_every_step(tmp_path: Path) -> None:
+    states = write_safetensors_run(tmp_path / "run", STEPS)
+    settings = AverageSettings(decay=0.999, schedule="step")
+    average_checkpoints(AverageOptions(tmp_path / "run", tmp_path / "o.safetensors", settings=settings))
+    ref = per_step_reference([states[s] for s in STEPS], STEPS, lambda k: min(0.999, (1 + k) / (10 + k)))
+    assert_matches_reference(load_file(str(tmp_path / "o.safetensors")), ref, torch.float32)
+
+
+def test_power_step_schedule_matches_float64(tmp_path: Path) -> None:
+    states = write_safetensors_run(tmp_path / "run", STEPS)
+    settings = AverageSettings(method="power", gamma=6.94, schedule="step")
+    average_checkpoints(AverageOptions(tmp_path / "run", tmp_path / "o.safetensors", settings=settings))
+    ref = per_step_reference([states[s] for s in STEPS], STEPS, lambda k: (1 - 1 / k) ** 7.94)
+    assert_matches_reference(load_file(str(tmp_path / "o.safetensors")), ref, torch.float32)
+
+
+def test_selection_last_two(tmp_path: Path) -> None:
+    states = write_safetensors_run(tmp_path / "run", STEPS)
+    options = AverageOptions(
+        tmp_path / "run",
+        tmp_path / "o.safetensors",
+        settings=AverageSettings(decay=0.9),
+        checkpoints=CheckpointSelection(last=2),
+    )
+    assert [c.step for c in prepare(options).checkpoints] == STEPS[-2:]
+    average_checkpoints(options)
+    ref = float64_reference([states[s] for s in STEPS[-2:]], STEPS[-2:], 0.9)
+    assert_matches_reference(load_file(str(tmp_path / "o.safetensors")), ref, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [AverageSettings(decay=0.95), AverageSettings(decay=0.999, schedule="step"), AverageSettings("uniform")],
+    ids=["checkpoint", "step", "uniform"],
+)
+def test_resume_equals_one_run_bit_for_bit(tmp_path: Path, settings: AverageSettings) -> None:
+    """With float32 checkpoints (or --dtype float32) the resumed average is bit-for-bit one run's."""
+    write_safetensors_run(tmp_path / "all", STEPS)
+    (tmp_path / "early").mkdir()
+    for step in STEPS[:3]:
+        name = f"model_step_{step}.safetensors"
+        (tmp_path / "early" / name).write_bytes((tmp_path / "all" / name).read_bytes())
+    average_checkpoints(AverageOptions(tmp_path / "all", tmp_path / "one.safetensors", settings=settings))
+    average_checkpoints(AverageOptions(tmp_path / "early", tmp_path / "live.safetensors", settings=settings))
+    resumed = prepare(
+        AverageOptions(tmp_path / "all", settings=settings, resume=tmp_path / "live.safetensors")
+    )
+    assert [c.step for c in resumed.checkpoints] == STEPS[3:]  # only the newer ones
+    assert resumed.output == tmp_path / "live.safetensors"  # refreshed in place
+    average_checkpoints(resumed.options)
+    one, live = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "live.safetensors"))
+    assert all(torch.equal(one[n], live[n]) for n in one)
+    with safe_open(str(tmp_path / "live.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["steps"]) == STEPS
+
+
+def test_resume_up_to_date(tmp_path: Path) -> None:
+    write_safetensors_run(tmp_path / "run", STEPS)
+    average_checkpoints(AverageOptions(tmp_path / "run", tmp_path / "o.safetensors"))
+    assert prepare(AverageOptions(tmp_path / "run", resume=tmp_path / "o.safetensors")).up_to_date
+
+
+def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
+    write_safetensors_run(tmp_path / "run", STEPS)
+    average_checkpoints(
+        AverageOptions(tmp_path / "run", tmp_path / "o.safetensors", settings=AverageSettings(decay=0.9))
+    )
+    with pytest.raises(CheckpointMismatchError, match=r"o\.safetensors: was made with decay 0\.9, not 0\.99"):
+        prepare(
+            AverageOptions(
+                tmp_path / "run", settings=AverageSettings(decay=0.99), resume=tmp_path / "o.safetensors"
+            )
+        )
+    with pytest.raises(CheckpointMismatchError, match="was made with schedule checkpoint, not step"):
+        prepare(
+            AverageOptions(
+                tmp_path / "run",
+                settings=AverageSettings(decay=0.9, schedule="step"),
+                resume=tmp_path / "o.safetensors",
+            )
+        )
+
+
+def test_resume_from_a_foreign_file_is_refused(tmp_path: Path) -> None:
+    write_safetensors_run(tmp_path / "run", STEPS)
+    with pytest.raises(CheckpointMismatchError, match="was not written by ema-average"):
+        prepare(AverageOptions(tmp_path / "run", resume=tmp_path / "run" / "model_step_100.safetensors"))
+
+
+def test_resume_from_bf16_output_says_it_is_rounded(tmp_path: Path) -> None:
+    write_safetensors_run(tmp_path / "run", STEPS[:3], torch.bfloat16)
+    average_checkpoints(AverageOptions(tmp_path / "run", tmp_path / "o.safetensors"))
+    write_safetensors_run(tmp_path / "run", STEPS[3:], torch.bfloat16)
+    prepared = prepare(AverageOptions(tmp_path / "run", resume=tmp_path / "o.safetensors"))
+    assert any("holds bfloat16 averages" in note for note in prepared.plan.notes)

@@ -11,6 +11,8 @@ from ema_average.checkpoints import TensorSpec
 from ema_average.errors import ConfigurationError
 from ema_average.plan import (
     AverageSettings,
+    CheckpointSelection,
+    Previous,
     Selection,
     effective_weights,
     first_dominates_note,
@@ -105,3 +107,49 @@ def test_parse_size(text: str, value: int) -> None:
 def test_parse_size_rejects(text: str) -> None:
     with pytest.raises(ConfigurationError):
         parse_size(text)
+
+
+def test_step_schedule_decays_are_gap_products() -> None:
+    settings = AverageSettings(decay=0.999, schedule="step")
+    decays = update_decays([100, 300, 400], settings)
+    rule = settings.rule()
+    assert decays == [None, rule.between(100, 300), rule.between(300, 400)]
+
+
+def test_decays_continue_a_previous_average() -> None:
+    settings = AverageSettings(method="uniform")
+    # 3 checkpoints already averaged: the 4th gets weight 1/4, the 5th 1/5
+    assert update_decays([50, 60], settings, Previous(count=3, last_step=40)) == [3 / 4, 4 / 5]
+    step = AverageSettings(decay=0.99, schedule="step")
+    assert update_decays([60], step, Previous(count=3, last_step=40)) == [step.rule().between(40, 60)]
+
+
+def test_half_life_sets_the_decay() -> None:
+    rule = AverageSettings(half_life=100, schedule="step").rule()
+    assert rule.settings()["decay"] == pytest.approx(0.5 ** (1 / 100))
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (AverageSettings(method="uniform", schedule="step"), "weighs checkpoints equally"),
+        (AverageSettings(method="power", half_life=10), "exponential method only"),
+        (AverageSettings(method="power", gamma=5, sigma_rel=0.1), "not both"),
+        (AverageSettings(method="median"), "unknown --method 'median'"),
+        (AverageSettings(schedule="epoch"), "--schedule must be one of"),
+        (AverageSettings(decay=1.5), "decay must be"),
+    ],
+)
+def test_bad_settings(settings: AverageSettings, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        settings.rule()
+
+
+def test_checkpoint_selection() -> None:
+    steps = [10, 20, 30, 40, 50, 60, 70]
+    assert CheckpointSelection(every=3).indices(steps) == [0, 3, 6]  # the newest is always kept
+    assert CheckpointSelection(from_step=20, to_step=60, last=2).indices(steps) == [4, 5]
+    assert CheckpointSelection(from_step=25, every=2).indices(steps) == [2, 4, 6]
+    assert CheckpointSelection().indices(steps) == list(range(7))
+    with pytest.raises(ConfigurationError, match="--last must be at least 1"):
+        CheckpointSelection(last=0).indices(steps)

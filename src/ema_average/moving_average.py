@@ -12,7 +12,6 @@ This module knows nothing of files or of the command line.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +19,14 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
+from ema_average.decay_rules import (
+    DecayRule,
+    ExponentialRule,
+    PowerRule,
+    UniformRule,
+    check_unit,
+    sigma_rel_to_gamma,
+)
 from ema_average.errors import AverageStateError, ConfigurationError, ParameterError
 
 NamedParameter = tuple[str, torch.Tensor]
@@ -30,8 +37,9 @@ __all__ = [
     "ExponentialMovingAverage",
     "MovingAverage",
     "NamedParameter",
+    "PowerFunctionMovingAverage",
+    "UniformMovingAverage",
     "ema_update_",
-    "seed_decay",
     "shadow_dtype",
 ]
 
@@ -43,13 +51,6 @@ def shadow_dtype(dtype: torch.dtype) -> torch.dtype:
     for most weights, so the average silently stops moving; float32 has the headroom, float64 stays.
     """
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def seed_decay(decay: float, numerator: float, denominator: float, num_updates: int | None) -> float:
-    """TensorFlow's warm-up rule, kept exactly as the seed design states it."""
-    if num_updates is None:
-        return decay
-    return min(decay, (numerator + num_updates) / (denominator + num_updates))
 
 
 def ema_update_(
@@ -73,11 +74,6 @@ def ema_update_(
     else:
         torch._foreach_mul_(shadows, decay)
     torch._foreach_add_(shadows, values, alpha=weight)
-
-
-def _check_decay(name: str, value: float) -> None:
-    if not (isinstance(value, int | float) and 0.0 <= value <= 1.0) or math.isnan(value):
-        raise ConfigurationError(f"{name} must be a number in [0, 1], got {value!r}")
 
 
 def _check_num_updates(num_updates: int | None) -> None:
@@ -225,9 +221,11 @@ class MovingAverage:
 
     # --- the decay each update gets ---------------------------------------------------------------
 
+    rule: DecayRule  # set by each implementation; the offline plan asks the same rule
+
     def decay_for(self, num_updates: int | None) -> float:
-        """Decay of the next update; each registered implementation defines its own."""
-        raise NotImplementedError
+        """Decay of the next update, by this average's rule (``num_applied + 1`` values are in it)."""
+        return self.rule.at(num_updates, self.num_applied + 1)
 
     # --- updating -----------------------------------------------------------------------------------
 
@@ -253,7 +251,7 @@ class MovingAverage:
 
     def update_with_decay(self, values: Values, decay: float) -> None:
         """Update with a decay computed elsewhere (e.g. the offline plan's gap-aware product)."""
-        _check_decay("decay", decay)
+        check_unit("decay", decay)
         self._update_buckets(self._ordered(values), decay)
 
     def _update_buckets(self, values: list[torch.Tensor], decay: float) -> None:
@@ -338,7 +336,8 @@ class MovingAverage:
 
     def settings(self) -> dict[str, Any]:
         """The implementation's own settings, recorded in state dicts and output metadata."""
-        return {}
+        rule = getattr(self, "rule", None)
+        return rule.settings() if rule is not None else {}
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume this average later (shadows, settings, update count)."""
@@ -394,19 +393,58 @@ class ExponentialMovingAverage(MovingAverage):
         *,
         device: torch.device | str | None = None,
     ) -> None:
-        _check_decay("decay", decay)
-        if denominator <= 0 or numerator < 0 or numerator > denominator:
-            raise ConfigurationError(
-                f"need 0 <= numerator <= denominator and denominator > 0, "
-                f"got numerator={numerator!r}, denominator={denominator!r}"
-            )
-        self.decay = float(decay)
-        self.numerator = float(numerator)
-        self.denominator = float(denominator)
+        self.rule = ExponentialRule(float(decay), float(numerator), float(denominator))
         super().__init__(parameters, device=device)
 
-    def decay_for(self, num_updates: int | None) -> float:
-        return seed_decay(self.decay, self.numerator, self.denominator, num_updates)
+    @property
+    def decay(self) -> float:
+        return self.rule.decay
 
-    def settings(self) -> dict[str, Any]:
-        return {"decay": self.decay, "numerator": self.numerator, "denominator": self.denominator}
+    @property
+    def numerator(self) -> float:
+        return self.rule.numerator
+
+    @property
+    def denominator(self) -> float:
+        return self.rule.denominator
+
+
+@MovingAverage.register("uniform")
+class UniformMovingAverage(MovingAverage):
+    """The arithmetic mean of the starting values and every update (``num_updates`` is ignored).
+
+    What fairseq's ``average_checkpoints.py`` and OpenNMT compute, in float32, streamed.
+    """
+
+    def __init__(
+        self,
+        parameters: Iterable[NamedParameter] | Mapping[str, torch.Tensor],
+        *,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.rule = UniformRule()
+        super().__init__(parameters, device=device)
+
+
+@MovingAverage.register("power")
+class PowerFunctionMovingAverage(MovingAverage):
+    """Karras et al.'s power-function EMA (EDM2): decay ``(1 - 1/t) ** (gamma + 1)`` at step ``t``.
+
+    Give ``gamma`` or ``sigma_rel`` (the profile's relative width; EDM2 uses 0.05 to 0.10). ``apply()``
+    without ``num_updates`` counts steps itself (the first update replaces the average).
+    """
+
+    def __init__(
+        self,
+        parameters: Iterable[NamedParameter] | Mapping[str, torch.Tensor],
+        gamma: float | None = None,
+        sigma_rel: float | None = None,
+        *,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if gamma is not None and sigma_rel is not None:
+            raise ConfigurationError("give gamma or sigma_rel, not both")
+        if gamma is None:
+            gamma = sigma_rel_to_gamma(0.05 if sigma_rel is None else sigma_rel)
+        self.rule = PowerRule(float(gamma))
+        super().__init__(parameters, device=device)

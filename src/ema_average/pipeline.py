@@ -17,14 +17,23 @@ from pathlib import Path
 import torch
 
 from ema_average._version import __version__
-from ema_average.checkpoints import Checkpoint, Run, find_run
+from ema_average.checkpoints import Checkpoint, Run, SafetensorsCheckpoint, find_run
 from ema_average.checkpoints.discover import StepsFrom
-from ema_average.errors import ConfigurationError, DeviceError, OutputError
+from ema_average.errors import (
+    CheckpointError,
+    CheckpointMismatchError,
+    ConfigurationError,
+    DeviceError,
+    NoCheckpointsError,
+    OutputError,
+)
 from ema_average.moving_average import MovingAverage
 from ema_average.plan import (
     AverageSettings,
+    CheckpointSelection,
     OutputTensor,
     Plan,
+    Previous,
     Selection,
     default_memory_budget,
     effective_weights,
@@ -56,29 +65,53 @@ class AverageOptions:
     state_dict_key: str | None = None
     steps_from: StepsFrom = "auto"
     trust_pickle: bool = False
+    checkpoints: CheckpointSelection = field(default_factory=CheckpointSelection)
+    resume: Path | None = None  # continue this earlier output with the checkpoints newer than it
+
+
+@dataclass
+class Resumed:
+    """An earlier output being continued: its file (read by output names), what it holds, how it was made."""
+
+    average: SafetensorsCheckpoint
+    previous: Previous
+    steps: list[int]
+    sources: list[str]
 
 
 @dataclass
 class PreparedRun:
-    """A run found and planned, checked against device and output, before anything is written."""
+    """A run found and planned, checked against device and output, before anything is written.
+
+    ``sources`` are what the average is built from in order: the resumed output first, if any, then the
+    checkpoints. ``plan.decays`` and ``plan.weights`` run alongside them.
+    """
 
     options: AverageOptions
     run: Run
+    checkpoints: list[Checkpoint]
     plan: Plan
     output: Path
     device: torch.device
     budget: int
+    resumed: Resumed | None = None
+    may_replace: bool = False  # --overwrite, or refreshing the very output being resumed
 
     @property
-    def checkpoints(self) -> list[Checkpoint]:
-        return self.run.checkpoints
+    def sources(self) -> list[Checkpoint]:
+        return ([self.resumed.average] if self.resumed else []) + self.checkpoints
+
+    @property
+    def up_to_date(self) -> bool:
+        """Resuming, and no checkpoint is newer than the output: nothing to do."""
+        return not self.checkpoints
 
     @property
     def total_bytes(self) -> int:
-        """Bytes the run will read: every averaged tensor of every checkpoint, other tensors once."""
+        """Bytes the run will read: every averaged tensor of every source, other tensors once."""
         averaged = sum(t.spec.nbytes for t in self.plan.averaged)
         copied = sum(t.spec.nbytes for t in self.plan.outputs if not t.averaged)
-        return averaged * len(self.checkpoints) + copied
+        return averaged * len(self.sources) + copied
 
 
 @dataclass
@@ -122,43 +155,109 @@ def default_output(checkpoint_dir: Path) -> Path:
     return folder.parent / f"{folder.name}-ema.safetensors"
 
 
-def prepare(options: AverageOptions) -> PreparedRun:
-    """Find the run, plan the work and check device and output: every input error surfaces here."""
-    check_settings(options.settings)
+def prepare(options: AverageOptions, *, dry_run: bool = False, only: set[Path] | None = None) -> PreparedRun:
+    """Find the run, plan the work and check device and output: every input error surfaces here.
+
+    A dry run reports an existing output as a note instead of refusing, so the plan can still be seen.
+    ``only`` limits the run to those candidate checkpoints (used by :func:`ema_average.watch.watch`).
+    """
+    options.settings.rule()  # bad settings fail before anything is read
+    if options.resume is not None and options.checkpoints.thins:
+        raise ConfigurationError("--last and --every cannot be combined with --resume or --watch")
     device = resolve_device(options.device)
     run = find_run(
         options.checkpoint_dir,
         state_dict_key=options.state_dict_key,
         trust_pickle=options.trust_pickle,
         steps_from=options.steps_from,
+        only=only,
     )
-    plan = make_plan(run, options)
-    output = options.output or default_output(options.checkpoint_dir)
-    if output.exists() and not options.overwrite:
-        raise OutputError(f"{output}: already exists; pass --overwrite to replace it")
+    chosen = set(options.checkpoints.indices([c.step or 0 for c in run.checkpoints]))
+    checkpoints = [c for i, c in enumerate(run.checkpoints) if i in chosen]
+    if not checkpoints:
+        raise NoCheckpointsError(run.root, "no checkpoints left after --from-step/--to-step/--every/--last")
+    resumed = None
+    if options.resume is not None:
+        resumed = open_resumed(options.resume, options.settings)
+        checkpoints = [c for c in checkpoints if (c.step or 0) > resumed.previous.last_step]
+    output = options.output or options.resume or default_output(options.checkpoint_dir)
+    budget = options.memory_budget or default_memory_budget()
+    plan = make_plan(run, checkpoints, resumed, options, budget)
+    continuing = options.resume is not None and output.resolve() == options.resume.resolve()
+    if output.exists() and not (options.overwrite or continuing):
+        if not dry_run:
+            raise OutputError(f"{output}: already exists; pass --overwrite to replace it")
+        plan.notes.append(f"{output} already exists: a real run needs --overwrite")
     if output.is_dir():
         raise OutputError(f"{output}: is a folder; give a file name ending .safetensors")
-    return PreparedRun(options, run, plan, output, device, options.memory_budget or default_memory_budget())
+    may_replace = options.overwrite or continuing
+    return PreparedRun(options, run, checkpoints, plan, output, device, budget, resumed, may_replace)
 
 
-def make_plan(run: Run, options: AverageOptions) -> Plan:
-    first = run.checkpoints[0]
-    steps = [c.step for c in run.checkpoints if c.step is not None]
-    decays = update_decays(steps, options.settings)
-    weights = effective_weights(decays)
-    outputs = output_tensors(first.specs(), first.aliases(), options.selection, options.dtype)
-    budget = options.memory_budget or default_memory_budget()
+def open_resumed(path: Path, settings: AverageSettings) -> Resumed:
+    """An earlier output to continue, checked to be one of ours made with these very settings."""
+    try:
+        average = SafetensorsCheckpoint(path)
+    except CheckpointError as exc:
+        raise CheckpointError(path, f"cannot be resumed: {exc.problem}") from exc
+    meta = average.metadata
+    if not average.written_by_this_tool or "last_step" not in meta:
+        raise CheckpointMismatchError(path, "was not written by ema-average, so it cannot be resumed")
+    for key, wanted in settings.as_metadata().items():
+        recorded = meta.get(key)
+        if recorded != wanted:
+            raise CheckpointMismatchError(
+                path, f"was made with {key} {recorded}, not {wanted}: resume with the same settings"
+            )
+    steps = [int(s) for s in json.loads(meta.get("steps", "[]"))]
+    sources = [str(s) for s in json.loads(meta.get("sources", "[]"))]
+    return Resumed(average, Previous(len(steps), int(meta["last_step"])), steps, sources)
+
+
+def make_plan(
+    run: Run, checkpoints: list[Checkpoint], resumed: Resumed | None, options: AverageOptions, budget: int
+) -> Plan:
     notes = list(run.notices)
-    for ckpt in run.checkpoints:
+    for ckpt in checkpoints:
         notes += [f"{ckpt.path.name}: {note}" for note in ckpt.notes]
+    first = checkpoints[0] if checkpoints else run.checkpoints[-1]
+    outputs = output_tensors(first.specs(), first.aliases(), options.selection, options.dtype)
+    steps = [c.step or 0 for c in checkpoints]
+    decays = update_decays(steps, options.settings, resumed.previous if resumed else None)
+    if resumed is not None:
+        _check_resumable(resumed, outputs, notes)
+        steps = [resumed.previous.last_step, *steps]
+        decays = [None, *decays]
+    weights = effective_weights(decays)
     tied = [t for t in outputs if t.alias_of is not None]
     if tied:
         pairs = ", ".join(f"{t.source} = {t.alias_of}" for t in tied[:3])
         notes.append(f"tied weights averaged once and written under both names: {pairs}")
-    dominated = first_dominates_note(steps, weights, options.settings)
+    dominated = first_dominates_note(steps, weights, options.settings) if resumed is None else None
     if dominated:
         notes.append(dominated)
     return Plan(steps, decays, weights, outputs, group_by_budget(outputs, budget), notes)
+
+
+def _check_resumable(resumed: Resumed, outputs: list[OutputTensor], notes: list[str]) -> None:
+    """The earlier output must hold every averaged tensor, same shape; say when it was rounded."""
+    specs = resumed.average.specs()
+    for t in outputs:
+        if not t.averaged or t.alias_of is not None:
+            continue
+        held = specs.get(t.name)
+        if held is None or held.shape != t.spec.shape:
+            problem = "has no tensor" if held is None else f"has shape {list(held.shape)} for"
+            raise CheckpointMismatchError(resumed.average.path, f"{problem} {t.name!r}; it cannot be resumed")
+    rounded = sorted({str(s.dtype).removeprefix("torch.") for s in specs.values() if s.dtype in _ROUNDED})
+    if rounded:
+        notes.append(
+            f"{resumed.average.path.name} holds {'/'.join(rounded)} averages: the result equals one run over all "
+            "checkpoints up to that rounding (write with --dtype float32 for bit-exact resumes)"
+        )
+
+
+_ROUNDED = (torch.bfloat16, torch.float16)
 
 
 def average_checkpoints(options: AverageOptions, on_progress: Progress | None = None) -> Summary:
@@ -168,6 +267,10 @@ def average_checkpoints(options: AverageOptions, on_progress: Progress | None = 
 
 def execute(prepared: PreparedRun, on_progress: Progress | None = None) -> Summary:
     """Stream every group through the engine into the output; on any failure, nothing is left behind."""
+    if prepared.up_to_date:
+        raise ConfigurationError(
+            f"{prepared.output} is up to date: no checkpoint is newer than its last step"
+        )
     start = time.perf_counter()
     plan = prepared.plan
     progress = on_progress or (lambda _n: None)
@@ -182,7 +285,7 @@ def execute(prepared: PreparedRun, on_progress: Progress | None = None) -> Summa
         writer.abort()
         raise
     finally:
-        for ckpt in prepared.checkpoints:
+        for ckpt in prepared.sources:
             ckpt.close()
     outputs = writer.paths if isinstance(writer, ShardedWriter) else [writer.path]
     return Summary(
@@ -199,10 +302,10 @@ def _open_writer(prepared: PreparedRun) -> SafetensorsWriter | ShardedWriter:
             prepared.output,
             entries,
             metadata,
-            overwrite=options.overwrite,
+            overwrite=prepared.may_replace,
             max_shard_size=options.max_shard_size,
         )
-    return SafetensorsWriter(prepared.output, entries, metadata, overwrite=options.overwrite)
+    return SafetensorsWriter(prepared.output, entries, metadata, overwrite=prepared.may_replace)
 
 
 def output_metadata(prepared: PreparedRun) -> dict[str, str]:
@@ -213,9 +316,14 @@ def output_metadata(prepared: PreparedRun) -> dict[str, str]:
         "ema_average_version": __version__,
         **options.settings.as_metadata(),
         "dtype": options.dtype,
-        "steps": json.dumps(plan.steps),
+        "steps": json.dumps(
+            (prepared.resumed.steps if prepared.resumed else []) + [c.step for c in prepared.checkpoints]
+        ),
         "last_step": str(plan.steps[-1]),
-        "sources": json.dumps([c.path.name for c in prepared.checkpoints]),
+        "sources": json.dumps(
+            (prepared.resumed.sources if prepared.resumed else [])
+            + [c.path.name for c in prepared.checkpoints]
+        ),
     }
 
 
@@ -260,68 +368,67 @@ def _run_group(
     writer: SafetensorsWriter | ShardedWriter,
     progress: Progress,
 ) -> int:
-    """Average one group over every checkpoint, write it, free it; returns bytes read."""
-    checkpoints, plan, device = prepared.checkpoints, prepared.plan, prepared.device
+    """Average one group over every source, write it, free it; returns bytes read."""
+    sources, plan, device = prepared.sources, prepared.plan, prepared.device
     to_average = [t for t in group if t.averaged and t.alias_of is None]
     averages: dict[str, torch.Tensor] = {}
     read = 0
     if to_average:
         staging = _Staging(to_average, device)
-        first = _read(checkpoints[0], to_average, staging, 0)
+        group_bytes = sum(t.spec.nbytes for t in to_average)
+        first = _read(sources[0], to_average, staging, 0, by_output_name=prepared.resumed is not None)
         average = MovingAverage.by_name(prepared.options.settings.method).from_tensors(first, device=device)
         del first
-        _release(checkpoints[0])
-        group_bytes = sum(t.spec.nbytes for t in to_average)
+        _release(sources[0])
         read += group_bytes
         progress(group_bytes)
-        for i, ckpt in enumerate(checkpoints[1:], start=1):
+        for i, source in enumerate(sources[1:], start=1):
             slot = i % len(staging.buffers)
-            values = _read(ckpt, to_average, staging, slot)
+            values = _read(source, to_average, staging, slot)
             decay = plan.decays[i]
             assert decay is not None
             average.update_with_decay(values, decay)
             staging.mark_in_use(slot, device)
             del values
-            _release(ckpt)
+            _release(source)
             read += group_bytes
             progress(group_bytes)
         averages = average.averages()
-    last = checkpoints[-1]
+    latest = prepared.checkpoints[-1]
     for t in group:
         if t.averaged:
-            value = averages[t.alias_of or t.source]
-            writer.write(t.name, value.to(t.out_dtype))
+            writer.write(t.name, averages[t.alias_of or t.source].to(t.out_dtype))
         else:
-            writer.write(t.name, last.read(t.source))
+            writer.write(t.name, latest.read(t.source))
             read += t.spec.nbytes
             progress(t.spec.nbytes)
     return read
 
 
 def _read(
-    ckpt: Checkpoint, tensors: list[OutputTensor], staging: _Staging, slot: int
+    ckpt: Checkpoint,
+    tensors: list[OutputTensor],
+    staging: _Staging,
+    slot: int,
+    *,
+    by_output_name: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """The group's tensors of one checkpoint: mapped views where the file is mapped, else staged reads."""
-    if getattr(ckpt, "zero_copy", False):
-        return {t.source: ckpt.read(t.source) for t in tensors}
-    views = staging.views(slot)
-    return {t.source: ckpt.read_into(t.source, view) for t, view in zip(tensors, views, strict=True)}
+    """One source's tensors of a group, keyed by saved name: mapped views where the file is mapped, else
+    staged reads. A resumed output is read by the names it was written under."""
+    names = [t.name if by_output_name else t.source for t in tensors]
+    if ckpt.zero_copy:
+        values = [ckpt.read(name) for name in names]
+    else:
+        values = [ckpt.read_into(name, view) for name, view in zip(names, staging.views(slot), strict=True)]
+    return {t.source: v for t, v in zip(tensors, values, strict=True)}
 
 
 def _release(ckpt: Checkpoint) -> None:
     """Unmap a mapped checkpoint after its pass, so its touched pages leave this process's memory."""
-    if getattr(ckpt, "zero_copy", False):
+    if ckpt.zero_copy:
         ckpt.close()
 
 
 def _peak_rss() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
-
-
-def check_settings(settings: AverageSettings) -> None:
-    """Reject settings the engine would reject, before discovery reads anything."""
-    if not 0.0 <= settings.decay <= 1.0:
-        raise ConfigurationError(f"--decay must be in [0, 1], got {settings.decay}")
-    if settings.denominator <= 0 or not 0 <= settings.numerator <= settings.denominator:
-        raise ConfigurationError("need 0 <= --numerator <= --denominator and --denominator > 0")

@@ -17,8 +17,16 @@ from dataclasses import dataclass, field
 import torch
 
 from ema_average.checkpoints.base import TensorSpec
+from ema_average.decay_rules import (
+    DecayRule,
+    ExponentialRule,
+    PowerRule,
+    UniformRule,
+    half_life_to_decay,
+    sigma_rel_to_gamma,
+)
 from ema_average.errors import ConfigurationError
-from ema_average.moving_average import seed_decay, shadow_dtype
+from ema_average.moving_average import MovingAverage, shadow_dtype
 
 OUTPUT_DTYPES: dict[str, torch.dtype | None] = {
     "as-input": None,
@@ -28,40 +36,126 @@ OUTPUT_DTYPES: dict[str, torch.dtype | None] = {
 }
 
 
+SCHEDULES = ("checkpoint", "step")
+
+
 @dataclass(frozen=True)
 class AverageSettings:
-    """How the average is taken: the seed's exponential rule and its three numbers."""
+    """How the average is taken: which average, its numbers, and one update per checkpoint or per step.
+
+    ``schedule="checkpoint"`` is the seed's rule: one update per checkpoint with ``num_updates`` = its step.
+    ``schedule="step"`` is gap-aware: between checkpoints at steps a < b the per-step rule is applied
+    b - a times with the later checkpoint's weights, as an online EMA would have seen them.
+    """
 
     method: str = "exponential"
     decay: float = 0.9999
     numerator: float = 1.0
     denominator: float = 10.0
+    schedule: str = "checkpoint"
+    half_life: float | None = None  # replaces decay: in steps under "step", in checkpoints under "checkpoint"
+    gamma: float | None = None  # power only
+    sigma_rel: float | None = None  # power only, instead of gamma
+
+    def rule(self) -> DecayRule:
+        """The decay rule these settings describe, checked."""
+        if self.schedule not in SCHEDULES:
+            raise ConfigurationError(
+                f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
+            )
+        if self.method == "exponential":
+            decay = half_life_to_decay(self.half_life) if self.half_life is not None else self.decay
+            return ExponentialRule(decay, self.numerator, self.denominator)
+        if self.half_life is not None:
+            raise ConfigurationError("--half-life applies to the exponential method only")
+        if self.method == "uniform":
+            if self.schedule == "step":
+                raise ConfigurationError(
+                    "the uniform average weighs checkpoints equally: use --schedule checkpoint"
+                )
+            return UniformRule()
+        if self.method == "power":
+            if self.gamma is not None and self.sigma_rel is not None:
+                raise ConfigurationError("give --gamma or --sigma-rel, not both")
+            gamma = self.gamma if self.gamma is not None else sigma_rel_to_gamma(self.sigma_rel or 0.05)
+            return PowerRule(gamma)
+        known = ", ".join(MovingAverage.list_available())
+        raise ConfigurationError(f"unknown --method {self.method!r}; available: {known}")
 
     def as_metadata(self) -> dict[str, str]:
-        return {
-            "method": self.method,
-            "decay": repr(self.decay),
-            "numerator": repr(self.numerator),
-            "denominator": repr(self.denominator),
-        }
+        """What an output records, so that --resume can check it continues the same average."""
+        recorded = {"method": self.method, "schedule": self.schedule}
+        recorded.update({key: repr(float(value)) for key, value in self.rule().settings().items()})
+        return recorded
 
 
-def update_decays(steps: Sequence[int], settings: AverageSettings) -> list[float | None]:
-    """The decay each checkpoint's update gets; ``None`` for the first, which starts the average.
+@dataclass(frozen=True)
+class Previous:
+    """An earlier output being continued: how many checkpoints it holds and the last step it took."""
 
-    One update per checkpoint, with ``num_updates`` = its step (the seed's rule, as the engine's
-    ``ExponentialMovingAverage.apply(num_updates=step)`` would use).
+    count: int
+    last_step: int
+
+
+def update_decays(
+    steps: Sequence[int], settings: AverageSettings, previous: Previous | None = None
+) -> list[float | None]:
+    """The decay each checkpoint's update gets; ``None`` for a first checkpoint, which starts the average.
+
+    The engine applies exactly these (``update_with_decay``), so the plan table shows what is done.
     """
-    if settings.method != "exponential":
-        raise ConfigurationError(f"unknown averaging method {settings.method!r}")
-    decays: list[float | None] = [None]
-    for step in steps[1:]:
-        decays.append(seed_decay(settings.decay, settings.numerator, settings.denominator, step))
+    rule = settings.rule()
+    decays: list[float | None] = []
+    count, last = (previous.count, previous.last_step) if previous else (0, None)
+    for step in steps:
+        if last is None:
+            decays.append(None)
+        elif settings.schedule == "step":
+            decays.append(rule.between(last, step))
+        else:
+            decays.append(rule.at(step, count))
+        count, last = count + 1, step
     return decays
 
 
+@dataclass(frozen=True)
+class CheckpointSelection:
+    """Which of a run's checkpoints to use (--from-step, --to-step, --every, --last)."""
+
+    from_step: int | None = None
+    to_step: int | None = None
+    every: int | None = None
+    last: int | None = None
+
+    def indices(self, steps: Sequence[int]) -> list[int]:
+        """Step range first, then every k-th counted back from the newest (so the newest is always kept),
+        then the last n."""
+        chosen = [
+            i
+            for i, s in enumerate(steps)
+            if (self.from_step is None or s >= self.from_step) and (self.to_step is None or s <= self.to_step)
+        ]
+        if self.every is not None:
+            if self.every < 1:
+                raise ConfigurationError(f"--every must be at least 1, got {self.every}")
+            chosen = [i for n, i in enumerate(reversed(chosen)) if n % self.every == 0][::-1]
+        if self.last is not None:
+            if self.last < 1:
+                raise ConfigurationError(f"--last must be at least 1, got {self.last}")
+            chosen = chosen[-self.last :]
+        return chosen
+
+    @property
+    def thins(self) -> bool:
+        """Whether it drops checkpoints inside the range (which a resumed average cannot undo)."""
+        return self.every is not None or self.last is not None
+
+
 def effective_weights(decays: Sequence[float | None]) -> list[float]:
-    """Each checkpoint's share of the final average (they sum to 1), from the decays in order."""
+    """Each checkpoint's share of the final average (they sum to 1), from the decays in order.
+
+    The first entry starts the average (its decay is ``None``, or that of a resumed average's first update).
+    """
     weights = [1.0]
     for decay in decays[1:]:
         assert decay is not None
@@ -176,15 +270,20 @@ def first_dominates_note(
     steps: Sequence[int], weights: Sequence[float], settings: AverageSettings
 ) -> str | None:
     """One line when the first checkpoint is most of the result, with what to change."""
-    if len(weights) < 2 or weights[0] < 0.5:
+    if len(weights) < 2 or weights[0] < 0.5 or settings.method == "uniform":
         return None
     gaps = [b - a for a, b in itertools.pairwise(steps)]
     gap = sorted(gaps)[len(gaps) // 2]
-    suggestion = 1.0 - 1.0 / max(2.0, len(steps) / 2)  # about half the checkpoints in the window
+    suggestion = 0.01 ** (1.0 / (len(steps) - 1))  # decay^(K-1) = 1%: the first checkpoint keeps ~1%
+    advice = (
+        "--schedule step applies the decay once per training step, as an online EMA would"
+        if settings.schedule == "checkpoint"
+        else "a shorter --half-life or lower --decay weighs later checkpoints more"
+    )
     return (
-        f"the first checkpoint (step {steps[0]}) carries {weights[0]:.1%} of the average: at decay "
-        f"{settings.decay} one update per checkpoint ~{gap} steps apart barely moves it. "
-        f"Lower --decay (e.g. {suggestion:.2f} to weigh the last ~{max(2, len(steps) // 2)} checkpoints)."
+        f"the first checkpoint (step {steps[0]}) carries {weights[0]:.1%} of the average "
+        f"(checkpoints ~{gap} steps apart, schedule {settings.schedule}). {advice}; "
+        f"or lower --decay to about {suggestion:.3g} to give the first checkpoint ~1%."
     )
 
 

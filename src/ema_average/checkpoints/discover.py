@@ -57,8 +57,11 @@ def find_run(
     state_dict_key: str | None = None,
     trust_pickle: bool = False,
     steps_from: StepsFrom = "auto",
+    only: set[Path] | None = None,
 ) -> Run:
     """Find, open, step, de-duplicate and validate the checkpoints of the run under ``path``.
+
+    ``only`` restricts the run to those candidates (``--watch`` passes the ones that are complete).
 
     Nothing is read beyond headers, pickled structure and step records, except the tensors of two
     checkpoints that claim the same step (to tell a copy, such as fairseq's checkpoint_last.pt, from
@@ -77,9 +80,11 @@ def find_run(
             "is one checkpoint folder; point at the folder that holds the run's checkpoints (its parent)",
         )
     notices: list[str] = []
-    candidates = _candidates(root)
+    found = candidates(root)
+    if only is not None:
+        found = [c for c in found if c in only]
     checkpoints: list[Checkpoint] = []
-    for candidate in candidates:
+    for candidate in found:
         ckpt = _open(candidate, state_dict_key, trust_pickle)
         if isinstance(ckpt, SafetensorsCheckpoint) and ckpt.written_by_this_tool:
             notices.append(f"skipped {candidate}: written by ema-average itself")
@@ -95,7 +100,7 @@ def find_run(
     return Run(root, checkpoints, notices)
 
 
-def _candidates(root: Path) -> list[Path]:
+def candidates(root: Path) -> list[Path]:
     """Checkpoint files and folders below ``root``, all from one folder (one run)."""
     found: list[Path] = []
     for folder, dirs, files in os.walk(root):
