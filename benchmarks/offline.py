@@ -58,28 +58,16 @@ except SystemExit as exc:
     if exc.code:
         raise
 """,
-    "torch.load loop (fairseq style)": """
-import sys, torch
-from safetensors.torch import save_file
-files, out, decay = sys.argv[1:-2], sys.argv[-2], float(sys.argv[-1])
-avg = None
-for f in files:
-    state = torch.load(f, map_location="cpu", weights_only=True)["model"]
-    if avg is None:
-        avg = {k: v.float().clone() for k, v in state.items()}
-    else:
-        for k, v in state.items():
-            avg[k].mul_(decay).add_(v, alpha=1 - decay)
-    del state
-save_file(avg, out)
-""",
-    "load_file loop": """
+}
+
+# The ways users average today: load each whole checkpoint, fold it in, save the result.
+LOAD_EVERYTHING = """
 import sys, torch
 from safetensors.torch import load_file, save_file
 files, out, decay = sys.argv[1:-2], sys.argv[-2], float(sys.argv[-1])
 avg = None
 for f in files:
-    state = load_file(f)
+    state = LOAD
     if avg is None:
         avg = {k: v.float().clone() for k, v in state.items()}
     else:
@@ -87,8 +75,11 @@ for f in files:
             avg[k].mul_(decay).add_(v, alpha=1 - decay)
     del state
 save_file(avg, out)
-""",
-}
+"""
+CHILD["torch.load loop (fairseq style)"] = LOAD_EVERYTHING.replace(
+    "LOAD", 'torch.load(f, map_location="cpu", weights_only=True)["model"]'
+)
+CHILD["load_file loop"] = LOAD_EVERYTHING.replace("LOAD", "load_file(f)")
 
 
 def run_child(method: str, args: list[str]) -> tuple[float, int]:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -163,6 +165,14 @@ def lightning_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def hf_trainer_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_hf_trainer_run(tmp_path_factory.mktemp("hf") / "out")
+
+
+def rss_growth(action: Callable[[], object]) -> int:
+    """Bytes this process's resident memory grew by while ``action`` ran (for laziness checks)."""
+    process = psutil.Process()
+    before = process.memory_info().rss
+    action()
+    return process.memory_info().rss - before
 
 
 def float64_reference(

@@ -259,6 +259,27 @@ def test_resume_equals_one_run_bit_for_bit(tmp_path: Path, settings: AverageSett
         assert json.loads(f.metadata()["steps"]) == STEPS
 
 
+def test_resume_a_float32_output_of_bf16_checkpoints(tmp_path: Path) -> None:
+    """The earlier output's dtype (float32) differs from the checkpoints' (bf16): still one run's bits."""
+    write_safetensors_run(tmp_path / "run", STEPS[:3], torch.bfloat16)
+    settings = AverageSettings(decay=0.99, schedule="step")
+    average_checkpoints(
+        AverageOptions(tmp_path / "run", tmp_path / "live.safetensors", settings=settings, dtype="float32")
+    )
+    write_safetensors_run(tmp_path / "run", STEPS[3:], torch.bfloat16)
+    average_checkpoints(
+        AverageOptions(
+            tmp_path / "run", settings=settings, dtype="float32", resume=tmp_path / "live.safetensors"
+        )
+    )
+    average_checkpoints(
+        AverageOptions(tmp_path / "run", tmp_path / "one.safetensors", settings=settings, dtype="float32")
+    )
+    one, live = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "live.safetensors"))
+    assert all(torch.equal(one[n], live[n]) for n in one)
+    assert live["encoder.weight"].dtype == torch.float32
+
+
 def test_resume_up_to_date(tmp_path: Path) -> None:
     write_safetensors_run(tmp_path / "run", STEPS)
     average_checkpoints(AverageOptions(tmp_path / "run", tmp_path / "o.safetensors"))

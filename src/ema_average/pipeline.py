@@ -414,13 +414,14 @@ def _read(
     by_output_name: bool = False,
 ) -> dict[str, torch.Tensor]:
     """One source's tensors of a group, keyed by saved name: mapped views where the file is mapped, else
-    staged reads. A resumed output is read by the names it was written under."""
-    names = [t.name if by_output_name else t.source for t in tensors]
+    staged reads. A resumed output is read once, by the names it was written under and in the dtype it
+    was written in (which need not be the checkpoints'), so into fresh tensors rather than the staging."""
+    if by_output_name:
+        return {t.source: ckpt.read(t.name) for t in tensors}
     if ckpt.zero_copy:
-        values = [ckpt.read(name) for name in names]
-    else:
-        values = [ckpt.read_into(name, view) for name, view in zip(names, staging.views(slot), strict=True)]
-    return {t.source: v for t, v in zip(tensors, values, strict=True)}
+        return {t.source: ckpt.read(t.source) for t in tensors}
+    views = staging.views(slot)
+    return {t.source: ckpt.read_into(t.source, view) for t, view in zip(tensors, views, strict=True)}
 
 
 def _release(ckpt: Checkpoint) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ema_average.checkpoints.discover import candidates
-from ema_average.errors import CheckpointError, OutputError
+from ema_average.errors import CheckpointError
 from ema_average.pipeline import AverageOptions, PreparedRun, Summary, default_output, execute, prepare
 
 Snapshot = dict[Path, tuple[tuple[str, int, int], ...]]
@@ -74,8 +74,6 @@ def _refresh(
     while ready:
         try:
             prepared = prepare(current, only=ready)
-        except OutputError:
-            raise
         except CheckpointError as exc:
             unit = _unit_of(exc, ready)
             if unit is None:
