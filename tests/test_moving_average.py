@@ -287,3 +287,22 @@ def test_registry() -> None:
         assert avg.averages()["a"].tolist() == [0.5, 0.5]
     finally:
         del MovingAverage._registry["test-constant"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_large_mixed_dtype_tensors_match_float64(dtype: torch.dtype) -> None:
+    """Tensors above the engine's size threshold take the scratch-buffer path: same results."""
+    g = torch.Generator().manual_seed(0)
+    params = {
+        "big": torch.nn.Parameter(torch.randn(300, 400, generator=g).to(dtype)),
+        "bigger": torch.nn.Parameter(torch.randn(100_000, generator=g).to(dtype)),
+    }
+    ema = ExponentialMovingAverage(params.items(), decay=0.9)
+    ref = Float64Reference(params, 0.9, 1.0, 10.0)
+    for step in range(1, 11):
+        perturb(params, step)
+        ema.apply(num_updates=step)
+        ref.apply(params, step)
+    for name, avg in ema.averages().items():
+        assert avg.dtype == torch.float32
+        torch.testing.assert_close(avg.double(), ref.shadow[name], rtol=2e-6, atol=2e-6)
