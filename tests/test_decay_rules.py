@@ -112,3 +112,10 @@ def test_power_average_online_matches_float64() -> None:
 
 def test_registered_methods() -> None:
     assert MovingAverage.list_available() == ["exponential", "power", "uniform"]
+
+
+def test_power_average_takes_gamma_or_sigma_rel_not_both() -> None:
+    with pytest.raises(ConfigurationError, match="not both"):
+        MovingAverage.by_name("power")({"w": torch.zeros(1)}, gamma=5.0, sigma_rel=0.1)
+    by_sigma = MovingAverage.by_name("power")({"w": torch.zeros(1)}, sigma_rel=0.1)
+    assert by_sigma.settings()["gamma"] == pytest.approx(sigma_rel_to_gamma(0.1))

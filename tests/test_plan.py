@@ -135,6 +135,7 @@ def test_half_life_sets_the_decay() -> None:
         (AverageSettings(method="uniform", schedule="step"), "weighs checkpoints equally"),
         (AverageSettings(method="power", half_life=10), "exponential method only"),
         (AverageSettings(method="power", gamma=5, sigma_rel=0.1), "not both"),
+        (AverageSettings(method="power", sigma_rel=0.0), r"sigma_rel must be in \(0, 1\)"),
         (AverageSettings(method="median"), "unknown --method 'median'"),
         (AverageSettings(schedule="epoch"), "--schedule must be one of"),
         (AverageSettings(decay=1.5), "decay must be"),

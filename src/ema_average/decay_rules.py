@@ -113,6 +113,15 @@ class PowerRule(DecayRule):
         if not self.gamma > -1:
             raise ConfigurationError(f"gamma must be > -1, got {self.gamma!r}")
 
+    @classmethod
+    def from_gamma_or_sigma_rel(cls, gamma: float | None, sigma_rel: float | None) -> PowerRule:
+        """The rule given by ``gamma`` or by ``sigma_rel`` (neither: EDM2's sigma_rel 0.05)."""
+        if gamma is not None and sigma_rel is not None:
+            raise ConfigurationError("give gamma (--gamma) or sigma_rel (--sigma-rel), not both")
+        if gamma is None:
+            gamma = sigma_rel_to_gamma(0.05 if sigma_rel is None else sigma_rel)
+        return cls(float(gamma))
+
     def at(self, num_updates: int | None, count: int) -> float:
         t = count if num_updates is None else num_updates
         return 0.0 if t <= 1 else (1.0 - 1.0 / t) ** (self.gamma + 1)

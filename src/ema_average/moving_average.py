@@ -25,7 +25,6 @@ from ema_average.decay_rules import (
     PowerRule,
     UniformRule,
     check_unit,
-    sigma_rel_to_gamma,
 )
 from ema_average.errors import AverageStateError, ConfigurationError, ParameterError
 
@@ -459,9 +458,5 @@ class PowerFunctionMovingAverage(MovingAverage):
         *,
         device: torch.device | str | None = None,
     ) -> None:
-        if gamma is not None and sigma_rel is not None:
-            raise ConfigurationError("give gamma or sigma_rel, not both")
-        if gamma is None:
-            gamma = sigma_rel_to_gamma(0.05 if sigma_rel is None else sigma_rel)
-        self.rule = PowerRule(float(gamma))
+        self.rule = PowerRule.from_gamma_or_sigma_rel(gamma, sigma_rel)
         super().__init__(parameters, device=device)

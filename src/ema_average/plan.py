@@ -23,7 +23,6 @@ from ema_average.decay_rules import (
     PowerRule,
     UniformRule,
     half_life_to_decay,
-    sigma_rel_to_gamma,
 )
 from ema_average.errors import ConfigurationError
 from ema_average.moving_average import MovingAverage, shadow_dtype
@@ -75,10 +74,7 @@ class AverageSettings:
                 )
             return UniformRule()
         if self.method == "power":
-            if self.gamma is not None and self.sigma_rel is not None:
-                raise ConfigurationError("give --gamma or --sigma-rel, not both")
-            gamma = self.gamma if self.gamma is not None else sigma_rel_to_gamma(self.sigma_rel or 0.05)
-            return PowerRule(gamma)
+            return PowerRule.from_gamma_or_sigma_rel(self.gamma, self.sigma_rel)
         known = ", ".join(MovingAverage.list_available())
         raise ConfigurationError(f"unknown --method {self.method!r}; available: {known}")
 
@@ -154,7 +150,7 @@ class CheckpointSelection:
 def effective_weights(decays: Sequence[float | None]) -> list[float]:
     """Each checkpoint's share of the final average (they sum to 1), from the decays in order.
 
-    The first entry starts the average (its decay is ``None``, or that of a resumed average's first update).
+    The first entry starts the average (its decay is ``None``): a first checkpoint, or a resumed output.
     """
     weights = [1.0]
     for decay in decays[1:]:
@@ -190,10 +186,6 @@ class OutputTensor:
     out_dtype: torch.dtype
     averaged: bool  # False: integer/bool, taken from the latest checkpoint
     alias_of: str | None = None  # tied weight: written from this source's average
-
-    @property
-    def out_nbytes(self) -> int:
-        return self.spec.numel * self.out_dtype.itemsize
 
     @property
     def work_nbytes(self) -> int:

@@ -26,7 +26,8 @@ def snapshot(root: Path) -> Snapshot:
     for unit in candidates(root):
         files = sorted(p for p in unit.rglob("*") if p.is_file()) if unit.is_dir() else [unit]
         try:
-            found[unit] = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+            stats = [(str(f), f.stat()) for f in files]
+            found[unit] = tuple((name, st.st_size, st.st_mtime_ns) for name, st in stats)
         except FileNotFoundError:  # renamed or removed while we looked: not settled
             continue
     return found

@@ -134,7 +134,8 @@ class SafetensorsWriter:
         self._header, self._offsets = build_header(self.entries, metadata)
         self._sizes = {e.name: e.nbytes for e in self.entries}
         self._pending = set(self._sizes)
-        self.size = len(self._header) + sum(self._sizes.values())
+        self.data_size = sum(self._sizes.values())  # tensor bytes alone: an index's total_size
+        self.size = len(self._header) + self.data_size
         self.temp_path = path.parent / f".{path.name}.ema-average-{os.getpid()}.tmp"
         self._fd: int | None = None
         self._anonymous = _open_anonymous(path.parent)
@@ -303,7 +304,7 @@ class ShardedWriter:
         if self.index_path is not None:  # written last: a reader that finds the index finds every shard
             index = {
                 "metadata": {
-                    "total_size": sum(w.size - len(w._header) for w in self.writers),
+                    "total_size": sum(w.data_size for w in self.writers),
                     **self._metadata,
                 },
                 "weight_map": {name: w.path.name for name, w in self._route.items()},

@@ -12,10 +12,9 @@ import torch
 
 from ema_average.checkpoints.base import Checkpoint, StepInfo
 from ema_average.checkpoints.dcp_folder import DcpCheckpoint, is_dcp_folder
-from ema_average.checkpoints.hf_folder import HfFolderCheckpoint, is_hf_folder
+from ema_average.checkpoints.hf_folder import HfFolderCheckpoint, is_hf_folder, open_weights_file
 from ema_average.checkpoints.safetensors_file import SafetensorsCheckpoint
 from ema_average.checkpoints.steps import CHECKPOINT_SUFFIXES, PATTERN_NAMES, step_from_name
-from ema_average.checkpoints.torch_file import TorchCheckpoint
 from ema_average.errors import CheckpointError, CheckpointMismatchError, NoCheckpointsError
 
 StepsFrom = Literal["auto", "metadata", "filename"]
@@ -132,9 +131,7 @@ def _open(path: Path, state_dict_key: str | None, trust_pickle: bool) -> Checkpo
         if is_dcp_folder(path):
             return DcpCheckpoint(path, state_dict_key=state_dict_key)
         return HfFolderCheckpoint(path, trust_pickle=trust_pickle)
-    if path.suffix.lower() == ".safetensors":
-        return SafetensorsCheckpoint(path)
-    return TorchCheckpoint(path, state_dict_key=state_dict_key, trust_pickle=trust_pickle)
+    return open_weights_file(path, state_dict_key=state_dict_key, trust_pickle=trust_pickle)
 
 
 def _step_of(ckpt: Checkpoint, steps_from: StepsFrom) -> StepInfo:

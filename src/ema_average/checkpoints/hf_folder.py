@@ -35,7 +35,7 @@ class HfFolderCheckpoint(Checkpoint):
         weights = next(path / name for name in WEIGHT_FILES if (path / name).is_file())
         self.weights_file = weights
         files = _shard_files(weights) if weights.name.endswith(".index.json") else [weights]
-        self._parts: list[Checkpoint] = [_open_part(f, trust_pickle) for f in files]
+        self._parts: list[Checkpoint] = [open_weights_file(f, trust_pickle=trust_pickle) for f in files]
         self._owner: dict[str, Checkpoint] = {}
         self._specs: dict[str, TensorSpec] = {}
         for part in self._parts:
@@ -92,7 +92,10 @@ def _shard_files(index: Path) -> list[Path]:
     return files
 
 
-def _open_part(path: Path, trust_pickle: bool) -> Checkpoint:
-    if path.suffix == ".safetensors":
+def open_weights_file(
+    path: Path, *, state_dict_key: str | None = None, trust_pickle: bool = False
+) -> Checkpoint:
+    """A single weights file, by its suffix: safetensors, else a torch file."""
+    if path.suffix.lower() == ".safetensors":
         return SafetensorsCheckpoint(path)
-    return TorchCheckpoint(path, trust_pickle=trust_pickle)
+    return TorchCheckpoint(path, state_dict_key=state_dict_key, trust_pickle=trust_pickle)
