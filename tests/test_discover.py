@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,25 @@ def test_inputs_are_not_modified(tmp_path: Path) -> None:
             ckpt.read(name)
         ckpt.close()
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()} == before
+
+
+def test_hidden_folders_are_never_searched_or_opened(tmp_path: Path) -> None:
+    # A DCP-looking folder under .cache/ is neither a unit nor searched: its .metadata is never unpickled.
+    write_safetensors_run(tmp_path / "run", [1, 2])
+    hidden = tmp_path / "run" / ".cache" / "save"
+    hidden.mkdir(parents=True)
+    (hidden / ".metadata").write_bytes(b"not even a pickle")
+    (hidden / "__0_0.distcp").write_bytes(b"")
+    assert [c.step for c in find_run(tmp_path / "run").checkpoints] == [1, 2]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+def test_only_regular_files_are_read(tmp_path: Path, kind: str) -> None:
+    write_safetensors_run(tmp_path / "run", [1, 2])
+    odd = tmp_path / "run" / "model_step_3.safetensors"
+    if kind == "fifo":
+        os.mkfifo(odd)
+    else:
+        odd.symlink_to("/dev/zero")
+    with pytest.raises(CheckpointError, match=r"model_step_3\.safetensors: is not a regular file"):
+        find_run(tmp_path / "run")

@@ -86,3 +86,66 @@ def test_index_naming_a_missing_shard(tmp_path: Path) -> None:
 def test_pointing_at_one_checkpoint_folder(hf_trainer_run: Path) -> None:
     with pytest.raises(NoCheckpointsError, match="is one checkpoint folder"):
         find_run(hf_trainer_run / "checkpoint-3")
+
+
+def sharded_folder(folder: Path, weight_map: object, shards: dict[str, dict[str, torch.Tensor]]) -> Path:
+    """A checkpoint-N folder with the given index and shard files, as an attacker or a bug writes it."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    for name, tensors in shards.items():
+        save_file(tensors, str(folder / name))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return folder
+
+
+@pytest.mark.parametrize("escape", ["../outside.safetensors", "/ABSOLUTE/outside.safetensors"])
+def test_index_paths_must_stay_inside_the_folder(tmp_path: Path, escape: str) -> None:
+    from safetensors.torch import save_file
+
+    outside = tmp_path / "outside.safetensors"
+    save_file({"w": torch.ones(2)}, str(outside))
+    target = escape.replace("/ABSOLUTE", str(tmp_path))
+    sharded_folder(tmp_path / "run" / "checkpoint-1", {"w": target}, {})
+    with pytest.raises(
+        CheckpointError, match=r"names shard .*outside\.safetensors.*, which is outside its folder"
+    ):
+        find_run(tmp_path / "run")
+
+
+@pytest.mark.parametrize(
+    ("weight_map", "problem"),
+    [
+        (["a.safetensors"], "no 'weight_map' object"),
+        ({"w": 3}, "maps tensor 'w' to 3, not a file name"),
+        ({}, "no 'weight_map' object"),
+    ],
+)
+def test_malformed_weight_map_is_one_error(tmp_path: Path, weight_map: object, problem: str) -> None:
+    sharded_folder(tmp_path / "checkpoint-1", weight_map, {"a.safetensors": {"w": torch.ones(2)}})
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: ") as info:
+        find_run(tmp_path)
+    assert problem in str(info.value)
+
+
+def test_shard_holding_a_tensor_the_index_does_not_list(tmp_path: Path) -> None:
+    shards = {"a.safetensors": {"w": torch.ones(2), "secret": torch.ones(1)}}
+    sharded_folder(tmp_path / "checkpoint-1", {"w": "a.safetensors"}, shards)
+    with pytest.raises(
+        CheckpointError, match=r"a\.safetensors: holds tensor 'secret', which model\.safetensors"
+    ):
+        find_run(tmp_path)
+
+
+def test_index_listing_a_tensor_its_shard_lacks(tmp_path: Path) -> None:
+    shards = {"a.safetensors": {"w": torch.ones(2)}, "b.safetensors": {"v": torch.ones(2)}}
+    sharded_folder(tmp_path / "checkpoint-1", {"w": "a.safetensors", "v": "a.safetensors"}, shards)
+    with pytest.raises(CheckpointError, match=r"lists tensor 'v' in a\.safetensors, which does not hold it"):
+        find_run(tmp_path)
+
+
+def test_trainer_state_that_is_not_json(tmp_path: Path) -> None:
+    sharded_folder(tmp_path / "checkpoint-1", {"w": "a.safetensors"}, {"a.safetensors": {"w": torch.ones(2)}})
+    (tmp_path / "checkpoint-1" / "trainer_state.json").write_text("[" * 100_000)
+    with pytest.raises(CheckpointError, match=r"trainer_state\.json: is not valid JSON"):
+        find_run(tmp_path)

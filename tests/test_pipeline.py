@@ -8,10 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import float64_reference, write_fairseq_run, write_safetensors_run, write_torch_run
-from ema_average.errors import CheckpointMismatchError
+from ema_average.errors import (
+    CheckpointError,
+    CheckpointMismatchError,
+    ConfigurationError,
+    NonFiniteError,
+    OutputError,
+)
 from ema_average.pipeline import AverageOptions, average_checkpoints, prepare
 from ema_average.plan import AverageSettings, CheckpointSelection, Selection
 
@@ -82,13 +88,10 @@ def test_grouped_and_ungrouped_give_identical_bytes(tmp_path: Path) -> None:
     assert (tmp_path / "one.safetensors").read_bytes() == (tmp_path / "grouped.safetensors").read_bytes()
 
 
-def test_sharded_output_loads_through_its_index(tmp_path: Path) -> None:
+def test_sharded_output_is_a_folder_that_loads_through_its_index(tmp_path: Path) -> None:
     write_safetensors_run(tmp_path / "run", STEPS)
     average_checkpoints(AverageOptions(tmp_path / "run", tmp_path / "single.safetensors"))
-    (tmp_path / "out").mkdir()
-    average_checkpoints(
-        AverageOptions(tmp_path / "run", tmp_path / "out" / "model.safetensors", max_shard_size=300)
-    )
+    average_checkpoints(AverageOptions(tmp_path / "run", tmp_path / "out", max_shard_size=300))
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     single = load_file(str(tmp_path / "single.safetensors"))
     assert set(index["weight_map"]) == set(single)
@@ -319,3 +322,108 @@ def test_resume_from_bf16_output_says_it_is_rounded(tmp_path: Path) -> None:
     write_safetensors_run(tmp_path / "run", STEPS[3:], torch.bfloat16)
     prepared = prepare(AverageOptions(tmp_path / "run", resume=tmp_path / "o.safetensors"))
     assert any("holds bfloat16 averages" in note for note in prepared.plan.notes)
+
+
+def test_sharded_output_needs_a_folder_name(tmp_path: Path) -> None:
+    write_safetensors_run(tmp_path / "run", STEPS)
+    with pytest.raises(ConfigurationError, match="--max-shard-size writes a folder"):
+        prepare(AverageOptions(tmp_path / "run", tmp_path / "o.safetensors", max_shard_size=300))
+
+
+def test_default_sharded_output_is_a_folder_beside_the_run(tmp_path: Path) -> None:
+    write_safetensors_run(tmp_path / "run", STEPS)
+    assert prepare(AverageOptions(tmp_path / "run", max_shard_size=300)).output == tmp_path / "run-ema"
+
+
+@pytest.mark.parametrize("target", ["model_step_250.safetensors", "."])
+def test_output_that_is_an_input_is_refused_even_with_overwrite(tmp_path: Path, target: str) -> None:
+    write_safetensors_run(tmp_path / "run", STEPS)
+    before = (tmp_path / "run" / "model_step_250.safetensors").read_bytes()
+    options = AverageOptions(tmp_path / "run", tmp_path / "run" / target, overwrite=True)
+    if target == ".":
+        options.max_shard_size = 300
+    with pytest.raises(OutputError, match="write the average somewhere else"):
+        average_checkpoints(options)
+    assert (tmp_path / "run" / "model_step_250.safetensors").read_bytes() == before
+
+
+def test_output_over_a_skipped_copy_is_refused(tmp_path: Path) -> None:
+    # checkpoint_last.pt is skipped as a copy, but it is still the user's file.
+    write_fairseq_run(tmp_path / "run", [10, 20])
+    with pytest.raises(OutputError, match=r"checkpoint_last\.pt"):
+        prepare(AverageOptions(tmp_path / "run", tmp_path / "run" / "checkpoint_last.pt", overwrite=True))
+
+
+def test_a_name_safetensors_cannot_store_is_refused_before_work(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    for step in (1, 2):
+        state = {"__metadata__": torch.ones(2), "w": torch.ones(2)}
+        torch.save({"model": state, "step": step}, run / f"c_{step}.pt")
+    with pytest.raises(CheckpointError, match=r"c_1\.pt: tensor '__metadata__' cannot be written"):
+        prepare(AverageOptions(run, tmp_path / "o.safetensors"))
+
+
+def nan_run(folder: Path) -> None:
+    states = write_safetensors_run(folder, STEPS[:3])
+    state = dict(states[STEPS[1]])
+    state["head.weight"][0, 0] = float("inf")
+    save_file(state, str(folder / f"model_step_{STEPS[1]}.safetensors"), metadata={"step": str(STEPS[1])})
+
+
+def test_nonfinite_values_are_refused_naming_file_tensor_and_step(tmp_path: Path) -> None:
+    nan_run(tmp_path / "run")
+    with pytest.raises(
+        NonFiniteError,
+        match=r"model_step_250\.safetensors: tensor 'head\.weight' holds NaN or Inf \(step 250\)",
+    ):
+        average_checkpoints(AverageOptions(tmp_path / "run", tmp_path / "o.safetensors"))
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_allow_nonfinite_keeps_them(tmp_path: Path) -> None:
+    nan_run(tmp_path / "run")
+    average_checkpoints(AverageOptions(tmp_path / "run", tmp_path / "o.safetensors", allow_nonfinite=True))
+    out = load_file(str(tmp_path / "o.safetensors"))["head.weight"]
+    assert not torch.isfinite(out[0, 0])  # Inf, then NaN once a later update meets it (Inf - Inf)
+    assert torch.isfinite(out.flatten()[1:]).all()
+
+
+def edit_metadata(path: Path, **changes: str) -> None:
+    with safe_open(str(path), "pt") as f:
+        metadata = {**f.metadata(), **changes}
+    save_file(load_file(str(path)), str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize(
+    ("changes", "problem"),
+    [
+        ({"last_step": "100"}, "its last_step '100' is not its last step 400"),
+        ({"steps": "[250, 400]"}, "do not name one file per step"),
+        ({"steps": "[400, 250, 100]"}, "do not increase"),
+        ({"steps": "[100, 250, 1e3]"}, "is not a list of steps"),
+        ({"steps": "[[1]]"}, "is not a list of steps"),
+        ({"steps": "oops"}, "is not a JSON list"),
+        ({"sources": "{}"}, "is not a JSON list"),
+    ],
+)
+def test_resume_refuses_edited_metadata(tmp_path: Path, changes: dict[str, str], problem: str) -> None:
+    write_safetensors_run(tmp_path / "run", STEPS[:3])
+    average_checkpoints(AverageOptions(tmp_path / "run", tmp_path / "o.safetensors"))
+    edit_metadata(tmp_path / "o.safetensors", **changes)
+    write_safetensors_run(tmp_path / "run", STEPS[3:])
+    with pytest.raises(CheckpointMismatchError, match=r"o\.safetensors: cannot be resumed: ") as info:
+        prepare(AverageOptions(tmp_path / "run", resume=tmp_path / "o.safetensors"))
+    assert problem in str(info.value)
+
+
+def test_resume_names_checkpoints_older_than_the_output(tmp_path: Path) -> None:
+    write_safetensors_run(tmp_path / "run", [100, 400])
+    average_checkpoints(AverageOptions(tmp_path / "run", tmp_path / "o.safetensors"))
+    write_safetensors_run(tmp_path / "run", [250, 1000])  # 250 completed late
+    prepared = prepare(AverageOptions(tmp_path / "run", resume=tmp_path / "o.safetensors"))
+    assert [c.step for c in prepared.checkpoints] == [1000]
+    assert prepared.left_out == [
+        "model_step_250.safetensors (step 250) is not applied: o.safetensors already holds steps up to 400"
+    ]
+    assert prepared.left_out[0] in prepared.plan.notes

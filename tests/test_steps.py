@@ -5,8 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from ema_average.checkpoints import step_from_name
+from ema_average.checkpoints.steps import checked_step
+from ema_average.errors import CheckpointError
 
 
 @pytest.mark.parametrize(
@@ -33,3 +36,49 @@ def test_patterns(name: str, step: int, label: str) -> None:
 )
 def test_names_without_a_step(name: str) -> None:
     assert step_from_name(Path(name)) is None
+
+
+@pytest.mark.parametrize(
+    ("value", "step"),
+    [
+        (12, 12),
+        (" 7 ", 7),
+        ("0", 0),
+        (torch.tensor(3), 3),
+        (torch.tensor([5], dtype=torch.int32), 5),
+        (2**63 - 1, 2**63 - 1),
+    ],
+)
+def test_checked_step_accepts_whole_numbers(value: object, step: int) -> None:
+    assert checked_step(Path("x.pt"), value, "metadata:step") == step
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "²",
+        "١٢",
+        "-5",
+        -5,
+        10**400,
+        2**63,
+        torch.tensor(1 + 2j),
+        torch.tensor(True),
+        True,
+        3.0,
+        torch.tensor(2.0),
+        "1e6",
+        "",
+    ],
+)
+def test_checked_step_refuses_anything_else_in_one_line(value: object) -> None:
+    with pytest.raises(
+        CheckpointError, match=r"^x\.pt: has step .{1,40} \(metadata:step\), not a whole number in 0\.\."
+    ) as info:
+        checked_step(Path("x.pt"), value, "metadata:step")
+    assert "\n" not in str(info.value)
+
+
+def test_unicode_digits_in_names_are_not_steps() -> None:
+    assert step_from_name(Path("model_step_²3.pt")) is None
+    assert step_from_name(Path("ckpt_١٢.pt")) is None

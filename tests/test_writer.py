@@ -1,9 +1,18 @@
-"""The streaming safetensors writer against the safetensors library itself."""
+"""The streaming safetensors writer against the safetensors library itself, and its commit protocol."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,8 +20,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import ema_average.writer as writer_module
 from ema_average.errors import OutputError
-from ema_average.writer import SafetensorsWriter, ShardedWriter, TensorEntry, remove_stale_temporaries
+from ema_average.writer import (
+    OutputLock,
+    SafetensorsWriter,
+    ShardedWriter,
+    TensorEntry,
+    name_problem,
+    remove_stale_temporaries,
+)
+
+META = {"ema_average_version": "test", "k": "v"}  # the marker that makes a folder ours to replace
 
 
 def tensors() -> dict[str, torch.Tensor]:
@@ -28,11 +47,65 @@ def tensors() -> dict[str, torch.Tensor]:
     }
 
 
+def layers(value: float, count: int = 5) -> dict[str, torch.Tensor]:
+    return {f"layer.{i}.weight": torch.full((256,), value + i) for i in range(count)}  # 1 KiB each
+
+
 def entries(ts: dict[str, torch.Tensor]) -> list[TensorEntry]:
     return [TensorEntry(n, tuple(t.shape), t.dtype) for n, t in ts.items()]
 
 
-def test_bytes_equal_save_file_in_any_write_order(tmp_path: Path) -> None:
+def write_all(writer: SafetensorsWriter | ShardedWriter, ts: dict[str, torch.Tensor]) -> None:
+    for name, t in ts.items():
+        writer.write(name, t)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def sharded(
+    path: Path, ts: dict[str, torch.Tensor], *, overwrite: bool = False, shard: int = 2048, **kw: object
+) -> ShardedWriter:
+    writer = ShardedWriter(path, entries(ts), META, overwrite=overwrite, max_shard_size=shard, **kw)  # type: ignore[arg-type]
+    write_all(writer, ts)
+    return writer
+
+
+@pytest.fixture(params=["anonymous", "named"])
+def temp_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both temporary files: Linux's unnamed O_TMPFILE, and the hidden named file used elsewhere."""
+    if request.param == "named":
+        monkeypatch.setattr(writer_module, "_open_anonymous", lambda _folder: None)
+    return request.param
+
+
+@pytest.fixture(params=["socket", "flock"])
+def lock_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both locks: Linux's abstract socket, and the flock on a hidden file used elsewhere."""
+    monkeypatch.setattr(writer_module, "_ABSTRACT_SOCKETS", request.param == "socket")
+    return request.param
+
+
+def start_child(code: str, *args: str) -> subprocess.Popen[str]:
+    """A separate Python process running ``code``; returns once it prints 'ready'."""
+    child = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "ready"
+    return child
+
+
+def kill_hard(child: subprocess.Popen[str]) -> None:
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+    assert child.stdout is not None
+    child.stdout.close()
+
+
+# --- One file ---------------------------------------------------------------------------------------
+
+
+def test_bytes_equal_save_file_in_any_write_order(tmp_path: Path, temp_kind: str) -> None:
     ts = tensors()
     save_file(ts, str(tmp_path / "ref.safetensors"), metadata={"step": "3"})
     writer = SafetensorsWriter(tmp_path / "mine.safetensors", entries(ts), {"step": "3"}, overwrite=False)
@@ -42,9 +115,10 @@ def test_bytes_equal_save_file_in_any_write_order(tmp_path: Path) -> None:
     assert (tmp_path / "mine.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
     with safe_open(str(tmp_path / "mine.safetensors"), "pt") as f:
         assert f.metadata() == {"step": "3"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.safetensors", "ref.safetensors"]
 
 
-def test_nothing_is_visible_until_commit_and_abort_leaves_nothing(tmp_path: Path) -> None:
+def test_nothing_is_visible_until_commit_and_abort_leaves_nothing(tmp_path: Path, temp_kind: str) -> None:
     ts = tensors()
     writer = SafetensorsWriter(tmp_path / "out.safetensors", entries(ts), None, overwrite=False)
     writer.write("z.weight", ts["z.weight"])
@@ -62,7 +136,7 @@ def test_commit_refuses_a_missing_tensor(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_existing_output_needs_overwrite(tmp_path: Path) -> None:
+def test_existing_output_needs_overwrite(tmp_path: Path, temp_kind: str) -> None:
     (tmp_path / "out.safetensors").write_bytes(b"precious")
     with pytest.raises(OutputError, match=r"out\.safetensors: already exists; pass --overwrite"):
         SafetensorsWriter(tmp_path / "out.safetensors", entries(tensors()), None, overwrite=False)
@@ -70,11 +144,11 @@ def test_existing_output_needs_overwrite(tmp_path: Path) -> None:
     ts = tensors()
     writer = SafetensorsWriter(tmp_path / "out.safetensors", entries(ts), None, overwrite=True)
     assert (tmp_path / "out.safetensors").read_bytes() == b"precious"  # untouched until commit
-    for name, t in ts.items():
-        writer.write(name, t)
+    write_all(writer, ts)
     writer.commit()
     loaded = load_file(str(tmp_path / "out.safetensors"))
     assert all(torch.equal(loaded[n], t) for n, t in ts.items())
+    assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
 
 
 def test_wrong_size_is_refused(tmp_path: Path) -> None:
@@ -86,32 +160,368 @@ def test_wrong_size_is_refused(tmp_path: Path) -> None:
     writer.abort()
 
 
-def test_shards_and_index(tmp_path: Path) -> None:
-    ts = {f"layer.{i}.weight": torch.full((256,), float(i)) for i in range(5)}  # 1 KiB each
-    writer = ShardedWriter(
-        tmp_path / "model.safetensors", entries(ts), {"k": "v"}, overwrite=False, max_shard_size=2048
-    )
-    for name, t in ts.items():
-        writer.write(name, t)
+def test_a_file_that_appears_during_the_run_is_never_replaced(tmp_path: Path, temp_kind: str) -> None:
+    out = tmp_path / "out.safetensors"
+    ts = tensors()
+    writer = SafetensorsWriter(out, entries(ts), None, overwrite=False)
+    write_all(writer, ts)
+    out.write_bytes(b"another run's result")
+    with pytest.raises(OutputError, match=r"out\.safetensors: appeared while this run was writing; nothing"):
+        writer.commit()
+    assert out.read_bytes() == b"another run's result"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]  # no temporary left
+
+
+def test_without_hard_links_the_commit_is_a_checked_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(writer_module, "_open_anonymous", lambda _folder: None)
+
+    def no_links(*_args: object, **_kw: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    out, ts = tmp_path / "out.safetensors", tensors()
+    writer = SafetensorsWriter(out, entries(ts), None, overwrite=False)
+    write_all(writer, ts)
     writer.commit()
-    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
-    assert sorted(set(index["weight_map"].values())) == [
-        f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)
-    ]
+    assert torch.equal(load_file(str(out))["z.weight"], ts["z.weight"])
+    writer = SafetensorsWriter(tmp_path / "again.safetensors", entries(ts), None, overwrite=False)
+    write_all(writer, ts)
+    (tmp_path / "again.safetensors").write_bytes(b"theirs")
+    with pytest.raises(OutputError, match="appeared while this run was writing"):
+        writer.commit()
+    assert (tmp_path / "again.safetensors").read_bytes() == b"theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again.safetensors", "out.safetensors"]
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("layer.weight", None),
+        ("ünïcode.権重", None),
+        ("__metadata__", "reserved"),
+        ("", "empty"),
+        ("bad\udc80", "lone surrogate"),
+        (3, "not a string"),
+    ],
+)
+def test_name_problem(name: object, problem: str | None) -> None:
+    found = name_problem(name)
+    assert found is None if problem is None else problem in (found or "")
+
+
+@pytest.mark.parametrize("bad", ["__metadata__", "bad\udc80", "", "twice"])
+def test_names_the_format_cannot_store_are_refused_before_any_file(tmp_path: Path, bad: str) -> None:
+    listed = [TensorEntry("ok", (2,), torch.float32), TensorEntry(bad, (2,), torch.float32)]
+    if bad == "twice":
+        listed.append(TensorEntry("twice", (2,), torch.float32))
+    for make in (
+        lambda: SafetensorsWriter(tmp_path / "o.safetensors", listed, None, overwrite=False),
+        lambda: ShardedWriter(tmp_path / "o", listed, None, overwrite=False, max_shard_size=4),
+    ):
+        with pytest.raises(OutputError, match=re.escape(f"tensor {bad!r} cannot be written to safetensors")):
+            make()
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_metadata_utf8_cannot_encode_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(OutputError, match="metadata 'sources'"):
+        SafetensorsWriter(tmp_path / "o.safetensors", [], {"sources": "ckpt\udcff"}, overwrite=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_header_that_does_not_read_back_is_not_committed(tmp_path: Path, temp_kind: str) -> None:
+    out = tmp_path / "out.safetensors"
+    writer = SafetensorsWriter(out, [TensorEntry("w", (3,), torch.float32)], None, overwrite=False)
+    writer.write("w", torch.ones(3))
+    damaged = writer._header.replace(b'"F32"', b'"I32"')  # a writer bug: the header says another dtype
+    os.pwrite(writer._fd, damaged, 0)  # type: ignore[arg-type]
+    with pytest.raises(
+        OutputError, match=r"does not match the tensors \(tensor 'w'\); nothing was committed"
+    ):
+        writer.commit()
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- One writer per output --------------------------------------------------------------------------
+
+
+def test_a_second_lock_is_refused_until_the_first_is_released(tmp_path: Path, lock_kind: str) -> None:
+    out = tmp_path / "out.safetensors"
+    first = OutputLock(out)
+    if lock_kind == "flock":
+        assert (tmp_path / ".out.safetensors.ema-average.lock").exists()
+    with pytest.raises(OutputError, match=r"out\.safetensors: another ema-average run is writing it"):
+        OutputLock(out)
+    first.release()
+    assert list(tmp_path.iterdir()) == []  # no lock file stays behind
+    with OutputLock(out):
+        pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_locks_on_different_outputs_do_not_conflict(tmp_path: Path, lock_kind: str) -> None:
+    (tmp_path / "b").mkdir()
+    with (
+        OutputLock(tmp_path / "a.safetensors"),
+        OutputLock(tmp_path / "b" / "a.safetensors"),
+        OutputLock(tmp_path / "b.safetensors"),
+    ):
+        pass
+
+
+def test_two_spellings_of_one_output_share_its_lock(tmp_path: Path, lock_kind: str) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "real")
+    with OutputLock(tmp_path / "real" / "out"), pytest.raises(OutputError, match="another ema-average run"):
+        OutputLock(tmp_path / "alias" / ".." / "alias" / "out")
+
+
+def test_the_lock_of_a_killed_run_is_free_and_leaves_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "out.safetensors"
+    child = start_child(
+        "import sys, time; from pathlib import Path; from ema_average.writer import OutputLock\n"
+        "lock = OutputLock(Path(sys.argv[1])); print('ready', flush=True); time.sleep(120)",
+        str(out),
+    )
+    try:
+        with pytest.raises(OutputError, match="another ema-average run is writing it"):
+            OutputLock(out)
+        with pytest.raises(OutputError, match="another ema-average run is writing it"):
+            SafetensorsWriter(out, [], None, overwrite=False)
+    finally:
+        kill_hard(child)
+    with OutputLock(out):
+        pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writers_take_the_lock_unless_the_caller_holds_it(tmp_path: Path) -> None:
+    out, listed = tmp_path / "o.safetensors", [TensorEntry("w", (1,), torch.float32)]
+    first = SafetensorsWriter(out, listed, None, overwrite=False)
+    with pytest.raises(OutputError, match="another ema-average run is writing it"):
+        SafetensorsWriter(out, listed, None, overwrite=False)
+    with pytest.raises(OutputError, match="another ema-average run is writing it"):
+        OutputLock(out)
+    first.abort()
+    with OutputLock(out):  # the pipeline's pattern: the run holds the lock, its writer runs under it
+        writer = SafetensorsWriter(out, listed, None, overwrite=False)
+        writer.write("w", torch.ones(1))
+        writer.commit()
+        with pytest.raises(OutputError, match="another ema-average run"):
+            OutputLock(out)  # still the caller's after the writer is done
+    folder = tmp_path / "sharded"
+    held = ShardedWriter(folder, listed, META, overwrite=False, max_shard_size=4)
+    with pytest.raises(OutputError, match="another ema-average run is writing it"):
+        OutputLock(folder)
+    held.abort()
+    OutputLock(folder).release()
+
+
+# --- A folder of shards -----------------------------------------------------------------------------
+
+
+def test_shards_and_index(tmp_path: Path) -> None:
+    ts = layers(0.0)
+    folder = tmp_path / "out"
+    writer = sharded(folder, ts)
+    assert not folder.exists()  # nothing at the target before commit
+    writer.commit()
+    names = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert sorted(p.name for p in folder.iterdir()) == [*names, "model.safetensors.index.json"]
+    assert writer.paths == [folder / n for n in [*names, "model.safetensors.index.json"]]
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == names
+    assert set(index["weight_map"]) == set(ts)
     assert index["metadata"]["total_size"] == 5 * 1024
     for name, shard in index["weight_map"].items():
-        assert torch.equal(load_file(str(tmp_path / shard))[name], ts[name])
-    assert not (tmp_path / "model.safetensors").exists()
+        assert torch.equal(load_file(str(folder / shard))[name], ts[name])
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left
 
 
 def test_one_shard_is_a_plain_file(tmp_path: Path) -> None:
     ts = {"w": torch.ones(4)}
-    writer = ShardedWriter(
-        tmp_path / "model.safetensors", entries(ts), None, overwrite=False, max_shard_size=10**9
-    )
-    writer.write("w", ts["w"])
+    sharded(tmp_path / "out", ts, shard=10**9).commit()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.safetensors"]
+    assert torch.equal(load_file(str(tmp_path / "out" / "model.safetensors"))["w"], ts["w"])
+
+
+def test_weights_name_and_side_files(tmp_path: Path) -> None:
+    folder = tmp_path / "adapter"
+    writer = sharded(folder, layers(0.0), weights_name="adapter_model.safetensors")
+    writer.add_file("adapter_config.json", b'{"r": 8}\n')
+    for bad in ("../escape.json", ".hidden", "adapter_config.json", "extra.safetensors"):
+        with pytest.raises(OutputError, match="cannot be a side file"):
+            writer.add_file(bad, b"")
     writer.commit()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "adapter_config.json",
+        *[f"adapter_model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)],
+        "adapter_model.safetensors.index.json",
+    ]
+    assert folder / "adapter_config.json" in writer.paths
+    # A later run replaces an output holding its declared side file, and only then.
+    with pytest.raises(OutputError, match=r"is not an ema-average output \(it holds adapter_config\.json\)"):
+        ShardedWriter(folder, entries(layers(1.0)), META, overwrite=True, max_shard_size=2048)
+    again = sharded(folder, layers(1.0), overwrite=True, shard=10**9, side_files=["adapter_config.json"])
+    again.add_file("adapter_config.json", b'{"r": 16}\n')
+    again.commit()
+    assert snapshot(folder).keys() == {"adapter_config.json", "model.safetensors"}
+    assert (folder / "adapter_config.json").read_bytes() == b'{"r": 16}\n'
+
+
+def test_replacing_an_existing_output_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "out"
+    sharded(folder, layers(0.0)).commit()  # three shards and an index
+    with pytest.raises(OutputError, match=r"out: already exists; pass --overwrite"):
+        ShardedWriter(folder, entries(layers(1.0)), META, overwrite=False, max_shard_size=2048)
+    writer = sharded(folder, layers(1.0), overwrite=True, shard=10**9)
+    assert len(snapshot(folder)) == 4  # untouched until commit
+    writer.commit()
+    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors"]  # no stale shard of the old
+    assert torch.equal(
+        load_file(str(folder / "model.safetensors"))["layer.4.weight"], torch.full((256,), 5.0)
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def _fail_the_exchange(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(_src: Path, _dst: Path, _flags: int) -> bool:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(writer_module, "_renameat2", broken)
+
+
+def _fail_the_staging_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def _fail_the_second_fallback_rename(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(writer_module, "_libc_renameat2", lambda: None)
+    real, calls = os.rename, []
+
+    def rename(src: Path, dst: Path) -> None:
+        calls.append(src)
+        if len(calls) == 2:  # old is aside, new not yet in
+            raise OSError(errno.EIO, "Input/output error")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+
+
+@pytest.mark.parametrize(
+    "inject", [_fail_the_exchange, _fail_the_staging_fsync, _fail_the_second_fallback_rename]
+)
+def test_a_failed_commit_leaves_the_old_folder_byte_identical(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inject: object
+) -> None:
+    folder = tmp_path / "out"
+    sharded(folder, layers(0.0)).commit()
+    before = snapshot(folder)
+    writer = sharded(folder, layers(1.0), overwrite=True)
+    inject(monkeypatch)  # type: ignore[operator]
+    with pytest.raises(OutputError, match=r"out: cannot commit \(Input/output error\)"):
+        writer.commit()
+    monkeypatch.undo()
+    assert snapshot(folder) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder, nothing set aside
+
+
+def test_without_renameat2_the_switch_still_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(writer_module, "_libc_renameat2", lambda: None)
+    folder = tmp_path / "out"
+    sharded(folder, layers(0.0)).commit()
+    sharded(folder, layers(1.0), overwrite=True, shard=10**9).commit()
+    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def _user_file(folder: Path) -> None:
+    (folder / "notes.txt").write_text("mine")
+
+
+def _unmarked_weights(folder: Path) -> None:
+    save_file({"w": torch.ones(2)}, str(folder / "model.safetensors"))
+
+
+def _subfolder(folder: Path) -> None:
+    (folder / "runs").mkdir()
+
+
+@pytest.mark.parametrize("content", [_user_file, _unmarked_weights, _subfolder])
+def test_a_folder_that_is_not_an_output_is_refused_even_with_overwrite(
+    tmp_path: Path, content: object
+) -> None:
+    folder = tmp_path / "out"
+    folder.mkdir()
+    content(folder)  # type: ignore[operator]
+    before = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(OutputError, match=r"is not an ema-average output .*; remove it yourself"):
+        sharded(folder, layers(0.0), overwrite=True)
+    assert sorted(p.name for p in folder.iterdir()) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_file_at_the_target_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "out").write_bytes(b"mine")
+    with pytest.raises(OutputError, match=r"is not an ema-average output \(not a folder\)"):
+        sharded(tmp_path / "out", layers(0.0), overwrite=True)
+    assert (tmp_path / "out").read_bytes() == b"mine"
+
+
+def test_a_file_added_to_the_old_output_during_the_run_stops_the_replacement(tmp_path: Path) -> None:
+    folder = tmp_path / "out"
+    sharded(folder, layers(0.0)).commit()
+    writer = sharded(folder, layers(1.0), overwrite=True)
+    _user_file(folder)
+    before = snapshot(folder)
+    with pytest.raises(OutputError, match=r"is not an ema-average output \(it holds notes\.txt\)"):
+        writer.commit()
+    assert snapshot(folder) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.parametrize("renameat2", [True, False])
+def test_a_folder_that_appears_during_the_run_is_never_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, renameat2: bool
+) -> None:
+    if not renameat2:
+        monkeypatch.setattr(writer_module, "_libc_renameat2", lambda: None)
+    folder = tmp_path / "out"
+    writer = sharded(folder, layers(0.0))
+    folder.mkdir()
+    _user_file(folder)
+    with pytest.raises(OutputError, match=r"out: appeared while this run was writing; nothing was replaced"):
+        writer.commit()
+    assert snapshot(folder) == {"notes.txt": b"mine"}
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_killed_fresh_run_leaves_no_output_folder(tmp_path: Path) -> None:
+    child = start_child(
+        "import sys, time, torch; from pathlib import Path\n"
+        "from ema_average.writer import ShardedWriter, TensorEntry\n"
+        "listed = [TensorEntry(f't{i}', (256,), torch.float32) for i in range(4)]\n"
+        "w = ShardedWriter(Path(sys.argv[1]), listed, None, overwrite=False, max_shard_size=2048)\n"
+        "w.write('t0', torch.zeros(256)); w.add_file('config.json', b'{}')\n"
+        "print('ready', flush=True); time.sleep(120)",
+        str(tmp_path / "out"),
+    )
+    staging = tmp_path / f".out.ema-average-{child.pid}.tmp"
+    assert remove_stale_temporaries(tmp_path) == []  # a live run's staging folder is kept
+    kill_hard(child)
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == [staging.name]
+    assert remove_stale_temporaries(tmp_path) == [staging]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_stale_named_temporaries_of_dead_runs_are_removed(tmp_path: Path) -> None:
@@ -121,3 +531,31 @@ def test_stale_named_temporaries_of_dead_runs_are_removed(tmp_path: Path) -> Non
     alive.write_bytes(b"x")
     assert remove_stale_temporaries(tmp_path) == [dead]
     assert alive.exists()
+
+
+def test_stale_staging_folders_are_removed_only_when_ours_and_unused(tmp_path: Path) -> None:
+    dead = tmp_path / ".out.ema-average-999999999.tmp"
+    in_use = tmp_path / ".busy.ema-average-999999998.tmp"  # a live run in another PID namespace
+    other = tmp_path / ".out.ema-average-999999999.old"
+    for folder in (dead, in_use, other):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"x")
+    with _flocked(in_use):
+        assert remove_stale_temporaries(tmp_path) == [dead]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([in_use.name, other.name])
+
+
+@contextlib.contextmanager
+def _flocked(path: Path) -> Iterator[None]:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_locks() -> Iterator[None]:
+    yield
+    assert writer_module._held == {}, "a test left an output lock held"

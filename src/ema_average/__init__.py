@@ -1,7 +1,15 @@
-"""ema-average: exponential moving averages of PyTorch weights, online and from saved checkpoints."""
+"""ema-average: exponential moving averages of PyTorch weights, online and from saved checkpoints.
+
+The names below are imported on first use (PEP 562), so ``import ema_average`` and the command's
+``--version`` and ``--help`` do not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from ema_average._version import __version__
-from ema_average.checkpoints import Checkpoint, discover, find_run
 from ema_average.errors import (
     AverageStateError,
     CheckpointError,
@@ -10,19 +18,54 @@ from ema_average.errors import (
     DeviceError,
     EmaAverageError,
     NoCheckpointsError,
+    NonFiniteError,
     OutputError,
     ParameterError,
     UnsafeCheckpointError,
 )
-from ema_average.moving_average import (
-    ExponentialMovingAverage,
-    MovingAverage,
-    PowerFunctionMovingAverage,
-    UniformMovingAverage,
-    ema_update_,
-)
-from ema_average.pipeline import AverageOptions, Summary, average_checkpoints
-from ema_average.plan import AverageSettings, CheckpointSelection, Selection
+
+_LAZY = {
+    "Checkpoint": "ema_average.checkpoints",
+    "discover": "ema_average.checkpoints",
+    "find_run": "ema_average.checkpoints",
+    "ExponentialMovingAverage": "ema_average.moving_average",
+    "MovingAverage": "ema_average.moving_average",
+    "PowerFunctionMovingAverage": "ema_average.moving_average",
+    "UniformMovingAverage": "ema_average.moving_average",
+    "ema_update_": "ema_average.moving_average",
+    "AverageOptions": "ema_average.pipeline",
+    "Summary": "ema_average.pipeline",
+    "average_checkpoints": "ema_average.pipeline",
+    "AverageSettings": "ema_average.plan",
+    "CheckpointSelection": "ema_average.plan",
+    "Selection": "ema_average.plan",
+}
+
+if TYPE_CHECKING:
+    from ema_average.checkpoints import Checkpoint, discover, find_run
+    from ema_average.moving_average import (
+        ExponentialMovingAverage,
+        MovingAverage,
+        PowerFunctionMovingAverage,
+        UniformMovingAverage,
+        ema_update_,
+    )
+    from ema_average.pipeline import AverageOptions, Summary, average_checkpoints
+    from ema_average.plan import AverageSettings, CheckpointSelection, Selection
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ema_average' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "AverageOptions",
@@ -38,6 +81,7 @@ __all__ = [
     "ExponentialMovingAverage",
     "MovingAverage",
     "NoCheckpointsError",
+    "NonFiniteError",
     "OutputError",
     "ParameterError",
     "PowerFunctionMovingAverage",

@@ -12,37 +12,22 @@ import signal
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from rich.table import Table
 
 from ema_average._version import __version__
 from ema_average.errors import ConfigurationError, EmaAverageError
-from ema_average.pipeline import AverageOptions, PreparedRun, Summary, execute, prepare
-from ema_average.plan import (
-    AverageSettings,
-    CheckpointSelection,
-    Selection,
-    format_bytes,
-    parse_size,
-    relative_spread,
-)
-from ema_average.watch import watch as watch_run
+
+if TYPE_CHECKING:  # the modules behind the command import torch: loaded only once a run starts
+    from ema_average.pipeline import AverageOptions, PreparedRun, Summary
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+# File names are data, never rich markup or emoji codes (a file named "[bold]x.pt" must print as such).
 # Piped output (logs, CI) gets wide lines rather than rich's 80-column default, so nothing is folded.
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, markup=False, emoji=False, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, highlight=False, markup=False, emoji=False)
 
 
 class OutputDtype(str, Enum):
@@ -195,6 +180,13 @@ def average(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No plan, progress or summary; errors only.")
     ] = False,
+    allow_nonfinite: Annotated[
+        bool,
+        typer.Option(
+            "--allow-nonfinite",
+            help="Average NaN/Inf values instead of refusing the checkpoint holding them.",
+        ),
+    ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
     version: Annotated[
         bool | None,
@@ -203,6 +195,9 @@ def average(
 ) -> None:
     signal.signal(signal.SIGTERM, _terminate)
     try:
+        from ema_average.pipeline import AverageOptions, prepare
+        from ema_average.plan import AverageSettings, CheckpointSelection, Selection, parse_size
+
         if decay is not None and half_life is not None:
             raise ConfigurationError("give --decay or --half-life, not both")
         settings = AverageSettings(
@@ -230,6 +225,7 @@ def average(
             trust_pickle=trust_pickle,
             checkpoints=CheckpointSelection(from_step, to_step, every, last),
             resume=resume,
+            allow_nonfinite=allow_nonfinite,
         )
         if watch:
             _watch(options, poll, quiet)
@@ -248,17 +244,18 @@ def average(
         summary = _execute_with_progress(prepared, show=not quiet and out.is_terminal)
         if not quiet:
             show_summary(summary)
-    except EmaAverageError as exc:
-        _fail(exc, debug)
+    except (EmaAverageError, OSError) as exc:
+        _fail(str(exc), exc, debug)
     except KeyboardInterrupt:
         err.print("ema-average: interrupted; no output written")
         raise typer.Exit(130) from None
-    except OSError as exc:
-        _fail(exc, debug)
+    except Exception as exc:  # a bug or an unforeseen input: still one line, the traceback with --debug
+        _fail(f"unexpected {type(exc).__name__}: {exc} (--debug shows where)", exc, debug)
 
 
 def _watch(options: AverageOptions, poll: float, quiet: bool) -> None:
     """--watch: refresh the output as checkpoints arrive; Ctrl-C (or SIGTERM) stops cleanly, exit 0."""
+    from ema_average.watch import watch as watch_run
 
     def refreshed(prepared: PreparedRun, summary: Summary) -> None:
         if not quiet:
@@ -283,14 +280,31 @@ def _terminate(signum: int, _frame: object) -> NoReturn:
     raise KeyboardInterrupt
 
 
-def _fail(exc: BaseException, debug: bool) -> NoReturn:
+def _fail(message: str, exc: BaseException, debug: bool) -> NoReturn:
     if debug:
         raise exc
-    err.print(f"ema-average: error: {exc}", soft_wrap=True)
+    err.print(f"ema-average: error: {one_line(message)}", soft_wrap=True)
     raise typer.Exit(1)
 
 
+def one_line(text: str) -> str:
+    """``text`` with control and unprintable characters escaped, so a message is always one line (a file
+    name may hold a newline, or undecodable bytes that the terminal's encoding cannot print)."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text.strip())
+
+
 def _execute_with_progress(prepared: PreparedRun, *, show: bool) -> Summary:
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    from ema_average.pipeline import execute
+
     if not show:
         return execute(prepared)
     columns = (
@@ -307,6 +321,10 @@ def _execute_with_progress(prepared: PreparedRun, *, show: bool) -> Summary:
 
 def show_plan(prepared: PreparedRun) -> None:
     """The checkpoints in order with their steps, decays and weights: exactly what will be applied."""
+    from rich.table import Table
+
+    from ema_average.plan import format_bytes, relative_spread
+
     plan, settings = prepared.plan, prepared.options.settings
     title = f"{len(prepared.checkpoints)} checkpoints in {prepared.run.root}"
     if prepared.resumed is not None:
@@ -353,6 +371,8 @@ def show_plan(prepared: PreparedRun) -> None:
 
 
 def show_summary(summary: Summary) -> None:
+    from ema_average.plan import format_bytes
+
     paths = ", ".join(str(p) for p in summary.outputs)
     out.print(
         f"wrote {paths}: {summary.tensors} tensors, {format_bytes(summary.bytes_written)}; read "
@@ -381,4 +401,5 @@ def main() -> None:
     _steady_malloc()
     with contextlib.suppress(BrokenPipeError):
         app()
-    sys.stdout.flush()
+    with contextlib.suppress(BrokenPipeError):
+        sys.stdout.flush()

@@ -50,6 +50,10 @@ class CheckpointMismatchError(CheckpointError, ValueError):
     """Checkpoints of one run disagree on tensor names, shapes or dtypes, or on their steps."""
 
 
+class NonFiniteError(CheckpointError, ValueError):
+    """A checkpoint brings NaN or Inf into the average (refused unless --allow-nonfinite)."""
+
+
 class OutputError(EmaAverageError, OSError):
     """The output cannot be written where asked (exists without --overwrite, disk full...)."""
 

@@ -350,6 +350,21 @@ class MovingAverage:
         """The current averages by name (the live float32/float64 tensors, not copies)."""
         return dict(zip(self._names, self._shadows, strict=True))
 
+    def all_finite(self) -> bool:
+        """Whether every average is finite: one ``aminmax`` pass per flat buffer, no temporaries.
+
+        NaN propagates through both reductions and Inf shows in one of them, so a single reduction
+        per bucket replaces a per-tensor ``isfinite``. It reads a value back to the host (a sync on CUDA):
+        call it between updates, not inside a training step's hot path.
+        """
+        for bucket in self._buckets:
+            if bucket.flat.numel() == 0:
+                continue
+            low, high = torch.aminmax(bucket.flat)
+            if not bool(torch.isfinite(low) & torch.isfinite(high)):
+                return False
+        return True
+
     def settings(self) -> dict[str, Any]:
         """The implementation's own settings, recorded in state dicts and output metadata."""
         rule = getattr(self, "rule", None)

@@ -6,7 +6,6 @@ Knows nothing of the command line: progress goes out through a callback.
 
 from __future__ import annotations
 
-import json
 import resource
 import sys
 import time
@@ -16,15 +15,14 @@ from pathlib import Path
 
 import torch
 
-from ema_average._version import __version__
-from ema_average.checkpoints import Checkpoint, Run, SafetensorsCheckpoint, find_run
+from ema_average.checkpoints import Checkpoint, Run, find_run
 from ema_average.checkpoints.discover import StepsFrom
 from ema_average.errors import (
     CheckpointError,
-    CheckpointMismatchError,
     ConfigurationError,
     DeviceError,
     NoCheckpointsError,
+    NonFiniteError,
     OutputError,
 )
 from ema_average.moving_average import MovingAverage
@@ -33,16 +31,24 @@ from ema_average.plan import (
     CheckpointSelection,
     OutputTensor,
     Plan,
-    Previous,
     Selection,
     default_memory_budget,
     effective_weights,
     first_dominates_note,
     group_by_budget,
     output_tensors,
+    physical_memory,
     update_decays,
 )
-from ema_average.writer import SafetensorsWriter, ShardedWriter, TensorEntry, remove_stale_temporaries
+from ema_average.resume import Resumed, check_resumable, left_out, open_resumed, output_metadata
+from ema_average.writer import (
+    OutputLock,
+    SafetensorsWriter,
+    ShardedWriter,
+    TensorEntry,
+    name_problem,
+    remove_stale_temporaries,
+)
 
 Progress = Callable[[int], None]  # bytes just processed
 
@@ -67,16 +73,7 @@ class AverageOptions:
     trust_pickle: bool = False
     checkpoints: CheckpointSelection = field(default_factory=CheckpointSelection)
     resume: Path | None = None  # continue this earlier output with the checkpoints newer than it
-
-
-@dataclass
-class Resumed:
-    """An earlier output being continued: its file (read by output names), what it holds, how it was made."""
-
-    average: SafetensorsCheckpoint
-    previous: Previous
-    steps: list[int]
-    sources: list[str]
+    allow_nonfinite: bool = False  # average NaN/Inf values instead of refusing the checkpoint holding them
 
 
 @dataclass
@@ -96,6 +93,7 @@ class PreparedRun:
     budget: int
     resumed: Resumed | None = None
     may_replace: bool = False  # --overwrite, or refreshing the very output being resumed
+    left_out: list[str] = field(default_factory=list)  # checkpoints older than a resumed output's last step
 
     @property
     def sources(self) -> list[Checkpoint]:
@@ -149,10 +147,10 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def default_output(checkpoint_dir: Path) -> Path:
+def default_output(checkpoint_dir: Path, *, folder: bool = False) -> Path:
     """Beside the run's folder, never inside it, where a later run would find it as an input."""
-    folder = checkpoint_dir.resolve()
-    return folder.parent / f"{folder.name}-ema.safetensors"
+    run = checkpoint_dir.resolve()
+    return run.parent / (f"{run.name}-ema" if folder else f"{run.name}-ema.safetensors")
 
 
 def prepare(options: AverageOptions, *, dry_run: bool = False, only: set[Path] | None = None) -> PreparedRun:
@@ -165,6 +163,7 @@ def prepare(options: AverageOptions, *, dry_run: bool = False, only: set[Path] |
     if options.resume is not None and options.checkpoints.thins:
         raise ConfigurationError("--last and --every cannot be combined with --resume or --watch")
     device = resolve_device(options.device)
+    output = _output_path(options)
     run = find_run(
         options.checkpoint_dir,
         state_dict_key=options.state_dict_key,
@@ -176,42 +175,80 @@ def prepare(options: AverageOptions, *, dry_run: bool = False, only: set[Path] |
     checkpoints = [c for i, c in enumerate(run.checkpoints) if i in chosen]
     if not checkpoints:
         raise NoCheckpointsError(run.root, "no checkpoints left after --from-step/--to-step/--every/--last")
-    resumed = None
+    resumed, older = None, []
     if options.resume is not None:
         resumed = open_resumed(options.resume, options.settings)
+        older = left_out(resumed, [(c.path.name, c.step or 0) for c in checkpoints])
+        run.notices += older
         checkpoints = [c for c in checkpoints if (c.step or 0) > resumed.previous.last_step]
-    output = options.output or options.resume or default_output(options.checkpoint_dir)
+    _check_output_is_not_an_input(output, run.units)
     budget = options.memory_budget or default_memory_budget()
     plan = make_plan(run, checkpoints, resumed, options, budget)
+    _check_names(plan.outputs, checkpoints[0] if checkpoints else run.checkpoints[-1])
+    _check_memory(plan, checkpoints[0] if checkpoints else run.checkpoints[-1])
     continuing = options.resume is not None and output.resolve() == options.resume.resolve()
     if output.exists() and not (options.overwrite or continuing):
         if not dry_run:
             raise OutputError(f"{output}: already exists; pass --overwrite to replace it")
         plan.notes.append(f"{output} already exists: a real run needs --overwrite")
-    if output.is_dir():
-        raise OutputError(f"{output}: is a folder; give a file name ending .safetensors")
     may_replace = options.overwrite or continuing
-    return PreparedRun(options, run, checkpoints, plan, output, device, budget, resumed, may_replace)
+    return PreparedRun(options, run, checkpoints, plan, output, device, budget, resumed, may_replace, older)
 
 
-def open_resumed(path: Path, settings: AverageSettings) -> Resumed:
-    """An earlier output to continue, checked to be one of ours made with these very settings."""
-    try:
-        average = SafetensorsCheckpoint(path)
-    except CheckpointError as exc:
-        raise CheckpointError(path, f"cannot be resumed: {exc.problem}") from exc
-    meta = average.metadata
-    if not average.written_by_this_tool or "last_step" not in meta:
-        raise CheckpointMismatchError(path, "was not written by ema-average, so it cannot be resumed")
-    for key, wanted in settings.as_metadata().items():
-        recorded = meta.get(key)
-        if recorded != wanted:
-            raise CheckpointMismatchError(
-                path, f"was made with {key} {recorded}, not {wanted}: resume with the same settings"
+def _output_path(options: AverageOptions) -> Path:
+    """The output: a .safetensors file, or a folder of shards with ``--max-shard-size``."""
+    folder = options.max_shard_size is not None
+    output = options.output or options.resume or default_output(options.checkpoint_dir, folder=folder)
+    if folder and output.suffix == ".safetensors":
+        raise ConfigurationError(
+            f"--max-shard-size writes a folder of shards and an index: give -o FOLDER, not {output.name}"
+        )
+    if folder and options.resume is not None:
+        raise ConfigurationError("--resume continues a single .safetensors file; drop --max-shard-size")
+    if not folder and output.is_dir():
+        raise OutputError(f"{output}: is a folder; give a file name ending .safetensors")
+    return output
+
+
+def _check_output_is_not_an_input(output: Path, units: list[Path]) -> None:
+    """Writing over a checkpoint (``-o`` naming one, with ``--overwrite``) would destroy the user's data.
+
+    Every candidate counts, including those discovery skipped (copies such as checkpoint_last.pt).
+    """
+    target = output.resolve()
+    for path in units:
+        unit = path.resolve()
+        if target == unit or unit in target.parents or target in unit.parents:
+            raise OutputError(
+                f"{output}: is (or is inside, or holds) the checkpoint {path}; write the average somewhere else"
             )
-    steps = [int(s) for s in json.loads(meta.get("steps", "[]"))]
-    sources = [str(s) for s in json.loads(meta.get("sources", "[]"))]
-    return Resumed(average, Previous(len(steps), int(meta["last_step"])), steps, sources)
+
+
+def _check_names(outputs: list[OutputTensor], first: Checkpoint) -> None:
+    """Names safetensors cannot store are refused now, not found out after the work."""
+    for t in outputs:
+        problem = name_problem(t.name)
+        if problem is not None:
+            raise CheckpointError(
+                first.path, f"tensor {t.name!r} cannot be written to safetensors: {problem}"
+            )
+
+
+def _check_memory(plan: Plan, first: Checkpoint) -> None:
+    """A tensor whose working memory exceeds the machine's RAM cannot be averaged here at all: refused now,
+    rather than failing an allocation midway (a sparse file of a few KB on disk can claim terabytes)."""
+
+    def need(t: OutputTensor) -> int:
+        return max(t.work_nbytes, t.spec.nbytes)  # copied tensors are read whole
+
+    largest = max(plan.outputs, key=need)
+    total = physical_memory()
+    if total is not None and need(largest) > total:
+        raise CheckpointError(
+            first.path,
+            f"tensor {largest.source!r} ({list(largest.spec.shape)}) needs {need(largest)} bytes of "
+            f"working memory, more than this machine's {total}",
+        )
 
 
 def make_plan(
@@ -225,7 +262,7 @@ def make_plan(
     steps = [c.step or 0 for c in checkpoints]
     decays = update_decays(steps, options.settings, resumed.previous if resumed else None)
     if resumed is not None:
-        _check_resumable(resumed, outputs, notes)
+        check_resumable(resumed, outputs, notes)
         steps = [resumed.previous.last_step, *steps]
         decays = [None, *decays]
     weights = effective_weights(decays)
@@ -237,27 +274,6 @@ def make_plan(
     if dominated:
         notes.append(dominated)
     return Plan(steps, decays, weights, outputs, group_by_budget(outputs, budget), notes)
-
-
-def _check_resumable(resumed: Resumed, outputs: list[OutputTensor], notes: list[str]) -> None:
-    """The earlier output must hold every averaged tensor, same shape; say when it was rounded."""
-    specs = resumed.average.specs()
-    for t in outputs:
-        if not t.averaged or t.alias_of is not None:
-            continue
-        held = specs.get(t.name)
-        if held is None or held.shape != t.spec.shape:
-            problem = "has no tensor" if held is None else f"has shape {list(held.shape)} for"
-            raise CheckpointMismatchError(resumed.average.path, f"{problem} {t.name!r}; it cannot be resumed")
-    rounded = sorted({str(s.dtype).removeprefix("torch.") for s in specs.values() if s.dtype in _ROUNDED})
-    if rounded:
-        notes.append(
-            f"{resumed.average.path.name} holds {'/'.join(rounded)} averages: the result equals one run over all "
-            "checkpoints up to that rounding (write with --dtype float32 for bit-exact resumes)"
-        )
-
-
-_ROUNDED = (torch.bfloat16, torch.float16)
 
 
 def average_checkpoints(options: AverageOptions, on_progress: Progress | None = None) -> Summary:
@@ -274,19 +290,22 @@ def execute(prepared: PreparedRun, on_progress: Progress | None = None) -> Summa
     start = time.perf_counter()
     plan = prepared.plan
     progress = on_progress or (lambda _n: None)
-    remove_stale_temporaries(prepared.output.parent)
-    writer = _open_writer(prepared)
-    bytes_read = 0
-    try:
-        for group in plan.groups:
-            bytes_read += _run_group(prepared, group, writer, progress)
-        writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        for ckpt in prepared.sources:
-            ckpt.close()
+    if not prepared.output.parent.is_dir():
+        raise OutputError(f"{prepared.output.parent}: output folder does not exist")
+    with OutputLock(prepared.output):
+        remove_stale_temporaries(prepared.output.parent)
+        writer = _open_writer(prepared)
+        bytes_read = 0
+        try:
+            for group in plan.groups:
+                bytes_read += _run_group(prepared, group, writer, progress)
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            for ckpt in prepared.sources:
+                ckpt.close()
     outputs = writer.paths if isinstance(writer, ShardedWriter) else [writer.path]
     return Summary(
         outputs, len(plan.outputs), bytes_read, writer.size, time.perf_counter() - start, _peak_rss()
@@ -296,7 +315,7 @@ def execute(prepared: PreparedRun, on_progress: Progress | None = None) -> Summa
 def _open_writer(prepared: PreparedRun) -> SafetensorsWriter | ShardedWriter:
     options, plan = prepared.options, prepared.plan
     entries = [TensorEntry(t.name, t.spec.shape, t.out_dtype) for t in plan.outputs]
-    metadata = output_metadata(prepared)
+    metadata = _metadata(prepared)
     if options.max_shard_size:
         return ShardedWriter(
             prepared.output,
@@ -308,23 +327,11 @@ def _open_writer(prepared: PreparedRun) -> SafetensorsWriter | ShardedWriter:
     return SafetensorsWriter(prepared.output, entries, metadata, overwrite=prepared.may_replace)
 
 
-def output_metadata(prepared: PreparedRun) -> dict[str, str]:
-    """What the output records of how it was made (safetensors metadata values are strings)."""
-    plan, options = prepared.plan, prepared.options
-    return {
-        "format": "pt",
-        "ema_average_version": __version__,
-        **options.settings.as_metadata(),
-        "dtype": options.dtype,
-        "steps": json.dumps(
-            (prepared.resumed.steps if prepared.resumed else []) + [c.step for c in prepared.checkpoints]
-        ),
-        "last_step": str(plan.steps[-1]),
-        "sources": json.dumps(
-            (prepared.resumed.sources if prepared.resumed else [])
-            + [c.path.name for c in prepared.checkpoints]
-        ),
-    }
+def _metadata(prepared: PreparedRun) -> dict[str, str]:
+    resumed = prepared.resumed
+    steps = (resumed.steps if resumed else []) + [c.step or 0 for c in prepared.checkpoints]
+    files = (resumed.files if resumed else []) + [c.path.name for c in prepared.checkpoints]
+    return output_metadata(prepared.options.settings, prepared.options.dtype, steps, files)
 
 
 class _Staging:
@@ -371,28 +378,32 @@ def _run_group(
     """Average one group over every source, write it, free it; returns bytes read."""
     sources, plan, device = prepared.sources, prepared.plan, prepared.device
     to_average = [t for t in group if t.averaged and t.alias_of is None]
+    check = not prepared.options.allow_nonfinite
     averages: dict[str, torch.Tensor] = {}
     read = 0
     if to_average:
         staging = _Staging(to_average, device)
         group_bytes = sum(t.spec.nbytes for t in to_average)
-        first = _read(sources[0], to_average, staging, 0, by_output_name=prepared.resumed is not None)
-        average = MovingAverage.by_name(prepared.options.settings.method).from_tensors(first, device=device)
-        del first
-        _release(sources[0])
-        read += group_bytes
-        progress(group_bytes)
-        for i, source in enumerate(sources[1:], start=1):
+        average: MovingAverage | None = None
+        for i, source in enumerate(sources):
             slot = i % len(staging.buffers)
             values = _read(source, to_average, staging, slot)
-            decay = plan.decays[i]
-            assert decay is not None
-            average.update_with_decay(values, decay)
+            if average is None:
+                average = MovingAverage.by_name(prepared.options.settings.method).from_tensors(
+                    values, device=device
+                )
+            else:
+                decay = plan.decays[i]
+                assert decay is not None
+                average.update_with_decay(values, decay)
+            if check and not average.all_finite():
+                raise _nonfinite(source, plan.steps[i], values)
             staging.mark_in_use(slot, device)
             del values
-            _release(source)
+            source.close()  # a mapped file's touched pages leave memory; thousands of files never stay open
             read += group_bytes
             progress(group_bytes)
+        assert average is not None
         averages = average.averages()
     latest = prepared.checkpoints[-1]
     for t in group:
@@ -405,29 +416,22 @@ def _run_group(
     return read
 
 
+def _nonfinite(source: Checkpoint, step: int, values: dict[str, torch.Tensor]) -> NonFiniteError:
+    """Name the tensor that brought NaN/Inf in (looked for only once the cheap whole-group check failed)."""
+    bad = next((name for name, v in values.items() if not bool(torch.isfinite(v).all())), None)
+    what = f"tensor {bad!r} holds NaN or Inf" if bad else "the update overflowed to Inf"
+    return NonFiniteError(source.path, f"{what} (step {step}); refused. --allow-nonfinite averages it anyway")
+
+
 def _read(
-    ckpt: Checkpoint,
-    tensors: list[OutputTensor],
-    staging: _Staging,
-    slot: int,
-    *,
-    by_output_name: bool = False,
+    ckpt: Checkpoint, tensors: list[OutputTensor], staging: _Staging, slot: int
 ) -> dict[str, torch.Tensor]:
-    """One source's tensors of a group, keyed by saved name: mapped views where the file is mapped, else
-    staged reads. A resumed output is read once, by the names it was written under and in the dtype it
-    was written in (which need not be the checkpoints'), so into fresh tensors rather than the staging."""
-    if by_output_name:
-        return {t.source: ckpt.read(t.name) for t in tensors}
+    """One source's tensors of a group, keyed by saved name: read fresh where the source says so (mapped
+    files give views of their mapping; an earlier average keeps its own dtype), else into the staging."""
     if ckpt.zero_copy:
         return {t.source: ckpt.read(t.source) for t in tensors}
     views = staging.views(slot)
     return {t.source: ckpt.read_into(t.source, view) for t, view in zip(tensors, views, strict=True)}
-
-
-def _release(ckpt: Checkpoint) -> None:
-    """Close a source after its pass: a mapped file's touched pages leave this process's memory, and a
-    run of thousands of checkpoints never holds thousands of open files. The next pass reopens it."""
-    ckpt.close()
 
 
 def _peak_rss() -> int:

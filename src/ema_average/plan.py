@@ -298,13 +298,18 @@ def parse_size(text: str) -> int:
     return value
 
 
+def physical_memory() -> int | None:
+    """This machine's RAM in bytes, where the OS says (not on Windows)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def default_memory_budget() -> int:
     """A quarter of physical memory, at least 256 MiB: room for the OS, the page cache and the reads."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # no sysconf (Windows)
-        return 2 * 2**30
-    return max(256 * 2**20, total // 4)
+    total = physical_memory()
+    return 2 * 2**30 if total is None else max(256 * 2**20, total // 4)
 
 
 def format_bytes(n: float) -> str:

@@ -9,12 +9,13 @@ through the same atomic writer, so a reader never sees a half-written file.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from ema_average.checkpoints.discover import candidates
-from ema_average.errors import CheckpointError
+from ema_average.errors import CheckpointError, ConfigurationError
 from ema_average.pipeline import AverageOptions, PreparedRun, Summary, default_output, execute, prepare
 
 Snapshot = dict[Path, tuple[tuple[str, int, int], ...]]
@@ -48,9 +49,11 @@ def watch(
     sleep: Callable[[float], None] = time.sleep,
 ) -> None:
     """Refresh ``options.output`` whenever complete new checkpoints appear, until ``stop()`` or Ctrl-C."""
+    if not (isinstance(poll, int | float) and math.isfinite(poll) and poll > 0):
+        raise ConfigurationError(f"--poll must be a positive number of seconds, got {poll!r}")
     output = options.output or default_output(options.checkpoint_dir)
     before: Snapshot = {}
-    reported: set[Path] = set()
+    reported: set[Path | str] = set()
     while not stop():
         now = snapshot(options.checkpoint_dir)
         ready = settled(before, now)
@@ -64,7 +67,7 @@ def _refresh(
     options: AverageOptions,
     output: Path,
     ready: set[Path],
-    reported: set[Path],
+    reported: set[Path | str],
     on_refresh: Callable[[PreparedRun, Summary], None],
     on_notice: Callable[[str], None],
 ) -> None:
@@ -84,6 +87,10 @@ def _refresh(
                 reported.add(unit)
             ready = ready - {unit}
             continue
+        for note in prepared.left_out:
+            if note not in reported:  # each checkpoint that will never be applied is named, once
+                on_notice(note)
+                reported.add(note)
         if not prepared.up_to_date:
             on_refresh(prepared, execute(prepared))
         return

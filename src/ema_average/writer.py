@@ -1,4 +1,4 @@
-"""A streaming safetensors writer: header first, tensors as they are ready, rename on commit.
+"""A streaming safetensors writer: header first, tensors as they are ready, the final name only at the end.
 
 Hand-written because the safetensors library only saves a complete dict of tensors held in memory; an
 average of a model larger than memory is finished group by group. The layout follows the format's
@@ -6,27 +6,45 @@ spec and the library's own choices (compact JSON, tensors ordered by dtype then 
 spaces to 8 bytes), so the bytes equal ``safetensors.torch.save_file``'s for the same tensors (the
 library orders several metadata keys as a hash map does, so only their order can differ).
 
-Each output is written to a temporary file in its own folder, reserved to its full size up front (a full
-disk fails before the work, not after), fsynced, and renamed into place only when every tensor is in.
-On Linux the temporary file is unnamed (``O_TMPFILE``) until commit, so even a run killed with SIGKILL
-leaves nothing behind; elsewhere it is a hidden named file, removed on abort, and a named one left by a
-killed run is removed by the next run.
+A file output is written to a temporary file in its own folder, reserved to its full size up front (a
+full disk fails before the work, not after), fsynced, read back with the safetensors library, and only
+then given its final name: created exclusively (a file that appeared meanwhile is never replaced) unless
+the caller asked to overwrite, then atomically replaced. On Linux the temporary file is unnamed
+(``O_TMPFILE``) until commit, so even a run killed with SIGKILL leaves nothing behind; elsewhere it is a
+hidden named file, removed on abort, and one left by a killed run is removed by the next run.
+
+A sharded output is a folder (Hugging Face ``save_pretrained`` layout) built whole as a hidden staging
+folder beside the target and switched in with one rename; see ``ShardedWriter``.
+
+Only one run may write an output at a time: see ``OutputLock``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import fcntl
+import functools
+import hashlib
 import json
 import os
 import re
-from collections.abc import Sequence
+import shutil
+import socket
+import sys
+import threading
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 
 import torch
+from safetensors import SafetensorError, safe_open
 
-from ema_average.checkpoints.safetensors_file import DTYPE_NAMES
-from ema_average.errors import OutputError
+from ema_average.checkpoints.safetensors_file import TOOL_MARKER_KEY
+from ema_average.errors import CheckpointError, OutputError
+from ema_average.safetensors_format import DTYPE_NAMES, METADATA_KEY, read_header
 
 # The safetensors Dtype enum in declaration order; save_file sorts tensors by it, largest first.
 _DTYPE_RANK = [
@@ -51,7 +69,15 @@ _DTYPE_RANK = [
     "I64",
     "U64",
 ]
+# Temporary files and staging folders: ``.NAME.ema-average-PID.tmp``. Nothing else is ever removed.
 _TEMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.ema-average-(?P<pid>\d+)\.tmp$")
+# link() fails with these where the filesystem has no hard links (FAT, exFAT, some network shares).
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+_ABSTRACT_SOCKETS = sys.platform.startswith("linux")
+_MAX_INDEX_BYTES = 100_000_000
 
 
 @dataclass(frozen=True)
@@ -79,7 +105,7 @@ def build_header(
     """The padded header bytes and each tensor's byte offset within the data section."""
     header: dict[str, object] = {}
     if metadata:
-        header["__metadata__"] = dict(metadata)
+        header[METADATA_KEY] = dict(metadata)
     offsets: dict[str, int] = {}
     offset = 0
     for e in entries:
@@ -95,18 +121,196 @@ def build_header(
     return len(raw).to_bytes(8, "little") + raw, offsets
 
 
+def name_problem(name: object) -> str | None:
+    """Why ``name`` cannot be a tensor name in a safetensors file, or None when it can."""
+    if not isinstance(name, str):
+        return f"the name is a {type(name).__name__}, not a string"
+    if not name:
+        return "the name is empty"
+    if name == METADATA_KEY:
+        return f"{METADATA_KEY} is reserved for the file's metadata"
+    return _utf8_problem(name)
+
+
+def _utf8_problem(text: str) -> str | None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "the name holds a lone surrogate, which UTF-8 cannot encode"
+    return None
+
+
+def _check_entries(path: Path, entries: Sequence[TensorEntry]) -> None:
+    """Refuse, before any file exists, what would make an unreadable or wrong header."""
+    seen: set[str] = set()
+    for e in entries:
+        problem = name_problem(e.name)
+        if problem is None and e.name in seen:
+            problem = "the name is listed twice"
+        if problem is None and e.dtype not in DTYPE_NAMES:
+            problem = f"dtype {e.dtype} has no safetensors name"
+        if problem is None and not all(isinstance(d, int) and d >= 0 for d in e.shape):
+            problem = f"shape {e.shape} is not a list of sizes"
+        if problem is not None:
+            raise OutputError(f"{path}: tensor {e.name!r} cannot be written to safetensors: {problem}")
+        seen.add(e.name)
+
+
+def _check_metadata(path: Path, metadata: dict[str, str] | None) -> None:
+    for key, value in (metadata or {}).items():
+        ok = isinstance(key, str) and isinstance(value, str)
+        if not ok or _utf8_problem(key) or _utf8_problem(value):
+            raise OutputError(f"{path}: metadata {key!r} is not a string UTF-8 can encode")
+
+
+# --- One writer per output --------------------------------------------------------------------------
+
+_held: dict[str, OutputLock] = {}  # the locks this process holds, by key
+_held_guard = threading.Lock()
+
+
+class OutputLock:
+    """The right to write one output, held by one run at a time: ``OutputLock(path)`` takes it or raises.
+
+    Not a lock file: one left by a killed run would need a guess at staleness, and SIGKILL must leave
+    nothing. On Linux the lock is an abstract-namespace Unix socket bound to a name derived from the
+    output (its folder's device and inode plus its name, so two spellings of one path collide): binding
+    is atomic, a second bind fails, and the kernel frees the name when the process dies, however it
+    dies, with no file anywhere. Abstract names are per network namespace, so runs in two containers
+    sharing a folder do not see each other's lock (the exclusive commit still never replaces a file
+    silently). Elsewhere: ``flock`` on a hidden ``.NAME.ema-average.lock`` beside the output, freed by
+    the kernel at death and removed on release (a killed run leaves that small file for the next one).
+
+    Writers take the lock themselves, unless the caller already holds it in this process (the pipeline
+    holds it for its whole run); a forked child shares its parent's lock until it exits.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.key = _lock_key(self.path)
+        self._by_writer = False
+        self._socket: socket.socket | None = None
+        self._fd: int | None = None
+        self._file: Path | None = None
+        with _held_guard:
+            if _ABSTRACT_SOCKETS:
+                self._bind()
+            else:
+                self._flock()
+            _held[self.key] = self
+
+    def _busy(self) -> OutputError:
+        return OutputError(f"{self.path}: another ema-average run is writing it")
+
+    def _bind(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # close-on-exec, as Python makes them
+        try:
+            sock.bind(b"\0ema-average/" + self.key.encode())
+        except OSError as exc:
+            sock.close()
+            if exc.errno == errno.EADDRINUSE:
+                raise self._busy() from None
+            raise OutputError(f"{self.path}: cannot take the output lock ({exc.strerror})") from exc
+        self._socket = sock
+
+    def _flock(self) -> None:
+        target = Path(os.path.realpath(self.path.parent)) / self.path.name
+        lock_file = target.parent / f".{target.name}.ema-average.lock"
+        for _ in range(100):
+            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise self._busy() from None
+            if _same_file(fd, lock_file):  # else its holder removed it between our open and flock
+                self._fd, self._file = fd, lock_file
+                return
+            os.close(fd)
+        raise self._busy()
+
+    def release(self) -> None:
+        """Give the output up (idempotent)."""
+        with _held_guard:
+            if _held.get(self.key) is self:
+                del _held[self.key]
+            if self._socket is not None:
+                self._socket.close()
+                self._socket = None
+            if self._fd is not None:
+                assert self._file is not None
+                with contextlib.suppress(OSError):  # removed while still locked: a waiter re-checks
+                    self._file.unlink()
+                os.close(self._fd)
+                self._fd = None
+
+    def __enter__(self) -> OutputLock:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+
+def _lock_key(path: Path) -> str:
+    try:
+        folder = os.stat(path.parent)
+    except OSError as exc:
+        raise OutputError(f"{path.parent}: output folder does not exist") from exc
+    raw = f"{folder.st_dev}:{folder.st_ino}:".encode() + os.fsencode(path.name)
+    return hashlib.sha256(raw).hexdigest()[:32]
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _writer_lock(path: Path) -> OutputLock | None:
+    """A writer's own lock, or None when the caller holds this output's lock in this process."""
+    with _held_guard:
+        held = _held.get(_lock_key(path))
+        if held is not None and not held._by_writer:
+            return None
+    lock = OutputLock(path)
+    lock._by_writer = True
+    return lock
+
+
+# --- Leftovers of killed runs -----------------------------------------------------------------------
+
+
 def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Temporary files of earlier runs that were killed (their process is gone)."""
-    removed = []
+    """Temporary files and staging folders of earlier runs that were killed (their process is gone)."""
+    removed: list[Path] = []
     if not folder.is_dir():
         return removed
-    for path in folder.iterdir():
+    for path in sorted(folder.iterdir()):
         match = _TEMP_PATTERN.match(path.name)
-        if match and not _pid_alive(int(match.group("pid"))):
-            with contextlib.suppress(OSError):
-                path.unlink()
-                removed.append(path)
+        if not match or path.is_symlink() or _pid_alive(int(match.group("pid"))) or _in_use(path):
+            continue
+        with contextlib.suppress(OSError):
+            _remove(path)
+            removed.append(path)
     return removed
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _remove_leftover(path: Path) -> None:
+    """Remove a temporary name of ours (our PID in it) that no live writer holds: only a dead process
+    that had our PID can have left it, since this process holds the output's lock."""
+    if os.path.lexists(path) and not _in_use(path):
+        with contextlib.suppress(OSError):
+            _remove(path)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -119,18 +323,54 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _in_use(path: Path) -> bool:
+    """Whether a live writer holds ``path``'s flock: seen across PID namespaces, where a PID is not."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return False
+
+
+# --- One file ---------------------------------------------------------------------------------------
+
+
 class SafetensorsWriter:
-    """One safetensors file, written in any tensor order to a temporary file and committed at once."""
+    """One safetensors file, written in any tensor order to a temporary file and committed at once.
+
+    ``lock=False`` is for a caller that already guarantees no other writer (``ShardedWriter``'s private
+    staging folder).
+    """
 
     def __init__(
-        self, path: Path, entries: Sequence[TensorEntry], metadata: dict[str, str] | None, *, overwrite: bool
+        self,
+        path: Path,
+        entries: Sequence[TensorEntry],
+        metadata: dict[str, str] | None,
+        *,
+        overwrite: bool,
+        lock: bool = True,
     ) -> None:
         self.path = path
-        if path.exists() and not overwrite:
-            raise OutputError(f"{path}: already exists; pass --overwrite to replace it")
+        self._overwrite = overwrite
+        _check_entries(path, entries)
+        _check_metadata(path, metadata)
         if not path.parent.is_dir():
             raise OutputError(f"{path.parent}: output folder does not exist")
+        if path.is_dir():
+            raise OutputError(f"{path}: is a folder; give a file name ending .safetensors")
+        if path.exists() and not overwrite:
+            raise OutputError(f"{path}: already exists; pass --overwrite to replace it")
         self.entries = safetensors_order(entries)
+        self._metadata = dict(metadata or {})
         self._header, self._offsets = build_header(self.entries, metadata)
         self._sizes = {e.name: e.nbytes for e in self.entries}
         self._pending = set(self._sizes)
@@ -138,17 +378,29 @@ class SafetensorsWriter:
         self.size = len(self._header) + self.data_size
         self.temp_path = path.parent / f".{path.name}.ema-average-{os.getpid()}.tmp"
         self._fd: int | None = None
-        self._anonymous = _open_anonymous(path.parent)
-        if self._anonymous is not None:
-            self._fd = self._anonymous
-        else:
-            self._fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._anonymous = False
+        self._named_temp = False  # temp_path is ours to remove
+        self._lock = _writer_lock(path) if lock else None
         try:
+            self._open_temporary()
             self._reserve()
             self._pwrite(memoryview(self._header), 0)
         except BaseException:
             self.abort()
             raise
+
+    def _open_temporary(self) -> None:
+        fd = _open_anonymous(self.path.parent)
+        self._anonymous = fd is not None
+        if fd is None:
+            _remove_leftover(self.temp_path)
+            try:
+                fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise OutputError(f"{self.temp_path}: cannot be created ({exc.strerror})") from exc
+            self._named_temp = True
+            fcntl.flock(fd, fcntl.LOCK_EX)  # tells remove_stale_temporaries it is in use
+        self._fd = fd
 
     def _reserve(self) -> None:
         assert self._fd is not None
@@ -185,18 +437,50 @@ class SafetensorsWriter:
             raise OutputError(f"{self.path}: write failed ({exc.strerror})") from exc
 
     def commit(self) -> None:
-        """fsync and rename into place; the output appears whole or not at all."""
+        """fsync, read back, and name: the output appears whole or not at all; on failure nothing is left."""
         if self._pending:
             raise OutputError(f"{self.path}: {len(self._pending)} tensors were never written")
+        try:
+            self._finish()
+        except OutputError:
+            self.abort()
+            raise
+        except OSError as exc:
+            self.abort()
+            raise OutputError(f"{self.path}: cannot commit ({exc.strerror or exc})") from exc
+        except BaseException:
+            self.abort()
+            raise
+        self._release()
+
+    def _finish(self) -> None:
         assert self._fd is not None
         os.fsync(self._fd)
-        if self._anonymous is not None:  # give the unnamed file a name only now that it is whole
+        readable = f"/proc/self/fd/{self._fd}" if self._anonymous else str(self.temp_path)
+        _verify_written(readable, self.path, self.entries, self._metadata)
+        if self._anonymous:  # give the unnamed file a name only now that it is whole
             os.fchmod(self._fd, 0o644)
-            _link_anonymous(self._fd, self.temp_path)
+            self._name_anonymous(self._fd)
+        elif self._overwrite:
+            os.replace(self.temp_path, self.path)
+        else:
+            _link_exclusive(self.temp_path, self.path)
+        self._named_temp = False  # renamed, or linked and unlinked
         os.close(self._fd)
         self._fd = None
-        os.replace(self.temp_path, self.path)
         _fsync_folder(self.path.parent)
+
+    def _name_anonymous(self, fd: int) -> None:
+        if self._overwrite:
+            _remove_leftover(self.temp_path)
+            self._named_temp = True
+            _link_anonymous(fd, self.temp_path)
+            os.replace(self.temp_path, self.path)
+            return
+        try:  # linkat creates the name or fails: it never replaces
+            _link_anonymous(fd, self.path)
+        except FileExistsError:
+            raise _appeared(self.path) from None
 
     def abort(self) -> None:
         """Remove the temporary file; the output (if any existed) is untouched."""
@@ -204,8 +488,20 @@ class SafetensorsWriter:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = None
-        with contextlib.suppress(FileNotFoundError):
-            self.temp_path.unlink()
+        if self._named_temp:
+            with contextlib.suppress(FileNotFoundError):
+                self.temp_path.unlink()
+            self._named_temp = False
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+
+def _appeared(path: Path) -> OutputError:
+    return OutputError(f"{path}: appeared while this run was writing; nothing was replaced")
 
 
 def _open_anonymous(folder: Path) -> int | None:
@@ -214,7 +510,7 @@ def _open_anonymous(folder: Path) -> int | None:
     if flag is None or not Path("/proc/self/fd").is_dir():
         return None
     try:
-        return os.open(folder, flag | os.O_WRONLY, 0o600)
+        return os.open(folder, flag | os.O_WRONLY | os.O_CLOEXEC, 0o600)
     except OSError:
         return None
 
@@ -229,7 +525,58 @@ def _link_anonymous(fd: int, target: Path) -> None:
         os.close(proc_fds)
 
 
+def _link_exclusive(temp: Path, final: Path) -> None:
+    """Give a named temporary file its final name only if that name is free (link fails, never replaces)."""
+    try:
+        os.link(temp, final)
+    except FileExistsError:
+        raise _appeared(final) from None
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        # No hard links on this filesystem: a checked rename. A file created at ``final`` between the
+        # check and the rename would still be replaced; no portable call closes that window here.
+        if os.path.lexists(final):
+            raise _appeared(final) from None
+        os.rename(temp, final)
+        return
+    with contextlib.suppress(OSError):  # committed already; a name left here is removed as stale
+        temp.unlink()
+
+
+def _verify_written(
+    readable: str, path: Path, entries: Sequence[TensorEntry], metadata: dict[str, str]
+) -> None:
+    """Read the written header back with the safetensors library: what a user's ``load_file`` sees."""
+    try:
+        with safe_open(readable, framework="pt") as f:
+            names = f.keys()  # a safe_open handle is not iterable
+            found = {n: (f.get_slice(n).get_dtype(), tuple(f.get_slice(n).get_shape())) for n in names}
+            found_metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise OutputError(
+            f"{path}: the written file does not read back ({exc}); nothing was committed"
+        ) from exc
+    expected = {e.name: (DTYPE_NAMES[e.dtype], e.shape) for e in entries}
+    if found != expected or found_metadata != metadata:
+        wrong = sorted(set(found.items()) ^ set(expected.items()))
+        what = f"tensor {wrong[0][0]!r}" if wrong else "its metadata"
+        raise OutputError(
+            f"{path}: the written header does not match the tensors ({what}); nothing was committed"
+        )
+
+
+def _fsync_folder_fd(fd: int) -> None:
+    """fsync a folder; a filesystem that cannot (EINVAL) makes it a no-op, any other failure raises."""
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+            raise
+
+
 def _fsync_folder(folder: Path) -> None:
+    """Best effort, after a rename that cannot be undone any more."""
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
         try:
@@ -238,11 +585,26 @@ def _fsync_folder(folder: Path) -> None:
             os.close(fd)
 
 
-class ShardedWriter:
-    """Hugging Face style shards (``model-00001-of-00003.safetensors``) and their index.
+# --- A folder of shards -----------------------------------------------------------------------------
 
-    Tensors are split in safetensors order into shards of at most ``max_shard_size`` bytes (a larger
-    tensor gets a shard of its own). One shard is written as plain ``path``, as transformers does.
+
+class ShardedWriter:
+    """A Hugging Face style output folder, built whole beside its target and switched in by one rename.
+
+    ``FOLDER/model.safetensors`` when every tensor fits one shard of ``max_shard_size`` bytes (a larger
+    tensor gets a shard of its own), else ``FOLDER/model-00001-of-0000N.safetensors`` and
+    ``FOLDER/model.safetensors.index.json``; ``weights_name`` changes ``model.safetensors`` (say to
+    ``adapter_model.safetensors``). ``add_file`` puts small side files (a config) beside the weights.
+
+    Everything is written into ``PARENT/.FOLDER.ema-average-PID.tmp/``, each file fsynced, then the
+    staging folder, then one atomic switch: a new target is created with ``renameat2(RENAME_NOREPLACE)``
+    (one that appeared meanwhile is never replaced), an existing one, with ``overwrite``, is swapped
+    with ``renameat2(RENAME_EXCHANGE)`` and the old folder, now at the staging name, removed. A reader
+    sees the old folder or the new one, never a mix; a kill at any point leaves the target as it was or
+    complete, and a staging folder the next run's ``remove_stale_temporaries`` removes. An existing
+    target is replaced only if it is an ema-average output: every entry a ``*.safetensors`` or
+    ``*.safetensors.index.json`` whose metadata has ``ema_average_version``, or a side file named in
+    ``side_files`` (declare them up front) or added with ``add_file``.
     """
 
     def __init__(
@@ -253,66 +615,286 @@ class ShardedWriter:
         *,
         overwrite: bool,
         max_shard_size: int,
+        weights_name: str = "model.safetensors",
+        side_files: Collection[str] = (),
     ) -> None:
-        ordered = safetensors_order(entries)
-        shards: list[list[TensorEntry]] = [[]]
-        used = 0
-        for e in ordered:
-            if shards[-1] and used + e.nbytes > max_shard_size:
-                shards.append([])
-                used = 0
-            shards[-1].append(e)
-            used += e.nbytes
-        self.index_path: Path | None = None
-        if len(shards) == 1:
-            names = [path]
-        else:
-            stem = path.name.removesuffix(".safetensors")
-            names = [
-                path.parent / f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
-                for i in range(1, len(shards) + 1)
-            ]
-            self.index_path = path.parent / f"{path.name}.index.json"
-            if self.index_path.exists() and not overwrite:
-                raise OutputError(f"{self.index_path}: already exists; pass --overwrite to replace it")
+        self.path = path
+        self._overwrite = overwrite
+        self._metadata = dict(metadata or {})
+        if not _plain_name(weights_name) or not weights_name.endswith(".safetensors"):
+            raise OutputError(f"{weights_name!r}: weights_name must be a plain file name ending .safetensors")
+        _check_entries(path, entries)
+        _check_metadata(path, metadata)
+        if not path.parent.is_dir():
+            raise OutputError(f"{path.parent}: output folder does not exist")
+        self._side_files = set(side_files)
+        self._check_target()
+        shards = _split(safetensors_order(entries), max_shard_size)
+        self._names = _shard_names(weights_name, len(shards))
+        self._index_name = f"{weights_name}.index.json" if len(shards) > 1 else None
+        self._added: list[str] = []
+        self.staging = path.parent / f".{path.name}.ema-average-{os.getpid()}.tmp"
+        self._staging_fd: int | None = None
+        self._made_staging = False
+        self._committed = False
         self.writers: list[SafetensorsWriter] = []
         self._route: dict[str, SafetensorsWriter] = {}
+        self._lock = _writer_lock(path)
         try:
-            for shard_path, shard in zip(names, shards, strict=True):
-                writer = SafetensorsWriter(shard_path, shard, metadata, overwrite=overwrite)
+            self._make_staging()
+            for name, shard in zip(self._names, shards, strict=True):
+                writer = SafetensorsWriter(self.staging / name, shard, metadata, overwrite=False, lock=False)
                 self.writers.append(writer)
                 self._route.update({e.name: writer for e in shard})
         except BaseException:
             self.abort()
             raise
-        self._metadata = metadata or {}
+
+    def _check_target(self) -> None:
+        """Refuse up front what commit would refuse: an existing target without overwrite, or not ours."""
+        if not os.path.lexists(self.path):
+            return
+        if not self._overwrite:
+            raise OutputError(f"{self.path}: already exists; pass --overwrite to replace it")
+        problem = _not_an_output(self.path, self._side_files)
+        if problem is not None:
+            raise OutputError(f"{self.path}: is not an ema-average output ({problem}); remove it yourself")
+
+    def _make_staging(self) -> None:
+        _remove_leftover(self.staging)
+        try:
+            os.mkdir(self.staging)
+        except OSError as exc:
+            raise OutputError(f"{self.staging}: cannot be created ({exc.strerror})") from exc
+        self._made_staging = True
+        self._staging_fd = os.open(self.staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fcntl.flock(self._staging_fd, fcntl.LOCK_EX)  # tells remove_stale_temporaries it is in use
 
     @property
     def paths(self) -> list[Path]:
-        return [w.path for w in self.writers] + ([self.index_path] if self.index_path else [])
+        """The files the output folder holds once committed: shards, index, side files."""
+        index = [self._index_name] if self._index_name else []
+        return [self.path / name for name in [*self._names, *index, *self._added]]
 
     @property
     def size(self) -> int:
         return sum(w.size for w in self.writers)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        self._route[name].write(name, tensor)
+        writer = self._route.get(name)
+        if writer is None:
+            raise OutputError(f"{self.path}: tensor {name!r} is not expected")
+        writer.write(name, tensor)
+
+    def add_file(self, name: str, data: bytes) -> None:
+        """A small side file (a config, say) to appear in the output folder with the weights."""
+        reserved = {*self._names, self._index_name, *self._added}
+        if not _plain_name(name) or name.startswith(".") or name in reserved or _weights_like(name):
+            raise OutputError(f"{self.path}: {name!r} cannot be a side file (a plain, new, non-weights name)")
+        try:
+            _write_new_file(self.staging / name, data)
+        except OSError as exc:
+            raise OutputError(f"{self.path}: cannot write {name} ({exc.strerror})") from exc
+        self._added.append(name)
+        self._side_files.add(name)
 
     def commit(self) -> None:
-        for writer in self.writers:
-            writer.commit()
-        if self.index_path is not None:  # written last: a reader that finds the index finds every shard
-            index = {
-                "metadata": {
-                    "total_size": sum(w.data_size for w in self.writers),
-                    **self._metadata,
-                },
-                "weight_map": {name: w.path.name for name, w in self._route.items()},
-            }
-            temp = self.index_path.parent / f".{self.index_path.name}.ema-average-{os.getpid()}.tmp"
-            temp.write_text(json.dumps(index, indent=2) + "\n")
-            os.replace(temp, self.index_path)
+        """Finish every file in the staging folder, then switch it in; on failure the target is as it was."""
+        try:
+            for writer in self.writers:
+                writer.commit()
+            if self._index_name is not None:  # a reader that finds the index finds every shard
+                _write_new_file(self.staging / self._index_name, self._index())
+            assert self._staging_fd is not None
+            _fsync_folder_fd(self._staging_fd)
+            self._switch()
+        except OutputError:
+            self.abort()
+            raise
+        except OSError as exc:
+            self.abort()
+            raise OutputError(f"{self.path}: cannot commit ({exc.strerror or exc})") from exc
+        except BaseException:
+            self.abort()
+            raise
+        self._close()
+
+    def _index(self) -> bytes:
+        index = {
+            "metadata": {"total_size": sum(w.data_size for w in self.writers), **self._metadata},
+            "weight_map": {name: w.path.name for name, w in self._route.items()},
+        }
+        return (json.dumps(index, indent=2) + "\n").encode()
+
+    def _switch(self) -> None:
+        """The one step a reader can see: the staging folder becomes the target."""
+        if not os.path.lexists(self.path):
+            try:
+                _rename_noreplace(self.staging, self.path)
+            except FileExistsError:
+                raise _appeared(self.path) from None
+            self._committed = True
+            _fsync_folder(self.path.parent)
+            return
+        if not self._overwrite:
+            raise _appeared(self.path)
+        self._check_target()  # again: what is about to be deleted must be ours now, not at the start
+        _exchange(self.staging, self.path)
+        self._committed = True
+        _fsync_folder(self.path.parent)
+        shutil.rmtree(self.staging, ignore_errors=True)  # the old output; a kill here leaves it stale
 
     def abort(self) -> None:
+        """Remove the staging folder; the target (if any existed) is untouched. Nothing after commit."""
         for writer in self.writers:
             writer.abort()
+        if self._made_staging and not self._committed:
+            shutil.rmtree(self.staging, ignore_errors=True)
+        self._close()
+
+    def _close(self) -> None:
+        if self._staging_fd is not None:
+            os.close(self._staging_fd)
+            self._staging_fd = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+
+def _split(ordered: list[TensorEntry], max_shard_size: int) -> list[list[TensorEntry]]:
+    shards: list[list[TensorEntry]] = [[]]
+    used = 0
+    for e in ordered:
+        if shards[-1] and used + e.nbytes > max_shard_size:
+            shards.append([])
+            used = 0
+        shards[-1].append(e)
+        used += e.nbytes
+    return shards
+
+
+def _shard_names(weights_name: str, count: int) -> list[str]:
+    if count == 1:
+        return [weights_name]
+    stem = weights_name.removesuffix(".safetensors")
+    return [f"{stem}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and name not in {".", ".."} and "/" not in name and "\0" not in name
+
+
+def _weights_like(name: str) -> bool:
+    return name.endswith((".safetensors", ".index.json"))
+
+
+def _write_new_file(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _not_an_output(folder: Path, side_files: Collection[str]) -> str | None:
+    """Why ``folder`` is not an output this writer may replace; None when every entry is one it writes."""
+    if folder.is_symlink() or not folder.is_dir():
+        return "not a folder"
+    weights = 0
+    side = 0
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if not entry.is_file(follow_symlinks=False):
+            return f"{entry.name} is not a plain file"
+        if entry.name in side_files and not _weights_like(entry.name):
+            side += 1
+        elif _marked(Path(entry.path)):
+            weights += 1
+        else:
+            return f"it holds {entry.name}"
+    if side and not weights:
+        return "it holds no ema-average weights"
+    return None
+
+
+def _marked(path: Path) -> bool:
+    """A weights file or index this tool wrote: its metadata carries the tool's marker key."""
+    if path.name.endswith(".safetensors.index.json"):
+        try:
+            with open(path, "rb") as f:
+                index = json.loads(f.read(_MAX_INDEX_BYTES))
+        except (OSError, ValueError):
+            return False
+        return (
+            isinstance(index, dict)
+            and isinstance(index.get("metadata"), dict)
+            and TOOL_MARKER_KEY in index["metadata"]
+        )
+    if path.name.endswith(".safetensors"):
+        try:
+            return TOOL_MARKER_KEY in read_header(path).metadata
+        except CheckpointError:
+            return False
+    return False
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` only if ``dst`` does not exist (FileExistsError otherwise)."""
+    if _renameat2(src, dst, _RENAME_NOREPLACE):
+        return
+    # No renameat2 here: check, then rename. Something created at ``dst`` between the two is replaced
+    # only if it is an empty folder (rename onto a non-empty folder or a file fails).
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    try:
+        os.rename(src, dst)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from exc
+        raise
+
+
+def _exchange(new: Path, old: Path) -> None:
+    """Put the folder ``new`` at ``old``'s name and the old folder at ``new``'s name."""
+    if _renameat2(new, old, _RENAME_EXCHANGE):
+        return
+    # No renameat2 here: old aside, new in, old to new's name. Between the first two renames the target
+    # is missing; a run killed there leaves the old output at ``.FOLDER.ema-average-PID.old`` (never
+    # removed automatically) and the target absent.
+    aside = old.parent / f".{old.name}.ema-average-{os.getpid()}.old"
+    os.rename(old, aside)
+    try:
+        os.rename(new, old)
+    except BaseException:
+        os.rename(aside, old)
+        raise
+    os.rename(aside, new)
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """Linux ``renameat2`` (Python has no binding, so through libc with ctypes); False where it or the
+    flag is missing (not Linux, glibc < 2.28, an old kernel, or a filesystem without the flag)."""
+    call = _libc_renameat2()
+    if call is None:
+        return False
+    if call(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL):
+        return False
+    raise OSError(err, os.strerror(err), str(src), None, str(dst))
+
+
+@functools.cache
+def _libc_renameat2() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        call = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    call.restype = ctypes.c_int
+    return call

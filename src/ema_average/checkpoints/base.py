@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import math
+import os
+import stat
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import torch
+
+from ema_average.errors import CheckpointError
+
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 
 
 @dataclass(frozen=True)
@@ -96,3 +102,35 @@ class Checkpoint(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r}, step={self.step})"
+
+
+def require_regular_file(path: Path) -> os.stat_result:
+    """Stat ``path`` (following links) and refuse anything but a regular file.
+
+    A FIFO named like a checkpoint would block the read forever, and a link to /dev/zero or
+    /dev/urandom would be read until memory runs out.
+    """
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot be read ({exc.strerror or exc})") from exc
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file (a FIFO, device or socket)"
+        raise CheckpointError(path, f"is {kind}; only regular files are read")
+    return info
+
+
+def damage_of(path: Path) -> str | None:
+    """A plain-words diagnosis of a file that is not what its name says, from its first bytes.
+
+    So that a Git LFS pointer (a clone made without ``git lfs pull``) is named as such, rather than
+    reported as a corrupt or unsafe checkpoint.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_LFS_POINTER))
+    except OSError:
+        return None
+    if head == _LFS_POINTER:
+        return "is a Git LFS pointer, not the weights: fetch the real file with `git lfs pull`"
+    return None

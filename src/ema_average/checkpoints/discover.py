@@ -35,6 +35,7 @@ class Run:
     root: Path
     checkpoints: list[Checkpoint]
     notices: list[str] = field(default_factory=list)
+    units: list[Path] = field(default_factory=list)  # the user's checkpoints found, taken or skipped
 
 
 def discover(
@@ -80,6 +81,7 @@ def find_run(
         )
     notices: list[str] = []
     found = candidates(root)
+    units = list(found)
     if only is not None:
         found = [c for c in found if c in only]
     checkpoints: list[Checkpoint] = []
@@ -87,6 +89,7 @@ def find_run(
         ckpt = _open(candidate, state_dict_key, trust_pickle)
         if isinstance(ckpt, SafetensorsCheckpoint) and ckpt.written_by_this_tool:
             notices.append(f"skipped {candidate}: written by ema-average itself")
+            units.remove(candidate)
             continue
         info = _step_of(ckpt, steps_from)
         ckpt.step, ckpt.step_source = info.step, info.source
@@ -96,7 +99,7 @@ def find_run(
     checkpoints = _drop_copies(checkpoints, notices)
     checkpoints.sort(key=lambda c: c.step if c.step is not None else -1)
     validate_run(checkpoints)
-    return Run(root, checkpoints, notices)
+    return Run(root, checkpoints, notices, units)
 
 
 def candidates(root: Path) -> list[Path]:
@@ -104,9 +107,10 @@ def candidates(root: Path) -> list[Path]:
     found: list[Path] = []
     for folder, dirs, files in os.walk(root):
         here = Path(folder)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # hidden folders are never searched
         units = [here / d for d in dirs if is_hf_folder(here / d) or is_dcp_folder(here / d)]
         found += units
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and here / d not in units)
+        dirs[:] = [d for d in dirs if here / d not in units]
         found += [here / f for f in sorted(files) if _is_weights_file(f)]
     parents = sorted({str(p.parent) for p in found})
     if len(parents) > 1:

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
-from ema_average.checkpoints.base import Checkpoint, StepInfo, TensorSpec
+from ema_average.checkpoints.base import Checkpoint, StepInfo, TensorSpec, require_regular_file
 from ema_average.checkpoints.safetensors_file import SafetensorsCheckpoint
+from ema_average.checkpoints.steps import checked_step
 from ema_average.checkpoints.torch_file import TorchCheckpoint
 from ema_average.errors import CheckpointError
 
@@ -33,8 +34,11 @@ class HfFolderCheckpoint(Checkpoint):
     def __init__(self, path: Path, *, trust_pickle: bool = False) -> None:
         super().__init__(path)
         weights = next(path / name for name in WEIGHT_FILES if (path / name).is_file())
-        self.weights_file = weights
-        files = _shard_files(weights) if weights.name.endswith(".index.json") else [weights]
+        if weights.name.endswith(".index.json"):
+            weight_map = _weight_map(weights)
+            files = list(dict.fromkeys(weight_map.values()))
+        else:
+            weight_map, files = None, [weights]
         self._parts: list[Checkpoint] = [open_weights_file(f, trust_pickle=trust_pickle) for f in files]
         self._owner: dict[str, Checkpoint] = {}
         self._specs: dict[str, TensorSpec] = {}
@@ -46,6 +50,8 @@ class HfFolderCheckpoint(Checkpoint):
                     )
                 self._owner[name] = part
                 self._specs[name] = spec
+        if weight_map is not None:
+            _check_shards_match(weights, weight_map, self._owner)
         self.lazy = all(part.lazy for part in self._parts)
 
     def specs(self) -> dict[str, TensorSpec]:
@@ -66,12 +72,11 @@ class HfFolderCheckpoint(Checkpoint):
     def metadata_step(self) -> StepInfo | None:
         state = self.path / "trainer_state.json"
         if state.is_file():
-            try:
-                step = json.loads(state.read_text()).get("global_step")
-            except (OSError, ValueError) as exc:
-                raise CheckpointError(state, f"is not valid JSON ({exc})") from exc
-            if isinstance(step, int):
-                return StepInfo(step, "trainer_state.json:global_step")
+            record = _read_json(state)
+            step = record.get("global_step") if isinstance(record, dict) else None
+            if isinstance(step, int | str) and not isinstance(step, bool):
+                where = "trainer_state.json:global_step"
+                return StepInfo(checked_step(state, step, where), where)
         return None
 
     def close(self) -> None:
@@ -79,17 +84,52 @@ class HfFolderCheckpoint(Checkpoint):
             part.close()
 
 
-def _shard_files(index: Path) -> list[Path]:
-    """The shard files an index names, each checked to exist, in first-use order."""
+def _read_json(path: Path) -> object:
+    """A side file's JSON, read safely (JSON runs no code); any failure is one error naming the file."""
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(index, f"is not a valid weights index ({exc})") from exc
-    files = list(dict.fromkeys(index.parent / name for name in weight_map.values()))
-    for f in files:
-        if not f.is_file():
-            raise CheckpointError(index, f"names shard {f.name}, which does not exist")
-    return files
+        require_regular_file(path)
+        return json.loads(path.read_bytes())
+    except CheckpointError:
+        raise
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot be read ({exc.strerror or exc})") from exc
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(path, f"is not valid JSON ({str(exc)[:80]})") from None
+
+
+def _weight_map(index: Path) -> dict[str, Path]:
+    """Tensor name -> shard file, from an index whose every path is checked to stay inside its folder.
+
+    An index is untrusted input: a ``../`` or absolute shard path would average in a file from anywhere.
+    """
+    record = _read_json(index)
+    weight_map = record.get("weight_map") if isinstance(record, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(index, "is not a valid weights index: no 'weight_map' object of tensor -> file")
+    folder = index.parent.resolve()
+    shards: dict[str, Path] = {}
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or not file:
+            raise CheckpointError(index, f"maps tensor {name!r} to {file!r}, not a file name")
+        path = (index.parent / file).resolve()
+        if not path.is_relative_to(folder) or path == folder:
+            raise CheckpointError(index, f"names shard {file!r}, which is outside its folder; refused")
+        if not path.exists():
+            raise CheckpointError(index, f"names shard {file}, which does not exist")
+        require_regular_file(path)
+        shards[name] = path
+    return shards
+
+
+def _check_shards_match(index: Path, weight_map: dict[str, Path], owner: dict[str, Checkpoint]) -> None:
+    """Each shard must hold exactly the tensors the index assigns to it."""
+    for name, shard in weight_map.items():
+        held = owner.get(name)
+        if held is None or held.path != shard:
+            raise CheckpointError(index, f"lists tensor {name!r} in {shard.name}, which does not hold it")
+    extra = next((name for name in owner if name not in weight_map), None)
+    if extra is not None:
+        raise CheckpointError(owner[extra].path, f"holds tensor {extra!r}, which {index.name} does not list")
 
 
 def open_weights_file(

@@ -5,15 +5,22 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import torch
+
 from ema_average.checkpoints.base import StepInfo
+from ema_average.errors import CheckpointError
+
+# Steps are stored as int64 by every trainer; anything larger is damage or hostility, and would
+# overflow the float arithmetic of the decay rules.
+MAX_STEP = 2**63 - 1
 
 # Most specific first: "epoch=3-step=1200" must give 1200, not 3; "checkpoint_3_1200" gives 1200.
 _PATTERNS: list[tuple[str, re.Pattern[str]]] = [
-    ("global_stepN", re.compile(r"global[_-]?step[=_-]?(\d+)", re.IGNORECASE)),
-    ("step=N", re.compile(r"(?<![a-z])step[=_-]?(\d+)", re.IGNORECASE)),
-    ("checkpoint-N", re.compile(r"checkpoint-(\d+)$", re.IGNORECASE)),
-    ("iter_N", re.compile(r"iter(?:ation)?[=_-]?(\d+)", re.IGNORECASE)),
-    ("_N", re.compile(r"_(\d+)$")),
+    ("global_stepN", re.compile(r"global[_-]?step[=_-]?(\d+)", re.IGNORECASE | re.ASCII)),
+    ("step=N", re.compile(r"(?<![a-z])step[=_-]?(\d+)", re.IGNORECASE | re.ASCII)),
+    ("checkpoint-N", re.compile(r"checkpoint-(\d+)$", re.IGNORECASE | re.ASCII)),
+    ("iter_N", re.compile(r"iter(?:ation)?[=_-]?(\d+)", re.IGNORECASE | re.ASCII)),
+    ("_N", re.compile(r"_(\d+)$", re.ASCII)),
 ]
 
 PATTERN_NAMES = [name for name, _ in _PATTERNS]
@@ -36,5 +43,47 @@ def step_from_name(path: Path) -> StepInfo | None:
     for label, pattern in _PATTERNS:
         found = pattern.findall(stem)
         if found:
-            return StepInfo(int(found[-1]), f"filename:{label}")
+            return StepInfo(checked_step(path, found[-1], label), f"filename:{label}")
     return None
+
+
+_DECIMAL = re.compile(r"^\s*(\d{1,19})\s*$", re.ASCII)
+
+
+def checked_step(path: Path, value: object, where: str) -> int:
+    """A step as an int in [0, MAX_STEP], from an int, an ASCII decimal string, or a 0-d integer tensor.
+
+    Every reader passes what it found through here, so a hostile or damaged step ('²', 10**400, -5, a
+    complex tensor) is one clear error naming the file, never a traceback deep in the decay arithmetic.
+    """
+    step: int | None = None
+    if isinstance(value, str):
+        match = _DECIMAL.match(value)
+        step = int(match.group(1)) if match else None
+    elif isinstance(value, int) and not isinstance(value, bool):
+        step = value
+    elif _is_integer_scalar_tensor(value):
+        step = int(value.item())  # type: ignore[attr-defined]
+    if step is None or not 0 <= step <= MAX_STEP:
+        shown = _short_repr(value)
+        raise CheckpointError(path, f"has step {shown} ({where}), not a whole number in 0..{MAX_STEP}")
+    return step
+
+
+def _short_repr(value: object) -> str:
+    if isinstance(value, int) and value.bit_length() > 128:
+        return f"a {value.bit_length()}-bit number"  # repr() of a huge int is slow, or refused
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_integer_scalar_tensor(value: object) -> bool:
+    return (
+        isinstance(value, torch.Tensor)
+        and value.numel() == 1
+        and value.layout == torch.strided
+        and value.device.type != "meta"
+        and not value.dtype.is_floating_point
+        and not value.dtype.is_complex
+        and value.dtype != torch.bool
+    )

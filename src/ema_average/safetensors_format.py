@@ -1,0 +1,145 @@
+"""The safetensors file format: dtype names and a strict reading of the header, shared by reader and writer.
+
+A file is 8 bytes of little-endian header length, a JSON header, then the tensors' bytes back to back.
+The header is parsed and checked here by hand rather than with ``safetensors.safe_open``, because
+``safe_open`` maps the whole file first: a sparse 4 TB file, or a 12 GB one under a memory limit, then
+fails inside the mapping with an error that names no file. The checks are the format's own rules (as the
+library enforces them): a bounded header, known dtypes, offsets that tile the data section exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ema_average.errors import CheckpointError
+
+# Dtype names of the safetensors format (its spec's "dtype" field) that torch can hold.
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+METADATA_KEY = "__metadata__"
+MAX_HEADER_BYTES = 100_000_000  # the library's own limit
+
+
+@dataclass(frozen=True)
+class HeaderEntry:
+    """One tensor as the header describes it; ``begin``/``end`` are offsets into the data section."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Header:
+    metadata: dict[str, str]
+    entries: dict[str, HeaderEntry]  # in file order
+    data_start: int  # absolute offset of the data section
+
+
+def read_header(path: Path) -> Header:
+    """The checked header of the safetensors file at ``path``; any violation is one CheckpointError."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise _damaged(path, f"is {size} bytes long, too short for a header")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > MAX_HEADER_BYTES or 8 + length > size:
+                raise _damaged(path, f"claims a {length}-byte header in a {size}-byte file")
+            raw = f.read(length)
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot be read ({exc.strerror or exc})") from exc
+    header = _parse_json(path, raw)
+    metadata = _metadata(path, header.pop(METADATA_KEY, None))
+    entries = {name: _entry(path, name, value) for name, value in header.items()}
+    _check_tiling(path, entries, size - 8 - length)
+    ordered = dict(sorted(entries.items(), key=lambda item: item[1].begin))
+    return Header(metadata, ordered, 8 + length)
+
+
+def _damaged(path: Path, problem: str) -> CheckpointError:
+    return CheckpointError(path, f"not a readable safetensors file: {problem}")
+
+
+def _parse_json(path: Path, raw: bytes) -> dict[str, object]:
+    def no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        result = dict(pairs)
+        if len(result) != len(pairs):
+            raise ValueError("a key appears twice")
+        return result
+
+    if not raw.lstrip().startswith(b"{"):
+        raise _damaged(path, "the header is not a JSON object")
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise _damaged(path, f"the header is not valid JSON ({str(exc)[:80]})") from None
+    if not isinstance(header, dict):
+        raise _damaged(path, "the header is not a JSON object")
+    return header
+
+
+def _metadata(path: Path, value: object) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise _damaged(path, f"{METADATA_KEY} must map strings to strings")
+    return value
+
+
+def _entry(path: Path, name: str, value: object) -> HeaderEntry:
+    if not isinstance(value, dict):
+        raise _damaged(path, f"tensor {name!r} is not described by an object")
+    dtype, shape, offsets = value.get("dtype"), value.get("shape"), value.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise CheckpointError(path, f"tensor {name!r} has dtype {dtype!r}, which this tool cannot average")
+    if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+        raise _damaged(path, f"tensor {name!r} has shape {str(shape)[:40]}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        raise _damaged(path, f"tensor {name!r} has data_offsets {str(offsets)[:40]}")
+    begin, end = offsets
+    if end < begin or end - begin != math.prod(shape) * DTYPES[dtype].itemsize:
+        raise _damaged(path, f"tensor {name!r}: data_offsets {offsets} do not fit {dtype}{shape}")
+    return HeaderEntry(DTYPES[dtype], tuple(shape), begin, end)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_tiling(path: Path, entries: dict[str, HeaderEntry], data_size: int) -> None:
+    """Tensors must cover the data section exactly: no gaps, no overlaps, nothing past its end."""
+    position = 0
+    for name, entry in sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if entry.begin != position:
+            raise _damaged(path, f"tensor {name!r} starts at {entry.begin}, expected {position}")
+        position = entry.end
+    if position != data_size:
+        problem = "is truncated" if position > data_size else "has bytes after the last tensor"
+        raise _damaged(path, f"{problem} (tensors end at {position}, data section is {data_size} bytes)")

@@ -1,0 +1,84 @@
+"""What a user installs: the wheel's contents, the entry points, and how fast the command starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXE = str(Path(sys.executable).parent / "ema-average")
+
+
+def test_wheel_ships_the_license_and_py_typed(tmp_path: Path) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            str(ROOT),
+            "-w",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("ema_average-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    assert "ema_average/py.typed" in names
+    assert "ema_average/__main__.py" in names
+
+
+def best_of(command: list[str], runs: int = 3) -> tuple[float, subprocess.CompletedProcess[str]]:
+    """The fastest of a few runs: start-up time without the machine's noise."""
+    best, result = float("inf"), None
+    for _ in range(runs):
+        start = time.perf_counter()
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        best = min(best, time.perf_counter() - start)
+    assert result is not None
+    return best, result
+
+
+@pytest.mark.parametrize("flag", ["--version", "--help"])
+def test_version_and_help_answer_without_importing_torch(flag: str) -> None:
+    # Importing torch takes 1.5-3 s; the guard is that it is never imported, the time is the symptom.
+    seconds, result = best_of([EXE, flag])
+    assert result.returncode == 0
+    probe = subprocess.run(
+        [sys.executable, "-c", f"import sys; sys.argv = ['ema-average', '{flag}']\n"
+         "from ema_average.__main__ import main\n"
+         "try:\n    main()\nexcept SystemExit:\n    pass\n"
+         "print('torch' in sys.modules)"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert probe.stdout.strip().splitlines()[-1] == "False"
+    assert seconds < 1.0, f"{flag} took {seconds:.2f} s"
+
+
+def test_python_dash_m_runs_the_command() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "ema_average", "--version"], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and result.stdout.startswith("ema-average ")
+
+
+def test_import_is_lazy_and_the_public_api_resolves() -> None:
+    code = (
+        "import sys, ema_average\n"
+        "assert 'torch' not in sys.modules\n"
+        "assert all(getattr(ema_average, n) is not None for n in ema_average.__all__)\n"
+        "print(ema_average.ExponentialMovingAverage.__module__)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ema_average.moving_average"
