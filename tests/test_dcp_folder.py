@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import pickle
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from conftest import make_state
-from ema_average.checkpoints import find_run
+from ema_average.checkpoints import DcpCheckpoint, find_run
+from ema_average.checkpoints.base import StepInfo
+from ema_average.checkpoints.safetensors_file import DTYPE_NAMES
+from ema_average.errors import CheckpointError, UnsafeCheckpointError
 
 dcp = pytest.importorskip("torch.distributed.checkpoint")
 
@@ -48,3 +55,169 @@ def test_bare_state_with_step_in_folder_name(tmp_path: Path) -> None:
         (3, "filename:step=N"),
     ]
     assert torch.equal(run.checkpoints[0].read("encoder.weight"), make_state(1)["encoder.weight"])
+
+
+class WritesMarker:
+    """Unpickling this calls os.system: what a malicious .metadata does."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (os.system, (f"touch {self.marker}",))
+
+
+class Harmless:
+    def __init__(self) -> None:
+        self.value = 3
+
+
+def rewrite_metadata(folder: Path, change: Callable[[Any], None]) -> None:
+    """Edit a .metadata this test wrote itself (so plain pickle is fine here), as an attacker would."""
+    with open(folder / ".metadata", "rb") as f:
+        metadata = pickle.load(f)
+    change(metadata)
+    with open(folder / ".metadata", "wb") as f:
+        pickle.dump(metadata, f)
+
+
+def each_storage_entry(change: Callable[[Any], None]) -> Callable[[Any], None]:
+    return lambda metadata: [change(info) for info in metadata.storage_data.values()]  # type: ignore[func-returns-value]
+
+
+def test_a_metadata_payload_never_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "step_1"
+    save_dcp(folder, dict(make_state(1)))
+    rewrite_metadata(folder, lambda m: setattr(m, "planner_data", {"x": WritesMarker(marker)}))
+    with pytest.raises(
+        UnsafeCheckpointError,
+        match=r"\.metadata: needs arbitrary unpickling \(posix\.system\).*--trust-pickle",
+    ):
+        find_run(tmp_path)
+    with pytest.raises(UnsafeCheckpointError):
+        DcpCheckpoint(folder)
+    assert not marker.exists()
+
+
+def test_trust_pickle_reads_other_globals_with_a_warning(tmp_path: Path) -> None:
+    save_dcp(tmp_path, dict(make_state(1)))
+    rewrite_metadata(tmp_path, lambda m: setattr(m, "planner_data", {"x": Harmless()}))
+    with pytest.raises(UnsafeCheckpointError, match=r"Harmless.*--trust-pickle"):
+        DcpCheckpoint(tmp_path)
+    with pytest.warns(UserWarning, match="full unpickling"):
+        ckpt = DcpCheckpoint(tmp_path, trust_pickle=True)
+    assert torch.equal(ckpt.read("head.weight"), make_state(1)["head.weight"])
+
+
+def test_damaged_metadata_is_not_called_unsafe(tmp_path: Path) -> None:
+    save_dcp(tmp_path, dict(make_state(1)))
+    (tmp_path / ".metadata").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(CheckpointError, match=r"\.metadata: is damaged or not DCP metadata") as caught:
+        DcpCheckpoint(tmp_path)
+    assert not isinstance(caught.value, UnsafeCheckpointError)
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def trained_model_and_optimizer() -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten())
+    model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(2, 3, 5, 5)).sum().backward()
+    optimizer.step()
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": torch.tensor(12)}
+
+
+def every_dtype() -> dict[str, torch.Tensor]:
+    return {str(d): torch.arange(6).reshape(2, 3).to(d) for d in DTYPE_NAMES}
+
+
+@pytest.mark.parametrize(
+    "make", [trained_model_and_optimizer, every_dtype], ids=["model+optimizer", "dtypes"]
+)
+def test_real_saves_pass_the_allow_list(tmp_path: Path, make: Callable[[], dict[str, Any]]) -> None:
+    state = make()
+    save_dcp(tmp_path, state)
+    ckpt = DcpCheckpoint(tmp_path)
+    expected = state.get("model", state)
+    assert ckpt.tensor_names() == list(expected)
+    for name, tensor in expected.items():
+        assert ckpt.specs()[name].dtype == tensor.dtype
+        assert torch.equal(as_bytes(ckpt.read(name)), as_bytes(tensor))
+    if "step" in state:
+        assert ckpt.metadata_step() == StepInfo(12, "metadata:step")
+
+
+def test_metadata_is_read_once(tmp_path: Path) -> None:
+    save_dcp(tmp_path, {"model": dict(make_state(5)), "step": torch.tensor(5)})
+    ckpt = DcpCheckpoint(tmp_path)
+    (tmp_path / ".metadata").unlink()  # every later read uses what was read (and checked) at open
+    assert ckpt.metadata_step() == StepInfo(5, "metadata:step")
+    for name, tensor in make_state(5).items():
+        assert torch.equal(ckpt.read(name), tensor)
+
+
+@pytest.mark.parametrize("where", ["../outside.distcp", "absolute"])
+def test_data_files_outside_the_folder_are_refused(tmp_path: Path, where: str) -> None:
+    folder = tmp_path / "ckpt"
+    save_dcp(folder, dict(make_state(1)))
+    outside = tmp_path / "outside.distcp"
+    outside.write_bytes(next(folder.glob("*.distcp")).read_bytes())  # readable, were it allowed
+    relative = str(outside) if where == "absolute" else where
+    rewrite_metadata(folder, each_storage_entry(lambda info: setattr(info, "relative_path", relative)))
+    with pytest.raises(
+        CheckpointError, match=r"ckpt: names data file .*outside\.distcp.*outside the checkpoint"
+    ):
+        DcpCheckpoint(folder)
+
+
+def test_a_small_folder_claiming_a_huge_tensor_is_refused_at_open(tmp_path: Path) -> None:
+    save_dcp(tmp_path, dict(make_state(1)))
+
+    def claim_4_tb(metadata: Any) -> None:
+        entry = metadata.state_dict_metadata["encoder.bias"]
+        entry.size = torch.Size([10**12])
+        entry.chunks[0].sizes = torch.Size([10**12])
+
+    rewrite_metadata(tmp_path, claim_4_tb)
+    with pytest.raises(
+        CheckpointError, match=r"claims 4000000\d+ bytes of tensors, but its data files hold only"
+    ):
+        DcpCheckpoint(tmp_path)
+
+
+def test_stream_transforms_are_refused(tmp_path: Path) -> None:
+    save_dcp(tmp_path, dict(make_state(1)))
+    rewrite_metadata(
+        tmp_path, each_storage_entry(lambda info: setattr(info, "transform_descriptors", ["zstd"]))
+    )
+    with pytest.raises(CheckpointError, match=r"uses DCP stream transforms"):
+        DcpCheckpoint(tmp_path)
+
+
+def test_a_chunk_past_the_end_of_its_file_is_refused(tmp_path: Path) -> None:
+    save_dcp(tmp_path, dict(make_state(1)))
+    rewrite_metadata(tmp_path, each_storage_entry(lambda info: setattr(info, "offset", info.offset + 10**6)))
+    with pytest.raises(CheckpointError, match=r"is truncated: '.*\.distcp' ends before byte"):
+        DcpCheckpoint(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "step", [torch.tensor(1 + 2j), torch.tensor(True), torch.tensor(-5)], ids=["complex", "bool", "negative"]
+)
+def test_a_bad_step_tensor_is_one_clear_error(tmp_path: Path, step: torch.Tensor) -> None:
+    save_dcp(tmp_path, {"model": dict(make_state(1)), "step": step})
+    with pytest.raises(CheckpointError, match=r"has step .*\(metadata:step\), not a whole number"):
+        DcpCheckpoint(tmp_path).metadata_step()
+
+
+def test_a_tensor_the_tool_cannot_handle_is_refused_at_open(tmp_path: Path) -> None:
+    state = dict(make_state(1))
+    state["rotary.freqs"] = torch.ones(4, dtype=torch.complex64)
+    save_dcp(tmp_path, state)
+    with pytest.raises(CheckpointError, match=r"tensor 'rotary\.freqs' is complex64 \(complex\)"):
+        DcpCheckpoint(tmp_path)

@@ -211,7 +211,7 @@ def test_between_refuses_steps_beyond_int64() -> None:
     with pytest.raises(ConfigurationError, match="steps must increase"):
         ExponentialRule().between(0, 2**63)
     with pytest.raises(ConfigurationError, match="steps must increase"):
-        PowerRule().between(5, 5)
+        PowerRule(6.94).between(5, 5)
 
 
 @pytest.mark.parametrize(

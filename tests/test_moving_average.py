@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -12,6 +14,8 @@ from ema_average import (
     MovingAverage,
     ParameterError,
 )
+from ema_average.decay_rules import DecayRule
+from ema_average.plan import AverageSettings, update_decays
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
@@ -183,7 +187,7 @@ def test_update_rejects_missing_or_misshapen_values() -> None:
         ema.update({"a": torch.ones(2), "b": torch.ones(4)})
 
 
-def test_shadows_can_live_on_another_device_dtype_mix() -> None:
+def test_explicit_device_with_a_mix_of_dtypes_matches_float64() -> None:
     params = {"a": torch.nn.Parameter(torch.randn(4)), "b": torch.nn.Parameter(torch.randn(4).bfloat16())}
     ema = ExponentialMovingAverage(params.items(), decay=0.5, device="cpu")
     ref = Float64Reference(params, 0.5, 1.0, 10.0)
@@ -275,18 +279,36 @@ def test_registry() -> None:
     with pytest.raises(ConfigurationError, match="no moving average named 'nope'"):
         MovingAverage.by_name("nope")
 
-    @MovingAverage.register("test-constant")
-    class Constant(MovingAverage):
-        def decay_for(self, num_updates: int | None) -> float:
-            return 0.5
+    @dataclasses.dataclass(frozen=True)
+    class HalfRule(DecayRule):
+        """Every update halves the old average's weight; over a gap of n steps, 0.5 ** n."""
+
+        average_name = "test-half"
+        weight: float = 0.5
+
+        def at(self, num_updates: int | None, count: int) -> float:
+            return self.weight
+
+        def between(self, after_step: int, to_step: int) -> float:
+            return self.weight ** (to_step - after_step)
+
+    @MovingAverage.register("test-half")
+    class Half(MovingAverage):
+        rule_type = HalfRule
 
     try:
-        assert MovingAverage.by_name("test-constant") is Constant
-        avg = Constant({"a": torch.zeros(2)})
+        # One registered class is all it takes: the engine, the offline plan and its settings find it.
+        assert MovingAverage.by_name("test-half") is Half
+        avg = Half({"a": torch.zeros(2)}, rule=Half.make_rule())
         avg.update({"a": torch.ones(2)})
         assert avg.averages()["a"].tolist() == [0.5, 0.5]
+        settings = AverageSettings(method="test-half", schedule="step")
+        assert update_decays([10, 12, 15], settings) == [None, 0.25, 0.125]
+        assert settings.as_metadata() == {"method": "test-half", "schedule": "step", "weight": "0.5"}
+        with pytest.raises(ConfigurationError, match="--decay does not apply to the test-half average"):
+            AverageSettings(method="test-half", decay=0.9).rule()
     finally:
-        del MovingAverage._registry["test-constant"]
+        del MovingAverage._registry["test-half"]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

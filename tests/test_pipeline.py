@@ -364,11 +364,22 @@ def test_a_name_safetensors_cannot_store_is_refused_before_work(tmp_path: Path) 
         prepare(AverageOptions(run, tmp_path / "o.safetensors"))
 
 
-def nan_run(folder: Path) -> None:
+def nan_run(folder: Path, at: int = 1, value: float = float("inf")) -> None:
     states = write_safetensors_run(folder, STEPS[:3])
-    state = dict(states[STEPS[1]])
-    state["head.weight"][0, 0] = float("inf")
-    save_file(state, str(folder / f"model_step_{STEPS[1]}.safetensors"), metadata={"step": str(STEPS[1])})
+    state = dict(states[STEPS[at]])
+    state["head.weight"][0, 0] = value
+    save_file(state, str(folder / f"model_step_{STEPS[at]}.safetensors"), metadata={"step": str(STEPS[at])})
+
+
+@pytest.mark.parametrize("method", ["exponential", "uniform", "power"])
+def test_nan_in_the_first_checkpoint_is_found_whatever_the_method(tmp_path: Path, method: str) -> None:
+    # The check runs once, on the finished average: it relies on NaN never washing out of one.
+    nan_run(tmp_path / "run", at=0, value=float("nan"))
+    options = AverageOptions(tmp_path / "run", tmp_path / "o.safetensors", settings=AverageSettings(method))
+    with pytest.raises(
+        NonFiniteError, match=r"model_step_100\.safetensors: tensor 'head\.weight'.*\(step 100\)"
+    ):
+        average_checkpoints(options)
 
 
 def test_nonfinite_values_are_refused_naming_file_tensor_and_step(tmp_path: Path) -> None:

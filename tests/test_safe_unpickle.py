@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from ema_average.checkpoints import TorchCheckpoint
-from ema_average.errors import UnsafeCheckpointError
+from conftest import write_fairseq_run
+from ema_average.checkpoints import TorchCheckpoint, safe_unpickle
+from ema_average.checkpoints.base import StepInfo
+from ema_average.errors import CheckpointError, UnsafeCheckpointError
 
 MARKER_ENV = "EMA_AVERAGE_TEST_MARKER"
 
@@ -75,3 +78,99 @@ def test_pure_data_objects_load_without_opt_in(tmp_path: Path) -> None:
     ckpt = TorchCheckpoint(path)
     assert ckpt.read("w").tolist() == [0.0, 1.0]
     assert ckpt.metadata_step() is not None and ckpt.metadata_step().step == 5
+
+
+def resave_legacy(source: Path, target: Path) -> None:
+    """Re-save a file written by this test session in the legacy (non-zip) format, as old torch did."""
+    obj = torch.load(source, weights_only=False)  # our own file, written just above
+    torch.save(obj, target, _use_new_zipfile_serialization=False)
+
+
+def test_legacy_fairseq_checkpoint_loads_with_stand_ins(tmp_path: Path) -> None:
+    states = write_fairseq_run(tmp_path / "zip", [300])
+    path = tmp_path / "checkpoint_1_300.pt"
+    resave_legacy(tmp_path / "zip" / "checkpoint_1_300.pt", path)
+    ckpt = TorchCheckpoint(path)
+    assert not ckpt.lazy
+    assert ckpt.metadata_step() == StepInfo(300, "metadata:optimizer_history[-1].num_updates")
+    for name, tensor in states[300].items():
+        assert torch.equal(ckpt.read(name), tensor)
+
+
+def test_legacy_fairseq_checkpoint_with_a_payload_is_refused(tmp_path: Path) -> None:
+    write_fairseq_run(tmp_path / "zip", [300])
+    obj = torch.load(tmp_path / "zip" / "checkpoint_1_300.pt", weights_only=False)
+    marker = tmp_path / "pwned"
+    obj["extra_state"]["payload"] = WritesMarker(marker)
+    path = tmp_path / "evil.pt"
+    torch.save(obj, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(
+        UnsafeCheckpointError, match=r"evil\.pt: needs arbitrary unpickling \(posix\.system\)"
+    ):
+        TorchCheckpoint(path)
+    assert not marker.exists()
+
+
+def test_stand_ins_for_a_legacy_file_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(safe_unpickle, "MAX_STAND_INS", 1)
+    path = tmp_path / "old.pt"
+    extra = {"a": argparse.Namespace(x=1), "b": datetime.timedelta(days=1)}
+    torch.save({"model": {"w": torch.zeros(2)}, **extra}, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match=r"old\.pt: names more than 1 kinds of plain-data objects"):
+        TorchCheckpoint(path)
+
+
+def trainer_extras() -> dict[str, object]:
+    """Pure-data objects trainers pickle beside the weights (composer, Lightning, HF...)."""
+    return {
+        "elapsed": datetime.timedelta(hours=2, seconds=3),
+        "saved_at": datetime.datetime(2024, 5, 1, 12, 30, tzinfo=datetime.timezone.utc),
+        "naive_time": datetime.datetime(2024, 5, 1, 12, 30),
+        "day": datetime.date(2024, 5, 1),
+        "clock": datetime.time(12, 30),
+        "torch_version": torch.__version__,
+    }
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_datetimes_and_torch_version_load(tmp_path: Path, zip_format: bool) -> None:
+    assert type(torch.__version__).__name__ == "TorchVersion"
+    path = tmp_path / "a.pt"
+    obj = {"model": {"w": torch.arange(3.0)}, "step": 9, **trainer_extras()}
+    torch.save(obj, path, _use_new_zipfile_serialization=zip_format)
+    ckpt = TorchCheckpoint(path)
+    assert ckpt.read("w").tolist() == [0.0, 1.0, 2.0]
+    assert ckpt.metadata_step() == StepInfo(9, "metadata:step")
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_payload_beside_pure_data_never_runs(tmp_path: Path, zip_format: bool) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    obj = {"model": {"w": torch.zeros(2)}, **trainer_extras(), "zz": WritesMarker(marker)}
+    torch.save(obj, path, _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(UnsafeCheckpointError, match=r"evil\.pt: needs arbitrary unpickling.*--trust-pickle"):
+        TorchCheckpoint(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"this is not a checkpoint", b'{"model": {"w": [1, 2]}}', b"", b"\x80\x02}q\x00(X\x01"],
+    ids=["garbage", "json", "empty", "cut-pickle"],
+)
+def test_damaged_files_are_not_called_unsafe(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "bad.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=r"bad\.pt: is damaged or not a torch file") as caught:
+        TorchCheckpoint(path)
+    assert not isinstance(caught.value, UnsafeCheckpointError)
+    assert "--trust-pickle" not in str(caught.value)
+
+
+def test_git_lfs_pointer_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 1234\n")
+    with pytest.raises(CheckpointError, match=r"model\.pt: is a Git LFS pointer.*git lfs pull") as caught:
+        TorchCheckpoint(path)
+    assert not isinstance(caught.value, UnsafeCheckpointError)

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import struct
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import make_state, rss_growth, write_fairseq_run
-from ema_average.checkpoints import TorchCheckpoint, find_run
+from ema_average.checkpoints import TorchCheckpoint, find_run, torch_file
 from ema_average.errors import CheckpointError
 
 
@@ -79,7 +86,7 @@ def test_legacy_format_is_read_but_not_lazily(tmp_path: Path) -> None:
 
 def test_not_a_torch_file(tmp_path: Path) -> None:
     (tmp_path / "junk.pt").write_bytes(b"this is not a checkpoint")
-    with pytest.raises(CheckpointError, match=r"junk\.pt: cannot be read as a torch file"):
+    with pytest.raises(CheckpointError, match=r"junk\.pt: is damaged or not a torch file"):
         TorchCheckpoint(tmp_path / "junk.pt")
 
 
@@ -116,3 +123,194 @@ def test_fairseq_run_counts_last_and_best_once(tmp_path: Path) -> None:
     assert len(run.notices) == 2
     assert all("same step (300) and weights as" in n for n in run.notices)
     assert_same_tensors(run.checkpoints[-1], states[300])  # type: ignore[arg-type]
+
+
+class Blocked(Exception):
+    pass
+
+
+@contextmanager
+def fails_within(seconds: int) -> Iterator[None]:
+    """Turn a hang (a read that blocks forever) into a test failure."""
+
+    def give_up(signum: int, frame: object) -> None:
+        raise Blocked(f"still blocked after {seconds} s")  # not an OSError, which open() callers may swallow
+
+    previous = signal.signal(signal.SIGALRM, give_up)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "ckpt.pt"
+    os.mkfifo(fifo)
+    with fails_within(5), pytest.raises(CheckpointError, match=r"ckpt\.pt: is not a regular file"):
+        TorchCheckpoint(fifo)
+
+
+def claim_longer_member(path: Path, member_suffix: str, extra: int) -> None:
+    """Make the central directory claim ``extra`` more bytes for a member than the file holds."""
+    with zipfile.ZipFile(path) as archive:
+        target = next(i for i in archive.infolist() if i.filename.endswith(member_suffix))
+    raw = bytearray(path.read_bytes())
+    name = target.filename.encode()
+    entry = raw.find(b"PK\x01\x02")
+    while raw[entry + 46 : entry + 46 + len(name)] != name:  # the member's central directory header
+        entry = raw.find(b"PK\x01\x02", entry + 4)
+        assert entry >= 0
+    size = target.compress_size + extra
+    raw[entry + 20 : entry + 28] = struct.pack("<II", size, size)  # compressed, uncompressed size
+    path.write_bytes(bytes(raw))
+
+
+def test_a_zip_member_past_the_end_is_truncated(tmp_path: Path) -> None:
+    path = tmp_path / "cut.pt"
+    torch.save({"w": torch.arange(256.0)}, path)
+    claim_longer_member(path, "data/0", 1 << 20)
+    with pytest.raises(CheckpointError, match=r"cut\.pt: is truncated: zip member '.*data/0' extends past"):
+        TorchCheckpoint(path)
+
+
+def test_a_cut_zip_is_damaged(tmp_path: Path) -> None:
+    path = tmp_path / "half.pt"
+    torch.save({"w": torch.arange(4096.0)}, path)
+    path.write_bytes(path.read_bytes()[:9000])
+    with pytest.raises(CheckpointError, match=r"half\.pt: is damaged or not a torch file"):
+        TorchCheckpoint(path)
+
+
+def test_a_self_referencing_state_dict_is_refused(tmp_path: Path) -> None:
+    state: dict = {"w": torch.zeros(2)}
+    state["self"] = state
+    torch.save({"model": state}, tmp_path / "loop.pt")
+    with pytest.raises(
+        CheckpointError, match=r"loop\.pt: holds the same dict at the top level and at 'self'"
+    ):
+        TorchCheckpoint(tmp_path / "loop.pt")
+
+
+def test_a_dag_of_shared_dicts_is_refused_quickly(tmp_path: Path) -> None:
+    level: dict = {"w": torch.zeros(1)}
+    for _ in range(40):  # 2**40 paths through 40 dicts
+        level = {"a": level, "b": level}
+    path = tmp_path / "dag.pt"
+    torch.save({"model": {"w": torch.zeros(1), "tree": level}}, path)
+    assert path.stat().st_size < 8000
+    with (
+        fails_within(20),
+        pytest.raises(
+            CheckpointError, match=r"dag\.pt: holds the same dict at 'tree(\.a)+' and at 'tree(\.a)*\.b'"
+        ),
+    ):
+        TorchCheckpoint(path)
+
+
+def test_nesting_is_bounded(tmp_path: Path) -> None:
+    level: dict = {"w": torch.zeros(1)}
+    for _ in range(torch_file.MAX_DEPTH + 1):
+        level = {"x": level}
+    torch.save({"model": {"w": torch.zeros(1), "tree": level}}, tmp_path / "deep.pt")
+    with pytest.raises(CheckpointError, match=r"deep\.pt: nests dicts more than 100 deep"):
+        TorchCheckpoint(tmp_path / "deep.pt")
+
+
+def test_names_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch_file, "MAX_NAMES", 4)
+    torch.save(make_state(1), tmp_path / "many.pt")  # five tensors
+    with pytest.raises(CheckpointError, match=r"many\.pt: has more than 4 tensors"):
+        TorchCheckpoint(tmp_path / "many.pt")
+
+
+def test_two_tensors_under_one_name_are_refused(tmp_path: Path) -> None:
+    torch.save({"model": {"a.b": torch.zeros(1), "a": {"b": torch.ones(1)}}}, tmp_path / "dup.pt")
+    with pytest.raises(CheckpointError, match=r"dup\.pt: has two tensors named 'a\.b'"):
+        TorchCheckpoint(tmp_path / "dup.pt")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [
+        (lambda: torch.ones(2, dtype=torch.complex64), "is complex64 (complex)"),
+        (lambda: torch.quantize_per_tensor(torch.ones(3), 0.1, 0, torch.qint8), "is quantized"),
+        (lambda: torch.empty(3, device="meta"), "is a meta tensor"),
+        (lambda: torch.eye(3).to_sparse(), "is not a dense tensor"),
+        (
+            lambda: torch.ones(2).to(torch.float8_e4m3fnuz),
+            "is float8_e4m3fnuz, which safetensors cannot store",
+        ),
+    ],
+    ids=["complex", "quantized", "meta", "sparse", "float8-fnuz"],
+)
+def test_tensors_the_tool_cannot_handle_are_refused_at_open(tmp_path: Path, make, problem: str) -> None:  # type: ignore[no-untyped-def]
+    torch.save({"model": {"fine": torch.zeros(2), "bad": make()}}, tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError, match=rf"odd\.pt: tensor 'bad' {re.escape(problem)}"):
+        TorchCheckpoint(tmp_path / "odd.pt")
+
+
+@pytest.mark.parametrize(
+    ("state", "shown"),
+    [({"w": torch.zeros(1), 0: torch.ones(1)}, "0"), ({"\ud800": torch.zeros(1)}, "'\\\\ud800'")],
+    ids=["int-key", "lone-surrogate"],
+)
+def test_tensor_names_must_be_utf8_strings(tmp_path: Path, state: dict, shown: str) -> None:
+    torch.save(state, tmp_path / "names.pt")
+    with pytest.raises(CheckpointError, match=rf"names\.pt: has a tensor name {shown} that is not"):
+        TorchCheckpoint(tmp_path / "names.pt")
+
+
+@pytest.mark.parametrize("n", [1000, 10**12])
+def test_an_expanded_view_is_refused(tmp_path: Path, n: int) -> None:
+    torch.save({"w": torch.zeros(1).expand(n), "b": torch.zeros(2)}, tmp_path / "wide.pt")
+    assert (tmp_path / "wide.pt").stat().st_size < 4000
+    with pytest.raises(CheckpointError, match=r"wide\.pt: tensor 'w' has .* materialised at full size"):
+        TorchCheckpoint(tmp_path / "wide.pt")
+
+
+def test_views_within_their_storage_load(tmp_path: Path) -> None:
+    base = torch.arange(12.0).reshape(3, 4)
+    state = {"t": base.t(), "row": base[1], "every_other": base.reshape(-1)[::2]}
+    torch.save(state, tmp_path / "views.pt")
+    assert_same_tensors(TorchCheckpoint(tmp_path / "views.pt"), state)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [torch.tensor(1 + 2j), torch.tensor(True), torch.tensor(-5), -5, 10**400, "final", "²"],
+    ids=["complex", "bool-tensor", "negative-tensor", "negative", "huge", "word", "superscript"],
+)
+def test_a_bad_step_is_one_clear_error(tmp_path: Path, value: object) -> None:
+    torch.save({"model": make_state(1), "global_step": value}, tmp_path / "a.pt")
+    with pytest.raises(
+        CheckpointError, match=r"a\.pt: has step .*\(metadata:global_step\), not a whole number"
+    ):
+        TorchCheckpoint(tmp_path / "a.pt")
+
+
+def test_a_bad_fairseq_step_is_one_clear_error(tmp_path: Path) -> None:
+    history = [{"num_updates": torch.tensor(-3)}]
+    torch.save({"model": make_state(1), "optimizer_history": history}, tmp_path / "f.pt")
+    with pytest.raises(CheckpointError, match=r"has step .*optimizer_history\[-1\]\.num_updates"):
+        TorchCheckpoint(tmp_path / "f.pt")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("1200", 1200),
+        (torch.tensor([7], dtype=torch.int32), 7),
+        (None, None),
+        (True, None),
+        (2.5, None),
+        ([3], None),
+    ],
+    ids=["string", "int32-tensor", "none", "flag", "float", "list"],
+)
+def test_step_values_that_are_or_are_not_steps(tmp_path: Path, value: object, expected: int | None) -> None:
+    torch.save({"model": make_state(1), "step": value}, tmp_path / "a.pt")
+    info = TorchCheckpoint(tmp_path / "a.pt").metadata_step()
+    assert (info.step if info else None) == expected

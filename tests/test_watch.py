@@ -8,13 +8,16 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from conftest import make_state
+from ema_average.errors import ConfigurationError
 from ema_average.pipeline import AverageOptions, average_checkpoints
 from ema_average.plan import AverageSettings
 from ema_average.watch import watch
@@ -32,30 +35,47 @@ def last_step(path: Path) -> int | None:
 
 
 def slow_training_run(folder: Path, slow_step: int, pause: float = 1.0, gap: float = 0.3) -> threading.Thread:
-    """Writes STEPS' checkpoints one after another; ``slow_step``'s in two halves with a pause between."""
+    """Writes STEPS' checkpoints one after another in real time; ``slow_step``'s in two halves with a pause
+    between (for the command, which runs in its own process)."""
 
     def write() -> None:
-        for step in STEPS:
-            data = save(dict(make_state(step)), metadata={"step": str(step)})
-            path = folder / f"model_step_{step}.safetensors"
-            with open(path, "wb") as f:
-                if step == slow_step:
-                    f.write(data[: len(data) // 2])
-                    f.flush()
-                    time.sleep(pause)
-                f.write(data[len(data) // 2 :] if step == slow_step else data)
-            time.sleep(gap)
+        for action in training_actions(folder, slow_step, pauses=0):
+            action()
+            time.sleep(pause if action.__name__ == "first_half" else gap)
 
     thread = threading.Thread(target=write, daemon=True)
     thread.start()
     return thread
 
 
+def training_actions(folder: Path, slow_step: int, pauses: int) -> list[Callable[[], None]]:
+    """What a trainer does, one action per poll: write each checkpoint, ``slow_step``'s in two halves with
+    ``pauses`` polls between them."""
+    actions: list[Callable[[], None]] = []
+    for step in STEPS:
+        data = save(dict(make_state(step)), metadata={"step": str(step)})
+        path = folder / f"model_step_{step}.safetensors"
+        if step != slow_step:
+            actions.append(lambda path=path, data=data: path.write_bytes(data))
+            continue
+
+        def first_half(path: Path = path, data: bytes = data) -> None:
+            path.write_bytes(data[: len(data) // 2])
+
+        def second_half(path: Path = path, data: bytes = data) -> None:
+            with open(path, "ab") as f:
+                f.write(data[len(data) // 2 :])
+
+        actions += [first_half, *[lambda: None] * pauses, second_half]
+    return actions
+
+
 def test_watch_takes_each_checkpoint_when_complete(tmp_path: Path) -> None:
+    # The trainer advances one action per poll through the injected sleep: no wall-clock timing.
     run, out = tmp_path / "run", tmp_path / "ema.safetensors"
     run.mkdir()
     settings = AverageSettings(decay=0.999, schedule="step")
-    writer = slow_training_run(run, slow_step=300)
+    actions = training_actions(run, slow_step=300, pauses=2)
     done = threading.Event()
     torn: list[str] = []
 
@@ -66,22 +86,26 @@ def test_watch_takes_each_checkpoint_when_complete(tmp_path: Path) -> None:
                     load_file(str(out))
                 except Exception as exc:  # a reader must never see a half-written output
                     torn.append(repr(exc))
-            time.sleep(0.005)
+
+    def next_poll(seconds: float) -> None:
+        assert seconds == 0.5
+        if actions:
+            actions.pop(0)()
 
     reader = threading.Thread(target=read_output_while_it_changes, daemon=True)
     reader.start()
     notices: list[str] = []
     refreshed: list[int] = []
-    deadline = time.monotonic() + 60
+    polls = iter(range(100))
     watch(
         AverageOptions(run, out, settings=settings),
-        poll=0.1,
+        poll=0.5,
         on_refresh=lambda prepared, summary: refreshed.append(prepared.plan.steps[-1]),
         on_notice=notices.append,
-        stop=lambda: last_step(out) == STEPS[-1] or time.monotonic() > deadline,
+        stop=lambda: last_step(out) == STEPS[-1] or next(polls) == 99,
+        sleep=next_poll,
     )
     done.set()
-    writer.join()
     reader.join()
     assert last_step(out) == STEPS[-1]
     assert torn == []
@@ -93,6 +117,46 @@ def test_watch_takes_each_checkpoint_when_complete(tmp_path: Path) -> None:
     assert all(torch.equal(one[n], live[n]) for n in one)
     with safe_open(str(out), "pt") as f:
         assert json.loads(f.metadata()["steps"]) == STEPS
+
+
+def test_watch_names_a_checkpoint_older_than_the_output_once(tmp_path: Path) -> None:
+    run, out = tmp_path / "run", tmp_path / "ema.safetensors"
+    run.mkdir()
+    late = dict(make_state(150))
+    actions: list[Callable[[], None]] = [
+        lambda: (run / "model_step_100.safetensors").write_bytes(
+            save(dict(make_state(100)), {"step": "100"})
+        ),
+        lambda: (run / "model_step_200.safetensors").write_bytes(
+            save(dict(make_state(200)), {"step": "200"})
+        ),
+        lambda: None,
+        lambda: (run / "model_step_150.safetensors").write_bytes(save(late, {"step": "150"})),
+        lambda: None,
+        lambda: None,
+        lambda: None,
+    ]
+    notices: list[str] = []
+    watch(
+        AverageOptions(run, out),
+        poll=1.0,
+        on_refresh=lambda prepared, summary: None,
+        on_notice=notices.append,
+        stop=lambda: not actions,
+        sleep=lambda _seconds: actions.pop(0)(),
+    )
+    assert last_step(out) == 200
+    assert notices == [
+        "model_step_150.safetensors (step 150) is not applied: ema.safetensors already holds steps up to 200"
+    ]
+
+
+@pytest.mark.parametrize("poll", [0.0, -1.0, float("nan"), float("inf")])
+def test_watch_refuses_a_poll_that_is_not_a_positive_number(tmp_path: Path, poll: float) -> None:
+    with pytest.raises(ConfigurationError, match="--poll must be a positive number of seconds"):
+        watch(
+            AverageOptions(tmp_path, tmp_path / "o.safetensors"), poll=poll, on_refresh=print, on_notice=print
+        )
 
 
 def test_watch_command_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from ema_average.errors import (
     NonFiniteError,
     OutputError,
     ParameterError,
+    TrustPickleWarning,
     UnsafeCheckpointError,
 )
 
@@ -87,6 +88,7 @@ __all__ = [
     "PowerFunctionMovingAverage",
     "Selection",
     "Summary",
+    "TrustPickleWarning",
     "UniformMovingAverage",
     "UnsafeCheckpointError",
     "__version__",

@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import signal
 import sys
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
@@ -17,41 +18,32 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 import typer
 from rich.console import Console
 
+from ema_average import options as choices
 from ema_average._version import __version__
-from ema_average.errors import ConfigurationError, EmaAverageError
+from ema_average.decay_rules import ExponentialRule, PowerRule
+from ema_average.errors import EmaAverageError, TrustPickleWarning
 
 if TYPE_CHECKING:  # the modules behind the command import torch: loaded only once a run starts
     from ema_average.pipeline import AverageOptions, PreparedRun, Summary
+
+
+def _choices(name: str, names: tuple[str, ...]) -> type[Enum]:
+    """A typer choice type made from one of the real lists in :mod:`ema_average.options`."""
+    return Enum(name, {n: n for n in names}, type=str)  # type: ignore[return-value]
+
+
+Schedule = _choices("Schedule", choices.SCHEDULES)
+OutputDtype = _choices("OutputDtype", choices.OUTPUT_DTYPES)
+StepsFrom = _choices("StepsFrom", choices.STEPS_FROM)
+DEFAULT_SCHEDULE = Schedule(choices.SCHEDULES[0])
+DEFAULT_DTYPE = OutputDtype(choices.OUTPUT_DTYPES[0])
+DEFAULT_STEPS_FROM = StepsFrom(choices.STEPS_FROM[0])
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 # File names are data, never rich markup or emoji codes (a file named "[bold]x.pt" must print as such).
 # Piped output (logs, CI) gets wide lines rather than rich's 80-column default, so nothing is folded.
 out = Console(highlight=False, markup=False, emoji=False, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, highlight=False, markup=False, emoji=False)
-
-
-class OutputDtype(str, Enum):
-    as_input = "as-input"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-
-
-class Method(str, Enum):
-    exponential = "exponential"
-    uniform = "uniform"
-    power = "power"
-
-
-class Schedule(str, Enum):
-    checkpoint = "checkpoint"
-    step = "step"
-
-
-class StepsFrom(str, Enum):
-    auto = "auto"
-    metadata = "metadata"
-    filename = "filename"
 
 
 def _version(value: bool) -> None:
@@ -78,20 +70,24 @@ def average(
     ] = None,
     device: Annotated[str, typer.Option(help="Where the averages live: cpu, cuda, cuda:N or mps.")] = "cpu",
     method: Annotated[
-        Method,
+        str,
         typer.Option(
-            help="exponential (EMA), uniform (mean of the checkpoints) or power (EDM2 power-function EMA)."
+            help="A registered moving average: exponential (EMA), uniform (mean of the checkpoints), power "
+            "(EDM2 power-function EMA), or one added with @MovingAverage.register."
         ),
-    ] = Method.exponential,
+    ] = "exponential",
     schedule: Annotated[
         Schedule,
         typer.Option(
             help="checkpoint: one update per checkpoint (num_updates = its step); step: the per-step rule over "
-            "every training step between checkpoints, as an online EMA would have applied it."
+            "every training step between checkpoints, as an online EMA would have applied it.",
         ),
-    ] = Schedule.checkpoint,
+    ] = DEFAULT_SCHEDULE,
     decay: Annotated[
-        float | None, typer.Option(help="EMA decay (upper bound when steps are known). [default: 0.9999]")
+        float | None,
+        typer.Option(
+            help=f"EMA decay (upper bound when steps are known). [default: {ExponentialRule.decay}]"
+        ),
     ] = None,
     half_life: Annotated[
         float | None,
@@ -105,17 +101,27 @@ def average(
     sigma_rel: Annotated[
         float | None,
         typer.Option(
-            help="Power method: relative width of the averaging profile instead of gamma. [default: 0.05]"
+            help="Power method: relative width of the averaging profile instead of gamma. "
+            f"[default: {PowerRule.default_sigma_rel}]"
         ),
     ] = None,
     numerator: Annotated[
-        float, typer.Option(help="Warm-up: decay = min(decay, (numerator + step) / (denominator + step)).")
-    ] = 1.0,
-    denominator: Annotated[float, typer.Option(help="Warm-up denominator (see --numerator).")] = 10.0,
+        float | None,
+        typer.Option(
+            help="Warm-up: decay = min(decay, (numerator + step) / (denominator + step)). "
+            f"[default: {ExponentialRule.numerator}]"
+        ),
+    ] = None,
+    denominator: Annotated[
+        float | None,
+        typer.Option(help=f"Warm-up denominator (see --numerator). [default: {ExponentialRule.denominator}]"),
+    ] = None,
     dtype: Annotated[
         OutputDtype,
-        typer.Option(help="Output dtype of averaged tensors; as-input keeps each tensor's saved dtype."),
-    ] = OutputDtype.as_input,
+        typer.Option(
+            help="Output dtype of averaged tensors; as-input keeps each tensor's saved dtype.",
+        ),
+    ] = DEFAULT_DTYPE,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Show the plan and stop; write nothing.")
@@ -169,8 +175,10 @@ def average(
     ] = None,
     steps_from: Annotated[
         StepsFrom,
-        typer.Option(help="Where steps come from: metadata, filename, or auto (metadata, then filename)."),
-    ] = StepsFrom.auto,
+        typer.Option(
+            help="Where steps come from: metadata, filename, or auto (metadata, then filename).",
+        ),
+    ] = DEFAULT_STEPS_FROM,
     trust_pickle: Annotated[
         bool,
         typer.Option(
@@ -194,15 +202,15 @@ def average(
     ] = None,
 ) -> None:
     signal.signal(signal.SIGTERM, _terminate)
+    if not debug:
+        _only_our_warnings()
     try:
         from ema_average.pipeline import AverageOptions, prepare
         from ema_average.plan import AverageSettings, CheckpointSelection, Selection, parse_size
 
-        if decay is not None and half_life is not None:
-            raise ConfigurationError("give --decay or --half-life, not both")
         settings = AverageSettings(
-            method=method.value,
-            decay=0.9999 if decay is None else decay,
+            method=method,
+            decay=decay,
             numerator=numerator,
             denominator=denominator,
             schedule=schedule.value,
@@ -275,6 +283,18 @@ def _watch(options: AverageOptions, poll: float, quiet: bool) -> None:
             out.print("stopped watching")
 
 
+def _only_our_warnings() -> None:
+    """Libraries' warnings (torch deprecations and the like) are not the user's business and would break
+    the one-line error promise; ours (--trust-pickle) are, one line each. --debug shows everything."""
+    warnings.simplefilter("ignore")
+    warnings.simplefilter("always", TrustPickleWarning)
+
+    def show(message: Warning | str, *_: object, **__: object) -> None:
+        err.print(f"ema-average: warning: {one_line(str(message))}", soft_wrap=True)
+
+    warnings.showwarning = show
+
+
 def _terminate(signum: int, _frame: object) -> NoReturn:
     """SIGTERM unwinds like Ctrl-C, so the temporary output is removed on the way out."""
     raise KeyboardInterrupt
@@ -323,7 +343,7 @@ def show_plan(prepared: PreparedRun) -> None:
     """The checkpoints in order with their steps, decays and weights: exactly what will be applied."""
     from rich.table import Table
 
-    from ema_average.plan import format_bytes, relative_spread
+    from ema_average.plan import effective_count, format_bytes
 
     plan, settings = prepared.plan, prepared.options.settings
     title = f"{len(prepared.checkpoints)} checkpoints in {prepared.run.root}"
@@ -358,7 +378,7 @@ def show_plan(prepared: PreparedRun) -> None:
     rule = ", ".join(f"{k} {v:.6g}" for k, v in settings.rule().settings().items())
     out.print(
         f"method {settings.method}{' (' + rule + ')' if rule else ''}, schedule {settings.schedule}; "
-        f"effective number of checkpoints {relative_spread(plan.weights):.2f}"
+        f"effective number of checkpoints {effective_count(plan.weights):.2f}"
     )
     out.print(
         f"layout {', '.join(layouts)}; {len(averaged)} tensors averaged ({format_bytes(sum(t.spec.nbytes for t in averaged))}"

@@ -12,6 +12,7 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from fractions import Fraction
+from typing import ClassVar
 
 import numpy as np
 
@@ -49,25 +50,60 @@ def _is_finite_number(value: object) -> bool:
 class DecayRule(ABC):
     """The decay of each update of one kind of average."""
 
+    average_name: ClassVar[str] = "?"  # how errors name the average this rule belongs to
+
     @abstractmethod
     def at(self, num_updates: int | None, count: int) -> float:
         """Decay of one update: ``num_updates`` is the step if known, ``count`` the values averaged so far."""
+
+    # Whether the rule has a per-step meaning, so that ``between`` (the "step" schedule) exists.
+    has_gap_product: ClassVar[bool] = True
 
     @abstractmethod
     def between(self, after_step: int, to_step: int) -> float:
         """Product of the per-step decays of steps ``after_step + 1 .. to_step``."""
 
+    @classmethod
+    def from_options(cls, **options: float) -> DecayRule:
+        """The rule from the options a user gave by name (``decay``, ``half_life``, ``gamma``...).
+
+        The one place that turns settings into a rule: the engine's classes, the offline plan and the
+        command line all come through here, so each default lives in the rule's own fields.
+        """
+        _refuse_foreign(cls, options, ())
+        return cls(**options)
+
     def settings(self) -> dict[str, float]:
         return asdict(self)  # type: ignore[call-overload]
+
+
+def _refuse_foreign(rule: type[DecayRule], options: dict[str, float], known: tuple[str, ...]) -> None:
+    foreign = [name for name in options if name not in known]
+    if foreign:
+        flags = ", ".join("--" + name.replace("_", "-") for name in foreign)
+        raise ConfigurationError(f"{flags} does not apply to the {rule.average_name} average")
 
 
 @dataclass(frozen=True)
 class ExponentialRule(DecayRule):
     """The seed's rule: ``min(decay, (numerator + n) / (denominator + n))`` (TensorFlow's warm-up)."""
 
+    average_name: ClassVar[str] = "exponential"
+
     decay: float = 0.9999
     numerator: float = 1.0
     denominator: float = 10.0
+
+    @classmethod
+    def from_options(cls, **options: float) -> ExponentialRule:
+        """``decay``, or ``half_life`` instead of it, and the warm-up's ``numerator`` and ``denominator``."""
+        _refuse_foreign(cls, options, ("decay", "half_life", "numerator", "denominator"))
+        half_life = options.pop("half_life", None)
+        if half_life is not None:
+            if "decay" in options:
+                raise ConfigurationError("give --decay or --half-life, not both")
+            options["decay"] = half_life_to_decay(half_life)
+        return cls(**{name: float(value) for name, value in options.items()})
 
     def __post_init__(self) -> None:
         check_unit("decay", self.decay)
@@ -152,6 +188,9 @@ class ExponentialRule(DecayRule):
 class UniformRule(DecayRule):
     """The arithmetic mean: the k-th value added gets weight 1/k (fairseq's and OpenNMT's averaging)."""
 
+    average_name: ClassVar[str] = "uniform"
+    has_gap_product: ClassVar[bool] = False
+
     def at(self, num_updates: int | None, count: int) -> float:
         return count / (count + 1)
 
@@ -168,7 +207,10 @@ class PowerRule(DecayRule):
     Over a gap the product telescopes: ``prod (k - 1) / k`` for k in (a, b] is ``a / b``.
     """
 
-    gamma: float = 6.94
+    average_name: ClassVar[str] = "power"
+    default_sigma_rel: ClassVar[float] = 0.05  # EDM2's shorter profile; gamma 16.97
+
+    gamma: float
 
     def __post_init__(self) -> None:
         _check_finite("gamma", self.gamma)
@@ -176,12 +218,14 @@ class PowerRule(DecayRule):
             raise ConfigurationError(f"--gamma must be > -1, got {self.gamma!r}")
 
     @classmethod
-    def from_gamma_or_sigma_rel(cls, gamma: float | None, sigma_rel: float | None) -> PowerRule:
-        """The rule given by ``gamma`` or by ``sigma_rel`` (neither: EDM2's sigma_rel 0.05)."""
+    def from_options(cls, **options: float) -> PowerRule:
+        """``gamma``, or ``sigma_rel`` instead of it (neither: ``default_sigma_rel``)."""
+        _refuse_foreign(cls, options, ("gamma", "sigma_rel"))
+        gamma, sigma_rel = options.get("gamma"), options.get("sigma_rel")
         if gamma is not None and sigma_rel is not None:
-            raise ConfigurationError("give gamma (--gamma) or sigma_rel (--sigma-rel), not both")
+            raise ConfigurationError("give --gamma or --sigma-rel, not both")
         if gamma is None:
-            gamma = sigma_rel_to_gamma(0.05 if sigma_rel is None else sigma_rel)
+            gamma = sigma_rel_to_gamma(cls.default_sigma_rel if sigma_rel is None else sigma_rel)
         return cls(float(gamma))
 
     def at(self, num_updates: int | None, count: int) -> float:

@@ -60,3 +60,7 @@ class OutputError(EmaAverageError, OSError):
 
 class DeviceError(EmaAverageError, RuntimeError):
     """The requested device is not available on this machine."""
+
+
+class TrustPickleWarning(UserWarning):
+    """A checkpoint is being fully unpickled because the user passed --trust-pickle: its code can run."""

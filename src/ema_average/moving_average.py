@@ -157,8 +157,10 @@ def _make_buckets(tensors: list[torch.Tensor], device: torch.device | None) -> l
 class MovingAverage:
     """Tracks a moving average of named tensors (AllenNLP's design, registrable by name).
 
-    Subclasses say which decay each update gets (:meth:`decay_for`); the storage, the update kernel,
-    swapping and saving live here, once.
+    A new average is one registered subclass that names its ``rule_type`` (a :class:`DecayRule`, which
+    says the decay of each update and builds itself from named settings); an ``__init__`` that spells
+    those settings out is optional. The storage, the update kernel, swapping and saving live here, once,
+    and the offline command finds the class and its rule through the registry alone.
     """
 
     # A hand-written registry: allennlp's ``Registrable`` would do, but allennlp pins an old torch.
@@ -201,8 +203,10 @@ class MovingAverage:
         self,
         parameters: Iterable[NamedParameter] | Mapping[str, torch.Tensor],
         *,
+        rule: DecayRule,
         device: torch.device | str | None = None,
     ) -> None:
+        self.rule = rule
         items = _named_tensors(parameters)
         self._names = [name for name, _ in items]
         self._params: list[torch.Tensor] | None = [t for _, t in items]
@@ -216,28 +220,51 @@ class MovingAverage:
         self._backups: list[torch.Tensor] | None = None
         self.num_applied = 0
 
+    rule_type: ClassVar[type[DecayRule]]  # each implementation's rule; its settings build it
+
+    @classmethod
+    def make_rule(cls, **options: float) -> DecayRule:
+        """This average's rule from settings given by name: how the offline plan gets the very rule the
+        engine applies (``MovingAverage.by_name(method).make_rule(decay=0.999)``)."""
+        return cls.rule_type.from_options(**options)
+
+    @classmethod
+    def with_rule(
+        cls,
+        parameters: Iterable[NamedParameter] | Mapping[str, torch.Tensor],
+        rule: DecayRule,
+        *,
+        device: torch.device | str | None = None,
+    ) -> MovingAverage:
+        """An average of this class with a rule built elsewhere, whatever the class's own signature."""
+        if not isinstance(rule, cls.rule_type):
+            raise ConfigurationError(f"a {cls.registered_name!r} average needs a {cls.rule_type.__name__}")
+        average = cls.__new__(cls)
+        MovingAverage.__init__(average, parameters, rule=rule, device=device)
+        return average
+
     @classmethod
     def from_tensors(
         cls,
         tensors: Iterable[NamedParameter] | Mapping[str, torch.Tensor],
         *,
+        rule: DecayRule | None = None,
         device: torch.device | str | None = None,
-        **settings: Any,
+        **settings: float,
     ) -> MovingAverage:
         """An average started from ``tensors`` that keeps no reference to them.
 
         For streaming (the offline pipeline): holding the first checkpoint's tensors alive for the
-        whole run would double memory. Such an average is fed through :meth:`update` only.
+        whole run would double memory. Such an average is fed through :meth:`update` only. Give the
+        ``rule``, or the settings it is made from.
         """
-        average = cls(tensors, device=device, **settings)
+        average = cls.with_rule(tensors, rule or cls.make_rule(**settings), device=device)
         average._params = None
         for bucket in average._buckets:
             bucket.sources = []
         return average
 
     # --- the decay each update gets ---------------------------------------------------------------
-
-    rule: DecayRule  # set by each implementation; the offline plan asks the same rule
 
     def decay_for(self, num_updates: int | None) -> float:
         """Decay of the next update, by this average's rule (``num_applied + 1`` values are in it)."""
@@ -342,10 +369,6 @@ class MovingAverage:
 
     # --- reading and saving -----------------------------------------------------------------------
 
-    @property
-    def names(self) -> list[str]:
-        return list(self._names)
-
     def averages(self) -> dict[str, torch.Tensor]:
         """The current averages by name (the live float32/float64 tensors, not copies)."""
         return dict(zip(self._names, self._shadows, strict=True))
@@ -367,8 +390,7 @@ class MovingAverage:
 
     def settings(self) -> dict[str, Any]:
         """The implementation's own settings, recorded in state dicts and output metadata."""
-        rule = getattr(self, "rule", None)
-        return rule.settings() if rule is not None else {}
+        return self.rule.settings()
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume this average later (shadows, settings, update count)."""
@@ -415,17 +437,20 @@ class ExponentialMovingAverage(MovingAverage):
     ``min(decay, (numerator + n) / (denominator + n))``.
     """
 
+    rule_type = ExponentialRule
+    rule: ExponentialRule
+
     def __init__(
         self,
         parameters: Iterable[NamedParameter] | Mapping[str, torch.Tensor],
-        decay: float = 0.9999,
-        numerator: float = 1.0,
-        denominator: float = 10.0,
+        decay: float = ExponentialRule.decay,
+        numerator: float = ExponentialRule.numerator,
+        denominator: float = ExponentialRule.denominator,
         *,
         device: torch.device | str | None = None,
     ) -> None:
-        self.rule = ExponentialRule(float(decay), float(numerator), float(denominator))
-        super().__init__(parameters, device=device)
+        rule = self.make_rule(decay=decay, numerator=numerator, denominator=denominator)
+        super().__init__(parameters, rule=rule, device=device)
 
     @property
     def decay(self) -> float:
@@ -447,14 +472,15 @@ class UniformMovingAverage(MovingAverage):
     What fairseq's ``average_checkpoints.py`` and OpenNMT compute, in float32, streamed.
     """
 
+    rule_type = UniformRule
+
     def __init__(
         self,
         parameters: Iterable[NamedParameter] | Mapping[str, torch.Tensor],
         *,
         device: torch.device | str | None = None,
     ) -> None:
-        self.rule = UniformRule()
-        super().__init__(parameters, device=device)
+        super().__init__(parameters, rule=self.make_rule(), device=device)
 
 
 @MovingAverage.register("power")
@@ -465,6 +491,8 @@ class PowerFunctionMovingAverage(MovingAverage):
     without ``num_updates`` counts steps itself (the first update replaces the average).
     """
 
+    rule_type = PowerRule
+
     def __init__(
         self,
         parameters: Iterable[NamedParameter] | Mapping[str, torch.Tensor],
@@ -473,5 +501,5 @@ class PowerFunctionMovingAverage(MovingAverage):
         *,
         device: torch.device | str | None = None,
     ) -> None:
-        self.rule = PowerRule.from_gamma_or_sigma_rel(gamma, sigma_rel)
-        super().__init__(parameters, device=device)
+        given = {k: v for k, v in (("gamma", gamma), ("sigma_rel", sigma_rel)) if v is not None}
+        super().__init__(parameters, rule=self.make_rule(**given), device=device)

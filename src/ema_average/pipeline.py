@@ -379,6 +379,8 @@ def _run_group(
     sources, plan, device = prepared.sources, prepared.plan, prepared.device
     to_average = [t for t in group if t.averaged and t.alias_of is None]
     check = not prepared.options.allow_nonfinite
+    settings = prepared.options.settings
+    rule = settings.rule()
     averages: dict[str, torch.Tensor] = {}
     read = 0
     if to_average:
@@ -389,21 +391,21 @@ def _run_group(
             slot = i % len(staging.buffers)
             values = _read(source, to_average, staging, slot)
             if average is None:
-                average = MovingAverage.by_name(prepared.options.settings.method).from_tensors(
-                    values, device=device
+                average = MovingAverage.by_name(settings.method).from_tensors(
+                    values, rule=rule, device=device
                 )
             else:
                 decay = plan.decays[i]
                 assert decay is not None
                 average.update_with_decay(values, decay)
-            if check and not average.all_finite():
-                raise _nonfinite(source, plan.steps[i], values)
             staging.mark_in_use(slot, device)
             del values
             source.close()  # a mapped file's touched pages leave memory; thousands of files never stay open
             read += group_bytes
             progress(group_bytes)
         assert average is not None
+        if check and not average.all_finite():  # NaN and Inf never wash out of an average: one check suffices
+            raise _nonfinite(sources, plan.steps, to_average)
         averages = average.averages()
     latest = prepared.checkpoints[-1]
     for t in group:
@@ -416,11 +418,21 @@ def _run_group(
     return read
 
 
-def _nonfinite(source: Checkpoint, step: int, values: dict[str, torch.Tensor]) -> NonFiniteError:
-    """Name the tensor that brought NaN/Inf in (looked for only once the cheap whole-group check failed)."""
-    bad = next((name for name, v in values.items() if not bool(torch.isfinite(v).all())), None)
-    what = f"tensor {bad!r} holds NaN or Inf" if bad else "the update overflowed to Inf"
-    return NonFiniteError(source.path, f"{what} (step {step}); refused. --allow-nonfinite averages it anyway")
+def _nonfinite(sources: list[Checkpoint], steps: list[int], tensors: list[OutputTensor]) -> NonFiniteError:
+    """Name the first source and tensor that brought NaN/Inf in: looked for only after the cheap check of
+    the finished group failed, by reading the group again."""
+    for source, step in zip(sources, steps, strict=True):
+        for t in tensors:
+            if not bool(torch.isfinite(source.read(t.source)).all()):
+                source.close()
+                return NonFiniteError(
+                    source.path,
+                    f"tensor {t.source!r} holds NaN or Inf (step {step}); refused. --allow-nonfinite averages it anyway",
+                )
+        source.close()
+    return NonFiniteError(
+        sources[-1].path, "the average overflowed to Inf; refused. --allow-nonfinite keeps it anyway"
+    )
 
 
 def _read(

@@ -16,67 +16,56 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ema_average import options
 from ema_average.checkpoints.base import TensorSpec
-from ema_average.decay_rules import (
-    DecayRule,
-    ExponentialRule,
-    PowerRule,
-    UniformRule,
-    half_life_to_decay,
-)
+from ema_average.decay_rules import DecayRule
 from ema_average.errors import ConfigurationError
 from ema_average.moving_average import MovingAverage, shadow_dtype
 
-OUTPUT_DTYPES: dict[str, torch.dtype | None] = {
-    "as-input": None,
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
-
-
-SCHEDULES = ("checkpoint", "step")
+OUTPUT_DTYPES: dict[str, torch.dtype | None] = dict(
+    zip(options.OUTPUT_DTYPES, (None, torch.float32, torch.bfloat16, torch.float16), strict=True)
+)
+SCHEDULES = options.SCHEDULES
 
 
 @dataclass(frozen=True)
 class AverageSettings:
-    """How the average is taken: which average, its numbers, and one update per checkpoint or per step.
+    """How the average is taken: which registered average, the settings its rule is built from, and one
+    update per checkpoint or per step.
 
     ``schedule="checkpoint"`` is the seed's rule: one update per checkpoint with ``num_updates`` = its step.
     ``schedule="step"`` is gap-aware: between checkpoints at steps a < b the per-step rule is applied
     b - a times with the later checkpoint's weights, as an online EMA would have seen them.
+    A setting left at ``None`` takes the rule's own default; one the average does not use is an error.
     """
 
-    method: str = "exponential"
-    decay: float = 0.9999
-    numerator: float = 1.0
-    denominator: float = 10.0
-    schedule: str = "checkpoint"
+    method: str = MovingAverage.default_implementation
+    decay: float | None = None
+    numerator: float | None = None
+    denominator: float | None = None
+    schedule: str = SCHEDULES[0]
     half_life: float | None = None  # replaces decay: in steps under "step", in checkpoints under "checkpoint"
     gamma: float | None = None  # power only
     sigma_rel: float | None = None  # power only, instead of gamma
 
     def rule(self) -> DecayRule:
-        """The decay rule these settings describe, checked."""
+        """The decay rule these settings describe, checked, made by the registered average itself."""
         if self.schedule not in SCHEDULES:
             raise ConfigurationError(
                 f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
             )
-        if self.method == "exponential":
-            decay = half_life_to_decay(self.half_life) if self.half_life is not None else self.decay
-            return ExponentialRule(decay, self.numerator, self.denominator)
-        if self.half_life is not None:
-            raise ConfigurationError("--half-life applies to the exponential method only")
-        if self.method == "uniform":
-            if self.schedule == "step":
-                raise ConfigurationError(
-                    "the uniform average weighs checkpoints equally: use --schedule checkpoint"
-                )
-            return UniformRule()
-        if self.method == "power":
-            return PowerRule.from_gamma_or_sigma_rel(self.gamma, self.sigma_rel)
-        known = ", ".join(MovingAverage.list_available())
-        raise ConfigurationError(f"unknown --method {self.method!r}; available: {known}")
+        given = {
+            name: value
+            for name in ("decay", "numerator", "denominator", "half_life", "gamma", "sigma_rel")
+            if (value := getattr(self, name)) is not None
+        }
+        rule = MovingAverage.by_name(self.method).make_rule(**given)
+        if self.schedule == "step" and not rule.has_gap_product:
+            raise ConfigurationError(
+                f"the {self.method} average weighs checkpoints equally, with no per-step rule: "
+                "use --schedule checkpoint"
+            )
+        return rule
 
     def as_metadata(self) -> dict[str, str]:
         """What an output records, so that --resume can check it continues the same average."""
@@ -320,6 +309,6 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def relative_spread(weights: Sequence[float]) -> float:
+def effective_count(weights: Sequence[float]) -> float:
     """Effective number of checkpoints (1 / sum of squared weights): 1 = one checkpoint is everything."""
     return 1.0 / math.fsum(w * w for w in weights)

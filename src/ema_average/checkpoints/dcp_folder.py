@@ -3,19 +3,33 @@
 Read without a process group, one tensor per ``load`` call (DCP reads only the chunks it is asked for).
 A DCP save of ``{"model": ..., "optimizer": ...}`` flattens names to ``model.x``; as for torch files,
 the model's part is picked by its key and the key is dropped from the names.
+
+``.metadata`` is a pickle. torch's reader would ``pickle.load`` it on every ``load`` call, running
+whatever it names; here it is read once, through the restricted unpickler of ``safe_unpickle``, and
+checked (every file it points at is a regular file inside the folder, every chunk fits in its file, the
+tensors it claims fit in the files) before DCP is handed it by :class:`CheckedMetadataReader`.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import warnings
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 
-from ema_average.checkpoints.base import Checkpoint, StepInfo, TensorSpec
-from ema_average.checkpoints.torch_file import STATE_DICT_KEYS, STEP_KEYS
+from ema_average.checkpoints.base import Checkpoint, StepInfo, TensorSpec, require_regular_file
+from ema_average.checkpoints.safe_unpickle import first_line, load_dcp_metadata
+from ema_average.checkpoints.safetensors_file import DTYPE_NAMES
+from ema_average.checkpoints.steps import checked_step
+from ema_average.checkpoints.torch_file import STATE_DICT_KEYS, STEP_KEYS, checked_name, dtype_problem
 from ema_average.errors import CheckpointError
+
+# A few bytes of pickle can list one chunk object millions of times; walking them is bounded.
+MAX_CHUNKS = 10_000_000
 
 
 def is_dcp_folder(path: Path) -> bool:
@@ -23,28 +37,19 @@ def is_dcp_folder(path: Path) -> bool:
 
 
 class DcpCheckpoint(Checkpoint):
+    """A DCP folder; ``trust_pickle`` reads a ``.metadata`` naming other globals with plain pickle."""
+
     layout = "dcp"
 
-    def __init__(self, path: Path, *, state_dict_key: str | None = None) -> None:
+    def __init__(self, path: Path, *, state_dict_key: str | None = None, trust_pickle: bool = False) -> None:
         super().__init__(path)
-        try:
-            import torch.distributed.checkpoint as dcp
-        except ImportError as exc:  # torch built without distributed support
-            raise CheckpointError(path, "is a DCP folder, but this torch has no torch.distributed") from exc
-        self._dcp = dcp
-        try:
-            metadata = dcp.FileSystemReader(str(path)).read_metadata()
-        except Exception as exc:  # DCP raises many kinds for a damaged folder
-            raise CheckpointError(path, f"has an unreadable .metadata ({exc})") from exc
-        tensors = {
-            fqn: TensorSpec(tuple(item.size), item.properties.dtype)
-            for fqn, item in metadata.state_dict_metadata.items()
-            if isinstance(item, dcp.metadata.TensorStorageMetadata)
-        }
-        self._step_fqn = next(
-            (k for k in STEP_KEYS if k in tensors and tensors[k].numel == 1 and not tensors[k].is_floating),
-            None,
-        )
+        self._dcp = _import_dcp(path)
+        self._metadata = load_dcp_metadata(path / ".metadata", trust_pickle=trust_pickle)
+        entries = _tensor_entries(path, self._metadata, self._dcp.metadata)
+        _check_storage(path, self._metadata, entries)
+        self._chunked = {fqn for fqn, entry in entries.items() if len(entry.chunks) > 1}
+        tensors = {fqn: TensorSpec(tuple(e.size), e.properties.dtype) for fqn, e in entries.items()}
+        self._step_fqn = next((k for k in STEP_KEYS if k in tensors and _may_be_step(tensors[k])), None)
         self._step_spec = tensors.get(self._step_fqn) if self._step_fqn else None
         self._prefix = _model_prefix(path, tensors, state_dict_key)
         self._specs = {
@@ -52,19 +57,31 @@ class DcpCheckpoint(Checkpoint):
             for fqn, spec in tensors.items()
             if fqn.startswith(self._prefix) and (self._prefix or fqn not in STEP_KEYS)
         }
+        for name, spec in self._specs.items():
+            problem = dtype_problem(spec.dtype)
+            if problem is not None:
+                raise CheckpointError(path, f"tensor {name!r} {problem}")
 
     def specs(self) -> dict[str, TensorSpec]:
         return self._specs
 
     def _load(self, fqn: str, out: torch.Tensor) -> torch.Tensor:
-        with warnings.catch_warnings():  # "no process group: loading as a single process" is expected
-            warnings.simplefilter("ignore")
-            self._dcp.load({fqn: out}, storage_reader=self._dcp.FileSystemReader(str(self.path)))
+        if fqn in self._chunked:
+            out.zero_()  # chunks that overlap would leave gaps: zeros there, never stale memory
+        reader = _reader_type()(self.path, self._metadata)
+        try:
+            with warnings.catch_warnings():  # "no process group: loading as a single process" is expected
+                warnings.simplefilter("ignore")
+                self._dcp.load({fqn: out}, storage_reader=reader)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # a .distcp file that does not hold what the metadata says
+            raise CheckpointError(self.path, f"cannot read tensor {fqn!r} ({first_line(exc)})") from exc
         return out
 
     def read(self, name: str) -> torch.Tensor:
         spec = self._specs[name]
-        return self._load(self._prefix + name, torch.empty(spec.shape, dtype=spec.dtype))
+        return self._load(self._prefix + name, torch.zeros(spec.shape, dtype=spec.dtype))
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         return self._load(self._prefix + name, out)
@@ -73,8 +90,182 @@ class DcpCheckpoint(Checkpoint):
         if self._step_fqn is None or self._step_spec is None:
             return None
         spec = self._step_spec
-        value = self._load(self._step_fqn, torch.zeros(spec.shape, dtype=spec.dtype)).item()
-        return StepInfo(int(value), f"metadata:{self._step_fqn}")
+        value = self._load(self._step_fqn, torch.zeros(spec.shape, dtype=spec.dtype))
+        source = f"metadata:{self._step_fqn}"
+        return StepInfo(checked_step(self.path, value, source), source)
+
+
+def _import_dcp(path: Path) -> ModuleType:
+    try:
+        import torch.distributed.checkpoint as dcp
+    except ImportError as exc:  # torch built without distributed support
+        raise CheckpointError(path, "is a DCP folder, but this torch has no torch.distributed") from exc
+    return dcp
+
+
+def _may_be_step(spec: TensorSpec) -> bool:
+    """A one-element, non-floating tensor under a step key; complex and bool ones too (refused later)."""
+    return spec.numel == 1 and not spec.is_floating and (spec.dtype in DTYPE_NAMES or spec.dtype.is_complex)
+
+
+def _damaged(path: Path, problem: str) -> CheckpointError:
+    return CheckpointError(path, f"has damaged DCP metadata: {problem}")
+
+
+def _dims(value: Any) -> tuple[int, ...] | None:
+    """``value`` as a shape (a tuple of non-negative ints), or ``None`` if it is not one."""
+    if not isinstance(value, tuple) or not all(type(v) is int and v >= 0 for v in value):
+        return None
+    return tuple(value)
+
+
+def _tensor_entries(path: Path, metadata: Any, md: ModuleType) -> dict[str, Any]:
+    """The tensor entries of ``metadata`` by name, each checked to be well-formed."""
+    if not isinstance(metadata, md.Metadata) or not isinstance(
+        getattr(metadata, "state_dict_metadata", None), dict
+    ):
+        raise _damaged(path, "it does not hold a DCP Metadata")
+    storage_meta = getattr(metadata, "storage_meta", None)
+    if storage_meta is not None and not isinstance(storage_meta, md.StorageMeta):
+        raise _damaged(path, "storage_meta is not a StorageMeta")
+    entries: dict[str, Any] = {}
+    chunks = 0
+    for fqn, item in metadata.state_dict_metadata.items():
+        checked_name(path, fqn)
+        if isinstance(item, md.BytesStorageMetadata):
+            continue  # pickled objects: never read (DCP would unpickle them with plain pickle)
+        if not isinstance(item, md.TensorStorageMetadata) or not isinstance(
+            getattr(item, "chunks", None), list
+        ):
+            raise _damaged(path, f"entry {fqn!r} is neither a tensor nor bytes")
+        chunks += len(item.chunks)
+        if chunks > MAX_CHUNKS:
+            raise CheckpointError(path, f"lists more than {MAX_CHUNKS} tensor chunks; refused")
+        _check_tensor_entry(path, fqn, item, md)
+        entries[fqn] = item
+    return entries
+
+
+def _check_tensor_entry(path: Path, fqn: str, item: Any, md: ModuleType) -> None:
+    """A shape, a dtype, and chunks that lie within the shape and add up to it."""
+    shape = _dims(getattr(item, "size", None))
+    if shape is None or not isinstance(
+        getattr(getattr(item, "properties", None), "dtype", None), torch.dtype
+    ):
+        raise _damaged(path, f"tensor {fqn!r} has no valid shape and dtype")
+    volume = 0
+    for chunk in item.chunks:
+        offsets = _dims(getattr(chunk, "offsets", None))
+        sizes = _dims(getattr(chunk, "sizes", None))
+        if (
+            not isinstance(chunk, md.ChunkStorageMetadata)
+            or offsets is None
+            or sizes is None
+            or not len(offsets) == len(sizes) == len(shape)
+            or any(o + s > d for o, s, d in zip(offsets, sizes, shape, strict=True))
+        ):
+            raise _damaged(path, f"tensor {fqn!r} has a chunk outside its shape {list(shape)}")
+        volume += math.prod(sizes)
+    if volume != math.prod(shape):
+        raise _damaged(path, f"the chunks of tensor {fqn!r} do not cover its shape {list(shape)}")
+
+
+def _check_storage(path: Path, metadata: Any, entries: dict[str, Any]) -> None:
+    """Every data file is a regular file in the folder; every chunk's bytes lie within its file.
+
+    A DCP whose tensors claim more bytes than its data files hold (a 3 KB file claiming a 4 TB tensor)
+    is refused here, before anything is allocated.
+    """
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    storage = getattr(metadata, "storage_data", None)
+    if not isinstance(storage, dict):
+        raise _damaged(path, "it has no storage_data")
+    folder = path.resolve()
+    file_sizes: dict[str, int] = {}
+    for info in storage.values():
+        if not isinstance(info, _StorageInfo):
+            raise _damaged(path, "a storage_data entry is not a _StorageInfo")
+        _check_storage_info(path, folder, info, file_sizes)
+    claimed = sum(math.prod(entry.size) * entry.properties.dtype.itemsize for entry in entries.values())
+    held = sum(file_sizes.values())
+    if claimed > held:
+        raise CheckpointError(
+            path, f"claims {claimed} bytes of tensors, but its data files hold only {held} bytes; refused"
+        )
+    for fqn, entry in entries.items():
+        itemsize = entry.properties.dtype.itemsize
+        for chunk in entry.chunks:
+            info = storage.get(MetadataIndex(fqn, chunk.offsets))
+            if info is None:
+                raise _damaged(path, f"a chunk of tensor {fqn!r} has no storage entry")
+            if info.length < math.prod(chunk.sizes) * itemsize:
+                raise _damaged(
+                    path, f"a chunk of tensor {fqn!r} is larger than the {info.length} bytes stored"
+                )
+
+
+def _check_storage_info(path: Path, folder: Path, info: Any, file_sizes: dict[str, int]) -> None:
+    """One storage entry: plain bytes (no transforms) at an offset within a data file of the folder."""
+    # Refused rather than handled: with stream transforms (e.g. zstd compression) the stored bytes no
+    # longer bound a tensor's size, and this tool reads only what DCP writes by default.
+    if getattr(info, "transform_descriptors", None):
+        raise CheckpointError(
+            path, "uses DCP stream transforms (e.g. compression), which this tool does not read; refused"
+        )
+    offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+    relative = getattr(info, "relative_path", None)
+    if not (type(offset) is int and type(length) is int and offset >= 0 and length >= 0):
+        raise _damaged(path, f"a storage entry of {relative!r} has offset {offset!r}, length {length!r}")
+    if not isinstance(relative, str):
+        raise _damaged(path, "a storage entry names no file")
+    if relative not in file_sizes:
+        file_sizes[relative] = _data_file_size(path, folder, relative)
+    if offset + length > file_sizes[relative]:
+        raise CheckpointError(
+            path, f"is truncated: {relative!r} ends before byte {offset + length} that the metadata points at"
+        )
+
+
+def _data_file_size(path: Path, folder: Path, relative: str) -> int:
+    """Size of a data file the metadata names, which must be a regular file inside ``folder``."""
+    try:
+        resolved = (folder / relative).resolve()
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise _damaged(path, f"data file {relative!r} cannot be resolved ({exc})") from exc
+    if resolved == folder or not resolved.is_relative_to(folder):
+        raise CheckpointError(path, f"names data file {relative!r}, outside the checkpoint folder; refused")
+    return require_regular_file(resolved).st_size
+
+
+@functools.cache
+def _reader_type() -> type:
+    """:class:`CheckedMetadataReader`, defined on first use (importing DCP is slow, and may fail)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+    from torch.distributed.checkpoint.planner import LoadItemType
+
+    class CheckedMetadataReader(FileSystemReader):
+        """A FileSystemReader handed our checked metadata: it never unpickles ``.metadata`` itself."""
+
+        def __init__(self, path: Path, metadata: Any) -> None:
+            super().__init__(str(path))
+            self._checked_metadata = metadata
+
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            metadata = self._checked_metadata
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+        def read_data(self, plan: Any, planner: Any) -> Any:
+            if any(item.type == LoadItemType.BYTE_IO for item in plan.items):  # unpickled unchecked by DCP
+                raise CheckpointError(self.path, "a read asks for pickled objects; refused")
+            return super().read_data(plan, planner)
+
+    return CheckedMetadataReader
 
 
 def _model_prefix(path: Path, tensors: dict[str, Any], key: str | None) -> str:

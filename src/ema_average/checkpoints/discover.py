@@ -17,7 +17,7 @@ from ema_average.checkpoints.safetensors_file import SafetensorsCheckpoint
 from ema_average.checkpoints.steps import CHECKPOINT_SUFFIXES, PATTERN_NAMES, step_from_name
 from ema_average.errors import CheckpointError, CheckpointMismatchError, NoCheckpointsError
 
-StepsFrom = Literal["auto", "metadata", "filename"]
+StepsFrom = Literal["auto", "metadata", "filename"]  # options.STEPS_FROM, as a type
 
 # Files trainers write beside the weights that are not model checkpoints (HF Trainer, DeepSpeed...).
 _NOT_WEIGHTS = ("optimizer", "optim_states", "scheduler", "rng_state", "training_args", "scaler")
@@ -133,7 +133,7 @@ def _is_weights_file(name: str) -> bool:
 def _open(path: Path, state_dict_key: str | None, trust_pickle: bool) -> Checkpoint:
     if path.is_dir():
         if is_dcp_folder(path):
-            return DcpCheckpoint(path, state_dict_key=state_dict_key)
+            return DcpCheckpoint(path, state_dict_key=state_dict_key, trust_pickle=trust_pickle)
         return HfFolderCheckpoint(path, trust_pickle=trust_pickle)
     return open_weights_file(path, state_dict_key=state_dict_key, trust_pickle=trust_pickle)
 

@@ -1,28 +1,37 @@
-"""Loading torch files without running code from them.
+"""Unpickling checkpoint files without running code from them: the one home of that policy.
 
-Every load goes through ``torch.load(..., weights_only=True)``. Trainers often put harmless data objects
-beside the weights (fairseq's ``argparse.Namespace`` and omegaconf ``cfg``, numpy scalars for a loss),
-which ``weights_only`` refuses. For a short list of such pure-data names we hand the unpickler an inert
-stand-in class of our own under that name: it records nothing and calls nothing, so the file's tensors
-load and no code the file names is ever imported or run. Any other global is refused with the names
-listed, unless the user opts in with ``--trust-pickle`` (a full, unsafe ``torch.load``, with a warning).
+torch files go through ``torch.load(..., weights_only=True)``. Trainers often put harmless data objects
+beside the weights (fairseq's ``argparse.Namespace`` and omegaconf ``cfg``, numpy scalars for a loss,
+``datetime`` stamps, ``torch.__version__``), which ``weights_only`` refuses. For a short list of such
+pure-data names we hand the unpickler an inert stand-in class of our own under that name: it records
+nothing and calls nothing, so the file's tensors load and no code the file names is ever imported or
+run. Any other global is refused with the names listed, unless the user opts in with ``--trust-pickle``
+(a full, unsafe ``torch.load``, with a warning).
+
+DCP ``.metadata`` files are plain pickles of torch's own metadata dataclasses; they are read with
+:class:`DcpMetadataUnpickler`, which resolves only those classes and torch's dtype/layout constants.
 """
 
 from __future__ import annotations
 
+import collections
+import functools
 import pickle
 import re
+import struct
 import warnings
 import zipfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import torch
 
-from ema_average.errors import CheckpointError, UnsafeCheckpointError
+from ema_average.checkpoints.base import damage_of, require_regular_file
+from ema_average.errors import CheckpointError, TrustPickleWarning, UnsafeCheckpointError
 
-# Pure data containers seen in real checkpoints; never imported, only stood in for.
-_DATA_ONLY_PREFIXES = ("omegaconf.", "numpy.", "argparse.Namespace", "typing.", "pathlib.")
+# Pure data seen in real checkpoints; never imported, only stood in for. An enum member pickles under
+# its own class's name, so an enum is added here by its full name once a trainer is known to save one.
+_DATA_ONLY_PREFIXES = ("omegaconf.", "numpy.", "argparse.Namespace", "typing.", "pathlib.", "datetime.")
 _DATA_ONLY_NAMES = {
     "builtins.dict",
     "builtins.list",
@@ -37,7 +46,19 @@ _DATA_ONLY_NAMES = {
     "collections.defaultdict",
     "collections.OrderedDict",
     "collections.deque",
+    "torch.torch_version.TorchVersion",  # torch.__version__, a str subclass
 }
+
+# A legacy (non-zip) file's globals are only learnt one refusal at a time; each retry adds a stand-in.
+MAX_STAND_INS = 64
+
+# How weights_only names a global it refuses (torch 2.x messages); builtins are shown without "builtins.".
+_REFUSED_GLOBAL = re.compile(
+    r"GLOBAL (\S+) was not an allowed global|unsupported GLOBAL (\S+) whose module|``(\S+)`` must be imported"
+)
+
+_ZIP_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, (skipped), name length, extra length
+_ZIP_LOCAL_SIGNATURE = b"PK\x03\x04"
 
 
 class InertStandIn(dict):
@@ -66,6 +87,7 @@ class InertStandIn(dict):
 
 
 def is_data_only(name: str) -> bool:
+    """Whether ``name`` (``module.qualname``) is pure data we may stand in for."""
     return name in _DATA_ONLY_NAMES or name.startswith(_DATA_ONLY_PREFIXES)
 
 
@@ -75,38 +97,106 @@ def load_torch_file(path: Path, *, trust_pickle: bool = False) -> tuple[Any, boo
     Zip-format files (torch >= 1.6) are mapped, so tensors are not read until used; the legacy format
     cannot be mapped and is loaded whole (said in the plan).
     """
+    size = require_regular_file(path).st_size  # a FIFO would block the read forever
+    damage = damage_of(path)
+    if damage is not None:
+        raise CheckpointError(path, damage)
     mmap = zipfile.is_zipfile(path)
+    if mmap:
+        check_zip_members(path, size)  # a record past the end of a mapped file is a SIGBUS, not an error
     if trust_pickle:
         warnings.warn(
             f"{path}: loading with full unpickling (--trust-pickle): this runs any code the file holds",
+            TrustPickleWarning,
             stacklevel=2,
         )
         return _torch_load(path, mmap=mmap, weights_only=False), mmap
-    stand_ins: list[tuple[type, str]] = []
-    if mmap:  # globals can be listed without unpickling only in the zip format
-        try:
-            unsafe = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-        except Exception as exc:  # a damaged archive
-            raise CheckpointError(path, f"cannot be read as a torch file ({_first_line(exc)})") from exc
-        refused = [name for name in unsafe if not is_data_only(name)]
-        if refused:
-            raise _refusal(path, refused)
-        stand_ins = [(InertStandIn, name) for name in unsafe]
+    stand_ins = _zip_stand_ins(path) if mmap else set()
+    return _load_with_stand_ins(path, mmap, stand_ins), mmap
+
+
+def _zip_stand_ins(path: Path) -> set[str]:
+    """The zip format's globals, listed without unpickling: stand-ins for data, a refusal for the rest."""
     try:
-        with torch.serialization.safe_globals(stand_ins):
-            return _torch_load(path, mmap=mmap, weights_only=True), mmap
-    except pickle.UnpicklingError as exc:  # legacy files: the refusal comes from the unpickler itself
-        named = re.findall(r"GLOBAL ([\w.]+)", str(exc))
-        raise _refusal(path, named or [_first_line(exc)]) from exc
+        unsafe = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception as exc:  # a damaged archive
+        raise _damaged(path, exc) from exc
+    refused = [name for name in unsafe if not is_data_only(name)]
+    if refused:
+        raise _refusal(path, refused)
+    return set(unsafe)
+
+
+def _load_with_stand_ins(path: Path, mmap: bool, stand_ins: set[str]) -> Any:
+    """``weights_only`` load, adding a stand-in for each data-only global it refuses (legacy files)."""
+    for _ in range(MAX_STAND_INS + 1):
+        try:
+            with torch.serialization.safe_globals([(InertStandIn, name) for name in sorted(stand_ins)]):
+                return _torch_load(path, mmap=mmap, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            named = refused_globals(str(exc))
+            if not named:  # not a refusal: the pickle itself is broken
+                raise _damaged(path, exc) from exc
+            unsafe = [name for name in named if not is_data_only(name) or name in stand_ins]
+            if unsafe:
+                raise _refusal(path, unsafe) from exc
+            stand_ins.update(named)
+    raise CheckpointError(path, f"names more than {MAX_STAND_INS} kinds of plain-data objects; refused")
+
+
+def refused_globals(message: str) -> list[str]:
+    """The globals a ``weights_only`` error names as refused ("Unsupported global: GLOBAL x"), if any."""
+    names = []
+    for match in _REFUSED_GLOBAL.finditer(message):
+        name = next(group for group in match.groups() if group)
+        names.append(name if "." in name else f"builtins.{name}")
+    return list(dict.fromkeys(names))
 
 
 def _torch_load(path: Path, *, mmap: bool, weights_only: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", mmap=mmap, weights_only=weights_only)
-    except pickle.UnpicklingError:
-        raise
+    except pickle.UnpicklingError as exc:
+        if weights_only:
+            raise  # sorted into refusal or damage by the caller
+        raise _damaged(path, exc) from exc
     except Exception as exc:  # torch raises many kinds for a damaged or foreign file
-        raise CheckpointError(path, f"cannot be read as a torch file ({_first_line(exc)})") from exc
+        raise _damaged(path, exc) from exc
+
+
+def check_zip_members(path: Path, size: int) -> None:
+    """Refuse a zip whose members (local header + data) do not all lie within its ``size`` bytes.
+
+    torch slices storages out of a mapping of the file; reading a mapping past the end of its file is a
+    SIGBUS (the process dies with no message), so a short file is one clear error before any mapping.
+    Reads the central directory and one 30-byte local header per member.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise _damaged(path, exc) from exc
+    with open(path, "rb") as f:
+        for info in members:
+            if info.header_offset < 0 or info.header_offset + _ZIP_LOCAL_HEADER.size > size:
+                raise _truncated(path, info.filename, size)
+            f.seek(info.header_offset)
+            signature, name_len, extra_len = _ZIP_LOCAL_HEADER.unpack(f.read(_ZIP_LOCAL_HEADER.size))
+            if signature != _ZIP_LOCAL_SIGNATURE:
+                raise CheckpointError(path, f"is damaged: zip member {info.filename!r} has no local header")
+            end = info.header_offset + _ZIP_LOCAL_HEADER.size + name_len + extra_len + info.compress_size
+            if end > size:
+                raise _truncated(path, info.filename, size)
+
+
+def _truncated(path: Path, member: str, size: int) -> CheckpointError:
+    return CheckpointError(
+        path, f"is truncated: zip member {member!r} extends past the end of the file ({size} bytes)"
+    )
+
+
+def _damaged(path: Path, exc: BaseException) -> CheckpointError:
+    return CheckpointError(path, f"is damaged or not a torch file ({first_line(exc)})")
 
 
 def _refusal(path: Path, names: list[str]) -> UnsafeCheckpointError:
@@ -118,6 +208,110 @@ def _refusal(path: Path, names: list[str]) -> UnsafeCheckpointError:
     )
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+# DCP .metadata ---------------------------------------------------------------------------------------
+
+_DCP_CLASSES = {
+    "torch.distributed.checkpoint.metadata": (
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    ),
+    "torch.distributed.checkpoint.filesystem": ("_StorageInfo", "_StoragePrefix"),
+    # Where older torch (before 2.2) defined TensorProperties; same fields and state.
+    "torch.distributed._shard.sharded_tensor.metadata": ("TensorProperties", "MEM_FORMAT_ENCODING"),
+}
+
+# StorageMeta.checkpoint_id is the path the checkpoint was saved to: rebuilt as a pure path (no I/O).
+_PATH_CLASSES: dict[str, type] = {
+    f"{module}.{kind}{flavour}": pure
+    for module in ("pathlib", "pathlib._local")
+    for flavour, pure in (("PosixPath", PurePosixPath), ("WindowsPath", PureWindowsPath))
+    for kind in ("", "Pure")
+}
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """A DCP ``.metadata`` names a global outside the allow-list."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+class DcpMetadataUnpickler(pickle.Unpickler):
+    """Resolves only what torch's DCP ``Metadata`` is made of; any other global is refused.
+
+    Allowed: the DCP metadata dataclasses and their memory-format enum, ``torch.Size``, the
+    ``torch.dtype``/``torch.layout``/``torch.memory_format`` constants (pickled as ``torch.float32``...),
+    ``torch.serialization._get_layout`` (how a layout pickles), ``collections.OrderedDict`` and pure
+    paths. All of them only build data; none touches files or runs other code.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = dcp_metadata_global(module, name)
+        if found is None:
+            raise RefusedGlobal(f"{module}.{name}")
+        return found
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("persistent ids are not allowed in DCP metadata")
+
+
+def dcp_metadata_global(module: str, name: str) -> Any | None:
+    """The object DCP metadata may name as ``module.name``, or ``None`` where it is not allowed."""
+    if module == "torch" and name.isidentifier():
+        value = getattr(torch, name, None)
+        if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)) or value is torch.Size:
+            return value
+        return None
+    return _dcp_allowed().get(f"{module}.{name}")
+
+
+@functools.cache
+def _dcp_allowed() -> dict[str, Any]:
+    import importlib
+
+    allowed: dict[str, Any] = dict(_PATH_CLASSES)
+    allowed["collections.OrderedDict"] = collections.OrderedDict
+    allowed["torch.serialization._get_layout"] = torch.serialization._get_layout
+    for module_name, names in _DCP_CLASSES.items():
+        module = importlib.import_module(module_name)
+        for name in names:
+            allowed[f"{module_name}.{name}"] = getattr(module, name)
+    return allowed
+
+
+def load_dcp_metadata(path: Path, *, trust_pickle: bool = False) -> Any:
+    """The unpickled DCP ``.metadata`` at ``path``, built only from allow-listed data classes.
+
+    torch's own ``FileSystemReader.read_metadata`` uses plain ``pickle.load``, which runs whatever the
+    file names; ``trust_pickle`` opts in to that (with a warning), as for torch files.
+    """
+    require_regular_file(path)
+    damage = damage_of(path)
+    if damage is not None:
+        raise CheckpointError(path, damage)
+    if trust_pickle:
+        warnings.warn(
+            f"{path}: loading with full unpickling (--trust-pickle): this runs any code the file holds",
+            TrustPickleWarning,
+            stacklevel=2,
+        )
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f) if trust_pickle else DcpMetadataUnpickler(f).load()
+    except RefusedGlobal as exc:
+        raise _refusal(path, [exc.name]) from exc
+    except Exception as exc:  # truncated, garbage, or objects that do not fit their classes
+        raise CheckpointError(path, f"is damaged or not DCP metadata ({first_line(exc)})") from exc

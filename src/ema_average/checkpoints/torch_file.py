@@ -15,6 +15,8 @@ import torch
 
 from ema_average.checkpoints.base import Checkpoint, StepInfo, TensorSpec
 from ema_average.checkpoints.safe_unpickle import load_torch_file
+from ema_average.checkpoints.safetensors_file import DTYPE_NAMES
+from ema_average.checkpoints.steps import checked_step
 from ema_average.errors import CheckpointError
 
 # Where trainers put the model's weights, most common first.
@@ -33,6 +35,11 @@ STATE_DICT_KEYS = (
     "weights",
 )
 STEP_KEYS = ("global_step", "step", "num_updates", "iteration", "iter", "steps", "train_step")
+
+# Bounds on walking a nested state dict: a few hundred bytes of pickle can describe a loop, or a DAG
+# of shared dicts with 2**40 paths through it.
+MAX_DEPTH = 100
+MAX_NAMES = 10_000_000
 
 
 class TorchCheckpoint(Checkpoint):
@@ -61,8 +68,12 @@ class TorchCheckpoint(Checkpoint):
                 self.path, f"holds a {type(obj).__name__}, not a state dict (a whole pickled model?)"
             )
         self._raw_is_lightning = "pytorch-lightning_version" in obj
-        self._step = _find_step(obj)
+        self._step = _find_step(self.path, obj)
         self._tensors, self._key = _find_state_dict(self.path, obj, self._state_dict_key)
+        for name, tensor in self._tensors.items():
+            problem = tensor_problem(tensor)
+            if problem is not None:
+                raise CheckpointError(self.path, f"tensor {name!r} {problem}")
 
     @property
     def state_dict_key(self) -> str | None:
@@ -102,39 +113,135 @@ class TorchCheckpoint(Checkpoint):
         self._tensors = None
 
 
-def _as_int(value: Any) -> int | None:
-    if isinstance(value, bool):
+def _step_value(path: Path, value: Any, where: str) -> int | None:
+    """The step ``value`` holds, checked; ``None`` where it is no step (absent, a flag, a float, a container)."""
+    if value is None or isinstance(value, bool):
         return None
-    if isinstance(value, int):
-        return value
+    if isinstance(value, (int, str)):
+        return checked_step(path, value, where)
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
-        return int(value.item())
+        return checked_step(path, value, where)  # refuses complex, bool, meta and out-of-range values
     return None
 
 
-def _find_step(obj: Mapping[str, Any]) -> StepInfo | None:
+def _find_step(path: Path, obj: Mapping[str, Any]) -> StepInfo | None:
     for key in STEP_KEYS:
-        step = _as_int(obj.get(key))
+        step = _step_value(path, obj.get(key), f"metadata:{key}")
         if step is not None:
             return StepInfo(step, f"metadata:{key}")
     history = obj.get("optimizer_history")  # fairseq
     if isinstance(history, list) and history and isinstance(history[-1], Mapping):
-        step = _as_int(history[-1].get("num_updates"))
+        source = "metadata:optimizer_history[-1].num_updates"
+        step = _step_value(path, history[-1].get("num_updates"), source)
         if step is not None:
-            return StepInfo(step, "metadata:optimizer_history[-1].num_updates")
+            return StepInfo(step, source)
     return None
 
 
-def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:
+def tensor_problem(tensor: torch.Tensor) -> str | None:
+    """Why this tool cannot average ``tensor`` (completing "tensor 'x' ..."), or ``None`` if it can."""
+    if tensor.is_nested or tensor.layout != torch.strided:
+        return f"is not a dense tensor (layout {tensor.layout}); sparse and nested tensors cannot be averaged"
+    if tensor.device.type != "cpu":
+        return f"is a {tensor.device.type} tensor, which holds no values to average"
+    if tensor.is_quantized:
+        return f"is quantized ({tensor.dtype}); quantized tensors cannot be averaged"
+    problem = dtype_problem(tensor.dtype)
+    if problem is not None:
+        return problem
+    return _extent_problem(tensor)
+
+
+def dtype_problem(dtype: torch.dtype) -> str | None:
+    """Why tensors of ``dtype`` cannot be averaged and written (safetensors), or ``None``."""
+    name = str(dtype).removeprefix("torch.")
+    if dtype.is_complex:
+        return f"is {name} (complex), which cannot be averaged"
+    if dtype not in DTYPE_NAMES:
+        return f"is {name}, which safetensors cannot store"
+    return None
+
+
+def _extent_problem(tensor: torch.Tensor) -> str | None:
+    """A view wider than its storage (a broadcast, stride 0): a few bytes of file, any size of output."""
+    if tensor.numel() == 0:
+        return None
+    itemsize = tensor.element_size()
+    needed = tensor.numel() * itemsize
+    available = tensor.untyped_storage().nbytes() - tensor.storage_offset() * itemsize
+    if needed <= available:
+        return None
+    return (
+        f"has {tensor.numel()} elements ({needed} bytes) over only {max(available, 0)} bytes of storage "
+        "(an expanded or broadcast view); it would be materialised at full size, so it is refused"
+    )
+
+
+def _short_repr(value: Any) -> str:
+    try:
+        text = repr(value)
+    except Exception:  # a huge int, say
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def checked_name(path: Path, key: Any) -> str:
+    """A dict key usable in a tensor name: a string that UTF-8 can encode (names are sorted and written)."""
+    if not isinstance(key, str):
+        raise CheckpointError(path, f"has a tensor name {_short_repr(key)} that is not a string")
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CheckpointError(
+            path, f"has a tensor name {_short_repr(key)} that is not valid UTF-8 text"
+        ) from None
+    return key
+
+
+class _Flattener:
+    """Walks a nested state dict once: each dict visited at most once, depth and names bounded."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.out: dict[str, torch.Tensor] = {}
+        self.seen: dict[int, str] = {}
+
+    def walk(self, mapping: Mapping[Any, Any], name: str = "", depth: int = 0) -> None:
+        if depth > MAX_DEPTH:
+            raise CheckpointError(self.path, f"nests dicts more than {MAX_DEPTH} deep (at {name!r}); refused")
+        self.seen[id(mapping)] = name
+        prefix = f"{name}." if name else ""
+        for key, value in mapping.items():
+            if isinstance(value, torch.Tensor):
+                self._add(prefix + checked_name(self.path, key), value)
+            elif isinstance(value, Mapping) and value:  # an empty dict holds no tensors
+                child = prefix + checked_name(self.path, key)
+                first = self.seen.get(id(value))
+                if first is not None:
+                    raise CheckpointError(
+                        self.path,
+                        f"holds the same dict at {_shown(first)} and at {child!r} "
+                        "(a loop or a shared sub-dict); refused",
+                    )
+                self.walk(value, child, depth + 1)
+
+    def _add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.out:
+            raise CheckpointError(self.path, f"has two tensors named {name!r}")
+        if len(self.out) >= MAX_NAMES:
+            raise CheckpointError(self.path, f"has more than {MAX_NAMES} tensors; refused")
+        self.out[name] = tensor
+
+
+def _shown(name: str) -> str:
+    return repr(name) if name else "the top level"
+
+
+def _flatten(path: Path, mapping: Mapping[Any, Any]) -> dict[str, torch.Tensor]:
     """Tensors of a (possibly nested) state dict under dotted names; non-tensor entries are left out."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in mapping.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, torch.Tensor):
-            out[name] = value
-        elif isinstance(value, Mapping):
-            out.update(_flatten(value, f"{name}."))
-    return out
+    flattener = _Flattener(path)
+    flattener.walk(mapping)
+    return flattener.out
 
 
 def _is_state_dict(value: Any) -> bool:
@@ -152,13 +259,13 @@ def _find_state_dict(
             value = value[part]
         if not _is_state_dict(value):
             raise CheckpointError(path, f"the value under --state-dict-key {key!r} holds no tensors")
-        return _flatten(value), key
+        return _flatten(path, value), key
     if all(isinstance(v, torch.Tensor) for v in obj.values()) and obj:
-        return dict(obj), None
+        return _flatten(path, obj), None
     for candidate in STATE_DICT_KEYS:
         if _is_state_dict(obj.get(candidate)):
-            return _flatten(obj[candidate]), candidate
-    keys = ", ".join(repr(k) for k in list(obj)[:8])
+            return _flatten(path, obj[candidate]), candidate
+    keys = ", ".join(_short_repr(k) for k in list(obj)[:8])
     raise CheckpointError(
         path,
         f"no state dict found (top-level keys: {keys}); name the key holding the weights with --state-dict-key",

@@ -1,0 +1,363 @@
+"""The command against every class of hostile input, as a table (issue: keep every promise the README makes).
+
+Each case builds a run folder (and a previous output at ``-o``), runs the installed ``ema-average`` in a
+child process under address-space and file-size limits (so a regression fails instead of exhausting the
+machine), and asserts: the exit code, exactly one error line naming the right file, no traceback, nothing
+written, every file (inputs and the previous output) byte-identical, and no payload marker created.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import resource
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import make_state, write_safetensors_run
+from helpers import WritesMarker
+
+EXE = str(Path(sys.executable).parent / "ema-average")
+LIMIT_AS = 6 * 2**30  # torch maps ~0.7 GiB at import; a run over tiny inputs needs far less than this
+LIMIT_FSIZE = 64 * 2**20
+PREVIOUS = b"the previous output, which a failed run must leave as it was"
+
+
+@dataclass(frozen=True)
+class Case:
+    """``build(run, tmp)`` writes the hostile run and returns (extra args, the path the error must name)."""
+
+    build: Callable[[Path, Path], tuple[list[str], Path]]
+    expected: str  # a phrase the one error line must hold
+    exit_code: int = 1
+
+
+def _limits() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (LIMIT_AS, LIMIT_AS))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT_FSIZE, LIMIT_FSIZE))
+
+
+def files_digest(root: Path) -> dict[str, str]:
+    """Every regular file under ``root`` and its hash (links and FIFOs by what they are, not read)."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_symlink():
+            found[str(path)] = f"link:{os.readlink(path)}"
+        elif path.is_fifo():
+            found[str(path)] = "fifo"
+        elif path.is_file() and path.stat().st_size > 2**26:  # sparse giants: identity, not content
+            info = path.stat()
+            found[str(path)] = f"big:{info.st_size}:{info.st_mtime_ns}:{info.st_ino}"
+        elif path.is_file():
+            found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            found[str(path)] = "dir"
+    return found
+
+
+# --- builders: each writes two good checkpoints (steps 1, 2) and one hostile thing ----------------------
+
+
+def good_run(run: Path) -> None:
+    write_safetensors_run(run, [1, 2])
+
+
+def torch_payload(
+    zip_format: bool, name: str = "ckpt_3.pt"
+) -> Callable[[Path, Path], tuple[list[str], Path]]:
+    def build(run: Path, tmp: Path) -> tuple[list[str], Path]:
+        good_run(run)
+        obj = {"model": dict(make_state(3)), "step": 3, "x": WritesMarker(tmp / "pwned")}
+        torch.save(obj, run / name, _use_new_zipfile_serialization=zip_format)
+        return [], run / name
+
+    return build
+
+
+def lightning_payload(run: Path, tmp: Path) -> tuple[list[str], Path]:
+    good_run(run)
+    path = run / "epoch=0-step=3.ckpt"
+    torch.save({"state_dict": dict(make_state(3)), "global_step": 3, "cb": WritesMarker(tmp / "pwned")}, path)
+    return [], path
+
+
+def hf_bin_payload(run: Path, tmp: Path) -> tuple[list[str], Path]:
+    for step in (1, 2, 3):
+        (run / f"checkpoint-{step}").mkdir(parents=True)
+        obj: object = dict(make_state(step))
+        if step == 3:
+            obj = {"w": WritesMarker(tmp / "pwned")}
+        torch.save(obj, run / f"checkpoint-{step}" / "pytorch_model.bin")
+    return [], run / "checkpoint-3" / "pytorch_model.bin"
+
+
+def dcp_payload(run: Path, tmp: Path) -> tuple[list[str], Path]:
+    import torch.distributed.checkpoint as dcp
+
+    for step in (1, 2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.save(dict(make_state(step)), checkpoint_id=str(run / f"step_{step}"))
+    (run / "step_2" / ".metadata").write_bytes(pickle.dumps(WritesMarker(tmp / "pwned")))
+    return [], run / "step_2"
+
+
+def index_escape(run: Path, tmp: Path) -> tuple[list[str], Path]:
+    save_file(dict(make_state(9)), str(tmp / "secret.safetensors"))
+    for step in (1, 2):
+        folder = run / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        weight_map = dict.fromkeys(make_state(step), "../../secret.safetensors")
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return [], run / "checkpoint-1" / "model.safetensors.index.json"
+
+
+def index_not_a_map(run: Path, tmp: Path) -> tuple[list[str], Path]:
+    for step in (1, 2):
+        folder = run / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        save_file(dict(make_state(step)), str(folder / "model-1.safetensors"))
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"weight_map": ["model-1.safetensors"]})
+        )
+    return [], run / "checkpoint-1" / "model.safetensors.index.json"
+
+
+def torch_state(name: str, state: object, **extra: object) -> Callable[[Path, Path], tuple[list[str], Path]]:
+    """Two good torch checkpoints, then ``state`` saved as the model of step 3."""
+
+    def build(run: Path, tmp: Path) -> tuple[list[str], Path]:
+        run.mkdir(parents=True)
+        for step in (1, 2):
+            torch.save({"model": dict(make_state(step)), "step": step}, run / f"ckpt_{step}.pt")
+        torch.save({"model": state, "step": 3, **extra}, run / name)
+        return [], run / name
+
+    return build
+
+
+def torch_names(state: dict) -> Callable[[Path, Path], tuple[list[str], Path]]:
+    """Every checkpoint holds ``state`` (so the run is consistent): the names themselves are the problem."""
+
+    def build(run: Path, tmp: Path) -> tuple[list[str], Path]:
+        run.mkdir(parents=True)
+        for step in (1, 2, 3):
+            torch.save({"model": state, "step": step}, run / f"ckpt_{step}.pt")
+        return [], run / "ckpt_1.pt"
+
+    return build
+
+
+def self_referencing() -> dict:
+    state: dict = dict(make_state(3))
+    state["loop"] = state
+    return state
+
+
+def shared_dag(levels: int = 40) -> dict:
+    node: dict = {"w": torch.zeros(1)}
+    for _ in range(levels):
+        node = {"a": node, "b": node}
+    return node
+
+
+def quantized() -> dict:
+    return {"w": torch.quantize_per_tensor(torch.ones(4), 0.1, 0, torch.qint8)}
+
+
+def special_file(kind: str) -> Callable[[Path, Path], tuple[list[str], Path]]:
+    def build(run: Path, tmp: Path) -> tuple[list[str], Path]:
+        good_run(run)
+        path = run / "model_step_3.safetensors"
+        if kind == "fifo":
+            os.mkfifo(path)
+        else:
+            path.symlink_to(kind)
+        return [], path
+
+    return build
+
+
+def safetensors_step(value: str) -> Callable[[Path, Path], tuple[list[str], Path]]:
+    def build(run: Path, tmp: Path) -> tuple[list[str], Path]:
+        good_run(run)
+        path = run / "late.safetensors"
+        save_file(dict(make_state(3)), str(path), metadata={"step": value})
+        return [], path
+
+    return build
+
+
+def raw_file(name: str, data: bytes) -> Callable[[Path, Path], tuple[list[str], Path]]:
+    def build(run: Path, tmp: Path) -> tuple[list[str], Path]:
+        good_run(run)
+        (run / name).write_bytes(data)
+        return [], run / name
+
+    return build
+
+
+def truncated_pt(run: Path, tmp: Path) -> tuple[list[str], Path]:
+    """A zip .pt cut in half, as a full disk or a killed trainer leaves it."""
+    run.mkdir(parents=True)
+    for step in (1, 2, 3):
+        torch.save({"model": dict(make_state(step)), "step": step}, run / f"ckpt_{step}.pt")
+    path = run / "ckpt_3.pt"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return [], path
+
+
+def nonfinite(run: Path, tmp: Path) -> tuple[list[str], Path]:
+    good_run(run)
+    state = dict(make_state(3))
+    state["encoder.bias"][3] = float("nan")
+    save_file(state, str(run / "model_step_3.safetensors"), metadata={"step": "3"})
+    return [], run / "model_step_3.safetensors"
+
+
+def edited_resume(edit: dict[str, str]) -> Callable[[Path, Path], tuple[list[str], Path]]:
+    def build(run: Path, tmp: Path) -> tuple[list[str], Path]:
+        good_run(run)
+        earlier = tmp / "earlier.safetensors"
+        result = subprocess.run([EXE, str(run), "-o", str(earlier), "-q"], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(earlier), "pt") as f:
+            metadata = {**f.metadata(), **edit}
+        save_file(load_file(str(earlier)), str(earlier), metadata=metadata)
+        write_safetensors_run(run, [3])
+        return ["--resume", str(earlier)], earlier
+
+    return build
+
+
+def output_is_an_input(run: Path, tmp: Path) -> tuple[list[str], Path]:
+    good_run(run)
+    return ["-o", str(run / "model_step_2.safetensors")], run / "model_step_2.safetensors"
+
+
+def option(named: str, *args: str) -> Callable[[Path, Path], tuple[list[str], Path]]:
+    """A good run with bad settings: the error names the option (``named``) rather than a file."""
+
+    def build(run: Path, tmp: Path) -> tuple[list[str], Path]:
+        good_run(run)
+        return list(args), Path(named)
+
+    return build
+
+
+def markup_name(run: Path, tmp: Path) -> tuple[list[str], Path]:
+    good_run(run)
+    path = run / "[bold red]x_3.pt"  # rich would print "x_3.pt" in bold, or fail on a closing tag
+    path.write_bytes(b"garbage, not a pickle")
+    return [], path
+
+
+def sparse_huge(run: Path, tmp: Path) -> tuple[list[str], Path]:
+    """A 4 TB tensor in sparse files of a few KB on disk."""
+    run.mkdir(parents=True)
+    numel = 10**12
+    for step in (1, 2):
+        entry = {"dtype": "F32", "shape": [numel], "data_offsets": [0, 4 * numel]}
+        header = json.dumps({"__metadata__": {"step": str(step)}, "w": entry}).encode()
+        path = run / f"model_step_{step}.safetensors"
+        path.write_bytes(len(header).to_bytes(8, "little") + header)
+        os.truncate(path, 8 + len(header) + 4 * numel)
+    return [], run / "model_step_1.safetensors"
+
+
+def stride_zero(n: int) -> dict:
+    return {"w": torch.zeros(1).expand(n)}
+
+
+CASES: dict[str, Case] = {
+    # code execution
+    "pt-zip-payload": Case(torch_payload(True), "--trust-pickle"),
+    "pt-legacy-payload": Case(torch_payload(False), "--trust-pickle"),
+    "lightning-payload": Case(lightning_payload, "--trust-pickle"),
+    "hf-bin-payload": Case(hf_bin_payload, "--trust-pickle"),
+    "dcp-metadata-payload": Case(dcp_payload, "--trust-pickle"),
+    # paths a file names
+    "index-escapes-folder": Case(index_escape, "outside its folder"),
+    "index-weight-map-list": Case(index_not_a_map, "weight_map"),
+    # names the output format cannot hold
+    "tensor-named-__metadata__": Case(torch_names({"__metadata__": torch.zeros(2)}), "'__metadata__'"),
+    "lone-surrogate-name": Case(torch_names({"w\ud800": torch.zeros(2)}), "ud800"),
+    "mixed-key-types": Case(torch_names({"w": torch.zeros(2), 3: torch.zeros(2)}), "3"),
+    # small inputs, huge cost
+    "stride-zero-1e12": Case(torch_state("ckpt_3.pt", stride_zero(10**12)), "'w'"),
+    "stride-zero-2.5e8": Case(torch_state("ckpt_3.pt", stride_zero(250_000_000)), "'w'"),
+    "self-referencing-dict": Case(torch_state("ckpt_3.pt", self_referencing()), "ckpt_3.pt"),
+    "shared-dict-dag": Case(torch_state("ckpt_3.pt", shared_dag()), "ckpt_3.pt"),
+    "fifo": Case(special_file("fifo"), "not a regular file"),
+    "link-to-dev-zero": Case(special_file("/dev/zero"), "not a regular file"),
+    "link-to-dev-urandom": Case(special_file("/dev/urandom"), "not a regular file"),
+    "sparse-4tb-safetensors": Case(sparse_huge, "'w'"),
+    # tensors that cannot be averaged or stored
+    "complex-tensor": Case(torch_state("ckpt_3.pt", {"w": torch.zeros(2, dtype=torch.complex64)}), "'w'"),
+    "quantized-tensor": Case(torch_state("ckpt_3.pt", quantized()), "'w'"),
+    "meta-tensor": Case(torch_state("ckpt_3.pt", {"w": torch.zeros(2, device="meta")}), "'w'"),
+    "sparse-tensor": Case(torch_state("ckpt_3.pt", {"w": torch.zeros(4).to_sparse()}), "'w'"),
+    # hostile steps
+    "step-superscript": Case(safetensors_step("²"), "step"),
+    "step-10**400": Case(torch_state("ckpt_3.pt", dict(make_state(3)), step=10**400), "step"),
+    "step-negative": Case(torch_state("ckpt_3.pt", dict(make_state(3)), step=-4), "step"),
+    "step-complex": Case(torch_state("ckpt_3.pt", dict(make_state(3)), step=torch.tensor(1 + 1j)), "step"),
+    # damaged files
+    "truncated-pt": Case(truncated_pt, "ckpt_3.pt"),
+    "garbage-pt": Case(raw_file("ckpt_3.pt", b"\x80\x02garbage" * 10), "damaged"),
+    "json-pt": Case(raw_file("ckpt_3.pt", b'{"not": "a checkpoint"}'), "damaged"),
+    "git-lfs-pointer": Case(
+        raw_file("ckpt_3.pt", b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 9\n"),
+        "git lfs pull",
+    ),
+    "markup-in-file-name": Case(markup_name, "damaged"),
+    "nan-in-checkpoint": Case(nonfinite, "'encoder.bias' holds NaN or Inf (step 3)"),
+    # resume metadata that was edited
+    "resume-lowered-last-step": Case(edited_resume({"last_step": "1"}), "last_step"),
+    "resume-shortened-steps": Case(edited_resume({"steps": "[2]"}), "name one file per step"),
+    "resume-steps-not-a-list": Case(edited_resume({"steps": '{"a": 1}'}), "not a JSON list"),
+    "resume-steps-not-numbers": Case(edited_resume({"steps": '["x", 2]'}), "not a list of steps"),
+    # the output must never be an input
+    "output-is-an-input": Case(output_is_an_input, "write the average somewhere else"),
+    # settings
+    "denominator-inf": Case(option("--denominator", "--denominator", "inf", "--schedule", "step"), "inf"),
+    "watch-poll-negative": Case(option("--poll", "--watch", "--poll", "-1"), "-1"),
+    "watch-poll-nan": Case(option("--poll", "--watch", "--poll", "nan"), "nan"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_hostile_input(tmp_path: Path, name: str) -> None:
+    case = CASES[name]
+    run = tmp_path / "run"
+    args, culprit = case.build(run, tmp_path)
+    output = tmp_path / "ema.safetensors"
+    if "-o" not in args:
+        output.write_bytes(PREVIOUS)
+        args = [*args, "-o", str(output), "--overwrite"]
+    before = files_digest(tmp_path)
+    result = subprocess.run(
+        [EXE, str(run), *args], capture_output=True, text=True, timeout=120, preexec_fn=_limits
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == case.exit_code, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("ema-average: error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    assert str(culprit) in lines[0], lines[0]
+    assert case.expected in lines[0], lines[0]
+    assert files_digest(tmp_path) == before  # nothing written, nothing changed, the previous output intact
+    assert not (tmp_path / "pwned").exists()
