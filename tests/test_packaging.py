@@ -82,3 +82,32 @@ def test_import_is_lazy_and_the_public_api_resolves() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ema_average.moving_average"
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.15, 0.3, 0.6, 1.0])
+def test_ctrl_c_while_starting_is_one_line_not_a_traceback(tmp_path: Path, delay: float) -> None:
+    # Whenever the interrupt lands (in Python's start-up, our imports, torch's import, or the run), the
+    # user sees at most one line, and never a traceback.
+    import signal
+
+    from safetensors.torch import save_file
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for step in (1, 2):
+        save_file({"w": torch_zeros()}, str(run / f"step_{step}.safetensors"))
+    proc = subprocess.Popen([EXE, str(run), "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) <= 1, stderr
+    # finished first; interrupted (typer answers an interrupt during its parsing with a silent 130); or
+    # killed before Python's own handler was installed
+    assert proc.returncode in (0, 130, -signal.SIGINT), (proc.returncode, stderr)
+
+
+def torch_zeros() -> object:  # torch imported lazily: the start-up tests here must not import it
+    import torch
+
+    return torch.zeros(4)

@@ -170,3 +170,14 @@ def test_reading_one_tensor_does_not_load_the_file(tmp_path: Path) -> None:
     assert ckpt.read("small").tolist() == [0.0, 1.0, 2.0, 3.0]
     assert grown < 32 * 2**20, f"RSS grew by {grown / 2**20:.0f} MiB reading 16 bytes"
     ckpt.close()
+
+
+def test_read_range_into_reads_exactly_that_slice(tmp_path: Path) -> None:
+    path = tmp_path / "r.safetensors"
+    tensors = {"a": torch.arange(10.0), "b": torch.arange(100, dtype=torch.bfloat16).reshape(10, 10)}
+    save_file(tensors, str(path))
+    ckpt = SafetensorsCheckpoint(path)
+    out = torch.empty(7, dtype=torch.bfloat16)
+    assert torch.equal(ckpt.read_range_into("b", 42, out), tensors["b"].reshape(-1)[42:49])
+    assert torch.equal(ckpt.read_range_into("a", 0, torch.empty(10)), tensors["a"])
+    ckpt.close()

@@ -1,4 +1,5 @@
-"""The safetensors file format: dtype names and a strict reading of the header, shared by reader and writer.
+"""The safetensors file format, in one place for the reader and the writer: dtype names and their order,
+the header as the library writes it, which names it can hold, and a strict reading of a header.
 
 A file is 8 bytes of little-endian header length, a JSON header, then the tensors' bytes back to back.
 The header is parsed and checked here by hand rather than with ``safetensors.safe_open``, because
@@ -13,6 +14,7 @@ import json
 import math
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +41,30 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+# The safetensors Dtype enum in declaration order; save_file sorts tensors by it, largest first.
+_DTYPE_RANK = [
+    "BOOL",
+    "F4",
+    "F6_E2M3",
+    "F6_E3M2",
+    "U8",
+    "I8",
+    "F8_E5M2",
+    "F8_E4M3",
+    "F8_E8M0",
+    "I16",
+    "U16",
+    "F16",
+    "BF16",
+    "I32",
+    "U32",
+    "F32",
+    "C64",
+    "F64",
+    "I64",
+    "U64",
+]
 
 METADATA_KEY = "__metadata__"
 MAX_HEADER_BYTES = 100_000_000  # the library's own limit
@@ -143,3 +169,65 @@ def _check_tiling(path: Path, entries: dict[str, HeaderEntry], data_size: int) -
     if position != data_size:
         problem = "is truncated" if position > data_size else "has bytes after the last tensor"
         raise _damaged(path, f"{problem} (tensors end at {position}, data section is {data_size} bytes)")
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a file being written: what its header entry says."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def safetensors_order(entries: Sequence[TensorEntry]) -> list[TensorEntry]:
+    """The order ``save_file`` stores tensors in: dtype rank descending, then name."""
+    return sorted(entries, key=lambda e: (-_DTYPE_RANK.index(DTYPE_NAMES[e.dtype]), e.name))
+
+
+def build_header(
+    entries: Sequence[TensorEntry], metadata: dict[str, str] | None
+) -> tuple[bytes, dict[str, int]]:
+    """The padded header bytes and each tensor's byte offset within the data section."""
+    header: dict[str, object] = {}
+    if metadata:
+        header[METADATA_KEY] = dict(metadata)
+    offsets: dict[str, int] = {}
+    offset = 0
+    for e in entries:
+        header[e.name] = {
+            "dtype": DTYPE_NAMES[e.dtype],
+            "shape": list(e.shape),
+            "data_offsets": [offset, offset + e.nbytes],
+        }
+        offsets[e.name] = offset
+        offset += e.nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * ((8 - len(raw) % 8) % 8)
+    return len(raw).to_bytes(8, "little") + raw, offsets
+
+
+def name_problem(name: object) -> str | None:
+    """Why ``name`` cannot be a tensor name in a safetensors file, or None when it can."""
+    if not isinstance(name, str):
+        return f"the name is a {type(name).__name__}, not a string"
+    if not name:
+        return "the name is empty"
+    if name == METADATA_KEY:
+        return f"{METADATA_KEY} is reserved for the file's metadata"
+    return utf8_problem(name)
+
+
+def utf8_problem(text: str) -> str | None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "the name holds a lone surrogate, which UTF-8 cannot encode"
+    return None

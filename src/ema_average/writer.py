@@ -35,7 +35,6 @@ import socket
 import sys
 import threading
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -44,31 +43,25 @@ from safetensors import SafetensorError, safe_open
 
 from ema_average.checkpoints.safetensors_file import TOOL_MARKER_KEY
 from ema_average.errors import CheckpointError, OutputError
-from ema_average.safetensors_format import DTYPE_NAMES, METADATA_KEY, read_header
+from ema_average.safetensors_format import (
+    DTYPE_NAMES,
+    TensorEntry,
+    build_header,
+    name_problem,
+    read_header,
+    safetensors_order,
+    utf8_problem,
+)
 
-# The safetensors Dtype enum in declaration order; save_file sorts tensors by it, largest first.
-_DTYPE_RANK = [
-    "BOOL",
-    "F4",
-    "F6_E2M3",
-    "F6_E3M2",
-    "U8",
-    "I8",
-    "F8_E5M2",
-    "F8_E4M3",
-    "F8_E8M0",
-    "I16",
-    "U16",
-    "F16",
-    "BF16",
-    "I32",
-    "U32",
-    "F32",
-    "C64",
-    "F64",
-    "I64",
-    "U64",
+__all__ = [
+    "OutputLock",
+    "SafetensorsWriter",
+    "ShardedWriter",
+    "TensorEntry",
+    "name_problem",
+    "remove_stale_temporaries",
 ]
+
 # Temporary files and staging folders: ``.NAME.ema-average-PID.tmp``. Nothing else is ever removed.
 _TEMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.ema-average-(?P<pid>\d+)\.tmp$")
 # link() fails with these where the filesystem has no hard links (FAT, exFAT, some network shares).
@@ -78,66 +71,6 @@ _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 _ABSTRACT_SOCKETS = sys.platform.startswith("linux")
 _MAX_INDEX_BYTES = 100_000_000
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for d in self.shape:
-            n *= d
-        return n
-
-
-def safetensors_order(entries: Sequence[TensorEntry]) -> list[TensorEntry]:
-    """The order ``save_file`` stores tensors in: dtype rank descending, then name."""
-    return sorted(entries, key=lambda e: (-_DTYPE_RANK.index(DTYPE_NAMES[e.dtype]), e.name))
-
-
-def build_header(
-    entries: Sequence[TensorEntry], metadata: dict[str, str] | None
-) -> tuple[bytes, dict[str, int]]:
-    """The padded header bytes and each tensor's byte offset within the data section."""
-    header: dict[str, object] = {}
-    if metadata:
-        header[METADATA_KEY] = dict(metadata)
-    offsets: dict[str, int] = {}
-    offset = 0
-    for e in entries:
-        header[e.name] = {
-            "dtype": DTYPE_NAMES[e.dtype],
-            "shape": list(e.shape),
-            "data_offsets": [offset, offset + e.nbytes],
-        }
-        offsets[e.name] = offset
-        offset += e.nbytes
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    raw += b" " * ((8 - len(raw) % 8) % 8)
-    return len(raw).to_bytes(8, "little") + raw, offsets
-
-
-def name_problem(name: object) -> str | None:
-    """Why ``name`` cannot be a tensor name in a safetensors file, or None when it can."""
-    if not isinstance(name, str):
-        return f"the name is a {type(name).__name__}, not a string"
-    if not name:
-        return "the name is empty"
-    if name == METADATA_KEY:
-        return f"{METADATA_KEY} is reserved for the file's metadata"
-    return _utf8_problem(name)
-
-
-def _utf8_problem(text: str) -> str | None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return "the name holds a lone surrogate, which UTF-8 cannot encode"
-    return None
 
 
 def _check_entries(path: Path, entries: Sequence[TensorEntry]) -> None:
@@ -159,7 +92,7 @@ def _check_entries(path: Path, entries: Sequence[TensorEntry]) -> None:
 def _check_metadata(path: Path, metadata: dict[str, str] | None) -> None:
     for key, value in (metadata or {}).items():
         ok = isinstance(key, str) and isinstance(value, str)
-        if not ok or _utf8_problem(key) or _utf8_problem(value):
+        if not ok or utf8_problem(key) or utf8_problem(value):
             raise OutputError(f"{path}: metadata {key!r} is not a string UTF-8 can encode")
 
 
@@ -388,6 +321,11 @@ class SafetensorsWriter:
         except BaseException:
             self.abort()
             raise
+
+    @property
+    def paths(self) -> list[Path]:
+        """The files the commit makes visible (as ``ShardedWriter.paths``: both writers answer alike)."""
+        return [self.path]
 
     def _open_temporary(self) -> None:
         fd = _open_anonymous(self.path.parent)

@@ -91,6 +91,16 @@ class Checkpoint(ABC):
         out.copy_(self.read(name))
         return out
 
+    def read_range_into(self, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
+        """Elements ``start .. start + out.numel()`` of ``name`` (flattened) into ``out`` (1-d, contiguous,
+        of the tensor's dtype), for streaming tensors larger than a chunk.
+
+        Layouts that can read a byte range (files read with ``pread``, mapped files) override this; the
+        default reads the whole tensor and copies the slice.
+        """
+        out.copy_(self.read(name).reshape(-1)[start : start + out.numel()])
+        return out
+
     def close(self) -> None:  # noqa: B027 - optional: most layouts hold nothing open
         """Release open files and mappings; reads after this reopen them."""
 

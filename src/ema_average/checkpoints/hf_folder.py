@@ -63,6 +63,9 @@ class HfFolderCheckpoint(Checkpoint):
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         return self._owner[name].read_into(name, out)
 
+    def read_range_into(self, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
+        return self._owner[name].read_range_into(name, start, out)
+
     def aliases(self) -> dict[str, str]:
         found: dict[str, str] = {}
         for part in self._parts:

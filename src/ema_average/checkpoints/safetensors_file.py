@@ -59,6 +59,16 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         start, end = self._offsets[name]
+        return self._pread(name, start, end, out)
+
+    def read_range_into(self, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
+        begin, _ = self._offsets[name]
+        itemsize = self._specs[name].dtype.itemsize
+        first = begin + start * itemsize
+        return self._pread(name, first, first + out.numel() * itemsize, out)
+
+    def _pread(self, name: str, start: int, end: int, out: torch.Tensor) -> torch.Tensor:
+        """Bytes ``start .. end`` of the data section into ``out``, without a mapping or a temporary."""
         if end == start:
             return out
         view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
