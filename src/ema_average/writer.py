@@ -34,7 +34,7 @@ import shutil
 import socket
 import sys
 import threading
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -276,6 +276,22 @@ def _in_use(path: Path) -> bool:
 # --- One file ---------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _or_abort(path: Path, abort: Callable[[], None]) -> Iterator[None]:
+    """Run a commit; on any failure (Ctrl-C included) abort, so nothing is left, and say it in one line."""
+    try:
+        yield
+    except OutputError:
+        abort()
+        raise
+    except OSError as exc:
+        abort()
+        raise OutputError(f"{path}: cannot commit ({exc.strerror or exc})") from exc
+    except BaseException:
+        abort()
+        raise
+
+
 class SafetensorsWriter:
     """One safetensors file, written in any tensor order to a temporary file and committed at once.
 
@@ -378,17 +394,8 @@ class SafetensorsWriter:
         """fsync, read back, and name: the output appears whole or not at all; on failure nothing is left."""
         if self._pending:
             raise OutputError(f"{self.path}: {len(self._pending)} tensors were never written")
-        try:
+        with _or_abort(self.path, self.abort):
             self._finish()
-        except OutputError:
-            self.abort()
-            raise
-        except OSError as exc:
-            self.abort()
-            raise OutputError(f"{self.path}: cannot commit ({exc.strerror or exc})") from exc
-        except BaseException:
-            self.abort()
-            raise
         self._release()
 
     def _finish(self) -> None:
@@ -638,7 +645,7 @@ class ShardedWriter:
 
     def commit(self) -> None:
         """Finish every file in the staging folder, then switch it in; on failure the target is as it was."""
-        try:
+        with _or_abort(self.path, self.abort):
             for writer in self.writers:
                 writer.commit()
             if self._index_name is not None:  # a reader that finds the index finds every shard
@@ -646,15 +653,6 @@ class ShardedWriter:
             assert self._staging_fd is not None
             _fsync_folder_fd(self._staging_fd)
             self._switch()
-        except OutputError:
-            self.abort()
-            raise
-        except OSError as exc:
-            self.abort()
-            raise OutputError(f"{self.path}: cannot commit ({exc.strerror or exc})") from exc
-        except BaseException:
-            self.abort()
-            raise
         self._close()
 
     def _index(self) -> bytes:
