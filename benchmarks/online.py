@@ -1,10 +1,12 @@
 """Time one online ``apply()`` against the ways users do it today and against the hardware floors.
 
 Prints a table: median milliseconds of one update and the ratio to ``torch._foreach_lerp_`` over the same
-tensors (the multi-tensor floor), for two mixes of tensor sizes, fp32 and bf16 parameters. Then, each in a
-child process, the extra memory one bf16 update needs beyond model + shadows.
+tensors (the multi-tensor floor), for two mixes of tensor sizes, fp32 and bf16 parameters; then the fp32
+mixes sharded by FSDP2 over ``--ranks`` CPU processes (gloo), where each rank's ``apply()`` on its local
+shards is timed against ``_foreach_lerp_`` over those very local tensors. Then, each in a child process,
+the extra memory one bf16 update needs beyond model + shadows.
 
-    python benchmarks/online.py [--scale 1.0] [--repeats 15] [--device cpu]
+    python benchmarks/online.py [--scale 1.0] [--repeats 25] [--device cpu] [--ranks 2]
 """
 
 from __future__ import annotations
@@ -13,14 +15,17 @@ import argparse
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
 from ema_average import ExponentialMovingAverage
+from ema_average.moving_average import local_part
 
 DECAY = 0.999
 
@@ -95,6 +100,45 @@ def time_mix(
     return rows
 
 
+def sharded_rows(total: int, count: int, ranks: int, repeats: int) -> list[tuple[str, str, float]]:
+    """One fp32 mix sharded by FSDP2 over ``ranks`` CPU processes; rank 0's medians (all ranks run at once)."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as folder:
+        mp.spawn(_sharded_rank, args=(ranks, folder, total, count, repeats), nprocs=ranks, join=True)
+        medians = torch.load(Path(folder) / "medians.pt", weights_only=True)
+    mix = f"{total / 1e6:.0f}M in {count} tensors on {ranks} FSDP2 ranks (each its shards), float32"
+    return [(mix, method, ms) for method, ms in medians.items()]
+
+
+def _sharded_rank(rank: int, ranks: int, folder: str, total: int, count: int, repeats: int) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(max(1, torch.get_num_threads() // ranks))  # the ranks share the cores
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=ranks)
+    try:
+        model = torch.nn.ParameterList(make_model(total, count, torch.float32, "cpu"))
+        fully_shard(model, mesh=init_device_mesh("cpu", (ranks,)))
+        params = list(model.parameters())  # DTensors; apply() reads their local shards
+        ema = ExponentialMovingAverage([(f"p{i}", p) for i, p in enumerate(params)], decay=DECAY)
+        local = [local_part(p).detach() for p in params]
+        shadows = [t.clone() for t in local]
+        fns = {
+            "ema-average apply() on the local shards": ema.apply,
+            "_foreach_lerp_ (multi-tensor floor, same local tensors)": lambda: torch._foreach_lerp_(
+                shadows, local, 1 - DECAY
+            ),
+        }
+        medians = median_ms_interleaved(fns, repeats, "cpu")
+        if rank == 0:
+            torch.save(medians, Path(folder) / "medians.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 _CHILD = """
 import sys, torch
 from ema_average import ExponentialMovingAverage
@@ -134,8 +178,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the parameter counts")
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=25)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--ranks", type=int, default=2, help="FSDP2 ranks for the sharded rows (0: none)")
     args = parser.parse_args()
     large = (int(50_000_000 * args.scale), 200)
     small = (int(20_000_000 * args.scale), 5_000)
@@ -147,6 +192,9 @@ def main() -> None:
         for dtype in (torch.float32, torch.bfloat16):
             mix = f"{total / 1e6:.0f}M in {count} tensors, {str(dtype).removeprefix('torch.')}"
             rows += time_mix(mix, total, count, dtype, args)
+    if args.ranks:
+        for total, count in (large, small):
+            rows += sharded_rows(total, count, args.ranks, args.repeats)
 
     floors = {mix.rsplit(", ", 1)[0]: ms for mix, method, ms in rows if method.startswith("_foreach_lerp_")}
     fp32_apply = {

@@ -69,3 +69,16 @@ def test_offline_vs_online_step_schedule_is_far_closer() -> None:
 def test_offline_vs_online_runs_as_a_script() -> None:
     out = script("offline_vs_online.py", "--steps", "200", "--decay", "0.99", "--every", "50")
     assert "step schedule" in out and "relative distance to the online EMA" in out
+
+
+def test_fsdp2_ema_trains_sharded_and_exports_one_file(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+    from tiny_regression import make_model, test_loss
+
+    out = tmp_path / "ema.safetensors"
+    printed = script("fsdp2_ema.py", "--steps", "200", "--out", out)  # starts its 2 processes itself
+    losses = dict(line.rsplit(maxsplit=1) for line in printed.splitlines() if line.startswith("test loss"))
+    model = make_model()
+    model.load_state_dict(load_file(out))  # the whole EMA, by the model's own names
+    assert f"{test_loss(model):.4f}" == losses["test loss of its EMA"]
+    assert float(losses["test loss of its EMA"]) < float(losses["test loss of the trained model"])

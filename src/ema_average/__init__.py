@@ -37,6 +37,7 @@ _LAZY = {
     "AverageOptions": "ema_average.pipeline",
     "Summary": "ema_average.pipeline",
     "average_checkpoints": "ema_average.pipeline",
+    "save_safetensors": "ema_average.sharded_export",
     "AverageSettings": "ema_average.plan",
     "CheckpointSelection": "ema_average.plan",
     "Selection": "ema_average.plan",
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
     )
     from ema_average.pipeline import AverageOptions, Summary, average_checkpoints
     from ema_average.plan import AverageSettings, CheckpointSelection, Selection
+    from ema_average.sharded_export import save_safetensors
 
 
 def __getattr__(name: str) -> Any:
@@ -96,4 +98,5 @@ __all__ = [
     "discover",
     "ema_update_",
     "find_run",
+    "save_safetensors",
 ]
