@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
@@ -188,3 +189,198 @@ def float64_reference(
         d = min(decay, (numerator + step) / (denominator + step))
         shadow = {n: d * s + (1 - d) * state[n].double() for n, s in shadow.items()}
     return shadow
+
+
+# Producers of issue 11: each run folder exactly as the trainer writes it --------------------------------
+
+
+def engine_average(checkpoints: list, decay: float = 0.9) -> dict[str, torch.Tensor]:
+    """The checkpoints' floating tensors averaged by the library's engine (the code the pipeline streams
+    through), each update at its checkpoint's step: to compare with :func:`float64_reference`."""
+    from ema_average import ExponentialMovingAverage
+
+    first = checkpoints[0]
+    names = [name for name, spec in first.specs().items() if spec.is_floating]
+    ema = ExponentialMovingAverage.from_tensors({n: first.read(n).clone() for n in names}, decay=decay)
+    for ckpt in checkpoints[1:]:
+        ema.update({n: ckpt.read(n) for n in names}, num_updates=ckpt.step)
+    return {name: tensor.double() for name, tensor in ema.averages().items()}
+
+
+def assert_matches_reference(
+    checkpoints: list, states: list[dict[str, torch.Tensor]], decay: float = 0.9
+) -> None:
+    """What the checkpoints average to equals the float64 average of ``states`` (the producer's tensors)."""
+    steps = [c.step for c in checkpoints]
+    expected = float64_reference(states, steps, decay)
+    got = engine_average(checkpoints, decay)
+    assert set(got) == set(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def tiny_gpt2():  # type: ignore[no-untyped-def]
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16))
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 32
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = torch.randint(0, 50, (8,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": ids, "labels": ids}
+
+
+def write_peft_lora_run(folder: Path) -> Path:
+    """PEFT LoRA through the HF Trainer, saving every 3 steps, then ``trainer.save_model()`` (the final
+    adapter in the run folder itself)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    with warnings.catch_warnings():  # PEFT's Conv1D notes and transformers' deprecations: not ours
+        warnings.simplefilter("ignore")
+        model = get_peft_model(tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn"], lora_dropout=0.0))
+        args = TrainingArguments(
+            output_dir=str(folder),
+            max_steps=6,
+            save_steps=3,
+            per_device_train_batch_size=4,
+            learning_rate=0.05,
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+            logging_steps=1000,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=_Tokens())
+        trainer.train()
+        trainer.save_model()
+    return folder
+
+
+def tiny_unet():  # type: ignore[no-untyped-def]
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
+
+
+def write_diffusers_training_run(folder: Path) -> Path:
+    """What diffusers' training scripts (train_unconditional.py and kin) write: ``accelerator.save_state``
+    into ``checkpoint-{global_step}`` every 2 steps, with the scripts' save hook putting the model in
+    ``unet/`` and the ``EMAModel`` in ``unet_ema/``; at the end the pipeline in the run folder itself.
+    The hook and loop are the scripts' (reproduced); accelerate, UNet2DModel, EMAModel, DDPMPipeline real."""
+    from accelerate import Accelerator
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+    from diffusers.training_utils import EMAModel
+
+    accelerator = Accelerator(cpu=True)
+    unet = tiny_unet()
+    ema = EMAModel(unet.parameters(), decay=0.9, model_cls=UNet2DModel, model_config=unet.config)
+
+    def save_model_hook(models, weights, output_dir):  # type: ignore[no-untyped-def]
+        ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
+        for model in models:
+            model.save_pretrained(os.path.join(output_dir, "unet"))
+            weights.pop()
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    optimizer = torch.optim.SGD(unet.parameters(), lr=0.1)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    scheduler = DDPMScheduler(num_train_timesteps=10)
+    g = torch.Generator().manual_seed(0)
+    for step in range(1, 5):
+        clean, noise = torch.randn(2, 1, 8, 8, generator=g), torch.randn(2, 1, 8, 8, generator=g)
+        t = torch.randint(0, 10, (2,), generator=g)
+        pred = unet(scheduler.add_noise(clean, noise, t), t).sample
+        accelerator.backward(torch.nn.functional.mse_loss(pred, noise))
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.step(unet.parameters())
+        if step % 2 == 0:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                accelerator.save_state(os.path.join(folder, f"checkpoint-{step}"))
+    DDPMPipeline(unet=accelerator.unwrap_model(unet), scheduler=scheduler).save_pretrained(folder)
+    return folder
+
+
+def write_accelerate_run(folder: Path) -> Path:
+    """accelerate ``save_state()`` with automatic naming: ``checkpoints/checkpoint_K``, K counting saves."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    torch.manual_seed(0)
+    config = ProjectConfiguration(project_dir=str(folder), automatic_checkpoint_naming=True)
+    accelerator = Accelerator(cpu=True, project_config=config)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    for step in range(1, 7):
+        accelerator.backward(model(torch.randn(4, 4)).pow(2).mean())
+        optimizer.step()
+        optimizer.zero_grad()
+        if step % 2 == 0:
+            accelerator.save_state()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def peft_lora_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("peft")
+    return write_peft_lora_run(tmp_path_factory.mktemp("peft") / "out")
+
+
+@pytest.fixture(scope="session")
+def diffusers_training_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("diffusers")
+    return write_diffusers_training_run(tmp_path_factory.mktemp("diffusers") / "out")
+
+
+@pytest.fixture(scope="session")
+def accelerate_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_accelerate_run(tmp_path_factory.mktemp("accelerate") / "project")
+
+
+# (world size, variants) of the real DeepSpeed runs; stages 0-3, fp32 and bf16, one and two ranks.
+DEEPSPEED_RUNS = {
+    1: ["0:fp32", "0:bf16", "1:bf16", "2:fp32", "3:fp32", "3:bf16"],
+    2: ["1:fp32", "2:bf16", "3:bf16"],
+}
+
+
+@pytest.fixture(scope="session")
+def deepspeed_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real DeepSpeed saves on CPU, one process per rank (see tests/deepspeed_producer.py)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("deepspeed")
+    out = tmp_path_factory.mktemp("deepspeed")
+    script = Path(__file__).with_name("deepspeed_producer.py")
+    for world, variants in DEEPSPEED_RUNS.items():
+        port = str(29500 + os.getpid() % 1000 + world)
+        procs = [
+            subprocess.Popen(
+                [sys.executable, str(script), str(out), str(world), str(rank), port, *variants],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+            for rank in range(world)
+        ]
+        for proc in procs:
+            output, _ = proc.communicate(timeout=300)
+            assert proc.returncode == 0, output.decode()[-3000:]
+    return out

@@ -171,3 +171,26 @@ def test_only_regular_files_are_read(tmp_path: Path, kind: str) -> None:
         odd.symlink_to("/dev/zero")
     with pytest.raises(CheckpointError, match=r"model_step_3\.safetensors: is not a regular file"):
         find_run(tmp_path / "run")
+
+
+def test_a_layout_is_one_registered_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Discovery knows layouts only through layouts.LAYOUTS: one entry adds a kind of file, its open and
+    its line in the "looked for" message."""
+    from ema_average.checkpoints import layouts
+    from ema_average.checkpoints.base import Layout
+    from ema_average.checkpoints.safetensors_file import SafetensorsCheckpoint
+
+    npz = Layout(
+        "npz",
+        "file",
+        "files ending .npz",
+        lambda p: p.suffix == ".npz",
+        lambda p, o: SafetensorsCheckpoint(p),
+    )
+    monkeypatch.setattr(layouts, "LAYOUTS", (*layouts.LAYOUTS, npz))
+    with pytest.raises(NoCheckpointsError, match=r"looked for .*; files ending \.npz; DCP folders"):
+        discover(tmp_path)
+    write_safetensors_run(tmp_path, [1, 2])
+    for p in tmp_path.glob("*.safetensors"):
+        p.rename(p.with_suffix(".npz"))
+    assert [c.step for c in discover(tmp_path)] == [1, 2]

@@ -174,3 +174,32 @@ def test_git_lfs_pointer_is_named(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"model\.pt: is a Git LFS pointer.*git lfs pull") as caught:
         TorchCheckpoint(path)
     assert not isinstance(caught.value, UnsafeCheckpointError)
+
+
+def test_composer_time_objects_load_as_stand_ins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """composer's Time, TimeUnit (an enum, pickled by its full name) and Timestamp are data: stood in for."""
+    import enum
+    import sys
+    import types
+
+    module = types.ModuleType("composer.core.time")
+
+    class TimeUnit(enum.Enum):
+        BATCH = "ba"
+
+    class Time:
+        def __init__(self, value: int, unit: TimeUnit) -> None:
+            self.value, self.unit = value, unit
+
+    for cls in (TimeUnit, Time):
+        cls.__module__, cls.__qualname__ = "composer.core.time", cls.__name__
+        setattr(module, cls.__name__, cls)
+    for name, mod in (("composer", types.ModuleType("composer")), ("composer.core", types.ModuleType("c"))):
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setitem(sys.modules, "composer.core.time", module)
+    torch.save({"model": {"w": torch.ones(2)}, "step": 3, "t": Time(3, TimeUnit.BATCH)}, tmp_path / "c.pt")
+    for name in ("composer.core.time", "composer.core", "composer"):
+        monkeypatch.delitem(sys.modules, name)
+    ckpt = TorchCheckpoint(tmp_path / "c.pt")
+    assert ckpt.tensor_names() == ["w"]
+    assert "composer" not in sys.modules  # nothing of theirs was imported

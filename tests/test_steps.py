@@ -82,3 +82,38 @@ def test_checked_step_refuses_anything_else_in_one_line(value: object) -> None:
 def test_unicode_digits_in_names_are_not_steps() -> None:
     assert step_from_name(Path("model_step_²3.pt")) is None
     assert step_from_name(Path("ckpt_١٢.pt")) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "step", "label", "counter"),
+    [
+        ("ep1-ba42-rank0.pt", 42, "baN", False),  # composer
+        ("epoch_3", 3, "epoch_N", True),  # torchtune
+        ("checkpoint-7.pth.tar", 7, "checkpoint-N", False),  # timm
+        ("checkpoint_2", 2, "_N", False),  # accelerate (a counter only where accelerate wrote it)
+    ],
+)
+def test_producer_names(name: str, step: int, label: str, counter: bool) -> None:
+    info = step_from_name(Path(name))
+    assert info is not None
+    assert (info.step, info.source, info.counter) == (step, f"filename:{label}", counter)
+
+
+@pytest.mark.parametrize(
+    ("name", "names_step"),
+    [
+        ("checkpoint-500", True),
+        ("global_step6", True),
+        ("epoch_0", True),
+        ("checkpoint_3", True),
+        ("step_100", True),
+        ("unet", False),
+        ("unet_ema", False),
+        ("text_encoder_2", False),
+        ("pytorch_model", False),
+    ],
+)
+def test_names_a_step(name: str, names_step: bool) -> None:
+    from ema_average.checkpoints.steps import names_a_step
+
+    assert names_a_step(Path(name)) is names_step

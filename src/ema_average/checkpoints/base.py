@@ -6,9 +6,10 @@ import math
 import os
 import stat
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 
@@ -39,10 +40,54 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class StepInfo:
-    """A training step and where it was found, e.g. ``(1200, "metadata:global_step")``."""
+    """A training step and where it was found, e.g. ``(1200, "metadata:global_step")``.
+
+    ``counter`` marks a number that counts saves or epochs rather than optimizer steps (accelerate's
+    ``checkpoint_K``, timm's ``epoch``, torchtune's ``epoch_E``): the plan flags it, and ``step_every``
+    turns it into a step.
+    """
 
     step: int
     source: str
+    counter: bool = False
+
+
+@dataclass(frozen=True)
+class OpenOptions:
+    """How the user asked units to be read; every layout's ``open`` takes these, using what applies."""
+
+    state_dict_key: str | None = None  # the key of a torch file's dict holding the weights (dotted)
+    trust_pickle: bool = False  # full unpickling, unsafe: only on the user's word
+    submodel: str | None = None  # which model of a unit holding several (a folder, a weight file, "fp32")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One checkpoint layout as discovery sees it: what it claims, how it opens, how it is described.
+
+    ``unit`` says whether it claims files or folders; ``claims`` is cheap (names and stats only, never
+    unpickling); ``looked_for`` completes "no checkpoints found; looked for ...".
+    """
+
+    name: str
+    unit: Literal["file", "folder"]
+    looked_for: str
+    claims: Callable[[Path], bool]
+    open: Callable[[Path, OpenOptions], Checkpoint]
+
+
+@dataclass
+class ModelChoice:
+    """Which of the models in a unit was read, and how to read each of the others instead."""
+
+    read: str
+    others: dict[str, str] = field(default_factory=dict)  # name -> the flag that reads it
+    average: bool = False  # what was read is itself an average (no raw weights were found)
+
+    def describe(self) -> str:
+        what = f"{self.read} (an average: no raw weights found beside it)" if self.average else self.read
+        also = ", ".join(f"{name} ({flag})" for name, flag in self.others.items())
+        return f"read {what}" + (f"; also here: {also}" if also else "")
 
 
 class Checkpoint(ABC):
@@ -62,7 +107,19 @@ class Checkpoint(ABC):
         self.path = path
         self.step: int | None = None
         self.step_source = ""
+        self.step_is_counter = False  # the step counts saves or epochs (see StepInfo.counter)
         self.notes: list[str] = []
+        self.choices: list[ModelChoice] = []  # outermost first, where a unit holds several models
+
+    @property
+    def model(self) -> str:
+        """Which model of the unit was read (``unet/diffusion_pytorch_model``, ``state_dict``), or ``""``."""
+        return "/".join(choice.read for choice in self.choices)
+
+    @property
+    def other_models(self) -> dict[str, str]:
+        """The unit's other models, each with the flag that reads it instead."""
+        return {name: flag for choice in self.choices for name, flag in choice.others.items()}
 
     @abstractmethod
     def specs(self) -> dict[str, TensorSpec]:
@@ -75,6 +132,12 @@ class Checkpoint(ABC):
     def metadata_step(self) -> StepInfo | None:
         """The step recorded inside the checkpoint, if any."""
         return None
+
+    def name_step(self) -> StepInfo | None:
+        """The step its file or folder name carries; layouts that know a name is a counter say so."""
+        from ema_average.checkpoints.steps import step_from_name
+
+        return step_from_name(self.path)
 
     def aliases(self) -> dict[str, str]:
         """Names that share storage with an earlier name (tied weights): alias -> first name."""

@@ -21,12 +21,20 @@ from typing import Any
 
 import torch
 
-from ema_average.checkpoints.base import Checkpoint, StepInfo, TensorSpec, require_regular_file
+from ema_average.checkpoints.base import (
+    Checkpoint,
+    Layout,
+    OpenOptions,
+    StepInfo,
+    TensorSpec,
+    require_regular_file,
+)
+from ema_average.checkpoints.keys import STATE_DICT_KEYS, STEP_KEYS
 from ema_average.checkpoints.safe_unpickle import first_line, load_dcp_metadata
-from ema_average.checkpoints.safetensors_file import DTYPE_NAMES
 from ema_average.checkpoints.steps import checked_step
-from ema_average.checkpoints.torch_file import STATE_DICT_KEYS, STEP_KEYS, checked_name, dtype_problem
+from ema_average.checkpoints.torch_file import checked_name, dtype_problem
 from ema_average.errors import CheckpointError
+from ema_average.safetensors_format import DTYPE_NAMES
 
 # A few bytes of pickle can list one chunk object millions of times; walking them is bounded.
 MAX_CHUNKS = 10_000_000
@@ -277,3 +285,10 @@ def _model_prefix(path: Path, tensors: dict[str, Any], key: str | None) -> str:
         if any(fqn.startswith(candidate + ".") for fqn in tensors):
             return candidate + "."
     return ""
+
+
+def _open(path: Path, options: OpenOptions) -> Checkpoint:
+    return DcpCheckpoint(path, state_dict_key=options.state_dict_key, trust_pickle=options.trust_pickle)
+
+
+LAYOUT = Layout("dcp", "folder", "DCP folders (.metadata + *.distcp)", is_dcp_folder, _open)

@@ -1,31 +1,39 @@
-"""Find the checkpoints of one training run in a folder, give each its step, and check they agree."""
+"""Find the checkpoints of one training run in a folder, give each its step, and check they agree.
+
+Discovery walks the folder and asks each registered layout (``layouts.LAYOUTS``) what it claims: folders
+(a Hugging Face, DCP or DeepSpeed save) and weight files. Those are *models*; each belongs to a *unit*, one
+step of the run: itself, or the step-named folder it sits in (``checkpoint-500/unet``,
+``checkpoint_3/pytorch_model``, ``step_100/model.pt``). Folders of trainer state with no weights
+(optimizer, ``recipe_state/``, RNG) are never units. A final model saved beside the step folders (the run
+folder's own ``model.safetensors``, a diffusers pipeline's ``unet/``) is skipped with a notice.
+"""
 
 from __future__ import annotations
 
+import fnmatch
+import itertools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from ema_average.checkpoints.base import Checkpoint, StepInfo
-from ema_average.checkpoints.dcp_folder import DcpCheckpoint, is_dcp_folder
-from ema_average.checkpoints.hf_folder import HfFolderCheckpoint, is_hf_folder, open_weights_file
+from ema_average.checkpoints.base import Checkpoint, OpenOptions, StepInfo
+from ema_average.checkpoints.hf_folder import weight_sets
+from ema_average.checkpoints.layouts import layout_of, looked_for, open_leaf
 from ema_average.checkpoints.safetensors_file import SafetensorsCheckpoint
-from ema_average.checkpoints.steps import CHECKPOINT_SUFFIXES, PATTERN_NAMES, step_from_name
-from ema_average.errors import CheckpointError, CheckpointMismatchError, NoCheckpointsError
+from ema_average.checkpoints.steps import PATTERN_NAMES, checked_step, names_a_step, step_from_name
+from ema_average.checkpoints.unit_folder import open_unit
+from ema_average.errors import (
+    CheckpointError,
+    CheckpointMismatchError,
+    ConfigurationError,
+    NoCheckpointsError,
+)
 
 StepsFrom = Literal["auto", "metadata", "filename"]  # options.STEPS_FROM, as a type
-
-# Files trainers write beside the weights that are not model checkpoints (HF Trainer, DeepSpeed...).
-_NOT_WEIGHTS = ("optimizer", "optim_states", "scheduler", "rng_state", "training_args", "scaler")
-
-LOOKED_FOR = (
-    f"files ending {', '.join(CHECKPOINT_SUFFIXES)}; Hugging Face checkpoint-N/ folders; "
-    "DCP folders (.metadata + *.distcp)"
-)
 
 
 @dataclass
@@ -38,16 +46,35 @@ class Run:
     units: list[Path] = field(default_factory=list)  # the user's checkpoints found, taken or skipped
 
 
+@dataclass
+class Unit:
+    """One step of the run as found on disk: its path and the models in it (itself, when it is one)."""
+
+    path: Path
+    models: list[Path]
+
+
+@dataclass
+class Scan:
+    units: list[Unit]
+    notices: list[str]
+
+
 def discover(
     path: str | Path,
     *,
     state_dict_key: str | None = None,
     trust_pickle: bool = False,
     steps_from: StepsFrom = "auto",
+    submodel: str | None = None,
 ) -> list[Checkpoint]:
     """The checkpoints under ``path`` in step order (see :func:`find_run` for the notices too)."""
     return find_run(
-        path, state_dict_key=state_dict_key, trust_pickle=trust_pickle, steps_from=steps_from
+        path,
+        state_dict_key=state_dict_key,
+        trust_pickle=trust_pickle,
+        steps_from=steps_from,
+        submodel=submodel,
     ).checkpoints
 
 
@@ -58,10 +85,19 @@ def find_run(
     trust_pickle: bool = False,
     steps_from: StepsFrom = "auto",
     only: set[Path] | None = None,
+    submodel: str | None = None,
+    step_every: int | None = None,
+    steps: Sequence[int] | None = None,
+    globs: Sequence[str] = (),
 ) -> Run:
     """Find, open, step, de-duplicate and validate the checkpoints of the run under ``path``.
 
-    ``only`` restricts the run to those candidates (``--watch`` passes the ones that are complete).
+    ``only`` restricts the run to those units (``--watch`` passes the ones that are complete).
+    ``submodel`` picks one model of units that hold several (``unet_ema``, ``adapter_model``, ``fp32``).
+    ``step_every`` turns steps that count saves or epochs (flagged by the layouts) into training steps:
+    ``(count + 1) * step_every``, the count starting at 0 for the first save, made after ``step_every``
+    steps; ``steps`` gives every checkpoint's step outright, oldest first. ``globs`` keeps only the units
+    whose name (or path below ``path``) matches one of them, e.g. ``checkpoint_*_*.pt``.
 
     Nothing is read beyond headers, pickled structure and step records, except the tensors of two
     checkpoints that claim the same step (to tell a copy, such as fairseq's checkpoint_last.pt, from
@@ -74,86 +110,232 @@ def find_run(
         raise NoCheckpointsError(
             root, "is not a directory; point at the folder holding the run's checkpoints"
         )
-    if is_hf_folder(root) or is_dcp_folder(root):
+    if step_every is not None and (type(step_every) is not int or step_every < 1):
+        raise ConfigurationError(f"--step-every must be a whole number of steps >= 1, got {step_every!r}")
+    options = OpenOptions(state_dict_key=state_dict_key, trust_pickle=trust_pickle, submodel=submodel)
+    found = scan(root, globs)
+    notices = list(found.notices)
+    units = [unit.path for unit in found.units]
+    checkpoints: list[Checkpoint] = []
+    for unit in found.units:
+        if only is not None and unit.path not in only:
+            continue
+        ckpt = _open(unit, options)
+        if isinstance(ckpt, SafetensorsCheckpoint) and ckpt.written_by_this_tool:
+            notices.append(f"skipped {unit.path}: written by ema-average itself")
+            units.remove(unit.path)
+            continue
+        _check_holds_weights(ckpt)
+        _check_submodel(ckpt, submodel)
+        info = _step_of(ckpt, steps_from)
+        ckpt.step, ckpt.step_source, ckpt.step_is_counter = info.step, info.source, info.counter
+        checkpoints.append(ckpt)
+    if not checkpoints:
+        where = f" named {' or '.join(globs)}" if globs else ""
+        raise NoCheckpointsError(root, f"no checkpoints{where} found; looked for {looked_for()}")
+    checkpoints = _drop_copies(checkpoints, notices)
+    checkpoints.sort(key=lambda c: c.step if c.step is not None else -1)
+    _real_steps(root, checkpoints, step_every, steps, notices)
+    validate_run(checkpoints)
+    _note_models(checkpoints, notices)
+    return Run(root, checkpoints, notices, units)
+
+
+def candidates(root: Path, globs: Sequence[str] = ()) -> list[Path]:
+    """The run's units below ``root`` (files and folders), all from one folder (one run)."""
+    return [unit.path for unit in scan(root, globs).units]
+
+
+def scan(root: Path, globs: Sequence[str] = ()) -> Scan:
+    """The units of the run under ``root``, and what was skipped as a final model."""
+    owners: dict[Path, list[Path]] = {}
+    for model in _models(root):
+        owners.setdefault(_owner(root, model), []).append(model)
+    units = [Unit(path, models) for path, models in owners.items()]
+    notices: list[str] = []
+    if units and all(u.path == root for u in units):
         raise NoCheckpointsError(
             root,
             "is one checkpoint folder; point at the folder that holds the run's checkpoints (its parent)",
         )
-    notices: list[str] = []
-    found = candidates(root)
-    units = list(found)
-    if only is not None:
-        found = [c for c in found if c in only]
-    checkpoints: list[Checkpoint] = []
-    for candidate in found:
-        ckpt = _open(candidate, state_dict_key, trust_pickle)
-        if isinstance(ckpt, SafetensorsCheckpoint) and ckpt.written_by_this_tool:
-            notices.append(f"skipped {candidate}: written by ema-average itself")
-            units.remove(candidate)
-            continue
-        info = _step_of(ckpt, steps_from)
-        ckpt.step, ckpt.step_source = info.step, info.source
-        checkpoints.append(ckpt)
-    if not checkpoints:
-        raise NoCheckpointsError(root, f"no checkpoints found; looked for {LOOKED_FOR}")
-    checkpoints = _drop_copies(checkpoints, notices)
-    checkpoints.sort(key=lambda c: c.step if c.step is not None else -1)
-    validate_run(checkpoints)
-    return Run(root, checkpoints, notices, units)
+    units = _drop_final_models(root, units, notices)
+    if globs:
+        units = [u for u in units if _matches(root, u.path, globs)]
+    parents = sorted({str(u.path.parent) for u in units})
+    if len(parents) > 1:
+        shown = ", ".join(parents[:4]) + (" ..." if len(parents) > 4 else "")
+        raise CheckpointError(
+            root,
+            f"holds checkpoints in {len(parents)} folders ({shown}); point at one run's folder, "
+            "or choose files by name (--glob)",
+        )
+    return Scan(sorted(units, key=lambda u: u.path), notices)
 
 
-def candidates(root: Path) -> list[Path]:
-    """Checkpoint files and folders below ``root``, all from one folder (one run)."""
+def _models(root: Path) -> list[Path]:
+    """Every folder a folder layout claims and every weight file outside such folders (hidden ones never)."""
     found: list[Path] = []
     for folder, dirs, files in os.walk(root):
         here = Path(folder)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # hidden folders are never searched
-        units = [here / d for d in dirs if is_hf_folder(here / d) or is_dcp_folder(here / d)]
-        found += units
-        dirs[:] = [d for d in dirs if here / d not in units]
-        found += [here / f for f in sorted(files) if _is_weights_file(f)]
-    parents = sorted({str(p.parent) for p in found})
-    if len(parents) > 1:
-        shown = ", ".join(parents[:4]) + (" ..." if len(parents) > 4 else "")
-        raise CheckpointError(
-            root, f"holds checkpoints in {len(parents)} folders ({shown}); point at one run's folder"
+        if layout_of(here, "folder") is not None:
+            found.append(here)  # its files are its own; its sub-folders may hold more
+            continue
+        found += [here / f for f in sorted(files) if not f.startswith(".") and layout_of(here / f, "file")]
+    return found
+
+
+def _owner(root: Path, model: Path) -> Path:
+    """The unit a model belongs to: the step-named folder it sits in (when the model's own name names no
+    other step), else itself. Below the run folder any model groups; in the run folder itself only folders
+    do (``checkpoint-500/unet`` pointed at), so a run folder named ``exp_step3`` keeps its files apart."""
+    parent = model.parent
+    if model == root or not names_a_step(parent) or not parent.is_relative_to(root):
+        return model
+    if parent == root and not model.is_dir():
+        return model
+    own = step_from_name(model) if names_a_step(model) else None
+    outer = step_from_name(parent)
+    return parent if own is None or (outer is not None and own.step == outer.step) else model
+
+
+def _drop_final_models(root: Path, units: list[Unit], notices: list[str]) -> list[Unit]:
+    """A folder's own weights beside step units inside it, and model folders with no step beside step
+    units, are a final model (``trainer.save_model()``, a diffusers pipeline): not a step of the run."""
+    kept = []
+    for unit in units:
+        inside = any(other.path != unit.path and other.path.is_relative_to(unit.path) for other in units)
+        if inside:
+            files = ", ".join(path.name for _, path in weight_sets(unit.path)) or unit.path.name
+            notices.append(f"skipped {unit.path} ({files}): a final model saved beside the checkpoints")
+            continue
+        kept.append(unit)
+    stepped = {u.path.parent for u in kept if names_a_step(u.path)}
+    final = [u for u in kept if u.path.is_dir() and u.path.parent in stepped and not names_a_step(u.path)]
+    if final:
+        names = ", ".join(f"{u.path.name}/" for u in final)
+        notices.append(
+            f"skipped {names} in {final[0].path.parent}: a final model saved beside the checkpoints"
         )
-    return sorted(found)
+    return [u for u in kept if u not in final]
 
 
-def _is_weights_file(name: str) -> bool:
-    lower = name.lower()
-    return (
-        lower.endswith(CHECKPOINT_SUFFIXES)
-        and not name.startswith(".")
-        and not any(marker in lower for marker in _NOT_WEIGHTS)
-    )
+def _matches(root: Path, path: Path, globs: Sequence[str]) -> bool:
+    relative = path.relative_to(root).as_posix()
+    return any(fnmatch.fnmatch(path.name, g) or fnmatch.fnmatch(relative, g) for g in globs)
 
 
-def _open(path: Path, state_dict_key: str | None, trust_pickle: bool) -> Checkpoint:
-    if path.is_dir():
-        if is_dcp_folder(path):
-            return DcpCheckpoint(path, state_dict_key=state_dict_key, trust_pickle=trust_pickle)
-        return HfFolderCheckpoint(path, trust_pickle=trust_pickle)
-    return open_weights_file(path, state_dict_key=state_dict_key, trust_pickle=trust_pickle)
+def _open(unit: Unit, options: OpenOptions) -> Checkpoint:
+    if unit.models == [unit.path]:
+        return open_leaf(unit.path, options)
+    return open_unit(unit.path, unit.models, options)
+
+
+def _check_holds_weights(ckpt: Checkpoint) -> None:
+    """A unit with no tensors, or a floating tensor with no elements, is never averaged: such are the
+    placeholders DeepSpeed ZeRO-3 and FSDP save where the weights live elsewhere."""
+    specs = ckpt.specs()
+    if not specs:
+        raise CheckpointError(
+            ckpt.path, "holds no tensors (weights saved elsewhere, e.g. by DeepSpeed ZeRO-3?)"
+        )
+    empty = next((name for name, spec in specs.items() if spec.is_floating and spec.numel == 0), None)
+    if empty is not None:
+        raise CheckpointError(
+            ckpt.path,
+            f"tensor {empty!r} has no elements: a placeholder (as DeepSpeed ZeRO-3 and FSDP save), "
+            "not weights; refused",
+        )
+
+
+def _check_submodel(ckpt: Checkpoint, submodel: str | None) -> None:
+    if submodel is None or submodel in ckpt.model.split("/"):
+        return
+    models = [m for m in [*ckpt.model.split("/")[:1], *ckpt.other_models] if m]
+    listed = f"; its models: {', '.join(models)}" if models else "; it holds one model"
+    raise CheckpointError(ckpt.path, f"has no model {submodel!r} (--submodel){listed}")
 
 
 def _step_of(ckpt: Checkpoint, steps_from: StepsFrom) -> StepInfo:
+    """The checkpoint's own record first, then its name. A count of saves or epochs gives way to a real
+    step in the name, unless the name only repeats it (timm's ``checkpoint-3`` holding ``epoch`` 3)."""
     sources: dict[str, Callable[[], StepInfo | None]] = {
         "metadata": ckpt.metadata_step,
-        "filename": lambda: step_from_name(ckpt.path),
+        "filename": ckpt.name_step,
     }
-    order = ["metadata", "filename"] if steps_from == "auto" else [steps_from]
-    for source in order:
-        info = sources[source]()
-        if info is not None:
-            return info
+    if steps_from != "auto":
+        info = sources[steps_from]()
+    else:
+        meta, name = ckpt.metadata_step(), ckpt.name_step()
+        info = meta
+        if meta is None or (
+            meta.counter and name is not None and not name.counter and name.step != meta.step
+        ):
+            info = name
+    if info is not None:
+        return info
     where = {
         "auto": "in its contents or its name",
         "metadata": "in its contents (--steps-from metadata)",
         "filename": f"in its name (--steps-from filename; patterns {', '.join(PATTERN_NAMES)})",
     }[steps_from]
     raise CheckpointError(ckpt.path, f"no training step found {where}")
+
+
+def _real_steps(
+    root: Path,
+    checkpoints: list[Checkpoint],
+    step_every: int | None,
+    steps: Sequence[int] | None,
+    notices: list[str],
+) -> None:
+    """Counts of saves or epochs made steps (``step_every``), or every step given (``steps``); a count
+    left as it is gets a notice saying how to give the steps."""
+    counted = [c for c in checkpoints if c.step_is_counter]
+    if steps is not None:
+        _given_steps(root, checkpoints, steps)
+    elif step_every is not None:
+        if not counted:
+            source = checkpoints[0].step_source
+            raise ConfigurationError(
+                f"{root}: --step-every applies to checkpoints numbered by a count of saves or epochs; "
+                f"these record their training steps ({source})"
+            )
+        for ckpt in counted:
+            assert ckpt.step is not None
+            where = f"{ckpt.step_source}, (n+1) x {step_every}"
+            ckpt.step = checked_step(ckpt.path, (ckpt.step + 1) * step_every, where)
+            ckpt.step_source, ckpt.step_is_counter = where, False
+        checkpoints.sort(key=lambda c: c.step if c.step is not None else -1)
+    elif counted:
+        notices.append(
+            f"the steps of {len(counted)} checkpoint(s) count saves or epochs, not training steps "
+            f"({counted[0].step_source}); give the training steps between saves with --step-every N "
+            "(step = (count + 1) x N), or each checkpoint's step with --steps"
+        )
+
+
+def _given_steps(root: Path, checkpoints: list[Checkpoint], steps: Sequence[int]) -> None:
+    if len(steps) != len(checkpoints):
+        raise ConfigurationError(f"{root}: {len(steps)} steps given for {len(checkpoints)} checkpoints")
+    if any(b <= a for a, b in itertools.pairwise(steps)):
+        raise ConfigurationError(f"{root}: the steps given must increase, got {list(steps)[:8]}")
+    for ckpt, step in zip(checkpoints, steps, strict=True):
+        ckpt.step = checked_step(ckpt.path, step, "given")
+        ckpt.step_source, ckpt.step_is_counter = "given", False
+
+
+def _note_models(checkpoints: list[Checkpoint], notices: list[str]) -> None:
+    """Which model was read where units hold several: once for the run when all agree."""
+    described = [(c, "; ".join(choice.describe() for choice in c.choices)) for c in checkpoints if c.choices]
+    if not described:
+        return
+    texts = {text for _, text in described}
+    if len(texts) == 1 and len(described) == len(checkpoints):
+        notices.append(f"in each checkpoint: {texts.pop()}")
+        return
+    for ckpt, text in described:
+        ckpt.notes.append(text)
 
 
 def _same_tensors(a: Checkpoint, b: Checkpoint) -> bool:
@@ -185,7 +367,7 @@ def _drop_copies(checkpoints: list[Checkpoint], notices: list[str]) -> list[Chec
 
 
 def _named_for_step(ckpt: Checkpoint) -> bool:
-    info = step_from_name(ckpt.path)
+    info = ckpt.name_step()
     return info is not None and info.step == ckpt.step
 
 

@@ -1,25 +1,72 @@
-"""Hugging Face Trainer ``checkpoint-N/`` folders: one weights file, or shards behind an index."""
+"""Folders written by ``save_pretrained`` and the trainers built on it: one model's weights, one file or
+shards behind an index.
+
+The Hugging Face Trainer's ``checkpoint-N/``, PEFT adapters (``adapter_model.safetensors``), diffusers models
+(``diffusion_pytorch_model.safetensors``) and LoRA weights (``pytorch_lora_weights.safetensors``), torchtune's
+``epoch_E/`` shards, accelerate's ``save_state`` folders. Where a folder holds several of these (torchtune
+saves the merged model and the adapter), the full model is read and the others are named with the
+``--submodel`` that reads them.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
 
-from ema_average.checkpoints.base import Checkpoint, StepInfo, TensorSpec, require_regular_file
-from ema_average.checkpoints.safetensors_file import SafetensorsCheckpoint
-from ema_average.checkpoints.steps import checked_step
-from ema_average.checkpoints.torch_file import TorchCheckpoint
+from ema_average.checkpoints.base import (
+    Checkpoint,
+    Layout,
+    ModelChoice,
+    OpenOptions,
+    StepInfo,
+    TensorSpec,
+    require_regular_file,
+)
+from ema_average.checkpoints.steps import checked_step, step_from_name
 from ema_average.errors import CheckpointError
 
-# In the order transformers prefers them when several are present.
-WEIGHT_FILES = (
-    "model.safetensors.index.json",
-    "model.safetensors",
-    "pytorch_model.bin.index.json",
-    "pytorch_model.bin",
+# Each model a folder may hold, by name, with its files in the order transformers prefers them.
+WEIGHT_SETS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        "model",
+        (
+            "model.safetensors.index.json",
+            "model.safetensors",
+            "pytorch_model.bin.index.json",
+            "pytorch_model.bin",
+        ),
+    ),
+    (
+        "diffusion_pytorch_model",
+        (
+            "diffusion_pytorch_model.safetensors.index.json",
+            "diffusion_pytorch_model.safetensors",
+            "diffusion_pytorch_model.bin.index.json",
+            "diffusion_pytorch_model.bin",
+        ),
+    ),
+    ("adapter_model", ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt")),
+    ("pytorch_lora_weights", ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")),
 )
+WEIGHT_FILES = tuple(name for _, files in WEIGHT_SETS for name in files)
+
+# accelerate's save_state writes this beside the weights; with automatic naming the folder is checkpoint_K,
+# K counting saves.
+_ACCELERATE_STATE = re.compile(r"random_states_\d+\.pkl$")
+_ACCELERATE_NAME = re.compile(r"checkpoint_(\d+)$", re.ASCII)
+
+
+def weight_sets(path: Path) -> list[tuple[str, Path]]:
+    """The models ``path`` holds directly: (name, the file that opens it), in order of preference."""
+    found = []
+    for name, files in WEIGHT_SETS:
+        first = next((path / f for f in files if (path / f).is_file()), None)
+        if first is not None:
+            found.append((name, first))
+    return found
 
 
 def is_hf_folder(path: Path) -> bool:
@@ -31,9 +78,27 @@ class HfFolderCheckpoint(Checkpoint):
 
     layout = "hf-folder"
 
-    def __init__(self, path: Path, *, trust_pickle: bool = False) -> None:
+    def __init__(self, path: Path, *, trust_pickle: bool = False, submodel: str | None = None) -> None:
         super().__init__(path)
-        weights = next(path / name for name in WEIGHT_FILES if (path / name).is_file())
+        sets = weight_sets(path)
+        if not sets:
+            raise CheckpointError(path, f"holds none of {', '.join(WEIGHT_FILES)}")
+        names = [name for name, _ in sets]
+        name = submodel if submodel in names else names[0]
+        weights = dict(sets)[name]
+        self._open_weights(weights, trust_pickle)
+        if not self._specs and submodel is None and len(sets) > 1:  # an empty model.safetensors, say
+            self.close()
+            name = names[1]
+            self._open_weights(dict(sets)[name], trust_pickle)
+        if len(sets) > 1:
+            others = {other: f"--submodel {other}" for other in names if other != name}
+            self.choices = [ModelChoice(name, others)]
+        self.lazy = all(part.lazy for part in self._parts)
+
+    def _open_weights(self, weights: Path, trust_pickle: bool) -> None:
+        from ema_average.checkpoints.layouts import open_weights_file
+
         if weights.name.endswith(".index.json"):
             weight_map = _weight_map(weights)
             files = list(dict.fromkeys(weight_map.values()))
@@ -52,7 +117,6 @@ class HfFolderCheckpoint(Checkpoint):
                 self._specs[name] = spec
         if weight_map is not None:
             _check_shards_match(weights, weight_map, self._owner)
-        self.lazy = all(part.lazy for part in self._parts)
 
     def specs(self) -> dict[str, TensorSpec]:
         return self._specs
@@ -73,18 +137,46 @@ class HfFolderCheckpoint(Checkpoint):
         return found
 
     def metadata_step(self) -> StepInfo | None:
-        state = self.path / "trainer_state.json"
-        if state.is_file():
-            record = _read_json(state)
-            step = record.get("global_step") if isinstance(record, dict) else None
-            if isinstance(step, int | str) and not isinstance(step, bool):
-                where = "trainer_state.json:global_step"
-                return StepInfo(checked_step(state, step, where), where)
-        return None
+        return side_file_step(self.path)
+
+    def name_step(self) -> StepInfo | None:
+        return folder_name_step(self.path)
 
     def close(self) -> None:
         for part in self._parts:
             part.close()
+
+
+def folder_name_step(path: Path) -> StepInfo | None:
+    """The step a folder's name carries; accelerate's ``checkpoints/checkpoint_K`` counts saves, not
+    steps, and is flagged as a counter."""
+    info = step_from_name(path)
+    if info is not None and is_accelerate_counter(path):
+        return StepInfo(info.step, "filename:checkpoint_K (accelerate save count)", counter=True)
+    return info
+
+
+def is_accelerate_counter(path: Path) -> bool:
+    """An accelerate ``save_state`` folder named by its automatic naming (``checkpoint_K``)."""
+    return bool(_ACCELERATE_NAME.search(path.name)) and any(
+        _ACCELERATE_STATE.search(p.name) for p in path.glob("random_states_*.pkl")
+    )
+
+
+def side_file_step(folder: Path) -> StepInfo | None:
+    """A step from the JSON a trainer writes beside the weights: the HF Trainer's ``trainer_state.json``
+    (``global_step``), or a diffusers ``EMAModel`` saved with ``save_pretrained`` (``config.json``
+    ``optimization_step``)."""
+    for file, key in (("trainer_state.json", "global_step"), ("config.json", "optimization_step")):
+        side = folder / file
+        if not side.is_file():
+            continue
+        record = _read_json(side)
+        step = record.get(key) if isinstance(record, dict) else None
+        if isinstance(step, int | str) and not isinstance(step, bool):
+            where = f"{file}:{key}"
+            return StepInfo(checked_step(side, step, where), where)
+    return None
 
 
 def _read_json(path: Path) -> object:
@@ -135,10 +227,15 @@ def _check_shards_match(index: Path, weight_map: dict[str, Path], owner: dict[st
         raise CheckpointError(owner[extra].path, f"holds tensor {extra!r}, which {index.name} does not list")
 
 
-def open_weights_file(
-    path: Path, *, state_dict_key: str | None = None, trust_pickle: bool = False
-) -> Checkpoint:
-    """A single weights file, by its suffix: safetensors, else a torch file."""
-    if path.suffix.lower() == ".safetensors":
-        return SafetensorsCheckpoint(path)
-    return TorchCheckpoint(path, state_dict_key=state_dict_key, trust_pickle=trust_pickle)
+def _open(path: Path, options: OpenOptions) -> Checkpoint:
+    return HfFolderCheckpoint(path, trust_pickle=options.trust_pickle, submodel=options.submodel)
+
+
+LAYOUT = Layout(
+    "hf-folder",
+    "folder",
+    "Hugging Face folders (checkpoint-N/ with model.safetensors or pytorch_model.bin, shards behind an index, "
+    "adapter_model.*, diffusion_pytorch_model.*)",
+    is_hf_folder,
+    _open,
+)

@@ -47,6 +47,15 @@ _DATA_ONLY_NAMES = {
     "collections.OrderedDict",
     "collections.deque",
     "torch.torch_version.TorchVersion",  # torch.__version__, a str subclass
+    # DeepSpeed's optimizer partitions: an int enum, a loss scale's numbers, a (numel, start) pair.
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    # MosaicML composer's time records (a count and its unit enum), should a checkpoint hold them as objects.
+    "composer.core.time.Timestamp",
+    "composer.core.time.Time",
+    "composer.core.time.TimeUnit",
 }
 
 # A legacy (non-zip) file's globals are only learnt one refusal at a time; each retry adds a stand-in.

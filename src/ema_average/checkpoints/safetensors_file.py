@@ -7,14 +7,21 @@ from pathlib import Path
 
 import torch
 
-from ema_average.checkpoints.base import Checkpoint, StepInfo, TensorSpec, damage_of, require_regular_file
+from ema_average.checkpoints.base import (
+    Checkpoint,
+    Layout,
+    OpenOptions,
+    StepInfo,
+    TensorSpec,
+    damage_of,
+    require_regular_file,
+)
+from ema_average.checkpoints.keys import STEP_KEYS, is_side_file
 from ema_average.checkpoints.steps import checked_step
 from ema_average.errors import CheckpointError
 from ema_average.safetensors_format import DTYPE_NAMES, DTYPES, read_header
 
-__all__ = ["DTYPES", "DTYPE_NAMES", "STEP_KEYS", "TOOL_MARKER_KEY", "SafetensorsCheckpoint"]
-
-STEP_KEYS = ("global_step", "step", "num_updates", "iteration", "train_step")
+__all__ = ["DTYPES", "DTYPE_NAMES", "LAYOUT", "TOOL_MARKER_KEY", "SafetensorsCheckpoint"]
 
 # The key under which this tool marks its own outputs, so that they are never taken as inputs.
 TOOL_MARKER_KEY = "ema_average_version"
@@ -92,3 +99,14 @@ class SafetensorsCheckpoint(Checkpoint):
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _claims(path: Path) -> bool:
+    return path.name.lower().endswith(".safetensors") and not is_side_file(path.name)
+
+
+def _open(path: Path, options: OpenOptions) -> Checkpoint:
+    return SafetensorsCheckpoint(path)
+
+
+LAYOUT = Layout("safetensors", "file", "files ending .safetensors", _claims, _open)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ema_average.checkpoints.base import StepInfo
+from ema_average.checkpoints.keys import CHECKPOINT_SUFFIXES
 from ema_average.errors import CheckpointError
 
 # Steps are stored as int64 by every trainer; anything larger is damage or hostility, and would
@@ -19,13 +20,20 @@ _PATTERNS: list[tuple[str, re.Pattern[str]]] = [
     ("global_stepN", re.compile(r"global[_-]?step[=_-]?(\d+)", re.IGNORECASE | re.ASCII)),
     ("step=N", re.compile(r"(?<![a-z])step[=_-]?(\d+)", re.IGNORECASE | re.ASCII)),
     ("checkpoint-N", re.compile(r"checkpoint-(\d+)$", re.IGNORECASE | re.ASCII)),
+    ("baN", re.compile(r"(?:^|[-_])ba(\d+)(?=$|[-_])", re.IGNORECASE | re.ASCII)),  # composer ep1-ba42
     ("iter_N", re.compile(r"iter(?:ation)?[=_-]?(\d+)", re.IGNORECASE | re.ASCII)),
+    ("epoch_N", re.compile(r"(?<![a-z])epoch[=_-]?(\d+)$", re.IGNORECASE | re.ASCII)),  # torchtune epoch_0
     ("_N", re.compile(r"_(\d+)$", re.ASCII)),
 ]
 
 PATTERN_NAMES = [name for name, _ in _PATTERNS]
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".th")
+# Labels whose number counts epochs, not optimizer steps.
+_COUNTER_LABELS = {"epoch_N"}
+
+# "_N" alone is too weak to say a folder is a step of the run (text_encoder_2 is a diffusers sub-model);
+# accelerate's checkpoint_K folders are the exception that is named.
+_STRONG_EXTRA = re.compile(r"checkpoint_(\d+)$", re.IGNORECASE | re.ASCII)
 
 
 def stem_of(path: Path) -> str:
@@ -43,8 +51,16 @@ def step_from_name(path: Path) -> StepInfo | None:
     for label, pattern in _PATTERNS:
         found = pattern.findall(stem)
         if found:
-            return StepInfo(checked_step(path, found[-1], label), f"filename:{label}")
+            step = checked_step(path, found[-1], label)
+            return StepInfo(step, f"filename:{label}", counter=label in _COUNTER_LABELS)
     return None
+
+
+def names_a_step(path: Path) -> bool:
+    """Whether a name says clearly that it is one step of a run (``checkpoint-500``, ``global_step6``,
+    ``epoch_2``, ``checkpoint_3``), as opposed to a model's part (``unet``, ``text_encoder_2``)."""
+    info = step_from_name(path)
+    return (info is not None and info.source != "filename:_N") or bool(_STRONG_EXTRA.search(stem_of(path)))
 
 
 _DECIMAL = re.compile(r"^\s*(\d{1,19})\s*$", re.ASCII)

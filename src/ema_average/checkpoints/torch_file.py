@@ -1,40 +1,35 @@
-"""torch files (``.pt .pth .bin .ckpt .th``): a bare state dict, or a dict holding one, with a step.
+"""torch files (``.pt .pth .bin .ckpt .th .pth.tar``): a bare state dict, or a dict holding one, with a step.
 
 Covers plain ``torch.save(model.state_dict())``, Lightning ``.ckpt`` (``state_dict``, ``global_step``),
-fairseq (``model``, ``optimizer_history[-1]["num_updates"]``), and the usual trainer dicts
-(``model``, ``module``, ``model_state_dict``, ``ema``...).
+fairseq (``model``, ``optimizer_history[-1]["num_updates"]``), timm's ``CheckpointSaver`` (``state_dict``,
+``epoch``), MosaicML composer (``state.model``, ``state.timestamp``), and the usual trainer dicts
+(``model``, ``module``, ``model_state_dict``...). Where a file holds an average beside the raw weights
+(timm ``state_dict_ema``, fairseq ``extra_state.ema``, Lightning EMAWeightAveraging, composer's EMA
+algorithm), the raw weights are read and the average is named with the ``--state-dict-key`` that reads it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ema_average.checkpoints.base import Checkpoint, StepInfo, TensorSpec
+from ema_average.checkpoints.base import Checkpoint, Layout, ModelChoice, OpenOptions, StepInfo, TensorSpec
+from ema_average.checkpoints.keys import (
+    CHECKPOINT_SUFFIXES,
+    EPOCH_KEYS,
+    STATE_DICT_KEYS,
+    STEP_KEYS,
+    is_ema_name,
+    is_side_file,
+)
 from ema_average.checkpoints.safe_unpickle import load_torch_file
-from ema_average.checkpoints.safetensors_file import DTYPE_NAMES
 from ema_average.checkpoints.steps import checked_step
 from ema_average.errors import CheckpointError
-
-# Where trainers put the model's weights, most common first.
-STATE_DICT_KEYS = (
-    "state_dict",
-    "model",
-    "module",
-    "model_state_dict",
-    "model_state",
-    "ema",
-    "model_ema",
-    "ema_state_dict",
-    "net",
-    "network",
-    "params",
-    "weights",
-)
-STEP_KEYS = ("global_step", "step", "num_updates", "iteration", "iter", "steps", "train_step")
+from ema_average.safetensors_format import DTYPE_NAMES
 
 # Bounds on walking a nested state dict: a few hundred bytes of pickle can describe a loop, or a DAG
 # of shared dicts with 2**40 paths through it.
@@ -69,7 +64,8 @@ class TorchCheckpoint(Checkpoint):
             )
         self._raw_is_lightning = "pytorch-lightning_version" in obj
         self._step = _find_step(self.path, obj)
-        self._tensors, self._key = _find_state_dict(self.path, obj, self._state_dict_key)
+        self._tensors, self._key, choice = _find_state_dict(self.path, obj, self._state_dict_key)
+        self.choices = [choice] if choice is not None else []
         for name, tensor in self._tensors.items():
             problem = tensor_problem(tensor)
             if problem is not None:
@@ -96,21 +92,25 @@ class TorchCheckpoint(Checkpoint):
         return self._step
 
     def aliases(self) -> dict[str, str]:
-        """Tied weights: names whose tensor is the same view of the same storage as an earlier name's."""
-        first: dict[tuple[Any, ...], str] = {}
-        found: dict[str, str] = {}
-        for name, t in self._state().items():
-            if t.numel() == 0:
-                continue
-            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-            if key in first:
-                found[name] = first[key]
-            else:
-                first[key] = name
-        return found
+        return storage_aliases(self._state())
 
     def close(self) -> None:
         self._tensors = None
+
+
+def storage_aliases(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Tied weights: names whose tensor is the same view of the same storage as an earlier name's."""
+    first: dict[tuple[Any, ...], str] = {}
+    found: dict[str, str] = {}
+    for name, t in tensors.items():
+        if t.numel() == 0:
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if key in first:
+            found[name] = first[key]
+        else:
+            first[key] = name
+    return found
 
 
 def _step_value(path: Path, value: Any, where: str) -> int | None:
@@ -135,7 +135,29 @@ def _find_step(path: Path, obj: Mapping[str, Any]) -> StepInfo | None:
         step = _step_value(path, history[-1].get("num_updates"), source)
         if step is not None:
             return StepInfo(step, source)
+    composer = _composer_step(path, obj)
+    if composer is not None:
+        return composer
+    for key in EPOCH_KEYS:  # timm: only the epoch is recorded; flagged as a counter
+        step = _step_value(path, obj.get(key), f"metadata:{key}")
+        if step is not None:
+            return StepInfo(step, f"metadata:{key}", counter=True)
     return None
+
+
+def _composer_step(path: Path, obj: Mapping[str, Any]) -> StepInfo | None:
+    """MosaicML composer: ``state.timestamp`` is ``{"Timestamp": Timestamp.state_dict()}``; ``batch`` is
+    the count of optimizer steps (the ``baN`` of its file names)."""
+    state = obj.get("state")
+    timestamp = state.get("timestamp") if isinstance(state, Mapping) else None
+    if not isinstance(timestamp, Mapping):
+        return None
+    record = timestamp.get("Timestamp", timestamp)
+    if not isinstance(record, Mapping):
+        return None
+    source = "metadata:state.timestamp.batch"
+    step = _step_value(path, record.get("batch"), source)
+    return StepInfo(step, source) if step is not None else None
 
 
 def tensor_problem(tensor: torch.Tensor) -> str | None:
@@ -248,25 +270,133 @@ def _is_state_dict(value: Any) -> bool:
     return isinstance(value, Mapping) and any(isinstance(v, torch.Tensor) for v in value.values())
 
 
+@dataclass
+class _Candidate:
+    """A state dict found in a file: the key that names it and whether it is an average of the weights."""
+
+    key: str
+    value: Mapping[Any, Any]
+    ema: bool
+
+
+def _candidates(obj: Mapping[str, Any]) -> list[_Candidate]:
+    """The state dicts ``obj`` holds, raw weights before averages, each under the key that picks it."""
+    found: list[_Candidate] = []
+    # Lightning's EMAWeightAveraging moves the raw weights to current_model_state and saves the
+    # average under state_dict.
+    if _is_state_dict(obj.get("current_model_state")):
+        found.append(_Candidate("current_model_state", obj["current_model_state"], False))
+        if _is_state_dict(obj.get("state_dict")):
+            found.append(_Candidate("state_dict", obj["state_dict"], True))
+    found += _composer_candidates(obj)
+    for key in (*STATE_DICT_KEYS, *(k for k in obj if isinstance(k, str) and k not in STATE_DICT_KEYS)):
+        if _is_state_dict(obj.get(key)):
+            found.append(_Candidate(key, obj[key], is_ema_name(key)))
+    extra = obj.get("extra_state")  # fairseq's EMA (--ema-... options), beside the raw model
+    if isinstance(extra, Mapping) and _is_state_dict(extra.get("ema")):
+        found.append(_Candidate("extra_state.ema", extra["ema"], True))
+    unique: dict[str, _Candidate] = {}
+    for candidate in found:
+        unique.setdefault(candidate.key, candidate)  # the first mention of a key says what it is
+    return sorted(unique.values(), key=lambda c: c.ema)
+
+
+def _composer_candidates(obj: Mapping[str, Any]) -> list[_Candidate]:
+    """composer: the model at ``state.model``; its EMA algorithm swaps the average into the model for
+    checkpointing (``ema_weights_active``) and keeps the training weights in its own state."""
+    state = obj.get("state")
+    if not isinstance(state, Mapping) or not _is_state_dict(state.get("model")):
+        return []
+    model = _Candidate("state.model", state["model"], False)
+    algorithms = state.get("algorithms")
+    for entry in algorithms if isinstance(algorithms, list) else []:
+        if not (isinstance(entry, tuple | list) and len(entry) == 2 and entry[0] == "EMA"):
+            continue
+        ema_state = entry[1] if isinstance(entry[1], Mapping) else {}
+        held = ema_state.get("ema_model")
+        if not isinstance(held, Mapping):
+            continue
+        parts = [held.get("named_parameters_dict"), held.get("named_buffers_dict")]
+        merged = {k: v for part in parts if isinstance(part, Mapping) for k, v in part.items()}
+        if all(name in merged for name in state["model"]):  # the saved names: persistent buffers only
+            merged = {name: merged[name] for name in state["model"]}
+        if not _is_state_dict(merged):
+            continue
+        swapped = ema_state.get("ema_weights_active") is True
+        other = _Candidate("state.algorithms.EMA", merged, not swapped)
+        model.ema = swapped
+        return [model, other]
+    return [model]
+
+
 def _find_state_dict(
     path: Path, obj: Mapping[str, Any], key: str | None
-) -> tuple[dict[str, torch.Tensor], str | None]:
-    if key is not None:
-        value: Any = obj
-        for part in key.split("."):
-            if not isinstance(value, Mapping) or part not in value:
-                raise CheckpointError(path, f"has no state dict under --state-dict-key {key!r}")
-            value = value[part]
-        if not _is_state_dict(value):
-            raise CheckpointError(path, f"the value under --state-dict-key {key!r} holds no tensors")
-        return _flatten(path, value), key
-    if all(isinstance(v, torch.Tensor) for v in obj.values()) and obj:
-        return _flatten(path, obj), None
-    for candidate in STATE_DICT_KEYS:
-        if _is_state_dict(obj.get(candidate)):
-            return _flatten(path, obj[candidate]), candidate
-    keys = ", ".join(_short_repr(k) for k in list(obj)[:8])
-    raise CheckpointError(
-        path,
-        f"no state dict found (top-level keys: {keys}); name the key holding the weights with --state-dict-key",
+) -> tuple[dict[str, torch.Tensor], str | None, ModelChoice | None]:
+    if key is None and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return _flatten(path, obj), None, None
+    candidates = _candidates(obj)
+    chosen = next((c for c in candidates if c.key == key), None) if key is not None else None
+    if key is not None and chosen is None:
+        return _by_dotted_key(path, obj, key), key, None
+    if chosen is None and candidates:
+        chosen = candidates[0]
+    if chosen is None:
+        keys = ", ".join(_short_repr(k) for k in list(obj)[:8])
+        raise CheckpointError(
+            path,
+            f"no state dict found (top-level keys: {keys}); "
+            "name the key holding the weights with --state-dict-key",
+        )
+    tensors = _flatten(path, chosen.value)
+    return tensors, chosen.key, _choice(path, chosen, candidates, tensors)
+
+
+def _choice(
+    path: Path, chosen: _Candidate, candidates: list[_Candidate], tensors: dict[str, torch.Tensor]
+) -> ModelChoice | None:
+    """The other state dicts of the same model (same names: an average, not an optimizer's state)."""
+    others = {}
+    for c in candidates:
+        if c is not chosen and _same_model(set(_flatten(path, c.value)), set(tensors)):
+            others[c.key] = f"--state-dict-key {c.key}"
+    if not others and not chosen.ema:
+        return None
+    return ModelChoice(chosen.key, others, average=chosen.ema)
+
+
+def _same_model(a: set[str], b: set[str]) -> bool:
+    """Two state dicts of one model (most names shared), not a model and an optimizer or a counter."""
+    return bool(a and b) and len(a & b) * 2 >= min(len(a), len(b))
+
+
+def _by_dotted_key(path: Path, obj: Mapping[str, Any], key: str) -> dict[str, torch.Tensor]:
+    value: Any = obj
+    for part in key.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            raise CheckpointError(path, f"has no state dict under --state-dict-key {key!r}")
+        value = value[part]
+    if not _is_state_dict(value):
+        raise CheckpointError(path, f"the value under --state-dict-key {key!r} holds no tensors")
+    return _flatten(path, value)
+
+
+def _claims(path: Path) -> bool:
+    name = path.name.lower()
+    return (
+        name.endswith(CHECKPOINT_SUFFIXES)
+        and not name.endswith(".safetensors")
+        and not is_side_file(path.name)
     )
+
+
+def _open_layout(path: Path, options: OpenOptions) -> Checkpoint:
+    return TorchCheckpoint(path, state_dict_key=options.state_dict_key, trust_pickle=options.trust_pickle)
+
+
+LAYOUT = Layout(
+    "torch",
+    "file",
+    f"files ending {', '.join(s for s in CHECKPOINT_SUFFIXES if s != '.safetensors')}",
+    _claims,
+    _open_layout,
+)

@@ -1,0 +1,116 @@
+"""A checkpoint that is a folder of models: one step of a run whose weights sit in sub-folders or files.
+
+diffusers training scripts save ``checkpoint-N/unet/`` and ``checkpoint-N/unet_ema/``; accelerate with
+DeepSpeed saves ``checkpoint_K/pytorch_model/`` (a DeepSpeed tag); the HF Trainer with DeepSpeed saves
+``checkpoint-N/global_stepN/`` beside ``model.safetensors``; a loop may save ``step_100/model.pt``. Discovery
+groups such models under their step's folder; this reads one of them: the raw training weights by default
+(names without ``ema``, the folder's own weights first), another with ``--submodel NAME``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ema_average.checkpoints.base import Checkpoint, ModelChoice, OpenOptions, StepInfo, TensorSpec
+from ema_average.checkpoints.hf_folder import folder_name_step, side_file_step, weight_sets
+from ema_average.checkpoints.keys import is_ema_name
+from ema_average.errors import CheckpointError
+
+# Which sub-model of a diffusers checkpoint is "the" model, when several are trained together.
+_PREFERRED = ("unet", "transformer", "prior", "decoder", "controlnet", "text_encoder")
+
+OWN = "."  # the folder's own weights (files directly in it), as a model name
+
+
+def model_name(unit: Path, model: Path) -> str:
+    """How a model of ``unit`` is named for ``--submodel``: its folder or file stem; the unit's own weights
+    by their file's stem (``model``, ``adapter_model``)."""
+    if model == unit:
+        sets = weight_sets(unit)
+        return sets[0][0] if sets else OWN
+    name = model.name
+    return name.split(".")[0] if model.is_file() else name
+
+
+def _order(unit: Path, models: list[Path]) -> list[Path]:
+    """Raw weights before averages, the folder's own first, then the usual diffusers model, then by name."""
+
+    def rank(model: Path) -> tuple[bool, bool, int, str]:
+        name = model_name(unit, model)
+        preferred = _PREFERRED.index(name) if name in _PREFERRED else len(_PREFERRED)
+        return (is_ema_name(name), model != unit, preferred, name)
+
+    return sorted(models, key=rank)
+
+
+class FolderUnit(Checkpoint):
+    """One step's folder holding several models (or one model under a name that is not the step's)."""
+
+    def __init__(self, path: Path, models: list[Path], options: OpenOptions) -> None:
+        super().__init__(path)
+        from ema_average.checkpoints.layouts import open_leaf
+
+        ordered = _order(path, models)
+        names = [model_name(path, m) for m in ordered]
+        wanted = options.submodel
+        candidates = [ordered[names.index(wanted)]] if wanted in names else ordered
+        inner: Checkpoint | None = None
+        for model in candidates:
+            inner = open_leaf(model, options)
+            reached = wanted is None or wanted in names or wanted in inner.model.split("/")
+            if inner.specs() and reached:
+                break
+            inner.close()  # empty (a ZeRO-3 model.safetensors), or not the one asked for: the next
+            if wanted is not None and not reached and model is candidates[-1]:
+                raise CheckpointError(
+                    path, f"has no model {wanted!r} (--submodel); its models: {', '.join(names)}"
+                )
+        assert inner is not None
+        self.inner = inner
+        self.layout = inner.layout  # type: ignore[misc]
+        self.lazy = inner.lazy  # type: ignore[misc]
+        self.zero_copy = inner.zero_copy
+        self.notes = list(inner.notes)
+        read = model_name(path, inner.path)
+        others = {
+            name: f"--submodel {name}" for m, name in zip(ordered, names, strict=True) if m != inner.path
+        }
+        self.choices = ([ModelChoice(read, others)] if others else []) + inner.choices
+
+    def specs(self) -> dict[str, TensorSpec]:
+        return self.inner.specs()
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.inner.read(name)
+
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        return self.inner.read_into(name, out)
+
+    def aliases(self) -> dict[str, str]:
+        return self.inner.aliases()
+
+    def metadata_step(self) -> StepInfo | None:
+        """The model's own record, else the folder's (trainer_state.json), else a diffusers EMAModel's
+        ``optimization_step`` saved beside the model (``unet_ema/config.json``)."""
+        found = self.inner.metadata_step() or side_file_step(self.path)
+        if found is None:
+            for sibling in sorted(p for p in self.path.iterdir() if p.is_dir() and is_ema_name(p.name)):
+                info = side_file_step(sibling)
+                if info is not None:
+                    return StepInfo(info.step, f"{sibling.name}/{info.source}", info.counter)
+        return found
+
+    def name_step(self) -> StepInfo | None:
+        return folder_name_step(self.path)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def open_unit(path: Path, models: list[Path], options: OpenOptions) -> Checkpoint:
+    """The checkpoint of a step's folder holding ``models``; raises when none can be read."""
+    if not models:
+        raise CheckpointError(path, "holds no model weights")
+    return FolderUnit(path, models, options)
