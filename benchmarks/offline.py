@@ -1,215 +1,431 @@
-"""Time and peak memory of averaging K checkpoints, against the ways users do it today and the I/O floor.
+"""Offline averaging against its floors: every input byte read once, the output written once.
 
-Each method runs in a child process of its own, three times; the table gives median wall time and peak
-RSS with a bare ``python -c "import torch"`` child's subtracted, and ratios to the I/O floor (read every
-input byte into one reused buffer, write the output's size, fsync). The page cache is warmed first, so
-the figures are of a hot cache.
+For each case (K checkpoints of one model, safetensors fp32 or bf16, or zip ``.pt``), each method runs in a
+child process of its own, round-robin (one round = every case and method once, the page cache warmed
+first), ``--repeats`` rounds; the table gives the median, the ratio to floor (b) of the same round for
+every round, and peak RSS above a bare ``python -c "import torch"`` child's.
 
-    python benchmarks/offline.py [--params 100e6] [--workdir /tmp/ema-average-bench] [--quick]
+- floor (a): read every input byte once with T threads (T = usable cores) into reused 1 MiB buffers;
+- floor (b): (a), then the output's size written from a reused buffer and fsynced;
+- ema-average: ``prepare`` + ``execute`` in the child as the command runs them (with its malloc
+  setting); the time is ``execute``'s, like the floors' (no interpreter start-up or imports). The previous
+  output is removed before each run, so no run pays for deleting one;
+- ema-average x3: three decays in one pass (three outputs), against one.
 
-Disk: about (16 + 8 + 4) x the fp32 checkpoint size, plus a 4x model's 4 checkpoints, under --workdir.
+    python benchmarks/offline.py [--params 50e6] [--tensors 46] [--repeats 5] [--big-params 1.2e9]
+    python benchmarks/offline.py --profile st-fp32-k4 [--threads 1]     # where the time goes, cProfile
+
+Disk: 16 + 4 + 4 fp32 checkpoints of --params, 4 bf16, and 4 fp32 of a 4x model under --workdir (3.9 GB at
+50M); with --big-params, 4 bf16 checkpoints of that size too (9.3 GB at 1.2B).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import ctypes
+import json
 import os
+import pstats
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
+_PIECE = 1 << 20  # floor buffers: cache-sized, reused
+_DECAYS_ONE = "0.999"
+_DECAYS_THREE = "0.99,0.999,0.9999"
+_SETTLE = 2.0  # seconds after removing a round's outputs
 
-HWM = """
-def _hwm():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-"""
 
-CHILD = {
-    "bare torch": "import torch",
-    "I/O floor": """
-import os, sys, torch
-files, out, size = sys.argv[1:-2], sys.argv[-2], int(sys.argv[-1])
-buf = bytearray(16 << 20)
-for f in files:
-    with open(f, "rb", buffering=0) as fh:
-        while fh.readinto(buf):
-            pass
-with open(out, "wb") as fh:
-    left = size
-    zeros = memoryview(bytes(16 << 20))
-    while left:
-        left -= fh.write(zeros[: min(left, len(zeros))])
-    fh.flush()
-    os.fsync(fh.fileno())
-""",
-    "ema-average": """
-import sys
-from ema_average.cli import main
-sys.argv = ["ema-average", *sys.argv[1:]]
-try:
-    main()
-except SystemExit as exc:
-    if exc.code:
-        raise
-""",
+# --- children: each prints one JSON line ------------------------------------------------------------
+
+
+def _hwm() -> int:
+    """This process's peak resident memory in bytes (VmHWM)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def read_floor(files: list[Path], threads: int) -> None:
+    """Every byte of every file, once, chunk-interleaved across files as the average reads them."""
+    fds = [os.open(f, os.O_RDONLY) for f in files]
+    size = max(os.fstat(fd).st_size for fd in fds)
+
+    def work(worker: int) -> None:
+        view = memoryview(bytearray(_PIECE))
+        for offset in range(worker * _PIECE, size, threads * _PIECE):
+            for fd in fds:
+                os.preadv(fd, [view], offset)
+
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(work, range(threads)))
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def write_floor(out: Path, size: int, threads: int) -> None:
+    """``size`` bytes written to a new, reserved file from reused buffers, then fsynced; the disk is asked
+    to start on them every 8 MiB (``sync_file_range``), as the writer does, so the fsync waits least."""
+    start_writeback = _sync_file_range()
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.posix_fallocate(fd, 0, size)
+
+        def work(worker: int) -> None:
+            view = memoryview(bytearray(b"\x01" * _PIECE))
+            for n, offset in enumerate(range(worker * _PIECE, size, threads * _PIECE)):
+                os.pwrite(fd, view[: min(_PIECE, size - offset)], offset)
+                if start_writeback is not None and n % 8 == 7:
+                    start_writeback(fd, 0, 0, 2)  # SYNC_FILE_RANGE_WRITE: start, do not wait
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(work, range(threads)))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_file_range() -> Callable[..., int] | None:
+    try:
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return call  # type: ignore[no-any-return]
+
+
+def child_floor(args: argparse.Namespace) -> dict[str, float]:
+    files = [Path(f) for f in args.files]
+    start = time.perf_counter()
+    read_floor(files, args.threads)
+    if args.out:
+        write_floor(Path(args.out), args.size, args.threads)
+    return {"seconds": time.perf_counter() - start}
+
+
+def child_average(args: argparse.Namespace) -> dict[str, float]:
+    from ema_average.cli import _steady_malloc
+
+    _steady_malloc()  # as the command runs
+    from ema_average.pipeline import AverageOptions, execute, prepare
+    from ema_average.plan import AverageSettings
+
+    settings = [AverageSettings(decay=float(d)) for d in args.decays.split(",")]
+    options = AverageOptions(
+        Path(args.folder),
+        Path(args.out),
+        settings=settings,
+        device=args.device,
+        threads=args.threads or None,
+    )
+    imported = _hwm()
+    start = time.perf_counter()
+    prepared = prepare(options)
+    middle = time.perf_counter()
+    execute(prepared)
+    return {"seconds": time.perf_counter() - middle, "prepare": middle - start, "imported": imported}
+
+
+def child_bare(_args: argparse.Namespace) -> dict[str, float]:
+    import torch  # noqa: F401
+
+    return {"seconds": 0.0}
+
+
+CHILDREN: dict[str, Callable[[argparse.Namespace], dict[str, float]]] = {
+    "floor": child_floor,
+    "average": child_average,
+    "bare": child_bare,
 }
 
-# The ways users average today: load each whole checkpoint, fold it in, save the result.
-LOAD_EVERYTHING = """
-import sys, torch
-from safetensors.torch import load_file, save_file
-files, out, decay = sys.argv[1:-2], sys.argv[-2], float(sys.argv[-1])
-avg = None
-for f in files:
-    state = LOAD
-    if avg is None:
-        avg = {k: v.float().clone() for k, v in state.items()}
-    else:
-        for k, v in state.items():
-            avg[k].mul_(decay).add_(v, alpha=1 - decay)
-    del state
-save_file(avg, out)
-"""
-CHILD["torch.load loop (fairseq style)"] = LOAD_EVERYTHING.replace(
-    "LOAD", 'torch.load(f, map_location="cpu", weights_only=True)["model"]'
-)
-CHILD["load_file loop"] = LOAD_EVERYTHING.replace("LOAD", "load_file(f)")
+
+def _busy(interval: float = 0.3) -> float:
+    """Share of CPU time other processes used over ``interval`` (from /proc/stat)."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as stat:
+            values = [int(v) for v in stat.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # all, idle + iowait
+
+    total, idle = sample()
+    time.sleep(interval)
+    total2, idle2 = sample()
+    return 1.0 - (idle2 - idle) / max(1, total2 - total)
 
 
-def run_child(method: str, args: list[str]) -> tuple[float, int]:
-    code = HWM + CHILD[method] + "\nprint('HWM', _hwm())\n"
-    os.sync()  # start clean: the child's fsync then flushes only its own writes
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
-    seconds = time.perf_counter() - start
+def wait_until_idle(limit: float = 0.1, patience: float = 60.0) -> bool:
+    """On a shared machine, start a run only once others leave the cores alone (False: gave up waiting)."""
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline:
+        if _busy() < limit and _busy() < limit:
+            return True
+    return False
+
+
+def run_child(name: str, *args: str) -> dict[str, float]:
+    idle = wait_until_idle() if os.path.exists("/proc/stat") else True
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", name, *args], capture_output=True, text=True, check=False
+    )
     if done.returncode != 0:
-        raise RuntimeError(f"{method} failed: {done.stderr[-2000:]}")
-    hwm = int(next(line for line in done.stdout.splitlines() if line.startswith("HWM")).split()[1])
-    return seconds, hwm
+        raise RuntimeError(f"{name} failed: {done.stderr[-3000:]}")
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "busy": float(not idle)}
 
 
-def measure(method: str, args: list[str], repeats: int) -> tuple[float, int]:
-    results = [run_child(method, args) for _ in range(repeats)]
-    return statistics.median(r[0] for r in results), max(r[1] for r in results)
+# --- data ---------------------------------------------------------------------------------------------
 
 
-def make_run(folder: Path, k: int, params: int, dtype: str, fmt: str) -> list[Path]:
-    """K checkpoints of a model of ``params`` parameters in 4M-parameter tensors (cached on disk)."""
+def make_run(folder: Path, k: int, params: int, tensors: int, dtype: str, fmt: str) -> list[Path]:
+    """K checkpoints of ``params`` parameters in ``tensors`` tensors, kept on disk for later runs."""
+    import torch
+    from safetensors.torch import save_file
+
+    manifest = folder / "manifest.json"
+    wanted = {"k": k, "params": params, "tensors": tensors, "dtype": dtype, "fmt": fmt}
+    files = [folder / f"step_{step * 1000}.{fmt}" for step in range(1, k + 1)]
+    if manifest.exists() and json.loads(manifest.read_text()) == wanted and all(f.exists() for f in files):
+        return files
     folder.mkdir(parents=True, exist_ok=True)
-    code = f"""
-import torch, sys
-from safetensors.torch import save_file
-folder, k, params, fmt = sys.argv[1], int(sys.argv[2]), int(float(sys.argv[3])), sys.argv[4]
-dtype = getattr(torch, "{dtype}")
-n = 2048 * 2048
-for step in range(1, k + 1):
-    g = torch.Generator().manual_seed(step)
-    state = {{f"layers.{{i}}.weight": torch.randn(2048, 2048, generator=g).to(dtype) for i in range(params // n)}}
-    path = f"{{folder}}/step_{{step * 1000}}.{{fmt}}"
-    if fmt == "safetensors":
-        save_file(state, path, metadata={{"step": str(step * 1000)}})
-    else:
-        torch.save({{"model": state, "step": step * 1000}}, path)
-"""
-    files = sorted(folder.glob(f"*.{fmt}"))
-    if len(files) != k:
-        for f in files:
-            f.unlink()
-        subprocess.run([sys.executable, "-c", code, str(folder), str(k), str(params), fmt], check=True)
-        files = sorted(folder.glob(f"*.{fmt}"))
+    rows = max(1, params // tensors // 1024)
+    for step, path in enumerate(files, start=1):
+        g = torch.Generator().manual_seed(step)
+        state = {
+            f"layers.{i}.weight": torch.randn(rows, 1024, generator=g).to(getattr(torch, dtype))
+            for i in range(tensors)
+        }
+        if fmt == "safetensors":
+            save_file(state, str(path), metadata={"step": str(step * 1000)})
+        else:
+            torch.save({"model": state, "step": step * 1000}, path)
+        del state
+    manifest.write_text(json.dumps(wanted))
     return files
 
 
-def subset(folder: Path, files: list[Path], k: int) -> Path:
-    """A folder holding the first k files, as hard links (no extra disk)."""
-    target = folder.parent / f"{folder.name}-k{k}"
-    target.mkdir(exist_ok=True)
+def subset(files: list[Path], k: int, folder: Path) -> list[Path]:
+    """A folder of the first ``k`` files, as hard links (no extra disk)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in folder.iterdir():
+        if f not in [folder / g.name for g in files[:k]]:
+            f.unlink()
     for f in files[:k]:
-        link = target / f.name
+        link = folder / f.name
         if not link.exists():
             os.link(f, link)
-    return target
+    return [folder / f.name for f in files[:k]]
 
 
 def warm(files: list[Path]) -> None:
-    buf = bytearray(16 << 20)
-    for f in files:
-        with open(f, "rb", buffering=0) as fh:
-            while fh.readinto(buf):
-                pass
+    read_floor(files, 1)
+
+
+# --- the table ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    name: str
+    files: list[Path]
+    three: bool = False  # also three decays in one pass
+    results: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+
+    @property
+    def folder(self) -> Path:
+        return self.files[0].parent
+
+    @property
+    def output_size(self) -> int:
+        return self.files[0].stat().st_size
+
+
+def cases(args: argparse.Namespace) -> list[Case]:
+    work, params, tensors = args.workdir, int(args.params), args.tensors
+    fp32 = make_run(work / "st-fp32", 16, params, tensors, "float32", "safetensors")
+    found = [
+        Case("st-fp32-k4", subset(fp32, 4, work / "st-fp32-k4"), three=True),
+        Case("st-fp32-k8", subset(fp32, 8, work / "st-fp32-k8"), three=True),
+        Case("st-fp32-k16", fp32),
+        Case("st-bf16-k4", make_run(work / "st-bf16", 4, params, tensors, "bfloat16", "safetensors")),
+        Case("pt-fp32-k4", make_run(work / "pt-fp32", 4, params, tensors, "float32", "pt")),
+        Case(
+            "st-fp32-4x-k4", make_run(work / "st-fp32-4x", 4, 4 * params, tensors, "float32", "safetensors")
+        ),
+    ]
+    if args.big_params:
+        big = make_run(
+            work / "st-bf16-big", 4, int(args.big_params), args.big_tensors, "bfloat16", "safetensors"
+        )
+        found.append(Case("st-bf16-big-k4", big))
+    return [c for c in found if not args.cases or c.name in args.cases.split(",")]
+
+
+def one_round(case: Case, args: argparse.Namespace, index: int) -> None:
+    """Every method once on ``case``, each writing a new file, in an order that turns with ``index`` (no
+    method always follows the same one); the files go at the end of the round."""
+    threads = str(args.threads or _cores())
+    files = [str(f) for f in case.files]
+    outs = {m: str(args.workdir / f"out-{case.name}-{m}.safetensors") for m in ("floor", "one", "three")}
+    warm(case.files)
+    average = (
+        "average",
+        "--folder",
+        str(case.folder),
+        "--threads",
+        str(args.threads),
+        "--device",
+        args.device,
+    )
+    runs = {
+        "floor (a) read": ("floor", "--threads", threads, "--files", *files),
+        "floor (b) read+write+fsync": (
+            "floor", "--threads", threads, "--out", outs["floor"], "--size", str(case.output_size), "--files", *files,
+        ),
+        "ema-average": (*average, "--out", outs["one"], "--decays", _DECAYS_ONE),
+    }  # fmt: skip
+    if case.three:
+        runs["ema-average, 3 decays"] = (*average, "--out", outs["three"], "--decays", _DECAYS_THREE)
+    order = list(runs.items())
+    for method, child in order[index % len(order) :] + order[: index % len(order)]:
+        os.sync()  # start clean: a run's fsync then flushes only its own writes
+        case.results.setdefault(method, []).append(run_child(*child))
+    for stale in args.workdir.glob(f"out-{case.name}-*.safetensors"):
+        stale.unlink()
+    os.sync()
+    time.sleep(_SETTLE)  # the filesystem discards the freed blocks at its next commits: not in the next run
+
+
+def table(found: list[Case], bare_hwm: float, args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=200)
+    title = (
+        f"Averaging K checkpoints, hot page cache, {args.repeats} interleaved rounds, threads "
+        f"{args.threads or _cores()} ({_cores()} cores); peak RSS above bare `import torch` ({bare_hwm / 2**20:.0f} MiB)"
+    )
+    out = Table(title=title)
+    for col in (
+        "case",
+        "method",
+        "median s",
+        "x floor (b), each round",
+        "median x",
+        "peak RSS MiB",
+        "input MiB",
+    ):
+        out.add_column(
+            col, justify="left" if col in ("case", "method", "x floor (b), each round") else "right"
+        )
+    for case in found:
+        floor = [r["seconds"] for r in case.results["floor (b) read+write+fsync"]]
+        one = [r["seconds"] for r in case.results["ema-average"]]
+        for method, results in case.results.items():
+            seconds = [r["seconds"] for r in results]
+            base = one if method.endswith("3 decays") else floor
+            ratios = [s / f for s, f in zip(seconds, base, strict=True)]
+            hwm = max(r.get("hwm", 0.0) for r in results)
+            rss = f"{(hwm - bare_hwm) / 2**20:.0f}" if method.startswith("ema") else "-"
+            out.add_row(
+                case.name,
+                method + (" (x = / one decay)" if method.endswith("3 decays") else ""),
+                f"{statistics.median(seconds):.3f}",
+                " ".join(
+                    f"{r:.2f}" + ("*" if x.get("busy") else "") for r, x in zip(ratios, results, strict=True)
+                ),
+                f"{statistics.median(ratios):.2f}",
+                rss,
+                f"{sum(f.stat().st_size for f in case.files) / 2**20:.0f}",
+            )
+        out.add_section()
+    console.print(out)
+    console.print(
+        "* the machine was busy with other work when that run started (waited 60 s for it to settle)"
+    )
+
+
+def profile(args: argparse.Namespace) -> None:
+    """One run of a case in this process under cProfile (threads 1 unless --threads), hottest first."""
+    from ema_average.cli import _steady_malloc
+
+    _steady_malloc()
+    from ema_average.pipeline import AverageOptions, execute, prepare
+    from ema_average.plan import AverageSettings
+
+    (case,) = [c for c in cases(args) if c.name == args.profile]
+    out = args.workdir / "out-profile.safetensors"
+    options = AverageOptions(
+        case.folder,
+        out,
+        settings=AverageSettings(decay=0.999),
+        overwrite=True,
+        threads=args.threads or 1,
+        device=args.device,
+    )
+    warm(case.files)
+    execute(prepare(options))  # once, so the profiled run meets a hot cache and a settled heap
+    out.unlink()
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    execute(prepare(options))
+    profiler.disable()
+    print(f"{case.name}: {time.perf_counter() - start:.3f} s with {options.threads} thread(s)")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(16)
+    out.unlink()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--params", type=float, default=100e6)
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/ema-average-bench"))
-    parser.add_argument("--budget", default="256MiB", help="--memory-budget given to ema-average")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--params", type=float, default=50e6)
+    parser.add_argument("--tensors", type=int, default=46)
+    parser.add_argument("--big-params", type=float, default=0, help="also 4 bf16 checkpoints of this size")
+    parser.add_argument("--big-tensors", type=int, default=290)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="workers for ema-average (0: its default)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--quick", action="store_true", help="only K=8 fp32 safetensors and .pt")
+    parser.add_argument("--cases", default="", help="comma list of case names (default: all)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/ema-average-bench"))
+    parser.add_argument("--profile", default="", help="profile one case instead")
+    parser.add_argument("--child", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--files", nargs="*", default=[], help=argparse.SUPPRESS)
+    parser.add_argument("--out", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--folder", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--decays", default=_DECAYS_ONE, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    params = int(args.params)
-    work = args.workdir
-    out = work / "out.safetensors"
-    console = Console(width=160)
-    decay = "0.999"
-
-    cases: list[tuple[str, Path, list[Path], list[str]]] = []
-    st16 = make_run(work / "st-fp32", 16, params, "float32", "safetensors")
-    st8 = subset(work / "st-fp32", st16, 8)
-    pt8 = make_run(work / "pt-fp32", 8, params, "float32", "pt")
-    cases.append(("safetensors fp32, K=8", st8, st16[:8], ["load_file loop"]))
-    cases.append(("torch .pt fp32, K=8", work / "pt-fp32", pt8, ["torch.load loop (fairseq style)"]))
-    if not args.quick:
-        bf8 = make_run(work / "st-bf16", 8, params, "bfloat16", "safetensors")
-        cases.append(("safetensors bf16, K=8", work / "st-bf16", bf8, ["load_file loop"]))
-        cases.append(("safetensors fp32, K=4", subset(work / "st-fp32", st16, 4), st16[:4], []))
-        cases.append(("safetensors fp32, K=16", work / "st-fp32", st16, []))
-        big = make_run(work / "st-fp32-4x", 4, 4 * params, "float32", "safetensors")
-        cases.append(("safetensors fp32, 4x model, K=4", work / "st-fp32-4x", big, []))
-
-    bare_s, bare_rss = measure("bare torch", [], args.repeats)
-    console.print(
-        f"bare `import torch`: {bare_s:.2f} s, {bare_rss / 2**20:.0f} MiB (subtracted below); "
-        f"ema-average --memory-budget {args.budget}, --device {args.device}; largest tensor 16 MiB (fp32)"
-    )
-    table = Table(
-        title="Averaging K checkpoints: median wall time and peak RSS above bare torch (hot page cache)"
-    )
-    for col in ("input", "method", "seconds", "x floor", "peak RSS MiB", "ckpt MiB"):
-        table.add_column(col, justify="left" if col in ("input", "method") else "right")
-    for label, folder, files, others in cases:
-        warm(files)
-        ckpt_mib = files[0].stat().st_size / 2**20
-        out_size = files[0].stat().st_size
-        floor_s, floor_rss = measure("I/O floor", [*map(str, files), str(out), str(out_size)], args.repeats)
-        rows = [("I/O floor", floor_s, floor_rss)]
-        ema_args = [str(folder), "-o", str(out), "--overwrite", "-q", "--decay", decay]
-        ema_args += ["--memory-budget", args.budget, "--device", args.device]
-        rows.append(("ema-average", *measure("ema-average", ema_args, args.repeats)))
-        for other in others:
-            rows.append((other, *measure(other, [*map(str, files), str(out), decay], args.repeats)))
-        floor = floor_s - bare_s
-        for method, seconds, rss in rows:
-            table.add_row(
-                label,
-                method,
-                f"{seconds - bare_s:.2f}",
-                f"{(seconds - bare_s) / floor:.2f}",
-                f"{(rss - bare_rss) / 2**20:.0f}",
-                f"{ckpt_mib:.0f}",
-            )
-        table.add_section()
-    console.print(table)
-    out.unlink(missing_ok=True)
+    if args.child:
+        result = CHILDREN[args.child](args)
+        print(json.dumps({**result, "hwm": _hwm()}))
+        return
+    if args.profile:
+        profile(args)
+        return
+    found = cases(args)
+    bare = []
+    for index in range(args.repeats):
+        bare.append(run_child("bare")["hwm"])
+        for case in found:
+            one_round(case, args, index)
+    table(found, statistics.median(bare), args)
 
 
 if __name__ == "__main__":

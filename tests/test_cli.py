@@ -85,7 +85,7 @@ def test_version_and_help() -> None:
         "--dtype",
         "--overwrite",
         "--dry-run",
-        "--memory-budget",
+        "--threads",
         "--trust-pickle",
     ):
         assert option in help_text
@@ -206,7 +206,7 @@ def test_run_killed_midway_leaves_nothing(tmp_path: Path, sig: signal.Signals) -
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     proc = subprocess.Popen(
-        [EXE, str(tmp_path / "run"), "-o", str(out_dir / "ema.safetensors"), "--memory-budget", "8MiB", "-q"],
+        [EXE, str(tmp_path / "run"), "-o", str(out_dir / "ema.safetensors"), "-q"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -263,3 +263,54 @@ def test_selection_cannot_thin_a_resumed_average(tmp_path: Path) -> None:
     assert run(tmp_path / "run", "-o", tmp_path / "o.safetensors").returncode == 0
     result = run(tmp_path / "run", "--resume", tmp_path / "o.safetensors", "--last", "2")
     assert result.returncode == 1 and "--last and --every cannot be combined with --resume" in result.stderr
+
+
+def test_several_decays_in_one_pass(tmp_path: Path) -> None:
+    write_safetensors_run(tmp_path / "run", STEPS, torch.bfloat16)
+    plan = run(tmp_path / "run", "--decay", "0.9,0.99", "--dry-run")
+    assert plan.returncode == 0, plan.stderr
+    for text in (
+        "weight decay0.9",
+        "weight decay0.99",
+        "decay0.9: method exponential",
+        "run-ema-decay0.99.safetensors",
+    ):
+        assert text in plan.stdout, text
+    result = run(tmp_path / "run", "--decay", "0.9,0.99", "--threads", "2")
+    assert result.returncode == 0, result.stderr
+    for decay in ("0.9", "0.99"):
+        assert (
+            run(
+                tmp_path / "run", "--decay", decay, "-o", tmp_path / "alone.safetensors", "--overwrite"
+            ).returncode
+            == 0
+        )
+        together = tmp_path / f"run-ema-decay{decay}.safetensors"
+        assert together.read_bytes() == (tmp_path / "alone.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--decay", "0.9,0.99", "--half-life", "5,6"], "--decay and --half-life both list several values"),
+        (["--decay", "0.9,x"], "--decay: 'x' is not a number"),
+        (["--decay", "0.9,0.9"], "the same settings are given twice"),
+        (["--decay", "0.9,0.99", "--watch"], "--watch keeps one average fresh"),
+        (
+            ["--decay", "0.9,0.99", "--resume", "prev.safetensors"],
+            "--resume and --watch continue one average",
+        ),
+    ],
+)
+def test_several_settings_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    write_safetensors_run(tmp_path / "run", STEPS)
+    result = run(tmp_path / "run", *args)
+    assert result.returncode == 1 and message in result.stderr, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_memory_budget_is_accepted_and_no_longer_needed(tmp_path: Path) -> None:
+    write_safetensors_run(tmp_path / "run", STEPS)
+    result = run(tmp_path / "run", "--memory-budget", "8MiB")
+    assert result.returncode == 0, result.stderr
+    assert "--memory-budget is no longer used" in result.stdout

@@ -72,20 +72,21 @@ def test_torch_files_match_float64(tmp_path: Path) -> None:
     assert_matches_reference(load_file(str(tmp_path / "ema.safetensors")), ref, torch.float32)
 
 
-def test_grouped_and_ungrouped_give_identical_bytes(tmp_path: Path) -> None:
+def test_chunks_and_threads_give_identical_bytes(tmp_path: Path) -> None:
     write_torch_run(tmp_path / "run", STEPS)
     one = AverageOptions(tmp_path / "run", tmp_path / "one.safetensors", settings=AverageSettings(decay=0.9))
     tiny = AverageOptions(
         tmp_path / "run",
-        tmp_path / "grouped.safetensors",
+        tmp_path / "chunked.safetensors",
         settings=AverageSettings(decay=0.9),
-        memory_budget=200,
+        chunk_numel=5,
+        threads=3,
     )
-    assert len(prepare(one).plan.groups) == 1
-    assert len(prepare(tiny).plan.groups) == 4  # one per averaged tensor
+    assert len(prepare(one).plan.chunks) == 2  # the float32 tensors end to end, the integer apart
+    assert len(prepare(tiny).plan.chunks) == 46  # 224 float32 elements in fives, and the counter
     average_checkpoints(one)
     average_checkpoints(tiny)
-    assert (tmp_path / "one.safetensors").read_bytes() == (tmp_path / "grouped.safetensors").read_bytes()
+    assert (tmp_path / "one.safetensors").read_bytes() == (tmp_path / "chunked.safetensors").read_bytes()
 
 
 def test_sharded_output_is_a_folder_that_loads_through_its_index(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Pure planning: decays, weights, selection, grouping, sizes."""
+"""Pure planning: decays, weights, selection, chunks, sweeps of settings, sizes."""
 
 from __future__ import annotations
 
@@ -14,11 +14,14 @@ from ema_average.plan import (
     CheckpointSelection,
     Previous,
     Selection,
+    chunk_layout,
     effective_weights,
     first_dominates_note,
-    group_by_budget,
     output_tensors,
     parse_size,
+    parse_values,
+    settings_sweep,
+    sweep_labels,
     update_decays,
 )
 
@@ -83,16 +86,72 @@ def test_strip_prefix_collision() -> None:
         output_tensors(specs, {}, Selection(strip_prefix="a."), "as-input")
 
 
-def test_groups_respect_the_budget_and_keep_tied_weights_together() -> None:
+def layout_of(chunks) -> list[list[tuple[str, int, int, int]]]:  # type: ignore[no-untyped-def]
+    return [[(p.source, p.start, p.count, p.offset) for p in c.pieces] for c in chunks]
+
+
+def test_chunks_split_tensors_of_one_kind_and_carry_tied_twins() -> None:
     outs = output_tensors(SPECS, {"model.head.weight": "model.embed.weight"}, Selection(), "as-input")
-    # embed: 800 params x (4 + 2) = 4800 bytes; layer: 64 x (4 + 4) = 512 bytes; head is embed's alias
-    groups = group_by_budget(outs, budget=5000)
-    assert [[t.source for t in g] for g in groups] == [
-        ["model.embed.weight", "model.head.weight", "model.norm.num_batches_tracked"],
-        ["model.layer.weight"],
+    chunks = chunk_layout(outs, {}, 300)
+    # embed (800 bf16) is cut at 300; head rides on it; the int64 counter and the fp32 layer are kinds of
+    # their own, in saved order of first appearance
+    assert layout_of(chunks) == [
+        [("model.embed.weight", 0, 300, 0)],
+        [("model.embed.weight", 300, 300, 0)],
+        [("model.embed.weight", 600, 200, 0)],
+        [("model.norm.num_batches_tracked", 0, 1, 0)],
+        [("model.layer.weight", 0, 64, 0)],
     ]
-    assert len(group_by_budget(outs, budget=10**9)) == 1
-    assert len(group_by_budget(outs, budget=1)) == 2  # a tensor over the budget stands alone
+    assert chunks[0].pieces[0].names == ("model.embed.weight", "model.head.weight")
+    assert [c.averaged for c in chunks] == [True, True, True, False, True]
+    assert chunks[0].shadow_dtype == torch.float32 and chunks[0].out_dtype == torch.bfloat16
+    assert chunks[0].bytes_read(sources=3) == 300 * 2 * 3 and chunks[3].bytes_read(sources=3) == 8
+
+
+def test_chunks_pack_small_tensors_end_to_end() -> None:
+    specs = {f"w{i}": TensorSpec((5,), torch.float32) for i in range(4)}
+    chunks = chunk_layout(output_tensors(specs, {}, Selection(), "as-input"), {}, 8)
+    assert layout_of(chunks) == [
+        [("w0", 0, 5, 0), ("w1", 0, 3, 5)],
+        [("w1", 3, 2, 0), ("w2", 0, 5, 2), ("w3", 0, 1, 7)],
+        [("w3", 1, 4, 0)],
+    ]
+    whole = chunk_layout(output_tensors(specs, {}, Selection(), "as-input"), {}, 8, split=False)
+    assert layout_of(whole) == [[("w0", 0, 5, 0)], [("w1", 0, 5, 0)], [("w2", 0, 5, 0)], [("w3", 0, 5, 0)]]
+
+
+def test_chunks_follow_the_first_sources_dtype() -> None:
+    """A resumed float32 average of bf16 checkpoints: its chunks read float32 first, then bf16."""
+    specs = {"w": TensorSpec((10,), torch.bfloat16)}
+    outs = output_tensors(specs, {}, Selection(), "float32")
+    (chunk,) = chunk_layout(outs, {"w": TensorSpec((10,), torch.float32)}, 64)
+    assert (chunk.first_dtype, chunk.dtype, chunk.out_dtype) == (torch.float32, torch.bfloat16, torch.float32)
+    assert chunk.bytes_read(sources=3) == 10 * 4 + 2 * 10 * 2
+
+
+def test_sweep_settings_and_labels() -> None:
+    sweep = settings_sweep({"decay": parse_values("--decay", "0.999, 0.9999")}, schedule="step")
+    assert [s.decay for s in sweep] == [0.999, 0.9999] and {s.schedule for s in sweep} == {"step"}
+    assert sweep_labels(sweep) == ["decay0.999", "decay0.9999"]
+    assert sweep_labels([AverageSettings(half_life=500), AverageSettings(half_life=2000)]) == [
+        "half-life500",
+        "half-life2000",
+    ]
+    assert sweep_labels([AverageSettings(method="power", sigma_rel=x) for x in (0.05, 0.1)]) == [
+        "sigma-rel0.05",
+        "sigma-rel0.1",
+    ]
+    assert sweep_labels([AverageSettings()]) == [""]
+    assert settings_sweep({"decay": [0.9], "half_life": None}) == [AverageSettings(decay=0.9)]
+
+
+def test_sweep_refusals() -> None:
+    with pytest.raises(ConfigurationError, match="--decay and --half-life both list several values"):
+        settings_sweep({"decay": [0.9, 0.99], "half_life": [1.0, 2.0]})
+    with pytest.raises(ConfigurationError, match="given twice"):
+        sweep_labels([AverageSettings(decay=0.9), AverageSettings(decay=0.9)])
+    with pytest.raises(ConfigurationError, match=r"--decay: 'x' is not a number"):
+        parse_values("--decay", "0.9,x")
 
 
 @pytest.mark.parametrize(

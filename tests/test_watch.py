@@ -159,6 +159,12 @@ def test_watch_refuses_a_poll_that_is_not_a_positive_number(tmp_path: Path, poll
         )
 
 
+def test_watch_keeps_one_average(tmp_path: Path) -> None:
+    sweep = [AverageSettings(decay=0.9), AverageSettings(decay=0.99)]
+    with pytest.raises(ConfigurationError, match="--watch keeps one average fresh"):
+        watch(AverageOptions(tmp_path, settings=sweep), poll=1.0, on_refresh=print, on_notice=print)
+
+
 def test_watch_command_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     run, out = tmp_path / "run", tmp_path / "ema.safetensors"
     run.mkdir()

@@ -39,6 +39,7 @@ DEFAULT_SCHEDULE = Schedule(choices.SCHEDULES[0])
 DEFAULT_DTYPE = OutputDtype(choices.OUTPUT_DTYPES[0])
 DEFAULT_STEPS_FROM = StepsFrom(choices.STEPS_FROM[0])
 
+_LIST = "FLOAT[,FLOAT...]"  # one average per value, in one pass
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 # File names are data, never rich markup or emoji codes (a file named "[bold]x.pt" must print as such).
 # Piped output (logs, CI) gets wide lines rather than rich's 80-column default, so nothing is folded.
@@ -65,7 +66,8 @@ def average(
         typer.Option(
             "-o",
             "--output",
-            help="Output .safetensors file. Default: CKPT_DIR-ema.safetensors beside CKPT_DIR.",
+            help="Output .safetensors file. Default: CKPT_DIR-ema.safetensors beside CKPT_DIR. With several "
+            "averages each output is named for its setting: OUT-decay0.999.safetensors.",
         ),
     ] = None,
     device: Annotated[str, typer.Option(help="Where the averages live: cpu, cuda, cuda:N or mps.")] = "cpu",
@@ -84,25 +86,35 @@ def average(
         ),
     ] = DEFAULT_SCHEDULE,
     decay: Annotated[
-        float | None,
+        str | None,
         typer.Option(
-            help=f"EMA decay (upper bound when steps are known). [default: {ExponentialRule.decay}]"
+            metavar=_LIST,
+            help="EMA decay (upper bound when steps are known). A comma list (0.999,0.9999) computes one "
+            "average per value in one pass over the checkpoints, each in its own output named for it; so do "
+            f"--half-life, --gamma and --sigma-rel (one of them per run). [default: {ExponentialRule.decay}]",
         ),
     ] = None,
     half_life: Annotated[
-        float | None,
+        str | None,
         typer.Option(
-            help="Instead of --decay: steps (schedule step) or checkpoints (schedule checkpoint) to halve a weight."
+            metavar=_LIST,
+            help="Instead of --decay: steps (schedule step) or checkpoints (schedule checkpoint) to halve a "
+            "weight; a comma list for several averages.",
         ),
     ] = None,
     gamma: Annotated[
-        float | None, typer.Option(help="Power method: exponent gamma of (1 - 1/t)^(gamma + 1).")
+        str | None,
+        typer.Option(
+            metavar=_LIST,
+            help="Power method: exponent gamma of (1 - 1/t)^(gamma + 1); a comma list for several.",
+        ),
     ] = None,
     sigma_rel: Annotated[
-        float | None,
+        str | None,
         typer.Option(
-            help="Power method: relative width of the averaging profile instead of gamma. "
-            f"[default: {PowerRule.default_sigma_rel}]"
+            metavar=_LIST,
+            help="Power method: relative width of the averaging profile instead of gamma; a comma list "
+            f"(0.05,0.1) for several. [default: {PowerRule.default_sigma_rel}]",
         ),
     ] = None,
     numerator: Annotated[
@@ -126,11 +138,15 @@ def average(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Show the plan and stop; write nothing.")
     ] = False,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="Worker threads, each reading, averaging and writing chunks of its own. Default: one per core."
+        ),
+    ] = None,
     memory_budget: Annotated[
         str | None,
-        typer.Option(
-            help="Memory for averages and reads, e.g. 4GiB; bigger models run in groups. Default: 1/4 of RAM."
-        ),
+        typer.Option(hidden=True, help="No longer used: memory is a few chunk buffers per thread."),
     ] = None,
     max_shard_size: Annotated[
         str | None,
@@ -206,17 +222,14 @@ def average(
         _only_our_warnings()
     try:
         from ema_average.pipeline import AverageOptions, prepare
-        from ema_average.plan import AverageSettings, CheckpointSelection, Selection, parse_size
+        from ema_average.plan import CheckpointSelection, Selection, parse_size, parse_values, settings_sweep
 
-        settings = AverageSettings(
-            method=method,
-            decay=decay,
-            numerator=numerator,
-            denominator=denominator,
-            schedule=schedule.value,
-            half_life=half_life,
-            gamma=gamma,
-            sigma_rel=sigma_rel,
+        given = {"decay": decay, "half_life": half_life, "gamma": gamma, "sigma_rel": sigma_rel}
+        values = {
+            name: None if text is None else parse_values(_flag(name), text) for name, text in given.items()
+        }
+        settings = settings_sweep(
+            values, method=method, numerator=numerator, denominator=denominator, schedule=schedule.value
         )
         options = AverageOptions(
             checkpoint_dir=checkpoint_dir,
@@ -225,7 +238,7 @@ def average(
             settings=settings,
             dtype=dtype.value,
             overwrite=overwrite,
-            memory_budget=parse_size(memory_budget) if memory_budget else None,
+            threads=threads,
             max_shard_size=parse_size(max_shard_size) if max_shard_size else None,
             selection=Selection(tuple(include or ()), tuple(exclude or ()), strip_prefix),
             state_dict_key=state_dict_key,
@@ -235,6 +248,8 @@ def average(
             resume=resume,
             allow_nonfinite=allow_nonfinite,
         )
+        if memory_budget is not None and not quiet:
+            out.print("note: --memory-budget is no longer used: memory is a few chunk buffers per thread")
         if watch:
             _watch(options, poll, quiet)
             return
@@ -259,6 +274,10 @@ def average(
         raise typer.Exit(130) from None
     except Exception as exc:  # a bug or an unforeseen input: still one line, the traceback with --debug
         _fail(f"unexpected {type(exc).__name__}: {exc} (--debug shows where)", exc, debug)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _watch(options: AverageOptions, poll: float, quiet: bool) -> None:
@@ -340,12 +359,15 @@ def _execute_with_progress(prepared: PreparedRun, *, show: bool) -> Summary:
 
 
 def show_plan(prepared: PreparedRun) -> None:
-    """The checkpoints in order with their steps, decays and weights: exactly what will be applied."""
+    """The checkpoints in order with their steps, decays and weights: exactly what will be applied.
+
+    With several averages, one weight column per average, headed by its label."""
     from rich.table import Table
 
     from ema_average.plan import effective_count, format_bytes
 
-    plan, settings = prepared.plan, prepared.options.settings
+    plan = prepared.plan
+    several = len(plan.averages) > 1
     title = f"{len(prepared.checkpoints)} checkpoints in {prepared.run.root}"
     if prepared.resumed is not None:
         title += f", continuing {prepared.resumed.average.path.name}"
@@ -354,38 +376,48 @@ def show_plan(prepared: PreparedRun) -> None:
     table.add_column("checkpoint", overflow="fold")
     table.add_column("step", justify="right")
     table.add_column("step from", overflow="fold")
-    table.add_column("decay", justify="right")
-    table.add_column("weight", justify="right")
-    table.add_column("", justify="left")
+    if several:
+        for average in plan.averages:
+            table.add_column(f"weight {average.label}", justify="right")
+    else:
+        table.add_column("decay", justify="right")
+        table.add_column("weight", justify="right")
+        table.add_column("", justify="left")
     top = max(plan.weights)
-    rows = zip(prepared.sources, plan.steps, plan.decays, plan.weights, strict=True)
-    for i, (source, step, decay, weight) in enumerate(rows):
+    for i, (source, step) in enumerate(zip(prepared.sources, plan.steps, strict=True)):
         resumed = prepared.resumed is not None and i == 0
-        bar = "█" * round(20 * weight / top) if top > 0 else ""
-        table.add_row(
+        row = [
             str(i + 1),
             source.path.name + (" (earlier average)" if resumed else ""),
             str(step),
             "metadata:last_step" if resumed else source.step_source,
-            "start" if decay is None else f"{decay:.6g}",
-            f"{weight:.4%}",
-            bar,
-        )
+        ]
+        if several:
+            row += [f"{average.weights[i]:.4%}" for average in plan.averages]
+        else:
+            decay, weight = plan.decays[i], plan.weights[i]
+            bar = "█" * round(20 * weight / top) if top > 0 else ""
+            row += ["start" if decay is None else f"{decay:.6g}", f"{weight:.4%}", bar]
+        table.add_row(*row)
     out.print(table)
+    for average in plan.averages:
+        settings = average.settings
+        rule = ", ".join(f"{k} {v:.6g}" for k, v in settings.rule().settings().items())
+        out.print(
+            (f"{average.label}: " if several else "")
+            + f"method {settings.method}{' (' + rule + ')' if rule else ''}, schedule {settings.schedule}; "
+            f"effective number of checkpoints {effective_count(average.weights):.2f}"
+        )
     averaged = plan.averaged
     copied = [t for t in plan.outputs if not t.averaged]
     layouts = sorted({c.layout + ("" if c.lazy else " (not lazy)") for c in prepared.checkpoints})
-    rule = ", ".join(f"{k} {v:.6g}" for k, v in settings.rule().settings().items())
-    out.print(
-        f"method {settings.method}{' (' + rule + ')' if rule else ''}, schedule {settings.schedule}; "
-        f"effective number of checkpoints {effective_count(plan.weights):.2f}"
-    )
     out.print(
         f"layout {', '.join(layouts)}; {len(averaged)} tensors averaged ({format_bytes(sum(t.spec.nbytes for t in averaged))}"
         f" each checkpoint), {len(copied)} copied from the latest; device {prepared.device}; "
-        f"{len(plan.groups)} group(s) under a {format_bytes(prepared.budget)} budget"
+        f"{len(plan.chunks)} chunks of up to {format_bytes(prepared.chunk_bytes)} on {prepared.threads} thread(s)"
     )
-    out.print(f"output {prepared.output} ({prepared.options.dtype})")
+    outputs = ", ".join(str(path) for path in prepared.outputs)
+    out.print(f"output{'s' if several else ''} {outputs} ({prepared.options.dtype})")
     for note in plan.notes:
         out.print(f"note: {note}", soft_wrap=True)
 

@@ -1,20 +1,23 @@
 """The offline job: a run's checkpoints, streamed through the engine, into safetensors.
 
-discover -> plan -> for each tensor group: for each checkpoint: read -> update; write the group -> commit.
-Knows nothing of the command line: progress goes out through a callback.
+discover -> plan -> stream chunks of tensor bytes, each folded over every checkpoint while in cache, into
+one output per average -> commit. Knows nothing of the command line: progress goes out through a callback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import resource
+import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ema_average import streaming
 from ema_average.checkpoints import Checkpoint, Run, find_run
 from ema_average.checkpoints.discover import StepsFrom
 from ema_average.errors import (
@@ -22,22 +25,21 @@ from ema_average.errors import (
     ConfigurationError,
     DeviceError,
     NoCheckpointsError,
-    NonFiniteError,
     OutputError,
 )
-from ema_average.moving_average import MovingAverage
 from ema_average.plan import (
     AverageSettings,
     CheckpointSelection,
     OutputTensor,
     Plan,
+    PlannedAverage,
     Selection,
-    default_memory_budget,
+    chunk_layout,
     effective_weights,
     first_dominates_note,
-    group_by_budget,
     output_tensors,
     physical_memory,
+    sweep_labels,
     update_decays,
 )
 from ema_average.resume import Resumed, check_resumable, left_out, open_resumed, output_metadata
@@ -52,20 +54,21 @@ from ema_average.writer import (
 
 Progress = Callable[[int], None]  # bytes just processed
 
-_ALIGN = 64  # staging views start on 64-byte boundaries, so every dtype view is aligned
-
 
 @dataclass
 class AverageOptions:
-    """Everything an offline run needs; the CLI fills it from its flags."""
+    """Everything an offline run needs; the CLI fills it from its flags.
+
+    ``settings`` may be several: each is averaged in the same pass over the checkpoints (read once) and
+    written to an output of its own, named for what sets it apart (``run-ema-decay0.999.safetensors``).
+    """
 
     checkpoint_dir: Path
     output: Path | None = None
     device: str = "cpu"
-    settings: AverageSettings = field(default_factory=AverageSettings)
+    settings: AverageSettings | Sequence[AverageSettings] = field(default_factory=AverageSettings)
     dtype: str = "as-input"
     overwrite: bool = False
-    memory_budget: int | None = None
     max_shard_size: int | None = None
     selection: Selection = field(default_factory=Selection)
     state_dict_key: str | None = None
@@ -74,26 +77,43 @@ class AverageOptions:
     checkpoints: CheckpointSelection = field(default_factory=CheckpointSelection)
     resume: Path | None = None  # continue this earlier output with the checkpoints newer than it
     allow_nonfinite: bool = False  # average NaN/Inf values instead of refusing the checkpoint holding them
+    threads: int | None = None  # worker threads; default one per core (see streaming.default_threads)
+    chunk_numel: int | None = (
+        None  # elements per chunk; default sized to a core's cache (results never depend on it)
+    )
+
+    @property
+    def all_settings(self) -> list[AverageSettings]:
+        """The averages to compute, as a list (one or several)."""
+        if isinstance(self.settings, AverageSettings):
+            return [self.settings]
+        return list(self.settings)
 
 
 @dataclass
 class PreparedRun:
-    """A run found and planned, checked against device and output, before anything is written.
+    """A run found and planned, checked against device and outputs, before anything is written.
 
-    ``sources`` are what the average is built from in order: the resumed output first, if any, then the
-    checkpoints. ``plan.decays`` and ``plan.weights`` run alongside them.
+    ``sources`` are what the averages are built from in order: the resumed output first, if any, then the
+    checkpoints. Each of ``plan.averages`` (decays and weights run alongside the sources) is written to
+    the output at the same place in ``outputs``.
     """
 
     options: AverageOptions
     run: Run
     checkpoints: list[Checkpoint]
     plan: Plan
-    output: Path
+    outputs: list[Path]
     device: torch.device
-    budget: int
+    threads: int
     resumed: Resumed | None = None
     may_replace: bool = False  # --overwrite, or refreshing the very output being resumed
     left_out: list[str] = field(default_factory=list)  # checkpoints older than a resumed output's last step
+
+    @property
+    def output(self) -> Path:
+        """The first (usually only) output."""
+        return self.outputs[0]
 
     @property
     def sources(self) -> list[Checkpoint]:
@@ -107,9 +127,12 @@ class PreparedRun:
     @property
     def total_bytes(self) -> int:
         """Bytes the run will read: every averaged tensor of every source, other tensors once."""
-        averaged = sum(t.spec.nbytes for t in self.plan.averaged)
-        copied = sum(t.spec.nbytes for t in self.plan.outputs if not t.averaged)
-        return averaged * len(self.sources) + copied
+        return sum(chunk.bytes_read(len(self.sources)) for chunk in self.plan.chunks)
+
+    @property
+    def chunk_bytes(self) -> int:
+        """The largest chunk's input bytes from one source (what the plan reports)."""
+        return max((c.numel * c.dtype.itemsize for c in self.plan.chunks), default=0)
 
 
 @dataclass
@@ -154,16 +177,28 @@ def default_output(checkpoint_dir: Path, *, folder: bool = False) -> Path:
 
 
 def prepare(options: AverageOptions, *, dry_run: bool = False, only: set[Path] | None = None) -> PreparedRun:
-    """Find the run, plan the work and check device and output: every input error surfaces here.
+    """Find the run, plan the work and check device and outputs: every input error surfaces here.
 
     A dry run reports an existing output as a note instead of refusing, so the plan can still be seen.
     ``only`` limits the run to those candidate checkpoints (used by :func:`ema_average.watch.watch`).
     """
-    options.settings.rule()  # bad settings fail before anything is read
+    settings = options.all_settings
+    if not settings:
+        raise ConfigurationError("no average to compute: give at least one setting")
+    for each in settings:
+        each.rule()  # bad settings fail before anything is read
+    labels = sweep_labels(settings)
+    if len(settings) > 1 and options.resume is not None:
+        raise ConfigurationError(
+            "--resume and --watch continue one average: give one value of --decay, --half-life, --gamma "
+            "or --sigma-rel"
+        )
     if options.resume is not None and options.checkpoints.thins:
         raise ConfigurationError("--last and --every cannot be combined with --resume or --watch")
+    if options.threads is not None and options.threads < 1:
+        raise ConfigurationError(f"--threads must be at least 1, got {options.threads}")
     device = resolve_device(options.device)
-    output = _output_path(options)
+    outputs = _output_paths(options, labels)
     run = find_run(
         options.checkpoint_dir,
         state_dict_key=options.state_dict_key,
@@ -177,26 +212,30 @@ def prepare(options: AverageOptions, *, dry_run: bool = False, only: set[Path] |
         raise NoCheckpointsError(run.root, "no checkpoints left after --from-step/--to-step/--every/--last")
     resumed, older = None, []
     if options.resume is not None:
-        resumed = open_resumed(options.resume, options.settings)
+        resumed = open_resumed(options.resume, settings[0])
         older = left_out(resumed, [(c.path.name, c.step or 0) for c in checkpoints])
         run.notices += older
         checkpoints = [c for c in checkpoints if (c.step or 0) > resumed.previous.last_step]
-    _check_output_is_not_an_input(output, run.units)
-    budget = options.memory_budget or default_memory_budget()
-    plan = make_plan(run, checkpoints, resumed, options, budget)
-    _check_names(plan.outputs, checkpoints[0] if checkpoints else run.checkpoints[-1])
-    _check_memory(plan, checkpoints[0] if checkpoints else run.checkpoints[-1])
-    continuing = options.resume is not None and output.resolve() == options.resume.resolve()
-    if output.exists() and not (options.overwrite or continuing):
-        if not dry_run:
-            raise OutputError(f"{output}: already exists; pass --overwrite to replace it")
-        plan.notes.append(f"{output} already exists: a real run needs --overwrite")
+    for output in outputs:
+        _check_output_is_not_an_input(output, run.units)
+    threads = options.threads or streaming.default_threads(device)
+    plan = make_plan(run, checkpoints, resumed, options, labels, device)
+    first = checkpoints[0] if checkpoints else run.checkpoints[-1]
+    _check_names(plan.outputs, first)
+    _check_sizes(plan, first, outputs[0], threads)
+    continuing = options.resume is not None and outputs[0].resolve() == options.resume.resolve()
+    for output in outputs:
+        if output.exists() and not (options.overwrite or continuing):
+            if not dry_run:
+                raise OutputError(f"{output}: already exists; pass --overwrite to replace it")
+            plan.notes.append(f"{output} already exists: a real run needs --overwrite")
     may_replace = options.overwrite or continuing
-    return PreparedRun(options, run, checkpoints, plan, output, device, budget, resumed, may_replace, older)
+    return PreparedRun(options, run, checkpoints, plan, outputs, device, threads, resumed, may_replace, older)
 
 
-def _output_path(options: AverageOptions) -> Path:
-    """The output: a .safetensors file, or a folder of shards with ``--max-shard-size``."""
+def _output_paths(options: AverageOptions, labels: list[str]) -> list[Path]:
+    """The outputs: .safetensors files, or folders of shards with ``--max-shard-size``; with several
+    averages, each named for its label (``out.safetensors`` -> ``out-decay0.999.safetensors``)."""
     folder = options.max_shard_size is not None
     output = options.output or options.resume or default_output(options.checkpoint_dir, folder=folder)
     if folder and output.suffix == ".safetensors":
@@ -205,9 +244,18 @@ def _output_path(options: AverageOptions) -> Path:
         )
     if folder and options.resume is not None:
         raise ConfigurationError("--resume continues a single .safetensors file; drop --max-shard-size")
-    if not folder and output.is_dir():
-        raise OutputError(f"{output}: is a folder; give a file name ending .safetensors")
-    return output
+    outputs = [output] if len(labels) == 1 else [labelled(output, label) for label in labels]
+    for path in outputs:
+        if not folder and path.is_dir():
+            raise OutputError(f"{path}: is a folder; give a file name ending .safetensors")
+    return outputs
+
+
+def labelled(output: Path, label: str) -> Path:
+    """``output`` with an average's label before its suffix: where that average of several is written."""
+    if output.suffix == ".safetensors":
+        return output.with_name(f"{output.stem}-{label}.safetensors")
+    return output.with_name(f"{output.name}-{label}")
 
 
 def _check_output_is_not_an_input(output: Path, units: list[Path]) -> None:
@@ -234,25 +282,46 @@ def _check_names(outputs: list[OutputTensor], first: Checkpoint) -> None:
             )
 
 
-def _check_memory(plan: Plan, first: Checkpoint) -> None:
-    """A tensor whose working memory exceeds the machine's RAM cannot be averaged here at all: refused now,
-    rather than failing an allocation midway (a sparse file of a few KB on disk can claim terabytes)."""
-
-    def need(t: OutputTensor) -> int:
-        return max(t.work_nbytes, t.spec.nbytes)  # copied tensors are read whole
-
-    largest = max(plan.outputs, key=need)
+def _check_sizes(plan: Plan, first: Checkpoint, output: Path, threads: int) -> None:
+    """A tensor that cannot fit is refused now, naming it, rather than failing midway: chunks bound the
+    memory, but a tensor kept whole (sources that read only whole tensors) needs it once per worker, and
+    every tensor needs its room on disk (a sparse file of a few KB can claim terabytes)."""
+    largest = max(plan.outputs, key=lambda t: t.spec.numel * t.out_dtype.itemsize)
+    needed = largest.spec.numel * largest.out_dtype.itemsize
+    folder = _existing_parent(output)
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(folder).free
+        if needed > free:
+            raise CheckpointError(
+                first.path,
+                f"tensor {largest.source!r} ({list(largest.spec.shape)}) needs {needed} bytes of output, "
+                f"more than the {free} bytes free in {folder}",
+            )
+    whole = max((c.numel * 3 * 8 for c in plan.chunks), default=0) * threads  # staging, shadow, scratch
     total = physical_memory()
-    if total is not None and need(largest) > total:
+    if total is not None and whole > total:
+        chunk = max(plan.chunks, key=lambda c: c.numel)
         raise CheckpointError(
             first.path,
-            f"tensor {largest.source!r} ({list(largest.spec.shape)}) needs {need(largest)} bytes of "
-            f"working memory, more than this machine's {total}",
+            f"tensor {chunk.pieces[0].source!r} is read whole by this layout and needs about {whole} bytes of "
+            f"working memory on {threads} thread(s), more than this machine's {total}",
         )
 
 
+def _existing_parent(path: Path) -> Path:
+    folder = path.resolve().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
 def make_plan(
-    run: Run, checkpoints: list[Checkpoint], resumed: Resumed | None, options: AverageOptions, budget: int
+    run: Run,
+    checkpoints: list[Checkpoint],
+    resumed: Resumed | None,
+    options: AverageOptions,
+    labels: list[str],
+    device: torch.device,
 ) -> Plan:
     notes = list(run.notices)
     for ckpt in checkpoints:
@@ -260,20 +329,35 @@ def make_plan(
     first = checkpoints[0] if checkpoints else run.checkpoints[-1]
     outputs = output_tensors(first.specs(), first.aliases(), options.selection, options.dtype)
     steps = [c.step or 0 for c in checkpoints]
-    decays = update_decays(steps, options.settings, resumed.previous if resumed else None)
+    first_specs = {}
     if resumed is not None:
         check_resumable(resumed, outputs, notes)
+        first_specs = resumed.average.specs()
+    averages = []
+    for settings, label in zip(options.all_settings, labels, strict=True):
+        decays = update_decays(steps, settings, resumed.previous if resumed else None)
+        if resumed is not None:
+            decays = [None, *decays]
+        weights = effective_weights(decays)
+        dominated = first_dominates_note(steps, weights, settings) if resumed is None else None
+        if dominated:
+            notes.append(f"{label}: {dominated}" if label else dominated)
+        averages.append(PlannedAverage(settings, decays, weights, label))
+    if resumed is not None:
         steps = [resumed.previous.last_step, *steps]
-        decays = [None, *decays]
-    weights = effective_weights(decays)
     tied = [t for t in outputs if t.alias_of is not None]
     if tied:
         pairs = ", ".join(f"{t.source} = {t.alias_of}" for t in tied[:3])
         notes.append(f"tied weights averaged once and written under both names: {pairs}")
-    dominated = first_dominates_note(steps, weights, options.settings) if resumed is None else None
-    if dominated:
-        notes.append(dominated)
-    return Plan(steps, decays, weights, outputs, group_by_budget(outputs, budget), notes)
+    sources = ([resumed.average] if resumed else []) + (checkpoints or [first])
+    split = all(streaming.reads_ranges(s) for s in sources)
+    numel = options.chunk_numel or streaming.chunk_numel(device)
+    chunks = chunk_layout(outputs, first_specs, numel, split=split)
+    if not split:
+        notes.append(
+            "a source reads only whole tensors: chunks keep tensors whole (memory grows with the largest)"
+        )
+    return Plan(steps, averages, outputs, chunks, notes)
 
 
 def average_checkpoints(options: AverageOptions, on_progress: Progress | None = None) -> Summary:
@@ -282,168 +366,96 @@ def average_checkpoints(options: AverageOptions, on_progress: Progress | None = 
 
 
 def execute(prepared: PreparedRun, on_progress: Progress | None = None) -> Summary:
-    """Stream every group through the engine into the output; on any failure, nothing is left behind."""
+    """Stream every chunk through the engine into every output; on any failure, no output is left behind.
+
+    Each output is committed atomically on its own, and only once every output has been written whole:
+    a failure in the work leaves none. (A failure while committing, e.g. a disk that fills at fsync, can
+    leave the outputs committed before it.)
+    """
     if prepared.up_to_date:
         raise ConfigurationError(
             f"{prepared.output} is up to date: no checkpoint is newer than its last step"
         )
     start = time.perf_counter()
-    plan = prepared.plan
-    progress = on_progress or (lambda _n: None)
-    if not prepared.output.parent.is_dir():
-        raise OutputError(f"{prepared.output.parent}: output folder does not exist")
-    with OutputLock(prepared.output):
-        remove_stale_temporaries(prepared.output.parent)
-        writer = _open_writer(prepared)
-        bytes_read = 0
+    for folder in {output.parent for output in prepared.outputs}:
+        if not folder.is_dir():
+            raise OutputError(f"{folder}: output folder does not exist")
+    writers: list[SafetensorsWriter | ShardedWriter] = []
+    with contextlib.ExitStack() as locks:
+        for output in prepared.outputs:
+            locks.enter_context(OutputLock(output))
+        for folder in {output.parent for output in prepared.outputs}:
+            remove_stale_temporaries(folder)
         try:
-            for group in plan.groups:
-                bytes_read += _run_group(prepared, group, writer, progress)
-            writer.commit()
+            for average, output in zip(prepared.plan.averages, prepared.outputs, strict=True):
+                writers.append(_open_writer(prepared, average, output))
+            bytes_read = _stream(prepared, writers, on_progress or (lambda _n: None))
+            for writer in writers:
+                writer.commit()
         except BaseException:
-            writer.abort()
+            for writer in writers:
+                writer.abort()  # a no-op for one already committed
             raise
         finally:
             for ckpt in prepared.sources:
                 ckpt.close()
-    outputs = writer.paths if isinstance(writer, ShardedWriter) else [writer.path]
     return Summary(
-        outputs, len(plan.outputs), bytes_read, writer.size, time.perf_counter() - start, _peak_rss()
+        [path for writer in writers for path in writer.paths],
+        len(prepared.plan.outputs),
+        bytes_read,
+        sum(writer.size for writer in writers),
+        time.perf_counter() - start,
+        _peak_rss(),
     )
 
 
-def _open_writer(prepared: PreparedRun) -> SafetensorsWriter | ShardedWriter:
+def _stream(
+    prepared: PreparedRun, writers: list[SafetensorsWriter | ShardedWriter], progress: Progress
+) -> int:
+    """Every chunk of every tensor, over every source, into every output; returns the bytes read."""
+    plan = prepared.plan
+    for t in plan.outputs:  # empty tensors have no chunk
+        if t.spec.numel == 0:
+            for writer in writers:
+                writer.write(t.name, torch.empty(t.spec.shape, dtype=t.out_dtype))
+    folds = [
+        streaming.Fold(average.decays, streaming.range_sink(writer, plan.outputs))
+        for average, writer in zip(plan.averages, writers, strict=True)
+    ]
+    stream = streaming.ChunkStream(
+        prepared.sources,
+        plan.steps,
+        prepared.checkpoints[-1],
+        folds,
+        device=prepared.device,
+        threads=prepared.threads,
+        check_finite=not prepared.options.allow_nonfinite,
+    )
+    return stream.run(plan.chunks, progress)
+
+
+def _open_writer(
+    prepared: PreparedRun, average: PlannedAverage, output: Path
+) -> SafetensorsWriter | ShardedWriter:
     options, plan = prepared.options, prepared.plan
     entries = [TensorEntry(t.name, t.spec.shape, t.out_dtype) for t in plan.outputs]
-    metadata = _metadata(prepared)
+    metadata = _metadata(prepared, average.settings)
     if options.max_shard_size:
         return ShardedWriter(
-            prepared.output,
+            output,
             entries,
             metadata,
             overwrite=prepared.may_replace,
             max_shard_size=options.max_shard_size,
         )
-    return SafetensorsWriter(prepared.output, entries, metadata, overwrite=prepared.may_replace)
+    return SafetensorsWriter(output, entries, metadata, overwrite=prepared.may_replace)
 
 
-def _metadata(prepared: PreparedRun) -> dict[str, str]:
+def _metadata(prepared: PreparedRun, settings: AverageSettings) -> dict[str, str]:
     resumed = prepared.resumed
     steps = (resumed.steps if resumed else []) + [c.step or 0 for c in prepared.checkpoints]
     files = (resumed.files if resumed else []) + [c.path.name for c in prepared.checkpoints]
-    return output_metadata(prepared.options.settings, prepared.options.dtype, steps, files)
-
-
-class _Staging:
-    """Reused host buffers that checkpoint tensors are read into: one on CPU, two pinned on CUDA.
-
-    With two, the next checkpoint is read into one while the device still copies from the other.
-    """
-
-    def __init__(self, tensors: list[OutputTensor], device: torch.device) -> None:
-        self.offsets: list[int] = []
-        size = 0
-        for t in tensors:
-            self.offsets.append(size)
-            size += -(-t.spec.nbytes // _ALIGN) * _ALIGN
-        pin = device.type == "cuda"
-        count = 2 if pin else 1
-        self.buffers = [torch.empty(size, dtype=torch.uint8, pin_memory=pin) for _ in range(count)]
-        self.events: list[torch.cuda.Event | None] = [None] * count
-        self.tensors = tensors
-
-    def views(self, slot: int) -> list[torch.Tensor]:
-        event = self.events[slot]
-        if event is not None:
-            event.synchronize()  # the device has finished copying out of this buffer
-        buffer = self.buffers[slot]
-        return [
-            buffer[offset : offset + t.spec.nbytes].view(t.spec.dtype).view(t.spec.shape)
-            for offset, t in zip(self.offsets, self.tensors, strict=True)
-        ]
-
-    def mark_in_use(self, slot: int, device: torch.device) -> None:
-        if device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
-            self.events[slot] = event
-
-
-def _run_group(
-    prepared: PreparedRun,
-    group: list[OutputTensor],
-    writer: SafetensorsWriter | ShardedWriter,
-    progress: Progress,
-) -> int:
-    """Average one group over every source, write it, free it; returns bytes read."""
-    sources, plan, device = prepared.sources, prepared.plan, prepared.device
-    to_average = [t for t in group if t.averaged and t.alias_of is None]
-    check = not prepared.options.allow_nonfinite
-    settings = prepared.options.settings
-    rule = settings.rule()
-    averages: dict[str, torch.Tensor] = {}
-    read = 0
-    if to_average:
-        staging = _Staging(to_average, device)
-        group_bytes = sum(t.spec.nbytes for t in to_average)
-        average: MovingAverage | None = None
-        for i, source in enumerate(sources):
-            slot = i % len(staging.buffers)
-            values = _read(source, to_average, staging, slot)
-            if average is None:
-                average = MovingAverage.by_name(settings.method).from_tensors(
-                    values, rule=rule, device=device
-                )
-            else:
-                decay = plan.decays[i]
-                assert decay is not None
-                average.update_with_decay(values, decay)
-            staging.mark_in_use(slot, device)
-            del values
-            source.close()  # a mapped file's touched pages leave memory; thousands of files never stay open
-            read += group_bytes
-            progress(group_bytes)
-        assert average is not None
-        if check and not average.all_finite():  # NaN and Inf never wash out of an average: one check suffices
-            raise _nonfinite(sources, plan.steps, to_average)
-        averages = average.averages()
-    latest = prepared.checkpoints[-1]
-    for t in group:
-        if t.averaged:
-            writer.write(t.name, averages[t.alias_of or t.source].to(t.out_dtype))
-        else:
-            writer.write(t.name, latest.read(t.source))
-            read += t.spec.nbytes
-            progress(t.spec.nbytes)
-    return read
-
-
-def _nonfinite(sources: list[Checkpoint], steps: list[int], tensors: list[OutputTensor]) -> NonFiniteError:
-    """Name the first source and tensor that brought NaN/Inf in: looked for only after the cheap check of
-    the finished group failed, by reading the group again."""
-    for source, step in zip(sources, steps, strict=True):
-        for t in tensors:
-            if not bool(torch.isfinite(source.read(t.source)).all()):
-                source.close()
-                return NonFiniteError(
-                    source.path,
-                    f"tensor {t.source!r} holds NaN or Inf (step {step}); refused. --allow-nonfinite averages it anyway",
-                )
-        source.close()
-    return NonFiniteError(
-        sources[-1].path, "the average overflowed to Inf; refused. --allow-nonfinite keeps it anyway"
-    )
-
-
-def _read(
-    ckpt: Checkpoint, tensors: list[OutputTensor], staging: _Staging, slot: int
-) -> dict[str, torch.Tensor]:
-    """One source's tensors of a group, keyed by saved name: read fresh where the source says so (mapped
-    files give views of their mapping; an earlier average keeps its own dtype), else into the staging."""
-    if ckpt.zero_copy:
-        return {t.source: ckpt.read(t.source) for t in tensors}
-    views = staging.views(slot)
-    return {t.source: ckpt.read_into(t.source, view) for t, view in zip(tensors, views, strict=True)}
+    return output_metadata(settings, prepared.options.dtype, steps, files)
 
 
 def _peak_rss() -> int:

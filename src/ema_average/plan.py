@@ -74,6 +74,38 @@ class AverageSettings:
         return recorded
 
 
+# The settings a run may vary, as the command line spells them (a label names an output by them).
+_SWEEP_FIELDS = {
+    "method": "",
+    "schedule": "",
+    "decay": "decay",
+    "half_life": "half-life",
+    "sigma_rel": "sigma-rel",
+    "gamma": "gamma",
+    "numerator": "numerator",
+    "denominator": "denominator",
+}
+
+
+def sweep_labels(settings: Sequence[AverageSettings]) -> list[str]:
+    """What tells several averages of one run apart, e.g. ``decay0.999``: names their outputs and the plan's
+    weight columns. One average needs no label; settings given twice are refused."""
+    if len(settings) < 2:
+        return [""] * len(settings)
+    varying = [f for f in _SWEEP_FIELDS if len({getattr(s, f) for s in settings}) > 1]
+    labels = ["-".join(_label_part(f, getattr(s, f)) for f in varying) for s in settings]
+    if not varying or len(set(labels)) < len(labels):
+        raise ConfigurationError("the same settings are given twice: each average needs its own")
+    return labels
+
+
+def _label_part(field: str, value: object) -> str:
+    if isinstance(value, float | int) and not isinstance(value, bool):
+        text = repr(float(value)).removesuffix(".0")  # repr round-trips: two values never share a label
+        return f"{_SWEEP_FIELDS[field]}{text}"
+    return f"{_SWEEP_FIELDS[field]}{value}" if value is not None else f"{_SWEEP_FIELDS[field]}default"
+
+
 @dataclass(frozen=True)
 class Previous:
     """An earlier output being continued: how many checkpoints it holds and the last step it took."""
@@ -176,22 +208,34 @@ class OutputTensor:
     averaged: bool  # False: integer/bool, taken from the latest checkpoint
     alias_of: str | None = None  # tied weight: written from this source's average
 
-    @property
-    def work_nbytes(self) -> int:
-        """Memory this tensor holds while its group runs: its float32 shadow and its input bytes."""
-        if not self.averaged or self.alias_of is not None:
-            return 0
-        return self.spec.numel * (shadow_dtype(self.spec.dtype).itemsize + self.spec.dtype.itemsize)
+
+@dataclass(frozen=True)
+class PlannedAverage:
+    """One average the run computes: its settings, the decay each source's update gets, each source's
+    weight in the result, and the label that names its output when a run computes several."""
+
+    settings: AverageSettings
+    decays: list[float | None]
+    weights: list[float]
+    label: str = ""
 
 
 @dataclass
 class Plan:
     steps: list[int]
-    decays: list[float | None]
-    weights: list[float]
+    averages: list[PlannedAverage]
     outputs: list[OutputTensor]
-    groups: list[list[OutputTensor]]
+    chunks: list[Chunk]
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def decays(self) -> list[float | None]:
+        """The first (usually only) average's decays."""
+        return self.averages[0].decays
+
+    @property
+    def weights(self) -> list[float]:
+        return self.averages[0].weights
 
     @property
     def averaged(self) -> list[OutputTensor]:
@@ -225,26 +269,104 @@ def output_tensors(
     return outputs
 
 
-def group_by_budget(outputs: list[OutputTensor], budget: int) -> list[list[OutputTensor]]:
-    """Consecutive groups whose working memory stays under ``budget`` (a bigger tensor stands alone).
+@dataclass(frozen=True)
+class Piece:
+    """Elements ``start .. start + count`` of one saved tensor (flattened), at ``offset`` in its chunk."""
 
-    Tied aliases go in their twin's group, so both names are written from one average.
+    source: str  # as saved: read from every source under this name
+    names: tuple[str, ...]  # written under these output names (a tied twin adds one)
+    start: int
+    count: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Consecutive elements of tensors of one kind, small enough to stay in cache while every source is
+    folded in: one read per piece, one flat update per source and average, one write per piece.
+
+    ``first_dtype`` is the first source's dtype (an earlier average being resumed keeps its own), ``dtype``
+    the checkpoints'; the shadow is float32 or wider. Copied tensors (``averaged`` False) are read from the
+    latest checkpoint and written as they are.
     """
-    groups: list[list[OutputTensor]] = [[]]
-    used = 0
-    home: dict[str, int] = {}
-    for tensor in outputs:
-        if tensor.alias_of is not None and tensor.alias_of in home:
-            groups[home[tensor.alias_of]].append(tensor)
+
+    pieces: tuple[Piece, ...]
+    first_dtype: torch.dtype
+    dtype: torch.dtype
+    out_dtype: torch.dtype
+    averaged: bool
+
+    @property
+    def numel(self) -> int:
+        last = self.pieces[-1]
+        return last.offset + last.count
+
+    @property
+    def shadow_dtype(self) -> torch.dtype:
+        return shadow_dtype(self.first_dtype)
+
+    def bytes_read(self, sources: int) -> int:
+        """Bytes this chunk reads: from every source if averaged (the first in its own dtype), else once."""
+        if not self.averaged:
+            return self.numel * self.dtype.itemsize
+        return self.numel * (self.first_dtype.itemsize + (sources - 1) * self.dtype.itemsize)
+
+
+def chunk_layout(
+    outputs: list[OutputTensor], first_specs: dict[str, TensorSpec], chunk_numel: int, *, split: bool = True
+) -> list[Chunk]:
+    """The output's non-empty tensors cut into chunks of at most ``chunk_numel`` elements, one kind each.
+
+    Tensors of one kind (dtypes of the first source, of the checkpoints, of the output; averaged or
+    copied) are laid end to end, in saved order, and cut every ``chunk_numel`` elements, so a chunk may
+    hold the tail of one tensor and the head of the next. Each element's arithmetic is the same whatever
+    the cut, so results do not depend on ``chunk_numel``. ``split=False`` keeps every tensor whole (a
+    larger one is a chunk of its own): for sources that can only read whole tensors. Tied twins ride on
+    the tensor they alias; ``first_specs`` gives the first source's dtypes where they differ.
+    """
+    if chunk_numel < 1:
+        raise ConfigurationError(f"chunks must hold at least one element, got {chunk_numel}")
+    twins: dict[str, list[str]] = {}
+    for t in outputs:
+        if t.averaged and t.alias_of is not None:
+            twins.setdefault(t.alias_of, []).append(t.name)
+    kinds: dict[
+        tuple[torch.dtype, torch.dtype, torch.dtype, bool], list[tuple[OutputTensor, tuple[str, ...]]]
+    ]
+    kinds = {}
+    for t in outputs:
+        if t.spec.numel == 0 or (t.averaged and t.alias_of is not None):
             continue
-        cost = tensor.work_nbytes
-        if cost and groups[-1] and used + cost > budget:  # copied tensors cost nothing: they never split
-            groups.append([])
+        first = first_specs.get(t.source, t.spec).dtype if t.averaged else t.spec.dtype
+        names = (t.name, *twins.get(t.source, ())) if t.averaged else (t.name,)
+        kinds.setdefault((first, t.spec.dtype, t.out_dtype, t.averaged), []).append((t, names))
+    chunks: list[Chunk] = []
+    for (first, dtype, out_dtype, averaged), tensors in kinds.items():
+        for pieces in _cut(tensors, chunk_numel, split):
+            chunks.append(Chunk(tuple(pieces), first, dtype, out_dtype, averaged))
+    return chunks
+
+
+def _cut(
+    tensors: list[tuple[OutputTensor, tuple[str, ...]]], chunk_numel: int, split: bool
+) -> list[list[Piece]]:
+    chunks: list[list[Piece]] = [[]]
+    used = 0
+    for t, names in tensors:
+        numel = t.spec.numel
+        if not split and used and used + numel > chunk_numel:
+            chunks.append([])
             used = 0
-        groups[-1].append(tensor)
-        used += cost
-        home[tensor.source] = len(groups) - 1
-    return groups
+        start = 0
+        while start < numel:
+            count = min(numel - start, chunk_numel - used) if split else numel
+            chunks[-1].append(Piece(t.source, names, start, count, used))
+            start += count
+            used += count
+            if used >= chunk_numel:
+                chunks.append([])
+                used = 0
+    return [c for c in chunks if c]
 
 
 def first_dominates_note(
@@ -266,6 +388,36 @@ def first_dominates_note(
         f"(checkpoints ~{gap} steps apart, schedule {settings.schedule}). {advice}; "
         f"or lower --decay to about {suggestion:.3g} to give the first checkpoint ~1%."
     )
+
+
+def parse_values(flag: str, text: str) -> list[float]:
+    """Numbers from a comma list ("0.999,0.9999"): one average per value, in one pass."""
+    values = []
+    for item in text.split(","):
+        try:
+            values.append(float(item.strip()))
+        except ValueError:
+            raise ConfigurationError(
+                f"{flag}: {item.strip()!r} is not a number (give e.g. 0.999,0.9999)"
+            ) from None
+    return values
+
+
+def settings_sweep(varying: dict[str, list[float] | None], **fixed: object) -> list[AverageSettings]:
+    """One ``AverageSettings`` per value of the one setting given several values (the others shared).
+
+    ``varying`` maps setting names (``decay``, ``half_life``...) to their values, ``None`` where not given.
+    """
+    several = [name for name, values in varying.items() if values is not None and len(values) > 1]
+    if len(several) > 1:
+        flags = " and ".join("--" + name.replace("_", "-") for name in several)
+        raise ConfigurationError(f"{flags} both list several values: vary one setting per run")
+    base = {name: values[0] for name, values in varying.items() if values}
+    if not several:
+        return [AverageSettings(**fixed, **base)]  # type: ignore[arg-type]
+    values = varying[several[0]]
+    assert values is not None
+    return [AverageSettings(**fixed, **{**base, several[0]: v}) for v in values]  # type: ignore[arg-type]
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -293,12 +445,6 @@ def physical_memory() -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return None
-
-
-def default_memory_budget() -> int:
-    """A quarter of physical memory, at least 256 MiB: room for the OS, the page cache and the reads."""
-    total = physical_memory()
-    return 2 * 2**30 if total is None else max(256 * 2**20, total // 4)
 
 
 def format_bytes(n: float) -> str:

@@ -57,11 +57,10 @@ class ResumedAverage(Checkpoint):
     """An earlier output read as the first source of a run, by the checkpoints' own tensor names.
 
     Its tensors keep the dtype they were written in (float32 averages stay float32 even when the
-    checkpoints are bf16), so the pipeline reads them fresh rather than into its staging buffers.
+    checkpoints are bf16): ``specs()`` says so, and the pipeline reads them in that dtype.
     """
 
     layout = "earlier average"
-    zero_copy = True  # read() returns fresh tensors of the file's own dtype: no staging
 
     def __init__(self, file: SafetensorsCheckpoint) -> None:
         super().__init__(file.path)
@@ -77,6 +76,12 @@ class ResumedAverage(Checkpoint):
 
     def read(self, name: str) -> torch.Tensor:
         return self.file.read(self._names[name])
+
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        return self.file.read_into(self._names[name], out)
+
+    def read_range_into(self, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
+        return self.file.read_range_into(self._names[name], start, out)
 
     def close(self) -> None:
         self.file.close()

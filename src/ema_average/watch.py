@@ -51,6 +51,10 @@ def watch(
     """Refresh ``options.output`` whenever complete new checkpoints appear, until ``stop()`` or Ctrl-C."""
     if not (isinstance(poll, int | float) and math.isfinite(poll) and poll > 0):
         raise ConfigurationError(f"--poll must be a positive number of seconds, got {poll!r}")
+    if len(options.all_settings) > 1:
+        raise ConfigurationError(
+            "--watch keeps one average fresh: give one value of --decay, --half-life, --gamma or --sigma-rel"
+        )
     output = options.output or default_output(options.checkpoint_dir)
     before: Snapshot = {}
     reported: set[Path | str] = set()

@@ -1,0 +1,497 @@
+"""The offline job's inner loop, at the memory-bandwidth limit: chunks of tensor bytes, each folded over
+every source while it sits in cache.
+
+The plan cuts the tensors into chunks (:func:`ema_average.plan.chunk_layout`). Each worker thread takes a
+whole chunk: reads it from every source in turn into its own staging buffer (``pread`` releases the GIL),
+folds each into the chunk's shadows with the engine's update (one flat update per source and average),
+checks the result for NaN/Inf, converts it to the output dtype and writes it at its place in every output.
+A chunk's shadows stay in cache while every source streams through them, so DRAM sees each input byte
+once and each output byte once; T workers on T cores overlap one's reads with another's arithmetic and
+writes. Memory is T sets of chunk buffers, whatever the model size or the number of checkpoints.
+
+Where the checkpoints are memory-mapped (torch zip files), the chunks are slices of the mapped views, and
+their pages are given back once folded in. On CUDA the shadows live on the device: each worker reads into
+two pinned buffers in turn and copies them over on a stream of its own, so the next read overlaps the last
+copy and the arithmetic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import mmap
+import os
+import queue
+import sys
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from ema_average.checkpoints import Checkpoint
+from ema_average.errors import NonFiniteError
+from ema_average.moving_average import ema_update_
+from ema_average.plan import Chunk, OutputTensor, Piece
+
+Progress = Callable[[int], None]  # bytes just processed
+
+# Elements per chunk on the CPU. Measured on 2 cores (README, Benchmarks/Offline): at 64K elements two
+# workers spend longer handing the GIL to each other around every read and kernel than reading (0.33 s
+# against 0.15 s at 1M for 4 x 200 MB fp32); past 2M the shadows fall out of the last-level cache. A 1M
+# chunk is 4 MiB of float32 shadow: it stays in L3, and DRAM still sees each input byte once.
+_CPU_CHUNK_NUMEL = 1 << 20
+# On an accelerator a chunk is one host-to-device copy: large enough to reach the link's bandwidth.
+_DEVICE_CHUNK_NUMEL = 1 << 22
+_MAX_THREADS = 8  # past this, a hot page cache is already at memory bandwidth
+
+
+def chunk_numel(device: torch.device) -> int:
+    """Elements per chunk on this kind of device (results never depend on it)."""
+    return _CPU_CHUNK_NUMEL if device.type == "cpu" else _DEVICE_CHUNK_NUMEL
+
+
+def reads_ranges(checkpoint: Checkpoint) -> bool:
+    """Whether reading part of a tensor costs only that part (mapped views, or a layout's own
+    ``read_range_into``); chunks keep tensors whole where any source cannot."""
+    return checkpoint.zero_copy or type(checkpoint).read_range_into is not Checkpoint.read_range_into
+
+
+def default_threads(device: torch.device) -> int:
+    """One worker per usable core (each does its own reads, arithmetic and writes), at most a few."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on macOS
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, _MAX_THREADS if device.type == "cpu" else 4))
+
+
+class RangeSink(Protocol):
+    """Where an average's chunks go: elements ``start ..`` of output tensor ``name``, from any thread."""
+
+    def write_range(self, name: str, start: int, tensor: torch.Tensor) -> None: ...
+
+
+class Writer(Protocol):
+    def write(self, name: str, tensor: torch.Tensor) -> None: ...
+
+
+def range_sink(writer: Writer, outputs: Sequence[OutputTensor]) -> RangeSink:
+    """``writer`` itself where it takes tensors in pieces, else an adapter that gathers split tensors."""
+    if hasattr(writer, "write_range"):
+        return writer  # type: ignore[return-value]
+    return WholeTensors(writer, outputs)
+
+
+class WholeTensors:
+    """Gathers the pieces of a split tensor until it is whole, for a writer that takes whole tensors only.
+
+    A tensor that arrives in one piece goes straight through; a split one holds one output-sized buffer
+    until its last piece. (With ``SafetensorsWriter.write_range`` nothing is gathered: this is the fallback.)
+    """
+
+    def __init__(self, writer: Writer, outputs: Sequence[OutputTensor]) -> None:
+        self.writer = writer
+        self._specs = {t.name: (t.spec.shape, t.spec.numel, t.out_dtype) for t in outputs}
+        self._parts: dict[str, tuple[torch.Tensor, int]] = {}
+        self._lock = threading.Lock()
+
+    def write_range(self, name: str, start: int, tensor: torch.Tensor) -> None:
+        shape, numel, dtype = self._specs[name]
+        if start == 0 and tensor.numel() == numel:
+            self.writer.write(name, tensor.view(shape))
+            return
+        with self._lock:
+            whole, left = self._parts.get(name) or (torch.empty(numel, dtype=dtype), numel)
+            self._parts[name] = (whole, left)
+        whole[start : start + tensor.numel()].copy_(tensor)
+        with self._lock:
+            whole, left = self._parts[name]
+            left -= tensor.numel()
+            if left:
+                self._parts[name] = (whole, left)
+                return
+            del self._parts[name]
+        self.writer.write(name, whole.view(shape))
+
+
+@dataclass
+class Fold:
+    """One average computed in the pass: the decay each source's update gets (the plan's), and its output."""
+
+    decays: Sequence[float | None]
+    sink: RangeSink
+
+
+class _MappedPages:
+    """Gives back the pages of mapped checkpoint views once a chunk has been folded in (Linux).
+
+    Mapped files are read through their views, which the kernel maps page by page; left alone, every page
+    read stays resident until the file is closed, i.e. all of every checkpoint by the end of the run.
+    ``madvise(MADV_DONTNEED)`` unmaps them again. Only ranges inside a mapping of the checkpoint's own
+    file (found in /proc/self/maps) are released: those pages are only ever read, so dropping them loses
+    nothing (a later touch maps them again from the page cache). Anything else is left alone.
+    ``path`` is the checkpoint's file, or its folder (a mapping of a file inside it counts).
+    """
+
+    _MADV_DONTNEED = 4
+
+    def __init__(self) -> None:
+        self._madvise = _libc_madvise()
+        self._page = mmap.PAGESIZE
+        self._mappings: dict[str, list[tuple[int, int]]] = {}
+        self._refused: set[str] = set()
+        self._keys: dict[Path, str] = {}
+        self._lock = threading.Lock()
+
+    def release(self, path: Path, views: Sequence[torch.Tensor]) -> None:
+        if self._madvise is None or not views:
+            return
+        for view in views:
+            low = view.data_ptr()
+            high = low + view.numel() * view.element_size()
+            mapping = self._mapping(path, low, high) if high > low else None
+            if mapping is None:
+                continue
+            start = max(mapping[0], low - low % self._page)
+            end = min(mapping[1], -(-high // self._page) * self._page)
+            self._madvise(start, end - start, self._MADV_DONTNEED)
+
+    def _mapping(self, path: Path, low: int, high: int) -> tuple[int, int] | None:
+        """The file mapping of ``path`` holding ``low .. high``, or None (then nothing is released)."""
+        key = self._keys.get(path)
+        if key is None:
+            key = self._keys[path] = os.path.realpath(path)
+        for mapping in self._mappings.get(key, ()):
+            if mapping[0] <= low and high <= mapping[1]:
+                return mapping
+        with self._lock:
+            if key in self._refused:
+                return None
+            found = [m for m in _file_mappings(key) if m[0] <= low and high <= m[1]]
+            if not found:
+                self._refused.add(key)  # not a mapping of its file: never looked up again
+                return None
+            self._mappings.setdefault(key, []).append(found[0])
+            return found[0]
+
+
+def _libc_madvise() -> Callable[[int, int, int], int] | None:
+    if not sys.platform.startswith("linux") or not os.path.exists("/proc/self/maps"):
+        return None
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return madvise  # type: ignore[no-any-return]
+
+
+def _file_mappings(path: str) -> list[tuple[int, int]]:
+    """Address ranges where this process maps the file ``path``, or a file inside the folder ``path``
+    (resolved names, as the kernel shows them)."""
+    found = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.rstrip("\n").split(maxsplit=5)
+                if len(fields) == 6 and (fields[5] == path or fields[5].startswith(path + "/")):
+                    low, high = fields[0].split("-")
+                    found.append((int(low, 16), int(high, 16)))
+    except OSError:
+        return []
+    return found
+
+
+class _Source:
+    """One source as the workers see it: used by one thread at a time (layouts open files lazily and are
+    not promised to be thread-safe), its mapped views sliced rather than copied."""
+
+    def __init__(self, checkpoint: Checkpoint, step: int) -> None:
+        self.checkpoint = checkpoint
+        self.step = step
+        self.lock = threading.Lock()
+        self.mapped = checkpoint.zero_copy
+        specs = checkpoint.specs()
+        self.numel = {name: spec.numel for name, spec in specs.items()}
+        self.shapes = {name: spec.shape for name, spec in specs.items()}
+
+    def read(
+        self, chunk: Chunk, staging: torch.Tensor, *, copy: bool
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The chunk's elements from this source: the whole chunk in ``staging``, or (mapped files, unless
+        ``copy``) one slice of the mapped view per piece; and the mapped views, to release after use."""
+        if self.mapped:
+            with self.lock:
+                views = [self._view(p) for p in chunk.pieces]
+            if not copy:
+                return views, views
+            for piece, view in zip(chunk.pieces, views, strict=True):
+                staging[piece.offset : piece.offset + piece.count].copy_(view)
+            return [staging[: chunk.numel]], views
+        with self.lock:
+            for piece in chunk.pieces:
+                out = staging[piece.offset : piece.offset + piece.count]
+                if piece.start == 0 and piece.count == self.numel[piece.source]:
+                    self.checkpoint.read_into(piece.source, out.view(self.shapes[piece.source]))
+                else:
+                    self.checkpoint.read_range_into(piece.source, piece.start, out)
+        return [staging[: chunk.numel]], []
+
+    def _view(self, piece: Piece) -> torch.Tensor:
+        return self.checkpoint.read(piece.source).reshape(-1)[piece.start : piece.start + piece.count]
+
+    def nonfinite(self, chunk: Chunk, staging: torch.Tensor) -> str | None:
+        """The first tensor of the chunk holding NaN or Inf in this source, if any."""
+        (values,), _ = self.read(chunk, staging, copy=True)
+        for piece in chunk.pieces:
+            if not bool(torch.isfinite(values[piece.offset : piece.offset + piece.count]).all()):
+                return piece.source
+        return None
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """Bytes of each buffer a worker needs for the largest chunk of each role."""
+
+    staging: int
+    shadow: int
+    out: int
+
+    @classmethod
+    def of(cls, chunks: Sequence[Chunk]) -> _Sizes:
+        averaged = [c for c in chunks if c.averaged]
+        return cls(
+            staging=max((c.numel * max(c.first_dtype.itemsize, c.dtype.itemsize) for c in chunks), default=0),
+            shadow=max((c.numel * c.shadow_dtype.itemsize for c in averaged), default=0),
+            out=max((c.numel * c.out_dtype.itemsize for c in averaged), default=0),
+        )
+
+
+def _view(buffer: torch.Tensor, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    return buffer[: numel * dtype.itemsize].view(dtype)
+
+
+class _Worker:
+    """One thread's buffers, allocated once and reused for every chunk: staging for reads, the chunk's
+    shadows, a scratch for conversions, the output chunk. On an accelerator the shadows live there: two
+    host staging buffers (pinned on CUDA) are filled in turn and copied over on the worker's own stream."""
+
+    def __init__(self, sizes: _Sizes, averages: int, device: torch.device) -> None:
+        self.device = device
+        self.on_host = device.type == "cpu"
+        pin = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if pin else None
+        self.host = [_empty(sizes.staging, pin=pin) for _ in range(1 if self.on_host else 2)]
+        self.events: list[torch.cuda.Event | None] = [None] * len(self.host)
+        self.values = None if self.on_host else _empty(sizes.staging, device=device)
+        self.scratch = _empty(sizes.shadow, device=device)
+        self.shadows = [_empty(sizes.shadow, device=device) for _ in range(averages)]
+        self.out = _empty(sizes.out, device=device)
+        self.out_host = None if self.on_host else _empty(max(sizes.out, sizes.shadow), pin=pin)
+
+    def context(self) -> contextlib.AbstractContextManager[object]:
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+    def staging(self, k: int, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        """Host buffer for source ``k``'s read; on CUDA, once the copy that last read it is done."""
+        slot = k % len(self.host)
+        event = self.events[slot]
+        if event is not None:
+            event.synchronize()
+            self.events[slot] = None
+        return _view(self.host[slot], dtype, numel)
+
+    def to_device(self, k: int, values: torch.Tensor) -> torch.Tensor:
+        if self.on_host:
+            return values
+        assert self.values is not None
+        moved = _view(self.values, values.dtype, values.numel())
+        moved.copy_(values, non_blocking=self.stream is not None)
+        if self.stream is not None:
+            event = torch.cuda.Event()
+            event.record(self.stream)
+            self.events[k % len(self.host)] = event
+        return moved
+
+    def to_host(self, values: torch.Tensor) -> torch.Tensor:
+        """The finished output chunk on the host, ready to write (waits for the device)."""
+        if self.on_host:
+            return values
+        assert self.out_host is not None
+        host = _view(self.out_host, values.dtype, values.numel())
+        host.copy_(values, non_blocking=self.stream is not None)
+        if self.stream is not None:
+            self.stream.synchronize()
+        return host
+
+
+def _empty(nbytes: int, *, device: torch.device | None = None, pin: bool = False) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8, device=device, pin_memory=pin)
+
+
+class ChunkStream:
+    """Streams every chunk over every source into the averages' outputs, on a few worker threads."""
+
+    def __init__(
+        self,
+        sources: Sequence[Checkpoint],
+        steps: Sequence[int],
+        latest: Checkpoint,
+        folds: Sequence[Fold],
+        *,
+        device: torch.device,
+        threads: int,
+        check_finite: bool,
+    ) -> None:
+        self.sources = [_Source(c, s) for c, s in zip(sources, steps, strict=True)]
+        self.latest = next((s for s in self.sources if s.checkpoint is latest), None) or _Source(latest, 0)
+        self.folds = list(folds)
+        self.device = device
+        self.threads = max(1, threads)
+        self.check_finite = check_finite
+        self.pages = _MappedPages()
+
+    def run(self, chunks: Sequence[Chunk], progress: Progress) -> int:
+        """Every chunk, in order of completion checks; returns the bytes read. The first failing chunk (in
+        chunk order) raises, after the chunks in flight have finished; nothing is written after that."""
+        sizes = _Sizes.of(chunks)
+        workers: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
+        for _ in range(self.threads):
+            workers.put(_Worker(sizes, len(self.folds), self.device))
+
+        def job(chunk: Chunk) -> int:
+            worker = workers.get()
+            try:
+                with worker.context():
+                    return self._process(chunk, worker)
+            finally:
+                workers.put(worker)
+
+        with _kernels_on_one_thread(self.device):
+            if self.threads == 1:
+                total = 0
+                for chunk in chunks:
+                    total += job(chunk)
+                    progress(chunk.bytes_read(len(self.sources)))
+                return total
+            return self._run_pool(chunks, job, progress)
+
+    def _run_pool(self, chunks: Sequence[Chunk], job: Callable[[Chunk], int], progress: Progress) -> int:
+        total = 0
+        window: deque[tuple[Chunk, Future[int]]] = deque()
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="ema-average") as pool:
+            try:
+                for chunk in chunks:
+                    window.append((chunk, pool.submit(job, chunk)))
+                    if len(window) >= 2 * self.threads:  # enough queued to keep every worker busy
+                        total += self._collect(window.popleft(), progress)
+                while window:
+                    total += self._collect(window.popleft(), progress)
+            except BaseException:
+                for _, future in window:
+                    future.cancel()
+                raise  # leaving the pool waits for the chunks already running
+        return total
+
+    def _collect(self, item: tuple[Chunk, Future[int]], progress: Progress) -> int:
+        chunk, future = item
+        read = future.result()
+        progress(chunk.bytes_read(len(self.sources)))
+        return read
+
+    def _process(self, chunk: Chunk, worker: _Worker) -> int:
+        if not chunk.averaged:
+            return self._copy(chunk, worker)
+        numel, wide = chunk.numel, chunk.shadow_dtype
+        shadows = [_view(buffer, wide, numel) for buffer in worker.shadows]
+        for k, source in enumerate(self.sources):
+            dtype = chunk.first_dtype if k == 0 else chunk.dtype
+            host, views = source.read(chunk, worker.staging(k, dtype, numel), copy=not worker.on_host)
+            values = [worker.to_device(k, host[0])] if len(host) == 1 else host
+            if k and values[0].dtype != wide:  # converted once per source, for every average
+                converted = _parts(_view(worker.scratch, wide, numel), chunk, len(values))
+                torch._foreach_copy_(converted, values)
+                values = converted
+            for fold, shadow in zip(self.folds, shadows, strict=True):
+                decay = fold.decays[k]
+                if decay is None:
+                    torch._foreach_copy_(_parts(shadow, chunk, len(values)), values)
+                else:
+                    ema_update_(_parts(shadow, chunk, len(values)), values, decay)
+            self.pages.release(source.checkpoint.path, views)
+        if self.check_finite and not all(_finite(shadow) for shadow in shadows):
+            raise self._nonfinite(chunk, worker)
+        for fold, shadow in zip(self.folds, shadows, strict=True):
+            converted = shadow
+            if chunk.out_dtype != wide:
+                converted = _view(worker.out, chunk.out_dtype, numel).copy_(shadow)
+            _write(fold.sink, chunk, worker.to_host(converted))
+        return chunk.bytes_read(len(self.sources))
+
+    def _copy(self, chunk: Chunk, worker: _Worker) -> int:
+        """A chunk of integer tensors: read from the latest checkpoint, written to every output as it is."""
+        staging = _view(worker.host[0], chunk.dtype, chunk.numel)
+        values, views = self.latest.read(chunk, staging, copy=True)
+        for fold in self.folds:
+            _write(fold.sink, chunk, values[0])
+        self.pages.release(self.latest.checkpoint.path, views)
+        return chunk.bytes_read(1)
+
+    def _nonfinite(self, chunk: Chunk, worker: _Worker) -> NonFiniteError:
+        """Name the first source and tensor that brought NaN/Inf into this chunk: looked for only after the
+        cheap check of the finished chunk failed, by reading the chunk again."""
+        for k, source in enumerate(self.sources):
+            dtype = chunk.first_dtype if k == 0 else chunk.dtype
+            name = source.nonfinite(chunk, _view(worker.host[0], dtype, chunk.numel))
+            if name is not None:
+                return NonFiniteError(
+                    source.checkpoint.path,
+                    f"tensor {name!r} holds NaN or Inf (step {source.step}); refused. "
+                    "--allow-nonfinite averages it anyway",
+                )
+        return NonFiniteError(
+            self.sources[-1].checkpoint.path,
+            "the average overflowed to Inf; refused. --allow-nonfinite keeps it anyway",
+        )
+
+
+def _parts(buffer: torch.Tensor, chunk: Chunk, count: int) -> list[torch.Tensor]:
+    """``buffer`` (chunk-sized) whole, or cut at the chunk's pieces to match values read piece by piece."""
+    if count == 1:
+        return [buffer]
+    return [buffer[piece.offset : piece.offset + piece.count] for piece in chunk.pieces]
+
+
+def _finite(shadow: torch.Tensor) -> bool:
+    """NaN propagates through both reductions and Inf shows in one: one ``aminmax`` pass, in cache."""
+    low, high = torch.aminmax(shadow)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def _write(sink: RangeSink, chunk: Chunk, values: torch.Tensor) -> None:
+    for piece in chunk.pieces:
+        part = values[piece.offset : piece.offset + piece.count]
+        for name in piece.names:
+            sink.write_range(name, piece.start, part)
+
+
+@contextlib.contextmanager
+def _kernels_on_one_thread(device: torch.device) -> Iterator[None]:
+    """Each worker's kernels run on its own core: torch's intra-op threads would split every chunk across
+    cores (out of the worker's cache), oversubscribe them, and stall at every kernel's barrier whenever
+    another process holds a core (measured: 2 ms instead of 20 us per chunk). Restored afterwards."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
