@@ -314,3 +314,18 @@ def test_memory_budget_is_accepted_and_no_longer_needed(tmp_path: Path) -> None:
     result = run(tmp_path / "run", "--memory-budget", "8MiB")
     assert result.returncode == 0, result.stderr
     assert "--memory-budget is no longer used" in result.stdout
+
+
+def test_discovery_flags_reach_the_run(tmp_path: Path) -> None:
+    # --glob keeps fairseq's update checkpoints; --steps gives each its real step; a bad list is one line.
+    from conftest import write_fairseq_run
+
+    write_fairseq_run(tmp_path / "run", [10, 20, 30])
+    (tmp_path / "run" / "checkpoint1.pt").write_bytes((tmp_path / "run" / "checkpoint_1_10.pt").read_bytes())
+    result = run(tmp_path / "run", "--dry-run", "--glob", "checkpoint_*_*.pt", "--steps", "100,200,300")
+    assert result.returncode == 0, result.stderr
+    assert "checkpoint1.pt" not in result.stdout and "checkpoint_last.pt" not in result.stdout
+    for step in ("100", "200", "300"):
+        assert f" {step} " in result.stdout
+    bad = run(tmp_path / "run", "--dry-run", "--steps", "100,x")
+    assert bad.returncode == 1 and "--steps takes whole numbers" in bad.stderr

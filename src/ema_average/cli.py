@@ -21,7 +21,7 @@ from rich.console import Console
 from ema_average import options as choices
 from ema_average._version import __version__
 from ema_average.decay_rules import ExponentialRule, PowerRule
-from ema_average.errors import EmaAverageError, TrustPickleWarning
+from ema_average.errors import ConfigurationError, EmaAverageError, TrustPickleWarning
 
 if TYPE_CHECKING:  # the modules behind the command import torch: loaded only once a run starts
     from ema_average.pipeline import AverageOptions, PreparedRun, Summary
@@ -195,6 +195,33 @@ def average(
             help="Where steps come from: metadata, filename, or auto (metadata, then filename).",
         ),
     ] = DEFAULT_STEPS_FROM,
+    submodel: Annotated[
+        str | None,
+        typer.Option(
+            help="In a checkpoint holding several models (diffusers unet/unet_ema, an adapter beside the full "
+            "model, DeepSpeed's module vs fp32 master weights), read this one; the plan names the others."
+        ),
+    ] = None,
+    step_every: Annotated[
+        int | None,
+        typer.Option(
+            help="Checkpoints numbered by a count of saves or epochs (accelerate checkpoint_K, timm/torchtune "
+            "epochs): training steps between saves; step = (count + 1) x N."
+        ),
+    ] = None,
+    steps: Annotated[
+        str | None,
+        typer.Option(
+            help="Each checkpoint's training step, oldest first, comma-separated (e.g. 500,1000,1500)."
+        ),
+    ] = None,
+    glob: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Use only checkpoints whose name matches (repeatable), e.g. 'checkpoint_*_*.pt' (fairseq's "
+            "update checkpoints)."
+        ),
+    ] = None,
     trust_pickle: Annotated[
         bool,
         typer.Option(
@@ -244,6 +271,10 @@ def average(
             state_dict_key=state_dict_key,
             steps_from=steps_from.value,  # type: ignore[arg-type]
             trust_pickle=trust_pickle,
+            submodel=submodel,
+            step_every=step_every,
+            steps=_step_list(steps),
+            globs=tuple(glob or ()),
             checkpoints=CheckpointSelection(from_step, to_step, every, last),
             resume=resume,
             allow_nonfinite=allow_nonfinite,
@@ -300,6 +331,16 @@ def _watch(options: AverageOptions, poll: float, quiet: bool) -> None:
     except KeyboardInterrupt:
         if not quiet:
             out.print("stopped watching")
+
+
+def _step_list(text: str | None) -> tuple[int, ...] | None:
+    """--steps 500,1000: whole numbers, or one clear usage error."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigurationError(f"--steps takes whole numbers separated by commas, got {text!r}") from None
 
 
 def _only_our_warnings() -> None:

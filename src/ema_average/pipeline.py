@@ -77,6 +77,10 @@ class AverageOptions:
     checkpoints: CheckpointSelection = field(default_factory=CheckpointSelection)
     resume: Path | None = None  # continue this earlier output with the checkpoints newer than it
     allow_nonfinite: bool = False  # average NaN/Inf values instead of refusing the checkpoint holding them
+    submodel: str | None = None  # in units holding several models (unet/unet_ema, fp32 master weights...)
+    step_every: int | None = None  # steps that count saves or epochs, times this, are training steps
+    steps: tuple[int, ...] | None = None  # each checkpoint's training step, oldest first
+    globs: tuple[str, ...] = ()  # only checkpoints whose name matches one of these
     threads: int | None = None  # worker threads; default one per core (see streaming.default_threads)
     chunk_numel: int | None = (
         None  # elements per chunk; default sized to a core's cache (results never depend on it)
@@ -205,6 +209,10 @@ def prepare(options: AverageOptions, *, dry_run: bool = False, only: set[Path] |
         trust_pickle=options.trust_pickle,
         steps_from=options.steps_from,
         only=only,
+        submodel=options.submodel,
+        step_every=options.step_every,
+        steps=options.steps,
+        globs=options.globs,
     )
     chosen = set(options.checkpoints.indices([c.step or 0 for c in run.checkpoints]))
     checkpoints = [c for i, c in enumerate(run.checkpoints) if i in chosen]

@@ -21,10 +21,10 @@ from ema_average.pipeline import AverageOptions, PreparedRun, Summary, default_o
 Snapshot = dict[Path, tuple[tuple[str, int, int], ...]]
 
 
-def snapshot(root: Path) -> Snapshot:
+def snapshot(root: Path, globs: tuple[str, ...] = ()) -> Snapshot:
     """Size and mtime of every file of every candidate checkpoint (folders: all files inside)."""
     found: Snapshot = {}
-    for unit in candidates(root):
+    for unit in candidates(root, globs=globs):
         files = sorted(p for p in unit.rglob("*") if p.is_file()) if unit.is_dir() else [unit]
         try:
             stats = [(str(f), f.stat()) for f in files]
@@ -59,7 +59,7 @@ def watch(
     before: Snapshot = {}
     reported: set[Path | str] = set()
     while not stop():
-        now = snapshot(options.checkpoint_dir)
+        now = snapshot(options.checkpoint_dir, options.globs)
         ready = settled(before, now)
         before = now
         if ready:
