@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import float64_reference, make_state, write_safetensors_run, write_torch_run
+from helpers import WritesMarker
 
 EXE = str(Path(sys.executable).parent / "ema-average")
 STEPS = [10, 20, 40, 80]
@@ -113,7 +114,7 @@ def test_bad_input_exits_1_names_the_file_and_leaves_nothing(tmp_path: Path, cas
     elif case == "unsafe":
         culprit = run_dir / "bad.pt"
         marker = tmp_path / "pwned"
-        torch.save({"model": make_state(3), "x": _Evil(marker)}, culprit)
+        torch.save({"model": make_state(3), "x": WritesMarker(marker)}, culprit)
         expected = "--trust-pickle"
     elif case == "empty":
         for p in run_dir.iterdir():
@@ -137,14 +138,6 @@ def test_bad_input_exits_1_names_the_file_and_leaves_nothing(tmp_path: Path, cas
     assert sorted(p.name for p in run_dir.iterdir()) == before
     if case == "unsafe":
         assert not (tmp_path / "pwned").exists()
-
-
-class _Evil:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (os.system, (f"touch {self.marker}",))
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:

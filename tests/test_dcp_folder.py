@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import warnings
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from ema_average.checkpoints import DcpCheckpoint, find_run
 from ema_average.checkpoints.base import StepInfo
 from ema_average.checkpoints.safetensors_file import DTYPE_NAMES
 from ema_average.errors import CheckpointError, UnsafeCheckpointError
+from helpers import WritesMarker
 
 dcp = pytest.importorskip("torch.distributed.checkpoint")
 
@@ -55,16 +55,6 @@ def test_bare_state_with_step_in_folder_name(tmp_path: Path) -> None:
         (3, "filename:step=N"),
     ]
     assert torch.equal(run.checkpoints[0].read("encoder.weight"), make_state(1)["encoder.weight"])
-
-
-class WritesMarker:
-    """Unpickling this calls os.system: what a malicious .metadata does."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (os.system, (f"touch {self.marker}",))
 
 
 class Harmless:

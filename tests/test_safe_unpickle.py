@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 from pathlib import Path
 
 import pytest
@@ -14,18 +13,9 @@ from conftest import write_fairseq_run
 from ema_average.checkpoints import TorchCheckpoint, safe_unpickle
 from ema_average.checkpoints.base import StepInfo
 from ema_average.errors import CheckpointError, UnsafeCheckpointError
+from helpers import WritesMarker
 
 MARKER_ENV = "EMA_AVERAGE_TEST_MARKER"
-
-
-class WritesMarker:
-    """Unpickling this calls os.system: what a malicious checkpoint does."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (os.system, (f"touch {self.marker}",))
 
 
 class Harmless:
