@@ -1,22 +1,26 @@
 """Offline averaging against its floors: every input byte read once, the output written once.
 
 For each case (K checkpoints of one model, safetensors fp32 or bf16, or zip ``.pt``), each method runs in a
-child process of its own, round-robin (one round = every case and method once, the page cache warmed
-first), ``--repeats`` rounds; the table gives the median, the ratio to floor (b) of the same round for
-every round, and peak RSS above a bare ``python -c "import torch"`` child's.
+child process of its own, round-robin (one round = every case and method once, in an order that turns from
+round to round, the page cache warmed first), ``--repeats`` rounds; the table gives the median, the ratio
+to floor (b) of the same round for every round, and peak RSS above a bare ``python -c "import torch"``
+child's. Each run waits for the machine to be idle (a shared CI box); a run that had to start on a busy
+one is starred.
 
 - floor (a): read every input byte once with T threads (T = usable cores) into reused 1 MiB buffers;
-- floor (b): (a), then the output's size written from a reused buffer and fsynced;
-- ema-average: ``prepare`` + ``execute`` in the child as the command runs them (with its malloc
-  setting); the time is ``execute``'s, like the floors' (no interpreter start-up or imports). The previous
-  output is removed before each run, so no run pays for deleting one;
-- ema-average x3: three decays in one pass (three outputs), against one.
+- floor (b): (a), then the output's size written from reused buffers by T threads, the disk asked to start
+  on it every 8 MiB (as the writer does), and fsynced;
+- ema-average: ``prepare`` + ``execute`` in a fresh child as the command runs them (with its malloc
+  setting); the time is ``execute``'s, like the floors' (no interpreter start-up or imports). Every run
+  writes a new file; a round's files are removed after it, and the filesystem given time to discard them;
+- ema-average, 3 decays: three averages in one pass (three outputs), against one.
 
     python benchmarks/offline.py [--params 50e6] [--tensors 46] [--repeats 5] [--big-params 1.2e9]
     python benchmarks/offline.py --profile st-fp32-k4 [--threads 1]     # where the time goes, cProfile
 
-Disk: 16 + 4 + 4 fp32 checkpoints of --params, 4 bf16, and 4 fp32 of a 4x model under --workdir (3.9 GB at
-50M); with --big-params, 4 bf16 checkpoints of that size too (9.3 GB at 1.2B).
+Disk: 16 fp32 checkpoints of --params (K = 4 and 8 are hard links to the first ones), 4 bf16, 4 ``.pt`` and
+4 fp32 of a 4x model under --workdir (7.1 GB at 50M); with --big-params, 4 bf16 checkpoints of that size
+too (9.6 GB at 1.2B).
 """
 
 from __future__ import annotations

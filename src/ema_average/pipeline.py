@@ -82,9 +82,7 @@ class AverageOptions:
     steps: tuple[int, ...] | None = None  # each checkpoint's training step, oldest first
     globs: tuple[str, ...] = ()  # only checkpoints whose name matches one of these
     threads: int | None = None  # worker threads; default one per core (see streaming.default_threads)
-    chunk_numel: int | None = (
-        None  # elements per chunk; default sized to a core's cache (results never depend on it)
-    )
+    chunk_numel: int | None = None  # elements per chunk (streaming.chunk_numel); results never depend on it
 
     @property
     def all_settings(self) -> list[AverageSettings]:

@@ -322,7 +322,11 @@ class SafetensorsWriter:
         self._metadata = dict(metadata or {})
         self._header, self._offsets = build_header(self.entries, metadata)
         self._sizes = {e.name: e.nbytes for e in self.entries}
+        self._dtypes = {e.name: e.dtype for e in self.entries}
         self._pending = set(self._sizes)
+        self._unwritten = dict(self._sizes)  # bytes of each tensor not yet written in pieces
+        self._dirty = 0  # bytes written since writeback was last started
+        self._guard = threading.Lock()
         self.data_size = sum(self._sizes.values())  # tensor bytes alone: an index's total_size
         self.size = len(self._header) + self.data_size
         self.temp_path = path.parent / f".{path.name}.ema-average-{os.getpid()}.tmp"
@@ -379,7 +383,42 @@ class SafetensorsWriter:
                 memoryview(data.reshape(-1).view(torch.uint8).numpy()),
                 len(self._header) + self._offsets[name],
             )
-        self._pending.discard(name)
+        self._wrote(name, data.nbytes)
+
+    def write_range(self, name: str, start: int, tensor: torch.Tensor) -> None:
+        """Write elements ``start ..`` of tensor ``name`` (flattened) at their place in the file.
+
+        For a tensor streamed in pieces, from any number of threads at once (``pwrite`` uses no file
+        position). It counts as written once pieces covering all its bytes have come; they must not overlap.
+        """
+        if name not in self._pending:
+            raise OutputError(f"{self.path}: tensor {name!r} is not expected or was already written")
+        data = tensor.detach().to("cpu").contiguous()
+        first = start * data.element_size()
+        if data.dtype != self._dtypes[name] or start < 0 or first + data.nbytes > self._sizes[name]:
+            raise OutputError(
+                f"{self.path}: tensor {name!r}: {data.numel()} {data.dtype} elements from {start} do not fit "
+                f"its {self._sizes[name]} bytes of {self._dtypes[name]}"
+            )
+        if data.nbytes:
+            self._pwrite(
+                memoryview(data.reshape(-1).view(torch.uint8).numpy()),
+                len(self._header) + self._offsets[name] + first,
+            )
+        self._wrote(name, data.nbytes)
+
+    def _wrote(self, name: str, nbytes: int) -> None:
+        """Count ``nbytes`` of ``name`` as written; every few MiB, start writing them to disk."""
+        with self._guard:
+            self._unwritten[name] -= nbytes
+            if self._unwritten[name] <= 0:
+                self._pending.discard(name)
+            self._dirty += nbytes
+            kick = self._dirty >= _WRITEBACK_BYTES
+            if kick:
+                self._dirty = 0
+        if kick:
+            _start_writeback(self._fd)
 
     def _pwrite(self, view: memoryview, offset: int) -> None:
         assert self._fd is not None
@@ -443,6 +482,34 @@ class SafetensorsWriter:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+
+# Written bytes after which the disk is asked to start on them: measured on the offline benchmark (4 x 200 MB
+# fp32), execute 0.265 s without, 0.200 s with 8 MiB, 0.229 s with 32 MiB (medians of 8, interleaved).
+_WRITEBACK_BYTES = 8 << 20
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(fd: int | None) -> None:
+    """Start writing the file's dirty pages to disk now, without waiting for them (Linux
+    ``sync_file_range``): the disk then works while the rest is computed, and the commit's fsync finds
+    little left to do. Elsewhere a no-op."""
+    call = _libc_sync_file_range()
+    if call is not None and fd is not None:
+        call(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # a failure here is found by the commit's fsync
+
+
+@functools.cache
+def _libc_sync_file_range() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    call.restype = ctypes.c_int
+    return call
 
 
 def _appeared(path: Path) -> OutputError:
@@ -630,6 +697,13 @@ class ShardedWriter:
         if writer is None:
             raise OutputError(f"{self.path}: tensor {name!r} is not expected")
         writer.write(name, tensor)
+
+    def write_range(self, name: str, start: int, tensor: torch.Tensor) -> None:
+        """Elements ``start ..`` of tensor ``name``, into its shard (see ``SafetensorsWriter.write_range``)."""
+        writer = self._route.get(name)
+        if writer is None:
+            raise OutputError(f"{self.path}: tensor {name!r} is not expected")
+        writer.write_range(name, start, tensor)
 
     def add_file(self, name: str, data: bytes) -> None:
         """A small side file (a config, say) to appear in the output folder with the weights."""

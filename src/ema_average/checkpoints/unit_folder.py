@@ -88,6 +88,9 @@ class FolderUnit(Checkpoint):
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         return self.inner.read_into(name, out)
 
+    def read_range_into(self, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
+        return self.inner.read_range_into(name, start, out)
+
     def aliases(self) -> dict[str, str]:
         return self.inner.aliases()
 
