@@ -1,6 +1,6 @@
-"""What refusing NaN/Inf costs: one ``aminmax`` over each group's flat shadow buffer, once per run.
+"""What refusing NaN/Inf costs: one ``aminmax`` over each finished chunk of every average.
 
-NaN and Inf never wash out of an average, so the pipeline checks each finished group once (and only when
+NaN and Inf never wash out of an average, so the pipeline checks each finished chunk once (and only when
 that fails reads the group again to name the file and tensor). Two measurements, interleaved, medians:
 
 1. In process: one ``update_with_decay`` against one ``all_finite()`` over the same fp32 shadows, for fp32
