@@ -25,7 +25,7 @@ from rich.table import Table
 from safetensors.torch import save_file
 
 from ema_average import ExponentialMovingAverage
-from ema_average.pipeline import AverageOptions, execute, prepare
+from ema_average.pipeline import RunOptions, execute, prepare
 
 TENSOR = 2048 * 2048
 
@@ -62,7 +62,7 @@ def write_run(folder: Path, params: int, k: int) -> None:
 
 def time_run(folder: Path, out: Path, allow_nonfinite: bool) -> float:
     """Seconds of the offline job itself (the summary's figure): process start-up would only add noise."""
-    options = AverageOptions(folder, out, overwrite=True, allow_nonfinite=allow_nonfinite)
+    options = RunOptions(folder, out, overwrite=True, allow_nonfinite=allow_nonfinite)
     return execute(prepare(options)).seconds
 
 

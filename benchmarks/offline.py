@@ -128,11 +128,11 @@ def child_average(args: argparse.Namespace) -> dict[str, float]:
     from ema_average.cli import _steady_malloc
 
     _steady_malloc()  # as the command runs
-    from ema_average.pipeline import AverageOptions, execute, prepare
+    from ema_average.pipeline import RunOptions, execute, prepare
     from ema_average.plan import AverageSettings
 
     settings = [AverageSettings(decay=float(d)) for d in args.decays.split(",")]
-    options = AverageOptions(
+    options = RunOptions(
         Path(args.folder),
         Path(args.out),
         settings=settings,
@@ -369,12 +369,12 @@ def profile(args: argparse.Namespace) -> None:
     from ema_average.cli import _steady_malloc
 
     _steady_malloc()
-    from ema_average.pipeline import AverageOptions, execute, prepare
+    from ema_average.pipeline import RunOptions, execute, prepare
     from ema_average.plan import AverageSettings
 
     (case,) = [c for c in cases(args) if c.name == args.profile]
     out = args.workdir / "out-profile.safetensors"
-    options = AverageOptions(
+    options = RunOptions(
         case.folder,
         out,
         settings=AverageSettings(decay=0.999),

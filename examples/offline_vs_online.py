@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from tiny_regression import make_model, train_step
 
 from ema_average import ExponentialMovingAverage
-from ema_average.pipeline import AverageOptions, average_checkpoints
+from ema_average.pipeline import RunOptions, average_checkpoints
 from ema_average.plan import AverageSettings
 
 
@@ -57,7 +57,7 @@ def main(
             results[every] = {}
             for label, settings in methods.items():
                 out = Path(tmp) / f"every-{every}-{label.replace(' ', '-')}.safetensors"
-                average_checkpoints(AverageOptions(run, out, settings=settings, dtype="float32"))
+                average_checkpoints(RunOptions(run, out, settings=settings, dtype="float32"))
                 results[every][label] = distance(load_file(str(out)), online)
     return results
 

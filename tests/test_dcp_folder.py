@@ -36,7 +36,7 @@ def test_model_and_optimizer_with_step_tensor(tmp_path: Path) -> None:
         }
         save_dcp(tmp_path / f"save_{step}", state)
     run = find_run(tmp_path)
-    assert [(c.step, c.step_source, c.layout) for c in run.checkpoints] == [
+    assert [(c.step, c.step_origin, c.layout) for c in run.checkpoints] == [
         (100, "metadata:step", "dcp"),
         (200, "metadata:step", "dcp"),
     ]
@@ -50,7 +50,7 @@ def test_bare_state_with_step_in_folder_name(tmp_path: Path) -> None:
     for step in (3, 1):
         save_dcp(tmp_path / f"step_{step}", dict(make_state(step)))
     run = find_run(tmp_path)
-    assert [(c.step, c.step_source) for c in run.checkpoints] == [
+    assert [(c.step, c.step_origin) for c in run.checkpoints] == [
         (1, "filename:step=N"),
         (3, "filename:step=N"),
     ]

@@ -41,7 +41,7 @@ def zero_to_fp32(folder: Path, tag: str) -> dict[str, torch.Tensor]:
 def test_steps_and_default_model(deepspeed_runs: Path, world: int, variant: str) -> None:
     run = find_run(run_folder(deepspeed_runs, world, variant))
     assert [c.step for c in run.checkpoints] == [2, 4, 6]
-    assert {c.step_source for c in run.checkpoints} == {"metadata:global_steps"}
+    assert {c.step_origin for c in run.checkpoints} == {"metadata:global_steps"}
     assert [c.path.name for c in run.checkpoints] == ["global_step2", "global_step4", "global_step6"]
     stage = int(variant[0])
     expected = {0: "", 1: "module", 2: "module", 3: "fp32"}[stage]
@@ -131,7 +131,7 @@ def test_hf_trainer_zero3_without_gathering(deepspeed_runs: Path, tmp_path: Path
         save_file({}, str(folder / "model.safetensors"), metadata={"format": "pt"})
         (folder / "trainer_state.json").write_text(f'{{"global_step": {step}}}')
     run = find_run(tmp_path / "out")
-    assert [(c.step, c.step_source) for c in run.checkpoints] == [
+    assert [(c.step, c.step_origin) for c in run.checkpoints] == [
         (s, "metadata:global_steps") for s in (2, 4, 6)
     ]
     assert {c.model for c in run.checkpoints} == {

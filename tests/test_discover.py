@@ -22,17 +22,17 @@ def test_ordered_by_step_not_by_name(tmp_path: Path) -> None:
 def test_metadata_step_wins_over_name_unless_asked(tmp_path: Path) -> None:
     save_file(dict(make_state(1)), str(tmp_path / "step_5.safetensors"), metadata={"step": "50"})
     save_file(dict(make_state(2)), str(tmp_path / "step_6.safetensors"), metadata={"step": "60"})
-    assert [(c.step, c.step_source) for c in discover(tmp_path)] == [
+    assert [(c.step, c.step_origin) for c in discover(tmp_path)] == [
         (50, "metadata:step"),
         (60, "metadata:step"),
     ]
     by_name = discover(tmp_path, steps_from="filename")
-    assert [(c.step, c.step_source) for c in by_name] == [(5, "filename:step=N"), (6, "filename:step=N")]
+    assert [(c.step, c.step_origin) for c in by_name] == [(5, "filename:step=N"), (6, "filename:step=N")]
 
 
 def test_name_is_the_fallback(tmp_path: Path) -> None:
     write_safetensors_run(tmp_path, [7, 3], metadata_key=None)
-    assert [(c.step, c.step_source) for c in discover(tmp_path)] == [
+    assert [(c.step, c.step_origin) for c in discover(tmp_path)] == [
         (3, "filename:step=N"),
         (7, "filename:step=N"),
     ]

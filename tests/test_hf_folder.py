@@ -19,7 +19,7 @@ def test_real_trainer_output(hf_trainer_run: Path) -> None:
     run = find_run(hf_trainer_run)
     assert [c.path.name for c in run.checkpoints] == ["checkpoint-3", "checkpoint-6"]
     assert [c.step for c in run.checkpoints] == [3, 6]
-    assert {c.step_source for c in run.checkpoints} == {"trainer_state.json:global_step"}
+    assert {c.step_origin for c in run.checkpoints} == {"trainer_state.json:global_step"}
     for ckpt in run.checkpoints:
         expected = load_file(str(ckpt.path / "model.safetensors"))
         assert set(ckpt.tensor_names()) == set(expected)
@@ -33,7 +33,7 @@ def test_step_from_folder_name_without_trainer_state(hf_trainer_run: Path, tmp_p
             hf_trainer_run / src, tmp_path / src, ignore=shutil.ignore_patterns("trainer_state.json")
         )
     run = find_run(tmp_path)
-    assert [(c.step, c.step_source) for c in run.checkpoints] == [
+    assert [(c.step, c.step_origin) for c in run.checkpoints] == [
         (3, "filename:checkpoint-N"),
         (6, "filename:checkpoint-N"),
     ]

@@ -18,8 +18,8 @@ from ema_average.errors import (
     NonFiniteError,
     OutputError,
 )
-from ema_average.pipeline import AverageOptions, average_checkpoints, prepare
-from ema_average.plan import AverageSettings, CheckpointSelection, Selection
+from ema_average.pipeline import RunOptions, average_checkpoints, prepare
+from ema_average.plan import AverageSettings, CheckpointSelection, TensorSelection
 
 STEPS = [100, 250, 400, 1000, 1600]
 
@@ -41,7 +41,7 @@ def assert_matches_reference(
 def test_safetensors_run_matches_float64(tmp_path: Path, decay: float, dtype: torch.dtype) -> None:
     states = write_safetensors_run(tmp_path / "run", STEPS, dtype)
     average_checkpoints(
-        AverageOptions(tmp_path / "run", tmp_path / "ema.safetensors", settings=AverageSettings(decay=decay))
+        RunOptions(tmp_path / "run", tmp_path / "ema.safetensors", settings=AverageSettings(decay=decay))
     )
     out = load_file(str(tmp_path / "ema.safetensors"))
     ref = float64_reference([states[s] for s in STEPS], STEPS, decay)
@@ -52,7 +52,7 @@ def test_safetensors_run_matches_float64(tmp_path: Path, decay: float, dtype: to
 def test_output_dtype_float32_from_bf16(tmp_path: Path) -> None:
     states = write_safetensors_run(tmp_path / "run", STEPS, torch.bfloat16)
     average_checkpoints(
-        AverageOptions(
+        RunOptions(
             tmp_path / "run",
             tmp_path / "ema.safetensors",
             settings=AverageSettings(decay=0.9),
@@ -66,7 +66,7 @@ def test_output_dtype_float32_from_bf16(tmp_path: Path) -> None:
 def test_torch_files_match_float64(tmp_path: Path) -> None:
     states = write_torch_run(tmp_path / "run", STEPS)
     average_checkpoints(
-        AverageOptions(tmp_path / "run", tmp_path / "ema.safetensors", settings=AverageSettings(decay=0.95))
+        RunOptions(tmp_path / "run", tmp_path / "ema.safetensors", settings=AverageSettings(decay=0.95))
     )
     ref = float64_reference([states[s] for s in STEPS], STEPS, 0.95)
     assert_matches_reference(load_file(str(tmp_path / "ema.safetensors")), ref, torch.float32)
@@ -74,8 +74,8 @@ def test_torch_files_match_float64(tmp_path: Path) -> None:
 
 def test_chunks_and_threads_give_identical_bytes(tmp_path: Path) -> None:
     write_torch_run(tmp_path / "run", STEPS)
-    one = AverageOptions(tmp_path / "run", tmp_path / "one.safetensors", settings=AverageSettings(decay=0.9))
-    tiny = AverageOptions(
+    one = RunOptions(tmp_path / "run", tmp_path / "one.safetensors", settings=AverageSettings(decay=0.9))
+    tiny = RunOptions(
         tmp_path / "run",
         tmp_path / "chunked.safetensors",
         settings=AverageSettings(decay=0.9),
@@ -91,8 +91,8 @@ def test_chunks_and_threads_give_identical_bytes(tmp_path: Path) -> None:
 
 def test_sharded_output_is_a_folder_that_loads_through_its_index(tmp_path: Path) -> None:
     write_safetensors_run(tmp_path / "run", STEPS)
-    average_checkpoints(AverageOptions(tmp_path / "run", tmp_path / "single.safetensors"))
-    average_checkpoints(AverageOptions(tmp_path / "run", tmp_path / "out", max_shard_size=300))
+    average_checkpoints(RunOptions(tmp_path / "run", tmp_path / "single.safetensors"))
+    average_checkpoints(RunOptions(tmp_path / "run", tmp_path / "out", max_shard_size=300))
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     single = load_file(str(tmp_path / "single.safetensors"))
     assert set(index["weight_map"]) == set(single)
@@ -111,9 +111,9 @@ def test_tied_weights_averaged_once_written_twice(tmp_path: Path) -> None:
         torch.save(
             {"model": {"embed.weight": embed, "lm_head.weight": embed}, "step": step}, run / f"c_{step}.pt"
         )
-    prepared = prepare(AverageOptions(run, tmp_path / "o.safetensors", settings=AverageSettings(decay=0.9)))
+    prepared = prepare(RunOptions(run, tmp_path / "o.safetensors", settings=AverageSettings(decay=0.9)))
     assert any("tied weights" in note for note in prepared.plan.notes)
-    average_checkpoints(AverageOptions(run, tmp_path / "o.safetensors", settings=AverageSettings(decay=0.9)))
+    average_checkpoints(RunOptions(run, tmp_path / "o.safetensors", settings=AverageSettings(decay=0.9)))
     out = load_file(str(tmp_path / "o.safetensors"))
     ref = float64_reference([embeds[s] for s in STEPS], STEPS, 0.9)["embed.weight"]
     torch.testing.assert_close(out["embed.weight"].double(), ref, rtol=2e-6, atol=2e-7)
@@ -122,11 +122,11 @@ def test_tied_weights_averaged_once_written_twice(tmp_path: Path) -> None:
 
 def test_lightning_run_with_strip_prefix(lightning_run: Path, tmp_path: Path) -> None:
     average_checkpoints(
-        AverageOptions(
+        RunOptions(
             lightning_run,
             tmp_path / "o.safetensors",
             settings=AverageSettings(decay=0.8),
-            selection=Selection(strip_prefix="net."),
+            selection=TensorSelection(strip_prefix="net."),
         )
     )
     saved = [
@@ -144,7 +144,7 @@ def test_lightning_run_with_strip_prefix(lightning_run: Path, tmp_path: Path) ->
 
 def test_hf_trainer_run(hf_trainer_run: Path, tmp_path: Path) -> None:
     average_checkpoints(
-        AverageOptions(hf_trainer_run, tmp_path / "o.safetensors", settings=AverageSettings(decay=0.7))
+        RunOptions(hf_trainer_run, tmp_path / "o.safetensors", settings=AverageSettings(decay=0.7))
     )
     states = [load_file(str(hf_trainer_run / f"checkpoint-{s}" / "model.safetensors")) for s in (3, 6)]
     ref = float64_reference(states, [3, 6], 0.7)
@@ -154,7 +154,7 @@ def test_hf_trainer_run(hf_trainer_run: Path, tmp_path: Path) -> None:
 def test_fairseq_run(tmp_path: Path) -> None:
     states = write_fairseq_run(tmp_path / "run", [100, 200, 300])
     average_checkpoints(
-        AverageOptions(tmp_path / "run", tmp_path / "o.safetensors", settings=AverageSettings(decay=0.9))
+        RunOptions(tmp_path / "run", tmp_path / "o.safetensors", settings=AverageSettings(decay=0.9))
     )
     ref = float64_reference([states[s] for s in (100, 200, 300)], [100, 200, 300], 0.9)
     assert_matches_reference(load_file(str(tmp_path / "o.safetensors")), ref, torch.float32)
@@ -163,7 +163,7 @@ def test_fairseq_run(tmp_path: Path) -> None:
 def test_output_metadata_records_how_it_was_made(tmp_path: Path) -> None:
     write_safetensors_run(tmp_path / "run", [1, 2])
     average_checkpoints(
-        AverageOptions(tmp_path / "run", tmp_path / "o.safetensors", settings=AverageSettings(decay=0.5))
+        RunOptions(tmp_path / "run", tmp_path / "o.safetensors", settings=AverageSettings(decay=0.5))
     )
     with safe_open(str(tmp_path / "o.safetensors"), "pt") as f:
         meta = f.metadata()
@@ -175,7 +175,7 @@ def test_output_metadata_records_how_it_was_made(tmp_path: Path) -> None:
 
 def test_default_output_is_beside_the_run_and_never_an_input(tmp_path: Path) -> None:
     write_safetensors_run(tmp_path / "run", [1, 2])
-    summary = average_checkpoints(AverageOptions(tmp_path / "run"))
+    summary = average_checkpoints(RunOptions(tmp_path / "run"))
     assert summary.outputs == [tmp_path / "run-ema.safetensors"]
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
         "model_step_1.safetensors",
@@ -199,7 +199,7 @@ def per_step_reference(
 def test_uniform_is_the_arithmetic_mean(tmp_path: Path) -> None:
     states = write_safetensors_run(tmp_path / "run", STEPS)
     average_checkpoints(
-        AverageOptions(tmp_path / "run", tmp_path / "o.safetensors", settings=AverageSettings("uniform"))
+        RunOptions(tmp_path / "run", tmp_path / "o.safetensors", settings=AverageSettings("uniform"))
     )
     out = load_file(str(tmp_path / "o.safetensors"))
     for name in ("encoder.weight", "head.weight"):
@@ -210,7 +210,7 @@ def test_uniform_is_the_arithmetic_mean(tmp_path: Path) -> None:
 def test_step_schedule_equals_an_online_ema_over_every_step(tmp_path: Path) -> None:
     states = write_safetensors_run(tmp_path / "run", STEPS)
     settings = AverageSettings(decay=0.999, schedule="step")
-    average_checkpoints(AverageOptions(tmp_path / "run", tmp_path / "o.safetensors", settings=settings))
+    average_checkpoints(RunOptions(tmp_path / "run", tmp_path / "o.safetensors", settings=settings))
     ref = per_step_reference([states[s] for s in STEPS], STEPS, lambda k: min(0.999, (1 + k) / (10 + k)))
     assert_matches_reference(load_file(str(tmp_path / "o.safetensors")), ref, torch.float32)
 
@@ -218,14 +218,14 @@ def test_step_schedule_equals_an_online_ema_over_every_step(tmp_path: Path) -> N
 def test_power_step_schedule_matches_float64(tmp_path: Path) -> None:
     states = write_safetensors_run(tmp_path / "run", STEPS)
     settings = AverageSettings(method="power", gamma=6.94, schedule="step")
-    average_checkpoints(AverageOptions(tmp_path / "run", tmp_path / "o.safetensors", settings=settings))
+    average_checkpoints(RunOptions(tmp_path / "run", tmp_path / "o.safetensors", settings=settings))
     ref = per_step_reference([states[s] for s in STEPS], STEPS, lambda k: (1 - 1 / k) ** 7.94)
     assert_matches_reference(load_file(str(tmp_path / "o.safetensors")), ref, torch.float32)
 
 
 def test_selection_last_two(tmp_path: Path) -> None:
     states = write_safetensors_run(tmp_path / "run", STEPS)
-    options = AverageOptions(
+    options = RunOptions(
         tmp_path / "run",
         tmp_path / "o.safetensors",
         settings=AverageSettings(decay=0.9),
@@ -249,11 +249,9 @@ def test_resume_equals_one_run_bit_for_bit(tmp_path: Path, settings: AverageSett
     for step in STEPS[:3]:
         name = f"model_step_{step}.safetensors"
         (tmp_path / "early" / name).write_bytes((tmp_path / "all" / name).read_bytes())
-    average_checkpoints(AverageOptions(tmp_path / "all", tmp_path / "one.safetensors", settings=settings))
-    average_checkpoints(AverageOptions(tmp_path / "early", tmp_path / "live.safetensors", settings=settings))
-    resumed = prepare(
-        AverageOptions(tmp_path / "all", settings=settings, resume=tmp_path / "live.safetensors")
-    )
+    average_checkpoints(RunOptions(tmp_path / "all", tmp_path / "one.safetensors", settings=settings))
+    average_checkpoints(RunOptions(tmp_path / "early", tmp_path / "live.safetensors", settings=settings))
+    resumed = prepare(RunOptions(tmp_path / "all", settings=settings, resume=tmp_path / "live.safetensors"))
     assert [c.step for c in resumed.checkpoints] == STEPS[3:]  # only the newer ones
     assert resumed.output == tmp_path / "live.safetensors"  # refreshed in place
     average_checkpoints(resumed.options)
@@ -268,16 +266,14 @@ def test_resume_a_float32_output_of_bf16_checkpoints(tmp_path: Path) -> None:
     write_safetensors_run(tmp_path / "run", STEPS[:3], torch.bfloat16)
     settings = AverageSettings(decay=0.99, schedule="step")
     average_checkpoints(
-        AverageOptions(tmp_path / "run", tmp_path / "live.safetensors", settings=settings, dtype="float32")
+        RunOptions(tmp_path / "run", tmp_path / "live.safetensors", settings=settings, dtype="float32")
     )
     write_safetensors_run(tmp_path / "run", STEPS[3:], torch.bfloat16)
     average_checkpoints(
-        AverageOptions(
-            tmp_path / "run", settings=settings, dtype="float32", resume=tmp_path / "live.safetensors"
-        )
+        RunOptions(tmp_path / "run", settings=settings, dtype="float32", resume=tmp_path / "live.safetensors")
     )
     average_checkpoints(
-        AverageOptions(tmp_path / "run", tmp_path / "one.safetensors", settings=settings, dtype="float32")
+        RunOptions(tmp_path / "run", tmp_path / "one.safetensors", settings=settings, dtype="float32")
     )
     one, live = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "live.safetensors"))
     assert all(torch.equal(one[n], live[n]) for n in one)
@@ -286,24 +282,24 @@ def test_resume_a_float32_output_of_bf16_checkpoints(tmp_path: Path) -> None:
 
 def test_resume_up_to_date(tmp_path: Path) -> None:
     write_safetensors_run(tmp_path / "run", STEPS)
-    average_checkpoints(AverageOptions(tmp_path / "run", tmp_path / "o.safetensors"))
-    assert prepare(AverageOptions(tmp_path / "run", resume=tmp_path / "o.safetensors")).up_to_date
+    average_checkpoints(RunOptions(tmp_path / "run", tmp_path / "o.safetensors"))
+    assert prepare(RunOptions(tmp_path / "run", resume=tmp_path / "o.safetensors")).up_to_date
 
 
 def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
     write_safetensors_run(tmp_path / "run", STEPS)
     average_checkpoints(
-        AverageOptions(tmp_path / "run", tmp_path / "o.safetensors", settings=AverageSettings(decay=0.9))
+        RunOptions(tmp_path / "run", tmp_path / "o.safetensors", settings=AverageSettings(decay=0.9))
     )
     with pytest.raises(CheckpointMismatchError, match=r"o\.safetensors: was made with decay 0\.9, not 0\.99"):
         prepare(
-            AverageOptions(
+            RunOptions(
                 tmp_path / "run", settings=AverageSettings(decay=0.99), resume=tmp_path / "o.safetensors"
             )
         )
     with pytest.raises(CheckpointMismatchError, match="was made with schedule checkpoint, not step"):
         prepare(
-            AverageOptions(
+            RunOptions(
                 tmp_path / "run",
                 settings=AverageSettings(decay=0.9, schedule="step"),
                 resume=tmp_path / "o.safetensors",
@@ -314,33 +310,33 @@ def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
 def test_resume_from_a_foreign_file_is_refused(tmp_path: Path) -> None:
     write_safetensors_run(tmp_path / "run", STEPS)
     with pytest.raises(CheckpointMismatchError, match="was not written by ema-average"):
-        prepare(AverageOptions(tmp_path / "run", resume=tmp_path / "run" / "model_step_100.safetensors"))
+        prepare(RunOptions(tmp_path / "run", resume=tmp_path / "run" / "model_step_100.safetensors"))
 
 
 def test_resume_from_bf16_output_says_it_is_rounded(tmp_path: Path) -> None:
     write_safetensors_run(tmp_path / "run", STEPS[:3], torch.bfloat16)
-    average_checkpoints(AverageOptions(tmp_path / "run", tmp_path / "o.safetensors"))
+    average_checkpoints(RunOptions(tmp_path / "run", tmp_path / "o.safetensors"))
     write_safetensors_run(tmp_path / "run", STEPS[3:], torch.bfloat16)
-    prepared = prepare(AverageOptions(tmp_path / "run", resume=tmp_path / "o.safetensors"))
+    prepared = prepare(RunOptions(tmp_path / "run", resume=tmp_path / "o.safetensors"))
     assert any("holds bfloat16 averages" in note for note in prepared.plan.notes)
 
 
 def test_sharded_output_needs_a_folder_name(tmp_path: Path) -> None:
     write_safetensors_run(tmp_path / "run", STEPS)
     with pytest.raises(ConfigurationError, match="--max-shard-size writes a folder"):
-        prepare(AverageOptions(tmp_path / "run", tmp_path / "o.safetensors", max_shard_size=300))
+        prepare(RunOptions(tmp_path / "run", tmp_path / "o.safetensors", max_shard_size=300))
 
 
 def test_default_sharded_output_is_a_folder_beside_the_run(tmp_path: Path) -> None:
     write_safetensors_run(tmp_path / "run", STEPS)
-    assert prepare(AverageOptions(tmp_path / "run", max_shard_size=300)).output == tmp_path / "run-ema"
+    assert prepare(RunOptions(tmp_path / "run", max_shard_size=300)).output == tmp_path / "run-ema"
 
 
 @pytest.mark.parametrize("target", ["model_step_250.safetensors", "."])
 def test_output_that_is_an_input_is_refused_even_with_overwrite(tmp_path: Path, target: str) -> None:
     write_safetensors_run(tmp_path / "run", STEPS)
     before = (tmp_path / "run" / "model_step_250.safetensors").read_bytes()
-    options = AverageOptions(tmp_path / "run", tmp_path / "run" / target, overwrite=True)
+    options = RunOptions(tmp_path / "run", tmp_path / "run" / target, overwrite=True)
     if target == ".":
         options.max_shard_size = 300
     with pytest.raises(OutputError, match="write the average somewhere else"):
@@ -352,7 +348,7 @@ def test_output_over_a_skipped_copy_is_refused(tmp_path: Path) -> None:
     # checkpoint_last.pt is skipped as a copy, but it is still the user's file.
     write_fairseq_run(tmp_path / "run", [10, 20])
     with pytest.raises(OutputError, match=r"checkpoint_last\.pt"):
-        prepare(AverageOptions(tmp_path / "run", tmp_path / "run" / "checkpoint_last.pt", overwrite=True))
+        prepare(RunOptions(tmp_path / "run", tmp_path / "run" / "checkpoint_last.pt", overwrite=True))
 
 
 def test_a_name_safetensors_cannot_store_is_refused_before_work(tmp_path: Path) -> None:
@@ -362,7 +358,7 @@ def test_a_name_safetensors_cannot_store_is_refused_before_work(tmp_path: Path) 
         state = {"__metadata__": torch.ones(2), "w": torch.ones(2)}
         torch.save({"model": state, "step": step}, run / f"c_{step}.pt")
     with pytest.raises(CheckpointError, match=r"c_1\.pt: tensor '__metadata__' cannot be written"):
-        prepare(AverageOptions(run, tmp_path / "o.safetensors"))
+        prepare(RunOptions(run, tmp_path / "o.safetensors"))
 
 
 def nan_run(folder: Path, at: int = 1, value: float = float("inf")) -> None:
@@ -376,7 +372,7 @@ def nan_run(folder: Path, at: int = 1, value: float = float("inf")) -> None:
 def test_nan_in_the_first_checkpoint_is_found_whatever_the_method(tmp_path: Path, method: str) -> None:
     # The check runs once, on the finished average: it relies on NaN never washing out of one.
     nan_run(tmp_path / "run", at=0, value=float("nan"))
-    options = AverageOptions(tmp_path / "run", tmp_path / "o.safetensors", settings=AverageSettings(method))
+    options = RunOptions(tmp_path / "run", tmp_path / "o.safetensors", settings=AverageSettings(method))
     with pytest.raises(
         NonFiniteError, match=r"model_step_100\.safetensors: tensor 'head\.weight'.*\(step 100\)"
     ):
@@ -389,13 +385,13 @@ def test_nonfinite_values_are_refused_naming_file_tensor_and_step(tmp_path: Path
         NonFiniteError,
         match=r"model_step_250\.safetensors: tensor 'head\.weight' holds NaN or Inf \(step 250\)",
     ):
-        average_checkpoints(AverageOptions(tmp_path / "run", tmp_path / "o.safetensors"))
+        average_checkpoints(RunOptions(tmp_path / "run", tmp_path / "o.safetensors"))
     assert not (tmp_path / "o.safetensors").exists()
 
 
 def test_allow_nonfinite_keeps_them(tmp_path: Path) -> None:
     nan_run(tmp_path / "run")
-    average_checkpoints(AverageOptions(tmp_path / "run", tmp_path / "o.safetensors", allow_nonfinite=True))
+    average_checkpoints(RunOptions(tmp_path / "run", tmp_path / "o.safetensors", allow_nonfinite=True))
     out = load_file(str(tmp_path / "o.safetensors"))["head.weight"]
     assert not torch.isfinite(out[0, 0])  # Inf, then NaN once a later update meets it (Inf - Inf)
     assert torch.isfinite(out.flatten()[1:]).all()
@@ -421,19 +417,19 @@ def edit_metadata(path: Path, **changes: str) -> None:
 )
 def test_resume_refuses_edited_metadata(tmp_path: Path, changes: dict[str, str], problem: str) -> None:
     write_safetensors_run(tmp_path / "run", STEPS[:3])
-    average_checkpoints(AverageOptions(tmp_path / "run", tmp_path / "o.safetensors"))
+    average_checkpoints(RunOptions(tmp_path / "run", tmp_path / "o.safetensors"))
     edit_metadata(tmp_path / "o.safetensors", **changes)
     write_safetensors_run(tmp_path / "run", STEPS[3:])
     with pytest.raises(CheckpointMismatchError, match=r"o\.safetensors: cannot be resumed: ") as info:
-        prepare(AverageOptions(tmp_path / "run", resume=tmp_path / "o.safetensors"))
+        prepare(RunOptions(tmp_path / "run", resume=tmp_path / "o.safetensors"))
     assert problem in str(info.value)
 
 
 def test_resume_names_checkpoints_older_than_the_output(tmp_path: Path) -> None:
     write_safetensors_run(tmp_path / "run", [100, 400])
-    average_checkpoints(AverageOptions(tmp_path / "run", tmp_path / "o.safetensors"))
+    average_checkpoints(RunOptions(tmp_path / "run", tmp_path / "o.safetensors"))
     write_safetensors_run(tmp_path / "run", [250, 1000])  # 250 completed late
-    prepared = prepare(AverageOptions(tmp_path / "run", resume=tmp_path / "o.safetensors"))
+    prepared = prepare(RunOptions(tmp_path / "run", resume=tmp_path / "o.safetensors"))
     assert [c.step for c in prepared.checkpoints] == [1000]
     assert prepared.left_out == [
         "model_step_250.safetensors (step 250) is not applied: o.safetensors already holds steps up to 400"

@@ -12,8 +12,8 @@ from ema_average.errors import ConfigurationError
 from ema_average.plan import (
     AverageSettings,
     CheckpointSelection,
-    Previous,
-    Selection,
+    ResumedProgress,
+    TensorSelection,
     chunk_layout,
     effective_weights,
     first_dominates_note,
@@ -61,7 +61,7 @@ SPECS = {
 
 def test_output_tensors_kinds_and_dtypes() -> None:
     outs = output_tensors(
-        SPECS, {"model.head.weight": "model.embed.weight"}, Selection(strip_prefix="model."), "float32"
+        SPECS, {"model.head.weight": "model.embed.weight"}, TensorSelection(strip_prefix="model."), "float32"
     )
     by_name = {t.name: t for t in outs}
     assert list(by_name) == ["embed.weight", "head.weight", "norm.num_batches_tracked", "layer.weight"]
@@ -69,29 +69,31 @@ def test_output_tensors_kinds_and_dtypes() -> None:
     assert not by_name["norm.num_batches_tracked"].averaged
     assert by_name["norm.num_batches_tracked"].out_dtype == torch.int64
     assert by_name["embed.weight"].out_dtype == torch.float32
-    as_input = {t.name: t for t in output_tensors(SPECS, {}, Selection(), "as-input")}
+    as_input = {t.name: t for t in output_tensors(SPECS, {}, TensorSelection(), "as-input")}
     assert as_input["model.embed.weight"].out_dtype == torch.bfloat16
 
 
 def test_include_exclude() -> None:
-    outs = output_tensors(SPECS, {}, Selection(include=("model.*.weight",), exclude=("*head*",)), "as-input")
-    assert [t.source for t in outs] == ["model.embed.weight", "model.layer.weight"]
+    outs = output_tensors(
+        SPECS, {}, TensorSelection(include=("model.*.weight",), exclude=("*head*",)), "as-input"
+    )
+    assert [t.input_name for t in outs] == ["model.embed.weight", "model.layer.weight"]
     with pytest.raises(ConfigurationError, match="no tensors left"):
-        output_tensors(SPECS, {}, Selection(include=("nothing*",)), "as-input")
+        output_tensors(SPECS, {}, TensorSelection(include=("nothing*",)), "as-input")
 
 
 def test_strip_prefix_collision() -> None:
     specs = {"a.w": TensorSpec((1,), torch.float32), "w": TensorSpec((1,), torch.float32)}
     with pytest.raises(ConfigurationError, match="both 'w'"):
-        output_tensors(specs, {}, Selection(strip_prefix="a."), "as-input")
+        output_tensors(specs, {}, TensorSelection(strip_prefix="a."), "as-input")
 
 
 def layout_of(chunks) -> list[list[tuple[str, int, int, int]]]:  # type: ignore[no-untyped-def]
-    return [[(p.source, p.start, p.count, p.offset) for p in c.pieces] for c in chunks]
+    return [[(p.input_name, p.start, p.count, p.offset) for p in c.pieces] for c in chunks]
 
 
 def test_chunks_split_tensors_of_one_kind_and_carry_tied_twins() -> None:
-    outs = output_tensors(SPECS, {"model.head.weight": "model.embed.weight"}, Selection(), "as-input")
+    outs = output_tensors(SPECS, {"model.head.weight": "model.embed.weight"}, TensorSelection(), "as-input")
     chunks = chunk_layout(outs, {}, 300)
     # embed (800 bf16) is cut at 300; head rides on it; the int64 counter and the fp32 layer are kinds of
     # their own, in saved order of first appearance
@@ -110,20 +112,20 @@ def test_chunks_split_tensors_of_one_kind_and_carry_tied_twins() -> None:
 
 def test_chunks_pack_small_tensors_end_to_end() -> None:
     specs = {f"w{i}": TensorSpec((5,), torch.float32) for i in range(4)}
-    chunks = chunk_layout(output_tensors(specs, {}, Selection(), "as-input"), {}, 8)
+    chunks = chunk_layout(output_tensors(specs, {}, TensorSelection(), "as-input"), {}, 8)
     assert layout_of(chunks) == [
         [("w0", 0, 5, 0), ("w1", 0, 3, 5)],
         [("w1", 3, 2, 0), ("w2", 0, 5, 2), ("w3", 0, 1, 7)],
         [("w3", 1, 4, 0)],
     ]
-    whole = chunk_layout(output_tensors(specs, {}, Selection(), "as-input"), {}, 8, split=False)
+    whole = chunk_layout(output_tensors(specs, {}, TensorSelection(), "as-input"), {}, 8, split=False)
     assert layout_of(whole) == [[("w0", 0, 5, 0)], [("w1", 0, 5, 0)], [("w2", 0, 5, 0)], [("w3", 0, 5, 0)]]
 
 
 def test_chunks_follow_the_first_sources_dtype() -> None:
     """A resumed float32 average of bf16 checkpoints: its chunks read float32 first, then bf16."""
     specs = {"w": TensorSpec((10,), torch.bfloat16)}
-    outs = output_tensors(specs, {}, Selection(), "float32")
+    outs = output_tensors(specs, {}, TensorSelection(), "float32")
     (chunk,) = chunk_layout(outs, {"w": TensorSpec((10,), torch.float32)}, 64)
     assert (chunk.first_dtype, chunk.dtype, chunk.out_dtype) == (torch.float32, torch.bfloat16, torch.float32)
     assert chunk.bytes_read(sources=3) == 10 * 4 + 2 * 10 * 2
@@ -178,9 +180,9 @@ def test_step_schedule_decays_are_gap_products() -> None:
 def test_decays_continue_a_previous_average() -> None:
     settings = AverageSettings(method="uniform")
     # 3 checkpoints already averaged: the 4th gets weight 1/4, the 5th 1/5
-    assert update_decays([50, 60], settings, Previous(count=3, last_step=40)) == [3 / 4, 4 / 5]
+    assert update_decays([50, 60], settings, ResumedProgress(count=3, last_step=40)) == [3 / 4, 4 / 5]
     step = AverageSettings(decay=0.99, schedule="step")
-    assert update_decays([60], step, Previous(count=3, last_step=40)) == [step.rule().between(40, 60)]
+    assert update_decays([60], step, ResumedProgress(count=3, last_step=40)) == [step.rule().between(40, 60)]
 
 
 def test_half_life_sets_the_decay() -> None:

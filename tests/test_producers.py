@@ -27,7 +27,7 @@ from ema_average.errors import CheckpointError, ConfigurationError
 
 def test_peft_lora_adapters_and_the_final_adapter(peft_lora_run: Path) -> None:
     run = find_run(peft_lora_run)
-    assert [(c.path.name, c.step, c.step_source) for c in run.checkpoints] == [
+    assert [(c.path.name, c.step, c.step_origin) for c in run.checkpoints] == [
         ("checkpoint-3", 3, "trainer_state.json:global_step"),
         ("checkpoint-6", 6, "trainer_state.json:global_step"),
     ]
@@ -64,7 +64,7 @@ def test_hf_trainer_final_model_beside_the_checkpoints(hf_trainer_run: Path, tmp
 def test_diffusers_training_script_reads_unet_not_unet_ema(diffusers_training_run: Path) -> None:
     run = find_run(diffusers_training_run)
     assert [(c.path.name, c.step) for c in run.checkpoints] == [("checkpoint-2", 2), ("checkpoint-4", 4)]
-    assert {c.step_source for c in run.checkpoints} == {"unet_ema/config.json:optimization_step"}
+    assert {c.step_origin for c in run.checkpoints} == {"unet_ema/config.json:optimization_step"}
     assert {c.model for c in run.checkpoints} == {"unet"}
     assert run.notices == [
         f"skipped unet/ in {diffusers_training_run}: a final model saved beside the checkpoints",
@@ -79,7 +79,7 @@ def test_diffusers_training_script_reads_unet_not_unet_ema(diffusers_training_ru
 def test_diffusers_unet_ema_on_request(diffusers_training_run: Path) -> None:
     run = find_run(diffusers_training_run, submodel="unet_ema")
     assert {c.model for c in run.checkpoints} == {"unet_ema"}
-    assert [(c.step, c.step_source) for c in run.checkpoints] == [
+    assert [(c.step, c.step_origin) for c in run.checkpoints] == [
         (2, "config.json:optimization_step"),
         (4, "config.json:optimization_step"),
     ]
@@ -112,7 +112,7 @@ def test_diffusers_save_pretrained_per_step(tmp_path: Path) -> None:
         unet.save_pretrained(tmp_path / "run" / f"step_{step}")
         states.append({k: v.clone() for k, v in unet.state_dict().items()})
     run = find_run(tmp_path / "run")
-    assert [(c.step, c.step_source) for c in run.checkpoints] == [
+    assert [(c.step, c.step_origin) for c in run.checkpoints] == [
         (s, "filename:step=N") for s in (10, 20, 30)
     ]
     assert_matches_reference(run.checkpoints, states)
@@ -200,7 +200,7 @@ def write_torchtune_run(folder: Path, epochs: int = 2, lora: bool = True) -> lis
 def test_torchtune_epochs_beside_recipe_state(tmp_path: Path) -> None:
     states = write_torchtune_run(tmp_path / "out")
     run = find_run(tmp_path / "out")
-    assert [(c.path.name, c.step, c.step_source) for c in run.checkpoints] == [
+    assert [(c.path.name, c.step, c.step_origin) for c in run.checkpoints] == [
         ("epoch_0", 0, "filename:epoch_N"),
         ("epoch_1", 1, "filename:epoch_N"),
     ]
@@ -302,7 +302,7 @@ def test_composer_steps_from_timestamp(tmp_path: Path) -> None:
         torch.save(composer_checkpoint(states[-1], epoch, batch), tmp_path / f"ep{epoch}-ba{batch}-rank0.pt")
     os.symlink(tmp_path / "ep1-ba30-rank0.pt", tmp_path / "latest-rank0.pt")  # composer's latest_filename
     run = find_run(tmp_path)
-    assert [(c.path.name, c.step, c.step_source) for c in run.checkpoints] == [
+    assert [(c.path.name, c.step, c.step_origin) for c in run.checkpoints] == [
         (f"ep{e}-ba{b}-rank0.pt", b, "metadata:state.timestamp.batch") for e, b in ((0, 10), (0, 20), (1, 30))
     ]
     assert any("latest-rank0.pt: same step (30)" in n for n in run.notices)
@@ -366,7 +366,7 @@ def write_timm_run(folder: Path, epochs: int = 3) -> list[dict[str, torch.Tensor
 def test_timm_epochs_raw_weights_and_copies(tmp_path: Path) -> None:
     states = write_timm_run(tmp_path / "out")
     run = find_run(tmp_path / "out")
-    assert [(c.path.name, c.step, c.step_source) for c in run.checkpoints] == [
+    assert [(c.path.name, c.step, c.step_origin) for c in run.checkpoints] == [
         (f"checkpoint-{e}.pth.tar", e, "metadata:epoch") for e in range(3)
     ]
     assert all(c.step_is_counter for c in run.checkpoints)
@@ -481,4 +481,4 @@ def test_empty_placeholders_are_never_averaged(tmp_path: Path) -> None:
 
 def test_gpt2_config_hf_folder_still_has_no_optimization_step(hf_trainer_run: Path) -> None:
     assert tiny_gpt2() is not None  # the config.json of transformers models holds no optimization_step
-    assert {c.step_source for c in find_run(hf_trainer_run).checkpoints} == {"trainer_state.json:global_step"}
+    assert {c.step_origin for c in find_run(hf_trainer_run).checkpoints} == {"trainer_state.json:global_step"}

@@ -28,7 +28,7 @@ def test_reads_what_safetensors_wrote(tmp_path: Path, dtype: torch.dtype) -> Non
         out = torch.empty_like(tensor)
         assert torch.equal(ckpt.read_into(name, out), tensor)
     assert ckpt.metadata_step() is not None
-    assert (ckpt.metadata_step().step, ckpt.metadata_step().source) == (300, "metadata:global_step")
+    assert (ckpt.metadata_step().step, ckpt.metadata_step().origin) == (300, "metadata:global_step")
     ckpt.close()
 
 

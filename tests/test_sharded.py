@@ -496,7 +496,7 @@ def test_safetensors_export_equals_the_one_process_average(tmp_path: Path) -> No
         assert f.metadata()["last_step"] == str(STEPS)
     # The offline command can continue it: same settings, the gap-aware schedule, the last step.
     resumed = open_resumed(path, AverageSettings(method="exponential", decay=DECAY, schedule="step"))
-    assert resumed.previous.last_step == STEPS
+    assert resumed.progress.last_step == STEPS
     resumed.average.close()
     assert [p.name for p in tmp_path.iterdir() if p.suffix == ".safetensors"] == ["ema.safetensors"]
 

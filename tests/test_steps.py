@@ -28,7 +28,7 @@ from ema_average.errors import CheckpointError
 def test_patterns(name: str, step: int, label: str) -> None:
     info = step_from_name(Path(name))
     assert info is not None
-    assert (info.step, info.source) == (step, f"filename:{label}")
+    assert (info.step, info.origin) == (step, f"filename:{label}")
 
 
 @pytest.mark.parametrize(
@@ -96,7 +96,7 @@ def test_unicode_digits_in_names_are_not_steps() -> None:
 def test_producer_names(name: str, step: int, label: str, counter: bool) -> None:
     info = step_from_name(Path(name))
     assert info is not None
-    assert (info.step, info.source, info.counter) == (step, f"filename:{label}", counter)
+    assert (info.step, info.origin, info.counter) == (step, f"filename:{label}", counter)
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,8 @@ from ema_average import streaming
 from ema_average.checkpoints import Checkpoint, SafetensorsCheckpoint, TensorSpec
 from ema_average.errors import ConfigurationError, NonFiniteError
 from ema_average.moving_average import MovingAverage
-from ema_average.pipeline import AverageOptions, average_checkpoints, labelled, prepare
-from ema_average.plan import AverageSettings, OutputTensor, Selection, chunk_layout, output_tensors
+from ema_average.pipeline import RunOptions, average_checkpoints, labelled, prepare
+from ema_average.plan import AverageSettings, OutputTensor, TensorSelection, chunk_layout, output_tensors
 from ema_average.writer import SafetensorsWriter
 
 STEPS = [100, 250, 400, 1000]
@@ -51,7 +51,7 @@ def write_run(folder: Path, dtype: torch.dtype = torch.float32, steps: list[int]
 
 
 def average(run: Path, out: Path, settings=SETTINGS["checkpoint"], **kwargs) -> bytes:  # type: ignore[no-untyped-def]
-    average_checkpoints(AverageOptions(run, out, settings=settings, overwrite=True, **kwargs))
+    average_checkpoints(RunOptions(run, out, settings=settings, overwrite=True, **kwargs))
     return out.read_bytes()
 
 
@@ -88,7 +88,7 @@ def test_bit_identical_to_the_engine_over_whole_tensors(
         )
         save_file(states[-1], str(run / f"step_{step}.safetensors"), metadata={"step": str(step)})
     settings = SETTINGS[method]
-    options = AverageOptions(run, tmp_path / "o.safetensors", settings=settings, chunk_numel=4096, threads=2)
+    options = RunOptions(run, tmp_path / "o.safetensors", settings=settings, chunk_numel=4096, threads=2)
     decays = prepare(options).plan.decays
     average_checkpoints(options)
     out = load_file(str(tmp_path / "o.safetensors"))
@@ -107,7 +107,7 @@ def test_bit_identical_to_the_engine_over_whole_tensors(
 def test_every_method_matches_the_float64_oracle(tmp_path: Path, dtype: torch.dtype, method: str) -> None:
     """The average is the plan's weights applied to the checkpoints, summed in float64."""
     states = write_run(tmp_path / "run", dtype)
-    options = AverageOptions(tmp_path / "run", tmp_path / "o.safetensors", settings=SETTINGS[method])
+    options = RunOptions(tmp_path / "run", tmp_path / "o.safetensors", settings=SETTINGS[method])
     options.dtype = "float32" if dtype != torch.float64 else "as-input"
     options.chunk_numel, options.threads = 64, 3
     weights = prepare(options).plan.weights
@@ -150,7 +150,7 @@ def test_mixed_dtypes_and_resume_through_chunks(tmp_path: Path) -> None:
         (early / f"step_{step}.safetensors").write_bytes((run / f"step_{step}.safetensors").read_bytes())
     average(early, tmp_path / "live.safetensors", settings, dtype="float32")
     prepared = prepare(
-        AverageOptions(
+        RunOptions(
             run, settings=settings, dtype="float32", resume=tmp_path / "live.safetensors", chunk_numel=77
         )
     )
@@ -202,7 +202,7 @@ def test_mapped_torch_files_match_safetensors(tmp_path: Path) -> None:
 def test_each_of_several_averages_equals_its_own_run(tmp_path: Path, sweep: list[AverageSettings]) -> None:
     write_run(tmp_path / "run", torch.bfloat16)
     out = tmp_path / "ema.safetensors"
-    prepared = prepare(AverageOptions(tmp_path / "run", out, settings=sweep, chunk_numel=500, threads=2))
+    prepared = prepare(RunOptions(tmp_path / "run", out, settings=sweep, chunk_numel=500, threads=2))
     labels = [a.label for a in prepared.plan.averages]
     assert prepared.outputs == [labelled(out, label) for label in labels]
     summary = average_checkpoints(prepared.options)
@@ -218,11 +218,11 @@ def test_each_of_several_averages_equals_its_own_run(tmp_path: Path, sweep: list
 def test_several_averages_are_named_for_their_setting(tmp_path: Path) -> None:
     write_run(tmp_path / "run")
     sweep = [AverageSettings(decay=0.999), AverageSettings(decay=0.9999)]
-    assert prepare(AverageOptions(tmp_path / "run", settings=sweep)).outputs == [
+    assert prepare(RunOptions(tmp_path / "run", settings=sweep)).outputs == [
         tmp_path / "run-ema-decay0.999.safetensors",
         tmp_path / "run-ema-decay0.9999.safetensors",
     ]
-    folders = prepare(AverageOptions(tmp_path / "run", settings=sweep, max_shard_size=10**6)).outputs
+    folders = prepare(RunOptions(tmp_path / "run", settings=sweep, max_shard_size=10**6)).outputs
     assert [p.name for p in folders] == ["run-ema-decay0.999", "run-ema-decay0.9999"]
 
 
@@ -231,7 +231,7 @@ def test_several_averages_cannot_be_resumed(tmp_path: Path) -> None:
     average(tmp_path / "run", tmp_path / "o.safetensors")
     sweep = [AverageSettings(decay=0.9), AverageSettings(decay=0.99)]
     with pytest.raises(ConfigurationError, match="--resume and --watch continue one average"):
-        prepare(AverageOptions(tmp_path / "run", settings=sweep, resume=tmp_path / "o.safetensors"))
+        prepare(RunOptions(tmp_path / "run", settings=sweep, resume=tmp_path / "o.safetensors"))
 
 
 def test_a_failed_run_of_several_leaves_no_output(tmp_path: Path) -> None:
@@ -242,7 +242,7 @@ def test_a_failed_run_of_several_leaves_no_output(tmp_path: Path) -> None:
     )
     sweep = [AverageSettings(decay=0.9), AverageSettings(decay=0.99)]
     with pytest.raises(NonFiniteError):
-        average_checkpoints(AverageOptions(tmp_path / "run", tmp_path / "o.safetensors", settings=sweep))
+        average_checkpoints(RunOptions(tmp_path / "run", tmp_path / "o.safetensors", settings=sweep))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
@@ -327,7 +327,7 @@ class Collect:
 
 
 def stream(sources: list[Checkpoint], numel: int, threads: int, *, split: bool = True) -> Collect:
-    outputs = output_tensors(sources[0].specs(), {}, Selection(), "as-input")
+    outputs = output_tensors(sources[0].specs(), {}, TensorSelection(), "as-input")
     chunks = chunk_layout(outputs, {}, numel, split=split)
     sink = Collect(outputs)
     fold = streaming.Fold([None, *[0.5] * (len(sources) - 1)], sink)
@@ -401,7 +401,7 @@ def test_devices_present_match_the_oracle(tmp_path: Path, device: str) -> None:
     if device not in DEVICES:
         pytest.skip("no CUDA device here")
     states = write_run(tmp_path / "run", torch.bfloat16)
-    options = AverageOptions(tmp_path / "run", tmp_path / "o.safetensors", device=device, dtype="float32")
+    options = RunOptions(tmp_path / "run", tmp_path / "o.safetensors", device=device, dtype="float32")
     options.chunk_numel, options.threads = 1000, 2
     weights = prepare(options).plan.weights
     average_checkpoints(options)
@@ -438,7 +438,7 @@ def test_whole_tensor_sink_gathers_pieces_for_a_plain_writer(tmp_path: Path) -> 
         def write(self, name: str, tensor: torch.Tensor) -> None:
             got[name] = tensor.clone()
 
-    outputs = output_tensors({"w": TensorSpec((4, 25), torch.float32)}, {}, Selection(), "as-input")
+    outputs = output_tensors({"w": TensorSpec((4, 25), torch.float32)}, {}, TensorSelection(), "as-input")
     sink = streaming.range_sink(Plain(), outputs)
     values = torch.arange(100.0)
     threads = [

@@ -60,7 +60,7 @@ def test_no_state_dict_found(tmp_path: Path) -> None:
 def test_step_keys(tmp_path: Path, key: str) -> None:
     torch.save({"model": make_state(1), key: 1234}, tmp_path / "a.pt")
     info = TorchCheckpoint(tmp_path / "a.pt").metadata_step()
-    assert info is not None and (info.step, info.source) == (1234, f"metadata:{key}")
+    assert info is not None and (info.step, info.origin) == (1234, f"metadata:{key}")
 
 
 def test_step_as_a_tensor(tmp_path: Path) -> None:
@@ -103,7 +103,7 @@ def test_lightning_checkpoints(lightning_run: Path) -> None:
     run = find_run(lightning_run)
     assert [c.step for c in run.checkpoints] == [4, 8, 12]
     assert {c.layout for c in run.checkpoints} == {"lightning"}
-    assert {c.step_source for c in run.checkpoints} == {"metadata:global_step"}
+    assert {c.step_origin for c in run.checkpoints} == {"metadata:global_step"}
     for ckpt in run.checkpoints:
         saved = torch.load(ckpt.path, weights_only=True)
         assert saved["global_step"] == ckpt.step
@@ -119,7 +119,7 @@ def test_fairseq_run_counts_last_and_best_once(tmp_path: Path) -> None:
         "checkpoint_1_200.pt",
         "checkpoint_1_300.pt",
     ]
-    assert {c.step_source for c in run.checkpoints} == {"metadata:optimizer_history[-1].num_updates"}
+    assert {c.step_origin for c in run.checkpoints} == {"metadata:optimizer_history[-1].num_updates"}
     assert len(run.notices) == 2
     assert all("same step (300) and weights as" in n for n in run.notices)
     assert_same_tensors(run.checkpoints[-1], states[300])  # type: ignore[arg-type]

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save
 
 from conftest import make_state
 from ema_average.errors import ConfigurationError
-from ema_average.pipeline import AverageOptions, average_checkpoints
+from ema_average.pipeline import RunOptions, average_checkpoints
 from ema_average.plan import AverageSettings
 from ema_average.watch import watch
 
@@ -98,7 +98,7 @@ def test_watch_takes_each_checkpoint_when_complete(tmp_path: Path) -> None:
     refreshed: list[int] = []
     polls = iter(range(100))
     watch(
-        AverageOptions(run, out, settings=settings),
+        RunOptions(run, out, settings=settings),
         poll=0.5,
         on_refresh=lambda prepared, summary: refreshed.append(prepared.plan.steps[-1]),
         on_notice=notices.append,
@@ -112,7 +112,7 @@ def test_watch_takes_each_checkpoint_when_complete(tmp_path: Path) -> None:
     assert any("model_step_300.safetensors" in n and n.startswith("waiting for") for n in notices)
     assert refreshed == sorted(refreshed) and len(refreshed) >= 2
     # the live average equals one run over all checkpoints, bit for bit (float32 checkpoints)
-    average_checkpoints(AverageOptions(run, tmp_path / "one.safetensors", settings=settings))
+    average_checkpoints(RunOptions(run, tmp_path / "one.safetensors", settings=settings))
     one, live = load_file(str(tmp_path / "one.safetensors")), load_file(str(out))
     assert all(torch.equal(one[n], live[n]) for n in one)
     with safe_open(str(out), "pt") as f:
@@ -138,7 +138,7 @@ def test_watch_names_a_checkpoint_older_than_the_output_once(tmp_path: Path) -> 
     ]
     notices: list[str] = []
     watch(
-        AverageOptions(run, out),
+        RunOptions(run, out),
         poll=1.0,
         on_refresh=lambda prepared, summary: None,
         on_notice=notices.append,
@@ -154,15 +154,13 @@ def test_watch_names_a_checkpoint_older_than_the_output_once(tmp_path: Path) -> 
 @pytest.mark.parametrize("poll", [0.0, -1.0, float("nan"), float("inf")])
 def test_watch_refuses_a_poll_that_is_not_a_positive_number(tmp_path: Path, poll: float) -> None:
     with pytest.raises(ConfigurationError, match="--poll must be a positive number of seconds"):
-        watch(
-            AverageOptions(tmp_path, tmp_path / "o.safetensors"), poll=poll, on_refresh=print, on_notice=print
-        )
+        watch(RunOptions(tmp_path, tmp_path / "o.safetensors"), poll=poll, on_refresh=print, on_notice=print)
 
 
 def test_watch_keeps_one_average(tmp_path: Path) -> None:
     sweep = [AverageSettings(decay=0.9), AverageSettings(decay=0.99)]
     with pytest.raises(ConfigurationError, match="--watch keeps one average fresh"):
-        watch(AverageOptions(tmp_path, settings=sweep), poll=1.0, on_refresh=print, on_notice=print)
+        watch(RunOptions(tmp_path, settings=sweep), poll=1.0, on_refresh=print, on_notice=print)
 
 
 def test_watch_command_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:

@@ -34,13 +34,13 @@ _LAZY = {
     "PowerFunctionMovingAverage": "ema_average.moving_average",
     "UniformMovingAverage": "ema_average.moving_average",
     "ema_update_": "ema_average.moving_average",
-    "AverageOptions": "ema_average.pipeline",
+    "RunOptions": "ema_average.pipeline",
     "Summary": "ema_average.pipeline",
     "average_checkpoints": "ema_average.pipeline",
     "save_safetensors": "ema_average.sharded_export",
     "AverageSettings": "ema_average.plan",
     "CheckpointSelection": "ema_average.plan",
-    "Selection": "ema_average.plan",
+    "TensorSelection": "ema_average.plan",
 }
 
 if TYPE_CHECKING:
@@ -52,8 +52,8 @@ if TYPE_CHECKING:
         UniformMovingAverage,
         ema_update_,
     )
-    from ema_average.pipeline import AverageOptions, Summary, average_checkpoints
-    from ema_average.plan import AverageSettings, CheckpointSelection, Selection
+    from ema_average.pipeline import RunOptions, Summary, average_checkpoints
+    from ema_average.plan import AverageSettings, CheckpointSelection, TensorSelection
     from ema_average.sharded_export import save_safetensors
 
 
@@ -71,7 +71,6 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "AverageOptions",
     "AverageSettings",
     "AverageStateError",
     "Checkpoint",
@@ -88,8 +87,9 @@ __all__ = [
     "OutputError",
     "ParameterError",
     "PowerFunctionMovingAverage",
-    "Selection",
+    "RunOptions",
     "Summary",
+    "TensorSelection",
     "TrustPickleWarning",
     "UniformMovingAverage",
     "UnsafeCheckpointError",

@@ -24,7 +24,7 @@ from ema_average.decay_rules import ExponentialRule, PowerRule
 from ema_average.errors import ConfigurationError, EmaAverageError, TrustPickleWarning
 
 if TYPE_CHECKING:  # the modules behind the command import torch: loaded only once a run starts
-    from ema_average.pipeline import AverageOptions, PreparedRun, Summary
+    from ema_average.pipeline import PreparedRun, RunOptions, Summary
 
 
 def _choices(name: str, names: tuple[str, ...]) -> type[Enum]:
@@ -248,8 +248,14 @@ def average(
     if not debug:
         _only_our_warnings()
     try:
-        from ema_average.pipeline import AverageOptions, prepare
-        from ema_average.plan import CheckpointSelection, Selection, parse_size, parse_values, settings_sweep
+        from ema_average.pipeline import RunOptions, prepare
+        from ema_average.plan import (
+            CheckpointSelection,
+            TensorSelection,
+            parse_size,
+            parse_values,
+            settings_sweep,
+        )
 
         given = {"decay": decay, "half_life": half_life, "gamma": gamma, "sigma_rel": sigma_rel}
         values = {
@@ -258,7 +264,7 @@ def average(
         settings = settings_sweep(
             values, method=method, numerator=numerator, denominator=denominator, schedule=schedule.value
         )
-        options = AverageOptions(
+        options = RunOptions(
             checkpoint_dir=checkpoint_dir,
             output=output,
             device=device,
@@ -267,7 +273,7 @@ def average(
             overwrite=overwrite,
             threads=threads,
             max_shard_size=parse_size(max_shard_size) if max_shard_size else None,
-            selection=Selection(tuple(include or ()), tuple(exclude or ()), strip_prefix),
+            selection=TensorSelection(tuple(include or ()), tuple(exclude or ()), strip_prefix),
             state_dict_key=state_dict_key,
             steps_from=steps_from.value,  # type: ignore[arg-type]
             trust_pickle=trust_pickle,
@@ -311,7 +317,7 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _watch(options: AverageOptions, poll: float, quiet: bool) -> None:
+def _watch(options: RunOptions, poll: float, quiet: bool) -> None:
     """--watch: refresh the output as checkpoints arrive; Ctrl-C (or SIGTERM) stops cleanly, exit 0."""
     from ema_average.watch import watch as watch_run
 
@@ -431,7 +437,7 @@ def show_plan(prepared: PreparedRun) -> None:
             str(i + 1),
             source.path.name + (" (earlier average)" if resumed else ""),
             str(step),
-            "metadata:last_step" if resumed else source.step_source,
+            "metadata:last_step" if resumed else source.step_origin,
         ]
         if several:
             row += [f"{average.weights[i]:.4%}" for average in plan.averages]

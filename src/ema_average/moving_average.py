@@ -251,16 +251,18 @@ class _Bucket:
     flat: torch.Tensor
     indices: list[int]
     shadows: list[torch.Tensor]
-    sources: list[torch.Tensor]  # the tracked tensors themselves, for apply(); emptied by from_tensors
-    sharded: list[bool] | None = None  # which sources are DTensors, if any: their shards are read at each use
+    tracked: list[torch.Tensor]  # the tracked tensors themselves, for apply(); emptied by from_tensors
+    sharded: list[bool] | None = (
+        None  # which tracked tensors are DTensors, if any: their shards are read at each use
+    )
     staging: list[torch.Tensor] = field(default_factory=list)  # pinned views (CUDA values, host averages)
 
     def values(self) -> list[torch.Tensor]:
         """The tracked tensors' current values on this rank (a plain attribute read per DTensor: on many
         small tensors, a function call each would cost as much as their update)."""
         if self.sharded is None:
-            return self.sources
-        return [t._local_tensor if d else t for t, d in zip(self.sources, self.sharded, strict=True)]  # type: ignore[attr-defined]
+            return self.tracked
+        return [t._local_tensor if d else t for t, d in zip(self.tracked, self.sharded, strict=True)]  # type: ignore[attr-defined]
 
 
 def _make_buckets(tensors: list[torch.Tensor], device: torch.device | None) -> list[_Bucket]:
@@ -466,7 +468,7 @@ class MovingAverage:
         average._params = None
         average._host = None
         for bucket in average._buckets:
-            bucket.sources, bucket.staging = [], []
+            bucket.tracked, bucket.staging = [], []
         return average
 
     # --- the decay each update gets ---------------------------------------------------------------

@@ -33,7 +33,7 @@ from ema_average.plan import (
     OutputTensor,
     Plan,
     PlannedAverage,
-    Selection,
+    TensorSelection,
     chunk_layout,
     effective_weights,
     first_dominates_note,
@@ -56,7 +56,7 @@ Progress = Callable[[int], None]  # bytes just processed
 
 
 @dataclass
-class AverageOptions:
+class RunOptions:
     """Everything an offline run needs; the CLI fills it from its flags.
 
     ``settings`` may be several: each is averaged in the same pass over the checkpoints (read once) and
@@ -70,7 +70,7 @@ class AverageOptions:
     dtype: str = "as-input"
     overwrite: bool = False
     max_shard_size: int | None = None
-    selection: Selection = field(default_factory=Selection)
+    selection: TensorSelection = field(default_factory=TensorSelection)
     state_dict_key: str | None = None
     steps_from: StepsFrom = "auto"
     trust_pickle: bool = False
@@ -101,7 +101,7 @@ class PreparedRun:
     the output at the same place in ``outputs``.
     """
 
-    options: AverageOptions
+    options: RunOptions
     run: Run
     checkpoints: list[Checkpoint]
     plan: Plan
@@ -178,7 +178,7 @@ def default_output(checkpoint_dir: Path, *, folder: bool = False) -> Path:
     return run.parent / (f"{run.name}-ema" if folder else f"{run.name}-ema.safetensors")
 
 
-def prepare(options: AverageOptions, *, dry_run: bool = False, only: set[Path] | None = None) -> PreparedRun:
+def prepare(options: RunOptions, *, dry_run: bool = False, only: set[Path] | None = None) -> PreparedRun:
     """Find the run, plan the work and check device and outputs: every input error surfaces here.
 
     A dry run reports an existing output as a note instead of refusing, so the plan can still be seen.
@@ -221,7 +221,7 @@ def prepare(options: AverageOptions, *, dry_run: bool = False, only: set[Path] |
         resumed = open_resumed(options.resume, settings[0])
         older = left_out(resumed, [(c.path.name, c.step or 0) for c in checkpoints])
         run.notices += older
-        checkpoints = [c for c in checkpoints if (c.step or 0) > resumed.previous.last_step]
+        checkpoints = [c for c in checkpoints if (c.step or 0) > resumed.progress.last_step]
     for output in outputs:
         _check_output_is_not_an_input(output, run.units)
     threads = options.threads or streaming.default_threads(device)
@@ -239,7 +239,7 @@ def prepare(options: AverageOptions, *, dry_run: bool = False, only: set[Path] |
     return PreparedRun(options, run, checkpoints, plan, outputs, device, threads, resumed, may_replace, older)
 
 
-def _output_paths(options: AverageOptions, labels: list[str]) -> list[Path]:
+def _output_paths(options: RunOptions, labels: list[str]) -> list[Path]:
     """The outputs: .safetensors files, or folders of shards with ``--max-shard-size``; with several
     averages, each named for its label (``out.safetensors`` -> ``out-decay0.999.safetensors``)."""
     folder = options.max_shard_size is not None
@@ -300,7 +300,7 @@ def _check_sizes(plan: Plan, first: Checkpoint, output: Path, threads: int) -> N
         if needed > free:
             raise CheckpointError(
                 first.path,
-                f"tensor {largest.source!r} ({list(largest.spec.shape)}) needs {needed} bytes of output, "
+                f"tensor {largest.input_name!r} ({list(largest.spec.shape)}) needs {needed} bytes of output, "
                 f"more than the {free} bytes free in {folder}",
             )
     whole = max((c.numel * 3 * 8 for c in plan.chunks), default=0) * threads  # staging, shadow, scratch
@@ -309,7 +309,7 @@ def _check_sizes(plan: Plan, first: Checkpoint, output: Path, threads: int) -> N
         chunk = max(plan.chunks, key=lambda c: c.numel)
         raise CheckpointError(
             first.path,
-            f"tensor {chunk.pieces[0].source!r} is read whole by this layout and needs about {whole} bytes of "
+            f"tensor {chunk.pieces[0].input_name!r} is read whole by this layout and needs about {whole} bytes of "
             f"working memory on {threads} thread(s), more than this machine's {total}",
         )
 
@@ -325,7 +325,7 @@ def make_plan(
     run: Run,
     checkpoints: list[Checkpoint],
     resumed: Resumed | None,
-    options: AverageOptions,
+    options: RunOptions,
     labels: list[str],
     device: torch.device,
 ) -> Plan:
@@ -341,7 +341,7 @@ def make_plan(
         first_specs = resumed.average.specs()
     averages = []
     for settings, label in zip(options.all_settings, labels, strict=True):
-        decays = update_decays(steps, settings, resumed.previous if resumed else None)
+        decays = update_decays(steps, settings, resumed.progress if resumed else None)
         if resumed is not None:
             decays = [None, *decays]
         weights = effective_weights(decays)
@@ -350,10 +350,10 @@ def make_plan(
             notes.append(f"{label}: {dominated}" if label else dominated)
         averages.append(PlannedAverage(settings, decays, weights, label))
     if resumed is not None:
-        steps = [resumed.previous.last_step, *steps]
+        steps = [resumed.progress.last_step, *steps]
     tied = [t for t in outputs if t.alias_of is not None]
     if tied:
-        pairs = ", ".join(f"{t.source} = {t.alias_of}" for t in tied[:3])
+        pairs = ", ".join(f"{t.input_name} = {t.alias_of}" for t in tied[:3])
         notes.append(f"tied weights averaged once and written under both names: {pairs}")
     sources = ([resumed.average] if resumed else []) + (checkpoints or [first])
     split = all(streaming.reads_ranges(s) for s in sources)
@@ -366,7 +366,7 @@ def make_plan(
     return Plan(steps, averages, outputs, chunks, notes)
 
 
-def average_checkpoints(options: AverageOptions, on_progress: Progress | None = None) -> Summary:
+def average_checkpoints(options: RunOptions, on_progress: Progress | None = None) -> Summary:
     """The whole offline job: prepare, then execute."""
     return execute(prepare(options), on_progress)
 

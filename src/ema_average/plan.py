@@ -107,7 +107,7 @@ def _label_part(field: str, value: object) -> str:
 
 
 @dataclass(frozen=True)
-class Previous:
+class ResumedProgress:
     """An earlier output being continued: how many checkpoints it holds and the last step it took."""
 
     count: int
@@ -115,7 +115,7 @@ class Previous:
 
 
 def update_decays(
-    steps: Sequence[int], settings: AverageSettings, previous: Previous | None = None
+    steps: Sequence[int], settings: AverageSettings, progress: ResumedProgress | None = None
 ) -> list[float | None]:
     """The decay each checkpoint's update gets; ``None`` for a first checkpoint, which starts the average.
 
@@ -123,7 +123,7 @@ def update_decays(
     """
     rule = settings.rule()
     decays: list[float | None] = []
-    count, last = (previous.count, previous.last_step) if previous else (0, None)
+    count, last = (progress.count, progress.last_step) if progress else (0, None)
     for step in steps:
         if last is None:
             decays.append(None)
@@ -181,7 +181,7 @@ def effective_weights(decays: Sequence[float | None]) -> list[float]:
 
 
 @dataclass(frozen=True)
-class Selection:
+class TensorSelection:
     """Which tensors are averaged and under which names they are written."""
 
     include: tuple[str, ...] = ()
@@ -202,7 +202,7 @@ class OutputTensor:
     """One tensor of the output: where its value comes from and how it is stored."""
 
     name: str  # as written
-    source: str  # as saved in the checkpoints
+    input_name: str  # as saved in the checkpoints
     spec: TensorSpec  # as saved
     out_dtype: torch.dtype
     averaged: bool  # False: integer/bool, taken from the latest checkpoint
@@ -243,7 +243,7 @@ class Plan:
 
 
 def output_tensors(
-    specs: dict[str, TensorSpec], aliases: dict[str, str], selection: Selection, dtype: str
+    specs: dict[str, TensorSpec], aliases: dict[str, str], selection: TensorSelection, dtype: str
 ) -> list[OutputTensor]:
     """The output's tensors, floating ones averaged, others copied from the latest checkpoint."""
     if dtype not in OUTPUT_DTYPES:
@@ -273,7 +273,7 @@ def output_tensors(
 class Piece:
     """Elements ``start .. start + count`` of one saved tensor (flattened), at ``offset`` in its chunk."""
 
-    source: str  # as saved: read from every source under this name
+    input_name: str  # as saved: read from every source under this name
     names: tuple[str, ...]  # written under these output names (a tied twin adds one)
     start: int
     count: int
@@ -337,8 +337,8 @@ def chunk_layout(
     for t in outputs:
         if t.spec.numel == 0 or (t.averaged and t.alias_of is not None):
             continue
-        first = first_specs.get(t.source, t.spec).dtype if t.averaged else t.spec.dtype
-        names = (t.name, *twins.get(t.source, ())) if t.averaged else (t.name,)
+        first = first_specs.get(t.input_name, t.spec).dtype if t.averaged else t.spec.dtype
+        names = (t.name, *twins.get(t.input_name, ())) if t.averaged else (t.name,)
         kinds.setdefault((first, t.spec.dtype, t.out_dtype, t.averaged), []).append((t, names))
     chunks: list[Chunk] = []
     for (first, dtype, out_dtype, averaged), tensors in kinds.items():
@@ -360,7 +360,7 @@ def _cut(
         start = 0
         while start < numel:
             count = min(numel - start, chunk_numel - used) if split else numel
-            chunks[-1].append(Piece(t.source, names, start, count, used))
+            chunks[-1].append(Piece(t.input_name, names, start, count, used))
             start += count
             used += count
             if used >= chunk_numel:

@@ -21,7 +21,7 @@ from ema_average.checkpoints.base import Checkpoint, TensorSpec
 from ema_average.checkpoints.safetensors_file import TOOL_MARKER_KEY, SafetensorsCheckpoint
 from ema_average.checkpoints.steps import MAX_STEP
 from ema_average.errors import CheckpointError, CheckpointMismatchError
-from ema_average.plan import AverageSettings, OutputTensor, Previous
+from ema_average.plan import AverageSettings, OutputTensor, ResumedProgress
 
 STEPS_KEY = "steps"
 LAST_STEP_KEY = "last_step"
@@ -48,7 +48,7 @@ class Resumed:
     """An earlier output being continued: the file as a source, what it holds, how it was made."""
 
     average: ResumedAverage
-    previous: Previous
+    progress: ResumedProgress
     steps: list[int]
     files: list[str]
 
@@ -68,7 +68,7 @@ class ResumedAverage(Checkpoint):
         self._names: dict[str, str] = {}  # checkpoint name -> name in the output
 
     def use_names(self, outputs: list[OutputTensor]) -> None:
-        self._names = {t.source: t.name for t in outputs}
+        self._names = {t.input_name: t.name for t in outputs}
 
     def specs(self) -> dict[str, TensorSpec]:
         held = self.file.specs()
@@ -104,7 +104,7 @@ def open_resumed(path: Path, settings: AverageSettings) -> Resumed:
             )
     steps = _recorded_steps(path, meta)
     files = _recorded_files(path, meta, len(steps))
-    return Resumed(ResumedAverage(file), Previous(len(steps), steps[-1]), steps, files)
+    return Resumed(ResumedAverage(file), ResumedProgress(len(steps), steps[-1]), steps, files)
 
 
 def _recorded_steps(path: Path, meta: dict[str, str]) -> list[int]:
@@ -172,7 +172,7 @@ def left_out(resumed: Resumed, steps: list[tuple[str, int]]) -> list[str]:
     watching a run whose checkpoints completed out of order must hear of it, every time.
     """
     held = set(resumed.steps)
-    last = resumed.previous.last_step
+    last = resumed.progress.last_step
     return [
         f"{name} (step {step}) is not applied: {resumed.average.path.name} already holds steps up to {last}"
         for name, step in steps

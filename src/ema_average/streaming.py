@@ -237,21 +237,21 @@ class _Source:
         with self.lock:
             for piece in chunk.pieces:
                 out = staging[piece.offset : piece.offset + piece.count]
-                if piece.start == 0 and piece.count == self.numel[piece.source]:
-                    self.checkpoint.read_into(piece.source, out.view(self.shapes[piece.source]))
+                if piece.start == 0 and piece.count == self.numel[piece.input_name]:
+                    self.checkpoint.read_into(piece.input_name, out.view(self.shapes[piece.input_name]))
                 else:
-                    self.checkpoint.read_range_into(piece.source, piece.start, out)
+                    self.checkpoint.read_range_into(piece.input_name, piece.start, out)
         return [staging[: chunk.numel]], []
 
     def _view(self, piece: Piece) -> torch.Tensor:
-        return self.checkpoint.read(piece.source).reshape(-1)[piece.start : piece.start + piece.count]
+        return self.checkpoint.read(piece.input_name).reshape(-1)[piece.start : piece.start + piece.count]
 
     def nonfinite(self, chunk: Chunk, staging: torch.Tensor) -> str | None:
         """The first tensor of the chunk holding NaN or Inf in this source, if any."""
         (values,), _ = self.read(chunk, staging, copy=True)
         for piece in chunk.pieces:
             if not bool(torch.isfinite(values[piece.offset : piece.offset + piece.count]).all()):
-                return piece.source
+                return piece.input_name
         return None
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ema_average.checkpoints.discover import candidates
 from ema_average.errors import CheckpointError, ConfigurationError
-from ema_average.pipeline import AverageOptions, PreparedRun, Summary, default_output, execute, prepare
+from ema_average.pipeline import PreparedRun, RunOptions, Summary, default_output, execute, prepare
 
 Snapshot = dict[Path, tuple[tuple[str, int, int], ...]]
 
@@ -40,7 +40,7 @@ def settled(before: Snapshot, now: Snapshot) -> set[Path]:
 
 
 def watch(
-    options: AverageOptions,
+    options: RunOptions,
     *,
     poll: float,
     on_refresh: Callable[[PreparedRun, Summary], None],
@@ -68,7 +68,7 @@ def watch(
 
 
 def _refresh(
-    options: AverageOptions,
+    options: RunOptions,
     output: Path,
     ready: set[Path],
     reported: set[Path | str],

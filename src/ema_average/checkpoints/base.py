@@ -48,7 +48,7 @@ class StepInfo:
     """
 
     step: int
-    source: str
+    origin: str
     counter: bool = False
 
 
@@ -93,7 +93,7 @@ class ModelChoice:
 class Checkpoint(ABC):
     """One saved state of a training run: a file, or a folder of files (HF, DCP).
 
-    ``step`` and ``step_source`` are filled in by discovery; ``metadata_step()`` is what the file itself
+    ``step`` and ``step_origin`` are filled in by discovery; ``metadata_step()`` is what the file itself
     says. Tensors are read one at a time with :meth:`read`, never all at once.
     """
 
@@ -106,7 +106,7 @@ class Checkpoint(ABC):
     def __init__(self, path: Path) -> None:
         self.path = path
         self.step: int | None = None
-        self.step_source = ""
+        self.step_origin = ""
         self.step_is_counter = False  # the step counts saves or epochs (see StepInfo.counter)
         self.notes: list[str] = []
         self.choices: list[ModelChoice] = []  # outermost first, where a unit holds several models

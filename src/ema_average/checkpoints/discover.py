@@ -128,7 +128,7 @@ def find_run(
         _check_holds_weights(ckpt)
         _check_submodel(ckpt, submodel)
         info = _step_of(ckpt, steps_from)
-        ckpt.step, ckpt.step_source, ckpt.step_is_counter = info.step, info.source, info.counter
+        ckpt.step, ckpt.step_origin, ckpt.step_is_counter = info.step, info.origin, info.counter
         checkpoints.append(ckpt)
     if not checkpoints:
         where = f" named {' or '.join(globs)}" if globs else ""
@@ -296,21 +296,21 @@ def _real_steps(
         _given_steps(root, checkpoints, steps)
     elif step_every is not None:
         if not counted:
-            source = checkpoints[0].step_source
+            source = checkpoints[0].step_origin
             raise ConfigurationError(
                 f"{root}: --step-every applies to checkpoints numbered by a count of saves or epochs; "
                 f"these record their training steps ({source})"
             )
         for ckpt in counted:
             assert ckpt.step is not None
-            where = f"{ckpt.step_source}, (n+1) x {step_every}"
+            where = f"{ckpt.step_origin}, (n+1) x {step_every}"
             ckpt.step = checked_step(ckpt.path, (ckpt.step + 1) * step_every, where)
-            ckpt.step_source, ckpt.step_is_counter = where, False
+            ckpt.step_origin, ckpt.step_is_counter = where, False
         checkpoints.sort(key=lambda c: c.step if c.step is not None else -1)
     elif counted:
         notices.append(
             f"the steps of {len(counted)} checkpoint(s) count saves or epochs, not training steps "
-            f"({counted[0].step_source}); give the training steps between saves with --step-every N "
+            f"({counted[0].step_origin}); give the training steps between saves with --step-every N "
             "(step = (count + 1) x N), or each checkpoint's step with --steps"
         )
 
@@ -322,7 +322,7 @@ def _given_steps(root: Path, checkpoints: list[Checkpoint], steps: Sequence[int]
         raise ConfigurationError(f"{root}: the steps given must increase, got {list(steps)[:8]}")
     for ckpt, step in zip(checkpoints, steps, strict=True):
         ckpt.step = checked_step(ckpt.path, step, "given")
-        ckpt.step_source, ckpt.step_is_counter = "given", False
+        ckpt.step_origin, ckpt.step_is_counter = "given", False
 
 
 def _note_models(checkpoints: list[Checkpoint], notices: list[str]) -> None:

@@ -60,7 +60,7 @@ def names_a_step(path: Path) -> bool:
     """Whether a name says clearly that it is one step of a run (``checkpoint-500``, ``global_step6``,
     ``epoch_2``, ``checkpoint_3``), as opposed to a model's part (``unet``, ``text_encoder_2``)."""
     info = step_from_name(path)
-    return (info is not None and info.source != "filename:_N") or bool(_STRONG_EXTRA.search(stem_of(path)))
+    return (info is not None and info.origin != "filename:_N") or bool(_STRONG_EXTRA.search(stem_of(path)))
 
 
 _DECIMAL = re.compile(r"^\s*(\d{1,19})\s*$", re.ASCII)

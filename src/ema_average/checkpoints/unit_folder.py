@@ -102,7 +102,7 @@ class FolderUnit(Checkpoint):
             for sibling in sorted(p for p in self.path.iterdir() if p.is_dir() and is_ema_name(p.name)):
                 info = side_file_step(sibling)
                 if info is not None:
-                    return StepInfo(info.step, f"{sibling.name}/{info.source}", info.counter)
+                    return StepInfo(info.step, f"{sibling.name}/{info.origin}", info.counter)
         return found
 
     def name_step(self) -> StepInfo | None:
