@@ -139,33 +139,35 @@ def _sharded_rank(rank: int, ranks: int, folder: str, total: int, count: int, re
         dist.destroy_process_group()
 
 
-_CHILD = """
-import sys, torch
-from ema_average import ExponentialMovingAverage
+def _peak_mib() -> float:
+    """This process's peak resident MiB (VmHWM belongs to this address space; ru_maxrss would inherit the
+    parent's peak)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
-def peak_mib():  # VmHWM belongs to this address space; ru_maxrss would inherit the parent's peak
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-total, count, how = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-params = [torch.nn.Parameter(torch.randn(total // count, dtype=torch.bfloat16)) for _ in range(count)]
-if how == "apply":
-    ema = ExponentialMovingAverage([(str(i), p) for i, p in enumerate(params)], decay=0.999)
-else:
-    shadows = [torch.zeros(p.shape) for p in params]  # touched, so counted before
-before = peak_mib()
-with torch.no_grad():
+
+def memory_child(total: int, count: int, how: str) -> float:
+    """In a fresh process: the peak MiB one bf16 update adds above the model and its shadows."""
+    params = [torch.nn.Parameter(torch.randn(total // count, dtype=torch.bfloat16)) for _ in range(count)]
     if how == "apply":
-        ema.apply()
-    else:  # the hand-written multi-tensor way: a float32 copy of every parameter, then one lerp
-        torch._foreach_lerp_(shadows, [p.float() for p in params], 0.001)
-print(peak_mib() - before)
-"""
+        ema = ExponentialMovingAverage([(str(i), p) for i, p in enumerate(params)], decay=DECAY)
+    else:
+        shadows = [torch.zeros(p.shape) for p in params]  # touched, so counted before
+    before = _peak_mib()
+    with torch.no_grad():
+        if how == "apply":
+            ema.apply()
+        else:  # the hand-written multi-tensor way: a float32 copy of every parameter, then one lerp
+            torch._foreach_lerp_(shadows, [p.float() for p in params], 1 - DECAY)
+    return _peak_mib() - before
 
 
 def extra_memory_mib(total: int, count: int, how: str) -> float:
     out = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(total), str(count), how],
+        [sys.executable, __file__, "--memory-child", str(total), str(count), how],
         capture_output=True,
         text=True,
         check=True,
@@ -181,7 +183,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=25)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--ranks", type=int, default=2, help="FSDP2 ranks for the sharded rows (0: none)")
+    parser.add_argument("--memory-child", nargs=3, metavar=("TOTAL", "COUNT", "HOW"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child:
+        total, count, how = args.memory_child
+        print(memory_child(int(total), int(count), how))
+        return
     large = (int(50_000_000 * args.scale), 200)
     small = (int(20_000_000 * args.scale), 5_000)
     console = Console(width=120)

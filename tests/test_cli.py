@@ -13,8 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import float64_reference, make_state, write_safetensors_run, write_torch_run
-from helpers import WritesMarker
+from helpers import WritesMarker, float64_reference, make_state, write_safetensors_run, write_torch_run
 
 EXE = str(Path(sys.executable).parent / "ema-average")
 STEPS = [10, 20, 40, 80]
@@ -311,7 +310,7 @@ def test_memory_budget_is_accepted_and_no_longer_needed(tmp_path: Path) -> None:
 
 def test_discovery_flags_reach_the_run(tmp_path: Path) -> None:
     # --glob keeps fairseq's update checkpoints; --steps gives each its real step; a bad list is one line.
-    from conftest import write_fairseq_run
+    from helpers import write_fairseq_run
 
     write_fairseq_run(tmp_path / "run", [10, 20, 30])
     (tmp_path / "run" / "checkpoint1.pt").write_bytes((tmp_path / "run" / "checkpoint_1_10.pt").read_bytes())

@@ -11,12 +11,11 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import make_state
 from ema_average.checkpoints import DcpCheckpoint, find_run
 from ema_average.checkpoints.base import StepInfo
 from ema_average.checkpoints.safetensors_file import DTYPE_NAMES
 from ema_average.errors import CheckpointError, UnsafeCheckpointError
-from helpers import WritesMarker
+from helpers import WritesMarker, make_state
 
 dcp = pytest.importorskip("torch.distributed.checkpoint")
 

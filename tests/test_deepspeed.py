@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DEEPSPEED_RUNS, assert_matches_reference
 from ema_average.checkpoints import DeepSpeedCheckpoint, find_run
 from ema_average.errors import CheckpointError
+from helpers import DEEPSPEED_RUNS, assert_matches_reference
 
 pytest.importorskip("deepspeed")
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import make_state, write_safetensors_run, write_torch_run
 from ema_average.checkpoints import discover, find_run
 from ema_average.errors import CheckpointError, CheckpointMismatchError, NoCheckpointsError
+from helpers import make_state, write_safetensors_run, write_torch_run
 
 
 def test_ordered_by_step_not_by_name(tmp_path: Path) -> None:
@@ -96,39 +96,35 @@ def test_run_in_a_subfolder_is_found(tmp_path: Path) -> None:
     assert [c.step for c in discover(tmp_path)] == [1, 2]
 
 
-def test_missing_tensor_is_named(tmp_path: Path) -> None:
+# A second checkpoint unlike the first: how its state differs from make_state(2), and the message naming it.
+MISMATCHES = {
+    "missing tensor": (
+        lambda state: state.pop("head.weight"),
+        r"model_step_2\.safetensors: has no tensor 'head\.weight'",
+    ),
+    "extra tensor": (
+        lambda state: state.update(extra=torch.zeros(1)),
+        r"model_step_2\.safetensors: has tensor 'extra', absent",
+    ),
+    "shape": (
+        lambda state: state.update({"encoder.bias": torch.zeros(17)}),
+        r"'encoder\.bias' is float32\[17\], but float32\[16\]",
+    ),
+    "dtype": (
+        lambda state: state.update({"head.weight": state["head.weight"].half()}),
+        r"'head\.weight' is float16\[4, 16\], but float32",
+    ),
+}
+
+
+@pytest.mark.parametrize("mismatch", list(MISMATCHES))
+def test_tensor_mismatch_is_named(tmp_path: Path, mismatch: str) -> None:
+    change, message = MISMATCHES[mismatch]
     write_safetensors_run(tmp_path, [1])
     state = make_state(2)
-    del state["head.weight"]
+    change(state)
     save_file(dict(state), str(tmp_path / "model_step_2.safetensors"), metadata={"step": "2"})
-    with pytest.raises(
-        CheckpointMismatchError, match=r"model_step_2\.safetensors: has no tensor 'head\.weight'"
-    ):
-        discover(tmp_path)
-
-
-def test_extra_tensor_is_named(tmp_path: Path) -> None:
-    write_safetensors_run(tmp_path, [1])
-    state = make_state(2)
-    state["extra"] = torch.zeros(1)
-    save_file(dict(state), str(tmp_path / "model_step_2.safetensors"), metadata={"step": "2"})
-    with pytest.raises(
-        CheckpointMismatchError, match=r"model_step_2\.safetensors: has tensor 'extra', absent"
-    ):
-        discover(tmp_path)
-
-
-def test_shape_and_dtype_mismatch_are_named(tmp_path: Path) -> None:
-    write_safetensors_run(tmp_path, [1])
-    state = make_state(2)
-    state["encoder.bias"] = torch.zeros(17)
-    save_file(dict(state), str(tmp_path / "model_step_2.safetensors"), metadata={"step": "2"})
-    with pytest.raises(CheckpointMismatchError, match=r"'encoder\.bias' is float32\[17\], but float32\[16\]"):
-        discover(tmp_path)
-    state = make_state(2)
-    state["head.weight"] = state["head.weight"].half()
-    save_file(dict(state), str(tmp_path / "model_step_2.safetensors"), metadata={"step": "2"})
-    with pytest.raises(CheckpointMismatchError, match=r"'head\.weight' is float16\[4, 16\], but float32"):
+    with pytest.raises(CheckpointMismatchError, match=message):
         discover(tmp_path)
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_state
 from ema_average.checkpoints import find_run
 from ema_average.errors import CheckpointError, NoCheckpointsError
+from helpers import make_state
 
 
 def test_real_trainer_output(hf_trainer_run: Path) -> None:

@@ -24,8 +24,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import make_state, write_safetensors_run
-from helpers import WritesMarker
+from helpers import WritesMarker, make_state, write_safetensors_run
 
 EXE = str(Path(sys.executable).parent / "ema-average")
 LIMIT_AS = 6 * 2**30  # torch maps ~0.7 GiB at import; a run over tiny inputs needs far less than this

@@ -10,7 +10,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import float64_reference, write_fairseq_run, write_safetensors_run, write_torch_run
 from ema_average.errors import (
     CheckpointError,
     CheckpointMismatchError,
@@ -20,6 +19,7 @@ from ema_average.errors import (
 )
 from ema_average.pipeline import RunOptions, average_checkpoints, prepare
 from ema_average.plan import AverageSettings, CheckpointSelection, TensorSelection
+from helpers import float64_reference, write_fairseq_run, write_safetensors_run, write_torch_run
 
 STEPS = [100, 250, 400, 1000, 1600]
 

@@ -10,17 +10,23 @@ import argparse
 import json
 import os
 import shutil
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import assert_matches_reference, make_state, tiny_gpt2, tiny_unet, write_fairseq_run
 from ema_average.checkpoints import find_run
 from ema_average.checkpoints.discover import candidates
 from ema_average.errors import CheckpointError, ConfigurationError
+from helpers import (
+    assert_matches_reference,
+    make_state,
+    tiny_gpt2,
+    tiny_unet,
+    write_fairseq_run,
+    write_lightning_run,
+)
 
 # PEFT LoRA through the HF Trainer ---------------------------------------------------------------------
 
@@ -140,7 +146,7 @@ def test_accelerate_step_every_gives_real_steps(accelerate_run: Path) -> None:
 
 
 def test_step_every_where_steps_are_known(tmp_path: Path) -> None:
-    from conftest import write_safetensors_run
+    from helpers import write_safetensors_run
 
     write_safetensors_run(tmp_path, [1, 2])
     with pytest.raises(ConfigurationError, match="--step-every applies to checkpoints numbered by a count"):
@@ -384,36 +390,9 @@ def test_timm_epochs_raw_weights_and_copies(tmp_path: Path) -> None:
 
 
 def test_lightning_ema_weight_averaging_reads_current_model_state(tmp_path: Path) -> None:
-    import lightning as L
-    from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+    from lightning.pytorch.callbacks import EMAWeightAveraging
 
-    class Tiny(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 1))
-
-        def training_step(self, batch, _):  # type: ignore[no-untyped-def]
-            return torch.nn.functional.mse_loss(self.net(batch[0]), batch[1])
-
-        def configure_optimizers(self):  # type: ignore[no-untyped-def]
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    torch.manual_seed(0)
-    data = torch.utils.data.TensorDataset(torch.randn(64, 4), torch.randn(64, 1))
-    saver = ModelCheckpoint(
-        dirpath=tmp_path / "ckpts", every_n_train_steps=4, save_top_k=-1, filename="{epoch}-{step}"
-    )
-    trainer = L.Trainer(
-        max_steps=12,
-        callbacks=[saver, EMAWeightAveraging(decay=0.5)],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(Tiny(), torch.utils.data.DataLoader(data, batch_size=8))
+    write_lightning_run(tmp_path / "ckpts", callbacks=[EMAWeightAveraging(decay=0.5)])
     run = find_run(tmp_path / "ckpts")
     assert [c.step for c in run.checkpoints] == [4, 8, 12]
     assert {c.state_dict_key for c in run.checkpoints} == {"current_model_state"}

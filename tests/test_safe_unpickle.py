@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_fairseq_run
 from ema_average.checkpoints import TorchCheckpoint, safe_unpickle
 from ema_average.checkpoints.base import StepInfo
 from ema_average.errors import CheckpointError, UnsafeCheckpointError
-from helpers import WritesMarker
+from helpers import WritesMarker, write_fairseq_run
 
 MARKER_ENV = "EMA_AVERAGE_TEST_MARKER"
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import make_state, rss_growth
 from ema_average.checkpoints import SafetensorsCheckpoint
 from ema_average.errors import CheckpointError
+from helpers import make_state, rss_growth
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -154,6 +154,37 @@ def assert_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tens
         torch.testing.assert_close(value.double(), expected[name].double(), rtol=0, atol=atol, msg=name)
 
 
+def assert_swaps_exactly(
+    params: list[torch.Tensor], ema: MovingAverage, inside: Callable[[], object] = lambda: None
+) -> object:
+    """Inside ``average_parameters()`` each rank's parameter parts hold its averages (rounded to the
+    parameters' dtype); after it they hold what they held before, bit for bit. Returns ``inside()``, run
+    while the averages are swapped in."""
+    before = [local_part(p).clone() for p in params]
+    with ema.average_parameters(), torch.no_grad():
+        for p, avg in zip(params, ema.averages().values(), strict=True):
+            assert torch.equal(local_part(p), local_part(avg).to(p.dtype))
+        during = inside()
+    for p, old in zip(params, before, strict=True):  # bit for bit, as bytes
+        assert torch.equal(local_part(p).view(torch.uint8), old.view(torch.uint8))
+    return during
+
+
+def save_with_reference(rank: int, out: Path, ema: MovingAverage, reference: Float64Average) -> None:
+    """Every rank gathers the averages (a collective); rank 0 saves them beside the float64 reference."""
+    result = {"ema": gathered(ema), "reference": reference.shadow}
+    if rank == 0:
+        torch.save(result, out)
+
+
+def spawn_against_reference(fn: Callable[..., None], folder: Path, atol: float) -> dict[str, torch.Tensor]:
+    """Run ``fn`` on 2 ranks (it ends in :func:`save_with_reference`); its averages equal the reference."""
+    spawn(2, fn, folder, folder / "out.pt")
+    result = torch.load(folder / "out.pt", weights_only=True)
+    assert_close(result["ema"], result["reference"], atol=atol)
+    return result["ema"]
+
+
 # --- online averages of sharded training equal the one-process ones -----------------------------------
 
 
@@ -202,23 +233,14 @@ def _train_bf16(rank: int, world: int, out: Path) -> None:
         train_step(model, optimizer, step, torch.bfloat16)
         ema.apply(num_updates=step)
         ref.update({n: p.full_tensor() for n, p in model.named_parameters()}, step)
-    before = [local_part(p).clone() for p in model.parameters()]
-    with ema.average_parameters():
-        for p, avg in zip(model.parameters(), ema.averages().values(), strict=True):
-            assert local_part(avg).dtype == torch.float32
-            assert torch.equal(local_part(p), local_part(avg).to(torch.bfloat16))
-    for p, old in zip(model.parameters(), before, strict=True):  # bit for bit, as int16
-        assert torch.equal(local_part(p).view(torch.int16), old.view(torch.int16))
-    result = {"ema": gathered(ema), "reference": ref.shadow}
-    if rank == 0:
-        torch.save(result, out)
+    assert all(local_part(avg).dtype == torch.float32 for avg in ema.averages().values())
+    assert_swaps_exactly(list(model.parameters()), ema)
+    save_with_reference(rank, out, ema, ref)
 
 
 def test_bf16_parameters_keep_float32_averages(tmp_path: Path) -> None:
-    spawn(2, _train_bf16, tmp_path, tmp_path / "out.pt")
-    result = torch.load(tmp_path / "out.pt", weights_only=True)
-    assert all(t.dtype == torch.float32 for t in result["ema"].values())
-    assert_close(result["ema"], result["reference"], atol=2e-6)
+    averaged = spawn_against_reference(_train_bf16, tmp_path, atol=2e-6)
+    assert all(t.dtype == torch.float32 for t in averaged.values())
 
 
 # --- swaps, and no collective in apply() --------------------------------------------------------------
@@ -264,13 +286,7 @@ def _swap_and_apply(rank: int, world: int, out: Path) -> None:
         raw = model(x)  # FSDP2 keeps the root's gathered parameters after this forward
     late = ExponentialMovingAverage(model, decay=DECAY)  # given the model, it finds the shards anyway
     assert all(isinstance(a, DTensor) for a in late.averages().values())
-    before = [local_part(p).clone() for p in sharded]
-    with ema.average_parameters(), torch.no_grad():
-        for p, avg in zip(sharded, ema.averages().values(), strict=True):
-            assert torch.equal(local_part(p), local_part(avg))
-        swapped = model(x)
-    for p, old in zip(sharded, before, strict=True):
-        assert torch.equal(local_part(p), old)
+    swapped = assert_swaps_exactly(sharded, ema, lambda: model(x))
     with torch.no_grad():
         after = model(x)
     assert torch.equal(after, raw)
@@ -328,13 +344,7 @@ def _tensor_parallel(rank: int, world: int, out: Path) -> None:
         assert isinstance(avg, DTensor) == (n in placements)
         if n in placements:
             assert list(avg.placements) == placements[n] and avg.device_mesh == mesh
-    before = [local_part(p).clone() for p in params.values()]
-    with ema.average_parameters():
-        assert all(
-            torch.equal(local_part(p), local_part(a))
-            for p, a in zip(params.values(), ema.averages().values(), strict=True)
-        )
-    assert all(torch.equal(local_part(p), b) for p, b in zip(params.values(), before, strict=True))
+    assert_swaps_exactly(list(params.values()), ema)
 
     # Whole tensors load as well: each rank copies its own part.
     fresh = ExponentialMovingAverage(params, decay=DECAY)
@@ -347,15 +357,11 @@ def _tensor_parallel(rank: int, world: int, out: Path) -> None:
     partial = DTensor.from_local(torch.ones(2), mesh, [Partial()])
     with pytest.raises(ParameterError, match="partial DTensor"):
         ExponentialMovingAverage({"pending": partial})
-    result = {"ema": gathered(ema), "reference": ref.shadow}
-    if rank == 0:
-        torch.save(result, out)
+    save_with_reference(rank, out, ema, ref)
 
 
 def test_tensor_parallel_placements_and_plain_tensors_mix(tmp_path: Path) -> None:
-    spawn(2, _tensor_parallel, tmp_path, tmp_path / "out.pt")
-    result = torch.load(tmp_path / "out.pt", weights_only=True)
-    assert_close(result["ema"], result["reference"], atol=1e-6)
+    spawn_against_reference(_tensor_parallel, tmp_path, atol=1e-6)
 
 
 # --- distributed checkpoints saved at one world size, loaded at another --------------------------------

@@ -18,6 +18,7 @@ from ema_average.moving_average import MovingAverage
 from ema_average.pipeline import RunOptions, average_checkpoints, labelled, prepare
 from ema_average.plan import AverageSettings, OutputTensor, TensorSelection, chunk_layout, output_tensors
 from ema_average.writer import SafetensorsWriter
+from helpers import assert_weighted_sum
 
 STEPS = [100, 250, 400, 1000]
 SETTINGS = {
@@ -76,7 +77,8 @@ def test_bit_identical_to_the_engine_over_whole_tensors(
 ) -> None:
     """What the pipeline computed before chunking: ``from_tensors`` over the first checkpoint, then
     ``update_with_decay`` with the plan's decay per checkpoint, per whole tensor. Same bits, for fp32/fp64
-    (lerp) and for bf16 tensors of at least 64K elements (convert into a float32 scratch, then lerp)."""
+    (lerp) and for bf16 tensors of at least 64K elements (convert into a float32 scratch, then lerp); small
+    bf16 tensors up to one bf16 rounding."""
     steps = STEPS[:3]
     run = tmp_path / "run"
     run.mkdir()
@@ -92,14 +94,19 @@ def test_bit_identical_to_the_engine_over_whole_tensors(
     decays = prepare(options).plan.decays
     average_checkpoints(options)
     out = load_file(str(tmp_path / "o.safetensors"))
-    names = ["w"] if dtype == torch.bfloat16 else ["w", "v"]  # small bf16 tensors took mul + add before
-    for name in names:
+    for name in ("w", "v"):
         engine = MovingAverage.by_name(settings.method).from_tensors(
             {name: states[0][name]}, rule=settings.rule()
         )
         for values, decay in zip(states[1:], decays[1:], strict=True):
             engine.update_with_decay({name: values[name]}, decay)
-        assert torch.equal(out[name], engine.averages()[name].to(dtype)), name
+        expected = engine.averages()[name].to(dtype)
+        if dtype == torch.bfloat16 and name == "v":
+            # The engine folds small mixed-dtype tensors in with mul + add, the stream with lerp: their
+            # float32 averages differ in the last bits, so the bf16 outputs by at most one rounding step.
+            torch.testing.assert_close(out[name], expected, rtol=2**-7, atol=1e-6)
+        else:
+            assert torch.equal(out[name], expected), name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -113,9 +120,7 @@ def test_every_method_matches_the_float64_oracle(tmp_path: Path, dtype: torch.dt
     weights = prepare(options).plan.weights
     average_checkpoints(options)
     out = load_file(str(tmp_path / "o.safetensors"))
-    for name in ("a.weight", "b.bias", "c.weight"):
-        expected = sum(w * s[name].double() for w, s in zip(weights, states, strict=True))
-        torch.testing.assert_close(out[name].double(), expected, rtol=1e-5, atol=1e-6)
+    assert_weighted_sum(out, states, weights)
     assert torch.equal(out["count"], states[-1]["count"])  # integers: the latest checkpoint's
 
 
@@ -277,12 +282,25 @@ def test_an_average_that_overflows_is_refused(tmp_path: Path) -> None:
 # --- the streaming machinery --------------------------------------------------------------------------
 
 
-class Guarded(Checkpoint):
-    """A checkpoint that fails the test if two threads ever use it at once."""
+class Wrapped(Checkpoint):
+    """Another checkpoint's tensors, read whole through it (the base class's range reads read whole)."""
 
     def __init__(self, inner: Checkpoint, step: int) -> None:
         super().__init__(inner.path)
         self.inner, self.step = inner, step
+
+    def specs(self) -> dict[str, TensorSpec]:
+        return self.inner.specs()
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.inner.read(name)
+
+
+class Guarded(Wrapped):
+    """A checkpoint that counts the times two threads used it at once (its inner one's range reads)."""
+
+    def __init__(self, inner: Checkpoint, step: int) -> None:
+        super().__init__(inner, step)
         self.active, self.overlaps = 0, 0
         self.lock = threading.Lock()
 
@@ -294,12 +312,6 @@ class Guarded(Checkpoint):
     def _leave(self) -> None:
         with self.lock:
             self.active -= 1
-
-    def specs(self) -> dict[str, TensorSpec]:
-        return self.inner.specs()
-
-    def read(self, name: str) -> torch.Tensor:
-        return self.inner.read(name)
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         self._enter()
@@ -346,20 +358,16 @@ def test_a_source_is_read_by_one_thread_at_a_time(tmp_path: Path) -> None:
     assert sum(s.overlaps for s in sources) == 0
 
 
-class WholeOnly(Checkpoint):
-    """A layout that can only read whole tensors (the base class's read_range_into)."""
+class WholeOnly(Wrapped):
+    """A layout that can only read whole tensors (the base class's read_range_into), counting its reads."""
 
     def __init__(self, inner: Checkpoint, step: int) -> None:
-        super().__init__(inner.path)
-        self.inner, self.step = inner, step
+        super().__init__(inner, step)
         self.reads = 0
-
-    def specs(self) -> dict[str, TensorSpec]:
-        return self.inner.specs()
 
     def read(self, name: str) -> torch.Tensor:
         self.reads += 1
-        return self.inner.read(name)
+        return super().read(name)
 
 
 def test_whole_tensor_layouts_keep_tensors_whole(tmp_path: Path) -> None:
@@ -406,9 +414,7 @@ def test_devices_present_match_the_oracle(tmp_path: Path, device: str) -> None:
     weights = prepare(options).plan.weights
     average_checkpoints(options)
     out = load_file(str(tmp_path / "o.safetensors"))
-    for name in ("a.weight", "b.bias", "c.weight"):
-        expected = sum(w * s[name].double() for w, s in zip(weights, states, strict=True))
-        torch.testing.assert_close(out[name].double(), expected, rtol=1e-5, atol=1e-6)
+    assert_weighted_sum(out, states, weights)
 
 
 def test_mapped_pages_are_given_back(tmp_path: Path) -> None:

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_state, rss_growth, write_fairseq_run
 from ema_average.checkpoints import TorchCheckpoint, find_run, torch_file
 from ema_average.errors import CheckpointError
+from helpers import make_state, rss_growth, write_fairseq_run
 
 
 def assert_same_tensors(ckpt: TorchCheckpoint, expected: dict[str, torch.Tensor]) -> None:

@@ -16,11 +16,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
-from conftest import make_state
 from ema_average.errors import ConfigurationError
 from ema_average.pipeline import RunOptions, average_checkpoints
 from ema_average.plan import AverageSettings
 from ema_average.watch import watch
+from helpers import make_state
 
 STEPS = [100, 200, 300, 400]
 EXE = str(Path(sys.executable).parent / "ema-average")
