@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ema_average.checkpoints.discover import candidates
 from ema_average.errors import CheckpointError, ConfigurationError
+from ema_average.output_folder import is_folder
 from ema_average.pipeline import PreparedRun, RunOptions, Summary, default_output, execute, prepare
 
 Snapshot = dict[Path, tuple[tuple[str, int, int], ...]]
@@ -56,6 +57,10 @@ def watch(
             "--watch keeps one average fresh: give one value of --decay, --half-life, --gamma or --sigma-rel"
         )
     output = options.output or default_output(options.checkpoint_dir)
+    if is_folder(output):
+        raise ConfigurationError(
+            f"--watch refreshes a single .safetensors file: {output.name} would be a folder"
+        )
     before: Snapshot = {}
     reported: set[Path | str] = set()
     while not stop():

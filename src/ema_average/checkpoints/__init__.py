@@ -3,7 +3,15 @@
 Every layout is listed once, in ``layouts.LAYOUTS``; discovery loops over it.
 """
 
-from ema_average.checkpoints.base import Checkpoint, Layout, ModelChoice, OpenOptions, StepInfo, TensorSpec
+from ema_average.checkpoints.base import (
+    Checkpoint,
+    Layout,
+    ModelChoice,
+    OpenOptions,
+    SavedModel,
+    StepInfo,
+    TensorSpec,
+)
 from ema_average.checkpoints.dcp_folder import DcpCheckpoint
 from ema_average.checkpoints.deepspeed_folder import DeepSpeedCheckpoint
 from ema_average.checkpoints.discover import Run, discover, find_run, validate_run
@@ -24,6 +32,7 @@ __all__ = [
     "OpenOptions",
     "Run",
     "SafetensorsCheckpoint",
+    "SavedModel",
     "StepInfo",
     "TensorSpec",
     "TorchCheckpoint",

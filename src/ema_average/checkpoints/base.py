@@ -90,6 +90,17 @@ class ModelChoice:
         return f"read {what}" + (f"; also here: {also}" if also else "")
 
 
+@dataclass(frozen=True)
+class SavedModel:
+    """Where the model read lives as ``save_pretrained`` wrote it, so a folder output can be named and
+    completed as its library loads it: the folder holding its weights and side files (``config.json``...),
+    the safetensors name its library looks for, and the largest shard's bytes where it was sharded."""
+
+    folder: Path
+    weights_name: str  # model.safetensors, adapter_model.safetensors, diffusion_pytorch_model.safetensors
+    shard_bytes: int | None = None
+
+
 class Checkpoint(ABC):
     """One saved state of a training run: a file, or a folder of files (HF, DCP).
 
@@ -120,6 +131,12 @@ class Checkpoint(ABC):
     def other_models(self) -> dict[str, str]:
         """The unit's other models, each with the flag that reads it instead."""
         return {name: flag for choice in self.choices for name, flag in choice.others.items()}
+
+    @property
+    def saved_model(self) -> SavedModel | None:
+        """The ``save_pretrained`` folder the model read came from; None for layouts with no such name
+        (torch files, DCP, DeepSpeed)."""
+        return None
 
     @abstractmethod
     def specs(self) -> dict[str, TensorSpec]:

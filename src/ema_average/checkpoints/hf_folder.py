@@ -21,6 +21,7 @@ from ema_average.checkpoints.base import (
     Layout,
     ModelChoice,
     OpenOptions,
+    SavedModel,
     StepInfo,
     TensorSpec,
     require_regular_file,
@@ -91,6 +92,7 @@ class HfFolderCheckpoint(Checkpoint):
             self.close()
             name = names[1]
             self._open_weights(dict(sets)[name], trust_pickle)
+        self._name = name
         if len(sets) > 1:
             others = {other: f"--submodel {other}" for other in names if other != name}
             self.choices = [ModelChoice(name, others)]
@@ -117,6 +119,15 @@ class HfFolderCheckpoint(Checkpoint):
                 self._specs[name] = spec
         if weight_map is not None:
             _check_shards_match(weights, weight_map, self._owner)
+
+    @property
+    def saved_model(self) -> SavedModel:
+        """This folder, its model's weights named as its library loads them in safetensors
+        (``pytorch_model.bin`` -> ``model.safetensors``)."""
+        shards = None
+        if len(self._parts) > 1:
+            shards = max(sum(spec.nbytes for spec in part.specs().values()) for part in self._parts)
+        return SavedModel(self.path, f"{self._name}.safetensors", shards)
 
     def specs(self) -> dict[str, TensorSpec]:
         return self._specs

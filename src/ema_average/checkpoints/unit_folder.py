@@ -13,7 +13,14 @@ from pathlib import Path
 
 import torch
 
-from ema_average.checkpoints.base import Checkpoint, ModelChoice, OpenOptions, StepInfo, TensorSpec
+from ema_average.checkpoints.base import (
+    Checkpoint,
+    ModelChoice,
+    OpenOptions,
+    SavedModel,
+    StepInfo,
+    TensorSpec,
+)
 from ema_average.checkpoints.hf_folder import folder_name_step, side_file_step, weight_sets
 from ema_average.checkpoints.keys import is_ema_name
 from ema_average.errors import CheckpointError
@@ -78,6 +85,11 @@ class FolderUnit(Checkpoint):
             name: f"--submodel {name}" for m, name in zip(ordered, names, strict=True) if m != inner.path
         }
         self.choices = ([ModelChoice(read, others)] if others else []) + inner.choices
+
+    @property
+    def saved_model(self) -> SavedModel | None:
+        """The model read's own folder (``checkpoint-N/unet``), not the step's."""
+        return self.inner.saved_model
 
     def specs(self) -> dict[str, TensorSpec]:
         return self.inner.specs()

@@ -1,0 +1,158 @@
+"""A folder output that the producing library's ``from_pretrained`` loads as it is.
+
+``-o DIR`` (any name not ending ``.safetensors``) writes the averaged weights under the name the input had
+(``model.safetensors``, ``adapter_model.safetensors``, ``diffusion_pytorch_model.safetensors``; sharded
+behind an index when the input was, or with ``--max-shard-size``) and copies beside them the small files
+the library needs to load them (``config.json``, tokenizer files, ``adapter_config.json``...) from the
+latest averaged checkpoint's model folder. Inputs with no such name (torch files, DCP, DeepSpeed) give a
+bare ``model.safetensors``.
+
+Side files come from folders this tool does not trust: only names on an explicit allow-list, only regular
+files (a FIFO would block, a device be read forever), a link only when it resolves inside the checkpoint,
+at most ``MAX_SIDE_FILE_BYTES`` each, copied as bytes (never parsed, executed or unpickled).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ema_average.checkpoints import Checkpoint
+from ema_average.errors import CheckpointError
+from ema_average.plan import format_bytes
+
+# What transformers, PEFT and diffusers read beside the weights; nothing else is ever copied.
+SIDE_FILES: tuple[str, ...] = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "adapter_config.json",
+    "scheduler_config.json",
+    "preprocessor_config.json",
+)
+# Side files that belong to one kind of weights only: transformers' from_pretrained, finding an
+# adapter_config.json beside full weights, would try to load an adapter instead.
+_ONLY_WITH = {"adapter_config.json": "adapter_model.safetensors"}
+MAX_SIDE_FILE_BYTES = 64 * 2**20
+DEFAULT_WEIGHTS_NAME = "model.safetensors"
+_ONE_FILE = 2**62  # a shard size no model reaches: the weights in one file
+
+
+@dataclass(frozen=True)
+class OutputFolder:
+    """What a folder output holds: the weights' file name, how they are sharded, and the side files copied
+    (output name -> the checkpoint file it is copied from, inside ``unit``)."""
+
+    weights_name: str = DEFAULT_WEIGHTS_NAME
+    shard_bytes: int | None = None  # None: one weights file
+    side_files: dict[str, Path] = field(default_factory=dict)
+    unit: Path | None = None  # the checkpoint the side files come from
+
+    def max_shard_size(self, asked: int | None) -> int:
+        """``--max-shard-size`` when given, else the input's largest shard, else no sharding."""
+        return asked or self.shard_bytes or _ONE_FILE
+
+    def read_side_files(self) -> dict[str, bytes]:
+        """Every side file's bytes, checked again as they are read (they may have changed since planning)."""
+        if not self.side_files:
+            return {}
+        assert self.unit is not None
+        unit = self.unit
+        return {name: read_side_file(path, unit) for name, path in self.side_files.items()}
+
+    def describe(self, asked_shard_size: int | None = None) -> str:
+        """One line for the plan: the weights' name and the side files copied, and from where."""
+        sharded = asked_shard_size or self.shard_bytes
+        weights = self.weights_name + (
+            f" (shards of at most {format_bytes(sharded)} + index)" if sharded else ""
+        )
+        if not self.side_files:
+            return f"{weights}; no side files"
+        source = next(iter(self.side_files.values())).parent
+        return f"{weights} + {', '.join(self.side_files)} (copied from {source})"
+
+
+def is_folder(output: Path) -> bool:
+    """An output name not ending ``.safetensors`` is a folder (the suffix is the only sign a user gives)."""
+    return output.suffix != ".safetensors"
+
+
+def plan_folder(latest: Checkpoint) -> OutputFolder:
+    """What a folder output of a run whose latest averaged checkpoint is ``latest`` holds; every side file
+    is checked now, so a bad one is refused before any work."""
+    saved = latest.saved_model
+    if saved is None:
+        return OutputFolder()
+    side: dict[str, Path] = {}
+    for name in SIDE_FILES:
+        if _ONLY_WITH.get(name, saved.weights_name) != saved.weights_name:
+            continue
+        path = saved.folder / name
+        if os.path.lexists(path):
+            os.close(_open_side_file(path, latest.path))
+            side[name] = path
+    return OutputFolder(saved.weights_name, saved.shard_bytes, side, latest.path)
+
+
+def read_side_file(path: Path, unit: Path) -> bytes:
+    """A side file's bytes: a regular file inside ``unit`` of at most ``MAX_SIDE_FILE_BYTES``."""
+    fd = _open_side_file(path, unit)
+    try:
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_SIDE_FILE_BYTES + 1)
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot be read ({exc.strerror or exc})") from exc
+    finally:
+        os.close(fd)
+    if len(data) > MAX_SIDE_FILE_BYTES:
+        raise _too_large(path)
+    return data
+
+
+def _open_side_file(path: Path, unit: Path) -> int:
+    """An open descriptor of ``path``, refused unless it is (or links to) a regular file inside ``unit``
+    of at most ``MAX_SIDE_FILE_BYTES``. Stat before open (opening a device can act), fstat after (the
+    file may have been swapped between the two)."""
+    real = Path(os.path.realpath(path))
+    if not real.is_relative_to(os.path.realpath(unit)):
+        raise CheckpointError(
+            path, f"links to {real}, outside the checkpoint {unit}; side files are not copied from there"
+        )
+    try:
+        _check_regular(path, os.stat(real))
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot be read ({exc.strerror or exc})") from exc
+    try:
+        _check_regular(path, os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_regular(path: Path, info: os.stat_result) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file (a FIFO, device or socket)"
+        raise CheckpointError(path, f"is {kind}; only regular files are copied as side files")
+    if info.st_size > MAX_SIDE_FILE_BYTES:
+        raise _too_large(path)
+
+
+def _too_large(path: Path) -> CheckpointError:
+    return CheckpointError(
+        path, f"is larger than {MAX_SIDE_FILE_BYTES // 2**20} MiB, too large for a side file; refused"
+    )
