@@ -395,6 +395,50 @@ def profile(args: argparse.Namespace) -> None:
     out.unlink()
 
 
+def torchrun_table(found: list[Case], args: argparse.Namespace) -> None:
+    """The command under ``torchrun --nproc-per-node 2`` against one process, on the first case, in turn:
+    execute's time as each prints it (rank 0's, agreement and commit included) and the wall time (start-up
+    and rendezvous included); ratios of medians, 2 ranks / 1."""
+    import re
+
+    case = found[0]
+    out = args.workdir / f"out-{case.name}-ranks.safetensors"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    commands = {
+        "1 process": [sys.executable, "-m", "ema_average"],
+        "torchrun, 2 ranks": [*launch, "-m", "ema_average"],
+    }
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
+    warm(case.files)
+    for index in range(args.repeats):
+        order = list(commands.items())
+        for name, command in order[index % 2 :] + order[: index % 2]:
+            wait_until_idle()
+            os.sync()
+            start = time.perf_counter()
+            done = subprocess.run(
+                [*command, str(case.folder), "-o", str(out), "--overwrite", "--decay", _DECAYS_ONE],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+                check=False,
+            )
+            wall = time.perf_counter() - start
+            found_seconds = re.search(r" in ([0-9.]+) s \(", done.stdout)
+            if done.returncode != 0 or found_seconds is None:
+                raise RuntimeError(f"{name} failed: {done.stderr[-3000:]}")
+            times[name].append((float(found_seconds.group(1)), wall))
+    out.unlink(missing_ok=True)
+    one = times["1 process"]
+    for name, runs in times.items():
+        execute = statistics.median(t for t, _ in runs)
+        wall = statistics.median(w for _, w in runs)
+        print(
+            f"{case.name} {name}: execute {execute:.3f} s (x {execute / statistics.median(t for t, _ in one):.2f}),"
+            f" wall {wall:.2f} s (x {wall / statistics.median(w for _, w in one):.2f}); median of {len(runs)}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -430,6 +474,7 @@ def main() -> None:
         for case in found:
             one_round(case, args, index)
     table(found, statistics.median(bare), args)
+    torchrun_table(found, args)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import signal
 import sys
 import warnings
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
@@ -24,6 +26,7 @@ from ema_average.decay_rules import ExponentialRule, PowerRule
 from ema_average.errors import ConfigurationError, EmaAverageError, TrustPickleWarning
 
 if TYPE_CHECKING:  # the modules behind the command import torch: loaded only once a run starts
+    from ema_average.distributed import Ranks
     from ema_average.pipeline import PreparedRun, RunOptions, Summary
 
 
@@ -66,8 +69,10 @@ def average(
         typer.Option(
             "-o",
             "--output",
-            help="Output .safetensors file. Default: CKPT_DIR-ema.safetensors beside CKPT_DIR. With several "
-            "averages each output is named for its setting: OUT-decay0.999.safetensors.",
+            help="Output .safetensors file, or (any other name) a folder that the producing library's "
+            "from_pretrained loads: weights named as the input's, with its config and tokenizer files. "
+            "Default: CKPT_DIR-ema.safetensors beside CKPT_DIR. With several averages each output is named "
+            "for its setting: OUT-decay0.999.safetensors.",
         ),
     ] = None,
     device: Annotated[str, typer.Option(help="Where the averages live: cpu, cuda, cuda:N or mps.")] = "cpu",
@@ -285,8 +290,11 @@ def average(
             resume=resume,
             allow_nonfinite=allow_nonfinite,
         )
-        if memory_budget is not None and not quiet:
+        if memory_budget is not None and not quiet and _speaks():
             out.print("note: --memory-budget is no longer used: memory is a few chunk buffers per thread")
+        if _launched():
+            _run_on_ranks(options, watch=watch, dry_run=dry_run, quiet=quiet)
+            return
         if watch:
             _watch(options, poll, quiet)
             return
@@ -304,13 +312,55 @@ def average(
         summary = _execute_with_progress(prepared, show=not quiet and out.is_terminal)
         if not quiet:
             show_summary(summary)
-    except (EmaAverageError, OSError) as exc:
-        _fail(str(exc), exc, debug)
     except KeyboardInterrupt:
-        err.print("ema-average: interrupted; no output written")
+        if _speaks():
+            err.print("ema-average: interrupted; no output written")
         raise typer.Exit(130) from None
     except Exception as exc:  # a bug or an unforeseen input: still one line, the traceback with --debug
-        _fail(f"unexpected {type(exc).__name__}: {exc} (--debug shows where)", exc, debug)
+        _fail(_describe(exc), exc, debug)
+
+
+def _describe(exc: BaseException) -> str:
+    """An error as its one-line message: ours and the OS's as they are, anything else as unexpected."""
+    if isinstance(exc, EmaAverageError | OSError):
+        return str(exc)
+    return f"unexpected {type(exc).__name__}: {exc} (--debug shows where)"
+
+
+def _launched() -> bool:
+    """One of several ranks started by torchrun (the rank logic itself is in ema_average.distributed)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _speaks() -> bool:
+    """Only rank 0 of a torchrun launch prints: every rank reaches the same plan, summary and error."""
+    return not _launched() or os.environ.get("RANK", "0") == "0"
+
+
+def _run_on_ranks(options: RunOptions, *, watch: bool, dry_run: bool, quiet: bool) -> None:
+    """The run under torchrun: every rank prepares, they agree, each writes its share of the one output."""
+    from ema_average import distributed
+
+    ranks = distributed.Ranks.start(options.device, _describe)
+    try:
+        mine = ranks.together(lambda: distributed.rank_options(options, ranks, watch=watch))
+        prepared = ranks.together(lambda: distributed.prepare(mine, ranks, dry_run=dry_run))
+        speak = ranks.lead and not quiet
+        if speak:
+            show_plan(prepared)
+        if dry_run:
+            return
+        if prepared.up_to_date:
+            if speak:
+                out.print(
+                    f"{prepared.output} is up to date: no checkpoint newer than step {prepared.plan.steps[-1]}"
+                )
+            return
+        summary = _execute_with_progress(prepared, show=speak and out.is_terminal, ranks=ranks)
+        if speak:
+            show_summary(summary)
+    finally:
+        ranks.close()
 
 
 def _flag(name: str) -> str:
@@ -356,6 +406,8 @@ def _only_our_warnings() -> None:
     warnings.simplefilter("always", TrustPickleWarning)
 
     def show(message: Warning | str, *_: object, **__: object) -> None:
+        if not _speaks():
+            return
         err.print(f"ema-average: warning: {one_line(str(message))}", soft_wrap=True)
 
     warnings.showwarning = show
@@ -369,7 +421,8 @@ def _terminate(signum: int, _frame: object) -> NoReturn:
 def _fail(message: str, exc: BaseException, debug: bool) -> NoReturn:
     if debug:
         raise exc
-    err.print(f"ema-average: error: {one_line(message)}", soft_wrap=True)
+    if _speaks():
+        err.print(f"ema-average: error: {one_line(message)}", soft_wrap=True)
     raise typer.Exit(1)
 
 
@@ -379,7 +432,7 @@ def one_line(text: str) -> str:
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text.strip())
 
 
-def _execute_with_progress(prepared: PreparedRun, *, show: bool) -> Summary:
+def _execute_with_progress(prepared: PreparedRun, *, show: bool, ranks: Ranks | None = None) -> Summary:
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -389,7 +442,14 @@ def _execute_with_progress(prepared: PreparedRun, *, show: bool) -> Summary:
         TransferSpeedColumn,
     )
 
-    from ema_average.pipeline import execute
+    from ema_average import pipeline
+
+    def execute(prepared: PreparedRun, on_progress: Callable[[int], None] | None = None) -> Summary:
+        if ranks is None:
+            return pipeline.execute(prepared, on_progress)
+        from ema_average import distributed
+
+        return distributed.execute(prepared, ranks, on_progress)
 
     if not show:
         return execute(prepared)
@@ -465,6 +525,9 @@ def show_plan(prepared: PreparedRun) -> None:
     )
     outputs = ", ".join(str(path) for path in prepared.outputs)
     out.print(f"output{'s' if several else ''} {outputs} ({prepared.options.dtype})")
+    if prepared.folder is not None:
+        shown = prepared.folder.describe(prepared.options.max_shard_size)
+        out.print(f"folder{'s' if several else ''} of {shown}", soft_wrap=True)
     for note in plan.notes:
         out.print(f"note: {note}", soft_wrap=True)
 

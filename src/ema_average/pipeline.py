@@ -27,9 +27,11 @@ from ema_average.errors import (
     NoCheckpointsError,
     OutputError,
 )
+from ema_average.output_folder import SIDE_FILES, OutputFolder, is_folder, plan_folder
 from ema_average.plan import (
     AverageSettings,
     CheckpointSelection,
+    Chunk,
     OutputTensor,
     Plan,
     PlannedAverage,
@@ -111,6 +113,7 @@ class PreparedRun:
     resumed: Resumed | None = None
     may_replace: bool = False  # --overwrite, or refreshing the very output being resumed
     left_out: list[str] = field(default_factory=list)  # checkpoints older than a resumed output's last step
+    folder: OutputFolder | None = None  # what a folder output holds (weights name, side files); None: a file
 
     @property
     def output(self) -> Path:
@@ -236,25 +239,43 @@ def prepare(options: RunOptions, *, dry_run: bool = False, only: set[Path] | Non
                 raise OutputError(f"{output}: already exists; pass --overwrite to replace it")
             plan.notes.append(f"{output} already exists: a real run needs --overwrite")
     may_replace = options.overwrite or continuing
-    return PreparedRun(options, run, checkpoints, plan, outputs, device, threads, resumed, may_replace, older)
+    folder = _output_folder(outputs, checkpoints)
+    return PreparedRun(
+        options, run, checkpoints, plan, outputs, device, threads, resumed, may_replace, older, folder
+    )
 
 
 def _output_paths(options: RunOptions, labels: list[str]) -> list[Path]:
-    """The outputs: .safetensors files, or folders of shards with ``--max-shard-size``; with several
-    averages, each named for its label (``out.safetensors`` -> ``out-decay0.999.safetensors``)."""
-    folder = options.max_shard_size is not None
-    output = options.output or options.resume or default_output(options.checkpoint_dir, folder=folder)
-    if folder and output.suffix == ".safetensors":
+    """The outputs: .safetensors files, or folders that ``from_pretrained`` loads (``-o`` naming anything
+    else, or ``--max-shard-size``); with several averages, each named for its label
+    (``out.safetensors`` -> ``out-decay0.999.safetensors``, ``out/`` -> ``out-decay0.999/``)."""
+    sharded = options.max_shard_size is not None
+    output = options.output or options.resume or default_output(options.checkpoint_dir, folder=sharded)
+    if sharded and not is_folder(output):
         raise ConfigurationError(
             f"--max-shard-size writes a folder of shards and an index: give -o FOLDER, not {output.name}"
         )
+    folder = is_folder(output)
+    if folder and output.name in ("", ".."):
+        raise ConfigurationError(f"-o {output}: name the output folder (e.g. -o run-ema/)")
     if folder and options.resume is not None:
-        raise ConfigurationError("--resume continues a single .safetensors file; drop --max-shard-size")
+        raise ConfigurationError(
+            f"--resume continues a single .safetensors file; {output.name} would be a folder "
+            "(give -o OUT.safetensors, and no --max-shard-size)"
+        )
     outputs = [output] if len(labels) == 1 else [labelled(output, label) for label in labels]
     for path in outputs:
         if not folder and path.is_dir():
             raise OutputError(f"{path}: is a folder; give a file name ending .safetensors")
     return outputs
+
+
+def _output_folder(outputs: list[Path], checkpoints: list[Checkpoint]) -> OutputFolder | None:
+    """For folder outputs, what each holds besides the averages: the input's weights name and the latest
+    checkpoint's side files (checked now, before any work); None for .safetensors files."""
+    if not is_folder(outputs[0]):
+        return None
+    return plan_folder(checkpoints[-1]) if checkpoints else OutputFolder()
 
 
 def labelled(output: Path, label: str) -> Path:
@@ -416,9 +437,13 @@ def execute(prepared: PreparedRun, on_progress: Progress | None = None) -> Summa
 
 
 def _stream(
-    prepared: PreparedRun, writers: list[SafetensorsWriter | ShardedWriter], progress: Progress
+    prepared: PreparedRun,
+    writers: Sequence[SafetensorsWriter | ShardedWriter],
+    progress: Progress,
+    chunks: Sequence[Chunk] | None = None,
 ) -> int:
-    """Every chunk of every tensor, over every source, into every output; returns the bytes read."""
+    """Every chunk of every tensor (or only ``chunks``: a rank's share under torchrun), over every source,
+    into every output; returns the bytes read."""
     plan = prepared.plan
     for t in plan.outputs:  # empty tensors have no chunk
         if t.spec.numel == 0:
@@ -437,7 +462,7 @@ def _stream(
         threads=prepared.threads,
         check_finite=not prepared.options.allow_nonfinite,
     )
-    return stream.run(plan.chunks, progress)
+    return stream.run(plan.chunks if chunks is None else chunks, progress)
 
 
 def _open_writer(
@@ -446,15 +471,25 @@ def _open_writer(
     options, plan = prepared.options, prepared.plan
     entries = [TensorEntry(t.name, t.spec.shape, t.out_dtype) for t in plan.outputs]
     metadata = _metadata(prepared, average.settings)
-    if options.max_shard_size:
-        return ShardedWriter(
-            output,
-            entries,
-            metadata,
-            overwrite=prepared.may_replace,
-            max_shard_size=options.max_shard_size,
-        )
-    return SafetensorsWriter(output, entries, metadata, overwrite=prepared.may_replace)
+    folder = prepared.folder
+    if folder is None:
+        return SafetensorsWriter(output, entries, metadata, overwrite=prepared.may_replace)
+    writer = ShardedWriter(
+        output,
+        entries,
+        metadata,
+        overwrite=prepared.may_replace,
+        max_shard_size=folder.max_shard_size(options.max_shard_size),
+        weights_name=folder.weights_name,
+        side_files=SIDE_FILES,  # any of them may be in an earlier output this replaces
+    )
+    try:
+        for name, data in folder.read_side_files().items():
+            writer.add_file(name, data)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer
 
 
 def _metadata(prepared: PreparedRun, settings: AverageSettings) -> dict[str, str]:

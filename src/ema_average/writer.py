@@ -60,6 +60,7 @@ __all__ = [
     "TensorEntry",
     "name_problem",
     "remove_stale_temporaries",
+    "temp_name",
 ]
 
 # Temporary files and staging folders: ``.NAME.ema-average-PID.tmp``. Nothing else is ever removed.
@@ -231,6 +232,12 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
     return removed
 
 
+def temp_name(path: Path, pid: int) -> Path:
+    """The hidden name of ``path``'s temporary file or staging folder while process ``pid`` writes it
+    (``remove_stale_temporaries`` removes it once that process is gone)."""
+    return path.parent / f".{path.name}.ema-average-{pid}.tmp"
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
@@ -297,6 +304,12 @@ class SafetensorsWriter:
 
     ``lock=False`` is for a caller that already guarantees no other writer (``ShardedWriter``'s private
     staging folder).
+
+    Several processes can write one file (``torchrun``: each rank its own byte ranges): one writer made
+    with ``shared=True`` creates a named temporary (``temp_name(path, its PID)``: other processes, even on
+    other hosts, can open it, where an unnamed one could not), reserves it and writes the header; each
+    other process opens it with ``join=`` that name and the same entries and metadata, writes its ranges
+    and calls ``flush``; once all have, the shared writer's ``written_elsewhere`` and ``commit`` name it.
     """
 
     def __init__(
@@ -307,6 +320,8 @@ class SafetensorsWriter:
         *,
         overwrite: bool,
         lock: bool = True,
+        shared: bool = False,
+        join: Path | None = None,
     ) -> None:
         self.path = path
         self._overwrite = overwrite
@@ -329,15 +344,19 @@ class SafetensorsWriter:
         self._guard = threading.Lock()
         self.data_size = sum(self._sizes.values())  # tensor bytes alone: an index's total_size
         self.size = len(self._header) + self.data_size
-        self.temp_path = path.parent / f".{path.name}.ema-average-{os.getpid()}.tmp"
+        self.temp_path = join or temp_name(path, os.getpid())
         self._fd: int | None = None
         self._anonymous = False
         self._named_temp = False  # temp_path is ours to remove
-        self._lock = _writer_lock(path) if lock else None
+        self._joined = join is not None
+        self._lock = _writer_lock(path) if lock and join is None else None
         try:
-            self._open_temporary()
-            self._reserve()
-            self._pwrite(memoryview(self._header), 0)
+            if join is not None:
+                self._open_joined()
+            else:
+                self._open_temporary(named=shared)
+                self._reserve()
+                self._pwrite(memoryview(self._header), 0)
         except BaseException:
             self.abort()
             raise
@@ -347,8 +366,8 @@ class SafetensorsWriter:
         """The files the commit makes visible (as ``ShardedWriter.paths``: both writers answer alike)."""
         return [self.path]
 
-    def _open_temporary(self) -> None:
-        fd = _open_anonymous(self.path.parent)
+    def _open_temporary(self, *, named: bool) -> None:
+        fd = None if named else _open_anonymous(self.path.parent)
         self._anonymous = fd is not None
         if fd is None:
             _remove_leftover(self.temp_path)
@@ -359,6 +378,42 @@ class SafetensorsWriter:
             self._named_temp = True
             fcntl.flock(fd, fcntl.LOCK_EX)  # tells remove_stale_temporaries it is in use
         self._fd = fd
+
+    def _open_joined(self) -> None:
+        """Open another process's shared temporary, checked to be the same layout (size and header)."""
+        try:
+            fd = os.open(self.temp_path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise OutputError(f"{self.temp_path}: cannot be opened to write into ({exc.strerror})") from exc
+        self._fd = fd
+        size = os.fstat(fd).st_size
+        header = os.pread(fd, len(self._header), 0) if size == self.size else b""
+        if header != self._header:
+            raise OutputError(
+                f"{self.temp_path}: is not the file this process would write ({size} bytes, expected "
+                f"{self.size} with the same header)"
+            )
+
+    def flush(self) -> None:
+        """fsync this process's writes and close the file: for a writer made with ``join``, its last step
+        (the shared writer commits once every process has flushed)."""
+        if self._fd is None:
+            return
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            self.abort()
+            raise OutputError(f"{self.path}: cannot write to disk ({exc.strerror})") from exc
+        if self._joined:
+            os.close(self._fd)
+            self._fd = None
+
+    def written_elsewhere(self) -> None:
+        """Count every tensor as written: the other processes that joined this file wrote the rest and
+        flushed (the caller has their word for it)."""
+        with self._guard:
+            self._pending.clear()
+            self._unwritten = dict.fromkeys(self._unwritten, 0)
 
     def _reserve(self) -> None:
         assert self._fd is not None
@@ -431,6 +486,8 @@ class SafetensorsWriter:
 
     def commit(self) -> None:
         """fsync, read back, and name: the output appears whole or not at all; on failure nothing is left."""
+        if self._joined:
+            raise OutputError(f"{self.path}: only the process that made the shared file commits it")
         if self._pending:
             raise OutputError(f"{self.path}: {len(self._pending)} tensors were never written")
         with _or_abort(self.path, self.abort):
@@ -645,7 +702,7 @@ class ShardedWriter:
         self._names = _shard_names(weights_name, len(shards))
         self._index_name = f"{weights_name}.index.json" if len(shards) > 1 else None
         self._added: list[str] = []
-        self.staging = path.parent / f".{path.name}.ema-average-{os.getpid()}.tmp"
+        self.staging = temp_name(path, os.getpid())
         self._staging_fd: int | None = None
         self._made_staging = False
         self._committed = False

@@ -1,0 +1,369 @@
+"""The offline job split across the ranks of a ``torchrun`` launch, into one output file written by all.
+
+``torchrun --nproc-per-node N -m ema_average CKPT_DIR -o OUT`` starts N copies of the command; each is one
+rank. Every rank prepares (headers only, so every input error surfaces before anything is written) and
+the ranks agree on it; rank 0 takes the output's lock, removes stale temporaries and creates each output's
+temporary file (named, so every rank, on any host sharing the filesystem, can open it), reserved and with
+its header; the others open it by the name rank 0's PID gives. Each rank streams its share of the plan's
+chunks (a contiguous run of about 1/N of the bytes) and ``pwrite``s them at their offsets, then fsyncs;
+once all agree that every rank succeeded, rank 0 commits (read back, atomic rename): all or nothing.
+
+Agreement is one ``all_reduce`` of a flag per phase; a failure's one-line message travels from the lowest
+failing rank to the others as a uint8 tensor (nothing is pickled between ranks), and every rank exits 1
+with rank 0 printing it. Progress goes through the rendezvous store (``add``, no collective): each rank
+publishes its bytes every so often, rank 0 reads the total, and a rank that fails sets a key that stops
+the others early. A plain one-process run never imports this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+from ema_average import pipeline, streaming
+from ema_average.errors import ConfigurationError, EmaAverageError, OutputError
+from ema_average.pipeline import (
+    PreparedRun,
+    Progress,
+    RunOptions,
+    Summary,
+    _metadata,
+    _peak_rss,
+    _stream,
+)
+from ema_average.plan import Chunk
+from ema_average.writer import (
+    OutputLock,
+    SafetensorsWriter,
+    TensorEntry,
+    remove_stale_temporaries,
+    temp_name,
+)
+
+T = TypeVar("T")
+
+# Tests only: the rank whose number this holds SIGKILLs itself after its first chunk (a rank dying midway).
+TEST_KILL_RANK = "EMA_AVERAGE_TEST_SIGKILL_RANK_AFTER_FIRST_CHUNK"
+_PUBLISH_EVERY = 0.25  # seconds between a rank's progress reports to the store
+_FAILED = "failed"
+_PROGRESS = "progress"
+
+
+class RankFailure(EmaAverageError):
+    """A failure on some rank, raised on every rank once they agreed on it: the failing rank's one line."""
+
+
+class _Stopped(Exception):
+    """Another rank failed: this one stops its share early (not a failure of its own)."""
+
+
+@dataclass
+class Ranks:
+    """This process's place in the launch, and the few collectives the job needs (CPU tensors, gloo)."""
+
+    rank: int
+    world: int
+    local_rank: int
+    local_world: int
+    describe: Callable[[BaseException], str]  # a failure as its one-line message (the CLI's wording)
+    store: dist.Store
+
+    @classmethod
+    def start(cls, device: str, describe: Callable[[BaseException], str]) -> Ranks:
+        """Join the process group torchrun's environment describes: gloo, plus nccl for CUDA tensors."""
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        cuda = device.startswith("cuda")
+        if cuda and torch.cuda.is_available():
+            with contextlib.suppress(RuntimeError):  # a bad name: prepare says so in one line
+                torch.cuda.set_device(_gpu(device, local_rank))
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
+        # The group's own store (the rendezvous store torchrun set up), under a prefix of ours.
+        store = dist.PrefixStore("ema-average/", dist.distributed_c10d._get_default_store())
+        return cls(
+            dist.get_rank(),
+            dist.get_world_size(),
+            local_rank,
+            int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+            describe,
+            store,
+        )
+
+    @property
+    def lead(self) -> bool:
+        """Rank 0: the one that speaks, holds the output's lock and commits."""
+        return self.rank == 0
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # a peer already gone: nothing left to tell it
+            dist.destroy_process_group()
+
+    def together(self, work: Callable[[], T]) -> T:
+        """Run ``work`` here, then agree with every rank: if any failed, RankFailure on all of them.
+
+        Ctrl-C and SIGTERM unwind without agreeing: torchrun is tearing every rank down anyway."""
+        try:
+            result = work()
+        except Exception as exc:
+            self.agree(exc)
+            raise AssertionError("unreachable: agree raises on a failure") from exc
+        self.agree(None)
+        return result
+
+    def agree(self, failure: BaseException | None) -> None:
+        """One all_reduce: the lowest failing rank, if any, whose message then goes to every rank."""
+        stopped = isinstance(failure, _Stopped)
+        if failure is not None and not stopped:
+            with contextlib.suppress(Exception):
+                self.store.set(_FAILED, str(self.rank))
+        code = self.world + 1 if failure is None else self.world if stopped else self.rank
+        first = self._reduce(code, dist.ReduceOp.MIN)
+        if first > self.world:
+            return
+        _ignore_sigterm()  # every rank is leaving now: a peer's exit must not cut this one's clean-up short
+        if first == self.world:  # stopped with no failure behind it: never expected, never committed
+            raise RankFailure("a rank stopped without another failing; nothing was written") from failure
+        message = self.describe(failure) if self.rank == first and failure is not None else ""
+        raise RankFailure(self._text(message, src=first)) from failure
+
+    def broadcast_int(self, value: int, src: int = 0) -> int:
+        box = torch.tensor([value], dtype=torch.int64)
+        with _peers_alive():
+            dist.broadcast(box, src)
+        return int(box.item())
+
+    def total(self, value: int) -> int:
+        return self._reduce(value, dist.ReduceOp.SUM)
+
+    def most(self, value: int) -> int:
+        return self._reduce(value, dist.ReduceOp.MAX)
+
+    def _reduce(self, value: int, op: dist.ReduceOp) -> int:
+        box = torch.tensor([value], dtype=torch.int64)
+        with _peers_alive():
+            dist.all_reduce(box, op)
+        return int(box.item())
+
+    def _text(self, text: str, src: int) -> str:
+        """``text`` from rank ``src`` on every rank: its length, then its UTF-8 bytes as a uint8 tensor."""
+        data = (text or "failed").encode("utf-8", "replace")
+        size = self.broadcast_int(len(data) if self.rank == src else 0, src)
+        box = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.rank == src else None
+        if box is None:
+            box = torch.zeros(size, dtype=torch.uint8)
+        with _peers_alive():
+            dist.broadcast(box, src)
+        return bytes(box.numpy()).decode("utf-8", "replace")
+
+
+@contextlib.contextmanager
+def _peers_alive() -> Iterator[None]:
+    """A collective that fails (gloo: a peer's connection closed) means a rank died or its host was lost:
+    one line for it, instead of the backend's message."""
+    try:
+        yield
+    except RuntimeError as exc:
+        _ignore_sigterm()
+        raise RankFailure(
+            "another rank stopped (killed, or its host lost) before the ranks agreed; see torchrun's report"
+        ) from exc
+
+
+def _ignore_sigterm() -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def rank_options(options: RunOptions, ranks: Ranks, *, watch: bool) -> RunOptions:
+    """The options as this rank runs them: refused where one file from several ranks cannot work; each
+    rank on its own GPU (``cuda`` -> ``cuda:LOCAL_RANK``, shared round-robin where a host has fewer GPUs than
+    ranks); the default threads shared among a host's ranks."""
+    if watch:
+        raise ConfigurationError("--watch runs in one process: start it without torchrun")
+    if options.max_shard_size is not None:
+        raise ConfigurationError(
+            "--max-shard-size is not supported under torchrun (ranks write one .safetensors file): drop it, "
+            "or run in one process"
+        )
+    device = options.device
+    if device == "cuda" and torch.cuda.is_available():
+        device = f"cuda:{_gpu(device, ranks.local_rank)}"
+    threads = options.threads
+    if threads is None:
+        threads = max(1, streaming.default_threads(torch.device(device)) // max(1, ranks.local_world))
+    return dataclasses.replace(options, device=device, threads=threads)
+
+
+def prepare(options: RunOptions, ranks: Ranks, *, dry_run: bool) -> PreparedRun:
+    """``pipeline.prepare`` on this rank (headers only), refusing outputs other than one file each."""
+    prepared = pipeline.prepare(options, dry_run=dry_run)
+    if prepared.folder is not None:
+        raise ConfigurationError(
+            f"-o {prepared.output}: under torchrun the ranks write one .safetensors file each; give "
+            "-o OUT.safetensors, or write a folder in one process"
+        )
+    prepared.plan.notes.append(
+        f"split over {ranks.world} ranks (torchrun): each streams its share of the chunks into one file"
+    )
+    return prepared
+
+
+def _gpu(device: str, local_rank: int) -> int:
+    """This rank's GPU: the one named (``cuda:N``), else its local rank's, round-robin over the host's GPUs."""
+    index = torch.device(device).index
+    return index if index is not None else local_rank % max(1, torch.cuda.device_count())
+
+
+def share(chunks: Sequence[Chunk], sources: int, rank: int, world: int) -> list[Chunk]:
+    """Rank ``rank``'s chunks: a contiguous run holding about 1/world of the bytes read (a chunk goes to
+    the rank whose slice of the bytes holds its middle), so each rank writes a few regions in order."""
+    sizes = [chunk.bytes_read(sources) for chunk in chunks]
+    total = sum(sizes) or 1
+    mine, before = [], 0
+    for chunk, size in zip(chunks, sizes, strict=True):
+        if min(world - 1, (2 * before + size) * world // (2 * total)) == rank:
+            mine.append(chunk)
+        before += size
+    return mine
+
+
+class _SharedProgress:
+    """A rank's progress callback: its bytes go to the store every so often (``add``, no collective);
+    rank 0 passes on the growth of every rank's total. Raises ``_Stopped`` once another rank failed."""
+
+    def __init__(self, ranks: Ranks, report: Progress | None) -> None:
+        self.ranks = ranks
+        self.report = report if ranks.lead else None
+        self.pending = 0
+        self.shown = 0
+        self.last = time.monotonic()
+        self.kill = os.environ.get(TEST_KILL_RANK) == str(ranks.rank)
+
+    def __call__(self, nbytes: int) -> None:
+        if self.kill:
+            os.kill(os.getpid(), signal.SIGKILL)
+        self.pending += nbytes
+        if time.monotonic() - self.last >= _PUBLISH_EVERY:
+            self.publish()
+
+    def publish(self) -> None:
+        self.last = time.monotonic()
+        total = self.ranks.store.add(_PROGRESS, self.pending)
+        self.pending = 0
+        if self.ranks.store.check([_FAILED]):
+            raise _Stopped
+        self._show(total)
+
+    def complete(self, total: int) -> None:
+        """Every rank is done: rank 0's bar reaches the end."""
+        self._show(total)
+
+    def _show(self, total: int) -> None:
+        if self.report is not None and total > self.shown:
+            self.report(total - self.shown)
+            self.shown = total
+
+
+def execute(prepared: PreparedRun, ranks: Ranks, on_progress: Progress | None = None) -> Summary:
+    """Every rank writes its share of every output; rank 0 commits once all succeeded: all or nothing."""
+    if prepared.up_to_date:
+        raise ConfigurationError(
+            f"{prepared.output} is up to date: no checkpoint is newer than its last step"
+        )
+    start = time.perf_counter()
+    writers: list[SafetensorsWriter] = []
+    with contextlib.ExitStack() as held:
+        held.callback(_close_sources, prepared)
+        try:
+            ranks.together(lambda: _create(prepared, writers, held) if ranks.lead else None)
+            creator = ranks.broadcast_int(os.getpid())  # rank 0's PID names the temporaries
+            ranks.together(lambda: None if ranks.lead else _join(prepared, writers, creator))
+            progress = _SharedProgress(ranks, on_progress)
+            mine = share(prepared.plan.chunks, len(prepared.sources), ranks.rank, ranks.world)
+            read = ranks.together(lambda: _write_share(prepared, writers, progress, mine))
+            bytes_read = ranks.total(read)
+            progress.complete(bytes_read)
+            ranks.together(lambda: _commit(writers) if ranks.lead else None)
+        except BaseException:
+            for writer in writers:
+                writer.abort()  # rank 0's removes the temporary; a no-op once committed
+            raise
+    return Summary(
+        [writer.path for writer in writers],
+        len(prepared.plan.outputs),
+        bytes_read,
+        sum(writer.size for writer in writers),
+        time.perf_counter() - start,
+        ranks.most(_peak_rss()),
+    )
+
+
+def _close_sources(prepared: PreparedRun) -> None:
+    for ckpt in prepared.sources:
+        ckpt.close()
+
+
+def _entries(prepared: PreparedRun) -> list[TensorEntry]:
+    return [TensorEntry(t.name, t.spec.shape, t.out_dtype) for t in prepared.plan.outputs]
+
+
+def _create(prepared: PreparedRun, writers: list[SafetensorsWriter], held: contextlib.ExitStack) -> None:
+    """Rank 0: lock every output, clear temporaries of killed runs, make each shared temporary file."""
+    for folder in {output.parent for output in prepared.outputs}:
+        if not folder.is_dir():
+            raise OutputError(f"{folder}: output folder does not exist")
+    for output in prepared.outputs:
+        held.enter_context(OutputLock(output))
+    for folder in {output.parent for output in prepared.outputs}:
+        remove_stale_temporaries(folder)
+    entries = _entries(prepared)
+    for index, output in enumerate(prepared.outputs):
+        metadata = _metadata(prepared, prepared.plan.averages[index].settings)
+        writers.append(
+            SafetensorsWriter(
+                output, entries, metadata, overwrite=prepared.may_replace, lock=False, shared=True
+            )
+        )
+
+
+def _join(prepared: PreparedRun, writers: list[SafetensorsWriter], creator: int) -> None:
+    """Every other rank: open rank 0's temporary files to write its ranges into."""
+    entries = _entries(prepared)
+    for index, output in enumerate(prepared.outputs):
+        metadata = _metadata(prepared, prepared.plan.averages[index].settings)
+        writers.append(
+            SafetensorsWriter(
+                output,
+                entries,
+                metadata,
+                overwrite=prepared.may_replace,
+                lock=False,
+                join=temp_name(output, creator),
+            )
+        )
+
+
+def _write_share(
+    prepared: PreparedRun, writers: list[SafetensorsWriter], progress: _SharedProgress, mine: list[Chunk]
+) -> int:
+    read = _stream(prepared, writers, progress, mine)
+    progress.publish()
+    for writer in writers:
+        writer.flush()
+    return read
+
+
+def _commit(writers: list[SafetensorsWriter]) -> None:
+    for writer in writers:
+        writer.written_elsewhere()
+    for writer in writers:
+        writer.commit()
