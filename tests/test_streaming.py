@@ -460,10 +460,10 @@ def test_whole_tensor_sink_gathers_pieces_for_a_plain_writer(tmp_path: Path) -> 
 
 @pytest.mark.skipif(not hasattr(SafetensorsWriter, "write_range"), reason="writer takes whole tensors only")
 def test_writer_takes_pieces_from_threads(tmp_path: Path) -> None:
-    from ema_average.safetensors_format import TensorEntry
+    from ema_average.safetensors_format import TensorEntry, TensorSpec
 
     writer = SafetensorsWriter(
-        tmp_path / "o.safetensors", [TensorEntry("w", (100,), torch.float32)], {}, overwrite=False
+        tmp_path / "o.safetensors", [TensorEntry("w", TensorSpec((100,), torch.float32))], {}, overwrite=False
     )
     values = torch.arange(100.0)
     threads = [

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 import ema_average.writer as writer_module
 from ema_average.errors import OutputError
+from ema_average.safetensors_format import TensorSpec
 from ema_average.writer import (
     OutputLock,
     SafetensorsWriter,
@@ -52,7 +53,7 @@ def layers(value: float, count: int = 5) -> dict[str, torch.Tensor]:
 
 
 def entries(ts: dict[str, torch.Tensor]) -> list[TensorEntry]:
-    return [TensorEntry(n, tuple(t.shape), t.dtype) for n, t in ts.items()]
+    return [TensorEntry(n, TensorSpec(tuple(t.shape), t.dtype)) for n, t in ts.items()]
 
 
 def write_all(writer: SafetensorsWriter | ShardedWriter, ts: dict[str, torch.Tensor]) -> None:
@@ -153,7 +154,7 @@ def test_existing_output_needs_overwrite(tmp_path: Path, temp_kind: str) -> None
 
 def test_wrong_size_is_refused(tmp_path: Path) -> None:
     writer = SafetensorsWriter(
-        tmp_path / "o.safetensors", [TensorEntry("w", (3,), torch.float32)], None, overwrite=False
+        tmp_path / "o.safetensors", [TensorEntry("w", TensorSpec((3,), torch.float32))], None, overwrite=False
     )
     with pytest.raises(OutputError, match="'w' has 16 bytes, header says 12"):
         writer.write("w", torch.zeros(4))
@@ -213,9 +214,12 @@ def test_name_problem(name: object, problem: str | None) -> None:
 
 @pytest.mark.parametrize("bad", ["__metadata__", "bad\udc80", "", "twice"])
 def test_names_the_format_cannot_store_are_refused_before_any_file(tmp_path: Path, bad: str) -> None:
-    listed = [TensorEntry("ok", (2,), torch.float32), TensorEntry(bad, (2,), torch.float32)]
+    listed = [
+        TensorEntry("ok", TensorSpec((2,), torch.float32)),
+        TensorEntry(bad, TensorSpec((2,), torch.float32)),
+    ]
     if bad == "twice":
-        listed.append(TensorEntry("twice", (2,), torch.float32))
+        listed.append(TensorEntry("twice", TensorSpec((2,), torch.float32)))
     for make in (
         lambda: SafetensorsWriter(tmp_path / "o.safetensors", listed, None, overwrite=False),
         lambda: ShardedWriter(tmp_path / "o", listed, None, overwrite=False, max_shard_size=4),
@@ -233,7 +237,9 @@ def test_metadata_utf8_cannot_encode_is_refused(tmp_path: Path) -> None:
 
 def test_a_header_that_does_not_read_back_is_not_committed(tmp_path: Path, temp_kind: str) -> None:
     out = tmp_path / "out.safetensors"
-    writer = SafetensorsWriter(out, [TensorEntry("w", (3,), torch.float32)], None, overwrite=False)
+    writer = SafetensorsWriter(
+        out, [TensorEntry("w", TensorSpec((3,), torch.float32))], None, overwrite=False
+    )
     writer.write("w", torch.ones(3))
     damaged = writer._header.replace(b'"F32"', b'"I32"')  # a writer bug: the header says another dtype
     os.pwrite(writer._fd, damaged, 0)  # type: ignore[arg-type]
@@ -298,7 +304,7 @@ def test_the_lock_of_a_killed_run_is_free_and_leaves_nothing(tmp_path: Path) -> 
 
 
 def test_writers_take_the_lock_unless_the_caller_holds_it(tmp_path: Path) -> None:
-    out, listed = tmp_path / "o.safetensors", [TensorEntry("w", (1,), torch.float32)]
+    out, listed = tmp_path / "o.safetensors", [TensorEntry("w", TensorSpec((1,), torch.float32))]
     first = SafetensorsWriter(out, listed, None, overwrite=False)
     with pytest.raises(OutputError, match="another ema-average run is writing it"):
         SafetensorsWriter(out, listed, None, overwrite=False)
@@ -508,8 +514,8 @@ def test_a_folder_that_appears_during_the_run_is_never_replaced(
 def test_a_killed_fresh_run_leaves_no_output_folder(tmp_path: Path) -> None:
     child = start_child(
         "import sys, time, torch; from pathlib import Path\n"
-        "from ema_average.writer import ShardedWriter, TensorEntry\n"
-        "listed = [TensorEntry(f't{i}', (256,), torch.float32) for i in range(4)]\n"
+        "from ema_average.writer import ShardedWriter, TensorEntry, TensorSpec\n"
+        "listed = [TensorEntry(f't{i}', TensorSpec((256,), torch.float32)) for i in range(4)]\n"
         "w = ShardedWriter(Path(sys.argv[1]), listed, None, overwrite=False, max_shard_size=2048)\n"
         "w.write('t0', torch.zeros(256)); w.add_file('config.json', b'{}')\n"
         "print('ready', flush=True); time.sleep(120)",

@@ -37,11 +37,12 @@ from ema_average.pipeline import (
     Progress,
     RunOptions,
     Summary,
-    _metadata,
-    _peak_rss,
-    _stream,
+    peak_rss,
+    run_metadata,
+    stream_chunks,
 )
 from ema_average.plan import Chunk
+from ema_average.safetensors_format import TensorSpec
 from ema_average.writer import (
     OutputLock,
     SafetensorsWriter,
@@ -303,7 +304,7 @@ def execute(prepared: PreparedRun, ranks: Ranks, on_progress: Progress | None = 
         bytes_read,
         sum(writer.size for writer in writers),
         time.perf_counter() - start,
-        ranks.most(_peak_rss()),
+        ranks.most(peak_rss()),
     )
 
 
@@ -313,7 +314,7 @@ def _close_sources(prepared: PreparedRun) -> None:
 
 
 def _entries(prepared: PreparedRun) -> list[TensorEntry]:
-    return [TensorEntry(t.name, t.spec.shape, t.out_dtype) for t in prepared.plan.outputs]
+    return [TensorEntry(t.name, TensorSpec(t.spec.shape, t.out_dtype)) for t in prepared.plan.outputs]
 
 
 def _create(prepared: PreparedRun, writers: list[SafetensorsWriter], held: contextlib.ExitStack) -> None:
@@ -327,7 +328,7 @@ def _create(prepared: PreparedRun, writers: list[SafetensorsWriter], held: conte
         remove_stale_temporaries(folder)
     entries = _entries(prepared)
     for index, output in enumerate(prepared.outputs):
-        metadata = _metadata(prepared, prepared.plan.averages[index].settings)
+        metadata = run_metadata(prepared, prepared.plan.averages[index].settings)
         writers.append(
             SafetensorsWriter(
                 output, entries, metadata, overwrite=prepared.may_replace, lock=False, shared=True
@@ -339,7 +340,7 @@ def _join(prepared: PreparedRun, writers: list[SafetensorsWriter], creator: int)
     """Every other rank: open rank 0's temporary files to write its ranges into."""
     entries = _entries(prepared)
     for index, output in enumerate(prepared.outputs):
-        metadata = _metadata(prepared, prepared.plan.averages[index].settings)
+        metadata = run_metadata(prepared, prepared.plan.averages[index].settings)
         writers.append(
             SafetensorsWriter(
                 output,
@@ -355,7 +356,7 @@ def _join(prepared: PreparedRun, writers: list[SafetensorsWriter], creator: int)
 def _write_share(
     prepared: PreparedRun, writers: list[SafetensorsWriter], progress: _SharedProgress, mine: list[Chunk]
 ) -> int:
-    read = _stream(prepared, writers, progress, mine)
+    read = stream_chunks(prepared, writers, progress, mine)
     progress.publish()
     for writer in writers:
         writer.flush()

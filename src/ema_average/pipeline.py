@@ -45,6 +45,7 @@ from ema_average.plan import (
     update_decays,
 )
 from ema_average.resume import Resumed, check_resumable, left_out, open_resumed, output_metadata
+from ema_average.safetensors_format import TensorSpec
 from ema_average.writer import (
     OutputLock,
     SafetensorsWriter,
@@ -416,7 +417,7 @@ def execute(prepared: PreparedRun, on_progress: Progress | None = None) -> Summa
         try:
             for average, output in zip(prepared.plan.averages, prepared.outputs, strict=True):
                 writers.append(_open_writer(prepared, average, output))
-            bytes_read = _stream(prepared, writers, on_progress or (lambda _n: None))
+            bytes_read = stream_chunks(prepared, writers, on_progress or (lambda _n: None))
             for writer in writers:
                 writer.commit()
         except BaseException:
@@ -432,11 +433,11 @@ def execute(prepared: PreparedRun, on_progress: Progress | None = None) -> Summa
         bytes_read,
         sum(writer.size for writer in writers),
         time.perf_counter() - start,
-        _peak_rss(),
+        peak_rss(),
     )
 
 
-def _stream(
+def stream_chunks(
     prepared: PreparedRun,
     writers: Sequence[SafetensorsWriter | ShardedWriter],
     progress: Progress,
@@ -469,8 +470,8 @@ def _open_writer(
     prepared: PreparedRun, average: PlannedAverage, output: Path
 ) -> SafetensorsWriter | ShardedWriter:
     options, plan = prepared.options, prepared.plan
-    entries = [TensorEntry(t.name, t.spec.shape, t.out_dtype) for t in plan.outputs]
-    metadata = _metadata(prepared, average.settings)
+    entries = [TensorEntry(t.name, TensorSpec(t.spec.shape, t.out_dtype)) for t in plan.outputs]
+    metadata = run_metadata(prepared, average.settings)
     folder = prepared.folder
     if folder is None:
         return SafetensorsWriter(output, entries, metadata, overwrite=prepared.may_replace)
@@ -492,13 +493,13 @@ def _open_writer(
     return writer
 
 
-def _metadata(prepared: PreparedRun, settings: AverageSettings) -> dict[str, str]:
+def run_metadata(prepared: PreparedRun, settings: AverageSettings) -> dict[str, str]:
     resumed = prepared.resumed
     steps = (resumed.steps if resumed else []) + [c.step or 0 for c in prepared.checkpoints]
     files = (resumed.files if resumed else []) + [c.path.name for c in prepared.checkpoints]
     return output_metadata(settings, prepared.options.dtype, steps, files)
 
 
-def _peak_rss() -> int:
+def peak_rss() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024

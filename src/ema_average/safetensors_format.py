@@ -172,19 +172,44 @@ def _check_tiling(path: Path, entries: dict[str, HeaderEntry], data_size: int) -
 
 
 @dataclass(frozen=True)
-class TensorEntry:
-    """One tensor of a file being written: what its header entry says."""
+class TensorSpec:
+    """Shape and dtype of one tensor, known without reading it: what a checkpoint holds, and (with a name)
+    what a written file's header lists."""
 
-    name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
 
     @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
     def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for d in self.shape:
-            n *= d
-        return n
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def is_floating(self) -> bool:
+        return self.dtype.is_floating_point
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a file being written: its name and spec, as its header entry lists them."""
+
+    name: str
+    spec: TensorSpec
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.spec.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.spec.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.spec.nbytes
 
 
 def safetensors_order(entries: Sequence[TensorEntry]) -> list[TensorEntry]:

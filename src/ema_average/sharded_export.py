@@ -19,6 +19,7 @@ from ema_average.errors import ConfigurationError, OutputError
 from ema_average.moving_average import MovingAverage, is_dtensor, local_part
 from ema_average.plan import AverageSettings
 from ema_average.resume import output_metadata
+from ema_average.safetensors_format import TensorSpec
 from ema_average.writer import SafetensorsWriter, TensorEntry
 
 __all__ = ["resume_metadata", "save_safetensors"]
@@ -40,7 +41,9 @@ def save_safetensors(
     path = Path(path)
     metadata = resume_metadata(average, step, dtype)  # same settings everywhere: all raise, or none
     averages = average.averages()
-    entries = [TensorEntry(name, tuple(t.shape), dtype or t.dtype) for name, t in averages.items()]
+    entries = [
+        TensorEntry(name, TensorSpec(tuple(t.shape), dtype or t.dtype)) for name, t in averages.items()
+    ]
     writer, failure = None, None
     if _rank() == 0:
         try:

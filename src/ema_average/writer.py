@@ -46,6 +46,7 @@ from ema_average.errors import CheckpointError, OutputError
 from ema_average.safetensors_format import (
     DTYPE_NAMES,
     TensorEntry,
+    TensorSpec,
     build_header,
     name_problem,
     read_header,
@@ -58,6 +59,7 @@ __all__ = [
     "SafetensorsWriter",
     "ShardedWriter",
     "TensorEntry",
+    "TensorSpec",
     "name_problem",
     "remove_stale_temporaries",
     "temp_name",

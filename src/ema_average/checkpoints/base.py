@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import stat
 from abc import ABC, abstractmethod
@@ -14,28 +13,9 @@ from typing import ClassVar, Literal
 import torch
 
 from ema_average.errors import CheckpointError
+from ema_average.safetensors_format import TensorSpec
 
 _LFS_POINTER = b"version https://git-lfs.github.com/spec/"
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """Shape and dtype of one saved tensor, known without reading it."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
-
-    @property
-    def is_floating(self) -> bool:
-        return self.dtype.is_floating_point
 
 
 @dataclass(frozen=True)
@@ -110,8 +90,8 @@ class Checkpoint(ABC):
 
     layout: ClassVar[str] = "?"
     lazy: ClassVar[bool] = True
-    # True where read() returns views of a file mapping: the pipeline then skips its staging copy and
-    # closes the checkpoint after each pass so the touched pages are unmapped.
+    # True where read() returns views of a file mapping: streaming then folds slices of those views
+    # straight in (no staging copy on the CPU) and gives their pages back once a chunk is done.
     zero_copy: bool = False
 
     def __init__(self, path: Path) -> None:
