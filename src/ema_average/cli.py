@@ -342,25 +342,33 @@ def _run_on_ranks(options: RunOptions, *, watch: bool, dry_run: bool, quiet: boo
     from ema_average import distributed
 
     ranks = distributed.Ranks.start(options.device, _describe)
+    finished = False
     try:
-        mine = ranks.together(lambda: distributed.rank_options(options, ranks, watch=watch))
-        prepared = ranks.together(lambda: distributed.prepare(mine, ranks, dry_run=dry_run))
-        speak = ranks.lead and not quiet
-        if speak:
-            show_plan(prepared)
-        if dry_run:
-            return
-        if prepared.up_to_date:
-            if speak:
-                out.print(
-                    f"{prepared.output} is up to date: no checkpoint newer than step {prepared.plan.steps[-1]}"
-                )
-            return
-        summary = _execute_with_progress(prepared, show=speak and out.is_terminal, ranks=ranks)
-        if speak:
-            show_summary(summary)
+        _rank_job(ranks, options, watch=watch, dry_run=dry_run, quiet=quiet)
+        finished = True
     finally:
-        ranks.close()
+        ranks.close(clean=finished)
+
+
+def _rank_job(ranks: Ranks, options: RunOptions, *, watch: bool, dry_run: bool, quiet: bool) -> None:
+    from ema_average import distributed
+
+    mine = ranks.together(lambda: distributed.rank_options(options, ranks, watch=watch))
+    prepared = ranks.together(lambda: distributed.prepare(mine, ranks, dry_run=dry_run))
+    speak = ranks.lead and not quiet
+    if speak:
+        show_plan(prepared)
+    if dry_run:
+        return
+    if prepared.up_to_date:
+        if speak:
+            out.print(
+                f"{prepared.output} is up to date: no checkpoint newer than step {prepared.plan.steps[-1]}"
+            )
+        return
+    summary = _execute_with_progress(prepared, show=speak and out.is_terminal, ranks=ranks)
+    if speak:
+        show_summary(summary)
 
 
 def _flag(name: str) -> str:

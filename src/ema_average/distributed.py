@@ -104,8 +104,12 @@ class Ranks:
         """Rank 0: the one that speaks, holds the output's lock and commits."""
         return self.rank == 0
 
-    def close(self) -> None:
+    def close(self, *, clean: bool) -> None:
+        """Leave the group; after a clean run, together (a rank tearing gloo down while a peer is still in
+        its last collective can make that peer abort, turning a committed run into a failure)."""
         with contextlib.suppress(Exception):  # a peer already gone: nothing left to tell it
+            if clean:
+                dist.barrier()
             dist.destroy_process_group()
 
     def together(self, work: Callable[[], T]) -> T:
