@@ -13,7 +13,8 @@ one is starred.
 - ema-average: ``prepare`` + ``execute`` in a fresh child as the command runs them (with its malloc
   setting); the time is ``execute``'s, like the floors' (no interpreter start-up or imports). Every run
   writes a new file; a round's files are removed after it, and the filesystem given time to discard them;
-- ema-average, 3 decays: three averages in one pass (three outputs), against one.
+- floor (c): (a), then three outputs' size written and fsynced (what a three-average run must write);
+- ema-average, 3 decays: three averages in one pass (three outputs), against floor (c) and against one.
 
     python benchmarks/offline.py [--params 50e6] [--tensors 46] [--repeats 5] [--big-params 1.2e9]
     python benchmarks/offline.py --profile st-fp32-k4 [--threads 1]     # where the time goes, cProfile
@@ -119,8 +120,8 @@ def child_floor(args: argparse.Namespace) -> dict[str, float]:
     files = [Path(f) for f in args.files]
     start = time.perf_counter()
     read_floor(files, args.threads)
-    if args.out:
-        write_floor(Path(args.out), args.size, args.threads)
+    for n in range(args.copies if args.out else 0):  # (c): one output per average of a several-average run
+        write_floor(Path(args.out + (f".{n}" if n else "")), args.size, args.threads)
     return {"seconds": time.perf_counter() - start}
 
 
@@ -280,12 +281,18 @@ def cases(args: argparse.Namespace) -> list[Case]:
     return [c for c in found if not args.cases or c.name in args.cases.split(",")]
 
 
+def _out_dir(args: argparse.Namespace) -> Path:
+    """Where outputs go: beside the inputs, or (``--out-dir /dev/shm``) in memory, which takes the disk's
+    run-to-run variance out of the comparison and leaves the CPU's work."""
+    return args.out_dir or args.workdir
+
+
 def one_round(case: Case, args: argparse.Namespace, index: int) -> None:
     """Every method once on ``case``, each writing a new file, in an order that turns with ``index`` (no
     method always follows the same one); the files go at the end of the round."""
     threads = str(args.threads or _cores())
     files = [str(f) for f in case.files]
-    outs = {m: str(args.workdir / f"out-{case.name}-{m}.safetensors") for m in ("floor", "one", "three")}
+    outs = {m: str(_out_dir(args) / f"out-{case.name}-{m}.safetensors") for m in ("floor", "one", "three")}
     warm(case.files)
     average = (
         "average",
@@ -304,12 +311,13 @@ def one_round(case: Case, args: argparse.Namespace, index: int) -> None:
         "ema-average": (*average, "--out", outs["one"], "--decays", _DECAYS_ONE),
     }  # fmt: skip
     if case.three:
+        runs["floor (c) read+3 writes+fsync"] = (*runs["floor (b) read+write+fsync"], "--copies", "3")
         runs["ema-average, 3 decays"] = (*average, "--out", outs["three"], "--decays", _DECAYS_THREE)
     order = list(runs.items())
     for method, child in order[index % len(order) :] + order[: index % len(order)]:
         os.sync()  # start clean: a run's fsync then flushes only its own writes
         case.results.setdefault(method, []).append(run_child(*child))
-    for stale in args.workdir.glob(f"out-{case.name}-*.safetensors"):
+    for stale in _out_dir(args).glob(f"out-{case.name}-*.safetensors*"):
         stale.unlink()
     os.sync()
     time.sleep(_SETTLE)  # the filesystem discards the freed blocks at its next commits: not in the next run
@@ -340,15 +348,20 @@ def table(found: list[Case], bare_hwm: float, args: argparse.Namespace) -> None:
     for case in found:
         floor = [r["seconds"] for r in case.results["floor (b) read+write+fsync"]]
         one = [r["seconds"] for r in case.results["ema-average"]]
-        for method, results in case.results.items():
+        three = case.results.pop("ema-average, 3 decays", None)
+        rows = [(method, results, floor) for method, results in case.results.items()]
+        if three is not None:  # three outputs written: against floor (c), and against one decay
+            floor_c = [r["seconds"] for r in case.results["floor (c) read+3 writes+fsync"]]
+            rows.append(("ema-average, 3 decays (x = / floor (c))", three, floor_c))
+            rows.append(("ema-average, 3 decays (x = / one decay)", three, one))
+        for method, results, base in rows:
             seconds = [r["seconds"] for r in results]
-            base = one if method.endswith("3 decays") else floor
             ratios = [s / f for s, f in zip(seconds, base, strict=True)]
             hwm = max(r.get("hwm", 0.0) for r in results)
             rss = f"{(hwm - bare_hwm) / 2**20:.0f}" if method.startswith("ema") else "-"
             out.add_row(
                 case.name,
-                method + (" (x = / one decay)" if method.endswith("3 decays") else ""),
+                method,
                 f"{statistics.median(seconds):.3f}",
                 " ".join(
                     f"{r:.2f}" + ("*" if x.get("busy") else "") for r, x in zip(ratios, results, strict=True)
@@ -402,7 +415,7 @@ def torchrun_table(found: list[Case], args: argparse.Namespace) -> None:
     import re
 
     case = found[0]
-    out = args.workdir / f"out-{case.name}-ranks.safetensors"
+    out = _out_dir(args) / f"out-{case.name}-ranks.safetensors"
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     commands = {
         "1 process": [sys.executable, "-m", "ema_average"],
@@ -452,11 +465,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cases", default="", help="comma list of case names (default: all)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/ema-average-bench"))
+    parser.add_argument("--out-dir", type=Path, default=None, help="outputs here (default: --workdir)")
     parser.add_argument("--profile", default="", help="profile one case instead")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     parser.add_argument("--files", nargs="*", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--out", default="", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--copies", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--folder", default="", help=argparse.SUPPRESS)
     parser.add_argument("--decays", default=_DECAYS_ONE, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -412,6 +412,11 @@ class ChunkStream:
         shadows = [_view(buffer, wide, numel) for buffer in worker.shadows]
         for k, source in enumerate(self.sources):
             dtype = chunk.first_dtype if k == 0 else chunk.dtype
+            if k == 0 and self._starts_in_place(source, dtype, wide, worker):
+                source.read(chunk, shadows[0], copy=True)  # the first values are the average: no staging copy
+                for shadow in shadows[1:]:
+                    shadow.copy_(shadows[0])
+                continue
             host, views = source.read(chunk, worker.staging(k, dtype, numel), copy=not worker.on_host)
             values = [worker.to_device(k, host[0])] if len(host) == 1 else host
             if k and values[0].dtype != wide:  # converted once per source, for every average
@@ -433,6 +438,18 @@ class ChunkStream:
                 converted = _view(worker.out, chunk.out_dtype, numel).copy_(shadow)
             _write(fold.sink, chunk, worker.to_host(converted))
         return chunk.bytes_read(len(self.sources))
+
+    def _starts_in_place(
+        self, source: _Source, dtype: torch.dtype, wide: torch.dtype, worker: _Worker
+    ) -> bool:
+        """Whether the first source can be read straight into the shadows: it starts every average (its
+        decay is None), is read (not mapped) on the host, and is saved in the shadows' dtype."""
+        return (
+            worker.on_host
+            and not source.mapped
+            and dtype == wide
+            and all(fold.decays[0] is None for fold in self.folds)
+        )
 
     def _copy(self, chunk: Chunk, worker: _Worker) -> int:
         """A chunk of integer tensors: read from the latest checkpoint, written to every output as it is."""
