@@ -22,7 +22,6 @@ import ctypes
 import mmap
 import os
 import queue
-import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -35,6 +34,7 @@ import torch
 
 from ema_average.checkpoints import Checkpoint
 from ema_average.errors import NonFiniteError
+from ema_average.libc import libc_call
 from ema_average.moving_average import ema_update_
 from ema_average.plan import Chunk, OutputTensor, Piece
 
@@ -181,15 +181,9 @@ class _MappedPages:
 
 
 def _libc_madvise() -> Callable[[int, int, int], int] | None:
-    if not sys.platform.startswith("linux") or not os.path.exists("/proc/self/maps"):
+    if not os.path.exists("/proc/self/maps"):  # pages are found through it
         return None
-    try:
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    madvise.restype = ctypes.c_int
-    return madvise  # type: ignore[no-any-return]
+    return libc_call("madvise", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 
 def _file_mappings(path: str) -> list[tuple[int, int]]:

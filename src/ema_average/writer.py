@@ -25,7 +25,6 @@ import contextlib
 import ctypes
 import errno
 import fcntl
-import functools
 import hashlib
 import json
 import os
@@ -43,6 +42,7 @@ from safetensors import SafetensorError, safe_open
 
 from ema_average.checkpoints.safetensors_file import TOOL_MARKER_KEY
 from ema_average.errors import CheckpointError, OutputError
+from ema_average.libc import libc_call
 from ema_average.safetensors_format import (
     DTYPE_NAMES,
     TensorEntry,
@@ -558,17 +558,8 @@ def _start_writeback(fd: int | None) -> None:
         call(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # a failure here is found by the commit's fsync
 
 
-@functools.cache
 def _libc_sync_file_range() -> Callable[..., int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        call = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    call.restype = ctypes.c_int
-    return call
+    return libc_call("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
 
 
 def _appeared(path: Path) -> OutputError:
@@ -956,14 +947,5 @@ def _renameat2(src: Path, dst: Path, flags: int) -> bool:
     raise OSError(err, os.strerror(err), str(src), None, str(dst))
 
 
-@functools.cache
 def _libc_renameat2() -> Callable[..., int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        call = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return None
-    call.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    call.restype = ctypes.c_int
-    return call
+    return libc_call("renameat2", ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
