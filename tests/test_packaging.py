@@ -111,3 +111,26 @@ def torch_zeros() -> object:  # torch imported lazily: the start-up tests here m
     import torch
 
     return torch.zeros(4)
+
+
+def test_ctrl_c_after_the_summary_is_ignored(tmp_path: Path) -> None:
+    # The output is committed and the summary printed: an interrupt now lands in the interpreter's
+    # shutdown, where it used to print "Exception ignored ... Traceback" from an atexit finalizer.
+    import signal
+
+    from safetensors.torch import save_file
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for step in (1, 2):
+        save_file({"w": torch_zeros()}, str(run / f"step_{step}.safetensors"))
+    proc = subprocess.Popen([EXE, str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("wrote "):
+            proc.send_signal(signal.SIGINT)
+            break
+    _, stderr = proc.communicate(timeout=60)
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+    assert proc.returncode == 0, (proc.returncode, stderr)
+    assert (tmp_path / "run-ema.safetensors").is_file()

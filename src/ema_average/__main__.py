@@ -1,12 +1,15 @@
 """``python -m ema_average`` and the ``ema-average`` console script (torchrun launches modules this way).
 
 Ctrl-C while the command's modules are still importing is answered like any other interrupt: one
-line and exit 130, not a traceback from the middle of an import.
+line and exit 130, not a traceback from the middle of an import; one that lands after the command is done
+(during the interpreter's shutdown) is ignored.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 
 
 def main() -> None:
@@ -15,7 +18,17 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.stderr.write("ema-average: interrupted; no output written\n")
         raise SystemExit(130) from None
-    run_command()
+    try:
+        run_command()
+    finally:
+        _no_interrupts_at_exit()
+
+
+def _no_interrupts_at_exit() -> None:
+    """The command is over (its output committed or cleaned up): a Ctrl-C now would land in the
+    interpreter's shutdown (atexit finalizers) and print "Exception ignored ... Traceback" for nothing."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 if __name__ == "__main__":
