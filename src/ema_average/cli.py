@@ -56,7 +56,11 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.command(help="Average a training run's checkpoints with an exponential moving average into safetensors.")
+@app.command(
+    help="Average a training run's checkpoints with an exponential moving average into safetensors. "
+    "Launched by torchrun (torchrun --nproc-per-node N -m ema_average CKPT_DIR -o OUT.safetensors), the ranks "
+    "split the work and write one file."
+)
 def average(
     checkpoint_dir: Annotated[
         Path,
@@ -156,7 +160,7 @@ def average(
     max_shard_size: Annotated[
         str | None,
         typer.Option(
-            help="Write shards of at most this size (e.g. 5GB) with a model.safetensors.index.json."
+            help="Write the output folder in shards of at most this size (e.g. 5GB) with an index.json."
         ),
     ] = None,
     last: Annotated[int | None, typer.Option(help="Use only the newest N checkpoints.")] = None,
