@@ -302,20 +302,7 @@ def average(
         if watch:
             _watch(options, poll, quiet)
             return
-        prepared = prepare(options, dry_run=dry_run)
-        if not quiet:
-            show_plan(prepared)
-        if dry_run:
-            return
-        if prepared.up_to_date:
-            if not quiet:
-                out.print(
-                    f"{prepared.output} is up to date: no checkpoint newer than step {prepared.plan.steps[-1]}"
-                )
-            return
-        summary = _execute_with_progress(prepared, show=not quiet and out.is_terminal)
-        if not quiet:
-            show_summary(summary)
+        _run_prepared(prepare(options, dry_run=dry_run), dry_run=dry_run, speak=not quiet)
     except KeyboardInterrupt:
         if _speaks():
             err.print("ema-average: interrupted; no output written")
@@ -359,7 +346,12 @@ def _rank_job(ranks: Ranks, options: RunOptions, *, watch: bool, dry_run: bool, 
 
     mine = ranks.together(lambda: distributed.rank_options(options, ranks, watch=watch))
     prepared = ranks.together(lambda: distributed.prepare(mine, ranks, dry_run=dry_run))
-    speak = ranks.lead and not quiet
+    _run_prepared(prepared, dry_run=dry_run, speak=ranks.lead and not quiet, ranks=ranks)
+
+
+def _run_prepared(prepared: PreparedRun, *, dry_run: bool, speak: bool, ranks: Ranks | None = None) -> None:
+    """Plan shown, then (unless a dry run, or nothing newer to add) executed with progress and summed up;
+    ``speak`` False (``-q``, or a rank other than 0) prints nothing."""
     if speak:
         show_plan(prepared)
     if dry_run:

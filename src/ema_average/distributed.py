@@ -31,25 +31,20 @@ import torch
 import torch.distributed as dist
 
 from ema_average import pipeline, streaming
-from ema_average.errors import ConfigurationError, EmaAverageError, OutputError
+from ema_average.errors import ConfigurationError, EmaAverageError
 from ema_average.pipeline import (
     PreparedRun,
     Progress,
     RunOptions,
     Summary,
+    claim_outputs,
+    output_entries,
     peak_rss,
     run_metadata,
     stream_chunks,
 )
 from ema_average.plan import Chunk
-from ema_average.safetensors_format import TensorSpec
-from ema_average.writer import (
-    OutputLock,
-    SafetensorsWriter,
-    TensorEntry,
-    remove_stale_temporaries,
-    temp_name,
-)
+from ema_average.writer import SafetensorsWriter, temp_name
 
 T = TypeVar("T")
 
@@ -291,7 +286,7 @@ def execute(prepared: PreparedRun, ranks: Ranks, on_progress: Progress | None = 
         try:
             ranks.together(lambda: _create(prepared, writers, held) if ranks.lead else None)
             creator = ranks.broadcast_int(os.getpid())  # rank 0's PID names the temporaries
-            ranks.together(lambda: None if ranks.lead else _join(prepared, writers, creator))
+            ranks.together(lambda: None if ranks.lead else _open_writers(prepared, writers, creator=creator))
             progress = _SharedProgress(ranks, on_progress)
             mine = share(prepared.plan.chunks, len(prepared.sources), ranks.rank, ranks.world)
             read = ranks.together(lambda: _write_share(prepared, writers, progress, mine))
@@ -317,34 +312,19 @@ def _close_sources(prepared: PreparedRun) -> None:
         ckpt.close()
 
 
-def _entries(prepared: PreparedRun) -> list[TensorEntry]:
-    return [TensorEntry(t.name, TensorSpec(t.spec.shape, t.out_dtype)) for t in prepared.plan.outputs]
-
-
 def _create(prepared: PreparedRun, writers: list[SafetensorsWriter], held: contextlib.ExitStack) -> None:
-    """Rank 0: lock every output, clear temporaries of killed runs, make each shared temporary file."""
-    for folder in {output.parent for output in prepared.outputs}:
-        if not folder.is_dir():
-            raise OutputError(f"{folder}: output folder does not exist")
-    for output in prepared.outputs:
-        held.enter_context(OutputLock(output))
-    for folder in {output.parent for output in prepared.outputs}:
-        remove_stale_temporaries(folder)
-    entries = _entries(prepared)
-    for index, output in enumerate(prepared.outputs):
-        metadata = run_metadata(prepared, prepared.plan.averages[index].settings)
-        writers.append(
-            SafetensorsWriter(
-                output, entries, metadata, overwrite=prepared.may_replace, lock=False, shared=True
-            )
-        )
+    """Rank 0: claim every output (folder, lock, stale temporaries), make each shared temporary file."""
+    claim_outputs(prepared, held)
+    _open_writers(prepared, writers, creator=None)
 
 
-def _join(prepared: PreparedRun, writers: list[SafetensorsWriter], creator: int) -> None:
-    """Every other rank: open rank 0's temporary files to write its ranges into."""
-    entries = _entries(prepared)
-    for index, output in enumerate(prepared.outputs):
-        metadata = run_metadata(prepared, prepared.plan.averages[index].settings)
+def _open_writers(prepared: PreparedRun, writers: list[SafetensorsWriter], *, creator: int | None) -> None:
+    """Each output's writer: rank 0 (``creator`` None) makes the shared temporary; every other rank opens
+    the one rank 0 (process ``creator``) made, to write its ranges into."""
+    entries = output_entries(prepared.plan)
+    for average, output in zip(prepared.plan.averages, prepared.outputs, strict=True):
+        metadata = run_metadata(prepared, average.settings)
+        join = None if creator is None else temp_name(output, creator)
         writers.append(
             SafetensorsWriter(
                 output,
@@ -352,7 +332,8 @@ def _join(prepared: PreparedRun, writers: list[SafetensorsWriter], creator: int)
                 metadata,
                 overwrite=prepared.may_replace,
                 lock=False,
-                join=temp_name(output, creator),
+                shared=creator is None,
+                join=join,
             )
         )
 

@@ -405,18 +405,13 @@ def execute(prepared: PreparedRun, on_progress: Progress | None = None) -> Summa
             f"{prepared.output} is up to date: no checkpoint is newer than its last step"
         )
     start = time.perf_counter()
-    for folder in {output.parent for output in prepared.outputs}:
-        if not folder.is_dir():
-            raise OutputError(f"{folder}: output folder does not exist")
     writers: list[SafetensorsWriter | ShardedWriter] = []
     with contextlib.ExitStack() as locks:
-        for output in prepared.outputs:
-            locks.enter_context(OutputLock(output))
-        for folder in {output.parent for output in prepared.outputs}:
-            remove_stale_temporaries(folder)
+        claim_outputs(prepared, locks)
         try:
+            side_files = prepared.folder.read_side_files() if prepared.folder else {}  # once for all outputs
             for average, output in zip(prepared.plan.averages, prepared.outputs, strict=True):
-                writers.append(_open_writer(prepared, average, output))
+                writers.append(_open_writer(prepared, average, output, side_files))
             bytes_read = stream_chunks(prepared, writers, on_progress or (lambda _n: None))
             for writer in writers:
                 writer.commit()
@@ -466,11 +461,29 @@ def stream_chunks(
     return stream.run(plan.chunks if chunks is None else chunks, progress)
 
 
+def claim_outputs(prepared: PreparedRun, held: contextlib.ExitStack) -> None:
+    """Before anything is written: every output's folder exists, each output is locked against another
+    run until ``held`` closes, and temporaries that killed runs left beside them are removed."""
+    folders = {output.parent for output in prepared.outputs}
+    for folder in folders:
+        if not folder.is_dir():
+            raise OutputError(f"{folder}: output folder does not exist")
+    for output in prepared.outputs:
+        held.enter_context(OutputLock(output))
+    for folder in folders:
+        remove_stale_temporaries(folder)
+
+
+def output_entries(plan: Plan) -> list[TensorEntry]:
+    """Every output tensor as a written header lists it: its name, shape and output dtype."""
+    return [TensorEntry(t.name, TensorSpec(t.spec.shape, t.out_dtype)) for t in plan.outputs]
+
+
 def _open_writer(
-    prepared: PreparedRun, average: PlannedAverage, output: Path
+    prepared: PreparedRun, average: PlannedAverage, output: Path, side_files: dict[str, bytes]
 ) -> SafetensorsWriter | ShardedWriter:
-    options, plan = prepared.options, prepared.plan
-    entries = [TensorEntry(t.name, TensorSpec(t.spec.shape, t.out_dtype)) for t in plan.outputs]
+    options = prepared.options
+    entries = output_entries(prepared.plan)
     metadata = run_metadata(prepared, average.settings)
     folder = prepared.folder
     if folder is None:
@@ -485,7 +498,7 @@ def _open_writer(
         side_files=SIDE_FILES,  # any of them may be in an earlier output this replaces
     )
     try:
-        for name, data in folder.read_side_files().items():
+        for name, data in side_files.items():
             writer.add_file(name, data)
     except BaseException:
         writer.abort()
