@@ -7,13 +7,12 @@ line and exit 130, not a traceback from the middle of an import; one that lands 
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
 
 
 def main() -> None:
     try:
+        from ema_average.cli import ignore_interrupts
         from ema_average.cli import main as run_command
     except KeyboardInterrupt:
         sys.stderr.write("ema-average: interrupted; no output written\n")
@@ -21,14 +20,9 @@ def main() -> None:
     try:
         run_command()
     finally:
-        _no_interrupts_at_exit()
-
-
-def _no_interrupts_at_exit() -> None:
-    """The command is over (its output committed or cleaned up): a Ctrl-C now would land in the
-    interpreter's shutdown (atexit finalizers) and print "Exception ignored ... Traceback" for nothing."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # The command is over (its output committed or cleaned up): a Ctrl-C now would land in the
+        # interpreter's shutdown (atexit finalizers) and print "Exception ignored ... Traceback".
+        ignore_interrupts()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import ctypes
 import os
 import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 from enum import Enum
@@ -363,6 +364,7 @@ def _run_prepared(prepared: PreparedRun, *, dry_run: bool, speak: bool, ranks: R
             )
         return
     summary = _execute_with_progress(prepared, show=speak and out.is_terminal, ranks=ranks)
+    ignore_interrupts()
     if speak:
         show_summary(summary)
 
@@ -415,6 +417,31 @@ def _only_our_warnings() -> None:
         err.print(f"ema-average: warning: {one_line(str(message))}", soft_wrap=True)
 
     warnings.showwarning = show
+
+
+def ignore_interrupts() -> None:
+    """The output is committed: a Ctrl-C from now on would only say "no output written" (untrue) or, in
+    the interpreter's shutdown, print "Exception ignored ... Traceback" for nothing.
+
+    Two swaps, because a SIGINT can land mid-swap: straight to ``SIG_IGN``, one that arrives while the
+    handler changes is left pending with no handler to run, and CPython prints "Signal 2 ignored due
+    to race condition" with a traceback. A Python no-op first takes any such late signal (one already
+    pending as the swap starts raises KeyboardInterrupt from the swap: swap again); then ``SIG_IGN``,
+    which, unlike a Python handler, CPython keeps through its shutdown.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        return
+    try:
+        signal.signal(signal.SIGINT, _ignored)
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, _ignored)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _ignored(signum: int, _frame: object) -> None:
+    """SIGINT once the work is done: nothing left to stop."""
 
 
 def _terminate(signum: int, _frame: object) -> NoReturn:
