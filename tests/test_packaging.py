@@ -38,7 +38,7 @@ def test_wheel_ships_the_license_and_py_typed(tmp_path: Path) -> None:
     assert "ema_average/__main__.py" in names
 
 
-def best_of(command: list[str], runs: int = 3) -> tuple[float, subprocess.CompletedProcess[str]]:
+def best_of(command: list[str], runs: int = 5) -> tuple[float, subprocess.CompletedProcess[str]]:
     """The fastest of a few runs: start-up time without the machine's noise."""
     best, result = float("inf"), None
     for _ in range(runs):
