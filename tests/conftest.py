@@ -1,8 +1,11 @@
-"""Shared fixtures: real producer runs made once per session (the producers themselves are in helpers.py)."""
+"""Shared fixtures: real producer runs made once per session (the producers themselves are in helpers.py),
+and a guard that no test leaves the test process's signal handlers changed."""
 
 from __future__ import annotations
 
 import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,16 @@ from helpers import (
     write_lightning_run,
     write_peft_lora_run,
 )
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_unchanged() -> Iterator[None]:
+    """The command run in process must leave process-wide state alone: an ignored SIGINT here would be
+    inherited by every command a later test starts (a --watch child then never stops on Ctrl-C)."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    after = {sig: signal.getsignal(sig) for sig in before}
+    assert after == before, f"signal handlers changed by the test: {before} -> {after}"
 
 
 @pytest.fixture(scope="session")

@@ -254,7 +254,6 @@ def average(
         typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit."),
     ] = None,
 ) -> None:
-    signal.signal(signal.SIGTERM, _terminate)
     if not debug:
         _only_our_warnings()
     try:
@@ -427,11 +426,11 @@ def ignore_interrupts() -> None:
     handler changes is left pending with no handler to run, and CPython prints "Signal 2 ignored due
     to race condition" with a traceback. A Python no-op first takes any such late signal (one already
     pending as the swap starts raises KeyboardInterrupt from the swap: swap again); then ``SIG_IGN``,
-    which, unlike a Python handler, CPython keeps through its shutdown.
+    which, unlike a Python handler, CPython keeps through its shutdown. Only in the command's own
+    process: signal dispositions are the process's, and a host (a test runner calling the command in
+    process) would pass an ignored Ctrl-C on to every program it starts later.
     """
-    if threading.current_thread() is not threading.main_thread():
-        return
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    if not _process.owned or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         return
     try:
         signal.signal(signal.SIGINT, _ignored)
@@ -589,9 +588,28 @@ def _steady_malloc() -> None:
         libc.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD; a fixed value also turns the adjustment off
 
 
+class _Process:
+    """Whether this process is the command's own (its entry point ran), so that process-wide settings
+    (signal handlers, malloc tuning) are ours to change: never when the command runs inside a host."""
+
+    owned = False
+
+
+_process = _Process()
+
+
+def _own_process() -> None:
+    """The console script's process: SIGTERM unwinds like Ctrl-C (temporary output removed), and glibc's
+    allocator is set for large buffers."""
+    _process.owned = threading.current_thread() is threading.main_thread()
+    if _process.owned:
+        signal.signal(signal.SIGTERM, _terminate)
+    _steady_malloc()
+
+
 def main() -> None:
     """Console-script entry point."""
-    _steady_malloc()
+    _own_process()
     with contextlib.suppress(BrokenPipeError):
         app()
     with contextlib.suppress(BrokenPipeError):
