@@ -204,8 +204,15 @@ def test_mapped_torch_files_match_safetensors(tmp_path: Path) -> None:
     ],
     ids=["decay", "half-life", "sigma-rel"],
 )
-def test_each_of_several_averages_equals_its_own_run(tmp_path: Path, sweep: list[AverageSettings]) -> None:
-    write_run(tmp_path / "run", torch.bfloat16)
+@pytest.mark.parametrize(
+    ("dtype", "steps"),
+    [(torch.bfloat16, STEPS), (torch.float32, STEPS), (torch.float32, STEPS[:1])],
+    ids=["bf16", "fp32", "one-checkpoint"],  # staged start; first read straight into a shadow; no update
+)
+def test_each_of_several_averages_equals_its_own_run(
+    tmp_path: Path, sweep: list[AverageSettings], dtype: torch.dtype, steps: list[int]
+) -> None:
+    write_run(tmp_path / "run", dtype, steps)
     out = tmp_path / "ema.safetensors"
     prepared = prepare(RunOptions(tmp_path / "run", out, settings=sweep, chunk_numel=500, threads=2))
     labels = [a.label for a in prepared.plan.averages]
