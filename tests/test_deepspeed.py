@@ -16,7 +16,9 @@ import torch
 
 from ema_average.checkpoints import DeepSpeedCheckpoint, find_run
 from ema_average.errors import CheckpointError
-from helpers import DEEPSPEED_RUNS, assert_matches_reference
+from ema_average.pipeline import RunOptions, average_checkpoints
+from ema_average.plan import AverageSettings
+from helpers import DEEPSPEED_RUNS, assert_matches_reference, float64_reference
 
 pytest.importorskip("deepspeed")
 
@@ -119,17 +121,24 @@ def test_tensor_parallel_is_refused(deepspeed_runs: Path, tmp_path: Path) -> Non
         find_run(folder)
 
 
-def test_hf_trainer_zero3_without_gathering(deepspeed_runs: Path, tmp_path: Path) -> None:
-    """The HF Trainer under ZeRO-3 with stage3_gather_16bit_weights_on_model_save=false writes an empty
-    model.safetensors and the DeepSpeed tag inside checkpoint-N (reproduced from transformers' Trainer)."""
+def hf_trainer_zero3_run(deepspeed_runs: Path, out: Path) -> Path:
+    """The HF Trainer under ZeRO-3 with stage3_gather_16bit_weights_on_model_save=false: an empty
+    model.safetensors, config.json and the DeepSpeed tag inside checkpoint-N (reproduced from transformers'
+    Trainer); the DeepSpeed run it was made from is returned."""
     from safetensors.torch import save_file
 
     source = run_folder(deepspeed_runs, 2, "3:bf16")
     for step in (2, 4, 6):
-        folder = tmp_path / "out" / f"checkpoint-{step}"
+        folder = out / f"checkpoint-{step}"
         shutil.copytree(source / f"global_step{step}", folder / f"global_step{step}")
         save_file({}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        (folder / "config.json").write_text(f'{{"model_type": "tiny", "saved_at": {step}}}')
         (folder / "trainer_state.json").write_text(f'{{"global_step": {step}}}')
+    return source
+
+
+def test_hf_trainer_zero3_without_gathering(deepspeed_runs: Path, tmp_path: Path) -> None:
+    source = hf_trainer_zero3_run(deepspeed_runs, tmp_path / "out")
     run = find_run(tmp_path / "out")
     assert [(c.step, c.step_origin) for c in run.checkpoints] == [
         (s, "metadata:global_steps") for s in (2, 4, 6)
@@ -141,3 +150,24 @@ def test_hf_trainer_zero3_without_gathering(deepspeed_runs: Path, tmp_path: Path
     }
     expected = zero_to_fp32(source, "global_step6")
     assert all(torch.equal(run.checkpoints[-1].read(n), t) for n, t in expected.items())
+
+
+def test_hf_trainer_zero3_folder_output_is_the_trainers_model_folder(
+    deepspeed_runs: Path, tmp_path: Path
+) -> None:
+    # -o DIR: the weights rebuilt from the DeepSpeed tags, named and completed as the Trainer's own save
+    # (model.safetensors beside the latest checkpoint's config.json), which from_pretrained loads.
+    from safetensors.torch import load_file
+
+    source = hf_trainer_zero3_run(deepspeed_runs, tmp_path / "out")
+    average_checkpoints(RunOptions(tmp_path / "out", tmp_path / "avg", settings=AverageSettings(decay=0.9)))
+    assert sorted(p.name for p in (tmp_path / "avg").iterdir()) == ["config.json", "model.safetensors"]
+    assert (tmp_path / "avg" / "config.json").read_text() == (
+        tmp_path / "out/checkpoint-6/config.json"
+    ).read_text()
+    states = [zero_to_fp32(source, f"global_step{step}") for step in (2, 4, 6)]
+    expected = float64_reference(states, [2, 4, 6], 0.9)
+    got = load_file(str(tmp_path / "avg" / "model.safetensors"))
+    assert set(expected) <= set(got)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name].double(), tensor, rtol=1e-5, atol=1e-6)

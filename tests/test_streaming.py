@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 
@@ -12,11 +13,19 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ema_average import streaming
+from ema_average import writer as writer_module
 from ema_average.checkpoints import Checkpoint, SafetensorsCheckpoint, TensorSpec
-from ema_average.errors import ConfigurationError, NonFiniteError
+from ema_average.errors import ConfigurationError, NonFiniteError, OutputError
 from ema_average.moving_average import MovingAverage
 from ema_average.pipeline import RunOptions, average_checkpoints, labelled, prepare
-from ema_average.plan import AverageSettings, OutputTensor, TensorSelection, chunk_layout, output_tensors
+from ema_average.plan import (
+    AverageSettings,
+    CheckpointSelection,
+    OutputTensor,
+    TensorSelection,
+    chunk_layout,
+    output_tensors,
+)
 from ema_average.writer import SafetensorsWriter
 from helpers import assert_weighted_sum
 
@@ -256,6 +265,36 @@ def test_a_failed_run_of_several_leaves_no_output(tmp_path: Path) -> None:
     with pytest.raises(NonFiniteError):
         average_checkpoints(RunOptions(tmp_path / "run", tmp_path / "o.safetensors", settings=sweep))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.mark.parametrize("output", ["o.safetensors", "o"], ids=["files", "folders"])
+def test_a_disk_failure_at_the_last_outputs_commit_leaves_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, output: str
+) -> None:
+    # The last output's read-back fails (what a disk that lost writes does): the first, already fsynced and
+    # checked, must not have been named either, and an earlier output of the same name stays as it was.
+    write_run(tmp_path / "run")
+    sweep = [AverageSettings(decay=0.9), AverageSettings(decay=0.5)]
+    shards = None if output.endswith(".safetensors") else 20_000  # folders: several shards and an index
+    options = RunOptions(tmp_path / "run", tmp_path / output, settings=sweep, max_shard_size=shards)
+    first = prepare(options).outputs[0]
+    earlier = CheckpointSelection(last=2)  # an earlier output by that name, unlike what this run writes
+    average_checkpoints(
+        RunOptions(tmp_path / "run", first, settings=sweep[0], max_shard_size=shards, checkpoints=earlier)
+    )
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    verify = writer_module._verify_written
+
+    def lost_writes(readable: str, path: Path, *args: object) -> None:
+        if "decay0.5" in str(path):
+            raise OutputError(f"{path}: reads back other than written")
+        verify(readable, path, *args)
+
+    monkeypatch.setattr(writer_module, "_verify_written", lost_writes)
+    with pytest.raises(OutputError, match=r"decay0\.5"):
+        average_checkpoints(dataclasses.replace(options, overwrite=True))
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before
 
 
 # --- NaN/Inf, per chunk -----------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from ema_average.pipeline import (
     stream_chunks,
 )
 from ema_average.plan import Chunk
-from ema_average.writer import SafetensorsWriter, temp_name
+from ema_average.writer import SafetensorsWriter, commit_together, temp_name
 
 T = TypeVar("T")
 
@@ -351,5 +351,4 @@ def _write_share(
 def _commit(writers: list[SafetensorsWriter]) -> None:
     for writer in writers:
         writer.written_elsewhere()
-    for writer in writers:
-        writer.commit()
+    commit_together(writers)

@@ -51,6 +51,7 @@ from ema_average.writer import (
     SafetensorsWriter,
     ShardedWriter,
     TensorEntry,
+    commit_together,
     name_problem,
     remove_stale_temporaries,
 )
@@ -396,9 +397,9 @@ def average_checkpoints(options: RunOptions, on_progress: Progress | None = None
 def execute(prepared: PreparedRun, on_progress: Progress | None = None) -> Summary:
     """Stream every chunk through the engine into every output; on any failure, no output is left behind.
 
-    Each output is committed atomically on its own, and only once every output has been written whole:
-    a failure in the work leaves none. (A failure while committing, e.g. a disk that fills at fsync, can
-    leave the outputs committed before it.)
+    Each output is committed atomically, and only once every output has been written whole, fsynced and
+    read back: a failure in the work or at that check (a disk that fills at fsync) leaves none. Only the
+    renames that then name them, one per output, are not one step together.
     """
     if prepared.up_to_date:
         raise ConfigurationError(
@@ -413,8 +414,7 @@ def execute(prepared: PreparedRun, on_progress: Progress | None = None) -> Summa
             for average, output in zip(prepared.plan.averages, prepared.outputs, strict=True):
                 writers.append(_open_writer(prepared, average, output, side_files))
             bytes_read = stream_chunks(prepared, writers, on_progress or (lambda _n: None))
-            for writer in writers:
-                writer.commit()
+            commit_together(writers)
         except BaseException:
             for writer in writers:
                 writer.abort()  # a no-op for one already committed

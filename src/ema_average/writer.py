@@ -350,6 +350,7 @@ class SafetensorsWriter:
         self._fd: int | None = None
         self._anonymous = False
         self._named_temp = False  # temp_path is ours to remove
+        self._sealed = False  # fsynced and read back: only the name is left to give
         self._joined = join is not None
         self._lock = _writer_lock(path) if lock and join is None else None
         try:
@@ -488,19 +489,33 @@ class SafetensorsWriter:
 
     def commit(self) -> None:
         """fsync, read back, and name: the output appears whole or not at all; on failure nothing is left."""
+        self.seal()
+        self.publish()
+
+    def seal(self) -> None:
+        """The part of the commit that a disk can fail (fsync, the read-back), with no name given yet: a run
+        of several outputs seals every one before it names any, so a full disk leaves none of them."""
         if self._joined:
             raise OutputError(f"{self.path}: only the process that made the shared file commits it")
         if self._pending:
             raise OutputError(f"{self.path}: {len(self._pending)} tensors were never written")
         with _or_abort(self.path, self.abort):
-            self._finish()
+            assert self._fd is not None
+            os.fsync(self._fd)
+            readable = f"/proc/self/fd/{self._fd}" if self._anonymous else str(self.temp_path)
+            _verify_written(readable, self.path, self.entries, self._metadata)
+        self._sealed = True
+
+    def publish(self) -> None:
+        """Name the sealed file: the output appears, whole."""
+        if not self._sealed:
+            raise OutputError(f"{self.path}: named before it was sealed")
+        with _or_abort(self.path, self.abort):
+            self._name()
         self._release()
 
-    def _finish(self) -> None:
+    def _name(self) -> None:
         assert self._fd is not None
-        os.fsync(self._fd)
-        readable = f"/proc/self/fd/{self._fd}" if self._anonymous else str(self.temp_path)
-        _verify_written(readable, self.path, self.entries, self._metadata)
         if self._anonymous:  # give the unnamed file a name only now that it is whole
             os.fchmod(self._fd, 0o644)
             self._name_anonymous(self._fd)
@@ -541,6 +556,15 @@ class SafetensorsWriter:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+
+def commit_together(writers: Sequence[SafetensorsWriter | ShardedWriter]) -> None:
+    """Several outputs of one run: every one sealed (all that a disk can fail) before any is named, so a
+    failure leaves none of them. Only the renames, one per output, are not one step together."""
+    for writer in writers:
+        writer.seal()
+    for writer in writers:
+        writer.publish()
 
 
 # Written bytes after which the disk is asked to start on them: measured on the offline benchmark (4 x 200 MB
@@ -769,6 +793,12 @@ class ShardedWriter:
 
     def commit(self) -> None:
         """Finish every file in the staging folder, then switch it in; on failure the target is as it was."""
+        self.seal()
+        self.publish()
+
+    def seal(self) -> None:
+        """Every file finished inside the hidden staging folder (the part a disk can fail); see
+        :meth:`SafetensorsWriter.seal`."""
         with _or_abort(self.path, self.abort):
             for writer in self.writers:
                 writer.commit()
@@ -776,6 +806,10 @@ class ShardedWriter:
                 _write_new_file(self.staging / self._index_name, self._index())
             assert self._staging_fd is not None
             _fsync_folder_fd(self._staging_fd)
+
+    def publish(self) -> None:
+        """Switch the sealed staging folder in: the one step a reader can see."""
+        with _or_abort(self.path, self.abort):
             self._switch()
         self._close()
 

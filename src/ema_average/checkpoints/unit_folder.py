@@ -29,6 +29,7 @@ from ema_average.errors import CheckpointError
 _PREFERRED = ("unet", "transformer", "prior", "decoder", "controlnet", "text_encoder")
 
 OWN = "."  # the folder's own weights (files directly in it), as a model name
+_FULL_MODEL = "model"  # transformers' whole-model weights (model.safetensors, pytorch_model.bin)
 
 
 def model_name(unit: Path, model: Path) -> str:
@@ -88,8 +89,16 @@ class FolderUnit(Checkpoint):
 
     @property
     def saved_model(self) -> SavedModel | None:
-        """The model read's own folder (``checkpoint-N/unet``), not the step's."""
-        return self.inner.saved_model
+        """The model read's own folder (``checkpoint-N/unet``), not the step's. Weights with no such folder
+        inside a transformers ``save_pretrained`` step folder (the HF Trainer's DeepSpeed tag, read because
+        under ZeRO-3 its ``model.safetensors`` holds only placeholders, or by ``--submodel``) are the same
+        model: the step folder's ``model.safetensors`` name and ``config.json`` describe them."""
+        saved = self.inner.saved_model
+        if saved is None and self.inner.path != self.path:
+            own = dict(weight_sets(self.path))
+            if _FULL_MODEL in own:
+                return SavedModel(self.path, f"{_FULL_MODEL}.safetensors")
+        return saved
 
     def specs(self) -> dict[str, TensorSpec]:
         return self.inner.specs()
