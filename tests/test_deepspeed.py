@@ -121,24 +121,37 @@ def test_tensor_parallel_is_refused(deepspeed_runs: Path, tmp_path: Path) -> Non
         find_run(folder)
 
 
-def hf_trainer_zero3_run(deepspeed_runs: Path, out: Path) -> Path:
-    """The HF Trainer under ZeRO-3 with stage3_gather_16bit_weights_on_model_save=false: an empty
-    model.safetensors, config.json and the DeepSpeed tag inside checkpoint-N (reproduced from transformers'
-    Trainer); the DeepSpeed run it was made from is returned."""
+def trainer_weights(kind: str, source: Path, tag: str) -> dict[str, torch.Tensor]:
+    """What the Trainer saved as ``model.safetensors`` beside the DeepSpeed tag ``tag``."""
+    if kind == "placeholders":
+        return {}
+    if kind == "other":
+        return {"other.weight": torch.zeros(3)}
+    return {name: t.clone() for name, t in zero_to_fp32(source, tag).items()}  # tied weights saved apart
+
+
+def hf_trainer_deepspeed_run(
+    deepspeed_runs: Path, out: Path, variant: str = "3:bf16", weights: str = "placeholders"
+) -> Path:
+    """The HF Trainer with DeepSpeed: the tag inside checkpoint-N beside the Trainer's own save
+    (reproduced from transformers' Trainer): under ZeRO-3 with stage3_gather_16bit_weights_on_model_save=false
+    an empty model.safetensors, else the module's weights (``"module"``), or, for the refusal, weights of
+    another model (``"other"``); and config.json. The DeepSpeed run it was made from is returned."""
     from safetensors.torch import save_file
 
-    source = run_folder(deepspeed_runs, 2, "3:bf16")
+    source = run_folder(deepspeed_runs, 2, variant)
     for step in (2, 4, 6):
         folder = out / f"checkpoint-{step}"
         shutil.copytree(source / f"global_step{step}", folder / f"global_step{step}")
-        save_file({}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        state = trainer_weights(weights, source, f"global_step{step}")
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
         (folder / "config.json").write_text(f'{{"model_type": "tiny", "saved_at": {step}}}')
         (folder / "trainer_state.json").write_text(f'{{"global_step": {step}}}')
     return source
 
 
 def test_hf_trainer_zero3_without_gathering(deepspeed_runs: Path, tmp_path: Path) -> None:
-    source = hf_trainer_zero3_run(deepspeed_runs, tmp_path / "out")
+    source = hf_trainer_deepspeed_run(deepspeed_runs, tmp_path / "out")
     run = find_run(tmp_path / "out")
     assert [(c.step, c.step_origin) for c in run.checkpoints] == [
         (s, "metadata:global_steps") for s in (2, 4, 6)
@@ -152,19 +165,34 @@ def test_hf_trainer_zero3_without_gathering(deepspeed_runs: Path, tmp_path: Path
     assert all(torch.equal(run.checkpoints[-1].read(n), t) for n, t in expected.items())
 
 
-def test_hf_trainer_zero3_folder_output_is_the_trainers_model_folder(
-    deepspeed_runs: Path, tmp_path: Path
+@pytest.mark.parametrize(
+    ("variant", "weights", "submodel", "completed"),
+    [
+        ("3:bf16", "placeholders", None, True),  # ZeRO-3: the tag is read by default
+        ("2:bf16", "module", "fp32", True),  # ZeRO-2's fp32 master weights, asked for
+        ("2:bf16", "other", "fp32", False),  # the Trainer's save is not this model: no config beside it
+    ],
+)
+def test_hf_trainer_deepspeed_folder_output_is_the_trainers_model_folder(
+    deepspeed_runs: Path,
+    tmp_path: Path,
+    variant: str,
+    weights: str,
+    submodel: str | None,
+    completed: bool,
 ) -> None:
     # -o DIR: the weights rebuilt from the DeepSpeed tags, named and completed as the Trainer's own save
     # (model.safetensors beside the latest checkpoint's config.json), which from_pretrained loads.
     from safetensors.torch import load_file
 
-    source = hf_trainer_zero3_run(deepspeed_runs, tmp_path / "out")
-    average_checkpoints(RunOptions(tmp_path / "out", tmp_path / "avg", settings=AverageSettings(decay=0.9)))
-    assert sorted(p.name for p in (tmp_path / "avg").iterdir()) == ["config.json", "model.safetensors"]
-    assert (tmp_path / "avg" / "config.json").read_text() == (
-        tmp_path / "out/checkpoint-6/config.json"
-    ).read_text()
+    source = hf_trainer_deepspeed_run(deepspeed_runs, tmp_path / "out", variant, weights)
+    settings = AverageSettings(decay=0.9)
+    average_checkpoints(RunOptions(tmp_path / "out", tmp_path / "avg", settings=settings, submodel=submodel))
+    written = sorted(p.name for p in (tmp_path / "avg").iterdir())
+    assert written == (["config.json", "model.safetensors"] if completed else ["model.safetensors"])
+    if completed:
+        config = (tmp_path / "out/checkpoint-6/config.json").read_text()
+        assert (tmp_path / "avg" / "config.json").read_text() == config
     states = [zero_to_fp32(source, f"global_step{step}") for step in (2, 4, 6)]
     expected = float64_reference(states, [2, 4, 6], 0.9)
     got = load_file(str(tmp_path / "avg" / "model.safetensors"))

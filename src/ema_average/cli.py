@@ -25,6 +25,7 @@ from ema_average import options as choices
 from ema_average._version import __version__
 from ema_average.decay_rules import ExponentialRule, PowerRule
 from ema_average.errors import ConfigurationError, EmaAverageError, TrustPickleWarning
+from ema_average.libc import libc_call
 
 if TYPE_CHECKING:  # the modules behind the command import torch: loaded only once a run starts
     from ema_average.distributed import Ranks
@@ -363,7 +364,6 @@ def _run_prepared(prepared: PreparedRun, *, dry_run: bool, speak: bool, ranks: R
             )
         return
     summary = _execute_with_progress(prepared, show=speak and out.is_terminal, ranks=ranks)
-    ignore_interrupts()
     if speak:
         show_summary(summary)
 
@@ -419,28 +419,45 @@ def _only_our_warnings() -> None:
 
 
 def ignore_interrupts() -> None:
-    """The output is committed: a Ctrl-C from now on would only say "no output written" (untrue) or, in
-    the interpreter's shutdown, print "Exception ignored ... Traceback" for nothing.
+    """The outputs are named: from now on Ctrl-C is ignored and SIGTERM ends the process as it is, where
+    either would have said "interrupted; no output written" (untrue now) or, landing in the interpreter's
+    shutdown, printed "Exception ignored ... Traceback" for nothing.
 
-    Two swaps, because a SIGINT can land mid-swap: straight to ``SIG_IGN``, one that arrives while the
-    handler changes is left pending with no handler to run, and CPython prints "Signal 2 ignored due
-    to race condition" with a traceback. A Python no-op first takes any such late signal (one already
-    pending as the swap starts raises KeyboardInterrupt from the swap: swap again); then ``SIG_IGN``,
-    which, unlike a Python handler, CPython keeps through its shutdown. Only in the command's own
-    process: signal dispositions are the process's, and a host (a test runner calling the command in
-    process) would pass an ignored Ctrl-C on to every program it starts later.
+    Only in the command's own process: signal dispositions are the process's, and a host (a test runner
+    calling the command in process) would pass an ignored Ctrl-C on to every program it starts later.
     """
-    if not _process.owned or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    if not _process.owned:
         return
-    try:
-        signal.signal(signal.SIGINT, _ignored)
-    except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, _ignored)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        _settle(signal.SIGINT, signal.SIG_IGN)
+    if signal.getsignal(signal.SIGTERM) is _terminate:
+        _settle(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _settle(sig: signal.Signals, final: signal.Handlers) -> None:
+    """Give ``sig`` its ``final`` disposition with no window for a signal to arrive mid-swap.
+
+    CPython's own swap checks for pending signals, then changes the OS disposition, then its table: a
+    signal caught between the first two is found pending with no Python handler, and CPython prints
+    "Signal N ignored due to race condition" as a traceback. So: a Python no-op first (a pending signal
+    raises from the swap through the old handler: swap again); then the OS disposition through libc,
+    after which no new signal is caught; then Python's record of it, whose check runs anything caught
+    meanwhile through the no-op. (libc by hand: ``signal`` sets both at once, with that window.)
+    """
+    while True:
+        try:
+            signal.signal(sig, _ignored)
+            break
+        except KeyboardInterrupt:
+            continue
+    set_disposition = libc_call("signal", ctypes.c_int, ctypes.c_void_p)
+    if set_disposition is not None:
+        set_disposition(int(sig), int(final))
+    signal.signal(sig, final)
 
 
 def _ignored(signum: int, _frame: object) -> None:
-    """SIGINT once the work is done: nothing left to stop."""
+    """A signal once the work is done: nothing left to stop."""
 
 
 def _terminate(signum: int, _frame: object) -> NoReturn:
@@ -476,10 +493,10 @@ def _execute_with_progress(prepared: PreparedRun, *, show: bool, ranks: Ranks | 
 
     def execute(prepared: PreparedRun, on_progress: Callable[[int], None] | None = None) -> Summary:
         if ranks is None:
-            return pipeline.execute(prepared, on_progress)
+            return pipeline.execute(prepared, on_progress, on_committed=ignore_interrupts)
         from ema_average import distributed
 
-        return distributed.execute(prepared, ranks, on_progress)
+        return distributed.execute(prepared, ranks, on_progress, on_committed=ignore_interrupts)
 
     if not show:
         return execute(prepared)
@@ -581,11 +598,9 @@ def _steady_malloc() -> None:
     the heap instead of going back to the OS: peak memory then drifts by tens of MiB from run to run
     above the budget. Measured on the bf16 benchmark: 274-354 MiB above bare torch without, 274 with.
     """
-    if not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD; a fixed value also turns the adjustment off
+    mallopt = libc_call("mallopt", ctypes.c_int, ctypes.c_int)  # None off glibc
+    if mallopt is not None:
+        mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD; a fixed value also turns the adjustment off
 
 
 class _Process:

@@ -273,8 +273,15 @@ class _SharedProgress:
             self.shown = total
 
 
-def execute(prepared: PreparedRun, ranks: Ranks, on_progress: Progress | None = None) -> Summary:
-    """Every rank writes its share of every output; rank 0 commits once all succeeded: all or nothing."""
+def execute(
+    prepared: PreparedRun,
+    ranks: Ranks,
+    on_progress: Progress | None = None,
+    *,
+    on_committed: Callable[[], None] | None = None,
+) -> Summary:
+    """Every rank writes its share of every output; rank 0 commits once all succeeded: all or nothing.
+    ``on_committed`` as in :func:`ema_average.pipeline.execute`, on every rank."""
     if prepared.up_to_date:
         raise ConfigurationError(
             f"{prepared.output} is up to date: no checkpoint is newer than its last step"
@@ -293,6 +300,8 @@ def execute(prepared: PreparedRun, ranks: Ranks, on_progress: Progress | None = 
             bytes_read = ranks.total(read)
             progress.complete(bytes_read)
             ranks.together(lambda: _commit(writers) if ranks.lead else None)
+            if on_committed is not None:
+                on_committed()
         except BaseException:
             for writer in writers:
                 writer.abort()  # rank 0's removes the temporary; a no-op once committed

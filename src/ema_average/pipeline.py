@@ -394,8 +394,15 @@ def average_checkpoints(options: RunOptions, on_progress: Progress | None = None
     return execute(prepare(options), on_progress)
 
 
-def execute(prepared: PreparedRun, on_progress: Progress | None = None) -> Summary:
+def execute(
+    prepared: PreparedRun,
+    on_progress: Progress | None = None,
+    *,
+    on_committed: Callable[[], None] | None = None,
+) -> Summary:
     """Stream every chunk through the engine into every output; on any failure, no output is left behind.
+    ``on_committed`` is called as soon as the outputs are named (the command stops taking Ctrl-C as a
+    cancel there).
 
     Each output is committed atomically, and only once every output has been written whole, fsynced and
     read back: a failure in the work or at that check (a disk that fills at fsync) leaves none. Only the
@@ -415,6 +422,8 @@ def execute(prepared: PreparedRun, on_progress: Progress | None = None) -> Summa
                 writers.append(_open_writer(prepared, average, output, side_files))
             bytes_read = stream_chunks(prepared, writers, on_progress or (lambda _n: None))
             commit_together(writers)
+            if on_committed is not None:
+                on_committed()
         except BaseException:
             for writer in writers:
                 writer.abort()  # a no-op for one already committed

@@ -722,6 +722,7 @@ class ShardedWriter:
         self.staging = temp_name(path, os.getpid())
         self._staging_fd: int | None = None
         self._made_staging = False
+        self._sealed = False
         self._committed = False
         self.writers: list[SafetensorsWriter] = []
         self._route: dict[str, SafetensorsWriter] = {}
@@ -806,9 +807,12 @@ class ShardedWriter:
                 _write_new_file(self.staging / self._index_name, self._index())
             assert self._staging_fd is not None
             _fsync_folder_fd(self._staging_fd)
+        self._sealed = True
 
     def publish(self) -> None:
         """Switch the sealed staging folder in: the one step a reader can see."""
+        if not self._sealed:
+            raise OutputError(f"{self.path}: named before it was sealed")
         with _or_abort(self.path, self.abort):
             self._switch()
         self._close()

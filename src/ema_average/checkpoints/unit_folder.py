@@ -21,7 +21,13 @@ from ema_average.checkpoints.base import (
     StepInfo,
     TensorSpec,
 )
-from ema_average.checkpoints.hf_folder import folder_name_step, side_file_step, weight_sets
+from ema_average.checkpoints.deepspeed_folder import DeepSpeedCheckpoint
+from ema_average.checkpoints.hf_folder import (
+    HfFolderCheckpoint,
+    folder_name_step,
+    side_file_step,
+    weight_sets,
+)
 from ema_average.checkpoints.keys import is_ema_name
 from ema_average.errors import CheckpointError
 
@@ -89,16 +95,30 @@ class FolderUnit(Checkpoint):
 
     @property
     def saved_model(self) -> SavedModel | None:
-        """The model read's own folder (``checkpoint-N/unet``), not the step's. Weights with no such folder
-        inside a transformers ``save_pretrained`` step folder (the HF Trainer's DeepSpeed tag, read because
-        under ZeRO-3 its ``model.safetensors`` holds only placeholders, or by ``--submodel``) are the same
-        model: the step folder's ``model.safetensors`` name and ``config.json`` describe them."""
+        """The model read's own folder (``checkpoint-N/unet``), not the step's; for the HF Trainer's
+        DeepSpeed tag (read because under ZeRO-3 the Trainer's ``model.safetensors`` holds only
+        placeholders, or by ``--submodel fp32``), the Trainer's own save in the step folder."""
         saved = self.inner.saved_model
-        if saved is None and self.inner.path != self.path:
-            own = dict(weight_sets(self.path))
-            if _FULL_MODEL in own:
-                return SavedModel(self.path, f"{_FULL_MODEL}.safetensors")
+        if saved is None and isinstance(self.inner, DeepSpeedCheckpoint):
+            return self._trainer_model()
         return saved
+
+    def _trainer_model(self) -> SavedModel | None:
+        """The step folder as transformers saved it, where the DeepSpeed weights read are that model: its
+        ``model.*`` weights hold no tensors (ZeRO-3 placeholders) or only names the DeepSpeed save has.
+        Otherwise None (a bare ``model.safetensors``): a config beside weights it does not describe would
+        load with some weights silently left at random."""
+        if _FULL_MODEL not in dict(weight_sets(self.path)):
+            return None
+        own = HfFolderCheckpoint(self.path, submodel=_FULL_MODEL)
+        try:
+            names = set(own.specs()) | set(own.aliases())
+            saved = own.saved_model
+        finally:
+            own.close()
+        if names and not names <= set(self.inner.specs()) | set(self.inner.aliases()):
+            return None
+        return saved if names else SavedModel(saved.folder, saved.weights_name)  # placeholders: no shard size
 
     def specs(self) -> dict[str, TensorSpec]:
         return self.inner.specs()
