@@ -553,7 +553,40 @@ def test_export_metadata_of_the_uniform_average_counts_its_values() -> None:
     for _ in range(3):
         average.apply()
     metadata = resume_metadata(average, step=10)
-    assert metadata["schedule"] == "checkpoint" and metadata["steps"] == "[7, 8, 9, 10]"
+    assert metadata["schedule"] == "checkpoint" and metadata["steps"] == "[10]"
+    assert metadata["values"] == "4"  # the first value and three applies
+
+
+def test_a_long_uniform_export_stays_small_and_resumes_with_its_count(tmp_path: Path) -> None:
+    # 3000 values: one entry per value in the header (as before) would grow it without bound, past
+    # safetensors' 100 MB limit at a few million; the count is one number.
+    import dataclasses
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from ema_average.pipeline import RunOptions, average_checkpoints
+    from ema_average.plan import AverageSettings
+    from ema_average.sharded_export import save_safetensors
+
+    values = torch.randn(3003, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    weights = {"w": torch.nn.Parameter(values[0].float())}
+    average = UniformMovingAverage(weights)
+    for step in range(1, 3000):
+        weights["w"].data.copy_(values[step])
+        average.apply()
+    save_safetensors(average, tmp_path / "swa.safetensors", step=2999)
+    assert (tmp_path / "swa.safetensors").stat().st_size < 2000
+    (tmp_path / "run").mkdir()
+    for step in (3000, 3001, 3002):
+        save_file({"w": values[step].float()}, tmp_path / "run" / f"step_{step}.safetensors")
+    settings = AverageSettings(method="uniform")
+    options = RunOptions(tmp_path / "run", tmp_path / "out.safetensors", settings=settings)
+    average_checkpoints(dataclasses.replace(options, resume=tmp_path / "swa.safetensors"))
+    expected = values.float().double().mean(dim=0)  # the float64 mean of every value, the saved ones as saved
+    torch.testing.assert_close(load_file(tmp_path / "out.safetensors")["w"].double(), expected)
+    with safe_open(str(tmp_path / "out.safetensors"), "pt") as f:
+        assert (f.metadata()["values"], f.metadata()["last_step"]) == ("3003", "3002")
 
 
 # --- averages in host memory of CUDA values ---------------------------------------------------------------

@@ -519,7 +519,8 @@ def run_metadata(prepared: PreparedRun, settings: AverageSettings) -> dict[str, 
     resumed = prepared.resumed
     steps = (resumed.steps if resumed else []) + [c.step or 0 for c in prepared.checkpoints]
     files = (resumed.files if resumed else []) + [c.path.name for c in prepared.checkpoints]
-    return output_metadata(settings, prepared.options.dtype, steps, files)
+    count = (resumed.progress.count if resumed else 0) + len(prepared.checkpoints)
+    return output_metadata(settings, prepared.options.dtype, steps, files, count)
 
 
 def peak_rss() -> int:

@@ -26,13 +26,17 @@ from ema_average.plan import AverageSettings, OutputTensor, ResumedProgress
 STEPS_KEY = "steps"
 LAST_STEP_KEY = "last_step"
 FILES_KEY = "sources"  # the checkpoint files the average holds, by name
+# How many values the average holds, recorded only where the steps list holds fewer: an online export
+# records its last step alone, where one entry per update would outgrow safetensors' 100 MB header.
+COUNT_KEY = "values"
 
 
 def output_metadata(
-    settings: AverageSettings, dtype: str, steps: list[int], files: list[str]
+    settings: AverageSettings, dtype: str, steps: list[int], files: list[str], count: int | None = None
 ) -> dict[str, str]:
-    """What an output records of how it was made (safetensors metadata values are strings)."""
-    return {
+    """What an output records of how it was made (safetensors metadata values are strings); ``count``, the
+    values it holds, where the ``steps`` list does not name each of them."""
+    recorded = {
         "format": "pt",
         TOOL_MARKER_KEY: __version__,
         **settings.as_metadata(),
@@ -41,6 +45,9 @@ def output_metadata(
         LAST_STEP_KEY: str(steps[-1]),
         FILES_KEY: json.dumps(files),
     }
+    if count is not None and count != len(steps):
+        recorded[COUNT_KEY] = str(count)
+    return recorded
 
 
 @dataclass
@@ -104,7 +111,8 @@ def open_resumed(path: Path, settings: AverageSettings) -> Resumed:
             )
     steps = _recorded_steps(path, meta)
     files = _recorded_files(path, meta, len(steps))
-    return Resumed(ResumedAverage(file), ResumedProgress(len(steps), steps[-1]), steps, files)
+    count = _recorded_count(path, meta, len(steps))
+    return Resumed(ResumedAverage(file), ResumedProgress(count, steps[-1]), steps, files)
 
 
 def _recorded_steps(path: Path, meta: dict[str, str]) -> list[int]:
@@ -119,6 +127,16 @@ def _recorded_steps(path: Path, meta: dict[str, str]) -> list[int]:
             path, f"its {LAST_STEP_KEY} {meta.get(LAST_STEP_KEY)!r} is not its last step {steps[-1]}"
         )
     return steps
+
+
+def _recorded_count(path: Path, meta: dict[str, str], listed: int) -> int:
+    """The values the average holds: its ``values`` entry where there is one, else one per listed step."""
+    text = meta.get(COUNT_KEY)
+    if text is None:
+        return listed
+    if not (text.isascii() and text.isdigit() and listed < int(text) <= MAX_STEP):
+        raise _edited(path, f"its {COUNT_KEY!r} {text!r} is not a count above its {listed} listed steps")
+    return int(text)
 
 
 def _recorded_files(path: Path, meta: dict[str, str], count: int) -> list[str]:
@@ -171,6 +189,8 @@ def left_out(resumed: Resumed, steps: list[tuple[str, int]]) -> list[str]:
     They are never applied (an average cannot take an older checkpoint after newer ones), but a user
     watching a run whose checkpoints completed out of order must hear of it, every time.
     """
+    if resumed.progress.count > len(resumed.steps):
+        return []  # an online export lists its last step alone: which earlier steps it holds is unknown
     held = set(resumed.steps)
     last = resumed.progress.last_step
     return [

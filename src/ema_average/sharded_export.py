@@ -69,8 +69,8 @@ def resume_metadata(average: MovingAverage, step: int, dtype: torch.dtype | None
     """The offline command's output record for an online average whose last update was at ``step``.
 
     Rules with a per-step meaning (exponential, power) continue from the last step alone, under the
-    gap-aware "step" schedule. The uniform average needs the number of values it holds: it records one
-    step per value, ending at ``step`` (as if applied once per step).
+    gap-aware "step" schedule. The uniform average needs the number of values it holds: it records that
+    count beside its last step (one entry per value would outgrow the header on a long run).
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < average.num_applied:
         raise ConfigurationError(
@@ -86,10 +86,12 @@ def resume_metadata(average: MovingAverage, step: int, dtype: torch.dtype | None
             f"the {average.registered_name!r} average's settings {sorted(average.settings())} are not ones "
             "the offline command takes, so its output could not be resumed"
         ) from None
-    steps = [step] if gaps else list(range(step - average.num_applied, step + 1))
-    files = [f"online average of {average.num_applied + 1} values, up to step {step}"] * len(steps)
+    count = average.num_applied + 1
+    files = [f"online average of {count} values, up to step {step}"]
     written = dtype or _stored_dtype(average)
-    return output_metadata(settings, str(written).removeprefix("torch."), steps, files)
+    return output_metadata(
+        settings, str(written).removeprefix("torch."), [step], files, None if gaps else count
+    )
 
 
 def _stored_dtype(average: MovingAverage) -> torch.dtype:
