@@ -413,6 +413,9 @@ def edit_metadata(path: Path, **changes: str) -> None:
         ({"steps": "[[1]]"}, "is not a list of steps"),
         ({"steps": "oops"}, "is not a JSON list"),
         ({"sources": "{}"}, "is not a JSON list"),
+        ({"values": "2"}, "'values' '2' is not a count above its 3 listed steps"),
+        ({"values": "-9"}, "'values' '-9' is not a count"),
+        ({"values": "1e9"}, "'values' '1e9' is not a count"),
     ],
 )
 def test_resume_refuses_edited_metadata(tmp_path: Path, changes: dict[str, str], problem: str) -> None:
