@@ -1,7 +1,8 @@
-"""Linux system calls that Python's ``os`` does not wrap, looked up once through ctypes.
+"""Linux libc calls that Python does not wrap (or not as needed), looked up once through ctypes.
 
 Written by hand because no maintained library exposes them: ``sync_file_range`` (start writeback early),
-``renameat2`` (atomic exchange / no-replace rename of a folder) and ``madvise`` on a mapping torch made.
+``renameat2`` (atomic exchange / no-replace rename of a folder), ``madvise`` on a mapping torch made,
+``signal`` (the OS disposition alone, without Python's pending-signal window) and glibc's ``mallopt``.
 Each lookup gives ``None`` off Linux or where libc lacks the call; callers then fall back.
 """
 
