@@ -429,19 +429,12 @@ class SafetensorsWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write one tensor (any device; moved to the CPU) at its place in the file."""
-        if name not in self._pending:
-            raise OutputError(f"{self.path}: tensor {name!r} is not expected or was already written")
-        data = tensor.detach().to("cpu").contiguous()
+        data = self._expected(name, tensor)
         if data.nbytes != self._sizes[name]:
             raise OutputError(
                 f"{self.path}: tensor {name!r} has {data.nbytes} bytes, header says {self._sizes[name]}"
             )
-        if data.nbytes:
-            self._pwrite(
-                memoryview(data.reshape(-1).view(torch.uint8).numpy()),
-                len(self._header) + self._offsets[name],
-            )
-        self._wrote(name, data.nbytes)
+        self._put(name, data, 0)
 
     def write_range(self, name: str, start: int, tensor: torch.Tensor) -> None:
         """Write elements ``start ..`` of tensor ``name`` (flattened) at their place in the file.
@@ -449,15 +442,23 @@ class SafetensorsWriter:
         For a tensor streamed in pieces, from any number of threads at once (``pwrite`` uses no file
         position). It counts as written once pieces covering all its bytes have come; they must not overlap.
         """
-        if name not in self._pending:
-            raise OutputError(f"{self.path}: tensor {name!r} is not expected or was already written")
-        data = tensor.detach().to("cpu").contiguous()
+        data = self._expected(name, tensor)
         first = start * data.element_size()
         if data.dtype != self._dtypes[name] or start < 0 or first + data.nbytes > self._sizes[name]:
             raise OutputError(
                 f"{self.path}: tensor {name!r}: {data.numel()} {data.dtype} elements from {start} do not fit "
                 f"its {self._sizes[name]} bytes of {self._dtypes[name]}"
             )
+        self._put(name, data, first)
+
+    def _expected(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` on the CPU, contiguous, if ``name`` is still to be written."""
+        if name not in self._pending:
+            raise OutputError(f"{self.path}: tensor {name!r} is not expected or was already written")
+        return tensor.detach().to("cpu").contiguous()
+
+    def _put(self, name: str, data: torch.Tensor, first: int) -> None:
+        """``data``'s bytes at byte ``first`` of tensor ``name`` in the file, counted as written."""
         if data.nbytes:
             self._pwrite(
                 memoryview(data.reshape(-1).view(torch.uint8).numpy()),
@@ -768,17 +769,18 @@ class ShardedWriter:
         return sum(w.size for w in self.writers)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        writer = self._route.get(name)
-        if writer is None:
-            raise OutputError(f"{self.path}: tensor {name!r} is not expected")
-        writer.write(name, tensor)
+        self._shard(name).write(name, tensor)
 
     def write_range(self, name: str, start: int, tensor: torch.Tensor) -> None:
         """Elements ``start ..`` of tensor ``name``, into its shard (see ``SafetensorsWriter.write_range``)."""
+        self._shard(name).write_range(name, start, tensor)
+
+    def _shard(self, name: str) -> SafetensorsWriter:
+        """The writer of the shard that holds tensor ``name``."""
         writer = self._route.get(name)
         if writer is None:
             raise OutputError(f"{self.path}: tensor {name!r} is not expected")
-        writer.write_range(name, start, tensor)
+        return writer
 
     def add_file(self, name: str, data: bytes) -> None:
         """A small side file (a config, say) to appear in the output folder with the weights."""
