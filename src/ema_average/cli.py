@@ -26,6 +26,7 @@ from ema_average._version import __version__
 from ema_average.decay_rules import ExponentialRule, PowerRule
 from ema_average.errors import ConfigurationError, EmaAverageError, TrustPickleWarning
 from ema_average.libc import libc_call
+from ema_average.signals import settle
 
 if TYPE_CHECKING:  # the modules behind the command import torch: loaded only once a run starts
     from ema_average.distributed import Ranks
@@ -425,39 +426,14 @@ def ignore_interrupts() -> None:
 
     Only in the command's own process: signal dispositions are the process's, and a host (a test runner
     calling the command in process) would pass an ignored Ctrl-C on to every program it starts later.
+    Each is changed by :func:`ema_average.signals.settle`, which leaves no window for CPython's race.
     """
     if not _process.owned:
         return
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-        _settle(signal.SIGINT, signal.SIG_IGN)
+        settle(signal.SIGINT, signal.SIG_IGN)
     if signal.getsignal(signal.SIGTERM) is _terminate:
-        _settle(signal.SIGTERM, signal.SIG_DFL)
-
-
-def _settle(sig: signal.Signals, final: signal.Handlers) -> None:
-    """Give ``sig`` its ``final`` disposition with no window for a signal to arrive mid-swap.
-
-    CPython's own swap checks for pending signals, then changes the OS disposition, then its table: a
-    signal caught between the first two is found pending with no Python handler, and CPython prints
-    "Signal N ignored due to race condition" as a traceback. So: a Python no-op first (a pending signal
-    raises from the swap through the old handler: swap again); then the OS disposition through libc,
-    after which no new signal is caught; then Python's record of it, whose check runs anything caught
-    meanwhile through the no-op. (libc by hand: ``signal`` sets both at once, with that window.)
-    """
-    while True:
-        try:
-            signal.signal(sig, _ignored)
-            break
-        except KeyboardInterrupt:
-            continue
-    set_disposition = libc_call("signal", ctypes.c_int, ctypes.c_void_p)
-    if set_disposition is not None:
-        set_disposition(int(sig), int(final))
-    signal.signal(sig, final)
-
-
-def _ignored(signum: int, _frame: object) -> None:
-    """A signal once the work is done: nothing left to stop."""
+        settle(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _terminate(signum: int, _frame: object) -> NoReturn:

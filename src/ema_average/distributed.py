@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from ema_average.pipeline import (
     stream_chunks,
 )
 from ema_average.plan import Chunk
+from ema_average.signals import settle
 from ema_average.writer import SafetensorsWriter, commit_together, temp_name
 
 T = TypeVar("T")
@@ -179,8 +179,8 @@ def _peers_alive() -> Iterator[None]:
 
 
 def _ignore_sigterm() -> None:
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
+        settle(signal.SIGTERM, signal.SIG_IGN)
 
 
 def rank_options(options: RunOptions, ranks: Ranks, *, watch: bool) -> RunOptions:
