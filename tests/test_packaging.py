@@ -107,6 +107,24 @@ def test_ctrl_c_while_starting_is_one_line_not_a_traceback(tmp_path: Path, delay
     assert proc.returncode in (0, 130, -signal.SIGINT), (proc.returncode, stderr)
 
 
+def test_ctrl_c_while_typer_builds_the_command_is_one_line(tmp_path: Path) -> None:
+    # The timing test above hits this window only now and then: typer builds the command (evaluating
+    # the options' annotations) before click's interrupt handling is in place. Land the interrupt there
+    # every time.
+    script = (
+        "import sys, typer.main\n"
+        "def interrupted(*args, **kwargs):\n"
+        "    raise KeyboardInterrupt\n"
+        "typer.main.get_command = interrupted\n"
+        f"sys.argv = ['ema-average', {str(tmp_path)!r}]\n"
+        "from ema_average.__main__ import main\n"
+        "main()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 130, result.stderr
+    assert result.stderr == "ema-average: interrupted; no output written\n"
+
+
 def torch_zeros() -> object:  # torch imported lazily: the start-up tests here must not import it
     import torch
 
