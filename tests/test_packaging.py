@@ -86,8 +86,9 @@ def test_import_is_lazy_and_the_public_api_resolves() -> None:
 
 @pytest.mark.parametrize("delay", [0.05, 0.15, 0.3, 0.6, 1.0])
 def test_ctrl_c_while_starting_is_one_line_not_a_traceback(tmp_path: Path, delay: float) -> None:
-    # Whenever the interrupt lands (in Python's start-up, our imports, torch's import, or the run), the
-    # user sees at most one line, and never a traceback.
+    # Wherever the interrupt lands (our imports, torch's import, or the run), the user sees at most one
+    # line, and never a traceback. The first ~20 ms are the interpreter's start-up and pip's script
+    # wrapper, before any code of ours runs: an interrupt there gets Python's own traceback.
     import signal
 
     from safetensors.torch import save_file
@@ -107,22 +108,49 @@ def test_ctrl_c_while_starting_is_one_line_not_a_traceback(tmp_path: Path, delay
     assert proc.returncode in (0, 130, -signal.SIGINT), (proc.returncode, stderr)
 
 
-def test_ctrl_c_while_typer_builds_the_command_is_one_line(tmp_path: Path) -> None:
-    # The timing test above hits this window only now and then: typer builds the command (evaluating
-    # the options' annotations) before click's interrupt handling is in place. Land the interrupt there
-    # every time.
+INTERRUPT_AT = {
+    # typer builds the command (evaluating the options' annotations) before click's own interrupt
+    # handling is in place
+    "typer builds the command": "import typer.main\ntyper.main.get_command = lambda *_: raise_it()\n",
+    # an import the entry point makes, and torch's import inside the command
+    "importing rich": "sys.meta_path.insert(0, Landing('rich.console'))\n",
+    "importing torch": "sys.meta_path.insert(0, Landing('torch'))\n",
+}
+WRAPPERS = {
+    "bare": "KeyboardInterrupt()",
+    # Python re-raises an interrupt that lands in a class body's __set_name__ as this RuntimeError
+    "wrapped": "RuntimeError('Error calling __set_name__')",
+}
+
+
+@pytest.mark.parametrize("wrapper", sorted(WRAPPERS))
+@pytest.mark.parametrize("where", sorted(INTERRUPT_AT))
+def test_ctrl_c_in_each_start_up_window_is_one_line(tmp_path: Path, where: str, wrapper: str) -> None:
+    # The timing test above hits each of these windows only now and then: land the interrupt there
+    # every time, bare or wrapped the way Python wraps it.
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "step_1.safetensors").write_bytes(b"")  # never read: the interrupt comes first
     script = (
-        "import sys, typer.main\n"
-        "def interrupted(*args, **kwargs):\n"
-        "    raise KeyboardInterrupt\n"
-        "typer.main.get_command = interrupted\n"
-        f"sys.argv = ['ema-average', {str(tmp_path)!r}]\n"
+        "import sys\n"
+        "def raise_it():\n"
+        "    try:\n"
+        "        raise KeyboardInterrupt\n"
+        "    except KeyboardInterrupt as exc:\n"
+        f"        raise {WRAPPERS[wrapper]} from exc\n"
+        "class Landing:\n"
+        "    def __init__(self, name): self.name = name\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == self.name: raise_it()\n"
+        f"{INTERRUPT_AT[where]}"
+        f"sys.argv = ['ema-average', {str(run)!r}]\n"
         "from ema_average.__main__ import main\n"
         "main()\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 130, result.stderr
     assert result.stderr == "ema-average: interrupted; no output written\n"
+    assert sorted(p.name for p in run.iterdir()) == ["step_1.safetensors"]
 
 
 def torch_zeros() -> object:  # torch imported lazily: the start-up tests here must not import it

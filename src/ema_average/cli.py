@@ -24,7 +24,7 @@ from rich.console import Console
 from ema_average import options as choices
 from ema_average._version import __version__
 from ema_average.decay_rules import ExponentialRule, PowerRule
-from ema_average.errors import ConfigurationError, EmaAverageError, TrustPickleWarning
+from ema_average.errors import ConfigurationError, EmaAverageError, TrustPickleWarning, interrupted
 from ema_average.libc import libc_call
 from ema_average.signals import settle
 
@@ -305,12 +305,12 @@ def average(
             _watch(options, poll, quiet)
             return
         _run_prepared(prepare(options, dry_run=dry_run), dry_run=dry_run, speak=not quiet)
-    except KeyboardInterrupt:
-        if _speaks():
+    except (KeyboardInterrupt, Exception) as exc:
+        if not interrupted(exc):  # a bug or an unforeseen input: still one line, the traceback with --debug
+            _fail(_describe(exc), exc, debug)
+        if _speaks():  # a Ctrl-C, also one that a library's import or a class definition wrapped
             err.print("ema-average: interrupted; no output written")
         raise typer.Exit(130) from None
-    except Exception as exc:  # a bug or an unforeseen input: still one line, the traceback with --debug
-        _fail(_describe(exc), exc, debug)
 
 
 def _describe(exc: BaseException) -> str:

@@ -7,7 +7,9 @@ derives from the builtin a Python user would reach for first (``ValueError``, ``
 
 from __future__ import annotations
 
-from pathlib import Path
+TYPE_CHECKING = False  # typing's own costs 10 ms: the entry point imports this before its interrupt guard
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 class EmaAverageError(Exception):
@@ -33,6 +35,8 @@ class CheckpointError(EmaAverageError):
     """
 
     def __init__(self, path: str | Path | None, problem: str) -> None:
+        from pathlib import Path  # here, not above: pathlib costs 4 ms before the entry point's guard
+
         self.path = Path(path) if path is not None else None
         self.problem = problem
         super().__init__(f"{path}: {problem}" if path is not None else problem)
@@ -64,3 +68,21 @@ class DeviceError(EmaAverageError, RuntimeError):
 
 class TrustPickleWarning(UserWarning):
     """A checkpoint is being fully unpickled because the user passed --trust-pickle: its code can run."""
+
+
+def interrupted(exc: BaseException) -> bool:
+    """Whether a Ctrl-C (or SIGTERM, raised as one) caused ``exc``.
+
+    An interrupt that lands while Python builds a class is re-raised wrapped (``RuntimeError: Error calling
+    __set_name__``), and one inside a library's import may come back as that library's own error.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        if isinstance(current, SystemExit):  # an exit decided on (after an interrupt it reported, say)
+            return False
+        seen.add(id(current))
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    return False
