@@ -192,3 +192,32 @@ def test_composer_time_objects_load_as_stand_ins(tmp_path: Path, monkeypatch: py
     ckpt = TorchCheckpoint(tmp_path / "c.pt")
     assert ckpt.tensor_names() == ["w"]
     assert "composer" not in sys.modules  # nothing of theirs was imported
+
+
+def test_loads_from_several_threads_keep_their_stand_ins(tmp_path: Path) -> None:
+    # torch allows stand-ins through one process-wide set that each load adds to and removes from: loads
+    # in the reader pool's threads removed each other's mid-load (a false refusal or "damaged", seen once
+    # in CI on two DeepSpeed ranks' optimizer files). Switching threads every microsecond makes the
+    # overlap happen in every run of this test without the lock (5 of 5 runs failed).
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    state = {"args": argparse.Namespace(lr=0.1), "model": {"w": torch.arange(2.0)}}
+    torch.save(state, tmp_path / "zip.pt")
+    torch.save(state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    paths = [tmp_path / "zip.pt", tmp_path / "legacy.pt"] * 150
+
+    def weights(path: Path) -> list[float]:
+        obj, _ = safe_unpickle.load_torch_file(path)
+        return obj["model"]["w"].tolist()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(weights, paths))
+    finally:
+        sys.setswitchinterval(interval)
+    assert results == [[0.0, 1.0]] * len(paths)
+    left = [g for g in torch.serialization.get_safe_globals() if isinstance(g, tuple)]
+    assert [g for g in left if g[0] is safe_unpickle.InertStandIn] == []  # no stand-in stays allowed

@@ -19,6 +19,7 @@ import functools
 import pickle
 import re
 import struct
+import threading
 import warnings
 import zipfile
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -95,6 +96,12 @@ class InertStandIn(dict):
         pass
 
 
+# torch keeps the globals a weights_only load allows in one process-wide set, which its safe_globals()
+# adds to on entry and removes from on exit: two threads loading at once (the reader pool, two ranks'
+# files) removed each other's stand-ins mid-load, a false "needs arbitrary unpickling" now and then.
+_ALLOWED_GLOBALS = threading.Lock()
+
+
 def is_data_only(name: str) -> bool:
     """Whether ``name`` (``module.qualname``) is pure data we may stand in for."""
     return name in _DATA_ONLY_NAMES or name.startswith(_DATA_ONLY_PREFIXES)
@@ -127,7 +134,8 @@ def load_torch_file(path: Path, *, trust_pickle: bool = False) -> tuple[Any, boo
 def _zip_stand_ins(path: Path) -> set[str]:
     """The zip format's globals, listed without unpickling: stand-ins for data, a refusal for the rest."""
     try:
-        unsafe = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        with _ALLOWED_GLOBALS:  # the listing leaves out what is allowed now, stand-ins of a load under way
+            unsafe = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     except Exception as exc:  # a damaged archive
         raise _damaged(path, exc) from exc
     refused = [name for name in unsafe if not is_data_only(name)]
@@ -140,8 +148,7 @@ def _load_with_stand_ins(path: Path, mmap: bool, stand_ins: set[str]) -> Any:
     """``weights_only`` load, adding a stand-in for each data-only global it refuses (legacy files)."""
     for _ in range(MAX_STAND_INS + 1):
         try:
-            with torch.serialization.safe_globals([(InertStandIn, name) for name in sorted(stand_ins)]):
-                return _torch_load(path, mmap=mmap, weights_only=True)
+            return _load_allowing(path, mmap, stand_ins)
         except pickle.UnpicklingError as exc:
             named = refused_globals(str(exc))
             if not named:  # not a refusal: the pickle itself is broken
@@ -151,6 +158,17 @@ def _load_with_stand_ins(path: Path, mmap: bool, stand_ins: set[str]) -> Any:
                 raise _refusal(path, unsafe) from exc
             stand_ins.update(named)
     raise CheckpointError(path, f"names more than {MAX_STAND_INS} kinds of plain-data objects; refused")
+
+
+def _load_allowing(path: Path, mmap: bool, stand_ins: set[str]) -> Any:
+    """A ``weights_only`` load with ``stand_ins`` allowed, one such load at a time: also one that needs
+    none, which could otherwise resolve a name while another load's stand-in is allowed and build it after
+    that was removed (a false "damaged")."""
+    with (
+        _ALLOWED_GLOBALS,
+        torch.serialization.safe_globals([(InertStandIn, name) for name in sorted(stand_ins)]),
+    ):
+        return _torch_load(path, mmap=mmap, weights_only=True)
 
 
 def refused_globals(message: str) -> list[str]:
