@@ -306,14 +306,7 @@ def execute(
             for writer in writers:
                 writer.abort()  # rank 0's removes the temporary; a no-op once committed
             raise
-    return Summary(
-        [writer.path for writer in writers],
-        len(prepared.plan.outputs),
-        bytes_read,
-        sum(writer.size for writer in writers),
-        time.perf_counter() - start,
-        ranks.most(peak_rss()),
-    )
+    return Summary.of(writers, prepared, bytes_read, start, ranks.most(peak_rss()))
 
 
 def _close_sources(prepared: PreparedRun) -> None:

@@ -155,6 +155,25 @@ class Summary:
     def throughput(self) -> float:
         return self.bytes_read / self.seconds if self.seconds > 0 else float("inf")
 
+    @classmethod
+    def of(
+        cls,
+        writers: Sequence[SafetensorsWriter | ShardedWriter],
+        prepared: PreparedRun,
+        bytes_read: int,
+        start: float,
+        peak: int,
+    ) -> Summary:
+        """A finished run's summary, the same for one process and for torchrun's rank 0."""
+        return cls(
+            [path for writer in writers for path in writer.paths],
+            len(prepared.plan.outputs),
+            bytes_read,
+            sum(writer.size for writer in writers),
+            time.perf_counter() - start,
+            peak,
+        )
+
 
 def resolve_device(spec: str) -> torch.device:
     """The device, checked to exist now, before any work is done."""
@@ -431,14 +450,7 @@ def execute(
         finally:
             for ckpt in prepared.sources:
                 ckpt.close()
-    return Summary(
-        [path for writer in writers for path in writer.paths],
-        len(prepared.plan.outputs),
-        bytes_read,
-        sum(writer.size for writer in writers),
-        time.perf_counter() - start,
-        peak_rss(),
-    )
+    return Summary.of(writers, prepared, bytes_read, start, peak_rss())
 
 
 def stream_chunks(
