@@ -173,6 +173,24 @@ def test_rank_0_killed_leaves_no_output_and_the_next_run_clears_its_temporary(
     assert names(tmp_path) == ["out.safetensors", "run"]
 
 
+def test_a_peer_lost_after_the_commit_leaves_the_output_whole_and_rank_0_silent(
+    run: Path, tmp_path: Path
+) -> None:
+    # Rank 1 dies once rank 0 has named the output, before the ranks agreed it was: the output is whole
+    # (every share was agreed written before), so rank 0 neither fails (it used to exit 1 with "another
+    # rank stopped") nor says "no output written" (when torchrun's SIGTERM reaches it first).
+    from ema_average.distributed import TEST_KILL_AFTER_COMMIT
+
+    alone = one_process(run, "-o", tmp_path / "alone.safetensors", "-q")
+    assert alone.returncode == 0, alone.stderr
+    result = torchrun(2, run, "-o", tmp_path / "out.safetensors", env={TEST_KILL_AFTER_COMMIT: "1"})
+    assert result.returncode != 0  # torchrun reports the rank it lost
+    assert "no output written" not in result.stderr
+    assert error_lines(result) == [], result.stderr
+    assert (tmp_path / "out.safetensors").read_bytes() == (tmp_path / "alone.safetensors").read_bytes()
+    assert names(tmp_path) == ["alone.safetensors", "out.safetensors", "run"]
+
+
 def test_what_one_file_from_several_ranks_cannot_do_is_refused_in_one_line(run: Path, tmp_path: Path) -> None:
     watch = torchrun(2, run, "-o", tmp_path / "out.safetensors", "--watch")
     (line,) = error_lines(watch)

@@ -6,7 +6,8 @@ the ranks agree on it; rank 0 takes the output's lock, removes stale temporaries
 temporary file (named, so every rank, on any host sharing the filesystem, can open it), reserved and with
 its header; the others open it by the name rank 0's PID gives. Each rank streams its share of the plan's
 chunks (a contiguous run of about 1/N of the bytes) and ``pwrite``s them at their offsets, then fsyncs;
-once all agree that every rank succeeded, rank 0 commits (read back, atomic rename): all or nothing.
+once all agree that every rank succeeded, rank 0 commits (read back, atomic rename): all or nothing. A
+peer lost after that (before it heard of the commit) leaves rank 0's run a success: the output is whole.
 
 Agreement is one ``all_reduce`` of a flag per phase; a failure's one-line message travels from the lowest
 failing rank to the others as a uint8 tensor (nothing is pickled between ranks), and every rank exits 1
@@ -50,6 +51,8 @@ T = TypeVar("T")
 
 # Tests only: the rank whose number this holds SIGKILLs itself after its first chunk (a rank dying midway).
 TEST_KILL_RANK = "EMA_AVERAGE_TEST_SIGKILL_RANK_AFTER_FIRST_CHUNK"
+# Tests only: the rank whose number this holds SIGKILLs itself once rank 0 has named the output.
+TEST_KILL_AFTER_COMMIT = "EMA_AVERAGE_TEST_SIGKILL_RANK_AFTER_COMMIT"
 _PUBLISH_EVERY = 0.25  # seconds between a rank's progress reports to the store
 _FAILED = "failed"
 _PROGRESS = "progress"
@@ -299,14 +302,51 @@ def execute(
             read = ranks.together(lambda: _write_share(prepared, writers, progress, mine))
             bytes_read = ranks.total(read)
             progress.complete(bytes_read)
-            ranks.together(lambda: _commit(writers) if ranks.lead else None)
-            if on_committed is not None:
-                on_committed()
+            peers = _commit_and_tell(ranks, writers, on_committed or (lambda: None))
         except BaseException:
             for writer in writers:
                 writer.abort()  # rank 0's removes the temporary; a no-op once committed
             raise
-    return Summary.of(writers, prepared, bytes_read, start, ranks.most(peak_rss()))
+    return Summary.of(writers, prepared, bytes_read, start, ranks.most(peak_rss()) if peers else peak_rss())
+
+
+def _commit_and_tell(
+    ranks: Ranks, writers: list[SafetensorsWriter], on_committed: Callable[[], None]
+) -> bool:
+    """Rank 0 names the outputs, then every rank hears it; whether the peers are still there after.
+
+    Every rank's share was agreed written before, so once rank 0 has named the outputs they are whole: a
+    peer lost before hearing it (killed, its host gone) does not turn rank 0's run into a failure, and
+    ``on_committed`` runs on rank 0 right after the rename, before it waits for anyone.
+    """
+    committed = False
+
+    def commit() -> None:
+        nonlocal committed
+        if ranks.lead:
+            _commit(writers)
+            committed = True
+            on_committed()
+        elif os.environ.get(TEST_KILL_AFTER_COMMIT) == str(ranks.rank):
+            _die_once_named(writers)
+
+    try:
+        ranks.together(commit)
+    except RankFailure:
+        if not committed:
+            raise
+        return False
+    if not ranks.lead:
+        on_committed()
+    return True
+
+
+def _die_once_named(writers: list[SafetensorsWriter]) -> None:
+    """Tests only: a peer lost right after rank 0 named the outputs, before it heard so."""
+    deadline = time.monotonic() + 60
+    while not all(writer.path.exists() for writer in writers) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _close_sources(prepared: PreparedRun) -> None:
