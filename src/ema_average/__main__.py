@@ -20,20 +20,21 @@ def _interrupted() -> SystemExit:
 
 def main() -> None:
     try:
-        from ema_average.cli import ignore_interrupts
-        from ema_average.cli import main as run_command
+        _run()
     except BaseException as exc:
         if interrupted(exc):
             raise _interrupted() from None
         raise
+
+
+def _run() -> None:
+    """The command, whose interrupts :func:`main` answers wherever they land: in its imports, while typer
+    builds it from its signature (before click's own interrupt handling is in place), or in the run."""
+    from ema_average.cli import ignore_interrupts
+    from ema_average.cli import main as run_command
+
     try:
         run_command()
-    except BaseException as exc:
-        # Typer builds the command from its signature (annotations evaluated, a fraction of a second)
-        # before click's own interrupt handling is in place: an interrupt then escapes click.
-        if interrupted(exc):
-            raise _interrupted() from None
-        raise
     finally:
         # The command is over (its output committed or cleaned up): a Ctrl-C now would land in the
         # interpreter's shutdown (atexit finalizers) and print "Exception ignored ... Traceback".

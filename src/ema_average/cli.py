@@ -430,8 +430,7 @@ def ignore_interrupts() -> None:
     """
     if not _process.owned:
         return
-    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-        settle(signal.SIGINT, signal.SIG_IGN)
+    settle(signal.SIGINT, signal.SIG_IGN)
     if signal.getsignal(signal.SIGTERM) is _terminate:
         settle(signal.SIGTERM, signal.SIG_DFL)
 
@@ -595,7 +594,7 @@ def _own_process() -> None:
     _process.owned = threading.current_thread() is threading.main_thread()
     if _process.owned:
         signal.signal(signal.SIGTERM, _terminate)
-    _steady_malloc()
+        _steady_malloc()
 
 
 def main() -> None:

@@ -182,8 +182,7 @@ def _peers_alive() -> Iterator[None]:
 
 
 def _ignore_sigterm() -> None:
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
-        settle(signal.SIGTERM, signal.SIG_IGN)
+    settle(signal.SIGTERM, signal.SIG_IGN)
 
 
 def rank_options(options: RunOptions, ranks: Ranks, *, watch: bool) -> RunOptions:

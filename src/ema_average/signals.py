@@ -18,14 +18,15 @@ __all__ = ["settle"]
 
 def settle(sig: signal.Signals, final: signal.Handlers) -> None:
     """Give ``sig`` its ``final`` disposition (``SIG_IGN`` or ``SIG_DFL``) with no window for a signal to
-    arrive mid-swap; only the main thread may, elsewhere nothing changes.
+    arrive mid-swap; only the main thread may, elsewhere (or where it has that disposition already) nothing
+    changes.
 
     A Python no-op first (a pending signal raises from the swap through the old handler: swap again);
     then the OS disposition through libc, after which no new signal is caught; then Python's record of it,
     whose check runs anything caught meanwhile through the no-op. (libc by hand: ``signal.signal`` sets
     both at once, with that window.)
     """
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(sig) is final:
         return
     while True:
         try:
