@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
-from ema_average.errors import ConfigurationError
+from ema_average.errors import ConfigurationError, OutputError
 from ema_average.pipeline import RunOptions, average_checkpoints
 from ema_average.plan import AverageSettings
 from ema_average.watch import watch
@@ -183,3 +184,90 @@ def test_watch_command_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     assert "watching" in stdout and "stopped watching" in stdout
     assert last_step(out) == STEPS[-1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ema.safetensors", "run"]
+
+
+def test_watch_keeps_a_file_another_program_puts_at_the_output_before_the_first_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The output did not exist when the watch planned its first write; a file that appears there before the
+    # rename is someone else's: kept byte for byte, and the watch stops with the one-shot run's error.
+    import ema_average.watch as watch_module
+
+    run, out = tmp_path / "run", tmp_path / "ema.safetensors"
+    run.mkdir()
+    for step in (100, 200):
+        (run / f"model_step_{step}.safetensors").write_bytes(
+            save(dict(make_state(step)), {"step": str(step)})
+        )
+    real_prepare = watch_module.prepare
+
+    def prepare_then_another_program_writes(*args, **kwargs):  # type: ignore[no-untyped-def]
+        prepared = real_prepare(*args, **kwargs)
+        out.write_bytes(b"someone else's file")
+        return prepared
+
+    monkeypatch.setattr(watch_module, "prepare", prepare_then_another_program_writes)
+    polls = iter(range(3))
+    with pytest.raises(OutputError, match="already exists"):
+        watch(
+            RunOptions(run, out),
+            poll=1.0,
+            on_refresh=lambda prepared, summary: None,
+            on_notice=print,
+            stop=lambda: next(polls) == 2,
+            sleep=lambda _seconds: None,
+        )
+    assert out.read_bytes() == b"someone else's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ema.safetensors", "run"]
+
+
+def test_watch_averages_again_when_an_averaged_checkpoint_is_rewritten(tmp_path: Path) -> None:
+    # A restarted run saves step 200 again with other weights after the watch averaged the first step 200.
+    run, out = tmp_path / "run", tmp_path / "ema.safetensors"
+    run.mkdir()
+    settings = AverageSettings(decay=0.9)  # num_updates = each step (TF rule)
+
+    def write(step: int, seed: int) -> Callable[[], None]:
+        def action() -> None:
+            path = run / f"model_step_{step}.safetensors"
+            path.write_bytes(save(dict(make_state(seed)), {"step": str(step)}))
+            # a later write: mtime moves on even where the file system's clock is coarse
+            os.utime(path, ns=(seed * 10**9, seed * 10**9))
+
+        return action
+
+    actions: list[Callable[[], None]] = [
+        write(100, 100),
+        write(200, 200),
+        lambda: None,
+        write(200, 999),  # the rewrite, same step and size, other weights
+        lambda: None,
+        write(300, 300),
+        lambda: None,
+        lambda: None,
+    ]
+    notices: list[str] = []
+    refreshed: list[list[int]] = []
+    watch(
+        RunOptions(run, out, settings=settings),
+        poll=1.0,
+        on_refresh=lambda prepared, summary: refreshed.append(list(prepared.plan.steps)),
+        on_notice=notices.append,
+        stop=lambda: not actions,
+        sleep=lambda _seconds: actions.pop(0)(),
+    )
+    assert notices == [
+        "model_step_200.safetensors changed after it was averaged: averaging again from the first checkpoint"
+    ]
+    assert [100, 200] in refreshed  # the second pass starts over from step 100
+    # the live output is the one-shot average of the files as they are now (float32: bit for bit)
+    average_checkpoints(RunOptions(run, tmp_path / "one.safetensors", settings=settings))
+    one, live = load_file(str(tmp_path / "one.safetensors")), load_file(str(out))
+    assert all(torch.equal(one[n], live[n]) for n in one)
+    reference = {n: t.double() for n, t in make_state(100).items() if t.is_floating_point()}
+    for step, seed in ((200, 999), (300, 300)):
+        d = min(0.9, (1 + step) / (10 + step))
+        for n, t in make_state(seed).items():
+            if t.is_floating_point():
+                reference[n] = d * reference[n] + (1 - d) * t.double()
+    assert all(torch.allclose(live[n].double(), reference[n], rtol=1e-6, atol=1e-7) for n in reference)

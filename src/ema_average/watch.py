@@ -1,9 +1,14 @@
 """Keep an average of a live run: take each new checkpoint once it is complete, refresh the output.
 
-A checkpoint is taken when every one of its files has kept its size and modification time for a whole
-poll interval and it opens cleanly; one that is settled but still unreadable (a writer that paused) is
+A checkpoint is taken when every one of its files has kept its size, modification time and inode for a
+whole poll interval and it opens cleanly; one that is settled but still unreadable (a writer that paused) is
 skipped with a notice and tried again at the next poll. The output is refreshed by resuming from itself,
 through the same atomic writer, so a reader never sees a half-written file.
+
+A checkpoint that changes after it was averaged (a restarted run saving the same step again) is noticed by
+the same record: the average is computed again from the first checkpoint, with a notice, rather than
+keeping the old weights. The first output is written as a one-shot run writes it: a file another program
+puts at the output path meanwhile is kept (the run stops with an error), never replaced.
 """
 
 from __future__ import annotations
@@ -15,21 +20,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ema_average.checkpoints.discover import candidates
-from ema_average.errors import CheckpointError, ConfigurationError
+from ema_average.errors import CheckpointError, ConfigurationError, OutputError
 from ema_average.output_folder import is_folder
 from ema_average.pipeline import PreparedRun, RunOptions, Summary, default_output, execute, prepare
 
-Snapshot = dict[Path, tuple[tuple[str, int, int], ...]]
+Snapshot = dict[Path, tuple[tuple[str, int, int, int], ...]]
 
 
 def snapshot(root: Path, globs: tuple[str, ...] = ()) -> Snapshot:
-    """Size and mtime of every file of every candidate checkpoint (folders: all files inside)."""
+    """Size, mtime and inode of every file of every candidate checkpoint (folders: all files inside); the
+    inode shows a file replaced by a rename even where size and mtime happen to match."""
     found: Snapshot = {}
     for unit in candidates(root, globs=globs):
         files = sorted(p for p in unit.rglob("*") if p.is_file()) if unit.is_dir() else [unit]
         try:
             stats = [(str(f), f.stat()) for f in files]
-            found[unit] = tuple((name, st.st_size, st.st_mtime_ns) for name, st in stats)
+            found[unit] = tuple((name, st.st_size, st.st_mtime_ns, st.st_ino) for name, st in stats)
         except FileNotFoundError:  # renamed or removed while we looked: not settled
             continue
     return found
@@ -61,6 +67,7 @@ def watch(
         raise ConfigurationError(
             f"--watch refreshes a single .safetensors file: {output.name} would be a folder"
         )
+    live = _LiveOutput(output)
     before: Snapshot = {}
     reported: set[Path | str] = set()
     while not stop():
@@ -68,27 +75,77 @@ def watch(
         ready = settled(before, now)
         before = now
         if ready:
-            _refresh(options, output, ready, reported, on_refresh, on_notice)
+            again = live.changed(now, ready)
+            if again:
+                on_notice(
+                    f"{', '.join(sorted(u.name for u in again))} changed after it was averaged: averaging again from the first checkpoint"
+                )
+            current = live.options(options, again=bool(again))
+            prepared = _refresh(current, ready, reported, on_refresh, on_notice)
+            if prepared is not None:
+                live.averaged(prepared, now, ready, again=bool(again))
         sleep(poll)
 
 
+class _LiveOutput:
+    """What the watch wrote: the output file as it left it, and each checkpoint as it was when averaged.
+
+    Both come from this process's own polls, so a checkpoint rewritten while the watch runs is noticed;
+    one rewritten before it started (the output resumed from an earlier watch) is not.
+    """
+
+    def __init__(self, output: Path) -> None:
+        self.output = output
+        self.sources: Snapshot = {}
+        self.written: tuple[int, int, int] | None = None  # inode, size, mtime of our last write
+
+    def changed(self, now: Snapshot, ready: set[Path]) -> set[Path]:
+        """Settled checkpoints that differ from what was averaged."""
+        return {unit for unit in ready if unit in self.sources and self.sources[unit] != now[unit]}
+
+    def options(self, options: RunOptions, *, again: bool) -> RunOptions:
+        """Resume from the output, or (a checkpoint changed) start over and replace the output, which
+        must still be the file this watch wrote: anything else put there is not ours to replace."""
+        if again:
+            if self.written is None or _identity(self.output) != self.written:
+                raise OutputError(
+                    f"{self.output}: changed by another program since this watch wrote it; not replaced"
+                )
+            return dataclasses.replace(options, output=self.output, resume=None, overwrite=True)
+        resume = self.output if self.output.exists() else None
+        return dataclasses.replace(options, output=self.output, resume=resume)
+
+    def averaged(self, prepared: PreparedRun, now: Snapshot, ready: set[Path], *, again: bool) -> None:
+        if again:
+            self.sources = {}
+        for checkpoint in prepared.checkpoints:
+            unit = _unit_of(checkpoint.path, ready)
+            if unit is not None:
+                self.sources[unit] = now[unit]
+        self.written = _identity(self.output)
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def _refresh(
-    options: RunOptions,
-    output: Path,
+    current: RunOptions,
     ready: set[Path],
     reported: set[Path | str],
     on_refresh: Callable[[PreparedRun, Summary], None],
     on_notice: Callable[[str], None],
-) -> None:
-    resume = output if output.exists() else None
-    current = dataclasses.replace(
-        options, output=output, resume=resume, overwrite=options.overwrite or resume is None
-    )
+) -> PreparedRun | None:
+    """Average what ``ready`` adds; the run written, or None when a checkpoint waits or nothing is new."""
     while ready:
         try:
             prepared = prepare(current, only=ready)
         except CheckpointError as exc:
-            unit = _unit_of(exc, ready)
+            unit = _unit_of(exc.path, ready)
             if unit is None:
                 raise
             if unit not in reported:
@@ -100,16 +157,18 @@ def _refresh(
             if note not in reported:  # each checkpoint that will never be applied is named, once
                 on_notice(note)
                 reported.add(note)
-        if not prepared.up_to_date:
-            on_refresh(prepared, execute(prepared))
-        return
+        if prepared.up_to_date:
+            return None
+        on_refresh(prepared, execute(prepared))
+        return prepared
+    return None
 
 
-def _unit_of(exc: CheckpointError, ready: set[Path]) -> Path | None:
-    """The candidate a checkpoint error is about (a folder's error may name a file inside it)."""
-    if exc.path is None:
+def _unit_of(path: Path | None, ready: set[Path]) -> Path | None:
+    """The candidate ``path`` belongs to (a folder checkpoint's error or file may name a file inside it)."""
+    if path is None:
         return None
     for unit in ready:
-        if exc.path == unit or unit in exc.path.parents:
+        if path == unit or unit in path.parents:
             return unit
     return None
