@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import pickle
+import re
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -210,3 +214,95 @@ def test_a_tensor_the_tool_cannot_handle_is_refused_at_open(tmp_path: Path) -> N
     save_dcp(tmp_path, state)
     with pytest.raises(CheckpointError, match=r"tensor 'rotary\.freqs' is complex64 \(complex\)"):
         DcpCheckpoint(tmp_path)
+
+
+def replace_slice(folder: Path, fqn: str, obj: object) -> Path:
+    """Point ``fqn``'s chunk at ``torch.save(obj)`` appended to its data file, as damage or an attacker
+    would leave it; returns that data file."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = next(folder.glob("*.distcp"))
+    start = data.stat().st_size
+    with open(data, "ab") as f:
+        f.write(buffer.getvalue())
+
+    def point(metadata: Any) -> None:
+        for index, info in metadata.storage_data.items():
+            if index.fqn == fqn:
+                info.offset, info.length = start, len(buffer.getvalue())
+
+    rewrite_metadata(folder, point)
+    return data
+
+
+def zero_first_bytes(folder: Path) -> Path:
+    data = next(folder.glob("*.distcp"))
+    damaged = bytearray(data.read_bytes())
+    damaged[:64] = bytes(64)
+    data.write_bytes(bytes(damaged))
+    return data
+
+
+DAMAGE: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "zeroed": (zero_first_bytes, r"its bytes are not a saved tensor"),
+    "dict": (lambda f: replace_slice(f, "model.encoder.bias", {"a": torch.ones(16)}), r"other than a tensor"),
+    "too small": (lambda f: replace_slice(f, "model.encoder.bias", torch.ones(4)), r"other than a tensor"),
+    "global": (
+        lambda f: replace_slice(f, "model.encoder.bias", torch.nn.Linear(1, 1)),
+        r"it names torch\.nn\.modules\.linear\.Linear, not a tensor; refused",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_data_is_one_error_naming_the_file(tmp_path: Path, damage: str) -> None:
+    """torch wraps every read failure in a CheckpointException, a BaseException no `except Exception`
+    catches: the damaged slice must still be one CheckpointError naming the data file and tensor."""
+    save_dcp(tmp_path, {"model": dict(make_state(1)), "step": torch.tensor(1)})
+    make, problem = DAMAGE[damage]
+    data = make(tmp_path)
+    ckpt = DcpCheckpoint(tmp_path)
+    with pytest.raises(CheckpointError) as caught:
+        for name in ckpt.specs():
+            ckpt.read(name)
+    message = str(caught.value)
+    assert "\n" not in message and "Traceback" not in message
+    assert re.fullmatch(
+        rf"{re.escape(str(data))}: cannot read tensor 'model\.encoder\.\w+': damaged DCP data \(.*\)", message
+    )
+    assert re.search(problem, message)
+
+
+def test_damaged_step_tensor_under_dry_run_is_one_line(tmp_path: Path) -> None:
+    for step in (1, 2):
+        save_dcp(tmp_path / f"save_{step}", {"model": dict(make_state(step)), "step": torch.tensor(step)})
+    data = replace_slice(tmp_path / "save_2", "step", {"step": 2})
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "ema-average"), str(tmp_path), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert result.stderr.strip().splitlines() == [
+        f"ema-average: error: {data}: cannot read tensor 'step': damaged DCP data (it holds something "
+        "other than a tensor of the size the metadata gives)"
+    ]
+
+
+def test_an_interrupt_during_a_read_stays_an_interrupt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DCP wraps a Ctrl-C landing inside its read too; it must come out as the KeyboardInterrupt it was."""
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+
+    save_dcp(tmp_path, dict(make_state(1)))
+    ckpt = DcpCheckpoint(tmp_path)
+
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FileSystemReader, "_slice_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.read("encoder.weight")

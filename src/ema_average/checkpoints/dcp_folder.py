@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import pickle
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -30,7 +31,7 @@ from ema_average.checkpoints.base import (
     require_regular_file,
 )
 from ema_average.checkpoints.keys import STATE_DICT_KEYS, STEP_KEYS
-from ema_average.checkpoints.safe_unpickle import first_line, load_dcp_metadata
+from ema_average.checkpoints.safe_unpickle import first_line, load_dcp_metadata, refused_globals
 from ema_average.checkpoints.steps import checked_step
 from ema_average.checkpoints.torch_file import checked_name, dtype_problem
 from ema_average.errors import CheckpointError
@@ -83,9 +84,28 @@ class DcpCheckpoint(Checkpoint):
                 self._dcp.load({fqn: out}, storage_reader=reader)
         except CheckpointError:
             raise
-        except Exception as exc:  # a .distcp file that does not hold what the metadata says
-            raise CheckpointError(self.path, f"cannot read tensor {fqn!r} ({first_line(exc)})") from exc
+        except (Exception, self._dcp.CheckpointException) as exc:  # data that is not what the metadata says
+            raise self._unreadable(fqn, exc) from None
         return out
+
+    def _unreadable(self, fqn: str, exc: BaseException) -> BaseException:
+        """What a failed read of ``fqn`` is: one line naming its data file, or the interrupt or error of
+        ours that DCP wrapped. DCP wraps whatever a read raises (even Ctrl-C) in a ``CheckpointException``,
+        which derives from ``BaseException``, with a full traceback in its message."""
+        cause = _wrapped(exc, self._dcp.CheckpointException)
+        if isinstance(cause, CheckpointError) or not isinstance(cause, Exception):
+            return cause
+        files = sorted({self._storage(fqn, chunk).relative_path for chunk in self._entry(fqn).chunks})
+        where = self.path / files[0] if len(files) == 1 else self.path
+        return CheckpointError(where, f"cannot read tensor {fqn!r}: damaged DCP data ({_problem(cause)})")
+
+    def _entry(self, fqn: str) -> Any:
+        return self._metadata.state_dict_metadata[fqn]
+
+    def _storage(self, fqn: str, chunk: Any) -> Any:
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        return self._metadata.storage_data[MetadataIndex(fqn, chunk.offsets)]
 
     def read(self, name: str) -> torch.Tensor:
         spec = self._specs[name]
@@ -109,6 +129,31 @@ def _import_dcp(path: Path) -> ModuleType:
     except ImportError as exc:  # torch built without distributed support
         raise CheckpointError(path, "is a DCP folder, but this torch has no torch.distributed") from exc
     return dcp
+
+
+def _wrapped(exc: BaseException, wrapper: type[BaseException]) -> BaseException:
+    """The exception a DCP ``CheckpointException`` holds (the first rank's), else ``exc`` itself."""
+    failures = getattr(exc, "failures", None) if isinstance(exc, wrapper) else None
+    if isinstance(failures, dict):
+        for failure in failures.values():
+            inner = failure[0] if isinstance(failure, tuple) and failure else failure
+            if isinstance(inner, BaseException):
+                return inner
+    return exc
+
+
+def _problem(exc: Exception) -> str:
+    """A failed read of a data slice in plain words: torch's own messages run to many lines of advice."""
+    if isinstance(exc, pickle.UnpicklingError):
+        named = refused_globals(str(exc))
+        return (
+            f"it names {', '.join(named[:3])}, not a tensor; refused"
+            if named
+            else "its bytes are not a saved tensor"
+        )
+    if isinstance(exc, AttributeError | AssertionError | TypeError | IndexError | ValueError):
+        return "it holds something other than a tensor of the size the metadata gives"  # DCP's own checks
+    return first_line(exc)
 
 
 def _may_be_step(spec: TensorSpec) -> bool:
