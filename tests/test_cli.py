@@ -321,3 +321,36 @@ def test_discovery_flags_reach_the_run(tmp_path: Path) -> None:
         assert f" {step} " in result.stdout
     bad = run(tmp_path / "run", "--dry-run", "--steps", "100,x")
     assert bad.returncode == 1 and "--steps takes whole numbers" in bad.stderr
+
+
+@pytest.mark.parametrize(("dtype", "limit"), [("float16", "65504"), ("bfloat16", "3.38953e+38")])
+def test_an_output_dtype_that_cannot_hold_the_average_is_refused(
+    tmp_path: Path, dtype: str, limit: str
+) -> None:
+    # Finite averages that round to Inf in the output dtype: the check is on what would be written.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    values = torch.tensor([1.0, 7e4, -1e5, 3.4e38])
+    for step in (10, 20):
+        save_file(
+            {"fits": torch.tensor([1.0, 65504.0]), "w": values},
+            str(run_dir / f"s{step}.safetensors"),
+            {"step": str(step)},
+        )
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    out = tmp_path / "o.safetensors"
+    result = run(run_dir, "-o", out, "--dtype", dtype)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"ema-average: error: tensor 'w' averages to 3.4e+38, beyond what {dtype} holds ({limit}): it would be "
+        "written as Inf; refused. --dtype float32 keeps it; --allow-nonfinite writes Inf anyway"
+    ]
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+    # asked for, Inf is written where the dtype overflows, and only there
+    assert run(run_dir, "-o", out, "--dtype", dtype, "--allow-nonfinite").returncode == 0
+    written = load_file(str(out))
+    assert torch.equal(written["fits"], torch.tensor([1.0, 65504.0]).to(getattr(torch, dtype)))
+    assert torch.isinf(written["w"]).tolist() == (
+        [False, True, True, True] if dtype == "float16" else [False, False, False, True]
+    )

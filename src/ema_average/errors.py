@@ -62,6 +62,11 @@ class OutputError(EmaAverageError, OSError):
     """The output cannot be written where asked (exists without --overwrite, disk full...)."""
 
 
+class OutputRangeError(EmaAverageError, OverflowError):
+    """A finite average does not fit the output dtype (float16 holds at most 65504): rounding it would
+    write Inf. Raised by the command's ``--dtype`` and the library's ``save_safetensors(dtype=...)`` alike."""
+
+
 class DeviceError(EmaAverageError, RuntimeError):
     """The requested device is not available on this machine."""
 

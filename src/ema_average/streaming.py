@@ -33,7 +33,7 @@ from typing import Protocol
 import torch
 
 from ema_average.checkpoints import Checkpoint
-from ema_average.errors import NonFiniteError
+from ema_average.errors import NonFiniteError, OutputRangeError
 from ema_average.libc import libc_call
 from ema_average.moving_average import ema_update_
 from ema_average.plan import Chunk, OutputTensor, Piece
@@ -430,6 +430,8 @@ class ChunkStream:
             converted = shadow
             if chunk.out_dtype != wide:
                 converted = _view(worker.out, chunk.out_dtype, numel).copy_(shadow)
+                if self.check_finite and not _finite(converted):  # what is written, after the rounding
+                    raise out_of_range(chunk, shadow, converted)
             _write(fold.sink, chunk, worker.to_host(converted))
         return chunk.bytes_read(len(self.sources))
 
@@ -470,6 +472,21 @@ class ChunkStream:
             self.sources[-1].checkpoint.path,
             "the average overflowed to Inf; refused. --allow-nonfinite keeps it anyway",
         )
+
+
+def out_of_range(chunk: Chunk, shadow: torch.Tensor, converted: torch.Tensor) -> OutputRangeError:
+    """Name the first tensor of a finite chunk that the output dtype rounds to Inf, and by how much."""
+    for piece in chunk.pieces:
+        part = slice(piece.offset, piece.offset + piece.count)
+        if not _finite(converted[part]):
+            largest = float(shadow[part].abs().max())
+            limit = torch.finfo(chunk.out_dtype).max
+            return OutputRangeError(
+                f"tensor {piece.names[0]!r} averages to {largest:.4g}, beyond what "
+                f"{str(chunk.out_dtype).removeprefix('torch.')} holds ({limit:g}): it would be written as Inf; "
+                "refused. --dtype float32 keeps it; --allow-nonfinite writes Inf anyway"
+            )
+    raise AssertionError("out_of_range called on a chunk that fits")  # the caller checked the whole chunk
 
 
 def _parts(buffer: torch.Tensor, chunk: Chunk, count: int) -> list[torch.Tensor]:
