@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -438,3 +441,62 @@ def test_resume_names_checkpoints_older_than_the_output(tmp_path: Path) -> None:
         "model_step_250.safetensors (step 250) is not applied: o.safetensors already holds steps up to 400"
     ]
     assert prepared.left_out[0] in prepared.plan.notes
+
+
+# --- The naming window: several outputs named whole, whatever signal lands between their renames --------
+
+# The command in a child process, as its console script runs it, with os.replace patched to send ``sig`` to
+# the process right after the first output is renamed into place (between the two outputs' renames).
+NAMING_INTERRUPT = r"""
+import os, sys
+first, sig = sys.argv[1], int(sys.argv[2])
+real_replace, sent = os.replace, []
+def replace(src, dst, *args, **kwargs):
+    real_replace(src, dst, *args, **kwargs)
+    if os.fspath(dst) == first and not sent:
+        sent.append(sig)
+        os.kill(os.getpid(), sig)
+os.replace = replace
+sys.argv = ["ema-average", *sys.argv[3:]]
+from ema_average.__main__ import main
+main()
+"""
+
+
+def _default_interrupts() -> None:
+    """The child starts with default dispositions, as a command started from a shell does."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_between_two_outputs_renames_leaves_both_new(tmp_path: Path, sig: signal.Signals) -> None:
+    decays = [0.9, 0.99]
+    states = write_safetensors_run(tmp_path / "run", STEPS)
+    settings = [AverageSettings(decay=d) for d in decays]
+    old = RunOptions(
+        tmp_path / "run",
+        tmp_path / "o.safetensors",
+        settings=settings,
+        checkpoints=CheckpointSelection(last=2),
+    )
+    outputs = average_checkpoints(old).outputs  # the earlier outputs, of the last two checkpoints only
+    assert len(outputs) == 2
+    command = [str(tmp_path / "run"), "-o", str(tmp_path / "o.safetensors"), "--decay", "0.9,0.99"]
+    child = subprocess.run(
+        [sys.executable, "-c", NAMING_INTERRUPT, str(outputs[0]), str(int(sig)), *command, "--overwrite"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_default_interrupts,
+    )
+    for decay, output in zip(decays, outputs, strict=True):  # both new: every checkpoint averaged in
+        ref = float64_reference([states[s] for s in STEPS], STEPS, decay)
+        assert_matches_reference(load_file(str(output)), ref, torch.float32)
+    assert "no output written" not in child.stderr
+    if sig == signal.SIGINT:  # ignored once naming began: the run finishes and says what it wrote
+        assert child.returncode == 0, child.stderr
+        assert "wrote" in child.stdout
+    else:  # held until both are named, then it ends the process as a SIGTERM after the naming does
+        assert child.returncode == -signal.SIGTERM, child.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run", *(p.name for p in outputs)])

@@ -28,6 +28,7 @@ from ema_average.writer import (
     SafetensorsWriter,
     ShardedWriter,
     TensorEntry,
+    commit_together,
     name_problem,
     remove_stale_temporaries,
 )
@@ -248,6 +249,85 @@ def test_a_header_that_does_not_read_back_is_not_committed(tmp_path: Path, temp_
     ):
         writer.commit()
     assert list(tmp_path.iterdir()) == []
+
+
+# --- Several outputs of one run ------------------------------------------------------------------------
+
+
+def two_outputs(tmp_path: Path) -> tuple[list[SafetensorsWriter], dict[str, torch.Tensor]]:
+    ts = tensors()
+    writers = [
+        SafetensorsWriter(tmp_path / f"{n}.safetensors", entries(ts), META, overwrite=False) for n in "ab"
+    ]
+    for writer in writers:
+        write_all(writer, ts)
+    return writers, ts
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_outputs_are_named_waits_until_all_are(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sig: signal.Signals
+) -> None:
+    writers, ts = two_outputs(tmp_path)
+    publish = SafetensorsWriter.publish
+    sent: list[Path] = []
+
+    def publish_then_signal(self: SafetensorsWriter) -> None:
+        publish(self)
+        if not sent:  # between the first output's name and the second's
+            sent.append(self.path)
+            signal.raise_signal(sig)
+
+    def terminate(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # as the command's SIGTERM handler does
+
+    monkeypatch.setattr(SafetensorsWriter, "publish", publish_then_signal)
+    before = signal.signal(signal.SIGTERM, terminate)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            commit_together(writers)
+        assert signal.getsignal(signal.SIGTERM) is terminate  # handlers as they were
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert sent == [tmp_path / "a.safetensors"]
+    for writer in writers:  # the interrupt came only once both were named
+        assert load_file(str(writer.path)).keys() == ts.keys()
+
+
+def test_naming_held_signals_ignored_by_then_are_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writers, _ = two_outputs(tmp_path)
+    publish = SafetensorsWriter.publish
+
+    def publish_then_signal(self: SafetensorsWriter) -> None:
+        publish(self)
+        signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(SafetensorsWriter, "publish", publish_then_signal)
+    before = signal.getsignal(signal.SIGINT)
+    try:  # before_naming as the command's: Ctrl-C ignored from there on
+        commit_together(writers, before_naming=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert all(writer.path.exists() for writer in writers)
+
+
+def test_an_output_that_cannot_be_named_says_which_are_new(tmp_path: Path) -> None:
+    writers, ts = two_outputs(tmp_path)
+    third = SafetensorsWriter(tmp_path / "c.safetensors", entries(ts), META, overwrite=False)
+    write_all(third, ts)
+    (tmp_path / "b.safetensors").write_bytes(b"someone else's")
+    with pytest.raises(OutputError) as info:
+        commit_together([*writers, third])
+    assert str(info.value) == (
+        f"{tmp_path / 'b.safetensors'}: appeared while this run was writing; nothing was replaced; "
+        f"new: {tmp_path / 'a.safetensors'}; not written: {tmp_path / 'c.safetensors'}"
+    )
+    third.abort()
+    assert (tmp_path / "b.safetensors").read_bytes() == b"someone else's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors"]
 
 
 # --- One writer per output --------------------------------------------------------------------------

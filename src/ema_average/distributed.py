@@ -316,16 +316,16 @@ def _commit_and_tell(
 
     Every rank's share was agreed written before, so once rank 0 has named the outputs they are whole: a
     peer lost before hearing it (killed, its host gone) does not turn rank 0's run into a failure, and
-    ``on_committed`` runs on rank 0 right after the rename, before it waits for anyone.
+    ``on_committed`` runs on rank 0 just before the renames (which Ctrl-C and SIGTERM then wait for), before
+    it waits for anyone.
     """
     committed = False
 
     def commit() -> None:
         nonlocal committed
         if ranks.lead:
-            _commit(writers)
+            _commit(writers, on_committed)
             committed = True
-            on_committed()
         elif os.environ.get(TEST_KILL_AFTER_COMMIT) == str(ranks.rank):
             _die_once_named(writers)
 
@@ -389,7 +389,7 @@ def _write_share(
     return read
 
 
-def _commit(writers: list[SafetensorsWriter]) -> None:
+def _commit(writers: list[SafetensorsWriter], before_naming: Callable[[], None]) -> None:
     for writer in writers:
         writer.written_elsewhere()
-    commit_together(writers)
+    commit_together(writers, before_naming)

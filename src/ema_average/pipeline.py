@@ -420,12 +420,13 @@ def execute(
     on_committed: Callable[[], None] | None = None,
 ) -> Summary:
     """Stream every chunk through the engine into every output; on any failure, no output is left behind.
-    ``on_committed`` is called as soon as the outputs are named (the command stops taking Ctrl-C as a
-    cancel there).
+    ``on_committed`` is called once every output is written whole, just before the first is named (the
+    command stops taking Ctrl-C as a cancel there): from then on the run names them all.
 
     Each output is committed atomically, and only once every output has been written whole, fsynced and
     read back: a failure in the work or at that check (a disk that fills at fsync) leaves none. Only the
-    renames that then name them, one per output, are not one step together.
+    renames that then name them, one per output, are not one step together: Ctrl-C and SIGTERM wait until
+    the last is done, and a rename that fails says which outputs are new (see ``commit_together``).
     """
     if prepared.up_to_date:
         raise ConfigurationError(
@@ -440,9 +441,7 @@ def execute(
             for average, output in zip(prepared.plan.averages, prepared.outputs, strict=True):
                 writers.append(_open_writer(prepared, average, output, side_files))
             bytes_read = stream_chunks(prepared, writers, on_progress or (lambda _n: None))
-            commit_together(writers)
-            if on_committed is not None:
-                on_committed()
+            commit_together(writers, before_naming=on_committed)
         except BaseException:
             for writer in writers:
                 writer.abort()  # a no-op for one already committed

@@ -53,6 +53,7 @@ from ema_average.safetensors_format import (
     safetensors_order,
     utf8_problem,
 )
+from ema_average.signals import deferred
 
 __all__ = [
     "OutputLock",
@@ -559,13 +560,36 @@ class SafetensorsWriter:
             self._lock = None
 
 
-def commit_together(writers: Sequence[SafetensorsWriter | ShardedWriter]) -> None:
+def commit_together(
+    writers: Sequence[SafetensorsWriter | ShardedWriter], before_naming: Callable[[], None] | None = None
+) -> None:
     """Several outputs of one run: every one sealed (all that a disk can fail) before any is named, so a
-    failure leaves none of them. Only the renames, one per output, are not one step together."""
+    failure leaves none of them. Then ``before_naming`` (the command stops taking Ctrl-C as a cancel),
+    then the renames, one per output: not one step together, so Ctrl-C and SIGTERM are held until the last
+    is done (a run never stops with some outputs new and others old), and a rename that fails says which
+    outputs are new."""
     for writer in writers:
         writer.seal()
-    for writer in writers:
-        writer.publish()
+    if before_naming is not None:
+        before_naming()
+    with deferred():
+        for i, writer in enumerate(writers):
+            try:
+                writer.publish()
+            except OutputError as exc:
+                if len(writers) == 1:
+                    raise
+                raise OutputError(f"{exc}; {_which_are_new(writers, i)}") from exc
+
+
+def _which_are_new(writers: Sequence[SafetensorsWriter | ShardedWriter], failed: int) -> str:
+    """What a run of several outputs left when output ``failed`` could not be named."""
+    new = [str(w.path) for w in writers[:failed]]
+    old = [str(w.path) for w in writers[failed + 1 :]]
+    parts = [f"new: {', '.join(new)}" if new else "no output was named"]
+    if old:
+        parts.append(f"not written: {', '.join(old)}")
+    return "; ".join(parts)
 
 
 # Written bytes after which the disk is asked to start on them: measured on the offline benchmark (4 x 200 MB
