@@ -1,0 +1,218 @@
+"""EMA callbacks for training frameworks: thin adapters over the one engine.
+
+``ema_average.integrations.lightning.EMACallback`` (a ``lightning.pytorch.Callback``) and
+``ema_average.integrations.transformers.EMACallback`` (a ``transformers.TrainerCallback``) keep an
+:class:`~ema_average.ExponentialMovingAverage` of the model's parameters while it trains. What they share
+lives here, free of either framework, so the package imports without them: when to update (once per
+optimizer step, ``num_updates`` = the trainer's global step), swapping the averages in for evaluation,
+the state saved with the trainer's checkpoint and read back on resume, and the refusal of models whose
+parameters are not there between steps (DeepSpeed ZeRO-3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ema_average.errors import AverageStateError, ConfigurationError
+from ema_average.moving_average import ExponentialMovingAverage
+
+__all__ = ["EVALUATE_CHOICES", "EmaTracker", "average_model_state", "unwrap_model"]
+
+# What validation and test run on: the averages (swapped in), the training weights, or both (the raw
+# weights' metrics logged under their own names).
+EVALUATE_CHOICES = ("ema", "raw", "both")
+
+# The trainer-independent part of the callbacks' saved state (beside the averages themselves).
+STATE_KEYS = ("method", "settings", "num_applied", "last_step")
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's model inside DDP / DeepSpeed wrappers: the names its own ``state_dict`` has."""
+    while isinstance(model, torch.nn.parallel.DistributedDataParallel) or (
+        type(model).__name__ == "DeepSpeedEngine"
+        and isinstance(getattr(model, "module", None), torch.nn.Module)
+    ):
+        model = model.module
+    return model
+
+
+def _refuse_partitioned(model: torch.nn.Module) -> None:
+    """Refuse parameters that hold no values between steps (ZeRO-3 partitions them and gathers them only
+    inside forward): an average of their empty placeholders would be a silent wrong EMA."""
+    for name, param in model.named_parameters():
+        if hasattr(param, "ds_id") or hasattr(param, "ds_status"):
+            raise ConfigurationError(
+                f"parameter {name!r} is partitioned by DeepSpeed ZeRO-3 (empty outside forward): the EMA "
+                "callback cannot average it; use ZeRO stage 1 or 2, or FSDP2 (fully_shard)"
+            )
+
+
+class EmaTracker:
+    """The average of one model while it trains, and the bookkeeping both callbacks need around it.
+
+    The engine is built once the trainer has placed (and, for FSDP2, sharded) the model: a state read
+    from a checkpoint before that is kept and loaded into it then.
+    """
+
+    def __init__(
+        self,
+        decay: float,
+        numerator: float,
+        denominator: float,
+        *,
+        device: torch.device | str | None,
+        every: int,
+        evaluate: str,
+    ) -> None:
+        self.rule = ExponentialMovingAverage.make_rule(
+            decay=decay, numerator=numerator, denominator=denominator
+        )  # bad settings fail here, before training starts
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ConfigurationError(f"every must be a whole number of optimizer steps >= 1, got {every!r}")
+        if evaluate not in EVALUATE_CHOICES:
+            raise ConfigurationError(
+                f"evaluate must be one of {', '.join(EVALUATE_CHOICES)}, got {evaluate!r}"
+            )
+        self.device = device
+        self.every = every
+        self.evaluate = evaluate
+        self.average: ExponentialMovingAverage | None = None
+        self.model: torch.nn.Module | None = None
+        self.last_step = 0  # the global step of the last update (or of the start)
+        self.swapped = False  # the averages are in the model, the training weights kept aside
+        self._pending: dict[str, Any] | None = None
+
+    # --- building ---------------------------------------------------------------------------------
+
+    def start(self, model: torch.nn.Module, global_step: int) -> ExponentialMovingAverage:
+        """The average of ``model`` (built on first call), with any state read from a checkpoint loaded."""
+        model = unwrap_model(model)
+        if self.average is not None and self.model is model:
+            return self.average
+        _refuse_partitioned(model)
+        rule = self.rule
+        self.average = ExponentialMovingAverage(
+            model, rule.decay, rule.numerator, rule.denominator, device=self.device
+        )
+        self.model = model
+        self.last_step = global_step
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._load(pending)
+        return self.average
+
+    # --- updating ---------------------------------------------------------------------------------
+
+    def step(self, global_step: int) -> bool:
+        """Update after an optimizer step: once per global step, every ``every`` steps; whether it did.
+
+        ``every == 1`` is ``apply(num_updates=global_step)``, the library's own loop. With gaps, the update
+        takes the product of the skipped steps' decays (the offline ``--schedule step`` rule), so the
+        average stays that of every step's weights as nearly as the values seen allow.
+        """
+        if self.average is None or global_step <= self.last_step or global_step % self.every:
+            return False
+        if global_step - self.last_step == 1:
+            self.average.apply(num_updates=global_step)
+        else:
+            assert self.model is not None
+            values = [p for _, p in self.model.named_parameters()]
+            self.average.update_with_decay(values, self.rule.between(self.last_step, global_step))
+        self.last_step = global_step
+        return True
+
+    # --- evaluation -------------------------------------------------------------------------------
+
+    def swap_in(self) -> bool:
+        """Put the averages into the model (training weights kept); whether they were put in."""
+        if self.average is None or self.evaluate == "raw" or self.swapped:
+            return False
+        self.average.assign_average_value()
+        self.swapped = True
+        return True
+
+    def swap_out(self) -> None:
+        """Put the training weights back, bit for bit, if the averages are in."""
+        if self.swapped:
+            assert self.average is not None
+            self.average.restore()
+            self.swapped = False
+
+    # --- saving and resuming ----------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """What resuming needs beside the averages: the rule, the update count, the last step."""
+        if self.average is None:
+            return {}
+        return {
+            "method": self.average.registered_name,
+            "settings": self.average.settings(),
+            "num_applied": self.average.num_applied,
+            "last_step": self.last_step,
+        }
+
+    def load(self, state: Mapping[str, Any], averages: Mapping[str, torch.Tensor], where: str) -> None:
+        """Resume from a checkpoint's saved state and averages (now, or once the engine is built)."""
+        if not state:
+            return
+        missing = [k for k in STATE_KEYS if k not in state]
+        if missing:
+            raise AverageStateError(f"{where}: the EMA callback's saved state lacks {', '.join(missing)}")
+        pending = {
+            "method": state["method"],
+            "settings": state["settings"],
+            "num_applied": int(state["num_applied"]),
+            "last_step": int(state["last_step"]),
+            "averages": dict(averages),
+            "where": where,
+        }
+        if self.average is None:
+            self._pending = pending
+        else:
+            self._load(pending)
+
+    def _load(self, pending: dict[str, Any]) -> None:
+        assert self.average is not None
+        names = [name for name, _ in self.average_names()]
+        averages = pending["averages"]
+        absent = [n for n in names if n not in averages]
+        if absent:
+            raise AverageStateError(
+                f"{pending['where']}: holds no EMA of parameter {absent[0]!r} ({len(absent)} missing); "
+                "was it saved from another model?"
+            )
+        state = {
+            "method": pending["method"],
+            "settings": pending["settings"],
+            "num_applied": pending["num_applied"],
+            "averages": {n: averages[n] for n in names},
+        }
+        try:
+            self.average.load_state_dict(state)
+        except AverageStateError as exc:
+            raise AverageStateError(f"{pending['where']}: {exc}") from None
+        self.last_step = pending["last_step"]
+
+    def average_names(self) -> list[tuple[str, torch.Tensor]]:
+        """The averages by parameter name (live tensors)."""
+        assert self.average is not None
+        return list(self.average.averages().items())
+
+
+def average_model_state(
+    model: torch.nn.Module, averages: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every parameter's entry (tied names included) replaced by its average.
+
+    Buffers (batch-norm statistics) are the model's own: what ``load_state_dict`` / ``from_pretrained``
+    needs to rebuild the averaged model. The averages are the live float32 tensors, not copies.
+    """
+    by_identity = {id(p): name for name, p in model.named_parameters()}
+    state = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        name = by_identity.get(id(value))
+        state[key] = averages[name] if name is not None else value.detach()
+    return state

@@ -1,0 +1,357 @@
+"""The Lightning EMA callback, with the real Lightning trainer on the CPU: the EMA it keeps equals a float64
+reference of the weights after each optimizer step, validation sees the averages, and a run stopped at a
+checkpoint and resumed ends with the uninterrupted run's EMA, bit for bit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+L = pytest.importorskip("lightning")
+
+from ema_average.errors import ConfigurationError  # noqa: E402
+from ema_average.integrations.lightning import EMA_KEY, EMACallback  # noqa: E402
+
+DECAY = 0.9
+
+
+class Tiny(L.LightningModule):
+    """Two layers and a batch norm (a buffer the averaged model must carry); momentum SGD (optimizer state
+    that a resume must restore for the weights, and so the EMA, to continue bit for bit)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y))
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("test_loss", torch.nn.functional.mse_loss(self.net(x), y))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+class Recorder(L.Callback):
+    """The weights at the start and after each optimizer step, in float64: the reference's input."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.weights: list[dict[str, torch.Tensor]] = []
+
+    def _record(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.steps.append(trainer.global_step)
+        self.weights.append({n: p.detach().double().clone() for n, p in module.named_parameters()})
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._record(trainer, module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step != self.steps[-1]:
+            self._record(trainer, module)
+
+
+def loaders() -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
+    g = torch.Generator().manual_seed(1)
+    train = torch.utils.data.TensorDataset(torch.randn(32, 4, generator=g), torch.randn(32, 1, generator=g))
+    val = torch.utils.data.TensorDataset(torch.randn(16, 4, generator=g), torch.randn(16, 1, generator=g))
+    return torch.utils.data.DataLoader(train, batch_size=4), torch.utils.data.DataLoader(val, batch_size=8)
+
+
+def trainer(callbacks: list[L.Callback], **kwargs: Any) -> L.Trainer:
+    options: dict[str, Any] = {
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "accelerator": "cpu",
+        "num_sanity_val_steps": 0,
+        "limit_val_batches": 0,
+        "deterministic": True,
+    }
+    options.update(kwargs)
+    return L.Trainer(callbacks=callbacks, **options)
+
+
+def fit(t: L.Trainer, model: L.LightningModule, **kwargs: Any) -> None:
+    train, val = loaders()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.fit(model, train, val, **kwargs)
+
+
+def model(seed: int = 0) -> Tiny:
+    torch.manual_seed(seed)
+    return Tiny()
+
+
+def reference(recorder: Recorder, decay: float = DECAY) -> dict[str, torch.Tensor]:
+    """The TF rule written out plainly in float64 over the recorded per-step weights."""
+    shadow = dict(recorder.weights[0])
+    for step, weights in zip(recorder.steps[1:], recorder.weights[1:], strict=True):
+        d = min(decay, (1 + step) / (10 + step))
+        shadow = {n: d * s + (1 - d) * weights[n] for n, s in shadow.items()}
+    return shadow
+
+
+def assert_close_to(averages: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert set(averages) == set(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(averages[name].double(), tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_ema_equals_float64_reference_of_every_optimizer_step() -> None:
+    ema, recorder = EMACallback(decay=DECAY), Recorder()
+    fit(trainer([recorder, ema], max_steps=12), model())
+    assert recorder.steps == list(range(13))
+    assert ema.moving_average is not None and ema.moving_average.num_applied == 12
+    assert_close_to(ema.moving_average.averages(), reference(recorder))
+    # and not the last weights: the average lags behind them
+    last = recorder.weights[-1]["net.0.weight"]
+    assert not torch.allclose(ema.moving_average.averages()["net.0.weight"].double(), last, atol=1e-3)
+
+
+def test_gradient_accumulation_updates_once_per_optimizer_step() -> None:
+    ema, recorder = EMACallback(decay=DECAY), Recorder()
+    fit(trainer([recorder, ema], max_epochs=2, accumulate_grad_batches=4), model())  # 8 batches an epoch
+    assert recorder.steps == [0, 1, 2, 3, 4]
+    assert ema.moving_average is not None and ema.moving_average.num_applied == 4
+    assert_close_to(ema.moving_average.averages(), reference(recorder))
+
+
+def test_every_n_steps_takes_the_gap_product_of_the_skipped_decays() -> None:
+    ema, recorder = EMACallback(decay=DECAY, every=3), Recorder()
+    fit(trainer([recorder, ema], max_steps=9), model())
+    assert ema.moving_average is not None and ema.moving_average.num_applied == 3
+    shadow = dict(recorder.weights[0])
+    for step in (3, 6, 9):  # the weights seen at steps 3, 6, 9, each standing for the steps since the last
+        d = 1.0
+        for k in range(step - 2, step + 1):
+            d *= min(DECAY, (1 + k) / (10 + k))
+        shadow = {n: d * s + (1 - d) * recorder.weights[step][n] for n, s in shadow.items()}
+    assert_close_to(ema.moving_average.averages(), shadow)
+
+
+def val_loss_of(weights: dict[str, torch.Tensor], buffers_from: Tiny) -> float:
+    """The validation loss of ``weights`` on a fresh copy of the model, computed here independently."""
+    copy = model()
+    copy.load_state_dict(buffers_from.state_dict())
+    with torch.no_grad():
+        for name, p in copy.named_parameters():
+            p.copy_(weights[name])
+    copy.eval()
+    _, val = loaders()
+    with torch.no_grad():
+        losses = [torch.nn.functional.mse_loss(copy.net(x), y, reduction="sum") for x, y in val]
+    return float(sum(losses) / len(val.dataset))
+
+
+@pytest.mark.parametrize("evaluate", ["ema", "both", "raw"])
+def test_validation_runs_on_the_averages_and_restores_training_weights(evaluate: str) -> None:
+    ema, net = EMACallback(decay=DECAY, evaluate=evaluate), model()
+    t = trainer([ema], max_steps=10, limit_val_batches=1.0)
+    fit(t, net)
+    raw = {n: p.detach().clone() for n, p in net.named_parameters()}
+    _, val = loaders()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        metrics = t.validate(net, val, verbose=False)[0]
+    for name, p in net.named_parameters():
+        assert torch.equal(p, raw[name]), name  # bit for bit
+    assert ema.moving_average is not None
+    averages = {n: t.double() for n, t in ema.moving_average.averages().items()}
+    ema_loss, raw_loss = val_loss_of(averages, net), val_loss_of(raw, net)
+    assert abs(ema_loss - raw_loss) > 1e-3  # the two are told apart
+    expected = raw_loss if evaluate == "raw" else ema_loss
+    assert metrics["val_loss"] == pytest.approx(expected, rel=1e-5)
+    if evaluate == "both":
+        assert metrics["val_loss_raw"] == pytest.approx(raw_loss, rel=1e-5)
+    else:
+        assert "val_loss_raw" not in metrics
+
+
+def test_test_loop_runs_on_the_averages() -> None:
+    ema, net = EMACallback(decay=DECAY), model()
+    t = trainer([ema], max_steps=6, limit_test_batches=1.0)
+    fit(t, net)
+    _, val = loaders()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        metrics = t.test(net, val, verbose=False)[0]
+    assert ema.moving_average is not None
+    assert metrics["test_loss"] == pytest.approx(val_loss_of(ema.moving_average.averages(), net), rel=1e-5)
+
+
+def test_validation_during_fit_sees_the_averages_and_training_continues_on_raw_weights() -> None:
+    """Validation in the middle of an epoch: the steps after it start from the training weights, so the
+    EMA still equals the reference of an undisturbed run."""
+    ema, recorder = EMACallback(decay=DECAY), Recorder()
+    plain = Recorder()
+    fit(trainer([recorder, ema], max_steps=12, limit_val_batches=2, val_check_interval=4), model())
+    fit(trainer([plain], max_steps=12), model())
+    for swapped, undisturbed in zip(recorder.weights, plain.weights, strict=True):
+        for name in undisturbed:
+            assert torch.equal(swapped[name], undisturbed[name]), name
+    assert ema.moving_average is not None
+    assert_close_to(ema.moving_average.averages(), reference(plain))
+
+
+def ckpt_trainer(folder: Path, callbacks: list[L.Callback], max_epochs: int) -> L.Trainer:
+    saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=folder, save_top_k=-1, filename="{epoch}-{step}")
+    return trainer([*callbacks, saver], max_epochs=max_epochs, enable_checkpointing=True)
+
+
+def test_stop_and_resume_gives_the_uninterrupted_ema_bit_for_bit(tmp_path: Path) -> None:
+    whole = EMACallback(decay=DECAY)
+    net_whole = model()
+    fit(ckpt_trainer(tmp_path / "whole", [whole], max_epochs=4), net_whole)
+
+    fit(ckpt_trainer(tmp_path / "parts", [EMACallback(decay=DECAY)], max_epochs=2), model())
+    stopped = tmp_path / "parts" / "epoch=1-step=16.ckpt"
+    assert stopped.is_file()
+    resumed, net_resumed = EMACallback(decay=DECAY), model(seed=5)  # other weights: all must come back
+    fit(ckpt_trainer(tmp_path / "parts", [resumed], max_epochs=4), net_resumed, ckpt_path=str(stopped))
+
+    assert whole.moving_average is not None and resumed.moving_average is not None
+    assert resumed.moving_average.num_applied == whole.moving_average.num_applied == 32
+    got, expected = resumed.moving_average.averages(), whole.moving_average.averages()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+    for (name, a), b in zip(net_whole.named_parameters(), net_resumed.parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_ckpt_holds_the_averaged_model_loadable_by_load_state_dict(tmp_path: Path) -> None:
+    ema, net = EMACallback(decay=DECAY), model()
+    fit(ckpt_trainer(tmp_path, [ema], max_epochs=1), net)
+    saved = torch.load(tmp_path / "epoch=0-step=8.ckpt", weights_only=True)
+    assert set(saved[EMA_KEY]) == set(saved["state_dict"])  # the whole model, buffers included
+    fresh = model(seed=3)
+    fresh.load_state_dict(saved[EMA_KEY])
+    assert ema.moving_average is not None
+    for name, tensor in ema.moving_average.averages().items():
+        assert torch.equal(dict(fresh.named_parameters())[name], tensor), name
+    torch.testing.assert_close(
+        saved[EMA_KEY]["net.1.running_mean"], saved["state_dict"]["net.1.running_mean"]
+    )
+
+
+def test_resuming_into_another_model_names_the_missing_average(tmp_path: Path) -> None:
+    fit(ckpt_trainer(tmp_path, [EMACallback(decay=DECAY)], max_epochs=1), model())
+    saved = torch.load(tmp_path / "epoch=0-step=8.ckpt", weights_only=True)
+    del saved[EMA_KEY]["net.2.bias"]
+    torch.save(saved, tmp_path / "edited.ckpt")
+    with pytest.raises(Exception, match="net.2.bias"):
+        fit(
+            trainer([EMACallback(decay=DECAY)], max_epochs=2),
+            model(),
+            ckpt_path=str(tmp_path / "edited.ckpt"),
+        )
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [({"decay": 1.5}, "decay"), ({"every": 0}, "every"), ({"evaluate": "best"}, "evaluate")],
+)
+def test_bad_settings_fail_at_construction(options: dict[str, Any], words: str) -> None:
+    with pytest.raises(ConfigurationError, match=words):
+        EMACallback(**options)
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, warnings
+    import torch
+    import lightning as L
+    from ema_average.integrations.lightning import EMACallback
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.net(x), y)
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    class Recorder(L.Callback):
+        def __init__(self):
+            self.weights = []
+        def on_train_start(self, trainer, module):
+            self.weights.append({n: p.detach().double().clone() for n, p in module.named_parameters()})
+        def on_train_batch_end(self, trainer, module, *args):
+            self.weights.append({n: p.detach().double().clone() for n, p in module.named_parameters()})
+
+    if __name__ == "__main__":
+        out = sys.argv[1]
+        torch.manual_seed(0)
+        g = torch.Generator().manual_seed(1)
+        data = torch.utils.data.TensorDataset(torch.randn(32, 4, generator=g), torch.randn(32, 1, generator=g))
+        ema, recorder = EMACallback(decay=0.9), Recorder()
+        trainer = L.Trainer(
+            strategy="ddp", accelerator="cpu", devices=2, max_steps=4, callbacks=[recorder, ema], logger=False,
+            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(Tiny(), torch.utils.data.DataLoader(data, batch_size=4))
+        shadow = dict(recorder.weights[0])
+        for step, weights in enumerate(recorder.weights[1:], start=1):
+            d = min(0.9, (1 + step) / (10 + step))
+            shadow = {n: d * s + (1 - d) * weights[n] for n, s in shadow.items()}
+        averages = ema.moving_average.averages()
+        gap = max(float((averages[n].double() - shadow[n]).abs().max()) for n in shadow)
+        record = {
+            "num_applied": ema.moving_average.num_applied,
+            "gap": gap,
+            "averages": {n: t.tolist() for n, t in averages.items()},
+        }
+        with open(f"{out}/rank{trainer.global_rank}.json", "w") as f:
+            json.dump(record, f)
+    """
+)
+
+
+def test_ddp_two_gloo_ranks_keep_equal_averages(tmp_path: Path) -> None:
+    """Lightning's own DDP launcher (it starts rank 1 by running the script again) on two CPU processes."""
+    script = tmp_path / "ddp_ema.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "PL_DISABLE_FORK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["num_applied"] == ranks[1]["num_applied"] == 4
+    assert ranks[0]["gap"] < 1e-6 and ranks[1]["gap"] < 1e-6  # each rank: the float64 reference
+    assert ranks[0]["averages"] == ranks[1]["averages"]  # equal across ranks, exactly
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
