@@ -46,6 +46,51 @@ DEFAULT_DTYPE = OutputDtype(choices.OUTPUT_DTYPES[0])
 DEFAULT_STEPS_FROM = StepsFrom(choices.STEPS_FROM[0])
 
 _LIST = "FLOAT[,FLOAT...]"  # one average per value, in one pass
+# --help groups the options by what they are for (rich help panels).
+_READ, _AVERAGE, _OUTPUT, _SAFETY, _SPEED = (
+    "What to read",
+    "How to average",
+    "Output",
+    "Safety",
+    "Performance",
+)
+
+
+class Numbers(tuple):  # a tuple subclass typer does not take for a multi-value option
+    """A comma list of numbers as given on the command line: one average per value."""
+
+
+class Steps(tuple):
+    """A comma list of whole training steps (``--steps 500,1000``)."""
+
+
+def _numbers(text: str) -> Numbers:
+    """``0.999,0.9999``; parsed where typer parses options, so a bad list is a usage error (exit 2)."""
+    values = []
+    for item in text.split(","):
+        try:
+            values.append(float(item.strip()))
+        except ValueError:
+            raise typer.BadParameter(f"{item.strip()!r} is not a number (give e.g. 0.999,0.9999)") from None
+    return Numbers(values)
+
+
+def _steps(text: str) -> Steps:
+    try:
+        return Steps(int(part) for part in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"takes whole numbers separated by commas, got {text!r}") from None
+
+
+def _size(text: str) -> int:
+    from ema_average.sizes import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 # File names are data, never rich markup or emoji codes (a file named "[bold]x.pt" must print as such).
 # Piped output (logs, CI) gets wide lines rather than rich's 80-column default, so nothing is folded.
@@ -71,6 +116,167 @@ def average(
             metavar="CKPT_DIR", help="Folder holding the run's checkpoints (searched recursively)."
         ),
     ],
+    last: Annotated[
+        int | None, typer.Option(help="Use only the newest N checkpoints.", rich_help_panel=_READ)
+    ] = None,
+    from_step: Annotated[
+        int | None, typer.Option(help="Use checkpoints from this step on.", rich_help_panel=_READ)
+    ] = None,
+    to_step: Annotated[
+        int | None, typer.Option(help="Use checkpoints up to this step.", rich_help_panel=_READ)
+    ] = None,
+    every: Annotated[
+        int | None,
+        typer.Option(help="Use every K-th checkpoint, counted back from the newest.", rich_help_panel=_READ),
+    ] = None,
+    include: Annotated[
+        list[str] | None,
+        typer.Option(help="Only tensors matching this glob (repeatable).", rich_help_panel=_READ),
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(help="Leave out tensors matching this glob (repeatable).", rich_help_panel=_READ),
+    ] = None,
+    state_dict_key: Annotated[
+        str | None,
+        typer.Option(
+            help="Key of the weights inside torch files (e.g. ema); default: found automatically.",
+            rich_help_panel=_READ,
+        ),
+    ] = None,
+    steps_from: Annotated[
+        StepsFrom,
+        typer.Option(
+            help="Where steps come from: metadata, filename, or auto (metadata, then filename).",
+            rich_help_panel=_READ,
+        ),
+    ] = DEFAULT_STEPS_FROM,
+    submodel: Annotated[
+        str | None,
+        typer.Option(
+            help="In a checkpoint holding several models (diffusers unet/unet_ema, an adapter beside the full "
+            "model, DeepSpeed's module vs fp32 master weights), read this one; the plan names the others.",
+            rich_help_panel=_READ,
+        ),
+    ] = None,
+    step_every: Annotated[
+        int | None,
+        typer.Option(
+            help="Checkpoints numbered by a count of saves or epochs (accelerate checkpoint_K, timm/torchtune "
+            "epochs): training steps between saves; step = (count + 1) x N.",
+            rich_help_panel=_READ,
+        ),
+    ] = None,
+    steps: Annotated[
+        Steps | None,
+        typer.Option(
+            parser=_steps,
+            metavar="INT[,INT...]",
+            help="Each checkpoint's training step, oldest first, comma-separated (e.g. 500,1000,1500).",
+            rich_help_panel=_READ,
+        ),
+    ] = None,
+    glob: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Use only checkpoints whose name matches (repeatable), e.g. 'checkpoint_*_*.pt' (fairseq's "
+            "update checkpoints).",
+            rich_help_panel=_READ,
+        ),
+    ] = None,
+    method: Annotated[
+        str,
+        typer.Option(
+            help="A registered moving average: exponential (EMA), uniform (mean of the checkpoints), power "
+            "(EDM2 power-function EMA), or one added with @MovingAverage.register.",
+            rich_help_panel=_AVERAGE,
+        ),
+    ] = "exponential",
+    schedule: Annotated[
+        Schedule,
+        typer.Option(
+            help="checkpoint: one update per checkpoint (num_updates = its step); step: the per-step rule over "
+            "every training step between checkpoints, as an online EMA would have applied it.",
+            rich_help_panel=_AVERAGE,
+        ),
+    ] = DEFAULT_SCHEDULE,
+    decay: Annotated[
+        Numbers | None,
+        typer.Option(
+            parser=_numbers,
+            metavar=_LIST,
+            help="EMA decay (upper bound when steps are known). A comma list (0.999,0.9999) computes one "
+            "average per value in one pass over the checkpoints, each in its own output named for it; so do "
+            f"--half-life, --gamma and --sigma-rel (one of them per run). [default: {ExponentialRule.decay}]",
+            rich_help_panel=_AVERAGE,
+        ),
+    ] = None,
+    half_life: Annotated[
+        Numbers | None,
+        typer.Option(
+            parser=_numbers,
+            metavar=_LIST,
+            help="Instead of --decay: steps (schedule step) or checkpoints (schedule checkpoint) to halve a "
+            "weight; a comma list for several averages.",
+            rich_help_panel=_AVERAGE,
+        ),
+    ] = None,
+    gamma: Annotated[
+        Numbers | None,
+        typer.Option(
+            parser=_numbers,
+            metavar=_LIST,
+            help="Power method: exponent gamma of (1 - 1/t)^(gamma + 1); a comma list for several.",
+            rich_help_panel=_AVERAGE,
+        ),
+    ] = None,
+    sigma_rel: Annotated[
+        Numbers | None,
+        typer.Option(
+            parser=_numbers,
+            metavar=_LIST,
+            help="Power method: relative width of the averaging profile instead of gamma; a comma list "
+            f"(0.05,0.1) for several. [default: {PowerRule.default_sigma_rel}]",
+            rich_help_panel=_AVERAGE,
+        ),
+    ] = None,
+    numerator: Annotated[
+        float | None,
+        typer.Option(
+            help="Warm-up: decay = min(decay, (numerator + step) / (denominator + step)). "
+            f"[default: {ExponentialRule.numerator}]",
+            rich_help_panel=_AVERAGE,
+        ),
+    ] = None,
+    denominator: Annotated[
+        float | None,
+        typer.Option(
+            help=f"Warm-up denominator (see --numerator). [default: {ExponentialRule.denominator}]",
+            rich_help_panel=_AVERAGE,
+        ),
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            help="Continue this earlier output with the newer checkpoints only (same settings). Default output: itself.",
+            rich_help_panel=_AVERAGE,
+        ),
+    ] = None,
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--watch",
+            help="Keep running: take each new checkpoint when complete, refresh the output; Ctrl-C stops.",
+            rich_help_panel=_AVERAGE,
+        ),
+    ] = False,
+    poll: Annotated[
+        float,
+        typer.Option(
+            help="With --watch: seconds between looks (a file must hold still this long).",
+            rich_help_panel=_AVERAGE,
+        ),
+    ] = 30.0,
     output: Annotated[
         Path | None,
         typer.Option(
@@ -80,175 +286,64 @@ def average(
             "from_pretrained loads: weights named as the input's, with its config and tokenizer files. "
             "Default: CKPT_DIR-ema.safetensors beside CKPT_DIR. With several averages each output is named "
             "for its setting: OUT-decay0.999.safetensors.",
+            rich_help_panel=_OUTPUT,
         ),
-    ] = None,
-    device: Annotated[str, typer.Option(help="Where the averages live: cpu, cuda, cuda:N or mps.")] = "cpu",
-    method: Annotated[
-        str,
-        typer.Option(
-            help="A registered moving average: exponential (EMA), uniform (mean of the checkpoints), power "
-            "(EDM2 power-function EMA), or one added with @MovingAverage.register."
-        ),
-    ] = "exponential",
-    schedule: Annotated[
-        Schedule,
-        typer.Option(
-            help="checkpoint: one update per checkpoint (num_updates = its step); step: the per-step rule over "
-            "every training step between checkpoints, as an online EMA would have applied it.",
-        ),
-    ] = DEFAULT_SCHEDULE,
-    decay: Annotated[
-        str | None,
-        typer.Option(
-            metavar=_LIST,
-            help="EMA decay (upper bound when steps are known). A comma list (0.999,0.9999) computes one "
-            "average per value in one pass over the checkpoints, each in its own output named for it; so do "
-            f"--half-life, --gamma and --sigma-rel (one of them per run). [default: {ExponentialRule.decay}]",
-        ),
-    ] = None,
-    half_life: Annotated[
-        str | None,
-        typer.Option(
-            metavar=_LIST,
-            help="Instead of --decay: steps (schedule step) or checkpoints (schedule checkpoint) to halve a "
-            "weight; a comma list for several averages.",
-        ),
-    ] = None,
-    gamma: Annotated[
-        str | None,
-        typer.Option(
-            metavar=_LIST,
-            help="Power method: exponent gamma of (1 - 1/t)^(gamma + 1); a comma list for several.",
-        ),
-    ] = None,
-    sigma_rel: Annotated[
-        str | None,
-        typer.Option(
-            metavar=_LIST,
-            help="Power method: relative width of the averaging profile instead of gamma; a comma list "
-            f"(0.05,0.1) for several. [default: {PowerRule.default_sigma_rel}]",
-        ),
-    ] = None,
-    numerator: Annotated[
-        float | None,
-        typer.Option(
-            help="Warm-up: decay = min(decay, (numerator + step) / (denominator + step)). "
-            f"[default: {ExponentialRule.numerator}]"
-        ),
-    ] = None,
-    denominator: Annotated[
-        float | None,
-        typer.Option(help=f"Warm-up denominator (see --numerator). [default: {ExponentialRule.denominator}]"),
     ] = None,
     dtype: Annotated[
         OutputDtype,
         typer.Option(
             help="Output dtype of averaged tensors; as-input keeps each tensor's saved dtype.",
+            rich_help_panel=_OUTPUT,
         ),
     ] = DEFAULT_DTYPE,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Show the plan and stop; write nothing.")
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing output.", rich_help_panel=_OUTPUT)
     ] = False,
-    threads: Annotated[
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Show the plan and stop; write nothing.", rich_help_panel=_OUTPUT),
+    ] = False,
+    max_shard_size: Annotated[
         int | None,
         typer.Option(
-            help="Worker threads, each reading, averaging and writing chunks of its own. Default: one per core."
+            parser=_size,
+            metavar="SIZE",
+            help="Write the output folder in shards of at most this size (e.g. 5GB) with an index.json.",
+            rich_help_panel=_OUTPUT,
         ),
-    ] = None,
-    memory_budget: Annotated[
-        str | None,
-        typer.Option(hidden=True, help="No longer used: memory is a few chunk buffers per thread."),
-    ] = None,
-    max_shard_size: Annotated[
-        str | None,
-        typer.Option(
-            help="Write the output folder in shards of at most this size (e.g. 5GB) with an index.json."
-        ),
-    ] = None,
-    last: Annotated[int | None, typer.Option(help="Use only the newest N checkpoints.")] = None,
-    from_step: Annotated[int | None, typer.Option(help="Use checkpoints from this step on.")] = None,
-    to_step: Annotated[int | None, typer.Option(help="Use checkpoints up to this step.")] = None,
-    every: Annotated[
-        int | None, typer.Option(help="Use every K-th checkpoint, counted back from the newest.")
-    ] = None,
-    resume: Annotated[
-        Path | None,
-        typer.Option(
-            help="Continue this earlier output with the newer checkpoints only (same settings). Default output: itself."
-        ),
-    ] = None,
-    watch: Annotated[
-        bool,
-        typer.Option(
-            "--watch",
-            help="Keep running: take each new checkpoint when complete, refresh the output; Ctrl-C stops.",
-        ),
-    ] = False,
-    poll: Annotated[
-        float, typer.Option(help="With --watch: seconds between looks (a file must hold still this long).")
-    ] = 30.0,
-    include: Annotated[
-        list[str] | None, typer.Option(help="Only tensors matching this glob (repeatable).")
-    ] = None,
-    exclude: Annotated[
-        list[str] | None, typer.Option(help="Leave out tensors matching this glob (repeatable).")
     ] = None,
     strip_prefix: Annotated[
-        str, typer.Option(help="Remove this prefix from output names (e.g. 'model.').")
+        str,
+        typer.Option(help="Remove this prefix from output names (e.g. 'model.').", rich_help_panel=_OUTPUT),
     ] = "",
-    state_dict_key: Annotated[
-        str | None,
-        typer.Option(help="Key of the weights inside torch files (e.g. ema); default: found automatically."),
-    ] = None,
-    steps_from: Annotated[
-        StepsFrom,
-        typer.Option(
-            help="Where steps come from: metadata, filename, or auto (metadata, then filename).",
-        ),
-    ] = DEFAULT_STEPS_FROM,
-    submodel: Annotated[
-        str | None,
-        typer.Option(
-            help="In a checkpoint holding several models (diffusers unet/unet_ema, an adapter beside the full "
-            "model, DeepSpeed's module vs fp32 master weights), read this one; the plan names the others."
-        ),
-    ] = None,
-    step_every: Annotated[
-        int | None,
-        typer.Option(
-            help="Checkpoints numbered by a count of saves or epochs (accelerate checkpoint_K, timm/torchtune "
-            "epochs): training steps between saves; step = (count + 1) x N."
-        ),
-    ] = None,
-    steps: Annotated[
-        str | None,
-        typer.Option(
-            help="Each checkpoint's training step, oldest first, comma-separated (e.g. 500,1000,1500)."
-        ),
-    ] = None,
-    glob: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Use only checkpoints whose name matches (repeatable), e.g. 'checkpoint_*_*.pt' (fairseq's "
-            "update checkpoints)."
-        ),
-    ] = None,
     trust_pickle: Annotated[
         bool,
         typer.Option(
-            "--trust-pickle", help="UNSAFE: fully unpickle torch files that need it (runs their code)."
+            "--trust-pickle",
+            help="UNSAFE: fully unpickle torch files that need it (runs their code).",
+            rich_help_panel=_SAFETY,
         ),
-    ] = False,
-    quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="No plan, progress or summary; errors only.")
     ] = False,
     allow_nonfinite: Annotated[
         bool,
         typer.Option(
             "--allow-nonfinite",
             help="Average NaN/Inf values instead of refusing the checkpoint holding them.",
+            rich_help_panel=_SAFETY,
         ),
+    ] = False,
+    device: Annotated[
+        str, typer.Option(help="Where the averages live: cpu, cuda, cuda:N or mps.", rich_help_panel=_SPEED)
+    ] = "cpu",
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="Worker threads, each reading, averaging and writing chunks of its own. Default: one per core.",
+            rich_help_panel=_SPEED,
+        ),
+    ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No plan, progress or summary; errors only.")
     ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
     version: Annotated[
@@ -260,18 +355,10 @@ def average(
         _only_our_warnings()
     try:
         from ema_average.pipeline import RunOptions, prepare
-        from ema_average.plan import (
-            CheckpointSelection,
-            TensorSelection,
-            parse_size,
-            parse_values,
-            settings_sweep,
-        )
+        from ema_average.plan import CheckpointSelection, TensorSelection, settings_sweep
 
         given = {"decay": decay, "half_life": half_life, "gamma": gamma, "sigma_rel": sigma_rel}
-        values = {
-            name: None if text is None else parse_values(_flag(name), text) for name, text in given.items()
-        }
+        values = {name: None if numbers is None else list(numbers) for name, numbers in given.items()}
         settings = settings_sweep(
             values, method=method, numerator=numerator, denominator=denominator, schedule=schedule.value
         )
@@ -283,21 +370,19 @@ def average(
             dtype=dtype.value,
             overwrite=overwrite,
             threads=threads,
-            max_shard_size=parse_size(max_shard_size) if max_shard_size else None,
+            max_shard_size=max_shard_size,
             selection=TensorSelection(tuple(include or ()), tuple(exclude or ()), strip_prefix),
             state_dict_key=state_dict_key,
             steps_from=steps_from.value,  # type: ignore[arg-type]
             trust_pickle=trust_pickle,
             submodel=submodel,
             step_every=step_every,
-            steps=_step_list(steps),
+            steps=steps,
             globs=tuple(glob or ()),
             checkpoints=CheckpointSelection(from_step, to_step, every, last),
             resume=resume,
             allow_nonfinite=allow_nonfinite,
         )
-        if memory_budget is not None and not quiet and _speaks():
-            out.print("note: --memory-budget is no longer used: memory is a few chunk buffers per thread")
         if _launched():
             _run_on_ranks(options, watch=watch, dry_run=dry_run, quiet=quiet)
             return
@@ -369,10 +454,6 @@ def _run_prepared(prepared: PreparedRun, *, dry_run: bool, speak: bool, ranks: R
         show_summary(summary)
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def _watch(options: RunOptions, poll: float, quiet: bool) -> None:
     """--watch: refresh the output as checkpoints arrive; Ctrl-C (or SIGTERM) stops cleanly, exit 0."""
     from ema_average.watch import watch as watch_run
@@ -393,16 +474,6 @@ def _watch(options: RunOptions, poll: float, quiet: bool) -> None:
     except KeyboardInterrupt:
         if not quiet:
             out.print("stopped watching")
-
-
-def _step_list(text: str | None) -> tuple[int, ...] | None:
-    """--steps 500,1000: whole numbers, or one clear usage error."""
-    if text is None:
-        return None
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise ConfigurationError(f"--steps takes whole numbers separated by commas, got {text!r}") from None
 
 
 def _only_our_warnings() -> None:
@@ -441,11 +512,13 @@ def _terminate(signum: int, _frame: object) -> NoReturn:
 
 
 def _fail(message: str, exc: BaseException, debug: bool) -> NoReturn:
+    """One line, then exit 2 for settings the command line gave that cannot be used together or as given
+    (a usage error, as click's own), 1 for anything about the files."""
     if debug:
         raise exc
     if _speaks():
         err.print(f"ema-average: error: {one_line(message)}", soft_wrap=True)
-    raise typer.Exit(1)
+    raise typer.Exit(2 if isinstance(exc, ConfigurationError) else 1)
 
 
 def one_line(text: str) -> str:
