@@ -49,6 +49,16 @@ def test_between_equals_the_per_step_product(rule: ExponentialRule | PowerRule, 
     assert rule.between(a, b) == pytest.approx(loop_product(rule, a, b), rel=1e-10, abs=1e-300)
 
 
+@pytest.mark.parametrize(
+    "rule", [ExponentialRule(0.9), ExponentialRule(0.999), ExponentialRule(0.9999, 3.0, 7.0), PowerRule(6.94)]
+)
+def test_one_step_gap_is_the_online_decay_to_the_bit(rule: ExponentialRule | PowerRule) -> None:
+    """Over one step the gap-aware decay is the float ``apply(num_updates=k)`` uses, not a closed form a
+    rounding away (steps 3, 4, 9, 10 of decay 0.9 differed): per-step checkpoints then give the online EMA."""
+    differ = [k for k in range(1, 5000) if rule.between(k - 1, k) != rule.at(k, k)]
+    assert differ == []
+
+
 def test_between_over_millions_of_steps_without_a_loop() -> None:
     rule = ExponentialRule(0.999999)  # warm-up lasts ~9 million steps
     product = rule.between(0, 20_000_000)

@@ -61,7 +61,12 @@ class DecayRule(ABC):
 
     @abstractmethod
     def between(self, after_step: int, to_step: int) -> float:
-        """Product of the per-step decays of steps ``after_step + 1 .. to_step``."""
+        """Product of the per-step decays of steps ``after_step + 1 .. to_step``.
+
+        Over one step it must be ``at(to_step, ...)`` exactly (the same float, not a closed form that rounds
+        otherwise): then the command over per-step checkpoints and ``apply(num_updates=step)`` agree bit
+        for bit.
+        """
 
     @classmethod
     def from_options(cls, **options: float) -> DecayRule:
@@ -122,6 +127,8 @@ class ExponentialRule(DecayRule):
 
     def between(self, after_step: int, to_step: int) -> float:
         _check_gap(after_step, to_step)
+        if to_step - after_step == 1:  # one step: the online update's own decay, to the bit
+            return self.at(to_step, to_step)
         # The warm-up ratio rises with k: steps before ``first_flat`` use it, the rest use ``decay``.
         first_flat = self._first_flat_step()
         warm_end = to_step if first_flat is None else min(to_step, max(after_step, first_flat - 1))
@@ -234,6 +241,8 @@ class PowerRule(DecayRule):
 
     def between(self, after_step: int, to_step: int) -> float:
         _check_gap(after_step, to_step)
+        if to_step - after_step == 1:  # one step: the online update's own decay, to the bit
+            return self.at(to_step, to_step)
         return (after_step / to_step) ** (self.gamma + 1)
 
 
