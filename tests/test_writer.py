@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -82,11 +83,9 @@ def temp_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     return request.param
 
 
-@pytest.fixture(params=["socket", "flock"])
-def lock_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Both locks: Linux's abstract socket, and the flock on a hidden file used elsewhere."""
-    monkeypatch.setattr(writer_module, "_ABSTRACT_SOCKETS", request.param == "socket")
-    return request.param
+def locked_by(pid: int) -> str:
+    """The refusal of an output whose lock process ``pid`` holds."""
+    return rf"locked by process {pid} \(it holds .*\.ema-average\.lock\)"
 
 
 def start_child(code: str, *args: str) -> subprocess.Popen[str]:
@@ -333,12 +332,12 @@ def test_an_output_that_cannot_be_named_says_which_are_new(tmp_path: Path) -> No
 # --- One writer per output --------------------------------------------------------------------------
 
 
-def test_a_second_lock_is_refused_until_the_first_is_released(tmp_path: Path, lock_kind: str) -> None:
+def test_a_second_lock_is_refused_until_the_first_is_released(tmp_path: Path) -> None:
     out = tmp_path / "out.safetensors"
     first = OutputLock(out)
-    if lock_kind == "flock":
-        assert (tmp_path / ".out.safetensors.ema-average.lock").exists()
-    with pytest.raises(OutputError, match=r"out\.safetensors: another ema-average run is writing it"):
+    lock_file = os.stat(tmp_path / ".out.safetensors.ema-average.lock")
+    assert stat.S_IMODE(lock_file.st_mode) == 0o600 and lock_file.st_uid == os.geteuid()  # only ours
+    with pytest.raises(OutputError, match=r"out\.safetensors: " + locked_by(os.getpid())):
         OutputLock(out)
     first.release()
     assert list(tmp_path.iterdir()) == []  # no lock file stays behind
@@ -347,7 +346,7 @@ def test_a_second_lock_is_refused_until_the_first_is_released(tmp_path: Path, lo
     assert list(tmp_path.iterdir()) == []
 
 
-def test_locks_on_different_outputs_do_not_conflict(tmp_path: Path, lock_kind: str) -> None:
+def test_locks_on_different_outputs_do_not_conflict(tmp_path: Path) -> None:
     (tmp_path / "b").mkdir()
     with (
         OutputLock(tmp_path / "a.safetensors"),
@@ -357,10 +356,10 @@ def test_locks_on_different_outputs_do_not_conflict(tmp_path: Path, lock_kind: s
         pass
 
 
-def test_two_spellings_of_one_output_share_its_lock(tmp_path: Path, lock_kind: str) -> None:
+def test_two_spellings_of_one_output_share_its_lock(tmp_path: Path) -> None:
     (tmp_path / "real").mkdir()
     (tmp_path / "alias").symlink_to(tmp_path / "real")
-    with OutputLock(tmp_path / "real" / "out"), pytest.raises(OutputError, match="another ema-average run"):
+    with OutputLock(tmp_path / "real" / "out"), pytest.raises(OutputError, match=locked_by(os.getpid())):
         OutputLock(tmp_path / "alias" / ".." / "alias" / "out")
 
 
@@ -372,9 +371,9 @@ def test_the_lock_of_a_killed_run_is_free_and_leaves_nothing(tmp_path: Path) -> 
         str(out),
     )
     try:
-        with pytest.raises(OutputError, match="another ema-average run is writing it"):
+        with pytest.raises(OutputError, match=locked_by(child.pid)):
             OutputLock(out)
-        with pytest.raises(OutputError, match="another ema-average run is writing it"):
+        with pytest.raises(OutputError, match=locked_by(child.pid)):
             SafetensorsWriter(out, [], None, overwrite=False)
     finally:
         kill_hard(child)
@@ -386,23 +385,83 @@ def test_the_lock_of_a_killed_run_is_free_and_leaves_nothing(tmp_path: Path) -> 
 def test_writers_take_the_lock_unless_the_caller_holds_it(tmp_path: Path) -> None:
     out, listed = tmp_path / "o.safetensors", [TensorEntry("w", TensorSpec((1,), torch.float32))]
     first = SafetensorsWriter(out, listed, None, overwrite=False)
-    with pytest.raises(OutputError, match="another ema-average run is writing it"):
+    with pytest.raises(OutputError, match=locked_by(os.getpid())):
         SafetensorsWriter(out, listed, None, overwrite=False)
-    with pytest.raises(OutputError, match="another ema-average run is writing it"):
+    with pytest.raises(OutputError, match=locked_by(os.getpid())):
         OutputLock(out)
     first.abort()
     with OutputLock(out):  # the pipeline's pattern: the run holds the lock, its writer runs under it
         writer = SafetensorsWriter(out, listed, None, overwrite=False)
         writer.write("w", torch.ones(1))
         writer.commit()
-        with pytest.raises(OutputError, match="another ema-average run"):
+        with pytest.raises(OutputError, match=locked_by(os.getpid())):
             OutputLock(out)  # still the caller's after the writer is done
     folder = tmp_path / "sharded"
     held = ShardedWriter(folder, listed, META, overwrite=False, max_shard_size=4)
-    with pytest.raises(OutputError, match="another ema-average run is writing it"):
+    with pytest.raises(OutputError, match=locked_by(os.getpid())):
         OutputLock(folder)
     held.abort()
     OutputLock(folder).release()
+
+
+def test_a_squatter_on_the_old_socket_name_blocks_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "out.safetensors"
+    squatter = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # what any local user could bind
+    squatter.bind(b"\0ema-average/" + writer_module._lock_key(out).encode())
+    try:
+        with OutputLock(out):
+            pass
+    finally:
+        squatter.close()
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "other user", "held file"])
+def test_whatever_squats_the_lock_file_is_named_not_guessed(tmp_path: Path, kind: str) -> None:
+    out, lock_file = tmp_path / "out.safetensors", tmp_path / ".out.safetensors.ema-average.lock"
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"data")
+    if kind == "symlink":
+        lock_file.symlink_to(victim)
+        problem = "is a symbolic link, not a lock file; remove it"
+    elif kind == "fifo":
+        os.mkfifo(lock_file)
+        problem = "is not a regular file; remove it"
+    elif kind == "other user":
+        if os.geteuid() != 0:
+            pytest.skip("making a file another user owns needs root")
+        lock_file.write_bytes(b"")
+        os.chown(lock_file, 65534, 65534)
+        problem = f"belongs to user 65534, not to this one ({os.geteuid()})"
+    else:  # a process of this user that flocks the file: named by its PID
+        child = start_child(
+            "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('ready', flush=True); time.sleep(120)",
+            str(lock_file),
+        )
+        try:
+            with pytest.raises(
+                OutputError, match=re.escape(f"{out}: locked by process {child.pid} (it holds")
+            ):
+                OutputLock(out)
+        finally:
+            kill_hard(child)
+        with OutputLock(out):  # free once that process is gone
+            pass
+        assert not lock_file.exists()
+        return
+    with pytest.raises(OutputError) as info:
+        OutputLock(out)
+    assert str(info.value) == f"{out}: cannot take the output lock: {lock_file} {problem}"
+    assert victim.read_bytes() == b"data" and os.path.lexists(lock_file)  # nothing touched
+
+
+def test_an_earlier_lock_file_of_ours_is_taken_and_made_private(tmp_path: Path) -> None:
+    lock_file = tmp_path / ".out.safetensors.ema-average.lock"
+    lock_file.write_bytes(b"")
+    lock_file.chmod(0o644)  # as an earlier version made it: anyone could open it to flock it
+    with OutputLock(tmp_path / "out.safetensors"):
+        assert stat.S_IMODE(lock_file.stat().st_mode) == 0o600
+    assert not lock_file.exists()
 
 
 # --- A folder of shards -----------------------------------------------------------------------------
@@ -602,11 +661,12 @@ def test_a_killed_fresh_run_leaves_no_output_folder(tmp_path: Path) -> None:
         str(tmp_path / "out"),
     )
     staging = tmp_path / f".out.ema-average-{child.pid}.tmp"
-    assert remove_stale_temporaries(tmp_path) == []  # a live run's staging folder is kept
+    lock_file = tmp_path / ".out.ema-average.lock"
+    assert remove_stale_temporaries(tmp_path) == []  # a live run's staging folder and lock are kept
     kill_hard(child)
     assert not (tmp_path / "out").exists()
-    assert [p.name for p in tmp_path.iterdir()] == [staging.name]
-    assert remove_stale_temporaries(tmp_path) == [staging]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [staging.name, lock_file.name]
+    assert remove_stale_temporaries(tmp_path) == [staging, lock_file]
     assert list(tmp_path.iterdir()) == []
 
 

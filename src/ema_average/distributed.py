@@ -301,7 +301,7 @@ def execute(
             read = ranks.together(lambda: _write_share(prepared, writers, progress, mine))
             bytes_read = ranks.total(read)
             progress.complete(bytes_read)
-            peers = _commit_and_tell(ranks, writers, on_committed or (lambda: None))
+            peers = _commit_and_tell(ranks, writers, on_committed or (lambda: None), held.close)
         except BaseException:
             for writer in writers:
                 writer.abort()  # rank 0's removes the temporary; a no-op once committed
@@ -310,7 +310,10 @@ def execute(
 
 
 def _commit_and_tell(
-    ranks: Ranks, writers: list[SafetensorsWriter], on_committed: Callable[[], None]
+    ranks: Ranks,
+    writers: list[SafetensorsWriter],
+    on_committed: Callable[[], None],
+    release: Callable[[], None],
 ) -> bool:
     """Rank 0 names the outputs, then every rank hears it; whether the peers are still there after.
 
@@ -324,7 +327,7 @@ def _commit_and_tell(
     def commit() -> None:
         nonlocal committed
         if ranks.lead:
-            _commit(writers, on_committed)
+            _commit(writers, on_committed, release)
             committed = True
         elif os.environ.get(TEST_KILL_AFTER_COMMIT) == str(ranks.rank):
             _die_once_named(writers)
@@ -389,7 +392,10 @@ def _write_share(
     return read
 
 
-def _commit(writers: list[SafetensorsWriter], before_naming: Callable[[], None]) -> None:
+def _commit(
+    writers: list[SafetensorsWriter], before_naming: Callable[[], None], release: Callable[[], None]
+) -> None:
+    """Rank 0: name every output (see ``commit_together``); ``release`` (locks and sources) once named."""
     for writer in writers:
         writer.written_elsewhere()
-    commit_together(writers, before_naming)
+    commit_together(writers, before_naming, release)

@@ -441,7 +441,7 @@ def execute(
             for average, output in zip(prepared.plan.averages, prepared.outputs, strict=True):
                 writers.append(_open_writer(prepared, average, output, side_files))
             bytes_read = stream_chunks(prepared, writers, on_progress or (lambda _n: None))
-            commit_together(writers, before_naming=on_committed)
+            commit_together(writers, before_naming=on_committed, after_naming=locks.close)
         except BaseException:
             for writer in writers:
                 writer.abort()  # a no-op for one already committed

@@ -30,8 +30,7 @@ import json
 import os
 import re
 import shutil
-import socket
-import sys
+import stat
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
@@ -68,12 +67,13 @@ __all__ = [
 
 # Temporary files and staging folders: ``.NAME.ema-average-PID.tmp``. Nothing else is ever removed.
 _TEMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.ema-average-(?P<pid>\d+)\.tmp$")
+# An output's lock file (see OutputLock): left behind only by a killed run, removed by the next.
+_LOCK_PATTERN = re.compile(r"^\..+\.ema-average\.lock$")
 # link() fails with these where the filesystem has no hard links (FAT, exFAT, some network shares).
 _NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
-_ABSTRACT_SOCKETS = sys.platform.startswith("linux")
 _MAX_INDEX_BYTES = 100_000_000
 
 
@@ -109,14 +109,15 @@ _held_guard = threading.Lock()
 class OutputLock:
     """The right to write one output, held by one run at a time: ``OutputLock(path)`` takes it or raises.
 
-    Not a lock file: one left by a killed run would need a guess at staleness, and SIGKILL must leave
-    nothing. On Linux the lock is an abstract-namespace Unix socket bound to a name derived from the
-    output (its folder's device and inode plus its name, so two spellings of one path collide): binding
-    is atomic, a second bind fails, and the kernel frees the name when the process dies, however it
-    dies, with no file anywhere. Abstract names are per network namespace, so runs in two containers
-    sharing a folder do not see each other's lock (the exclusive commit still never replaces a file
-    silently). Elsewhere: ``flock`` on a hidden ``.NAME.ema-average.lock`` beside the output, freed by
-    the kernel at death and removed on release (a killed run leaves that small file for the next one).
+    An ``flock`` on a hidden ``.NAME.ema-average.lock`` beside the output (in its folder's real path, so two
+    spellings of one output share it): the kernel frees it when its holder dies, however it dies, and
+    release removes the file (one left by a killed run is free, and the next run on that output takes it
+    and removes it). Only a run of this user can hold it: the file is created ``0600`` without following
+    a link, and used only if it is a regular file this user owns; anything else at that name (a link, a
+    FIFO, another user's file) is refused, saying what it is. So a local user who cannot write the output
+    cannot block it either (an abstract socket name, which anyone can bind, could); one who can write its
+    folder is named, not guessed at. A lock that is held names its holder's process where the kernel
+    says (``/proc/locks``).
 
     Writers take the lock themselves, unless the caller already holds it in this process (the pipeline
     holds it for its whole run); a forked child shares its parent's lock until it exits.
@@ -126,54 +127,35 @@ class OutputLock:
         self.path = Path(path)
         self.key = _lock_key(self.path)
         self._by_writer = False
-        self._socket: socket.socket | None = None
         self._fd: int | None = None
         self._file: Path | None = None
         with _held_guard:
-            if _ABSTRACT_SOCKETS:
-                self._bind()
-            else:
-                self._flock()
+            self._flock()
             _held[self.key] = self
-
-    def _busy(self) -> OutputError:
-        return OutputError(f"{self.path}: another ema-average run is writing it")
-
-    def _bind(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # close-on-exec, as Python makes them
-        try:
-            sock.bind(b"\0ema-average/" + self.key.encode())
-        except OSError as exc:
-            sock.close()
-            if exc.errno == errno.EADDRINUSE:
-                raise self._busy() from None
-            raise OutputError(f"{self.path}: cannot take the output lock ({exc.strerror})") from exc
-        self._socket = sock
 
     def _flock(self) -> None:
         target = Path(os.path.realpath(self.path.parent)) / self.path.name
         lock_file = target.parent / f".{target.name}.ema-average.lock"
         for _ in range(100):
-            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = _open_lock_file(self.path, lock_file)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                holder = _flock_holder(fd)
                 os.close(fd)
-                raise self._busy() from None
+                by = f"process {holder}" if holder is not None else "another process"
+                raise OutputError(f"{self.path}: locked by {by} (it holds {lock_file})") from None
             if _same_file(fd, lock_file):  # else its holder removed it between our open and flock
                 self._fd, self._file = fd, lock_file
                 return
             os.close(fd)
-        raise self._busy()
+        raise OutputError(f"{self.path}: cannot take the output lock ({lock_file} keeps being replaced)")
 
     def release(self) -> None:
         """Give the output up (idempotent)."""
         with _held_guard:
             if _held.get(self.key) is self:
                 del _held[self.key]
-            if self._socket is not None:
-                self._socket.close()
-                self._socket = None
             if self._fd is not None:
                 assert self._file is not None
                 with contextlib.suppress(OSError):  # removed while still locked: a waiter re-checks
@@ -188,6 +170,61 @@ class OutputLock:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.release()
+
+
+def _open_lock_file(path: Path, lock_file: Path) -> int:
+    """``lock_file`` opened to be flocked: created private, or an existing regular file of this user's
+    (made private); anything else refused, saying what is there."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO never blocks
+    try:
+        fd = os.open(lock_file, flags, 0o600)
+    except OSError as exc:
+        problem = _lock_file_problem(lock_file) or exc.strerror
+        raise OutputError(f"{path}: cannot take the output lock: {lock_file} {problem}") from None
+    info = os.fstat(fd)
+    problem = _not_ours(info)
+    if problem is not None:
+        os.close(fd)
+        raise OutputError(f"{path}: cannot take the output lock: {lock_file} {problem}")
+    if info.st_mode & 0o077:  # an earlier version's (0644): anyone could open it, and flock it
+        os.fchmod(fd, 0o600)
+    return fd
+
+
+def _lock_file_problem(lock_file: Path) -> str | None:
+    """What is at ``lock_file`` that could not be opened, if it explains why."""
+    try:
+        info = os.lstat(lock_file)
+    except OSError:
+        return None
+    if stat.S_ISLNK(info.st_mode):
+        return "is a symbolic link, not a lock file; remove it"
+    return _not_ours(info)
+
+
+def _not_ours(info: os.stat_result) -> str | None:
+    if not stat.S_ISREG(info.st_mode):
+        return "is not a regular file; remove it"
+    if info.st_uid != os.geteuid():
+        return f"belongs to user {info.st_uid}, not to this one ({os.geteuid()})"
+    return None
+
+
+def _flock_holder(fd: int) -> int | None:
+    """The process that holds an flock on ``fd``'s file, as the kernel lists it in ``/proc/locks`` (its
+    PID as this process sees it), or None where that is not known."""
+    info = os.fstat(fd)
+    where = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            lines = f.read(1 << 24).splitlines()
+    except OSError:
+        return None
+    for line in lines:  # "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"; waiters have "->" in field 2
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == where and fields[4].isdigit():
+            return int(fields[4]) or None
+    return None
 
 
 def _lock_key(path: Path) -> str:
@@ -221,11 +258,16 @@ def _writer_lock(path: Path) -> OutputLock | None:
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Temporary files and staging folders of earlier runs that were killed (their process is gone)."""
+    """Temporary files, staging folders and output locks of earlier runs that were killed (their process
+    is gone)."""
     removed: list[Path] = []
     if not folder.is_dir():
         return removed
     for path in sorted(folder.iterdir()):
+        if _LOCK_PATTERN.match(path.name):
+            if _remove_free_lock_file(path):
+                removed.append(path)
+            continue
         match = _TEMP_PATTERN.match(path.name)
         if not match or path.is_symlink() or _pid_alive(int(match.group("pid"))) or _in_use(path):
             continue
@@ -233,6 +275,27 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
             _remove(path)
             removed.append(path)
     return removed
+
+
+def _remove_free_lock_file(path: Path) -> bool:
+    """Remove an output lock file of this user's that no run holds, taking it first, as ``OutputLock``'s
+    release does (a run that opened it meanwhile finds it gone once it has the flock, and makes another)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if _not_ours(os.fstat(fd)) is not None:
+            return False
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if not _same_file(fd, path):
+            return False
+        path.unlink()
+        return True
+    except OSError:  # held (BlockingIOError), or gone meanwhile
+        return False
+    finally:
+        os.close(fd)
 
 
 def temp_name(path: Path, pid: int) -> Path:
@@ -561,13 +624,15 @@ class SafetensorsWriter:
 
 
 def commit_together(
-    writers: Sequence[SafetensorsWriter | ShardedWriter], before_naming: Callable[[], None] | None = None
+    writers: Sequence[SafetensorsWriter | ShardedWriter],
+    before_naming: Callable[[], None] | None = None,
+    after_naming: Callable[[], None] | None = None,
 ) -> None:
     """Several outputs of one run: every one sealed (all that a disk can fail) before any is named, so a
     failure leaves none of them. Then ``before_naming`` (the command stops taking Ctrl-C as a cancel),
     then the renames, one per output: not one step together, so Ctrl-C and SIGTERM are held until the last
-    is done (a run never stops with some outputs new and others old), and a rename that fails says which
-    outputs are new."""
+    is done and ``after_naming`` (the run's locks released) has run: a run never stops with some outputs
+    new and others old, nor with its lock files left. A rename that fails says which outputs are new."""
     for writer in writers:
         writer.seal()
     if before_naming is not None:
@@ -580,6 +645,8 @@ def commit_together(
                 if len(writers) == 1:
                     raise
                 raise OutputError(f"{exc}; {_which_are_new(writers, i)}") from exc
+        if after_naming is not None:
+            after_naming()
 
 
 def _which_are_new(writers: Sequence[SafetensorsWriter | ShardedWriter], failed: int) -> str:
