@@ -18,7 +18,7 @@ import torch
 
 L = pytest.importorskip("lightning")
 
-from ema_average.errors import ConfigurationError  # noqa: E402
+from ema_average.errors import AverageStateError, ConfigurationError  # noqa: E402
 from ema_average.integrations.lightning import EMA_KEY, EMACallback  # noqa: E402
 
 DECAY = 0.9
@@ -257,7 +257,7 @@ def test_resuming_into_another_model_names_the_missing_average(tmp_path: Path) -
     saved = torch.load(tmp_path / "epoch=0-step=8.ckpt", weights_only=True)
     del saved[EMA_KEY]["net.2.bias"]
     torch.save(saved, tmp_path / "edited.ckpt")
-    with pytest.raises(Exception, match="net.2.bias"):
+    with pytest.raises(AverageStateError, match=r"'net\.2\.bias'"):
         fit(
             trainer([EMACallback(decay=DECAY)], max_epochs=2),
             model(),

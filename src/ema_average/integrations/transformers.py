@@ -1,0 +1,216 @@
+"""An EMA of the weights while the Hugging Face ``Trainer`` trains: ``Trainer(..., callbacks=[EMACallback()])``.
+
+After every optimizer step (``on_step_end``: with gradient accumulation, once per accumulated step) the
+engine's ``apply(num_updates=state.global_step)``. Evaluations the Trainer runs while training
+(``eval_strategy``) see the averages: they are swapped in once the Trainer has decided to evaluate and
+the training weights put back, bit for bit, when it has (``on_evaluate``), before it saves.
+
+Every ``checkpoint-N/`` also gets ``ema/``: ``model.safetensors`` (the model's state dict with the float32
+averages for its parameters, tied names once, as ``save_pretrained`` writes them) beside the model's
+``config.json``, so ``AutoModel...from_pretrained("checkpoint-N/ema")`` loads the EMA at step N and
+``ema-average RUN --submodel ema`` averages these copies. The file's metadata holds the callback's counter:
+``trainer.train(resume_from_checkpoint=...)`` continues the average from it.
+
+Under DDP each rank keeps its own average (equal across ranks) and rank 0 writes ``ema/``. DeepSpeed ZeRO
+1-2 keep whole parameters on every rank and work as DDP does; ZeRO-3 (parameters empty outside forward) is
+refused when training starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from ema_average.errors import CheckpointError, ConfigurationError
+from ema_average.integrations import EmaTracker, average_model_state, unwrap_model
+from ema_average.moving_average import ExponentialMovingAverage
+from ema_average.safetensors_format import TensorSpec
+from ema_average.writer import SafetensorsWriter, TensorEntry
+
+__all__ = ["EMA_FOLDER", "STATE_METADATA_KEY", "EMACallback"]
+
+EMA_FOLDER = "ema"  # checkpoint-N/ema/
+WEIGHTS_NAME = "model.safetensors"
+STATE_METADATA_KEY = "ema_average.callback"  # the callback's counter, in the weights file's metadata
+_CHECKPOINT_PREFIX = "checkpoint"  # transformers' PREFIX_CHECKPOINT_DIR
+
+
+class EMACallback(TrainerCallback):
+    """Keeps an exponential moving average of the model's parameters on the one engine.
+
+    ``decay``, ``numerator``, ``denominator``: the engine's rule, ``min(decay, (numerator + n) /
+    (denominator + n))`` at global step ``n``. ``device``: where the float32 averages live (``"cpu"`` spares
+    GPU memory, at the cost of a copy per update). ``every``: update every N optimizer steps. ``evaluate``:
+    ``"ema"`` (default) or ``"raw"`` for the Trainer's own evaluations; to have both, evaluate the raw
+    weights yourself after training (``trainer.evaluate(metric_key_prefix="eval_raw")``), or the averages
+    with ``with callback.moving_average.average_parameters(): trainer.evaluate()``.
+    """
+
+    def __init__(
+        self,
+        decay: float = 0.9999,
+        numerator: float = 1.0,
+        denominator: float = 10.0,
+        *,
+        device: torch.device | str | None = None,
+        every: int = 1,
+        evaluate: str = "ema",
+    ) -> None:
+        if evaluate == "both":
+            raise ConfigurationError(
+                "evaluate='both' is for Lightning: the Trainer has no hook before an evaluation to run a "
+                "second one; evaluate='ema' and trainer.evaluate(metric_key_prefix='eval_raw') after "
+                "training give both"
+            )
+        self._tracker = EmaTracker(
+            decay, numerator, denominator, device=device, every=every, evaluate=evaluate
+        )
+
+    @property
+    def moving_average(self) -> ExponentialMovingAverage | None:
+        """The engine instance, once training has started."""
+        return self._tracker.average
+
+    # --- building and updating ----------------------------------------------------------------------
+
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Average the model as the Trainer prepared it; on a resumed run, continue the saved average."""
+        assert model is not None
+        resuming = state.global_step > 0 and self._tracker.average is None
+        self._tracker.start(model, state.global_step)
+        if resuming:
+            self._resume(_resumed_folder(args, state))
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._tracker.step(state.global_step)
+        if control.should_evaluate:  # set by DefaultFlowCallback, which runs before user callbacks
+            self._tracker.swap_in()
+
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._tracker.swap_out()  # an evaluation that never reported back: never train on the averages
+
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if control.should_evaluate:
+            self._tracker.swap_in()
+
+    def on_evaluate(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._tracker.swap_out()
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._tracker.swap_out()
+
+    # --- saving and resuming ------------------------------------------------------------------------
+
+    def on_save(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """``checkpoint-N/ema/`` beside the Trainer's save of step N (rank 0 writes it)."""
+        tracker = self._tracker
+        if tracker.average is None or not state.is_world_process_zero:
+            return
+        tracker.swap_out()
+        folder = Path(args.output_dir) / f"{_CHECKPOINT_PREFIX}-{state.global_step}"
+        save_ema_folder(unwrap_model(model or tracker.model), tracker, folder / EMA_FOLDER)
+
+    def _resume(self, checkpoint: Path) -> None:
+        path = checkpoint / EMA_FOLDER / WEIGHTS_NAME
+        if not path.is_file():
+            raise CheckpointError(
+                checkpoint,
+                f"holds no {EMA_FOLDER}/{WEIGHTS_NAME}: the EMA callback cannot continue an average it did "
+                "not save (was the run started without it?)",
+            )
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                recorded = (f.metadata() or {}).get(STATE_METADATA_KEY)
+                if recorded is None:
+                    raise CheckpointError(
+                        path, f"has no {STATE_METADATA_KEY!r} record: not saved by the EMA callback"
+                    )
+                averages = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - no __iter__
+            state = json.loads(recorded)
+        except (OSError, ValueError, RuntimeError) as exc:  # safetensors' own errors are of these kinds
+            raise CheckpointError(path, f"cannot be read as the EMA callback's save ({exc})") from None
+        self._tracker.load(state, averages, str(path))
+
+
+def _resumed_folder(args: TrainingArguments, state: TrainerState) -> Path:
+    """The checkpoint the Trainer resumed from: the one named in the arguments, or ``checkpoint-N`` of
+    ``output_dir`` (``resume_from_checkpoint=True`` picks the last one, which is step N's)."""
+    named = args.resume_from_checkpoint
+    if isinstance(named, str) and named and Path(named).name == f"{_CHECKPOINT_PREFIX}-{state.global_step}":
+        return Path(named)
+    return Path(args.output_dir) / f"{_CHECKPOINT_PREFIX}-{state.global_step}"
+
+
+def save_ema_folder(model: torch.nn.Module, tracker: EmaTracker, folder: Path) -> Path:
+    """``folder`` as ``save_pretrained`` would write the averaged model, written aside and renamed whole.
+
+    The weights stream from the live averages one tensor at a time: no copy of the model is made.
+    """
+    assert tracker.average is not None
+    state = _untied(model, average_model_state(model, tracker.average.averages()))
+    entries = [TensorEntry(name, TensorSpec(tuple(t.shape), t.dtype)) for name, t in state.items()]
+    metadata = {"format": "pt", STATE_METADATA_KEY: json.dumps(tracker.state())}
+    aside = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(aside, ignore_errors=True)
+    aside.mkdir(parents=True)
+    try:
+        writer = SafetensorsWriter(aside / WEIGHTS_NAME, entries, metadata, overwrite=False)
+        for name, tensor in state.items():
+            writer.write(name, tensor)
+        writer.commit()
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "save_pretrained"):
+            config.save_pretrained(aside)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.rename(aside, folder)
+    except BaseException:
+        shutil.rmtree(aside, ignore_errors=True)
+        raise
+    return folder
+
+
+def _untied(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with each parameter under its first name only: tied weights (GPT-2's ``lm_head`` and
+    ``wte``) are saved once, as ``save_pretrained`` saves them, and ``from_pretrained`` ties them again."""
+    first: dict[int, str] = {}
+    kept = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        if isinstance(value, torch.nn.Parameter):
+            if id(value) in first:
+                continue
+            first[id(value)] = key
+        kept[key] = state[key]
+    return kept

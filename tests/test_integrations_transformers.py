@@ -1,0 +1,233 @@
+"""The Hugging Face Trainer EMA callback, with the real transformers Trainer on the CPU (a tiny GPT-2 with tied
+embeddings): the EMA equals a float64 reference of the weights after each optimizer step, the Trainer's
+evaluations see the averages, ``checkpoint-N/ema`` loads with ``from_pretrained``, and a run resumed from a
+checkpoint ends with the uninterrupted run's EMA, bit for bit."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from transformers import GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+from ema_average.errors import CheckpointError, ConfigurationError  # noqa: E402
+from ema_average.integrations.transformers import STATE_METADATA_KEY, EMACallback  # noqa: E402
+from helpers import tiny_gpt2  # noqa: E402
+
+DECAY = 0.9
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, count: int = 32, offset: int = 0) -> None:
+        self.count, self.offset = count, offset
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = torch.randint(0, 50, (8,), generator=torch.Generator().manual_seed(i + self.offset))
+        return {"input_ids": ids, "labels": ids}
+
+
+class Recorder(TrainerCallback):
+    """The weights at the start and after each optimizer step, in float64: the reference's input."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.weights: list[dict[str, torch.Tensor]] = []
+
+    def _record(self, step: int, model: torch.nn.Module) -> None:
+        self.steps.append(step)
+        self.weights.append({n: p.detach().double().clone() for n, p in model.named_parameters()})
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        self._record(state.global_step, model)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        self._record(state.global_step, model)
+
+
+def arguments(out: Path, **kwargs: Any) -> TrainingArguments:
+    options: dict[str, Any] = {
+        "output_dir": str(out),
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 4,
+        "learning_rate": 1e-2,
+        "lr_scheduler_type": "constant",
+        "report_to": [],
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "logging_steps": 1000,
+        "save_strategy": "no",
+        "seed": 0,
+    }
+    options.update(kwargs)
+    return TrainingArguments(**options)
+
+
+def train(
+    out: Path,
+    callbacks: list[TrainerCallback],
+    model: torch.nn.Module | None = None,
+    resume: str | None = None,
+    eval_dataset: torch.utils.data.Dataset | None = None,
+    **kwargs: Any,
+) -> Trainer:
+    trainer = Trainer(
+        model=model if model is not None else tiny_gpt2(),
+        args=arguments(out, **kwargs),
+        train_dataset=Tokens(),
+        eval_dataset=eval_dataset,
+        callbacks=callbacks,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def reference(recorder: Recorder, until: int | None = None) -> dict[str, torch.Tensor]:
+    """The TF rule written out plainly in float64 over the recorded per-step weights."""
+    shadow = dict(recorder.weights[0])
+    for step, weights in zip(recorder.steps[1:], recorder.weights[1:], strict=True):
+        if until is not None and step > until:
+            break
+        d = min(DECAY, (1 + step) / (10 + step))
+        shadow = {n: d * s + (1 - d) * weights[n] for n, s in shadow.items()}
+    return shadow
+
+
+def assert_close_to(averages: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert set(averages) == set(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(averages[name].double(), tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_ema_equals_float64_reference_of_every_optimizer_step(tmp_path: Path) -> None:
+    ema, recorder = EMACallback(decay=DECAY), Recorder()
+    train(tmp_path, [recorder, ema], max_steps=6)
+    assert recorder.steps == list(range(7))
+    assert ema.moving_average is not None and ema.moving_average.num_applied == 6
+    assert_close_to(ema.moving_average.averages(), reference(recorder))
+
+
+def test_gradient_accumulation_updates_once_per_optimizer_step(tmp_path: Path) -> None:
+    ema, recorder = EMACallback(decay=DECAY), Recorder()
+    train(tmp_path, [recorder, ema], max_steps=3, gradient_accumulation_steps=4)  # 12 batches, 3 steps
+    assert recorder.steps == [0, 1, 2, 3]
+    assert ema.moving_average is not None and ema.moving_average.num_applied == 3
+    assert_close_to(ema.moving_average.averages(), reference(recorder))
+
+
+def eval_loss_of(weights: dict[str, torch.Tensor], data: torch.utils.data.Dataset, out: Path) -> float:
+    """The stock Trainer's evaluation loss of a fresh GPT-2 holding ``weights`` (no EMA callback)."""
+    model = tiny_gpt2(seed=7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(weights[name])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Trainer(model=model, args=arguments(out), eval_dataset=data).evaluate()["eval_loss"]
+
+
+def test_evaluations_while_training_see_the_averages_and_training_goes_on_from_raw_weights(
+    tmp_path: Path,
+) -> None:
+    ema, recorder, plain = EMACallback(decay=DECAY), Recorder(), Recorder()
+    held_out = Tokens(8, offset=1000)
+    schedule = {"eval_strategy": "steps", "eval_steps": 3, "eval_dataset": held_out}
+    trainer = train(tmp_path / "a", [recorder, ema], max_steps=6, **schedule)
+    train(tmp_path / "b", [plain], max_steps=6, **schedule)  # the same evaluations, on its own weights
+    for swapped, undisturbed in zip(recorder.weights, plain.weights, strict=True):
+        for name in undisturbed:
+            assert torch.equal(swapped[name], undisturbed[name]), name  # restored bit for bit
+    evaluated = {
+        entry["step"]: entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry
+    }
+    assert sorted(evaluated) == [3, 6]
+    for step, loss in evaluated.items():
+        ema_loss = eval_loss_of(reference(plain, until=step), held_out, tmp_path / "c")
+        raw_loss = eval_loss_of(plain.weights[step], held_out, tmp_path / "c")
+        assert abs(ema_loss - raw_loss) > 1e-3  # the two are told apart
+        assert loss == pytest.approx(ema_loss, rel=1e-4), step
+
+
+def test_evaluate_raw_leaves_the_trainer_evaluating_training_weights(tmp_path: Path) -> None:
+    ema, recorder = EMACallback(decay=DECAY, evaluate="raw"), Recorder()
+    held_out = Tokens(8, offset=1000)
+    trainer = train(
+        tmp_path, [recorder, ema], max_steps=3, eval_strategy="steps", eval_steps=3, eval_dataset=held_out
+    )
+    (loss,) = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
+    assert loss == pytest.approx(eval_loss_of(recorder.weights[3], held_out, tmp_path / "c"), rel=1e-5)
+
+
+def test_each_checkpoint_holds_an_ema_folder_that_from_pretrained_loads(tmp_path: Path) -> None:
+    ema, recorder = EMACallback(decay=DECAY), Recorder()
+    train(tmp_path, [recorder, ema], max_steps=6, save_strategy="steps", save_steps=3)
+    for step in (3, 6):
+        folder = tmp_path / f"checkpoint-{step}" / "ema"
+        assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+        loaded = GPT2LMHeadModel.from_pretrained(folder)
+        assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()  # tied again
+        assert_close_to(
+            {n: p.detach() for n, p in loaded.named_parameters()}, reference(recorder, until=step)
+        )
+    assert not list(tmp_path.glob("checkpoint-*/.ema*"))  # nothing left aside
+
+
+def test_stop_and_resume_gives_the_uninterrupted_ema_bit_for_bit(tmp_path: Path) -> None:
+    whole = EMACallback(decay=DECAY)
+    whole_trainer = train(tmp_path / "whole", [whole], max_steps=8, save_strategy="steps", save_steps=4)
+
+    train(tmp_path / "parts", [EMACallback(decay=DECAY)], max_steps=4, save_strategy="steps", save_steps=4)
+    resumed = EMACallback(decay=DECAY)
+    resumed_trainer = train(
+        tmp_path / "parts",
+        [resumed],
+        model=tiny_gpt2(seed=5),  # other weights: all must come back from the checkpoint
+        resume=str(tmp_path / "parts" / "checkpoint-4"),
+        max_steps=8,
+        save_strategy="steps",
+        save_steps=4,
+    )
+    assert whole.moving_average is not None and resumed.moving_average is not None
+    assert resumed.moving_average.num_applied == whole.moving_average.num_applied == 8
+    got, expected = resumed.moving_average.averages(), whole.moving_average.averages()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+    raw = dict(whole_trainer.model.named_parameters())
+    for name, p in resumed_trainer.model.named_parameters():
+        assert torch.equal(p, raw[name]), name
+
+
+def test_resuming_a_checkpoint_without_ema_folder_is_one_clear_error(tmp_path: Path) -> None:
+    train(tmp_path, [], max_steps=2, save_strategy="steps", save_steps=2)
+    with pytest.raises(CheckpointError, match=r"checkpoint-2: holds no ema/model\.safetensors"):
+        train(tmp_path, [EMACallback(decay=DECAY)], resume=str(tmp_path / "checkpoint-2"), max_steps=4)
+
+
+def test_the_saved_counter_is_in_the_weights_metadata(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    train(tmp_path, [EMACallback(decay=DECAY)], max_steps=3, save_strategy="steps", save_steps=3)
+    with safe_open(str(tmp_path / "checkpoint-3" / "ema" / "model.safetensors"), framework="pt") as f:
+        record = json.loads(f.metadata()[STATE_METADATA_KEY])
+    assert record == {
+        "method": "exponential",
+        "settings": {"decay": DECAY, "numerator": 1.0, "denominator": 10.0},
+        "num_applied": 3,
+        "last_step": 3,
+    }
+
+
+def test_evaluate_both_is_refused_with_the_way_to_get_both() -> None:
+    with pytest.raises(ConfigurationError, match="metric_key_prefix"):
+        EMACallback(evaluate="both")
