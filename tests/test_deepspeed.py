@@ -7,9 +7,19 @@ rebuild) and every average against the float64 reference.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import os
+import resource
 import shutil
+import signal
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -199,3 +209,322 @@ def test_hf_trainer_deepspeed_folder_output_is_the_trainers_model_folder(
     assert set(expected) <= set(got)
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name].double(), tensor, rtol=1e-5, atol=1e-6)
+
+
+# --- Hostile and damaged folders (issue 18): one line naming the file, nothing built, nothing written -----
+
+TAG = "global_step4"  # the hostile tag: the one in the middle, so that the error must name it
+MODEL = "mp_rank_00_model_states.pt"
+OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+OPTIM_BF16 = "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"
+MODEL_Z3 = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+Edit = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class Hostile:
+    """A real run ``variant`` whose ``TAG`` is damaged by ``build(tag)``, which returns the path the one
+    error line must name; ``expected`` is a phrase that line holds."""
+
+    variant: str  # "STAGE:DTYPE-wWORLD"
+    build: Callable[[Path], Path]
+    expected: str
+    args: tuple[str, ...] = ()
+
+
+def edited(file: str, edit: Edit) -> Callable[[Path], Path]:
+    """Load ``file`` as DeepSpeed saved it, ``edit`` its dicts, and save it back with ``torch.save``."""
+
+    def build(tag: Path) -> Path:
+        path = tag / file
+        state = torch.load(path, weights_only=False)  # our own test data, written by DeepSpeed
+        edit(state)
+        torch.save(state, path)
+        return path
+
+    return build
+
+
+def removed(pattern: str) -> Callable[[Path], Path]:
+    def build(tag: Path) -> Path:
+        for path in tag.glob(pattern):
+            path.unlink()
+        return tag
+
+    return build
+
+
+def renamed(old: str, new: str) -> Callable[[Path], Path]:
+    def build(tag: Path) -> Path:
+        (tag / old).rename(tag / new)
+        return tag
+
+    return build
+
+
+def setting(*keys: str | int, value: Any) -> Edit:
+    """Set ``state[k0][k1]...`` to ``value`` (``value`` called with the old value if callable)."""
+
+    def edit(state: dict[str, Any]) -> None:
+        for key in keys[:-1]:
+            state = state[key]
+        state[keys[-1]] = value(state[keys[-1]]) if callable(value) else value
+
+    return edit
+
+
+def deleting(*keys: str) -> Edit:
+    def edit(state: dict[str, Any]) -> None:
+        for key in keys[:-1]:
+            state = state[key]
+        del state[keys[-1]]
+
+    return edit
+
+
+def expanded(old: torch.Tensor) -> torch.Tensor:
+    """The same shape and dtype as ``old`` over one element of storage (stride 0): 4 bytes of file."""
+    return torch.zeros(1, dtype=old.dtype).expand(old.shape)
+
+
+def quint8(old: torch.Tensor) -> torch.Tensor:
+    with warnings.catch_warnings():  # torch deprecates making them, not loading them
+        warnings.simplefilter("ignore")
+        return torch.quantize_per_tensor(old.float(), 0.1, 0, torch.quint8)
+
+
+FLAT2 = ("optimizer_state_dict", "single_partition_of_fp32_groups", 0)
+FLAT3 = ("optimizer_state_dict", "fp32_flat_groups", 0)
+FP32 = ("--submodel", "fp32")
+
+HOSTILE = {
+    # expanded (stride-0) views: a few bytes of file, any size of output
+    "module-expanded": Hostile(
+        "0:fp32-w1", edited(MODEL, setting("module", "inp.weight", value=expanded)), "expanded"
+    ),
+    "zero2-module-expanded": Hostile(
+        "2:bf16-w2", edited(MODEL, setting("module", "out.weight", value=expanded)), "expanded"
+    ),
+    "zero2-flat-group-expanded": Hostile(
+        "2:fp32-w1", edited(OPTIM, setting(*FLAT2, value=expanded)), "expanded", FP32
+    ),
+    "zero3-flat-group-expanded": Hostile(
+        "3:fp32-w1", edited(OPTIM, setting(*FLAT3, value=expanded)), "expanded"
+    ),
+    "zero2-frozen-expanded": Hostile(
+        "2:fp32-w1",
+        edited(MODEL, setting("frozen_param_fragments", "frozen.weight", value=expanded)),
+        "expanded",
+        FP32,
+    ),
+    "zero3-frozen-expanded": Hostile(
+        "3:bf16-w2",
+        edited(MODEL_Z3, setting("frozen_param_fragments", "frozen.bias", value=expanded)),
+        "expanded",
+    ),
+    "zero1-buffer-expanded": Hostile(
+        "1:fp32-w2", edited(MODEL, setting("module", "scale", value=expanded)), "expanded", FP32
+    ),
+    # tensors that cannot be averaged: refused while opening, naming the checkpoint's file
+    "module-meta": Hostile(
+        "0:fp32-w1",
+        edited(MODEL, setting("module", "inp.weight", value=lambda t: t.to("meta"))),
+        "meta tensor",
+    ),
+    "module-sparse": Hostile(
+        "0:fp32-w1", edited(MODEL, setting("module", "inp.weight", value=lambda t: t.to_sparse())), "sparse"
+    ),
+    "module-complex64": Hostile(
+        "0:bf16-w1",
+        edited(MODEL, setting("module", "inp.weight", value=lambda t: t.to(torch.complex64))),
+        "cannot be averaged",
+    ),
+    "module-quint8": Hostile(
+        "0:fp32-w1", edited(MODEL, setting("module", "inp.weight", value=quint8)), "quantized"
+    ),
+    "zero3-frozen-complex64": Hostile(
+        "3:fp32-w1",
+        edited(
+            MODEL_Z3,
+            setting("frozen_param_fragments", "frozen.weight", value=lambda t: t.to(torch.complex64)),
+        ),
+        "cannot be averaged",
+    ),
+    "zero2-frozen-quint8": Hostile(
+        "2:fp32-w1",
+        edited(MODEL, setting("frozen_param_fragments", "frozen.bias", value=quint8)),
+        "quantized",
+        FP32,
+    ),
+    # malformed optimizer files
+    "no-optimizer_state_dict": Hostile(
+        "2:fp32-w1", edited(OPTIM, deleting("optimizer_state_dict")), "optimizer_state_dict", FP32
+    ),
+    "optimizer_state_dict-a-list": Hostile(
+        "2:fp32-w1",
+        edited(OPTIM, setting("optimizer_state_dict", value=[1, 2])),
+        "optimizer_state_dict",
+        FP32,
+    ),
+    "zero3-no-optimizer_state_dict": Hostile(
+        "3:fp32-w1", edited(OPTIM, deleting("optimizer_state_dict")), "optimizer_state_dict"
+    ),
+    "partition_count-not-numbers": Hostile(
+        "2:fp32-w1",
+        edited(OPTIM, setting("optimizer_state_dict", "partition_count", value=[1, "a"])),
+        "partition_count",
+        FP32,
+    ),
+    "partition_count-true": Hostile(
+        "3:fp32-w1",
+        edited(OPTIM, setting("optimizer_state_dict", "partition_count", value=True)),
+        "partition_count",
+    ),
+    "partition_count-empty": Hostile(
+        "2:fp32-w1",
+        edited(OPTIM, setting("optimizer_state_dict", "partition_count", value=[])),
+        "partition_count",
+        FP32,
+    ),
+    "zero3-without-flat-groups": Hostile(
+        "3:fp32-w1", edited(OPTIM, deleting("optimizer_state_dict", "fp32_flat_groups")), "fp32_flat_groups"
+    ),
+    "zero3-empty-flat-groups": Hostile(
+        "3:bf16-w2",
+        edited(OPTIM_BF16, setting("optimizer_state_dict", "fp32_flat_groups", value=[])),
+        "fp32_flat_groups",
+    ),
+    "zero3-without-optimizer-files": Hostile(
+        "3:bf16-w2", removed("*optim_states.pt"), "without its optimizer partitions"
+    ),
+    "zero2-rank-files-misnumbered": Hostile(
+        "2:bf16-w2",
+        renamed(
+            "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_5_mp_rank_00_optim_states.pt"
+        ),
+        "ranks [0, 5]",
+        FP32,
+    ),
+    "zero3-model-states-missing": Hostile(
+        "3:bf16-w2",
+        removed("zero_pp_rank_1_mp_rank_00_model_states.pt"),
+        "model states of 2 ranks, but holds 1",
+    ),
+    "zero2-partitions-of-two-dtypes": Hostile(
+        "2:bf16-w2",
+        edited("bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", setting(*FLAT2, value=lambda t: t.double())),
+        "torch.float64",
+        FP32,
+    ),
+    "zero2-paddings-do-not-fit": Hostile(
+        "2:fp32-w1",
+        edited(OPTIM, setting("optimizer_state_dict", "param_alignment_paddings", value=[[0]])),
+        "param_alignment_paddings",
+        FP32,
+    ),
+    # shapes that do not fit what is saved
+    "zero2-frozen-shape-does-not-fit": Hostile(
+        "2:fp32-w1",
+        edited(MODEL, setting("frozen_param_shapes", "frozen.weight", value=(7, 8))),
+        "'frozen.weight'",
+        FP32,
+    ),
+    "zero3-frozen-shape-does-not-fit": Hostile(
+        "3:bf16-w2",
+        edited(MODEL_Z3, setting("frozen_param_shapes", "frozen.weight", value=(7, 8))),
+        "'frozen.weight'",
+    ),
+    "zero3-param-shape-beyond-torch": Hostile(
+        "3:fp32-w1", edited(MODEL_Z3, setting("param_shapes", 0, "inp.bias", value=(2**63, 0))), "'inp.bias'"
+    ),
+}
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every file under ``root`` and its content's hash."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in root.rglob("*")
+        if p.is_file()
+    }
+
+
+def hostile_run(deepspeed_runs: Path, tmp_path: Path, case: Hostile) -> tuple[Path, Path]:
+    """A copy of the real run ``case.variant`` with its ``TAG`` damaged; the run and the path to blame."""
+    variant, world = case.variant.split("-w")
+    run = shutil.copytree(run_folder(deepspeed_runs, int(world), variant), tmp_path / "run")
+    return run, case.build(run / TAG)
+
+
+def one_error_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ema-average: error: "), stderr
+    assert "unexpected" not in lines[0] and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_folder_is_one_line_naming_the_file(deepspeed_runs: Path, tmp_path: Path, name: str) -> None:
+    from typer.testing import CliRunner
+
+    from ema_average.cli import app
+
+    case = HOSTILE[name]
+    run, culprit = hostile_run(deepspeed_runs, tmp_path, case)
+    before = tree_digest(tmp_path)
+    output = tmp_path / "ema.safetensors"
+    result = CliRunner().invoke(app, [str(run), "-o", str(output), *case.args])
+    assert result.exit_code == 1, result.output
+    line = one_error_line(result.stderr)
+    assert f" {culprit}: " in line, line  # the file itself (or the tag, for what its files lack together)
+    assert case.expected in line, line
+    assert tree_digest(tmp_path) == before  # inputs byte-identical, no output, no temporary left
+
+
+# Before: 10**8 built list(range(10**8)) (4.0 GiB RSS, 15 s) before its error; 10**9 and 2**62 "unexpected
+# MemoryError". The child runs under limits, so that a regression fails instead of exhausting the machine.
+LIMIT_AS = 6 * 2**30
+MAX_RSS = 2**30  # a refused run is torch's import, ~250 MB
+
+
+def _limits() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    resource.setrlimit(resource.RLIMIT_AS, (LIMIT_AS, LIMIT_AS))
+    resource.setrlimit(resource.RLIMIT_CPU, (300, 300))  # a hang is killed, not waited on forever
+
+
+@pytest.mark.parametrize(
+    ("variant", "file", "count", "args"),
+    [
+        ("2:fp32-w1", OPTIM, [10**8], FP32),
+        ("2:bf16-w2", OPTIM_BF16, [10**9], FP32),
+        ("3:fp32-w1", OPTIM, 2**62, ()),
+    ],
+    ids=["zero2-1e8", "zero2-1e9", "zero3-2**62"],
+)
+def test_huge_partition_count_is_refused_before_anything_is_built(
+    deepspeed_runs: Path, tmp_path: Path, variant: str, file: str, count: Any, args: tuple[str, ...]
+) -> None:
+    case = Hostile(variant, edited(file, setting("optimizer_state_dict", "partition_count", value=count)), "")
+    run, _ = hostile_run(deepspeed_runs, tmp_path, case)
+    before = tree_digest(tmp_path)
+    exe = str(Path(sys.executable).parent / "ema-average")
+    with open(tmp_path / "stderr", "w+b") as err:
+        proc = subprocess.Popen(
+            [exe, str(run), "-o", str(tmp_path / "ema.safetensors"), *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            preexec_fn=_limits,
+        )
+        _, status, usage = os.wait4(proc.pid, 0)  # the child's own peak memory
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        stderr = err.read().decode()
+    (tmp_path / "stderr").unlink()
+    assert proc.returncode == 1, stderr
+    line = one_error_line(stderr)
+    world = max(count) if isinstance(count, list) else count
+    assert f"{run / TAG}: needs the optimizer partitions of {world} ranks, but holds " in line, line
+    assert usage.ru_maxrss * 1024 < MAX_RSS, usage.ru_maxrss
+    assert tree_digest(tmp_path) == before

@@ -11,6 +11,10 @@ default there) and ``fp32`` (the master weights, each parameter rebuilt from the
 as DeepSpeed's ``zero_to_fp32.py`` does, the only choice under ZeRO-3). The rebuild is lazy: the shards are
 memory-mapped and each read copies one parameter's pieces, so nobody has to run ``zero_to_fp32`` per
 checkpoint. Tensor-, pipeline- and expert-parallel saves and NVMe offload are refused with one line.
+
+The files are untrusted: every tensor used is checked as torch files' are (an expanded view is a few bytes of
+file and any size of output; meta, sparse, complex and quantized tensors cannot be averaged), and the counts
+and shapes the files claim are checked against the files present before anything is built from them.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch
 from ema_average.checkpoints.base import Checkpoint, Layout, ModelChoice, OpenOptions, StepInfo, TensorSpec
 from ema_average.checkpoints.safe_unpickle import load_torch_file
 from ema_average.checkpoints.steps import checked_step
-from ema_average.checkpoints.torch_file import storage_aliases
+from ema_average.checkpoints.torch_file import checked_name, storage_aliases, tensor_problem
 from ema_average.errors import CheckpointError
 
 _MODEL_STATES = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
@@ -37,6 +41,7 @@ _UNSUPPORTED = (
     (re.compile(r"^offloaded_tensors$"), "NVMe-offloaded optimizer state (offloaded_tensors/)"),
 )
 _AUTOEP_KEYS = ("ds_autoep_layers", "autoep_layers")
+_MAX_NUMEL = 2**63 - 1  # what torch can index
 
 
 def is_deepspeed_folder(path: Path) -> bool:
@@ -161,32 +166,41 @@ class DeepSpeedCheckpoint(Checkpoint):
 
     def _fp32_sources(self, main: Mapping[str, Any], module: Mapping[str, Any]) -> dict[str, _Source]:
         file = self._files.model[0]
-        optim = [self._load(self._files.optim[r]) for r in sorted(self._files.optim)]
-        world = _world_size(self.path, optim, self._files.optim)
-        shapes = _param_shapes(file, main)
+        if not self._files.optim:
+            raise CheckpointError(
+                self.path,
+                "is a ZeRO-3 save without its optimizer partitions (*optim_states.pt), which hold "
+                "the weights",
+            )
+        first = self._files.optim[min(self._files.optim)]
+        states = [_optimizer_state(first, self._load(first))]
+        world = _partition_count(first, states[0])  # checked against the files before anything is built
+        _check_ranks(self.path, "optimizer partitions", self._files.optim, world)
         if self.stage == 3:
-            partitions = [
-                _flat_groups(self._files.optim[r], o, "fp32_flat_groups") for r, o in enumerate(optim)
-            ]
-            trainable = _zero3_params(self.path, shapes, partitions, world)
+            _check_ranks(self.path, "model states", self._files.model, world)
+        optim = [self._files.optim[r] for r in range(world)]
+        states += [_optimizer_state(f, self._load(f)) for f in optim[1:]]
+        shapes = _param_shapes(file, main)
+        key = "fp32_flat_groups" if self.stage == 3 else "single_partition_of_fp32_groups"
+        partitions = [_flat_groups(f, state, key) for f, state in zip(optim, states, strict=True)]
+        _one_dtype(optim, key, [groups[0] for groups in partitions])
+        if self.stage == 3:
+            trainable = _zero3_params(file, shapes, partitions, world)
         else:
-            partitions = [
-                _flat_groups(self._files.optim[r], o, "single_partition_of_fp32_groups")
-                for r, o in enumerate(optim)
-            ]
-            paddings = optim[0]["optimizer_state_dict"].get("param_alignment_paddings")
-            trainable = _zero2_params(self.path, shapes, partitions, world, paddings)
+            paddings = _paddings(first, states[0].get("param_alignment_paddings"), shapes)
+            trainable = _zero2_params(file, shapes, partitions, world, paddings)
         frozen = self._frozen(main, world)
         buffers = set(_names(file, main.get("buffer_names")))
         sources: dict[str, _Source] = {}
-        for name, tensor in module.items():
+        for key_, tensor in module.items():
+            name = checked_name(file, key_)
             if name in trainable:
                 sources[name] = trainable[name]
             elif name in frozen:
                 sources[name] = frozen[name]
             elif isinstance(tensor, torch.Tensor) and (name in buffers or self.stage < 3):
                 # buffers (read as float32, as zero_to_fp32 does); frozen parameters ZeRO-1 keeps in module
-                sources[name] = _whole(tensor, to_fp32=name in buffers)
+                sources[name] = _whole(file, name, tensor, to_fp32=name in buffers)
             elif name not in _shared_names(main):
                 raise CheckpointError(file, f"has no data for parameter {name!r} (a ZeRO-3 placeholder)")
         for name, source in trainable.items():  # in the optimizer but not in module: kept all the same
@@ -202,15 +216,18 @@ class DeepSpeedCheckpoint(Checkpoint):
         if self.stage < 3:
             ranks = ranks[:1]
         found: dict[str, _Source] = {}
-        for name, shape in shapes.items():
-            dims = _shape(self._files.model[0], name, shape)
-            frags = [_fragment(self._files.model[0], m, name) for m in ranks]
+        files = [self._files.model[r] for r in sorted(self._files.model)][: len(ranks)]
+        for key, shape in shapes.items():
+            name = checked_name(files[0], key)
+            dims = _shape(files[0], name, shape)
+            frags = [_fragment(f, m, name) for f, m in zip(files, ranks, strict=True)]
+            _one_dtype(files, name, frags)
             if self.stage < 3:
-                found[name] = _whole(frags[0].view(dims))  # in the dtype saved, as zero_to_fp32 keeps them
-            else:
+                found[name] = _frozen_whole(files[0], name, frags[0], dims)
+            else:  # the fragments are checked views: reshape copies at most what the files hold
                 pieces = [_Piece(f.reshape(-1), 0, f.numel()) for f in frags]
                 found[name] = _Source(
-                    dims, frags[0].dtype, pieces=_trim(self.path, name, pieces, math.prod(dims))
+                    dims, frags[0].dtype, pieces=_trim(files[0], name, pieces, math.prod(dims))
                 )
         return found
 
@@ -250,18 +267,40 @@ def _global_steps(file: Path, main: Mapping[str, Any]) -> StepInfo | None:
     return StepInfo(checked_step(file, value, "metadata:global_steps"), "metadata:global_steps")
 
 
-def _whole(tensor: torch.Tensor, *, to_fp32: bool = False) -> _Source:
+def _checked(file: Path, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` if it can be averaged as saved (the check torch files get: no expanded view, no meta,
+    sparse, complex or quantized tensor), else one line naming ``file`` and the tensor."""
+    problem = tensor_problem(tensor)
+    if problem is not None:
+        raise CheckpointError(file, f"tensor {name!r} {problem}")
+    return tensor
+
+
+def _whole(file: Path, name: str, tensor: torch.Tensor, *, to_fp32: bool = False) -> _Source:
     """A tensor saved whole; ``to_fp32`` reads a floating one as float32 (buffers, as zero_to_fp32 does)."""
+    _checked(file, name, tensor)
     dtype = torch.float32 if to_fp32 and tensor.is_floating_point() else tensor.dtype
     return _Source(tuple(tensor.shape), dtype, tensor=tensor)
 
 
+def _frozen_whole(file: Path, name: str, fragment: torch.Tensor, dims: tuple[int, ...]) -> _Source:
+    """A frozen parameter saved whole below ZeRO-3, in the dtype saved, as zero_to_fp32 keeps them."""
+    if fragment.numel() != math.prod(dims):
+        raise CheckpointError(
+            file,
+            f"has frozen parameter {name!r} of shape {list(dims)} but {fragment.numel()} saved values "
+            f"(frozen_param_fragments, shape {list(fragment.shape)}); damaged?",
+        )
+    return _Source(dims, fragment.dtype, tensor=fragment.reshape(dims))  # a checked view: a copy is small
+
+
 def _module_sources(file: Path, module: Mapping[str, Any]) -> dict[str, _Source]:
     sources = {}
-    for name, tensor in module.items():
-        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
-            raise CheckpointError(file, f"has a 'module' entry {name!r} that is not a named tensor")
-        sources[name] = _whole(tensor)
+    for key, tensor in module.items():
+        name = checked_name(file, key)
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(file, f"has a 'module' entry {name!r} that is not a tensor")
+        sources[name] = _whole(file, name, tensor)
     return sources
 
 
@@ -290,7 +329,12 @@ def _shared(file: Path, main: Mapping[str, Any], sources: dict[str, _Source]) ->
 
 
 def _shape(file: Path, name: str, value: Any) -> tuple[int, ...]:
-    if not isinstance(value, tuple | list) or not all(type(v) is int and v >= 0 for v in value):
+    """A shape as saved (``torch.Size``, tuple or list of sizes) that torch can hold."""
+    if (
+        not isinstance(value, tuple | list)
+        or not all(type(v) is int and 0 <= v <= _MAX_NUMEL for v in value)
+        or math.prod(value) > _MAX_NUMEL
+    ):
         raise CheckpointError(file, f"has no valid shape for parameter {name!r}")
     return tuple(value)
 
@@ -300,31 +344,70 @@ def _param_shapes(file: Path, main: Mapping[str, Any]) -> list[dict[str, tuple[i
     groups = main.get("param_shapes")
     if not isinstance(groups, list) or not all(isinstance(g, Mapping) for g in groups):
         raise CheckpointError(file, "has no param_shapes: not a ZeRO checkpoint DeepSpeed can rebuild")
-    return [{name: _shape(file, name, shape) for name, shape in group.items()} for group in groups]
+    return [
+        {checked_name(file, key): _shape(file, key, shape) for key, shape in group.items()}
+        for group in groups
+    ]
 
 
-def _flat_groups(file: Path, optim: Mapping[str, Any], key: str) -> list[torch.Tensor]:
+def _optimizer_state(file: Path, optim: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The ZeRO optimizer's own state dict, which an optimizer states file holds."""
     state = optim.get("optimizer_state_dict")
-    groups = state.get(key) if isinstance(state, Mapping) else None
-    if not isinstance(groups, list) or not all(
-        isinstance(t, torch.Tensor) and t.dim() == 1 and t.is_floating_point() for t in groups
-    ):
+    if not isinstance(state, Mapping):
+        found = "none" if state is None else f"a {type(state).__name__}"
+        raise CheckpointError(
+            file, f"has no optimizer_state_dict (found {found}); not a ZeRO optimizer save?"
+        )
+    return state
+
+
+def _flat_groups(file: Path, state: Mapping[str, Any], key: str) -> list[torch.Tensor]:
+    groups = state.get(key)
+    if not isinstance(groups, list) or not groups:
         raise CheckpointError(file, f"has no {key} (the fp32 master weights); not a ZeRO optimizer save?")
+    for i, tensor in enumerate(groups):
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(file, f"has a {type(tensor).__name__} in {key}, not a tensor")
+        _checked(file, f"{key}[{i}]", tensor)
+        if tensor.dim() != 1 or not tensor.is_floating_point():
+            raise CheckpointError(
+                file,
+                f"tensor '{key}[{i}]' is {tensor.dtype} of shape {list(tensor.shape)}, not a flat "
+                "floating-point partition",
+            )
+    _one_dtype([file], key, groups)
     return groups
 
 
-def _world_size(path: Path, optim: list[Mapping[str, Any]], files: dict[int, Path]) -> int:
-    """The number of data-parallel partitions; every rank's file must be there."""
-    count = optim[0]["optimizer_state_dict"].get("partition_count") if optim else None
-    world = max(count) if isinstance(count, list) and count else count
-    if type(world) is not int or world < 1:
-        raise CheckpointError(path, "has optimizer partitions without a valid partition_count")
-    if sorted(files) != list(range(world)):
+def _one_dtype(files: list[Path], name: str, tensors: list[torch.Tensor]) -> None:
+    """Pieces of one value (ranks' fragments or partitions) share one dtype, or the copy would convert."""
+    for i, tensor in enumerate(tensors):
+        if tensor.dtype != tensors[0].dtype:
+            raise CheckpointError(
+                files[min(i, len(files) - 1)],
+                f"holds {name!r} as {tensor.dtype}, but {tensors[0].dtype} in {files[0].name}",
+            )
+
+
+def _partition_count(file: Path, state: Mapping[str, Any]) -> int:
+    """The data-parallel world size: ``partition_count``, one per group (ZeRO-1/2) or one (ZeRO-3)."""
+    count = state.get("partition_count")
+    counts = count if isinstance(count, list) else [count]
+    if not counts or not all(type(c) is int and c >= 1 for c in counts):
+        shown = repr(count) if len(repr(count)) <= 60 else repr(count)[:57] + "..."
+        raise CheckpointError(file, f"has partition_count {shown}, not a count of ranks (an integer >= 1)")
+    return max(counts)
+
+
+def _check_ranks(path: Path, what: str, files: dict[int, Path], world: int) -> None:
+    """Every rank's file of ``world`` is there, and no other (counted first: ``world`` may be 2**62)."""
+    if len(files) != world:
         raise CheckpointError(
-            path,
-            f"needs the optimizer partitions of {world} ranks, but holds {len(files)}; a rank did not save",
+            path, f"needs the {what} of {world} ranks, but holds {len(files)}; a rank did not save"
         )
-    return world
+    if set(files) != set(range(world)):  # as many files as ranks: a small set
+        ranks = sorted(files)
+        raise CheckpointError(path, f"holds the {what} of ranks {ranks[:8]}, not of ranks 0-{world - 1}")
 
 
 def _span(parts: list[torch.Tensor], start: int, length: int) -> list[_Piece]:
@@ -340,7 +423,7 @@ def _span(parts: list[torch.Tensor], start: int, length: int) -> list[_Piece]:
     return pieces
 
 
-def _trim(path: Path, name: str, pieces: list[_Piece], numel: int) -> list[_Piece]:
+def _trim(file: Path, name: str, pieces: list[_Piece], numel: int) -> list[_Piece]:
     """The first ``numel`` elements of ``pieces`` (dropping the partition padding)."""
     kept, total = [], 0
     for piece in pieces:
@@ -349,21 +432,23 @@ def _trim(path: Path, name: str, pieces: list[_Piece], numel: int) -> list[_Piec
             kept.append(_Piece(piece.flat, piece.start, take))
             total += take
     if total != numel:
-        raise CheckpointError(path, f"holds {total} values for {name!r}, which needs {numel}")
+        raise CheckpointError(file, f"holds {total} values for {name!r}, which needs {numel}")
     return kept
 
 
 def _zero2_params(
-    path: Path,
+    file: Path,
     shapes: list[dict[str, tuple[int, ...]]],
     partitions: list[list[torch.Tensor]],
     world: int,
-    paddings: Any,
+    paddings: list[list[int]],
 ) -> dict[str, _Source]:
     """ZeRO-1/2: each group's fp32 vector is the ranks' partitions end to end; parameters lie in it in
     ``param_shapes`` order, each followed by its alignment padding."""
     if any(len(p) != len(shapes) for p in partitions):
-        raise CheckpointError(path, "has optimizer partitions whose group count differs from param_shapes")
+        raise CheckpointError(
+            file, "has param_shapes whose group count differs from the optimizer partitions'"
+        )
     found: dict[str, _Source] = {}
     for g, group in enumerate(shapes):
         parts = [partitions[r][g] for r in range(world)]
@@ -372,47 +457,57 @@ def _zero2_params(
         for i, (name, shape) in enumerate(group.items()):
             numel = math.prod(shape)
             if offset + numel > total:
-                raise CheckpointError(path, f"holds too few fp32 values for parameter {name!r}; damaged?")
+                raise CheckpointError(file, f"holds too few fp32 values for parameter {name!r}; damaged?")
             found[name] = _Source(shape, parts[0].dtype, pieces=_span(parts, offset, numel))
-            offset += numel + _padding(path, paddings, g, i, len(group))
+            offset += numel + paddings[g][i]
         align = 2 * world  # DeepSpeed pads each group to a multiple of 2 x world size
-        if math.ceil(offset / align) != math.ceil(total / align):
-            raise CheckpointError(path, f"used {offset} of {total} fp32 values of group {g}; damaged?")
+        if _ceil_div(offset, align) != _ceil_div(total, align):
+            raise CheckpointError(file, f"uses {offset} of {total} fp32 values of group {g}; damaged?")
     return found
 
 
-def _padding(path: Path, paddings: Any, group: int, index: int, count: int) -> int:
-    if paddings is None:
-        return 0
-    try:
-        pads = paddings[group]
-        if len(pads) != count or type(pads[index]) is not int or pads[index] < 0:
-            raise TypeError
-        return pads[index]
-    except (TypeError, IndexError, KeyError):
-        raise CheckpointError(path, f"has param_alignment_paddings that do not fit group {group}") from None
+def _ceil_div(a: int, b: int) -> int:
+    """``ceil(a / b)`` exactly (a float quotient rounds above 2**53)."""
+    return -(-a // b)
+
+
+def _paddings(file: Path, value: Any, shapes: list[dict[str, tuple[int, ...]]]) -> list[list[int]]:
+    """``param_alignment_paddings``: the padding after each parameter, per group (none saved: none)."""
+    if value is None:
+        return [[0] * len(group) for group in shapes]
+    if isinstance(value, list) and len(value) == len(shapes):
+        for pads, group in zip(value, shapes, strict=True):
+            if not (isinstance(pads, list) and len(pads) == len(group)):
+                break
+            if not all(type(p) is int and 0 <= p <= _MAX_NUMEL for p in pads):
+                break
+        else:
+            return value
+    raise CheckpointError(file, "has param_alignment_paddings that do not fit param_shapes")
 
 
 def _zero3_params(
-    path: Path, shapes: list[dict[str, tuple[int, ...]]], partitions: list[list[torch.Tensor]], world: int
+    file: Path, shapes: list[dict[str, tuple[int, ...]]], partitions: list[list[torch.Tensor]], world: int
 ) -> dict[str, _Source]:
     """ZeRO-3: every parameter is cut in ``world`` equal slices (the last padded), slice r in rank r's
     flat groups at the same offset; parameters follow each other in ``param_shapes`` order."""
     sizes = [sum(t.numel() for t in p) for p in partitions]
     if len(set(sizes)) != 1:
-        raise CheckpointError(path, f"has fp32 partitions of different sizes across ranks ({sizes[:4]}...)")
+        raise CheckpointError(
+            file.parent, f"has fp32 partitions of different sizes across ranks ({sizes[:4]}...)"
+        )
     found: dict[str, _Source] = {}
     offset = 0
     for name, shape in ((n, s) for group in shapes for n, s in group.items()):
         numel = math.prod(shape)
-        share = math.ceil(numel / world)
+        share = _ceil_div(numel, world)
         if offset + share > sizes[0]:
-            raise CheckpointError(path, f"holds too few fp32 values for parameter {name!r}; damaged?")
+            raise CheckpointError(file, f"holds too few fp32 values for parameter {name!r}; damaged?")
         pieces = [piece for rank in partitions for piece in _span(rank, offset, share)]
-        found[name] = _Source(shape, partitions[0][0].dtype, pieces=_trim(path, name, pieces, numel))
+        found[name] = _Source(shape, partitions[0][0].dtype, pieces=_trim(file, name, pieces, numel))
         offset += share
     if offset != sizes[0]:
-        raise CheckpointError(path, f"used {offset} of {sizes[0]} fp32 values per rank; damaged?")
+        raise CheckpointError(file, f"uses {offset} of {sizes[0]} fp32 values per rank; damaged?")
     return found
 
 
@@ -421,7 +516,7 @@ def _fragment(file: Path, model_states: Mapping[str, Any], name: str) -> torch.T
     tensor = fragments.get(name) if isinstance(fragments, Mapping) else None
     if not isinstance(tensor, torch.Tensor):
         raise CheckpointError(file, f"has no saved values for frozen parameter {name!r}")
-    return tensor
+    return _checked(file, name, tensor)
 
 
 def _open(path: Path, options: OpenOptions) -> Checkpoint:
