@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import resource
 import signal
 import subprocess
 import sys
@@ -500,3 +501,40 @@ def test_a_signal_between_two_outputs_renames_leaves_both_new(tmp_path: Path, si
     else:  # held until both are named, then it ends the process as a SIGTERM after the naming does
         assert child.returncode == -signal.SIGTERM, child.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run", *(p.name for p in outputs)])
+
+
+# --- Open files: a folder of many shards under a common ulimit -n ---------------------------------------
+
+EXE = str(Path(sys.executable).parent / "ema-average")
+
+
+def _few_open_files() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+
+def test_a_folder_of_200_shards_is_written_under_ulimit_n_64(tmp_path: Path) -> None:
+    steps = [10, 20, 30]
+    (tmp_path / "run").mkdir()
+    states = {}
+    for step in steps:
+        g = torch.Generator().manual_seed(step)
+        states[step] = {f"layer.{i:03d}.weight": torch.randn(16, generator=g) for i in range(200)}  # 64 B
+        path = tmp_path / "run" / f"model_step_{step}.safetensors"
+        save_file(states[step], str(path), metadata={"step": str(step)})
+    folder = tmp_path / "out"
+    result = subprocess.run(
+        [EXE, str(tmp_path / "run"), "-o", str(folder), "--max-shard-size", "64", "--decay", "0.9", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_few_open_files,
+    )
+    assert result.returncode == 0, result.stderr
+    shards = set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values())
+    assert len(shards) == 200  # one file per tensor, more than the 64 descriptors allowed
+    written: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        written.update(load_file(str(folder / shard)))
+    assert_matches_reference(
+        written, float64_reference([states[s] for s in steps], steps, 0.9), torch.float32
+    )

@@ -650,6 +650,67 @@ def test_a_folder_that_appears_during_the_run_is_never_replaced(
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_shard_files_are_open_only_while_written(tmp_path: Path) -> None:
+    ts = layers(0.0, count=40)  # 40 shards of one tensor
+    before = len(os.listdir("/proc/self/fd"))
+    writer = ShardedWriter(tmp_path / "out", entries(ts), META, overwrite=False, max_shard_size=1024)
+    most = 0
+    for name, t in ts.items():
+        writer.write(name, t)
+        most = max(most, len(os.listdir("/proc/self/fd")) - before)
+    writer.commit()
+    assert most <= 2  # the staging folder and the lock: each shard closed once its tensors are in
+    assert_folder_holds(tmp_path / "out", ts, shards=40)
+
+
+def test_writing_shards_in_pieces_reopens_them_within_the_bound(tmp_path: Path) -> None:
+    ts = layers(1.0, count=20)
+    writer = ShardedWriter(tmp_path / "out", entries(ts), META, overwrite=False, max_shard_size=1024)
+    before = len(os.listdir("/proc/self/fd"))
+    most = 0
+    for half in (0, 128):  # the first half of every tensor, then the second: every shard reopened
+        for name, t in ts.items():
+            writer.write_range(name, half, t[half : half + 128])
+            most = max(most, len(os.listdir("/proc/self/fd")) - before)
+    writer.commit()
+    assert most <= writer_module._MAX_OPEN_SHARDS
+    assert_folder_holds(tmp_path / "out", ts, shards=20)
+
+
+def assert_folder_holds(folder: Path, ts: dict[str, torch.Tensor], *, shards: int) -> None:
+    """Every tensor, read back with the safetensors library through the folder's index."""
+    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(weight_map.values())) == shards
+    for name, t in ts.items():
+        assert torch.equal(load_file(str(folder / weight_map[name]))[name], t)
+
+
+def test_too_low_a_ulimit_n_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    code = (
+        "import os, resource, sys, torch; from pathlib import Path\n"
+        "from ema_average.writer import ShardedWriter, TensorEntry, TensorSpec\n"
+        "from ema_average.errors import OutputError\n"
+        "limit = len(os.listdir('/proc/self/fd')) + 8\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))\n"
+        "listed = [TensorEntry(f't{i}', TensorSpec((256,), torch.float32)) for i in range(4)]\n"
+        "try:\n"
+        "    ShardedWriter(Path(sys.argv[1]), listed, None, overwrite=False, max_shard_size=1024)\n"
+        "except OutputError as exc:\n"
+        "    print(limit, exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "out")], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    limit, message = result.stdout.strip().split(" ", 1)
+    assert re.fullmatch(
+        rf"{re.escape(str(tmp_path / 'out'))}: too few open files allowed \(ulimit -n {limit}, \d+ in use\): "
+        r"writing a folder output needs \d+; raise ulimit -n",
+        message,
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_killed_fresh_run_leaves_no_output_folder(tmp_path: Path) -> None:
     child = start_child(
         "import sys, time, torch; from pathlib import Path\n"

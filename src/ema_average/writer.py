@@ -29,9 +29,11 @@ import hashlib
 import json
 import os
 import re
+import resource
 import shutil
 import stat
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -371,6 +373,9 @@ class SafetensorsWriter:
     ``lock=False`` is for a caller that already guarantees no other writer (``ShardedWriter``'s private
     staging folder).
 
+    ``files`` (``ShardedWriter``'s shards) writes the file at its own name, and opens it only while writing
+    to it, through a set that bounds how many are open at once; its name is the folder's to give.
+
     Several processes can write one file (``torchrun``: each rank its own byte ranges): one writer made
     with ``shared=True`` creates a named temporary (``temp_name(path, its PID)``: other processes, even on
     other hosts, can open it, where an unnamed one could not), reserves it and writes the header; each
@@ -388,6 +393,7 @@ class SafetensorsWriter:
         lock: bool = True,
         shared: bool = False,
         join: Path | None = None,
+        files: _OpenFiles | None = None,
     ) -> None:
         self.path = path
         self._overwrite = overwrite
@@ -410,7 +416,8 @@ class SafetensorsWriter:
         self._guard = threading.Lock()
         self.data_size = sum(self._sizes.values())  # tensor bytes alone: an index's total_size
         self.size = len(self._header) + self.data_size
-        self.temp_path = join or temp_name(path, os.getpid())
+        self._files = files
+        self.temp_path = join or (path if files is not None else temp_name(path, os.getpid()))
         self._fd: int | None = None
         self._anonymous = False
         self._named_temp = False  # temp_path is ours to remove
@@ -421,9 +428,12 @@ class SafetensorsWriter:
             if join is not None:
                 self._open_joined()
             else:
-                self._open_temporary(named=shared)
+                self._open_temporary(named=shared or files is not None)
                 self._reserve()
                 self._pwrite(memoryview(self._header), 0)
+                if files is not None:  # reopened through ``files`` while written to
+                    os.close(self._fd)  # type: ignore[arg-type]
+                    self._fd = None
         except BaseException:
             self.abort()
             raise
@@ -531,7 +541,8 @@ class SafetensorsWriter:
         self._wrote(name, data.nbytes)
 
     def _wrote(self, name: str, nbytes: int) -> None:
-        """Count ``nbytes`` of ``name`` as written; every few MiB, start writing them to disk."""
+        """Count ``nbytes`` of ``name`` as written; every few MiB, start writing them to disk. A file of
+        ``files`` is closed once every tensor is in it."""
         with self._guard:
             self._unwritten[name] -= nbytes
             if self._unwritten[name] <= 0:
@@ -540,15 +551,29 @@ class SafetensorsWriter:
             kick = self._dirty >= _WRITEBACK_BYTES
             if kick:
                 self._dirty = 0
-        if kick:
-            _start_writeback(self._fd)
+            finished = not self._pending
+        if finished and self._files is not None:
+            self._files.close(self.temp_path)
+        elif kick:
+            with self._io() as fd:
+                _start_writeback(fd)
+
+    @contextlib.contextmanager
+    def _io(self) -> Iterator[int]:
+        """The file's descriptor for one operation: this writer's own, or one that ``files`` opens."""
+        if self._fd is not None or self._files is None:
+            assert self._fd is not None
+            yield self._fd
+            return
+        with self._files.use(self.temp_path) as fd:
+            yield fd
 
     def _pwrite(self, view: memoryview, offset: int) -> None:
-        assert self._fd is not None
         done = 0
         try:
-            while done < len(view):
-                done += os.pwrite(self._fd, view[done:], offset + done)
+            with self._io() as fd:
+                while done < len(view):
+                    done += os.pwrite(fd, view[done:], offset + done)
         except OSError as exc:
             raise OutputError(f"{self.path}: write failed ({exc.strerror})") from exc
 
@@ -565,10 +590,12 @@ class SafetensorsWriter:
         if self._pending:
             raise OutputError(f"{self.path}: {len(self._pending)} tensors were never written")
         with _or_abort(self.path, self.abort):
-            assert self._fd is not None
-            os.fsync(self._fd)
-            readable = f"/proc/self/fd/{self._fd}" if self._anonymous else str(self.temp_path)
-            _verify_written(readable, self.path, self.entries, self._metadata)
+            with self._io() as fd:
+                os.fsync(fd)
+                readable = f"/proc/self/fd/{fd}" if self._anonymous else str(self.temp_path)
+                _verify_written(readable, self.path, self.entries, self._metadata)
+            if self._files is not None:
+                self._files.close(self.temp_path)
         self._sealed = True
 
     def publish(self) -> None:
@@ -580,6 +607,9 @@ class SafetensorsWriter:
         self._release()
 
     def _name(self) -> None:
+        if self._files is not None:  # at its name already, in a folder whose rename is the commit
+            self._named_temp = False
+            return
         assert self._fd is not None
         if self._anonymous:  # give the unnamed file a name only now that it is whole
             os.fchmod(self._fd, 0o644)
@@ -611,6 +641,8 @@ class SafetensorsWriter:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = None
+        if self._files is not None:
+            self._files.close(self.temp_path)
         if self._named_temp:
             with contextlib.suppress(FileNotFoundError):
                 self.temp_path.unlink()
@@ -765,6 +797,96 @@ def _fsync_folder(folder: Path) -> None:
 
 # --- A folder of shards -----------------------------------------------------------------------------
 
+# Shard files a folder output keeps open at once (each reopened when written to again): a folder of 1,500
+# shards fits ``ulimit -n 1024``, and streaming writes the shards in order, so few are ever reopened.
+_MAX_OPEN_SHARDS = 8
+# Descriptors left for everything else while a folder is written: checkpoints reopened, a read-back,
+# libraries' own files.
+_FILES_KEPT_FREE = 16
+
+
+class _OpenFiles:
+    """At most ``limit`` files open for writing at once, by path: ``use`` reopens one closed before (the
+    least recently used idle one makes room), waiting while every open one is in use by another thread."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._open: OrderedDict[Path, int] = OrderedDict()  # least recently used first
+        self._users: dict[Path, int] = {}
+        self._closing: set[Path] = set()  # to close once their last user is done
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def use(self, path: Path) -> Iterator[int]:
+        fd = self._acquire(path)
+        try:
+            yield fd
+        finally:
+            with self._changed:
+                self._users[path] -= 1
+                if not self._users[path]:
+                    del self._users[path]
+                    if path in self._closing:
+                        self._close_now(path)
+                self._changed.notify_all()
+
+    def _acquire(self, path: Path) -> int:
+        with self._changed:
+            while path not in self._open:
+                if len(self._open) < self._limit or self._make_room():
+                    self._open[path] = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    break
+                self._changed.wait()
+            self._open.move_to_end(path)
+            self._closing.discard(path)
+            self._users[path] = self._users.get(path, 0) + 1
+            return self._open[path]
+
+    def _make_room(self) -> bool:
+        idle = next((path for path in self._open if path not in self._users), None)
+        if idle is not None:
+            self._close_now(idle)
+        return idle is not None
+
+    def close(self, path: Path) -> None:
+        """Close ``path`` (once its users are done): its file is finished, or abandoned."""
+        with self._changed:
+            if path in self._users:
+                self._closing.add(path)
+            elif path in self._open:
+                self._close_now(path)
+            self._changed.notify_all()
+
+    def close_all(self) -> None:
+        with self._changed:
+            for path in list(self._open):
+                self._close_now(path)
+            self._users.clear()
+
+    def _close_now(self, path: Path) -> None:
+        self._closing.discard(path)
+        with contextlib.suppress(OSError):
+            os.close(self._open.pop(path))
+
+
+def _shard_files_limit(path: Path) -> int:
+    """How many shard files writing ``path`` may keep open; refused up front where even one would leave
+    too few descriptors for the rest of the run (``ulimit -n``)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        in_use = len(os.listdir("/proc/self/fd")) - 1  # less listdir's own
+    except OSError:
+        return _MAX_OPEN_SHARDS  # no way to count here: the plain bound
+    if soft == resource.RLIM_INFINITY:
+        return _MAX_OPEN_SHARDS
+    spare = soft - in_use - _FILES_KEPT_FREE - 1  # the staging folder's own
+    if spare < 1:
+        raise OutputError(
+            f"{path}: too few open files allowed (ulimit -n {soft}, {in_use} in use): writing a folder "
+            f"output needs {in_use + _FILES_KEPT_FREE + 2}; raise ulimit -n"
+        )
+    return min(_MAX_OPEN_SHARDS, spare)
+
 
 class ShardedWriter:
     """A Hugging Face style output folder, built whole beside its target and switched in by one rename.
@@ -773,6 +895,10 @@ class ShardedWriter:
     tensor gets a shard of its own), else ``FOLDER/model-00001-of-0000N.safetensors`` and
     ``FOLDER/model.safetensors.index.json``; ``weights_name`` changes ``model.safetensors`` (say to
     ``adapter_model.safetensors``). ``add_file`` puts small side files (a config) beside the weights.
+
+    Each shard file is open only while written to, at most ``_MAX_OPEN_SHARDS`` at once, so thousands of
+    shards fit the usual ``ulimit -n``; a limit too tight even for that is refused before anything is
+    written.
 
     Everything is written into ``PARENT/.FOLDER.ema-average-PID.tmp/``, each file fsynced, then the
     staging folder, then one atomic switch: a new target is created with ``renameat2(RENAME_NOREPLACE)``
@@ -818,11 +944,14 @@ class ShardedWriter:
         self._committed = False
         self.writers: list[SafetensorsWriter] = []
         self._route: dict[str, SafetensorsWriter] = {}
+        self._files = _OpenFiles(_shard_files_limit(path))
         self._lock = _writer_lock(path)
         try:
             self._make_staging()
             for name, shard in zip(self._names, shards, strict=True):
-                writer = SafetensorsWriter(self.staging / name, shard, metadata, overwrite=False, lock=False)
+                writer = SafetensorsWriter(
+                    self.staging / name, shard, metadata, overwrite=False, lock=False, files=self._files
+                )
                 self.writers.append(writer)
                 self._route.update({e.name: writer for e in shard})
         except BaseException:
@@ -944,6 +1073,7 @@ class ShardedWriter:
         self._close()
 
     def _close(self) -> None:
+        self._files.close_all()
         if self._staging_fd is not None:
             os.close(self._staging_fd)
             self._staging_fd = None
