@@ -6,6 +6,8 @@ import os
 import re
 import signal
 import struct
+import subprocess
+import sys
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,8 +17,9 @@ import pytest
 import torch
 
 from ema_average.checkpoints import TorchCheckpoint, find_run, torch_file
+from ema_average.checkpoints.safe_unpickle import zip_members
 from ema_average.errors import CheckpointError
-from helpers import make_state, rss_growth, write_fairseq_run
+from helpers import float64_reference, make_state, rss_growth, write_fairseq_run, write_torch_run
 
 
 def assert_same_tensors(ckpt: TorchCheckpoint, expected: dict[str, torch.Tensor]) -> None:
@@ -90,7 +93,7 @@ def test_not_a_torch_file(tmp_path: Path) -> None:
         TorchCheckpoint(tmp_path / "junk.pt")
 
 
-def test_opening_maps_instead_of_loading(tmp_path: Path) -> None:
+def test_opening_reads_no_tensor_data(tmp_path: Path) -> None:
     path = tmp_path / "big.pt"
     torch.save({"model": {"big": torch.ones(64 * 2**20), "small": torch.arange(4.0)}, "step": 1}, path)
     opened: list[TorchCheckpoint] = []
@@ -314,3 +317,149 @@ def test_step_values_that_are_or_are_not_steps(tmp_path: Path, value: object, ex
     torch.save({"model": make_state(1), "step": value}, tmp_path / "a.pt")
     info = TorchCheckpoint(tmp_path / "a.pt").metadata_step()
     assert (info.step if info else None) == expected
+
+
+def run_child(script: str, *args: object) -> subprocess.CompletedProcess[str]:
+    """``script`` in a fresh interpreter with default signal dispositions: a SIGBUS there (a read of a
+    mapping past the end of its file) fails the test instead of killing pytest."""
+    return subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
+CUT_WHILE_READ = """
+import os, sys
+from pathlib import Path
+import torch
+from ema_average.checkpoints import TorchCheckpoint
+from ema_average.errors import CheckpointError
+path = Path(sys.argv[1])
+torch.save({"model": {"small": torch.arange(4.0), "big": torch.ones(1 << 20)}, "step": 1}, path)
+ckpt = TorchCheckpoint(path)
+assert ckpt.read("small").tolist() == [0.0, 1.0, 2.0, 3.0]  # the file is open, its pages mapped or not
+os.truncate(path, path.stat().st_size // 2)  # a trainer rewriting the file under us
+try:
+    ckpt.read_into("big", torch.empty(1 << 20))
+except CheckpointError as exc:
+    print(exc)
+"""
+
+
+def test_a_file_cut_short_while_it_is_read_is_an_error_not_a_sigbus(tmp_path: Path) -> None:
+    path = tmp_path / "cut.pt"
+    child = run_child(CUT_WHILE_READ, path)
+    assert child.returncode == 0, f"exit {child.returncode} (-7 is SIGBUS): {child.stderr[-2000:]}"
+    assert re.fullmatch(
+        rf"{re.escape(str(path))}: file ends inside tensor 'big' \(truncated\? .*\)\n", child.stdout
+    )
+
+
+CUT_BETWEEN_PLAN_AND_PASS = """
+import os, sys
+from pathlib import Path
+from ema_average.errors import CheckpointError
+from ema_average.pipeline import RunOptions, execute, prepare
+from ema_average.plan import AverageSettings
+run, out = Path(sys.argv[1]), Path(sys.argv[2])
+prepared = prepare(RunOptions(run, out, settings=AverageSettings(decay=0.9), threads=1))
+cut = run / "ckpt_30.pt"
+os.truncate(cut, cut.stat().st_size - 600)  # inside the last tensor's data
+try:
+    execute(prepared)
+except CheckpointError as exc:
+    print(exc)
+"""
+
+
+def test_a_run_whose_checkpoint_is_cut_after_planning_fails_cleanly(tmp_path: Path) -> None:
+    write_torch_run(tmp_path / "run", [10, 20, 30])
+    out = tmp_path / "ema.safetensors"
+    child = run_child(CUT_BETWEEN_PLAN_AND_PASS, tmp_path / "run", out)
+    assert child.returncode == 0, f"exit {child.returncode} (-7 is SIGBUS): {child.stderr[-2000:]}"
+    cut = re.escape(str(tmp_path / "run" / "ckpt_30.pt"))
+    assert re.fullmatch(
+        rf"{cut}: (file ends inside tensor '.*'|was modified since it was planned) .*\n", child.stdout
+    )
+    assert not out.exists()
+
+
+def test_reads_match_torch_load_and_the_float64_average(tmp_path: Path) -> None:
+    states = write_torch_run(tmp_path / "run", [10, 20, 30])
+    run = find_run(tmp_path / "run")
+    for ckpt in run.checkpoints:
+        assert ckpt.lazy and not ckpt.notes
+        assert_same_tensors(ckpt, torch.load(ckpt.path, weights_only=True)["model"])  # type: ignore[arg-type]
+    expected = float64_reference([states[s] for s in (10, 20, 30)], [10, 20, 30], 0.9)
+    shadow = {n: run.checkpoints[0].read(n).double() for n in expected}
+    for ckpt in run.checkpoints[1:]:
+        d = min(0.9, (1 + ckpt.step) / (10 + ckpt.step))  # type: ignore[operator]
+        buffers = {n: torch.empty(s.shape, dtype=s.dtype) for n, s in ckpt.specs().items() if n in expected}
+        shadow = {n: d * v + (1 - d) * ckpt.read_into(n, buffers[n]).double() for n, v in shadow.items()}
+    for name, tensor in expected.items():
+        torch.testing.assert_close(shadow[name], tensor, rtol=0, atol=0)
+
+
+def test_range_reads_of_views_that_are_not_contiguous(tmp_path: Path) -> None:
+    base = torch.arange(60.0).reshape(6, 10)
+    state = {
+        "t": base.t(),
+        "cols": base[:, 2:7],
+        "every_other": base.reshape(-1)[3::2],
+        "cube": torch.arange(120.0).reshape(4, 5, 6).permute(2, 0, 1)[1:],
+        "broadcast": torch.arange(6.0)[:3].expand(2, 3),  # stride 0, within its storage
+    }
+    torch.save(state, tmp_path / "views.pt")
+    ckpt = TorchCheckpoint(tmp_path / "views.pt")
+    for name, tensor in state.items():
+        flat = tensor.reshape(-1)
+        assert torch.equal(ckpt.read_into(name, torch.empty(tensor.shape)), tensor), name
+        for start in range(flat.numel()):
+            for count in (1, 3, 7, flat.numel() - start):
+                count = min(count, flat.numel() - start)
+                got = ckpt.read_range_into(name, start, torch.empty(count))
+                assert torch.equal(got, flat[start : start + count]), (name, start, count)
+
+
+def test_big_endian_files_are_swapped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As a big-endian machine (s390x) saves: the archive says "big" and every value's bytes are swapped."""
+    state = {
+        "w": torch.randn(5, 3),
+        "h": torch.randn(7).half(),
+        "d": torch.randn(2).double(),
+        "i": torch.arange(4),
+    }
+    path = tmp_path / "big.pt"
+    with monkeypatch.context() as patch:
+        patch.setattr(sys, "byteorder", "big")
+        torch.save(state, path)
+    raw = bytearray(path.read_bytes())
+    members = {m.name.rsplit("/", 1)[-1]: m for m in zip_members(path, len(raw)) if "/data/" in m.name}
+    for key, tensor in enumerate(state.values()):  # storages are keyed in order of first appearance
+        m = members[str(key)]
+        width = tensor.element_size()
+        values = raw[m.data_offset : m.data_offset + m.size]
+        for at in range(0, m.size, width):
+            values[at : at + width] = values[at : at + width][::-1]
+        raw[m.data_offset : m.data_offset + m.size] = values
+    path.write_bytes(bytes(raw))
+    loaded = torch.load(path, weights_only=True)  # torch's own reading: the file is what we meant
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in state.items())
+    assert_same_tensors(TorchCheckpoint(path), state)
+
+
+def test_a_zip_repacked_by_another_tool_is_still_read(tmp_path: Path) -> None:
+    """torch computes where storages start as its own writer lays them out; a zip rewritten by another
+    tool (no padding) breaks that: such a file is read through a mapping, as torch reads it, and said so."""
+    state = dict(make_state(5))
+    saved, repacked = tmp_path / "saved.pt", tmp_path / "repacked.pt"
+    torch.save(state, saved)
+    with zipfile.ZipFile(saved) as source, zipfile.ZipFile(repacked, "w", zipfile.ZIP_STORED) as target:
+        for info in source.infolist():
+            target.writestr(info.filename, source.read(info.filename))
+    ckpt = TorchCheckpoint(repacked)
+    assert any("read through a mapping" in note for note in ckpt.notes), ckpt.notes
+    assert_same_tensors(ckpt, state)

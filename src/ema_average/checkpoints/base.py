@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
+import threading
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,6 +191,154 @@ def require_regular_file(path: Path) -> os.stat_result:
         kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file (a FIFO, device or socket)"
         raise CheckpointError(path, f"is {kind}; only regular files are read")
     return info
+
+
+class PreadFile:
+    """A checkpoint file whose tensor bytes are read with ``pread`` straight into given buffers.
+
+    No mapping: a file cut short while it is read gives a clear error, never a SIGBUS. Descriptors come
+    from one process-wide pool of a bounded size (a run of 1,100 checkpoints fits ``ulimit -n 1024``); a
+    file whose descriptor was handed back is reopened on its next read. Every read checks that the file is
+    still the one planned (device, inode, size, modification time), so a file replaced or rewritten since
+    its header was read is refused rather than read at stale offsets.
+    """
+
+    def __init__(self, path: Path, planned: os.stat_result) -> None:
+        self.path = path
+        self.planned = planned
+        self.fd: int | None = None
+        self.users = 0  # reads under way: the pool never closes a descriptor in use
+        self.closing = False
+
+    def read_into(self, out: torch.Tensor, offset: int, name: str) -> torch.Tensor:
+        """``out.nbytes`` bytes of the file from byte ``offset`` into ``out`` (contiguous, on the CPU)."""
+        size = out.numel() * out.element_size()
+        if size == 0:
+            return out
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        fd = DESCRIPTORS.acquire(self)
+        try:
+            self._check_unchanged(fd, name, offset + size)
+            done = 0
+            while done < size:  # pread may return short counts on large reads
+                try:
+                    n = os.preadv(fd, [view[done:]], offset + done)
+                except OSError as exc:
+                    raise CheckpointError(
+                        self.path, f"read failed in tensor {name!r} ({exc.strerror})"
+                    ) from exc
+                if n == 0:
+                    raise CheckpointError(self.path, f"file ends inside tensor {name!r} (truncated?)")
+                done += n
+        finally:
+            DESCRIPTORS.release(self)
+        return out
+
+    def _check_unchanged(self, fd: int, name: str, end: int) -> None:
+        """Refuse to read a file that is no longer the one planned (the header's offsets no longer hold)."""
+        now = os.fstat(fd)
+        was = self.planned
+        if (now.st_dev, now.st_ino) != (was.st_dev, was.st_ino):
+            raise CheckpointError(self.path, "was replaced by another file since it was planned; refused")
+        if now.st_size < end:
+            raise CheckpointError(
+                self.path,
+                f"file ends inside tensor {name!r} (truncated? {was.st_size} bytes when planned, "
+                f"{now.st_size} now)",
+            )
+        if (now.st_size, now.st_mtime_ns) != (was.st_size, was.st_mtime_ns):
+            raise CheckpointError(
+                self.path,
+                f"was modified since it was planned ({was.st_size} -> {now.st_size} bytes); refused",
+            )
+
+    def close(self) -> None:
+        DESCRIPTORS.close(self)
+
+
+class _DescriptorPool:
+    """The open descriptors of every :class:`PreadFile`, at most :func:`read_descriptor_limit` of them
+    (plus any in use at once, at most one per reading thread); the least recently used idle one is closed
+    to make room. One lock: files are read from several threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: OrderedDict[PreadFile, None] = OrderedDict()
+
+    def acquire(self, file: PreadFile) -> int:
+        with self._lock:
+            if file.fd is None:
+                self._make_room(read_descriptor_limit() - 1)
+                file.fd = self._open_file(file)
+                file.closing = False
+            self._open[file] = None
+            self._open.move_to_end(file)
+            file.users += 1
+            return file.fd
+
+    def release(self, file: PreadFile) -> None:
+        with self._lock:
+            file.users -= 1
+            if file.closing and file.users == 0:
+                self._close(file)
+
+    def close(self, file: PreadFile) -> None:
+        with self._lock:
+            if file.users:
+                file.closing = True  # closed by the last read under way
+            elif file.fd is not None:
+                self._close(file)
+
+    def _make_room(self, keep: int) -> None:
+        for file in [f for f in self._open if f.users == 0][: max(0, len(self._open) - keep)]:
+            self._close(file)
+
+    def _open_file(self, file: PreadFile) -> int:
+        for attempt in range(2):
+            try:
+                return os.open(file.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE) and attempt == 0:
+                    self._make_room(0)  # other parts of the process hold many: give back all idle ones
+                    continue
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    raise CheckpointError(
+                        file.path,
+                        f"cannot be opened: too many open files (this process may open {_soft_limit()}; "
+                        "raise it with `ulimit -n`)",
+                    ) from exc
+                raise CheckpointError(file.path, f"cannot be read ({exc.strerror or exc})") from exc
+        raise AssertionError("unreachable")
+
+    def _close(self, file: PreadFile) -> None:
+        self._open.pop(file, None)
+        if file.fd is not None:
+            os.close(file.fd)
+            file.fd = None
+        file.closing = False
+
+
+DESCRIPTORS = _DescriptorPool()
+_MAX_READ_DESCRIPTORS = 256
+
+
+def _soft_limit() -> int | None:
+    """This process's limit on open files (``ulimit -n``), or None where there is none or it is unknown."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def read_descriptor_limit() -> int:
+    """How many checkpoint files are kept open for reading at once: a quarter of ``ulimit -n`` (the
+    rest is left to outputs, shards, libraries), between 4 and 256."""
+    soft = _soft_limit()
+    if soft is None:
+        return _MAX_READ_DESCRIPTORS
+    return max(4, min(_MAX_READ_DESCRIPTORS, soft // 4))
 
 
 def damage_of(path: Path) -> str | None:

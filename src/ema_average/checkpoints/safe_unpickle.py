@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import collections
 import functools
+import os
 import pickle
 import re
 import struct
 import threading
 import warnings
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -120,15 +122,107 @@ def load_torch_file(path: Path, *, trust_pickle: bool = False) -> tuple[Any, boo
     mmap = zipfile.is_zipfile(path)
     if mmap:
         check_zip_members(path, size)  # a record past the end of a mapped file is a SIGBUS, not an error
+    return _load(path, trust_pickle, mmap=mmap), mmap
+
+
+@dataclass(frozen=True)
+class ZipMember:
+    """Where one member of a zip archive lies in its file: its bytes start at ``data_offset``."""
+
+    name: str
+    data_offset: int
+    size: int  # bytes in the file (compressed size where it is compressed)
+    stored: bool  # not compressed: the member's bytes are the file's bytes
+
+
+@dataclass(frozen=True)
+class TorchFile:
+    """A torch file's unpickled object, its tensors not read.
+
+    Zip files (``lazy``) are unpickled onto the meta device: each tensor's storage carries
+    ``_checkpoint_offset``, where its bytes start in the file, and ``members`` gives the zip member that
+    starts there (its size bounds what may be read). Otherwise the tensors are in memory: loaded whole
+    (legacy files), or mapped (``mapped_because`` says why: a tensor the meta device cannot hold, such as
+    a quantized one, a big-endian file, or a zip not laid out as ``torch.save`` writes it).
+    """
+
+    obj: Any
+    planned: os.stat_result
+    lazy: bool
+    members: dict[int, ZipMember]
+    mapped_because: str | None = None
+
+
+_DATA_MEMBER = re.compile(r"[^/]+/data/[^/]+")
+
+
+def open_torch_file(
+    path: Path, *, trust_pickle: bool = False, mapped_because: str | None = None
+) -> TorchFile:
+    """``path`` unpickled for reading its tensors later with ``pread``; never runs code from the file.
+
+    The pickle goes through ``weights_only`` (or the user's ``--trust-pickle``) as in
+    :func:`load_torch_file`; zip files are loaded with ``map_location="meta"``, so nothing of the tensor
+    data is read or mapped (a file cut short later cannot SIGBUS). The legacy format is loaded whole.
+    ``mapped_because``: map a zip file instead, for that reason.
+    """
+    planned = require_regular_file(path)
+    damage = damage_of(path)
+    if damage is not None:
+        raise CheckpointError(path, damage)
+    if not zipfile.is_zipfile(path):
+        return TorchFile(_load(path, trust_pickle, mmap=False), planned, lazy=False, members={})
+    members = zip_members(path, planned.st_size)
+    if mapped_because is not None:
+        obj = _load(path, trust_pickle, mmap=True)
+        return TorchFile(obj, planned, lazy=False, members={}, mapped_because=mapped_because)
+    data = {m.data_offset: m for m in members if _DATA_MEMBER.fullmatch(m.name)}
+    compressed = next((m for m in data.values() if not m.stored), None)
+    if compressed is not None:
+        raise CheckpointError(
+            path,
+            f"has compressed tensor data (zip member {compressed.name!r}), which torch.save never writes",
+        )
+    if _big_endian(path, members):  # torch's meta loading swaps the (absent) bytes of meta storages: a crash
+        return open_torch_file(
+            path, trust_pickle=trust_pickle, mapped_because="big-endian, swapped as loaded"
+        )
+    try:
+        obj = _load(path, trust_pickle, mmap=False, meta=True)
+    except UnsafeCheckpointError:
+        raise
+    except CheckpointError as exc:  # a tensor the meta device cannot hold (quantized, nested)
+        because = f"the meta device cannot hold its tensors ({first_line(exc.__cause__ or exc)})"
+        return open_torch_file(path, trust_pickle=trust_pickle, mapped_because=because)
+    return TorchFile(obj, planned, lazy=True, members=data)
+
+
+def _load(path: Path, trust_pickle: bool, *, mmap: bool, meta: bool = False) -> Any:
+    """The object unpickled with ``weights_only`` and stand-ins, or fully where the user trusts it."""
     if trust_pickle:
         warnings.warn(
             f"{path}: loading with full unpickling (--trust-pickle): this runs any code the file holds",
             TrustPickleWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-        return _torch_load(path, mmap=mmap, weights_only=False), mmap
-    stand_ins = _zip_stand_ins(path) if mmap else set()
-    return _load_with_stand_ins(path, mmap, stand_ins), mmap
+        return _torch_load(path, mmap=mmap, weights_only=False, meta=meta)
+    stand_ins = _zip_stand_ins(path) if zipfile.is_zipfile(path) else set()
+    return _load_with_stand_ins(path, mmap, stand_ins, meta=meta)
+
+
+def _big_endian(path: Path, members: list[ZipMember]) -> bool:
+    """Whether the archive says its tensor bytes are big-endian (torch writes ``byteorder``)."""
+    record = next((m for m in members if m.name.endswith("/byteorder")), None)
+    if record is None:
+        return False  # before torch 1.12: written by little-endian machines
+    if not record.stored or record.size > 8:
+        raise CheckpointError(path, "is damaged: its byteorder record is not 'little' or 'big'")
+    with open(path, "rb") as f:
+        f.seek(record.data_offset)
+        order = f.read(record.size)
+    if order not in (b"little", b"big"):
+        raise CheckpointError(path, f"is damaged: byteorder {order[:8]!r} is not 'little' or 'big'")
+    return order == b"big"
 
 
 def _zip_stand_ins(path: Path) -> set[str]:
@@ -144,11 +238,11 @@ def _zip_stand_ins(path: Path) -> set[str]:
     return set(unsafe)
 
 
-def _load_with_stand_ins(path: Path, mmap: bool, stand_ins: set[str]) -> Any:
+def _load_with_stand_ins(path: Path, mmap: bool, stand_ins: set[str], *, meta: bool = False) -> Any:
     """``weights_only`` load, adding a stand-in for each data-only global it refuses (legacy files)."""
     for _ in range(MAX_STAND_INS + 1):
         try:
-            return _load_allowing(path, mmap, stand_ins)
+            return _load_allowing(path, mmap, stand_ins, meta=meta)
         except pickle.UnpicklingError as exc:
             named = refused_globals(str(exc))
             if not named:  # not a refusal: the pickle itself is broken
@@ -160,7 +254,7 @@ def _load_with_stand_ins(path: Path, mmap: bool, stand_ins: set[str]) -> Any:
     raise CheckpointError(path, f"names more than {MAX_STAND_INS} kinds of plain-data objects; refused")
 
 
-def _load_allowing(path: Path, mmap: bool, stand_ins: set[str]) -> Any:
+def _load_allowing(path: Path, mmap: bool, stand_ins: set[str], *, meta: bool = False) -> Any:
     """A ``weights_only`` load with ``stand_ins`` allowed, one such load at a time: also one that needs
     none, which could otherwise resolve a name while another load's stand-in is allowed and build it after
     that was removed (a false "damaged")."""
@@ -168,7 +262,7 @@ def _load_allowing(path: Path, mmap: bool, stand_ins: set[str]) -> Any:
         _ALLOWED_GLOBALS,
         torch.serialization.safe_globals([(InertStandIn, name) for name in sorted(stand_ins)]),
     ):
-        return _torch_load(path, mmap=mmap, weights_only=True)
+        return _torch_load(path, mmap=mmap, weights_only=True, meta=meta)
 
 
 def refused_globals(message: str) -> list[str]:
@@ -180,9 +274,11 @@ def refused_globals(message: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _torch_load(path: Path, *, mmap: bool, weights_only: bool) -> Any:
+def _torch_load(path: Path, *, mmap: bool, weights_only: bool, meta: bool = False) -> Any:
+    """``torch.load``; with ``meta``, tensors on the meta device, their storages marked with where their
+    bytes start in the file (nothing of the data is read)."""
     try:
-        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=weights_only)
+        return torch.load(path, map_location="meta" if meta else "cpu", mmap=mmap, weights_only=weights_only)
     except pickle.UnpicklingError as exc:
         if weights_only:
             raise  # sorted into refusal or damage by the caller
@@ -196,24 +292,33 @@ def check_zip_members(path: Path, size: int) -> None:
 
     torch slices storages out of a mapping of the file; reading a mapping past the end of its file is a
     SIGBUS (the process dies with no message), so a short file is one clear error before any mapping.
-    Reads the central directory and one 30-byte local header per member.
     """
+    zip_members(path, size)
+
+
+def zip_members(path: Path, size: int) -> list[ZipMember]:
+    """Every member of the zip at ``path``, each checked to lie (local header and data) within its
+    ``size`` bytes. Reads the central directory and one 30-byte local header per member."""
     try:
         with zipfile.ZipFile(path) as archive:
-            members = archive.infolist()
+            infos = archive.infolist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise _damaged(path, exc) from exc
+    members = []
     with open(path, "rb") as f:
-        for info in members:
+        for info in infos:
             if info.header_offset < 0 or info.header_offset + _ZIP_LOCAL_HEADER.size > size:
                 raise _truncated(path, info.filename, size)
             f.seek(info.header_offset)
             signature, name_len, extra_len = _ZIP_LOCAL_HEADER.unpack(f.read(_ZIP_LOCAL_HEADER.size))
             if signature != _ZIP_LOCAL_SIGNATURE:
                 raise CheckpointError(path, f"is damaged: zip member {info.filename!r} has no local header")
-            end = info.header_offset + _ZIP_LOCAL_HEADER.size + name_len + extra_len + info.compress_size
-            if end > size:
+            start = info.header_offset + _ZIP_LOCAL_HEADER.size + name_len + extra_len
+            if start + info.compress_size > size:
                 raise _truncated(path, info.filename, size)
+            stored = info.compress_type == zipfile.ZIP_STORED
+            members.append(ZipMember(info.filename, start, info.compress_size, stored))
+    return members
 
 
 def _truncated(path: Path, member: str, size: int) -> CheckpointError:

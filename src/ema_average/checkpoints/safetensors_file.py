@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -11,6 +10,7 @@ from ema_average.checkpoints.base import (
     Checkpoint,
     Layout,
     OpenOptions,
+    PreadFile,
     StepInfo,
     TensorSpec,
     damage_of,
@@ -28,13 +28,14 @@ TOOL_MARKER_KEY = "ema_average_version"
 
 
 class SafetensorsCheckpoint(Checkpoint):
-    """A safetensors file; tensors are read with ``pread`` into fresh or given buffers (no mapping)."""
+    """A safetensors file; tensors are read with ``pread`` into fresh or given buffers (no mapping), its
+    descriptor taken from the process's bounded pool (:class:`PreadFile`)."""
 
     layout = "safetensors"
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
-        require_regular_file(path)
+        planned = require_regular_file(path)
         damage = damage_of(path)
         if damage is not None:
             raise CheckpointError(path, damage)
@@ -43,7 +44,7 @@ class SafetensorsCheckpoint(Checkpoint):
         self._data_start = header.data_start
         self._specs = {name: TensorSpec(e.shape, e.dtype) for name, e in header.entries.items()}
         self._offsets = {name: (e.begin, e.end) for name, e in header.entries.items()}
-        self._fd: int | None = None
+        self._file = PreadFile(path, planned)
 
     @property
     def written_by_this_tool(self) -> bool:
@@ -65,40 +66,16 @@ class SafetensorsCheckpoint(Checkpoint):
         return self.read_into(name, torch.empty(spec.shape, dtype=spec.dtype))
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
-        start, end = self._offsets[name]
-        return self._pread(name, start, end, out)
+        begin, _ = self._offsets[name]
+        return self._file.read_into(out, self._data_start + begin, name)
 
     def read_range_into(self, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
         begin, _ = self._offsets[name]
-        itemsize = self._specs[name].dtype.itemsize
-        first = begin + start * itemsize
-        return self._pread(name, first, first + out.numel() * itemsize, out)
-
-    def _pread(self, name: str, start: int, end: int, out: torch.Tensor) -> torch.Tensor:
-        """Bytes ``start .. end`` of the data section into ``out``, without a mapping or a temporary."""
-        if end == start:
-            return out
-        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-        if self._fd is None:
-            try:
-                self._fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
-            except OSError as exc:
-                raise CheckpointError(self.path, f"cannot be read ({exc.strerror or exc})") from exc
-        done = 0
-        while done < end - start:  # pread may return short counts on large reads
-            try:
-                n = os.preadv(self._fd, [view[done:]], self._data_start + start + done)
-            except OSError as exc:
-                raise CheckpointError(self.path, f"read failed in tensor {name!r} ({exc.strerror})") from exc
-            if n == 0:
-                raise CheckpointError(self.path, f"file ends inside tensor {name!r} (truncated?)")
-            done += n
-        return out
+        first = begin + start * self._specs[name].dtype.itemsize
+        return self._file.read_into(out, self._data_start + first, name)
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._file.close()
 
 
 def _claims(path: Path) -> bool:

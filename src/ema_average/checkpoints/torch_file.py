@@ -10,14 +10,23 @@ algorithm), the raw weights are read and the average is named with the ``--state
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ema_average.checkpoints.base import Checkpoint, Layout, ModelChoice, OpenOptions, StepInfo, TensorSpec
+from ema_average.checkpoints.base import (
+    Checkpoint,
+    Layout,
+    ModelChoice,
+    OpenOptions,
+    PreadFile,
+    StepInfo,
+    TensorSpec,
+)
 from ema_average.checkpoints.keys import (
     CHECKPOINT_SUFFIXES,
     EPOCH_KEYS,
@@ -26,7 +35,7 @@ from ema_average.checkpoints.keys import (
     is_ema_name,
     is_side_file,
 )
-from ema_average.checkpoints.safe_unpickle import load_torch_file
+from ema_average.checkpoints.safe_unpickle import TorchFile, ZipMember, open_torch_file
 from ema_average.checkpoints.steps import checked_step
 from ema_average.errors import CheckpointError
 from ema_average.safetensors_format import DTYPE_NAMES
@@ -38,7 +47,10 @@ MAX_NAMES = 10_000_000
 
 
 class TorchCheckpoint(Checkpoint):
-    """A torch-saved file, memory-mapped where its format allows (zip, torch >= 1.6)."""
+    """A torch-saved file. Zip files (torch >= 1.6) are unpickled onto the meta device and each tensor's
+    bytes read with ``pread`` from where its storage lies in the file, like safetensors: nothing is
+    mapped, so a file cut short while it is read is a clear error, never a SIGBUS. Legacy files are
+    loaded whole."""
 
     layout = "torch"
 
@@ -46,30 +58,60 @@ class TorchCheckpoint(Checkpoint):
         super().__init__(path)
         self._state_dict_key = state_dict_key
         self._trust_pickle = trust_pickle
-        self._tensors: dict[str, torch.Tensor] | None = None
+        self._tensors: dict[str, torch.Tensor] | None = None  # legacy files: the tensors, in memory
+        self._stored: dict[str, _Stored] = {}  # zip files: where each tensor lies in the file
+        self._file: PreadFile | None = None
+        self._mapped_because: str | None = None
         self._step: StepInfo | None = None
         self._open()
         if self._raw_is_lightning:
             self.layout = "lightning"
-        self.zero_copy = self._lazy
-        if not self._lazy:
+
+    def _open(self, mapped_because: str | None = None) -> None:
+        contents = open_torch_file(self.path, trust_pickle=self._trust_pickle, mapped_because=mapped_because)
+        try:
+            self._take(contents)
+        except _NotLaidOut as exc:  # repacked by another zip tool: torch's own offsets do not hold
+            self._open(f"its zip is not laid out as torch.save writes it ({exc})")
+            return
+        self._mapped_because = contents.mapped_because
+        if contents.mapped_because is not None:
+            self.notes.append(f"read through a mapping of the file: {contents.mapped_because}")
+        elif not contents.lazy:
             self.lazy = False
             self.notes.append("legacy (non-zip) torch format: loaded whole, not lazily")
 
-    def _open(self) -> None:
-        obj, self._lazy = load_torch_file(self.path, trust_pickle=self._trust_pickle)
+    def _take(self, contents: TorchFile) -> None:
+        """The state dict and step of ``contents``; where each tensor lies in the file (zip files)."""
+        obj = contents.obj
         if not isinstance(obj, Mapping):
             raise CheckpointError(
                 self.path, f"holds a {type(obj).__name__}, not a state dict (a whole pickled model?)"
             )
+        self._file = PreadFile(self.path, contents.planned) if contents.lazy else None
         self._raw_is_lightning = "pytorch-lightning_version" in obj
-        self._step = _find_step(self.path, obj)
-        self._tensors, self._key, choice = _find_state_dict(self.path, obj, self._state_dict_key)
+        self._step = _find_step(self.path, obj, lambda t: self._materialised(t, contents.members))
+        tensors, self._key, choice = _find_state_dict(self.path, obj, self._state_dict_key)
         self.choices = [choice] if choice is not None else []
-        for name, tensor in self._tensors.items():
-            problem = tensor_problem(tensor)
+        for name, tensor in tensors.items():
+            problem = tensor_problem(tensor, in_file=contents.lazy and _file_offset(tensor) is not None)
             if problem is not None:
                 raise CheckpointError(self.path, f"tensor {name!r} {problem}")
+        if contents.lazy:
+            self._stored = {
+                name: _stored(self.path, name, t, contents.members) for name, t in tensors.items()
+            }
+        else:
+            self._tensors = tensors
+        self._specs = {name: TensorSpec(tuple(t.shape), t.dtype) for name, t in tensors.items()}
+
+    def _materialised(self, tensor: torch.Tensor, members: dict[int, ZipMember]) -> torch.Tensor:
+        """A one-element tensor of the file (a step) with its value read, for the step finders."""
+        if self._file is None or tensor.numel() != 1 or _file_offset(tensor) is None:
+            return tensor
+        if tensor_problem(tensor, in_file=True) is not None:
+            return tensor  # refused as a step by checked_step
+        return self._read_stored(_stored(self.path, "(step)", tensor, members), "(step)")
 
     @property
     def state_dict_key(self) -> str | None:
@@ -77,75 +119,191 @@ class TorchCheckpoint(Checkpoint):
         return self._key
 
     def _state(self) -> dict[str, torch.Tensor]:
+        """A legacy or mapped file's tensors, loaded again after :meth:`close`."""
         if self._tensors is None:
-            self._open()
+            again = open_torch_file(
+                self.path, trust_pickle=self._trust_pickle, mapped_because=self._mapped_because
+            )
+            self._take(again)
         assert self._tensors is not None
         return self._tensors
 
     def specs(self) -> dict[str, TensorSpec]:
-        return {name: TensorSpec(tuple(t.shape), t.dtype) for name, t in self._state().items()}
+        return self._specs
 
     def read(self, name: str) -> torch.Tensor:
-        return self._state()[name]
+        if self._file is None:
+            return self._state()[name]
+        return self._read_stored(self._stored[name], name)
+
+    def _read_stored(self, stored: _Stored, name: str) -> torch.Tensor:
+        return self._fill(stored, name, 0, torch.empty(stored.shape, dtype=stored.dtype))
+
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        if self._file is None:
+            return out.copy_(self._state()[name])
+        return self._fill(self._stored[name], name, 0, out)
+
+    def read_range_into(self, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
+        if self._file is None:
+            return out.copy_(self._state()[name].reshape(-1)[start : start + out.numel()])
+        return self._fill(self._stored[name], name, start, out)
+
+    def _fill(self, stored: _Stored, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
+        """Elements ``start ..`` of the tensor (flattened) into ``out``, read from the file."""
+        assert self._file is not None
+        if out.numel() == 0:
+            return out
+        if stored.contiguous:
+            self._file.read_into(out, stored.start + (stored.offset + start) * stored.dtype.itemsize, name)
+        else:
+            out.view(-1).copy_(self._gather(stored, name, start, out.numel()))
+        return out
+
+    def _gather(self, stored: _Stored, name: str, start: int, count: int) -> torch.Tensor:
+        """Elements ``start .. start + count`` of a view that is not contiguous (a transpose, a column
+        slice): the bytes spanned by the rows holding them are read into a temporary, then gathered."""
+        assert self._file is not None
+        inner = math.prod(stored.shape[1:])
+        first, last = start // inner, (start + count - 1) // inner
+        tail = sum((size - 1) * step for size, step in zip(stored.shape[1:], stored.stride[1:], strict=True))
+        low = stored.offset + first * stored.stride[0]
+        span = torch.empty((last - first) * stored.stride[0] + tail + 1, dtype=stored.dtype)
+        self._file.read_into(span, stored.start + low * stored.dtype.itemsize, name)
+        rows = span.as_strided((last - first + 1, *stored.shape[1:]), stored.stride)
+        skip = start - first * inner
+        return rows.reshape(-1)[skip : skip + count]
 
     def metadata_step(self) -> StepInfo | None:
         return self._step
 
     def aliases(self) -> dict[str, str]:
-        return storage_aliases(self._state())
+        if self._file is None:
+            return storage_aliases(self._state())
+        return _first_names({name: s.identity for name, s in self._stored.items() if s.numel})
 
     def close(self) -> None:
-        self._tensors = None
+        if self._file is not None:
+            self._file.close()  # reopened by the next read
+        else:
+            self._tensors = None
+
+
+class _NotLaidOut(Exception):
+    """A tensor's storage does not start where torch computes it would (a zip rewritten by another tool)."""
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """Where one tensor's values lie in its file: the storage's first byte, and the view on it."""
+
+    start: int  # file offset of the storage's first byte
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int  # the view's storage offset, in elements
+    dtype: torch.dtype
+    contiguous: bool
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def identity(self) -> tuple[Any, ...]:
+        """Equal for two names saved as the same view of the same storage (tied weights)."""
+        return (self.start, self.offset, self.shape, self.stride, self.dtype)
+
+
+def _file_offset(tensor: torch.Tensor) -> int | None:
+    """Where a tensor unpickled onto the meta device has its storage's bytes in the file; None for any
+    other tensor (one saved on the meta device, sparse or nested ones, tensors in memory)."""
+    if tensor.device.type != "meta" or tensor.layout != torch.strided or tensor.is_nested:
+        return None
+    offset = getattr(tensor.untyped_storage(), "_checkpoint_offset", None)
+    return offset if isinstance(offset, int) else None
+
+
+def _stored(path: Path, name: str, tensor: torch.Tensor, members: dict[int, ZipMember]) -> _Stored:
+    """Where ``tensor`` (unpickled onto the meta device) lies in the file, checked to lie within its own
+    zip member: a damaged pickle could point anywhere."""
+    shape, stride, offset = tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset()
+    contiguous = tensor.is_contiguous()
+    if tensor.numel() == 0:
+        return _Stored(0, shape, stride, offset, tensor.dtype, contiguous)
+    member = members.get(_file_offset(tensor))  # type: ignore[arg-type]
+    if member is None:
+        raise _NotLaidOut(f"no tensor data starts at byte {_file_offset(tensor)}, where {name!r} would")
+    last = offset + sum((size - 1) * step for size, step in zip(shape, stride, strict=True))
+    reach = (last + 1) * tensor.element_size()
+    if reach > member.size:
+        raise CheckpointError(
+            path,
+            f"is damaged: tensor {name!r} reaches byte {reach} of its storage {member.name!r}, "
+            f"which holds {member.size}",
+        )
+    return _Stored(member.data_offset, shape, stride, offset, tensor.dtype, contiguous)
 
 
 def storage_aliases(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
     """Tied weights: names whose tensor is the same view of the same storage as an earlier name's."""
-    first: dict[tuple[Any, ...], str] = {}
+    return _first_names(
+        {
+            name: (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            for name, t in tensors.items()
+            if t.numel()
+        }
+    )
+
+
+def _first_names(identities: Mapping[str, Hashable]) -> dict[str, str]:
+    """Each name whose identity an earlier name has already, mapped to that first name."""
+    first: dict[Hashable, str] = {}
     found: dict[str, str] = {}
-    for name, t in tensors.items():
-        if t.numel() == 0:
-            continue
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-        if key in first:
-            found[name] = first[key]
+    for name, identity in identities.items():
+        if identity in first:
+            found[name] = first[identity]
         else:
-            first[key] = name
+            first[identity] = name
     return found
 
 
-def _step_value(path: Path, value: Any, where: str) -> int | None:
+Materialise = Callable[[torch.Tensor], torch.Tensor]  # a file's tensor, its values read
+
+
+def _step_value(path: Path, value: Any, where: str, read: Materialise) -> int | None:
     """The step ``value`` holds, checked; ``None`` where it is no step (absent, a flag, a float, a container)."""
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, (int, str)):
         return checked_step(path, value, where)
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
-        return checked_step(path, value, where)  # refuses complex, bool, meta and out-of-range values
+        return checked_step(path, read(value), where)  # refuses complex, bool, meta and out-of-range values
     return None
 
 
-def _find_step(path: Path, obj: Mapping[str, Any]) -> StepInfo | None:
+def _find_step(path: Path, obj: Mapping[str, Any], read: Materialise) -> StepInfo | None:
+    """The step the saved dict records, trying each trainer's key in turn; ``read`` gives a tensor's value."""
     for key in STEP_KEYS:
-        step = _step_value(path, obj.get(key), f"metadata:{key}")
+        step = _step_value(path, obj.get(key), f"metadata:{key}", read)
         if step is not None:
             return StepInfo(step, f"metadata:{key}")
     history = obj.get("optimizer_history")  # fairseq
     if isinstance(history, list) and history and isinstance(history[-1], Mapping):
         source = "metadata:optimizer_history[-1].num_updates"
-        step = _step_value(path, history[-1].get("num_updates"), source)
+        step = _step_value(path, history[-1].get("num_updates"), source, read)
         if step is not None:
             return StepInfo(step, source)
-    composer = _composer_step(path, obj)
+    composer = _composer_step(path, obj, read)
     if composer is not None:
         return composer
     for key in EPOCH_KEYS:  # timm: only the epoch is recorded; flagged as a counter
-        step = _step_value(path, obj.get(key), f"metadata:{key}")
+        step = _step_value(path, obj.get(key), f"metadata:{key}", read)
         if step is not None:
             return StepInfo(step, f"metadata:{key}", counter=True)
     return None
 
 
-def _composer_step(path: Path, obj: Mapping[str, Any]) -> StepInfo | None:
+def _composer_step(path: Path, obj: Mapping[str, Any], read: Materialise) -> StepInfo | None:
     """MosaicML composer: ``state.timestamp`` is ``{"Timestamp": Timestamp.state_dict()}``; ``batch`` is
     the count of optimizer steps (the ``baN`` of its file names)."""
     state = obj.get("state")
@@ -156,15 +314,18 @@ def _composer_step(path: Path, obj: Mapping[str, Any]) -> StepInfo | None:
     if not isinstance(record, Mapping):
         return None
     source = "metadata:state.timestamp.batch"
-    step = _step_value(path, record.get("batch"), source)
+    step = _step_value(path, record.get("batch"), source, read)
     return StepInfo(step, source) if step is not None else None
 
 
-def tensor_problem(tensor: torch.Tensor) -> str | None:
-    """Why this tool cannot average ``tensor`` (completing "tensor 'x' ..."), or ``None`` if it can."""
+def tensor_problem(tensor: torch.Tensor, *, in_file: bool = False) -> str | None:
+    """Why this tool cannot average ``tensor`` (completing "tensor 'x' ..."), or ``None`` if it can.
+
+    ``in_file``: a tensor unpickled onto the meta device whose values are in its file (read later).
+    """
     if tensor.is_nested or tensor.layout != torch.strided:
         return f"is not a dense tensor (layout {tensor.layout}); sparse and nested tensors cannot be averaged"
-    if tensor.device.type != "cpu":
+    if tensor.device.type != "cpu" and not in_file:
         return f"is a {tensor.device.type} tensor, which holds no values to average"
     if tensor.is_quantized:
         return f"is quantized ({tensor.dtype}); quantized tensors cannot be averaged"
