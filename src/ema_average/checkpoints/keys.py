@@ -69,3 +69,99 @@ def is_side_file(name: str) -> bool:
     """Whether a file or folder name marks trainer state that is not model weights."""
     lower = name.lower()
     return any(marker in lower for marker in SIDE_MARKERS)
+
+
+# What a container is, by its key (``contents.split``): the key lower-cased, ``-`` as ``_``, compared whole
+# or, for the averages, by any ``_``-separated part (``state_dict_ema``, ``model_ema``).
+OPTIMIZER_KEYS = (
+    "optimizer",
+    "optimizers",
+    "optim",
+    "optimizer_states",
+    "optim_states",
+    "optimizer_state_dict",
+    "optimizer_state",
+)
+SCHEDULER_KEYS = (
+    "lr_scheduler",
+    "lr_schedulers",
+    "scheduler",
+    "schedulers",
+    "param_schedulers",
+    "lr_scheduler_state",
+)
+TRAINER_KEYS = (
+    "train_state",
+    "trainer_state",
+    "train_progress",
+    "dataloader",
+    "data_loader",
+    "sampler",
+    "rng",
+    "rng_state",
+    "rng_states",
+    "random_states",
+    "loops",
+    "callbacks",
+    "message_hub",
+    "meta",
+    "scaler",
+    "grad_scaler",
+    "amp",
+    "hyper_parameters",
+    "hparams",
+    "args",
+    "train_args",
+    "train_metrics",
+    "loss_scaler",
+    "train_dataloader",
+    "dl_state_dict",
+    "random_state",
+    "numpy_random_seed",
+    "torch_manual_seed",
+    "torch_cuda_manual_seed",
+    "runtime_info",
+    "dataset_meta",
+)
+
+# Keys that hold a save's parts rather than name a module of the model: looked through in names split at
+# their dots (DCP's ``app_state.module.x``, composer's ``state.model.x``). Elsewhere every lone container is.
+CONTAINER_KEYS = (*STATE_DICT_KEYS, "app_state", "state", "model_and_optim")
+
+# Per-parameter optimizer state as torch's optimizers name it (Adam/AdamW, SGD, RMSprop, Adagrad, Adadelta,
+# Adamax, ASGD, Rprop, Adafactor...): ``<parameter>.exp_avg`` beside ``<parameter>`` is a moment, not a
+# weight (a module's tensor has no children, so the pair cannot be two weights).
+OPTIMIZER_MOMENTS = (
+    "exp_avg",
+    "exp_avg_sq",
+    "max_exp_avg_sq",
+    "momentum_buffer",
+    "square_avg",
+    "acc_delta",
+    "sum",
+    "exp_avg_sq_row",
+    "exp_avg_sq_col",
+    "grad_avg",
+    "mu_product",
+    "step",
+    "mu",
+    "eta",
+    "ax",
+    "prev",
+    "step_size",
+    "exp_inf",
+)
+
+
+def kind_of_key(key: str) -> str | None:
+    """What a container named ``key`` holds, where its name says (``None``: nothing said)."""
+    lower = key.lower().replace("-", "_")
+    if lower in OPTIMIZER_KEYS:
+        return "optimizer"
+    if lower in SCHEDULER_KEYS:
+        return "scheduler"
+    if lower in TRAINER_KEYS:
+        return "trainer"
+    if is_ema_name(key):
+        return "average"
+    return None
