@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ema_average.checkpoints import SafetensorsCheckpoint
+from ema_average.checkpoints import SafetensorsCheckpoint, base
 from ema_average.errors import CheckpointError
-from helpers import make_state, rss_growth
+from helpers import float64_reference, make_state, rss_growth, write_safetensors_run
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -181,3 +185,74 @@ def test_read_range_into_reads_exactly_that_slice(tmp_path: Path) -> None:
     assert torch.equal(ckpt.read_range_into("b", 42, out), tensors["b"].reshape(-1)[42:49])
     assert torch.equal(ckpt.read_range_into("a", 0, torch.empty(10)), tensors["a"])
     ckpt.close()
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+def test_open_descriptors_are_bounded_and_reopened(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(base, "read_descriptor_limit", lambda: 4)
+    states = write_safetensors_run(tmp_path, list(range(1, 21)))
+    checkpoints = [SafetensorsCheckpoint(tmp_path / f"model_step_{step}.safetensors") for step in states]
+    before = open_descriptors()
+    most = before
+    for _ in range(2):  # the second round reopens every file the pool gave back
+        for ckpt, state in zip(checkpoints, states.values(), strict=True):
+            for name, tensor in state.items():
+                assert torch.equal(ckpt.read(name), tensor)
+            most = max(most, open_descriptors())
+    assert most - before <= 4
+    for ckpt in checkpoints:
+        ckpt.close()
+    assert open_descriptors() <= before
+
+
+def test_a_file_replaced_after_planning_is_refused(tmp_path: Path) -> None:
+    path, other = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file(dict(make_state(1)), str(path))
+    ckpt = SafetensorsCheckpoint(path)
+    save_file(dict(make_state(2)), str(other))  # same names and shapes: the same header, other values
+    os.replace(other, path)
+    with pytest.raises(
+        CheckpointError, match=r"a\.safetensors: was replaced by another file since it was planned"
+    ):
+        ckpt.read("encoder.weight")
+
+
+def test_a_file_rewritten_in_place_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "a.safetensors"
+    save_file(dict(make_state(1)), str(path))
+    ckpt = SafetensorsCheckpoint(path)
+    assert torch.equal(ckpt.read("encoder.bias"), make_state(1)["encoder.bias"])  # the file is open
+    rewritten = tmp_path / "b.safetensors"
+    save_file(dict(make_state(2)), str(rewritten))
+    with open(path, "r+b") as f:  # same inode, same size: only the values and the time change
+        f.write(rewritten.read_bytes())
+    info = path.stat()
+    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000))  # coarse clocks: a visible change
+    with pytest.raises(CheckpointError, match=r"a\.safetensors: was modified since it was planned"):
+        ckpt.read("encoder.bias")
+
+
+def test_more_checkpoints_than_the_open_file_limit(tmp_path: Path) -> None:
+    """150 checkpoints averaged by the command under ``ulimit -n 64``: each was held open for the whole
+    pass ("Too many open files" past ~60); read descriptors now come from a pool sized to the limit."""
+    steps = list(range(10, 1510, 10))
+    states = write_safetensors_run(tmp_path / "run", steps)
+    out = tmp_path / "ema.safetensors"
+
+    def small_limit() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    command = [str(Path(sys.executable).parent / "ema-average"), str(tmp_path / "run"), "-o", str(out)]
+    result = subprocess.run(
+        [*command, "--decay", "0.9"], capture_output=True, text=True, timeout=600, preexec_fn=small_limit
+    )
+    assert result.returncode == 0, result.stderr
+    expected = float64_reference([states[s] for s in steps], steps, 0.9)
+    written = load_file(str(out))
+    for name, tensor in expected.items():
+        torch.testing.assert_close(written[name].double(), tensor, rtol=2e-6, atol=2e-7)
