@@ -189,7 +189,7 @@ class DeepSpeedCheckpoint(Checkpoint):
         else:
             paddings = _paddings(first, states[0].get("param_alignment_paddings"), shapes)
             trainable = _zero2_params(file, shapes, partitions, world, paddings)
-        frozen = self._frozen(main, world)
+        frozen = self._frozen(main)
         buffers = set(_names(file, main.get("buffer_names")))
         sources: dict[str, _Source] = {}
         for key_, tensor in module.items():
@@ -207,16 +207,16 @@ class DeepSpeedCheckpoint(Checkpoint):
             sources.setdefault(name, source)
         return sources
 
-    def _frozen(self, main: Mapping[str, Any], world: int) -> dict[str, _Source]:
-        """Parameters the optimizer does not hold (requires_grad=False), saved beside it from ZeRO-2 on."""
+    def _frozen(self, main: Mapping[str, Any]) -> dict[str, _Source]:
+        """Parameters the optimizer does not hold (requires_grad=False), saved beside it from ZeRO-2 on
+        (in rank 0's model states; under ZeRO-3 in every rank's, the ranks already checked)."""
         shapes = main.get("frozen_param_shapes")
         if not isinstance(shapes, Mapping) or not shapes:
             return {}
-        ranks = [main] + [self._load(self._files.model[r]) for r in sorted(self._files.model) if r != 0]
-        if self.stage < 3:
-            ranks = ranks[:1]
+        files = [self._files.model[r] for r in sorted(self._files.model)] if self.stage == 3 else []
+        files = files or [self._files.model[0]]
+        ranks = [main] + [self._load(f) for f in files[1:]]
         found: dict[str, _Source] = {}
-        files = [self._files.model[r] for r in sorted(self._files.model)][: len(ranks)]
         for key, shape in shapes.items():
             name = checked_name(files[0], key)
             dims = _shape(files[0], name, shape)
