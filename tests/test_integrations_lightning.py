@@ -15,6 +15,9 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
+from helpers import float64_reference
 
 L = pytest.importorskip("lightning")
 
@@ -355,3 +358,50 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+EXE = str(Path(sys.executable).parent / "ema-average")
+
+
+def lightning_ema_run(folder: Path) -> list[dict[str, torch.Tensor]]:
+    """Three epochs' .ckpt files of a run with the callback; the averaged models they hold, in order."""
+    fit(ckpt_trainer(folder, [EMACallback(decay=DECAY)], max_epochs=3), model())
+    paths = [folder / f"epoch={e}-step={8 * (e + 1)}.ckpt" for e in range(3)]
+    return [torch.load(p, weights_only=True)[EMA_KEY] for p in paths]
+
+
+def command_average(run: Path, out: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [EXE, str(run), *flags, "--decay", "0.5", "-o", str(out)], capture_output=True, text=True
+    )
+
+
+def assert_averages_the_ema_copies(out: Path, states: list[dict[str, torch.Tensor]]) -> None:
+    expected = float64_reference(states, [8, 16, 24], 0.5)
+    got = load_file(str(out))
+    assert set(expected) == {name for name, t in got.items() if t.is_floating_point()}
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name].double(), tensor, rtol=1e-6, atol=1e-7)
+    assert torch.equal(
+        got["net.1.num_batches_tracked"], states[-1]["net.1.num_batches_tracked"]
+    )  # the latest
+
+
+def test_the_command_names_and_averages_the_ema_in_lightning_ckpts(tmp_path: Path) -> None:
+    states = lightning_ema_run(tmp_path / "run")
+    plan = subprocess.run([EXE, str(tmp_path / "run"), "--dry-run"], capture_output=True, text=True)
+    assert "read state_dict; also here: ema (--state-dict-key ema)" in plan.stdout
+    done = command_average(tmp_path / "run", tmp_path / "out.safetensors", "--state-dict-key", "ema")
+    assert done.returncode == 0, done.stderr
+    assert_averages_the_ema_copies(tmp_path / "out.safetensors", states)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="torch_file.py (not this module's owner) does not yet pick a torch file's state dict by --submodel",
+)
+def test_submodel_ema_reads_the_ema_in_lightning_ckpts(tmp_path: Path) -> None:
+    states = lightning_ema_run(tmp_path / "run")
+    done = command_average(tmp_path / "run", tmp_path / "out.safetensors", "--submodel", "ema")
+    assert done.returncode == 0, done.stderr
+    assert_averages_the_ema_copies(tmp_path / "out.safetensors", states)

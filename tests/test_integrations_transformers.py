@@ -6,6 +6,8 @@ checkpoint ends with the uninterrupted run's EMA, bit for bit."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -15,13 +17,16 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 from transformers import GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from ema_average.errors import CheckpointError, ConfigurationError  # noqa: E402
 from ema_average.integrations.transformers import STATE_METADATA_KEY, EMACallback  # noqa: E402
-from helpers import tiny_gpt2  # noqa: E402
+from helpers import float64_reference, tiny_gpt2  # noqa: E402
 
 DECAY = 0.9
+EXE = str(Path(sys.executable).parent / "ema-average")
 
 
 class Tokens(torch.utils.data.Dataset):
@@ -215,8 +220,6 @@ def test_resuming_a_checkpoint_without_ema_folder_is_one_clear_error(tmp_path: P
 
 
 def test_the_saved_counter_is_in_the_weights_metadata(tmp_path: Path) -> None:
-    from safetensors import safe_open
-
     train(tmp_path, [EMACallback(decay=DECAY)], max_steps=3, save_strategy="steps", save_steps=3)
     with safe_open(str(tmp_path / "checkpoint-3" / "ema" / "model.safetensors"), framework="pt") as f:
         record = json.loads(f.metadata()[STATE_METADATA_KEY])
@@ -231,3 +234,21 @@ def test_the_saved_counter_is_in_the_weights_metadata(tmp_path: Path) -> None:
 def test_evaluate_both_is_refused_with_the_way_to_get_both() -> None:
     with pytest.raises(ConfigurationError, match="metric_key_prefix"):
         EMACallback(evaluate="both")
+
+
+def test_the_command_averages_the_callbacks_ema_folders_with_submodel_ema(tmp_path: Path) -> None:
+    run, out = tmp_path / "run", tmp_path / "ema-of-ema.safetensors"
+    train(run, [EMACallback(decay=DECAY)], max_steps=6, save_strategy="steps", save_steps=2)
+    done = subprocess.run(
+        [EXE, str(run), "--submodel", "ema", "--decay", "0.5", "-o", str(out)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "read ema (the EMA kept while training); also here: model (--submodel model)" in done.stdout
+    states = [load_file(str(run / f"checkpoint-{step}" / "ema" / "model.safetensors")) for step in (2, 4, 6)]
+    expected = float64_reference(states, [2, 4, 6], 0.5)
+    got = load_file(str(out))
+    assert set(got) == set(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name].double(), tensor, rtol=1e-6, atol=1e-7)
+    raw = load_file(str(run / "checkpoint-6" / "model.safetensors"))
+    assert not torch.allclose(got["transformer.h.0.mlp.c_fc.weight"], raw["transformer.h.0.mlp.c_fc.weight"])

@@ -9,6 +9,7 @@ groups such models under their step's folder; this reads one of them: the raw tr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -59,6 +60,18 @@ def _order(unit: Path, models: list[Path]) -> list[Path]:
     return sorted(models, key=rank)
 
 
+@dataclass
+class _FolderChoice(ModelChoice):
+    """A model of a step's folder; one whose name says it is an average (``ema``, ``unet_ema``) is named in the
+    plan as the EMA kept while training, so the user sees which copy the output averages."""
+
+    def describe(self) -> str:
+        text = super().describe()
+        if not is_ema_name(self.read):
+            return text
+        return text.replace(f"read {self.read}", f"read {self.read} (the EMA kept while training)", 1)
+
+
 class FolderUnit(Checkpoint):
     """One step's folder holding several models (or one model under a name that is not the step's)."""
 
@@ -91,7 +104,7 @@ class FolderUnit(Checkpoint):
         others = {
             name: f"--submodel {name}" for m, name in zip(ordered, names, strict=True) if m != inner.path
         }
-        self.choices = ([ModelChoice(read, others)] if others else []) + inner.choices
+        self.choices = ([_FolderChoice(read, others)] if others else []) + inner.choices
 
     @property
     def saved_model(self) -> SavedModel | None:

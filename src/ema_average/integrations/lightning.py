@@ -4,9 +4,8 @@ After every optimizer step (not every batch: with gradient accumulation, once pe
 engine's ``apply(num_updates=trainer.global_step)``. Validation and test run on the averages by default,
 swapped in and the training weights put back bit for bit after; ``evaluate="both"`` also logs every
 metric of the raw weights, its name suffixed ``_raw``. The ``.ckpt`` holds the averaged model under
-``ema_state_dict`` (the model's ``state_dict`` with float32 averages for its parameters, so
-``model.load_state_dict(ckpt["ema_state_dict"])`` and ``ema-average RUN --state-dict-key ema_state_dict``
-read it) and the callback's counter in its own state: ``trainer.fit(ckpt_path=...)`` resumes both.
+``ema`` (the model's ``state_dict`` with float32 averages for its parameters, so
+``model.load_state_dict(ckpt["ema"])`` and ``ema-average RUN --state-dict-key ema`` read it) and the callback's counter in its own state: ``trainer.fit(ckpt_path=...)`` resumes both.
 
 Under DDP each rank keeps its own average (equal across ranks: DDP keeps the weights equal); under
 FSDP2 (``ModelParallelStrategy``) each rank averages its own shards, with no collective.
@@ -26,7 +25,9 @@ from ema_average.moving_average import ExponentialMovingAverage
 
 __all__ = ["EMA_KEY", "EMACallback"]
 
-EMA_KEY = "ema_state_dict"  # the averaged model's top-level key in the .ckpt (checkpoints/keys.py knows it)
+# The averaged model's top-level key in the .ckpt: a name checkpoints/keys.py knows as an average's, and the
+# one --submodel ema names in the Hugging Face callback's folders.
+EMA_KEY = "ema"
 
 
 class EMACallback(pl.Callback):
