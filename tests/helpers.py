@@ -4,11 +4,17 @@ them, float64 expectations, and hostile payloads. Fixtures (conftest.py) build o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
+import subprocess
+import threading
+import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import psutil
 import torch
@@ -356,3 +362,73 @@ class WritesMarker:
 
     def __reduce__(self):  # type: ignore[no-untyped-def]
         return (os.system, (f"touch {self.marker}",))
+
+
+# Children a test sends signals to --------------------------------------------------------------------
+
+# What a shell without job control (``nohup``, ``sh -c '... &'``, some CI runners) may start a job with
+# ignored; an ignored disposition survives exec, so the child would never see the test's signal.
+SENT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT, signal.SIGHUP)
+
+
+def default_signals() -> None:
+    """``preexec_fn`` of a child the test signals: every signal it may be sent at its default disposition
+    and unblocked, whatever the launcher of the test run ignored or blocked."""
+    for sig in SENT_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SENT_SIGNALS)
+
+
+@contextlib.contextmanager
+def signalled_child(
+    command: Sequence[str], *, watchdog: float = 300.0, **popen: Any
+) -> Iterator[subprocess.Popen]:
+    """A child process to send signals to, started with :func:`default_signals`, that never outlives the
+    test: killed when the block ends with it still running (a failed assertion included), and after
+    ``watchdog`` seconds in any case, so a test blocked reading its output fails instead of hanging."""
+    proc = subprocess.Popen(command, preexec_fn=default_signals, **popen)
+    timer = threading.Timer(watchdog, proc.kill)
+    timer.daemon = True
+    timer.start()
+    try:
+        with proc:  # closes the pipes and reaps it
+            try:
+                yield proc
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+    finally:
+        timer.cancel()
+
+
+def signal_when(proc: subprocess.Popen, sig: int, ready: Callable[[], bool]) -> None:
+    """Send ``sig`` at a moment ``ready()`` holds, with no race: the child is stopped (SIGSTOP) while
+    ``ready`` looks at it, and the signal is pending before it runs another instruction. Fails if the
+    child ends first. Between looks the child runs on for a moment: pacing only, never what decides."""
+    while True:
+        os.kill(proc.pid, signal.SIGSTOP)
+        state = os.waitid(os.P_PID, proc.pid, os.WSTOPPED | os.WEXITED | os.WNOWAIT)
+        if state is None or state.si_code != os.CLD_STOPPED:
+            raise AssertionError("the child ended before it reached the moment to signal it")
+        try:
+            if ready():
+                os.kill(proc.pid, sig)
+                return
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        time.sleep(0.002)
+
+
+def holds_unnamed_output(pid: int, output: Path) -> bool:
+    """Whether process ``pid`` is writing ``output`` and has not named it yet: it holds the temporary
+    (``O_TMPFILE``'s unnamed file, else the hidden ``temp_name``) open, and ``output`` does not exist."""
+    from ema_average.writer import temp_name
+
+    if output.exists():
+        return False
+    temporaries = (f"{output.parent}/#", str(temp_name(output, pid)))
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if os.readlink(fd).startswith(temporaries):
+                return True
+    return False

@@ -295,7 +295,9 @@ CASES: dict[str, Case] = {
     # names the output format cannot hold
     "tensor-named-__metadata__": Case(torch_names({"__metadata__": torch.zeros(2)}), "'__metadata__'"),
     "lone-surrogate-name": Case(torch_names({"w\ud800": torch.zeros(2)}), "ud800"),
-    "mixed-key-types": Case(torch_names({"w": torch.zeros(2), 3: torch.zeros(2)}), "3"),
+    "mixed-key-types": Case(
+        torch_names({"w": torch.zeros(2), 3: torch.zeros(2)}), "tensor name 3 that is not a string"
+    ),
     # small inputs, huge cost
     "stride-zero-1e12": Case(torch_state("ckpt_3.pt", stride_zero(10**12)), "'w'"),
     "stride-zero-2.5e8": Case(torch_state("ckpt_3.pt", stride_zero(250_000_000)), "'w'"),

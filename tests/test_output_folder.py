@@ -6,8 +6,9 @@ averages loaded back with the real consumers, against an independent float64 ave
 
 from __future__ import annotations
 
+import contextlib
 import os
-import signal
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,8 +27,6 @@ from helpers import tiny_gpt2, tiny_unet
 
 VOCAB = 12  # the tiny tokenizer's words
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 STEPS = [2, 4, 6]
 UNIFORM = AverageSettings(method="uniform")
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json"}
@@ -35,9 +34,14 @@ TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json"}
 
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No test here may reach the network, and the producers' notices are not ours to see."""
+    """No test here may reach the network, and the producers' notices are not ours to see; for this test
+    only. huggingface_hub reads the variables once, when first imported: its constant is set too."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    with contextlib.suppress(ImportError):
+        from huggingface_hub import constants
+
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
@@ -396,12 +400,25 @@ def test_side_file_linking_inside_the_checkpoint_is_copied(tmp_path: Path) -> No
 
 def test_side_file_that_is_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
     write_hf_like_run(tmp_path / "run", {"config.json": b"{}"})
-    os.mkfifo(tmp_path / "run" / "checkpoint-6" / "tokenizer.json")
-    signal.alarm(20)  # a blocking open would hang the suite: fail it instead
-    try:
-        assert_refused(tmp_path, r"tokenizer\.json: is not a regular file .* copied as side files")
-    finally:
-        signal.alarm(0)
+    fifo = tmp_path / "run" / "checkpoint-6" / "tokenizer.json"
+    os.mkfifo(fifo)
+    failure: list[BaseException] = []
+
+    def refuse() -> None:
+        try:
+            assert_refused(tmp_path, r"tokenizer\.json: is not a regular file .* copied as side files")
+        except BaseException as exc:  # handed to the test's thread
+            failure.append(exc)
+
+    run = threading.Thread(target=refuse, daemon=True)
+    run.start()
+    run.join(120)  # only ends a hang: a refusal opens nothing
+    if run.is_alive():  # blocked opening the FIFO for reading: a writer lets it go, and the test fails
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        run.join()
+        pytest.fail(f"{fifo.name}: opened (it blocks until a writer comes) instead of refused")
+    if failure:
+        raise failure[0]
 
 
 def test_side_file_larger_than_the_cap_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

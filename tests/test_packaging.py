@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -10,8 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers import signalled_child
+
 ROOT = Path(__file__).resolve().parents[1]
 EXE = str(Path(sys.executable).parent / "ema-average")
+IMPORT_TIMES = {"PYTHONPROFILEIMPORTTIME": "1"}  # Python lists each import on stderr as it completes
 
 
 def test_wheel_ships_the_license_and_py_typed(tmp_path: Path) -> None:
@@ -38,31 +45,23 @@ def test_wheel_ships_the_license_and_py_typed(tmp_path: Path) -> None:
     assert "ema_average/__main__.py" in names
 
 
-def best_of(command: list[str], runs: int = 5) -> tuple[float, subprocess.CompletedProcess[str]]:
-    """The fastest of a few runs: start-up time without the machine's noise."""
-    best, result = float("inf"), None
-    for _ in range(runs):
-        start = time.perf_counter()
-        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
-        best = min(best, time.perf_counter() - start)
-    assert result is not None
-    return best, result
+def imported_modules(stderr: str) -> set[str]:
+    """The modules a process imported, from the list Python writes with ``-X importtime``."""
+    return {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
 
 
-@pytest.mark.parametrize("flag", ["--version", "--help"])
-def test_version_and_help_answer_without_importing_torch(flag: str) -> None:
-    # Importing torch takes 1.5-3 s; the guard is that it is never imported, the time is the symptom.
-    seconds, result = best_of([EXE, flag])
-    assert result.returncode == 0
-    probe = subprocess.run(
-        [sys.executable, "-c", f"import sys; sys.argv = ['ema-average', '{flag}']\n"
-         "from ema_average.__main__ import main\n"
-         "try:\n    main()\nexcept SystemExit:\n    pass\n"
-         "print('torch' in sys.modules)"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert probe.stdout.strip().splitlines()[-1] == "False"
-    assert seconds < 1.0, f"{flag} took {seconds:.2f} s"
+@pytest.mark.parametrize(("flag", "answer"), [("--version", "ema-average "), ("--help", "Usage: ")])
+def test_version_and_help_answer_without_importing_torch(flag: str, answer: str) -> None:
+    # Importing torch takes seconds: the guard is that it is never imported, which Python's own list of
+    # imports shows (-X importtime, through the installed script); how long it took is not asserted.
+    result = subprocess.run(
+        [EXE, flag], capture_output=True, text=True, timeout=120, env={**os.environ, **IMPORT_TIMES}
+    )
+    assert result.returncode == 0, result.stderr
+    assert answer in result.stdout
+    modules = imported_modules(result.stderr)
+    assert {"ema_average.__main__", "ema_average.cli"} <= modules  # the list is real and complete
+    assert sorted(m for m in modules if m.split(".")[0] == "torch") == []
 
 
 def test_python_dash_m_runs_the_command() -> None:
@@ -84,30 +83,63 @@ def test_import_is_lazy_and_the_public_api_resolves() -> None:
     assert result.stdout.strip() == "ema_average.moving_average"
 
 
-@pytest.mark.parametrize("delay", [0.05, 0.15, 0.3, 0.6, 1.0])
-def test_ctrl_c_while_starting_is_one_line_not_a_traceback(tmp_path: Path, delay: float) -> None:
-    # Wherever the interrupt lands (our imports, torch's import, or the run), the user sees at most one
-    # line, and never a traceback. The first ~20 ms are the interpreter's start-up and pip's script
-    # wrapper, before any code of ours runs: an interrupt there gets Python's own traceback.
-    import signal
+# Modules torch imports early and midway, each with over 40 KB of import list still to come before torch is
+# imported (and the run can start): an interrupt sent on seeing one lands inside torch's import.
+TORCH_LANDMARKS = ["torch._C", "torch.nn"]
+SMALL_PIPE = 4096  # the least a pipe holds: the child stops this many bytes past what was read
 
+
+@pytest.mark.skipif(not hasattr(fcntl, "F_SETPIPE_SZ"), reason="needs Linux's pipe size control")
+@pytest.mark.parametrize("landmark", TORCH_LANDMARKS)
+def test_ctrl_c_while_torch_imports_is_one_line_not_a_traceback(tmp_path: Path, landmark: str) -> None:
+    # A real Ctrl-C through the installed script, landing where torch's import is running (module code,
+    # C extensions, class bodies that wrap it), at a point set by the child's own import list, not by a
+    # sleep: it writes that list into a one-page pipe, so it cannot get more than two pages past the
+    # landmark before the signal is sent.
     from safetensors.torch import save_file
 
     run = tmp_path / "run"
     run.mkdir()
     for step in (1, 2):
         save_file({"w": torch_zeros()}, str(run / f"step_{step}.safetensors"))
-    proc = subprocess.Popen([EXE, str(run), "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(delay)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
-    assert "Traceback" not in stderr
-    assert len(stderr.strip().splitlines()) <= 1, stderr
-    # finished first; interrupted (typer answers an interrupt during its parsing with a silent 130); or
-    # killed before Python's own handler was installed
-    assert proc.returncode in (0, 130, -signal.SIGINT), (proc.returncode, stderr)
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, SMALL_PIPE)
+    env = {**os.environ, **IMPORT_TIMES}
+    try:
+        with signalled_child(
+            [EXE, str(run), "-q"], stdout=subprocess.PIPE, stderr=write_end, env=env
+        ) as proc:
+            os.close(write_end)
+            before = read_until_imported(read_end, landmark)
+            proc.send_signal(signal.SIGINT)
+            stderr = (before + read_to_end(read_end)).decode()
+            stdout = proc.communicate(timeout=120)[0]
+    finally:
+        os.close(read_end)
+    ours = [line for line in stderr.splitlines() if not line.startswith("import time:")]
+    assert (proc.returncode, ours, stdout) == (130, ["ema-average: interrupted; no output written"], b"")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
+def read_until_imported(fd: int, module: str) -> bytes:
+    """What the child wrote to ``fd`` up to the line saying it imported ``module``, read a page at a time."""
+    landmark = re.compile(rb"\| +" + re.escape(module.encode()) + rb"\n")
+    seen = b""
+    while not landmark.search(seen, max(0, len(seen) - SMALL_PIPE - 200)):
+        page = os.read(fd, SMALL_PIPE)
+        assert page, f"the command ended before importing {module}: {seen.decode()[-2000:]}"
+        seen += page
+    return seen
+
+
+def read_to_end(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+PARSING = "typer parses the arguments"
 INTERRUPT_AT = {
     # typer builds the command (evaluating the options' annotations) before click's own interrupt
     # handling is in place
@@ -115,6 +147,9 @@ INTERRUPT_AT = {
     # an import the entry point makes, and torch's import inside the command
     "importing rich": "sys.meta_path.insert(0, Landing('rich.console'))\n",
     "importing torch": "sys.meta_path.insert(0, Landing('torch'))\n",
+    # typer parses the arguments (click's make_context): typer answers an interrupt there with a bare
+    # exit 130 and no line
+    PARSING: "import typer.core\ntyper.core.TyperCommand.make_context = lambda *_, **__: raise_it()\n",
 }
 WRAPPERS = {
     "bare": "KeyboardInterrupt()",
@@ -123,11 +158,20 @@ WRAPPERS = {
 }
 
 
+SILENT_130 = pytest.mark.xfail(  # until the command says it (src/ema_average: not this file's to change)
+    strict=True, reason="the command exits 130 without its line: typer's parsing answers the interrupt"
+)
+
+
 @pytest.mark.parametrize("wrapper", sorted(WRAPPERS))
 @pytest.mark.parametrize("where", sorted(INTERRUPT_AT))
-def test_ctrl_c_in_each_start_up_window_is_one_line(tmp_path: Path, where: str, wrapper: str) -> None:
-    # The timing test above hits each of these windows only now and then: land the interrupt there
-    # every time, bare or wrapped the way Python wraps it.
+def test_ctrl_c_in_each_start_up_window_is_one_line(
+    tmp_path: Path, where: str, wrapper: str, request: pytest.FixtureRequest
+) -> None:
+    # Each window of the start-up, before torch's import (which the real-signal test above covers): land
+    # the interrupt there every time, bare or wrapped the way Python wraps it.
+    if (where, wrapper) == (PARSING, "bare"):
+        request.applymarker(SILENT_130)
     run = tmp_path / "run"
     run.mkdir()
     (run / "step_1.safetensors").write_bytes(b"")  # never read: the interrupt comes first
@@ -162,23 +206,45 @@ def torch_zeros() -> object:  # torch imported lazily: the start-up tests here m
 def test_ctrl_c_after_the_summary_is_ignored(tmp_path: Path) -> None:
     # The output is committed and the summary printed: an interrupt now lands in the interpreter's
     # shutdown, where it used to print "Exception ignored ... Traceback" from an atexit finalizer.
-    import signal
-
     from safetensors.torch import save_file
 
     run = tmp_path / "run"
     run.mkdir()
     for step in (1, 2):
         save_file({"w": torch_zeros()}, str(run / f"step_{step}.safetensors"))
-    proc = subprocess.Popen([EXE, str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if line.startswith("wrote "):
-            break
-    while proc.poll() is None:  # a Ctrl-C held down: signals through the whole shutdown
-        proc.send_signal(signal.SIGINT)
-        time.sleep(0.001)
-    _, stderr = proc.communicate(timeout=60)
+    command = [EXE, str(run)]
+    with signalled_child(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("wrote "):
+                break
+        else:
+            raise AssertionError("the command ended without its summary")
+        while proc.poll() is None:  # a Ctrl-C held down: signals through the whole shutdown
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.001)  # the key's repeat, not a wait for anything
+        _, stderr = proc.communicate(timeout=120)
     assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
     assert proc.returncode == 0, (proc.returncode, stderr)
     assert (tmp_path / "run-ema.safetensors").is_file()
+
+
+def test_a_signalled_child_starts_with_default_dispositions() -> None:
+    # A shell without job control (nohup, `sh -c '... &'`, some CI runners) starts the test run with Ctrl-C
+    # ignored, and an ignored disposition survives exec: every child a test signals starts through
+    # signalled_child, which puts them back. Shown here with this process ignoring them for a moment.
+    report = (
+        "import signal as s; n = {s.SIG_IGN: 'ignored', s.SIG_DFL: 'default', s.default_int_handler: 'raises'}\n"
+        "print(*(n[s.getsignal(sig)] for sig in (s.SIGINT, s.SIGTERM)))"
+    )
+    command = [sys.executable, "-c", report]
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        inherited = subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
+        with signalled_child(command, stdout=subprocess.PIPE, text=True) as proc:
+            given = proc.communicate(timeout=120)[0]
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert inherited == "ignored ignored\n"  # what a plain child of such a launcher gets
+    assert given == "raises default\n"  # Ctrl-C raises KeyboardInterrupt, SIGTERM ends it

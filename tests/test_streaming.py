@@ -345,15 +345,18 @@ class Wrapped(Checkpoint):
 class Guarded(Wrapped):
     """A checkpoint that counts the times two threads used it at once (its inner one's range reads)."""
 
-    def __init__(self, inner: Checkpoint, step: int) -> None:
+    def __init__(self, inner: Checkpoint, step: int, meeting: Meeting | None = None) -> None:
         super().__init__(inner, step)
         self.active, self.overlaps = 0, 0
         self.lock = threading.Lock()
+        self.meeting = meeting
 
     def _enter(self) -> None:
         with self.lock:
             self.active += 1
             self.overlaps += self.active > 1
+        if self.meeting is not None:
+            self.meeting.hold(self)
 
     def _leave(self) -> None:
         with self.lock:
@@ -372,6 +375,57 @@ class Guarded(Wrapped):
             return self.inner.read_range_into(name, start, out)
         finally:
             self._leave()
+
+
+class Meeting:
+    """Makes two threads want one source at once, every run: the first thread to read ``source`` waits
+    inside that read until a second thread reads it too (the guard failed) or waits for the stream's lock
+    on it (:class:`CountedLock`, the guard holding). No clock decides; ``patience`` only ends a hang."""
+
+    def __init__(self, source: Guarded, patience: float = 120.0) -> None:
+        self.source = source
+        self.patience = patience
+        self.state = threading.Condition()
+        self.held = False
+        self.waiting = 0  # threads waiting for the stream's lock on ``source``
+        self.met = False
+
+    def hold(self, source: Guarded) -> None:
+        """Called inside each read of a source: the first read of ``source`` waits for the second thread."""
+        with self.state:
+            if source is not self.source:
+                return
+            if self.held:  # a second thread inside the read: the overlap, counted by the source
+                self.met = True
+                self.state.notify_all()
+                return
+            self.held = True
+            if not self.state.wait_for(lambda: self.met or self.waiting > 0, self.patience):
+                raise AssertionError("no second thread came for the source: the threads never overlapped")
+            self.met = True
+
+    def lock_for(self, checkpoint: Checkpoint) -> CountedLock | None:
+        return CountedLock(self) if checkpoint is self.source else None
+
+
+class CountedLock:
+    """The stream's per-source lock, telling the meeting when a thread waits for it."""
+
+    def __init__(self, meeting: Meeting) -> None:
+        self.meeting = meeting
+        self.lock = threading.Lock()
+
+    def __enter__(self) -> None:
+        if not self.lock.acquire(blocking=False):
+            with self.meeting.state:
+                self.meeting.waiting += 1
+                self.meeting.state.notify_all()
+            self.lock.acquire()
+            with self.meeting.state:
+                self.meeting.waiting -= 1
+
+    def __exit__(self, *_: object) -> None:
+        self.lock.release()
 
 
 class Collect:
@@ -397,11 +451,25 @@ def stream(sources: list[Checkpoint], numel: int, threads: int, *, split: bool =
     return sink
 
 
-def test_a_source_is_read_by_one_thread_at_a_time(tmp_path: Path) -> None:
+def test_a_source_is_read_by_one_thread_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two threads are made to want the second source at once (Meeting): the test sees them meet there,
+    # so a missing guard shows as an overlap every run instead of passing when the threads never overlap.
     write_run(tmp_path / "run")
-    sources = [Guarded(SafetensorsCheckpoint(tmp_path / "run" / f"step_{s}.safetensors"), s) for s in STEPS]
+    files = [tmp_path / "run" / f"step_{s}.safetensors" for s in STEPS]
+    sources = [Guarded(SafetensorsCheckpoint(f), s) for f, s in zip(files, STEPS, strict=True)]
+    meeting = Meeting(sources[1])
+    for source in sources:
+        source.meeting = meeting
+
+    class WatchedSource(streaming._Source):
+        def __init__(self, checkpoint: Checkpoint, step: int) -> None:
+            super().__init__(checkpoint, step)
+            self.lock = meeting.lock_for(checkpoint) or self.lock
+
+    monkeypatch.setattr(streaming, "_Source", WatchedSource)
     stream(sources, 37, threads=4)
-    assert sum(s.overlaps for s in sources) == 0
+    assert meeting.met
+    assert [s.overlaps for s in sources] == [0, 0, 0, 0]
 
 
 class WholeOnly(Wrapped):
@@ -504,7 +572,6 @@ def test_whole_tensor_sink_gathers_pieces_for_a_plain_writer(tmp_path: Path) -> 
     assert torch.equal(got["w"], values.view(4, 25))
 
 
-@pytest.mark.skipif(not hasattr(SafetensorsWriter, "write_range"), reason="writer takes whole tensors only")
 def test_writer_takes_pieces_from_threads(tmp_path: Path) -> None:
     from ema_average.safetensors_format import TensorEntry, TensorSpec
 

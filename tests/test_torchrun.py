@@ -65,6 +65,13 @@ def torchrun(
     return subprocess.run(command, capture_output=True, text=True, timeout=120, env=environment)
 
 
+LOST_PEER = [
+    "ema-average: error: another rank stopped (killed, or its host lost) before the ranks agreed; see "
+    "torchrun's report"
+]
+INTERRUPTED = ["ema-average: interrupted; no output written"]
+
+
 def error_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("ema-average: error:")]
 
@@ -154,7 +161,11 @@ def test_a_rank_killed_midway_leaves_nothing(run: Path, tmp_path: Path) -> None:
 
     result = torchrun(2, run, "-o", tmp_path / "out.safetensors", "-q", env={TEST_KILL_RANK: "1"})
     assert result.returncode != 0
-    assert len(error_lines(result)) <= 1
+    assert "exitcode  : -9" in result.stderr  # torchrun reports rank 1 killed: the kill happened
+    # Rank 0 says one of two things: the collective that lost its peer failed, or torchrun's SIGTERM
+    # (sent once it saw rank 1 die) reached it first.
+    ours = [line for line in result.stderr.splitlines() if line.startswith("ema-average:")]
+    assert ours in (LOST_PEER, INTERRUPTED), result.stderr
     assert names(tmp_path) == ["run"]  # rank 0 removed its temporary on the way out
 
 

@@ -8,9 +8,9 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import pytest
 import torch
@@ -21,7 +21,7 @@ from ema_average.errors import ConfigurationError, OutputError
 from ema_average.pipeline import RunOptions, average_checkpoints
 from ema_average.plan import AverageSettings
 from ema_average.watch import watch
-from helpers import make_state
+from helpers import make_state, signalled_child
 
 STEPS = [100, 200, 300, 400]
 EXE = str(Path(sys.executable).parent / "ema-average")
@@ -33,20 +33,6 @@ def last_step(path: Path) -> int | None:
             return int(f.metadata()["last_step"])
     except Exception:
         return None
-
-
-def slow_training_run(folder: Path, slow_step: int, pause: float = 1.0, gap: float = 0.3) -> threading.Thread:
-    """Writes STEPS' checkpoints one after another in real time; ``slow_step``'s in two halves with a pause
-    between (for the command, which runs in its own process)."""
-
-    def write() -> None:
-        for action in training_actions(folder, slow_step, pauses=0):
-            action()
-            time.sleep(pause if action.__name__ == "first_half" else gap)
-
-    thread = threading.Thread(target=write, daemon=True)
-    thread.start()
-    return thread
 
 
 def training_actions(folder: Path, slow_step: int, pauses: int) -> list[Callable[[], None]]:
@@ -165,25 +151,42 @@ def test_watch_keeps_one_average(tmp_path: Path) -> None:
 
 
 def test_watch_command_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    # Synchronised on what the command prints (a refresh per line), never on the clock; the child starts
+    # with Ctrl-C at its default, whatever the launcher of the test run ignored.
     run, out = tmp_path / "run", tmp_path / "ema.safetensors"
     run.mkdir()
-    proc = subprocess.Popen(
-        [EXE, str(run), "-o", str(out), "--watch", "--poll", "0.2", "--decay", "0.9"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    writer = slow_training_run(run, slow_step=200, pause=0.5, gap=0.2)
-    deadline = time.monotonic() + 90
-    while last_step(out) != STEPS[-1] and time.monotonic() < deadline:
-        time.sleep(0.1)
-    writer.join()
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 0, stderr
-    assert "watching" in stdout and "stopped watching" in stdout
+    write_checkpoints(run, STEPS[:2])
+    command = [EXE, str(run), "-o", str(out), "--watch", "--poll", "0.2", "--decay", "0.9"]
+    with signalled_child(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith(f"watching {run} ")
+        read_until_refresh(proc.stdout, STEPS[1])
+        write_checkpoints(run, STEPS[2:])
+        read_until_refresh(proc.stdout, STEPS[-1])
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    assert (proc.returncode, stdout, stderr) == (0, "stopped watching\n", "")
     assert last_step(out) == STEPS[-1]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ema.safetensors", "run"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ema.safetensors", "run", "staging"]
+
+
+def write_checkpoints(folder: Path, steps: list[int]) -> None:
+    """Each checkpoint appears whole (written aside, then renamed in), as a careful trainer saves."""
+    staging = folder.parent / "staging"
+    staging.mkdir(exist_ok=True)
+    for step in steps:
+        aside = staging / f"model_step_{step}.safetensors"
+        aside.write_bytes(save(dict(make_state(step)), metadata={"step": str(step)}))
+        os.replace(aside, folder / aside.name)
+
+
+def read_until_refresh(stdout: IO[str], step: int) -> None:
+    """Reads the command's lines until it says it refreshed the output up to ``step``."""
+    for line in stdout:
+        if line.startswith(f"step {step}: wrote "):
+            return
+        assert line.startswith(("step ", "note: ")), line
+    raise AssertionError(f"the command stopped before it refreshed the output to step {step}")
 
 
 def test_watch_keeps_a_file_another_program_puts_at_the_output_before_the_first_write(
