@@ -306,3 +306,21 @@ def test_an_interrupt_during_a_read_stays_an_interrupt(
     monkeypatch.setattr(FileSystemReader, "_slice_file", interrupted)
     with pytest.raises(KeyboardInterrupt):
         ckpt.read("encoder.weight")
+
+
+def test_a_shape_no_tensor_can_have_is_refused_at_open(tmp_path: Path) -> None:
+    """A pickled shape is a plain tuple: [2**63, 0] claims no bytes, but torch cannot make it."""
+    save_dcp(tmp_path, dict(make_state(1)))
+
+    def impossible(metadata: Any) -> None:
+        entry = metadata.state_dict_metadata["encoder.bias"]
+        entry.size = (2**63, 0)
+        entry.chunks[0].sizes = (2**63, 0)
+        entry.chunks[0].offsets = (0, 0)
+
+    rewrite_metadata(tmp_path, impossible)
+    with pytest.raises(
+        CheckpointError,
+        match=r"tensor 'encoder\.bias' has shape \[9223372036854775808, 0\], beyond what torch can index",
+    ):
+        DcpCheckpoint(tmp_path)

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from ema_average.checkpoints import discover, find_run
 from ema_average.errors import CheckpointError, CheckpointMismatchError, NoCheckpointsError
-from helpers import make_state, write_safetensors_run, write_torch_run
+from helpers import float64_reference, make_state, write_safetensors_run, write_torch_run
 
 
 def test_ordered_by_step_not_by_name(tmp_path: Path) -> None:
@@ -190,3 +194,159 @@ def test_a_layout_is_one_registered_entry(tmp_path: Path, monkeypatch: pytest.Mo
     for p in tmp_path.glob("*.safetensors"):
         p.rename(p.with_suffix(".npz"))
     assert [c.step for c in discover(tmp_path)] == [1, 2]
+
+
+# Deep folders, empty tensors, impossible shapes, the tool's own folder outputs ------------------------
+
+
+def deep_folder(top: Path, levels: int, name: str) -> Path:
+    """``top/name/name/...`` ``levels`` deep, made level by level relative to the last (so that a path
+    longer than the system allows can be made at all); returns the deepest folder."""
+    here = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(levels):
+            os.mkdir(name, dir_fd=here)
+            inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=here)
+            os.close(here)
+            here = inner
+        os.close(os.open("notes.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=here))
+    finally:
+        os.close(here)
+    return top.joinpath(*[name] * levels)
+
+
+def remove_deep(top: Path) -> None:
+    """Remove what ``top`` holds, however deep, with a loop: pytest's cleanup (shutil.rmtree) recurses
+    and would fail on these trees, in this session or a later one."""
+    stack = [(os.open(top, os.O_RDONLY | os.O_DIRECTORY), "")]
+    while stack:
+        fd = stack[-1][0]
+        folder = next((e.name for e in os.scandir(fd) if e.is_dir(follow_symlinks=False)), None)
+        if folder is not None:
+            stack.append((os.open(folder, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd), folder))
+            continue
+        for entry in os.scandir(fd):
+            os.unlink(entry.name, dir_fd=fd)
+        _, name = stack.pop()
+        os.close(fd)
+        if stack:
+            os.rmdir(name, dir_fd=stack[-1][0])
+
+
+DeepFolder = Callable[[Path, int, str], Path]
+
+
+@pytest.fixture
+def deep(tmp_path: Path) -> Iterator[DeepFolder]:
+    """:func:`deep_folder`, every tree it made removed afterwards (see :func:`remove_deep`)."""
+    yield deep_folder
+    remove_deep(tmp_path)
+
+
+def test_a_deep_unrelated_folder_does_not_stop_the_run(tmp_path: Path, deep: DeepFolder) -> None:
+    """os.walk recursed (RecursionError at ~1,000 levels before Python 3.12); the walk is a loop."""
+    write_safetensors_run(tmp_path, [1, 2])
+    deep(tmp_path, 1200, "d")
+    run = find_run(tmp_path)
+    assert [c.step for c in run.checkpoints] == [1, 2]
+    assert run.notices == []
+
+
+def test_a_weight_file_deep_down_is_still_found(tmp_path: Path, deep: DeepFolder) -> None:
+    deepest = deep(tmp_path, 1100, "d")
+    write_safetensors_run(deepest, [3, 4])
+    assert [(c.path.parent, c.step) for c in find_run(tmp_path).checkpoints] == [(deepest, 3), (deepest, 4)]
+
+
+def test_a_folder_too_deep_to_list_is_skipped_with_a_notice(tmp_path: Path, deep: DeepFolder) -> None:
+    write_safetensors_run(tmp_path, [1, 2])
+    deep(tmp_path, 300, "d" * 20)  # 6,300 characters of path: beyond PATH_MAX, cannot be listed
+    run = find_run(tmp_path)
+    assert [c.step for c in run.checkpoints] == [1, 2]
+    assert len(run.notices) == 1
+    assert re.fullmatch(
+        rf"skipped {re.escape(str(tmp_path))}/d{{20}}/.*\.\.\..*/d{{20}}: cannot be listed \(File name too long\)",
+        run.notices[0],
+    )
+    assert len(run.notices[0]) < 300
+
+
+EXE = str(Path(sys.executable).parent / "ema-average")
+
+
+def run_command(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([EXE, *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def test_a_lone_empty_tensor_is_averaged_and_written(tmp_path: Path) -> None:
+    """A model may hold an empty buffer (its weights are all there): it is copied with its shape and dtype,
+    the rest averaged as without it."""
+    steps = [10, 20, 40]
+    states = []
+    for step in steps:
+        state = dict(make_state(step))
+        state["lora.unused"] = torch.empty(0, 8)
+        state["index.empty"] = torch.empty(0, dtype=torch.int64)
+        save_file(state, str(tmp_path / f"step_{step}.safetensors"))
+        states.append(state)
+    sharded = tmp_path.parent / f"{tmp_path.name}-sharded"
+    for output, extra in ((tmp_path.parent / "ema.safetensors", []), (sharded, ["--max-shard-size", "600B"])):
+        result = run_command(tmp_path, "-o", output, "--decay", "0.9", *extra)
+        assert result.returncode == 0, result.stderr
+        files = [output] if output.is_file() else sorted(output.glob("*.safetensors"))
+        out = {name: t for f in files for name, t in load_file(str(f)).items()}
+        assert out["lora.unused"].shape == (0, 8) and out["lora.unused"].dtype == torch.float32
+        assert out["index.empty"].shape == (0,) and out["index.empty"].dtype == torch.int64
+        expected = float64_reference(states, steps, 0.9)
+        assert set(out) == set(states[0])
+        for name, tensor in expected.items():
+            torch.testing.assert_close(out[name].double(), tensor, rtol=2e-6, atol=2e-7)
+
+
+def test_placeholders_where_weights_live_elsewhere_are_refused(tmp_path: Path) -> None:
+    """ZeRO-3 and FSDP save shape-(0,) placeholders for the parameters (buffers may stay whole)."""
+    for step in (1, 2):
+        state = {
+            name: torch.empty(0) if name.endswith("weight") or name.endswith("bias") else t
+            for name, t in make_state(step).items()
+        }  # norm.* are buffers, which ZeRO-3 keeps whole
+        save_file(state, str(tmp_path / f"step_{step}.safetensors"))
+    with pytest.raises(
+        CheckpointError,
+        match=r"step_1\.safetensors: tensor 'encoder\.bias' has no elements: a placeholder .* 3 of its 4 "
+        r"floating tensors are empty; refused",
+    ):
+        find_run(tmp_path)
+
+
+def file_digests(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize(
+    ("name", "shards"),
+    [("ema_step250", []), ("ema_step300", ["--max-shard-size", "600B"])],
+    ids=["one file, a step of the run", "sharded, a new step"],
+)
+def test_a_folder_output_inside_the_run_is_never_an_input(
+    tmp_path: Path, shards: list[str], name: str
+) -> None:
+    """A folder output in the run folder is the tool's own (its weights and index carry the marker): the
+    next run skips it as it skips a marked file. Named for a step of the run (250) it was blamed on that
+    checkpoint; named for a new step (300) it was averaged in silently."""
+    write_safetensors_run(tmp_path, [100, 200, 250])
+    output = tmp_path / name
+    first = run_command(tmp_path, "-o", f"{output}/", *shards)
+    assert first.returncode == 0, first.stderr
+    written = file_digests(output)
+    assert len(written) == (3 if shards else 1)  # two shards and an index, or model.safetensors
+    again = run_command(tmp_path, "-o", f"{output}/", "--overwrite", *shards)
+    assert again.returncode == 0, again.stderr
+    assert f"note: skipped {output}: written by ema-average itself" in again.stdout
+    rows = [line for line in again.stdout.splitlines() if line.startswith("│")]
+    assert [row.split("│")[2].strip() for row in rows] == [
+        "model_step_100.safetensors",
+        "model_step_200.safetensors",
+        "model_step_250.safetensors",
+    ]
+    assert file_digests(output) == written

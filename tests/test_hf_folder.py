@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -149,3 +151,60 @@ def test_trainer_state_that_is_not_json(tmp_path: Path) -> None:
     (tmp_path / "checkpoint-1" / "trainer_state.json").write_text("[" * 100_000)
     with pytest.raises(CheckpointError, match=r"trainer_state\.json: is not valid JSON"):
         find_run(tmp_path)
+
+
+UNREAD_STATES = {
+    "an array": (
+        "[3, 6]",
+        "trainer_state.json is not a JSON object (it is an array), so its global_step was not read",
+    ),
+    "a string": (
+        '"6"',
+        "trainer_state.json is not a JSON object (it is a string), so its global_step was not read",
+    ),
+    "no step": ('{"epoch": 1.0}', "trainer_state.json has no global_step, so no step was read from it"),
+    "null step": (
+        '{"global_step": null}',
+        "trainer_state.json's global_step is null, not a step, so it was not read",
+    ),
+}
+
+
+def run_with_trainer_state(run: Path, text: str) -> None:
+    """checkpoint-3 with ``text`` as its trainer_state.json, checkpoint-6 with a good one."""
+    from safetensors.torch import save_file
+
+    for step in (3, 6):
+        folder = run / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        save_file(dict(make_state(step)), str(folder / "model.safetensors"))
+        (folder / "trainer_state.json").write_text(text if step == 3 else json.dumps({"global_step": step}))
+
+
+@pytest.mark.parametrize("state", list(UNREAD_STATES))
+def test_a_trainer_state_giving_no_step_is_said_in_the_plan(tmp_path: Path, state: str) -> None:
+    """It was ignored silently and the step taken from the name: the plan now says so, per checkpoint."""
+    text, why = UNREAD_STATES[state]
+    run_with_trainer_state(tmp_path, text)
+    run = find_run(tmp_path)
+    assert [(c.step, c.step_origin) for c in run.checkpoints] == [
+        (3, "filename:checkpoint-N"),
+        (6, "trainer_state.json:global_step"),
+    ]
+    assert [c.notes for c in run.checkpoints] == [
+        [f"{why}: step 3 taken from the name (filename:checkpoint-N)"],
+        [],
+    ]
+
+
+def test_the_command_prints_that_note(tmp_path: Path) -> None:
+    run_with_trainer_state(tmp_path / "run", "[3, 6]")
+    exe = str(Path(sys.executable).parent / "ema-average")
+    result = subprocess.run(
+        [exe, str(tmp_path / "run"), "--dry-run"], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert (
+        "note: checkpoint-3: trainer_state.json is not a JSON object (it is an array), so its global_step was "
+        "not read: step 3 taken from the name (filename:checkpoint-N)"
+    ) in result.stdout.splitlines()

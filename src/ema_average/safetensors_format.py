@@ -69,6 +69,11 @@ _DTYPE_RANK = [
 METADATA_KEY = "__metadata__"
 MAX_HEADER_BYTES = 100_000_000  # the library's own limit
 
+# torch indexes sizes, strides and byte offsets with int64; a shape beyond that cannot be a tensor, even an
+# empty one ([2**63, 0]), and fails deep in torch with a C++ stack naming no file.
+MAX_INDEX = 2**63 - 1
+MAX_DIMS = 64  # no real tensor comes near; a header of millions of dims is hostile
+
 
 @dataclass(frozen=True)
 class HeaderEntry:
@@ -147,12 +152,33 @@ def _entry(path: Path, name: str, value: object) -> HeaderEntry:
         raise CheckpointError(path, f"tensor {name!r} has dtype {dtype!r}, which this tool cannot average")
     if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
         raise _damaged(path, f"tensor {name!r} has shape {str(shape)[:40]}")
+    problem = shape_problem(shape, DTYPES[dtype])
+    if problem is not None:
+        raise CheckpointError(path, f"tensor {name!r} {problem}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
         raise _damaged(path, f"tensor {name!r} has data_offsets {str(offsets)[:40]}")
     begin, end = offsets
     if end < begin or end - begin != math.prod(shape) * DTYPES[dtype].itemsize:
         raise _damaged(path, f"tensor {name!r}: data_offsets {offsets} do not fit {dtype}{shape}")
     return HeaderEntry(DTYPES[dtype], tuple(shape), begin, end)
+
+
+def shape_problem(shape: Sequence[int], dtype: torch.dtype) -> str | None:
+    """Why no tensor can have ``shape`` (non-negative ints) and ``dtype``, or None when one can.
+
+    Every dim, and the bytes a tensor would span were its zero dims one (what its strides reach), must
+    fit torch's int64 indexing.
+    """
+    if len(shape) > MAX_DIMS:
+        return f"has {len(shape)} dimensions, more than the {MAX_DIMS} any tensor has; refused"
+    span = dtype.itemsize
+    for dim in shape:
+        span *= max(dim, 1)
+        if dim > MAX_INDEX or span > MAX_INDEX:
+            shown = str(list(shape))
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
+            return f"has shape {shown}, beyond what torch can index (int64 sizes and strides); refused"
+    return None
 
 
 def _is_count(value: object) -> bool:

@@ -35,7 +35,7 @@ from ema_average.checkpoints.safe_unpickle import first_line, load_dcp_metadata,
 from ema_average.checkpoints.steps import checked_step
 from ema_average.checkpoints.torch_file import checked_name, dtype_problem
 from ema_average.errors import CheckpointError
-from ema_average.safetensors_format import DTYPE_NAMES
+from ema_average.safetensors_format import DTYPE_NAMES, shape_problem
 
 # A few bytes of pickle can list one chunk object millions of times; walking them is bounded.
 MAX_CHUNKS = 10_000_000
@@ -206,6 +206,9 @@ def _check_tensor_entry(path: Path, fqn: str, item: Any, md: ModuleType) -> None
         getattr(getattr(item, "properties", None), "dtype", None), torch.dtype
     ):
         raise _damaged(path, f"tensor {fqn!r} has no valid shape and dtype")
+    problem = shape_problem(shape, item.properties.dtype)
+    if problem is not None:
+        raise CheckpointError(path, f"tensor {fqn!r} {problem}")
     volume = 0
     for chunk in item.chunks:
         offsets = _dims(getattr(chunk, "offsets", None))

@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 
 from ema_average.checkpoints.base import Checkpoint, OpenOptions, StepInfo
-from ema_average.checkpoints.hf_folder import weight_sets
+from ema_average.checkpoints.hf_folder import HfFolderCheckpoint, side_file_problem, weight_sets
 from ema_average.checkpoints.layouts import layout_of, looked_for, open_leaf
 from ema_average.checkpoints.safetensors_file import SafetensorsCheckpoint
 from ema_average.checkpoints.steps import PATTERN_NAMES, checked_step, names_a_step, step_from_name
@@ -32,6 +32,7 @@ from ema_average.errors import (
     ConfigurationError,
     NoCheckpointsError,
 )
+from ema_average.safetensors_format import shape_problem
 
 StepsFrom = Literal["auto", "metadata", "filename"]  # options.STEPS_FROM, as a type
 
@@ -121,14 +122,16 @@ def find_run(
         if only is not None and unit.path not in only:
             continue
         ckpt = _open(unit, options)
-        if isinstance(ckpt, SafetensorsCheckpoint) and ckpt.written_by_this_tool:
+        if _written_by_this_tool(ckpt):
             notices.append(f"skipped {unit.path}: written by ema-average itself")
             units.remove(unit.path)
+            ckpt.close()
             continue
         _check_holds_weights(ckpt)
         _check_submodel(ckpt, submodel)
         info = _step_of(ckpt, steps_from)
         ckpt.step, ckpt.step_origin, ckpt.step_is_counter = info.step, info.origin, info.counter
+        _note_unread_step(ckpt, steps_from)
         checkpoints.append(ckpt)
     if not checkpoints:
         where = f" named {' or '.join(globs)}" if globs else ""
@@ -149,10 +152,10 @@ def candidates(root: Path, globs: Sequence[str] = ()) -> list[Path]:
 def scan(root: Path, globs: Sequence[str] = ()) -> Scan:
     """The units of the run under ``root``, and what was skipped as a final model."""
     owners: dict[Path, list[Path]] = {}
-    for model in _models(root):
+    notices: list[str] = []
+    for model in _models(root, notices):
         owners.setdefault(_owner(root, model), []).append(model)
     units = [Unit(path, models) for path, models in owners.items()]
-    notices: list[str] = []
     if units and all(u.path == root for u in units):
         raise NoCheckpointsError(
             root,
@@ -172,17 +175,50 @@ def scan(root: Path, globs: Sequence[str] = ()) -> Scan:
     return Scan(sorted(units, key=lambda u: u.path), notices)
 
 
-def _models(root: Path) -> list[Path]:
-    """Every folder a folder layout claims and every weight file outside such folders (hidden ones never)."""
+def _models(root: Path, notices: list[str]) -> list[Path]:
+    """Every folder a folder layout claims and every weight file outside such folders (hidden ones never),
+    in ``os.walk``'s order. Walked with a stack, not by recursion as ``os.walk`` does before Python 3.12: a
+    folder thousands of levels deep beside the checkpoints is just searched. Links to folders are not
+    followed; a folder that cannot be listed is skipped with a notice."""
     found: list[Path] = []
-    for folder, dirs, files in os.walk(root):
-        here = Path(folder)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # hidden folders are never searched
-        if layout_of(here, "folder") is not None:
-            found.append(here)  # its files are its own; its sub-folders may hold more
-            continue
-        found += [here / f for f in sorted(files) if not f.startswith(".") and layout_of(here / f, "file")]
+    pending = [root]
+    while pending:
+        here = pending.pop()
+        try:
+            pending += _search(here, found)
+        except OSError as exc:  # unreadable, or a path longer than the system allows
+            if here == root:
+                raise NoCheckpointsError(root, f"cannot be listed ({exc.strerror or exc})") from exc
+            notices.append(f"skipped {_shortened(here)}: cannot be listed ({exc.strerror or exc})")
     return found
+
+
+def _shortened(path: Path) -> str:
+    """A path for a notice: a folder thousands of levels deep is shown by its two ends."""
+    text = str(path)
+    return text if len(text) <= 200 else f"{text[:96]}...{text[-96:]}"
+
+
+def _search(here: Path, found: list[Path]) -> list[Path]:
+    """Add what ``here`` holds to ``found``; its sub-folders to search next, last first."""
+    with os.scandir(here) as listing:
+        entries = sorted((e for e in listing if not e.name.startswith(".")), key=lambda e: e.name)
+    claimed = layout_of(here, "folder") is not None
+    if claimed:
+        found.append(here)  # its files are its own; its sub-folders may hold more
+    folders = {e.name for e in entries if _is_folder(e)}
+    if not claimed:
+        found += [
+            here / e.name for e in entries if e.name not in folders and layout_of(here / e.name, "file")
+        ]
+    return [here / e.name for e in reversed(entries) if e.name in folders and not e.is_symlink()]
+
+
+def _is_folder(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def _owner(root: Path, model: Path) -> Path:
@@ -231,20 +267,31 @@ def _open(unit: Unit, options: OpenOptions) -> Checkpoint:
     return open_unit(unit.path, unit.models, options)
 
 
+def _written_by_this_tool(ckpt: Checkpoint) -> bool:
+    """An output of this tool (a file, or a folder of shards, its metadata marked): never an input."""
+    return isinstance(ckpt, SafetensorsCheckpoint | HfFolderCheckpoint) and ckpt.written_by_this_tool
+
+
 def _check_holds_weights(ckpt: Checkpoint) -> None:
-    """A unit with no tensors, or a floating tensor with no elements, is never averaged: such are the
-    placeholders DeepSpeed ZeRO-3 and FSDP save where the weights live elsewhere."""
+    """Every shape is one torch can hold, and the unit holds weights: not no tensors, nor the placeholders
+    DeepSpeed ZeRO-3 and FSDP save where the weights live elsewhere (most floating tensors empty). A lone
+    empty tensor (a model's empty buffer) is kept: it is copied as it is."""
     specs = ckpt.specs()
     if not specs:
         raise CheckpointError(
             ckpt.path, "holds no tensors (weights saved elsewhere, e.g. by DeepSpeed ZeRO-3?)"
         )
-    empty = next((name for name, spec in specs.items() if spec.is_floating and spec.numel == 0), None)
-    if empty is not None:
+    for name, spec in specs.items():
+        problem = shape_problem(spec.shape, spec.dtype)
+        if problem is not None:
+            raise CheckpointError(ckpt.path, f"tensor {name!r} {problem}")
+    floating = [name for name, spec in specs.items() if spec.is_floating]
+    empty = [name for name in floating if specs[name].numel == 0]
+    if empty and 2 * len(empty) > len(floating):
         raise CheckpointError(
             ckpt.path,
-            f"tensor {empty!r} has no elements: a placeholder (as DeepSpeed ZeRO-3 and FSDP save), "
-            "not weights; refused",
+            f"tensor {empty[0]!r} has no elements: a placeholder (as DeepSpeed ZeRO-3 and FSDP save), "
+            f"not weights: {len(empty)} of its {len(floating)} floating tensors are empty; refused",
         )
 
 
@@ -280,6 +327,16 @@ def _step_of(ckpt: Checkpoint, steps_from: StepsFrom) -> StepInfo:
         "filename": f"in its name (--steps-from filename; patterns {', '.join(PATTERN_NAMES)})",
     }[steps_from]
     raise CheckpointError(ckpt.path, f"no training step found {where}")
+
+
+def _note_unread_step(ckpt: Checkpoint, steps_from: StepsFrom) -> None:
+    """A step taken from the name while the trainer's own record was there but unusable is said in the
+    plan (a ``trainer_state.json`` that is not an object was once ignored silently)."""
+    if steps_from != "auto" or not ckpt.step_origin.startswith("filename:") or not ckpt.path.is_dir():
+        return
+    problem = side_file_problem(ckpt.path)
+    if problem is not None:
+        ckpt.notes.append(f"{problem}: step {ckpt.step} taken from the name ({ckpt.step_origin})")
 
 
 def _real_steps(

@@ -121,6 +121,15 @@ class HfFolderCheckpoint(Checkpoint):
             _check_shards_match(weights, weight_map, self._owner)
 
     @property
+    def written_by_this_tool(self) -> bool:
+        """A folder output of this tool (``-o DIR``): every weights file it read carries the tool's marker."""
+        from ema_average.checkpoints.safetensors_file import SafetensorsCheckpoint
+
+        return bool(self._parts) and all(
+            isinstance(part, SafetensorsCheckpoint) and part.written_by_this_tool for part in self._parts
+        )
+
+    @property
     def saved_model(self) -> SavedModel:
         """This folder, its model's weights named as its library loads them in safetensors
         (``pytorch_model.bin`` -> ``model.safetensors``)."""
@@ -178,16 +187,48 @@ def side_file_step(folder: Path) -> StepInfo | None:
     """A step from the JSON a trainer writes beside the weights: the HF Trainer's ``trainer_state.json``
     (``global_step``), or a diffusers ``EMAModel`` saved with ``save_pretrained`` (``config.json``
     ``optimization_step``)."""
-    for file, key in (("trainer_state.json", "global_step"), ("config.json", "optimization_step")):
+    for file, key in _SIDE_STEPS:
         side = folder / file
         if not side.is_file():
             continue
-        record = _read_json(side)
-        step = record.get(key) if isinstance(record, dict) else None
-        if isinstance(step, int | str) and not isinstance(step, bool):
+        step = _side_value(_read_json(side), key)
+        if step is not None:
             where = f"{file}:{key}"
             return StepInfo(checked_step(side, step, where), where)
     return None
+
+
+def side_file_problem(folder: Path) -> str | None:
+    """Why a ``trainer_state.json`` in ``folder`` gave no step (it is not an object, or has no
+    ``global_step``), for the plan to say where the step came from instead; None if it did or is absent.
+    (A ``config.json`` without ``optimization_step`` is every model's config: nothing to say.)"""
+    file, key = _SIDE_STEPS[0]
+    side = folder / file
+    if not side.is_file():
+        return None
+    record = _read_json(side)
+    if not isinstance(record, dict):
+        return f"{file} is not a JSON object (it is {_json_kind(record)}), so its {key} was not read"
+    if key not in record:
+        return f"{file} has no {key}, so no step was read from it"
+    if _side_value(record, key) is None:
+        return f"{file}'s {key} is {_json_kind(record[key])}, not a step, so it was not read"
+    return None
+
+
+# The JSON files a trainer writes beside the weights, and the key holding the step, in order of trust.
+_SIDE_STEPS = (("trainer_state.json", "global_step"), ("config.json", "optimization_step"))
+
+
+def _side_value(record: object, key: str) -> int | str | None:
+    """``record[key]`` where ``record`` is a JSON object and the value may be a step (an int or a string)."""
+    step = record.get(key) if isinstance(record, dict) else None
+    return step if isinstance(step, int | str) and not isinstance(step, bool) else None
+
+
+def _json_kind(value: object) -> str:
+    kinds = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else kinds.get(type(value), "an object")
 
 
 def _read_json(path: Path) -> object:
