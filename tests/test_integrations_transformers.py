@@ -6,6 +6,7 @@ checkpoint ends with the uninterrupted run's EMA, bit for bit."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -252,3 +253,87 @@ def test_the_command_averages_the_callbacks_ema_folders_with_submodel_ema(tmp_pa
         torch.testing.assert_close(got[name].double(), tensor, rtol=1e-6, atol=1e-7)
     raw = load_file(str(run / "checkpoint-6" / "model.safetensors"))
     assert not torch.allclose(got["transformer.h.0.mlp.c_fc.weight"], raw["transformer.h.0.mlp.c_fc.weight"])
+
+
+DEEPSPEED_SCRIPT = """
+import json, os, sys, warnings
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+from ema_average.errors import ConfigurationError
+from ema_average.integrations.transformers import EMACallback
+
+class Tokens(torch.utils.data.Dataset):
+    def __len__(self): return 32
+    def __getitem__(self, i):
+        ids = torch.randint(0, 50, (8,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": ids, "labels": ids}
+
+class Recorder(TrainerCallback):
+    def __init__(self): self.weights = []
+    def _record(self, model): self.weights.append({n: p.detach().double().clone() for n, p in model.named_parameters()})
+    def on_train_begin(self, args, state, control, model=None, **kw): self._record(model)
+    def on_step_end(self, args, state, control, model=None, **kw): self._record(model)
+
+def tiny():
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16))
+
+def trainer(stage, callbacks):
+    config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": stage},
+              "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    args = TrainingArguments(output_dir=f"{out}/z{stage}", per_device_train_batch_size=4, max_steps=3, report_to=[],
+                             disable_tqdm=True, deepspeed=config, save_strategy="no", learning_rate=1e-2,
+                             lr_scheduler_type="constant", logging_steps=1000)
+    return Trainer(model=tiny(), args=args, train_dataset=Tokens(), callbacks=callbacks)
+
+out = sys.argv[1]
+rank = int(os.environ.get("RANK", "0"))
+warnings.simplefilter("ignore")
+ema, recorder = EMACallback(decay=0.9), Recorder()
+trainer(2, [recorder, ema]).train()
+shadow = dict(recorder.weights[0])
+for step, weights in enumerate(recorder.weights[1:], start=1):
+    d = min(0.9, (1 + step) / (10 + step))
+    shadow = {n: d * s + (1 - d) * weights[n] for n, s in shadow.items()}
+averages = ema.moving_average.averages()
+record = {"num_applied": ema.moving_average.num_applied,
+          "gap": max(float((averages[n].double() - shadow[n]).abs().max()) for n in shadow),
+          "averages": {n: t.tolist() for n, t in averages.items()}}
+try:
+    trainer(3, [EMACallback(decay=0.9)]).train()
+    record["zero3"] = "trained"
+except ConfigurationError as exc:
+    record["zero3"] = str(exc)
+with open(f"{out}/rank{rank}.json", "w") as f:
+    json.dump(record, f)
+"""
+
+
+def test_deepspeed_zero2_on_two_gloo_ranks_and_zero3_refused(tmp_path: Path) -> None:
+    """The real Trainer with DeepSpeed on two CPU ranks (torchrun, gloo): under ZeRO-2 each rank's EMA is
+    the float64 reference of its weights and equal across ranks; ZeRO-3 is refused with one line."""
+    pytest.importorskip("deepspeed")
+    script = tmp_path / "deepspeed_ema.py"
+    script.write_text(DEEPSPEED_SCRIPT)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        str(script),
+    ]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [*command, str(tmp_path)], capture_output=True, text=True, timeout=300, env=environment, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["num_applied"] == ranks[1]["num_applied"] == 3
+    assert ranks[0]["gap"] < 1e-6 and ranks[1]["gap"] < 1e-6
+    assert ranks[0]["averages"] == ranks[1]["averages"]
+    for rank in ranks:
+        assert rank["zero3"] == (
+            "parameter 'transformer.wte.weight' is partitioned by DeepSpeed ZeRO-3 (empty outside forward): "
+            "the EMA callback cannot average it; use ZeRO stage 1 or 2, or FSDP2 (fully_shard)"
+        )
