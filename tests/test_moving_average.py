@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from ema_average import (
     ExponentialMovingAverage,
     MovingAverage,
     ParameterError,
+    UniformMovingAverage,
 )
 from ema_average.decay_rules import DecayRule
 from ema_average.plan import AverageSettings, update_decays
@@ -346,3 +348,211 @@ def test_large_mixed_dtype_tensors_match_float64(dtype: torch.dtype) -> None:
     for name, avg in ema.averages().items():
         assert avg.dtype == torch.float32
         torch.testing.assert_close(avg.double(), ref.shadow[name], rtol=2e-6, atol=2e-6)
+
+
+# --- a saved state: all of it, checked, or none (issue 18) -------------------------------------------------
+
+
+def saved_average() -> tuple[ExponentialMovingAverage, dict]:
+    """An average one update in, and a state of another average of the same parameters two updates in."""
+    params = make_params(torch.float32, "cpu")
+    source = ExponentialMovingAverage(params.items(), decay=0.7)
+    perturb(params, 1)
+    source.apply()
+    source.apply()
+    target = ExponentialMovingAverage(make_params(torch.float32, "cpu", seed=5).items(), decay=0.7)
+    return target, source.state_dict()
+
+
+def assert_untouched(ema: MovingAverage, before: dict[str, torch.Tensor], count: int) -> None:
+    assert ema.num_applied == count
+    for name, average in ema.averages().items():
+        assert torch.equal(average, before[name]), name
+
+
+@pytest.mark.parametrize(
+    ("num_applied", "shown"),
+    [
+        (-1, "-1"),
+        (0.5, "0.5"),
+        (2.0, "2.0"),
+        (float("nan"), "nan"),
+        ([2], r"\[2\]"),
+        (True, "True"),
+        ("2", "'2'"),
+    ],
+)
+def test_a_bad_update_count_is_refused_and_nothing_is_loaded(num_applied: object, shown: str) -> None:
+    target, state = saved_average()
+    before = {n: t.clone() for n, t in target.averages().items()}
+    state["num_applied"] = num_applied
+    with pytest.raises(AverageStateError, match=rf"'num_applied' must be a whole number >= 0, got {shown}"):
+        target.load_state_dict(state)
+    assert_untouched(target, before, 0)
+    del state["num_applied"]
+    with pytest.raises(AverageStateError, match="no 'num_applied'"):
+        target.load_state_dict(state)
+
+
+def test_a_uniform_average_with_a_negative_count_is_refused() -> None:
+    """The issue's case: the mean of 0 and 1 loaded with count -1 went on as weight -1.0, then divided by 0."""
+    average = UniformMovingAverage({"w": torch.nn.Parameter(torch.zeros(2))})
+    state = average.state_dict()
+    state["averages"]["w"] = torch.full((2,), 0.5)
+    state["num_applied"] = -2
+    with pytest.raises(AverageStateError, match="'num_applied'"):
+        average.load_state_dict(state)
+    state["num_applied"] = 1  # the mean of 0 and 1: a third value 2 makes it 1
+    average.load_state_dict(state)
+    average.update({"w": torch.full((2,), 2.0)})
+    assert average.averages()["w"].tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ([0.0] * 24, "is a list, not a tensor"),
+        (torch.zeros(3, 8, dtype=torch.int64), "has dtype int64"),
+        (torch.zeros(3, 8, device="meta"), "is on the meta device"),
+        (torch.zeros(3, 8).to_sparse(), "is a torch.sparse_coo tensor, not a dense one"),
+        (torch.zeros(8, 3), r"has shape \(8, 3\), expected \(3, 8\)"),
+    ],
+)
+def test_a_bad_saved_average_is_named_and_nothing_is_loaded(value: object, problem: str) -> None:
+    target, state = saved_average()
+    before = {n: t.clone() for n, t in target.averages().items()}
+    state["averages"]["head.weight"] = value  # the last one: every other would have loaded before it
+    with pytest.raises(AverageStateError, match=rf"'head.weight' {problem}"):
+        target.load_state_dict(state)
+    assert_untouched(target, before, 0)
+
+
+def test_a_state_that_is_not_a_mapping_is_refused() -> None:
+    target, _ = saved_average()
+    with pytest.raises(AverageStateError, match="got a list"):
+        target.load_state_dict([1, 2])  # type: ignore[arg-type]
+
+
+def test_other_settings_are_refused_unless_taken_or_kept() -> None:
+    """A state made at decay 0.1 is not silently taken by a 0.9999 average: refused naming both; taken
+    (torch_ema's way) or this average's kept (timm's) only when asked, and then the next update says which."""
+    p = torch.nn.Parameter(torch.tensor([0.0]))
+    source = ExponentialMovingAverage([("p", p)], decay=0.1)
+    state = source.state_dict()
+    state["averages"]["p"] = torch.tensor([8.0])
+    ema = ExponentialMovingAverage([("p", p)], decay=0.9999)
+    with pytest.raises(AverageStateError, match=r"made with decay=0\.1, .*this average has decay=0\.9999"):
+        ema.load_state_dict(state)
+    assert ema.averages()["p"].tolist() == [0.0] and ema.decay == 0.9999
+
+    ema.load_state_dict(state, settings="state")
+    assert ema.decay == 0.1
+    ema.apply()  # 0.1 * 8 + 0.9 * 0 = 0.8
+    assert ema.averages()["p"].tolist() == [pytest.approx(0.8)]
+
+    kept = ExponentialMovingAverage([("p", p)], decay=0.75)
+    kept.load_state_dict(state, settings="keep")
+    kept.apply()  # 0.75 * 8 + 0.25 * 0 = 6
+    assert kept.decay == 0.75 and kept.averages()["p"].tolist() == [6.0]
+
+    for settings, problem in [({"decay": "high"}, "are not a exponential average's"), (None, "found none")]:
+        broken = dict(state)
+        if settings is None:
+            del broken["settings"]
+        else:
+            broken["settings"] = settings
+        with pytest.raises(AverageStateError, match=problem):
+            kept.load_state_dict(broken, settings="state")
+    with pytest.raises(ConfigurationError, match="settings must be"):
+        kept.load_state_dict(state, settings="newest")
+
+
+# --- apply(): all or nothing, and parameters the module replaced (issue 18) --------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (lambda p: torch.zeros(5, dtype=p.dtype), r"is now \(5,\)"),
+        (lambda p: torch.ones(1, dtype=p.dtype), r"is now \(1,\)"),  # a shape lerp would broadcast silently
+        (lambda p: p.detach().double(), r"is now \(3,\) float64 on cpu"),
+    ],
+)
+def test_a_failing_apply_leaves_every_average_as_it_was(
+    dtype: torch.dtype, change: Callable[[torch.Tensor], torch.Tensor], problem: str
+) -> None:
+    params = {n: torch.nn.Parameter(torch.randn(3).to(dtype)) for n in ("a", "b", "c")}
+    ema = ExponentialMovingAverage(params.items(), decay=0.5)
+    perturb(params, 1)
+    ema.apply()
+    before = {n: t.clone() for n, t in ema.averages().items()}
+    params["b"].data = change(params["b"])
+    perturb({"a": params["a"], "c": params["c"]}, 2)
+    with pytest.raises(ParameterError, match=rf"parameter 'b' {problem}.*none was updated"):
+        ema.apply(num_updates=4)
+    assert_untouched(ema, before, 1)
+
+
+def small_model(seed: int) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+
+
+def train_step(model: torch.nn.Module, step: int) -> None:
+    """One real SGD step on a fixed regression batch."""
+    g = torch.Generator().manual_seed(step)
+    x, y = torch.randn(8, 4, generator=g), torch.randn(8, 2, generator=g)
+    model.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sub_(0.5 * p.grad)
+
+
+@pytest.mark.parametrize("given", ["module", "named_parameters"])
+def test_parameters_replaced_by_load_state_dict_assign_are_followed(given: str) -> None:
+    """``load_state_dict(sd, assign=True)`` puts new Parameter objects in the model: the average goes on
+    with them (a float64 reference of the model's own parameters), and swaps go into them."""
+    model = small_model(0)
+    ema = ExponentialMovingAverage(model if given == "module" else model.named_parameters(), decay=0.8)
+    ref = Float64Reference(dict(model.named_parameters()), 0.8, 1.0, 10.0)
+    for step in range(1, 4):
+        train_step(model, step)
+        ema.apply(num_updates=step)
+        ref.apply(dict(model.named_parameters()), step)
+    old = dict(model.named_parameters())
+    model.load_state_dict(small_model(1).state_dict(), assign=True)
+    assert all(p is not old[n] for n, p in model.named_parameters())  # new objects, as the issue says
+    for step in range(4, 24):
+        train_step(model, step)
+        ema.apply(num_updates=step)
+        ref.apply(dict(model.named_parameters()), step)
+    for name, average in ema.averages().items():
+        torch.testing.assert_close(average.double(), ref.shadow[name], rtol=2e-6, atol=2e-6)
+
+    x = torch.randn(5, 4)
+    training = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad(), ema.average_parameters():
+        swapped = model(x)
+        assert all(torch.equal(p, ema.averages()[n]) for n, p in model.named_parameters())
+    expected = torch.func.functional_call(model, {n: t.float() for n, t in ref.shadow.items()}, (x,))
+    torch.testing.assert_close(swapped, expected, rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(p, training[n]) for n, p in model.named_parameters())
+
+
+def test_a_replacement_that_does_not_fit_is_refused_by_name() -> None:
+    model = small_model(0)
+    ema = ExponentialMovingAverage(model, decay=0.8)
+    train_step(model, 1)
+    ema.apply()
+    before = {n: t.clone() for n, t in ema.averages().items()}
+    model[2].weight = torch.nn.Parameter(torch.zeros(7, 3))
+    with pytest.raises(ParameterError, match=r"'2\.weight' was replaced by \(7, 3\) float32"):
+        ema.apply()
+    with pytest.raises(ParameterError, match=r"'2\.weight'"):
+        ema.assign_average_value()
+    assert_untouched(ema, before, 1)
+    model[2].weight = None  # type: ignore[assignment]
+    with pytest.raises(ParameterError, match=r"'2\.weight' is no longer the module's"):
+        ema.apply()

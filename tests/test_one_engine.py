@@ -20,6 +20,7 @@ from ema_average.cli import app
 from ema_average.moving_average import MovingAverage
 
 STEPS = range(1, 14)  # step 1 starts the average; steps 2..13 are all in the warm-up (decay < 0.9)
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 SIZES = {"one": 1, "seven": 7, "thousand": 1000, "hundred_k": 100_000}
 
 
@@ -29,10 +30,10 @@ def weights_at(step: int, sizes: dict[str, int], dtype: torch.dtype) -> dict[str
     return {name: (torch.randn(n, generator=g) * step).to(dtype) for name, n in sizes.items()}
 
 
-def online(method: str, sizes: dict[str, int], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def online(method: str, sizes: dict[str, int], dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
     """The library: parameters trained step by step, ``apply(num_updates=step)`` after each."""
     first = weights_at(STEPS[0], sizes, dtype)
-    params = {name: torch.nn.Parameter(t) for name, t in first.items()}
+    params = {name: torch.nn.Parameter(t.to(device)) for name, t in first.items()}
     ema: MovingAverage
     if method == "power":
         ema = PowerFunctionMovingAverage(params, gamma=6.94)
@@ -43,11 +44,11 @@ def online(method: str, sizes: dict[str, int], dtype: torch.dtype) -> dict[str, 
             for name, value in weights_at(step, sizes, dtype).items():
                 params[name].copy_(value)
         ema.apply(num_updates=step)
-    return {name: t.clone() for name, t in ema.averages().items()}
+    return {name: t.cpu() for name, t in ema.averages().items()}
 
 
 def offline(
-    tmp_path: Path, method: str, sizes: dict[str, int], dtype: torch.dtype
+    tmp_path: Path, method: str, sizes: dict[str, int], dtype: torch.dtype, device: str
 ) -> dict[str, torch.Tensor]:
     """The command over one safetensors checkpoint per step (the step in the header's metadata)."""
     run = tmp_path / "run"
@@ -58,7 +59,18 @@ def offline(
     out = tmp_path / "ema.safetensors"
     settings = ["--method", "power", "--gamma", "6.94"] if method == "power" else ["--decay", "0.9"]
     out_dtype = "as-input" if dtype == torch.float64 else "float32"
-    args = [str(run), "-o", str(out), "--schedule", "step", "--dtype", out_dtype, *settings]
+    args = [
+        str(run),
+        "-o",
+        str(out),
+        "--schedule",
+        "step",
+        "--dtype",
+        out_dtype,
+        "--device",
+        device,
+        *settings,
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     return load_file(str(out))
@@ -67,16 +79,17 @@ def offline(
 CASES = [pytest.param({name: n}, id=name) for name, n in SIZES.items()] + [pytest.param(SIZES, id="mixed")]
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("method", ["exponential", "power"])
 @pytest.mark.parametrize(
     "dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"]
 )
 @pytest.mark.parametrize("sizes", CASES)
 def test_apply_and_the_command_agree_bit_for_bit(
-    tmp_path: Path, method: str, dtype: torch.dtype, sizes: dict[str, int]
+    tmp_path: Path, method: str, dtype: torch.dtype, sizes: dict[str, int], device: str
 ) -> None:
-    expected = online(method, sizes, dtype)
-    got = offline(tmp_path, method, sizes, dtype)
+    expected = online(method, sizes, dtype, device)
+    got = offline(tmp_path, method, sizes, dtype, device)
     assert set(got) == set(expected)
     for name, average in expected.items():
         assert got[name].dtype == average.dtype

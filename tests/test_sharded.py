@@ -7,6 +7,7 @@ process, with float64 references written out here and with one-process runs of t
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -587,6 +588,36 @@ def test_a_long_uniform_export_stays_small_and_resumes_with_its_count(tmp_path: 
     torch.testing.assert_close(load_file(tmp_path / "out.safetensors")["w"].double(), expected)
     with safe_open(str(tmp_path / "out.safetensors"), "pt") as f:
         assert (f.metadata()["values"], f.metadata()["last_step"]) == ("3003", "3002")
+
+
+@pytest.mark.parametrize(("dtype", "limit"), [(torch.float16, "65504"), (torch.bfloat16, "3.38953e+38")])
+def test_export_refuses_finite_averages_the_dtype_cannot_hold(
+    tmp_path: Path, dtype: torch.dtype, limit: str
+) -> None:
+    """The issue's averages [1, 7e4, -1e5, 3.4e38] became [1, inf, -inf, inf] in float16 (3.4e38 in bf16 too):
+    what would be written is checked after its rounding, and refused naming the tensor and the dtype."""
+    from safetensors.torch import load_file
+
+    from ema_average import OutputRangeError
+    from ema_average.sharded_export import save_safetensors
+
+    big = {"ok": torch.tensor([1.0, -2.5]), "big": torch.tensor([1.0, 7e4, -1e5, 3.4e38])}
+    average = ExponentialMovingAverage({n: nn.Parameter(t) for n, t in big.items()}, decay=DECAY)
+    path = tmp_path / "ema.safetensors"
+    name = str(dtype).removeprefix("torch.")
+    expected = f"tensor 'big' averages to 3.4e+38, beyond what {name} holds ({limit})"
+    with pytest.raises(OutputRangeError, match=re.escape(expected)):
+        save_safetensors(average, path, step=1, dtype=dtype)
+    assert list(tmp_path.iterdir()) == []  # nothing written, no temporary left
+
+    # At the edge: 65519 rounds down to float16's 65504 and is written; Inf or NaN already in the average
+    # are the average's own values (kept, as float32 would keep them), not an overflow of the dtype.
+    edge = {"edge": torch.tensor([65519.0, -65519.0]), "inf": torch.tensor([float("inf"), float("nan")])}
+    fits = ExponentialMovingAverage({n: nn.Parameter(t) for n, t in edge.items()}, decay=DECAY)
+    save_safetensors(fits, path, step=1, dtype=torch.float16)
+    written = load_file(path)
+    assert written["edge"].tolist() == [65504.0, -65504.0]
+    assert written["inf"][0].item() == float("inf") and written["inf"][1].isnan()
 
 
 # --- averages in host memory of CUDA values ---------------------------------------------------------------

@@ -17,11 +17,13 @@ This module knows nothing of files or of the command line.
 
 from __future__ import annotations
 
+import numbers
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from operator import attrgetter, is_
 from typing import Any, ClassVar, TypeAlias, TypeVar
 
 import torch
@@ -34,7 +36,7 @@ from ema_average.decay_rules import (
     UniformRule,
     check_unit,
 )
-from ema_average.errors import AverageStateError, ConfigurationError, ParameterError
+from ema_average.errors import AverageStateError, ConfigurationError, OutputRangeError, ParameterError
 
 NamedParameter = tuple[str, torch.Tensor]
 Values = Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
@@ -50,6 +52,7 @@ __all__ = [
     "Parameters",
     "PowerFunctionMovingAverage",
     "UniformMovingAverage",
+    "check_fits",
     "ema_update_",
     "is_dtensor",
     "local_part",
@@ -118,6 +121,28 @@ def _window_ends(numels: list[int], size: int) -> Iterator[int]:
             total = 0
         total += numel
     yield len(numels)
+
+
+def check_fits(name: str, values: torch.Tensor, rounded: torch.Tensor) -> None:
+    """Refuse ``rounded`` (``values`` converted to a narrower dtype) if rounding turned a finite value into
+    Inf: float16 holds at most 65504, so a finite 7e4 would be written as Inf. Values already NaN or Inf
+    are not this check's business. One ``aminmax`` over what is written when it fits; raises
+    ``OutputRangeError`` naming the tensor, the dtype and the largest value that does not fit.
+    """
+    if rounded.numel() == 0 or not rounded.is_floating_point():
+        return
+    low, high = torch.aminmax(rounded)
+    if bool(torch.isfinite(low) & torch.isfinite(high)):
+        return
+    overflowed = torch.isinf(rounded) & torch.isfinite(values)
+    if not bool(overflowed.any()):
+        return
+    largest = float(values[overflowed].abs().max())
+    dtype = rounded.dtype
+    raise OutputRangeError(
+        f"tensor {name!r} averages to {largest:.4g}, beyond what {str(dtype).removeprefix('torch.')} holds "
+        f"({torch.finfo(dtype).max:g}): it would be written as Inf; refused. Write float32 to keep it"
+    )
 
 
 # --- sharded tensors ------------------------------------------------------------------------------
@@ -254,6 +279,43 @@ def _fsdp_modules(parameters: Parameters) -> list[torch.nn.Module]:
     return [m for m in parameters.modules() if isinstance(m, cls)]
 
 
+# Where a module keeps a tracked parameter: its owner's ``_parameters`` dict and the key in it.
+_Slot: TypeAlias = tuple[dict[str, Any], str]
+
+
+def _owner_module(parameters: Parameters) -> torch.nn.Module | None:
+    """The module whose parameters these are, when it can be known: the module itself, or the one whose
+    ``named_parameters()`` generator was passed (not yet started). Anything else (a list, a dict, a filtered
+    generator) names no module."""
+    if isinstance(parameters, torch.nn.Module):
+        return parameters
+    if getattr(parameters, "gi_code", None) is torch.nn.Module.named_parameters.__code__:
+        owner = parameters.gi_frame.f_locals.get("self") if parameters.gi_frame else None  # type: ignore[attr-defined]
+        return owner if isinstance(owner, torch.nn.Module) else None
+    return None
+
+
+def _module_slots(owner: torch.nn.Module | None, params: list[torch.Tensor]) -> list[_Slot] | None:
+    """Each tracked parameter's slot in ``owner``, to follow a parameter the module replaces
+    (``load_state_dict(assign=True)``, ``module.weight = nn.Parameter(...)``); None if not all are found.
+
+    Not under FSDP2, which swaps its sharded and gathered parameters in these slots at every forward.
+    """
+    if owner is None or _fsdp_modules(owner):
+        return None
+    where: dict[int, _Slot] = {}
+    for module in owner.modules():
+        for key, param in module._parameters.items():
+            if param is not None:
+                where.setdefault(id(param), (module._parameters, key))
+    slots = [where.get(id(p)) for p in params]
+    return None if any(slot is None for slot in slots) else slots  # type: ignore[return-value]
+
+
+_SHAPE = attrgetter("shape")
+_KIND = attrgetter("dtype", "device")
+
+
 @dataclass
 class _Bucket:
     """Shadows of one (source device, source dtype) kind, as views into one flat buffer.
@@ -267,10 +329,15 @@ class _Bucket:
     indices: list[int]
     shadows: list[torch.Tensor]
     tracked: list[torch.Tensor]  # the tracked tensors themselves, for apply(); emptied by from_tensors
+    kind: tuple[torch.dtype, torch.device]  # what every value must still be at each apply()
     sharded: list[bool] | None = (
         None  # which tracked tensors are DTensors, if any: their shards are read at each use
     )
     staging: list[torch.Tensor] = field(default_factory=list)  # pinned views (CUDA values, host averages)
+    shapes: list[torch.Size] = field(init=False)  # the shadows', read once
+
+    def __post_init__(self) -> None:
+        self.shapes = [s.shape for s in self.shadows]
 
     def values(self) -> list[torch.Tensor]:
         """The tracked tensors' current values on this rank (a plain attribute read per DTensor: on many
@@ -278,6 +345,15 @@ class _Bucket:
         if self.sharded is None:
             return self.tracked
         return [t._local_tensor if d else t for t, d in zip(self.tracked, self.sharded, strict=True)]  # type: ignore[attr-defined]
+
+    def fits(self, values: list[torch.Tensor]) -> bool:
+        """Whether every value still has its average's shape and the bucket's dtype and device.
+
+        A parameter whose ``.data`` was replaced (another shape, ``.half()``, ``.to(device)``) would make
+        the multi-tensor update fail midway, or broadcast silently: checked for all before any is touched,
+        in C-level passes (about 0.7 us a tensor).
+        """
+        return list(map(_SHAPE, values)) == self.shapes and set(map(_KIND, values)) <= {self.kind}
 
 
 def _make_buckets(tensors: list[torch.Tensor], device: torch.device | None) -> list[_Bucket]:
@@ -299,7 +375,8 @@ def _make_buckets(tensors: list[torch.Tensor], device: torch.device | None) -> l
                 view.copy_(local[i].detach())
             sources = [tensors[i] for i in indices]
             sharded = [is_dtensor(t) for t in sources]
-            bucket = _Bucket(flat, indices, shadows, sources, sharded if any(sharded) else None)
+            kind = (src_dtype, src_device)
+            bucket = _Bucket(flat, indices, shadows, sources, kind, sharded if any(sharded) else None)
             if src_device.type == "cuda" and flat.device.type == "cpu":
                 staging = torch.empty(flat.numel(), dtype=src_dtype, pin_memory=True)
                 bucket.staging = _views(staging, [local[i].shape for i in indices])
@@ -426,6 +503,7 @@ class MovingAverage:
         self.rule = rule
         self._fsdp_modules = _fsdp_modules(parameters)
         self._reshard()  # after a forward, FSDP2's root module lists its gathered parameters, not its shards
+        owner = _owner_module(parameters)  # before a generator is consumed
         items = _named_tensors(parameters)
         self._names = [name for name, _ in items]
         self._params: list[torch.Tensor] | None = [t for _, t in items]
@@ -439,6 +517,7 @@ class MovingAverage:
                 self._shadows[i] = view
         self._host = _HostUpdates() if any(b.staging for b in self._buckets) else None
         self._backups: list[torch.Tensor] | None = None
+        self._slots = _module_slots(owner, self._params)
         self.num_applied = 0
 
     rule_type: ClassVar[type[DecayRule]]  # each implementation's rule; its settings build it
@@ -495,25 +574,91 @@ class MovingAverage:
     # --- updating -----------------------------------------------------------------------------------
 
     def apply(self, num_updates: int | None = None) -> None:
-        """Update the averages from the current values of the tracked parameters.
+        """Update the averages from the current values of the tracked parameters: all or none.
 
-        On a sharded model each rank updates the averages of its own shards: no collective, no host
-        synchronisation. Averages kept in host memory of CUDA values are updated in the background.
+        Every value is checked (shape, dtype, device) before any average moves, so a failing call leaves
+        the averages as they were. Built from a module (or its ``named_parameters()``), the average follows
+        parameters the module replaces, as ``load_state_dict(..., assign=True)`` does. On a sharded model
+        each rank updates the averages of its own shards: no collective, no host synchronisation. Averages
+        kept in host memory of CUDA values are updated in the background.
         """
         self._require_params()
         _check_num_updates(num_updates)
         decay = self.decay_for(num_updates)
         self._settle()
-        # Buckets were made from these very tensors, so each is one device and dtype: no checks, no
-        # per-tensor Python work beyond the kernel's own (it is most of the time on many small tensors).
+        checked = self._checked_values()
         with torch.no_grad():
-            for bucket in self._buckets:
-                values = bucket.values()
+            for bucket, values in zip(self._buckets, checked, strict=True):
                 if bucket.staging and self._host is not None:
                     self._host.start(bucket, values, decay)
                     continue
                 ema_update_(bucket.shadows, _moved(values, bucket.flat.device), decay, flat=bucket.flat)
         self.num_applied += 1
+
+    def _checked_values(self) -> list[list[torch.Tensor]]:
+        """Each bucket's current values, every one checked against its average before any is used."""
+        self._follow_replaced()
+        values = [bucket.values() for bucket in self._buckets]
+        for bucket, current in zip(self._buckets, values, strict=True):
+            if not bucket.fits(current):
+                raise self._misfit(bucket, current)
+        return values
+
+    def _misfit(self, bucket: _Bucket, values: list[torch.Tensor]) -> ParameterError:
+        """Name the first value that no longer fits its average, and what changed."""
+        for i, value, shape in zip(bucket.indices, values, bucket.shapes, strict=True):
+            if value.shape != shape or (value.dtype, value.device) != bucket.kind:
+                return ParameterError(
+                    f"parameter {self._names[i]!r} is now {_describe(value.shape, value.dtype, value.device)}; "
+                    f"its average was made from {_describe(shape, *bucket.kind)}, so none was updated. "
+                    "After changing a parameter's shape, dtype or device, build a new average "
+                    "(load_state_dict() carries this one's over)"
+                )
+        raise AssertionError("_misfit called on values that fit")
+
+    def _follow_replaced(self) -> list[torch.Tensor]:
+        """The tracked parameters, now: one that the module replaced is followed into its slot, after the
+        replacement is checked to fit its average (else nothing changes and the error names it)."""
+        params = self._require_params()
+        if self._slots is None:
+            return params
+        current = [slot.get(key) for slot, key in self._slots]
+        if all(map(is_, current, params)):
+            return params
+        changed = [i for i, (new, old) in enumerate(zip(current, params, strict=True)) if new is not old]
+        places = {i: (b, j) for b in self._buckets for j, i in enumerate(b.indices)}
+        for i in changed:
+            self._check_replacement(i, current[i], places[i][0])
+        for i in changed:
+            bucket, j = places[i]
+            bucket.tracked[j] = params[i] = current[i]  # type: ignore[assignment]
+            if bucket.sharded is not None:
+                bucket.sharded[j] = is_dtensor(params[i])
+        return params
+
+    def _check_replacement(self, i: int, new: object, bucket: _Bucket) -> None:
+        name = self._names[i]
+        if not isinstance(new, torch.Tensor):
+            raise ParameterError(
+                f"parameter {name!r} is no longer the module's (its place holds {type(new).__name__}); "
+                "the averages were left as they were"
+            )
+        layout = self._layouts[i]
+        if (layout is None) != (not is_dtensor(new)) or (
+            layout is not None and _Layout.of(name, new) != layout
+        ):
+            raise ParameterError(
+                f"parameter {name!r} was replaced by one sharded otherwise; build a new average for it "
+                "(load_state_dict() carries this one's over)"
+            )
+        local = local_part(new)
+        shape = self._shadows[i].shape
+        if local.shape != shape or (local.dtype, local.device) != bucket.kind:
+            raise ParameterError(
+                f"parameter {name!r} was replaced by {_describe(local.shape, local.dtype, local.device)}; "
+                f"its average was made from {_describe(shape, *bucket.kind)}: build a new average "
+                "(load_state_dict() carries this one's over)"
+            )
 
     def _settle(self) -> None:
         """Finish background updates before the averages are read, swapped, saved or updated again."""
@@ -569,26 +714,40 @@ class MovingAverage:
 
     def assign_average_value(self) -> None:
         """Copy the averages into the parameters (their local shards), keeping their values for :meth:`restore`."""
-        params = self._require_params()
+        params = self._follow_replaced()
         if self._backups is not None:
             raise AverageStateError("the averages are already assigned; call restore() first")
         self._settle()
         self._reshard()
         with torch.no_grad():
             local = [local_part(p) for p in params]
+            self._check_shapes(local)
             self._backups = [t.detach().clone() for t in local]
             for t, shadow in zip(local, self._shadows, strict=True):
                 t.copy_(shadow)
 
     def restore(self) -> None:
         """Put back the values saved by :meth:`assign_average_value`, bit for bit, and free the copy."""
-        params = self._require_params()
+        params = self._follow_replaced()
         if self._backups is None:
             raise AverageStateError("restore() called without assign_average_value() before it")
         with torch.no_grad():
-            torch._foreach_copy_([local_part(p) for p in params], self._backups)
+            local = [local_part(p) for p in params]
+            self._check_shapes(local)
+            torch._foreach_copy_(local, self._backups)
         self._backups = None
         self._reshard()
+
+    def _check_shapes(self, local: list[torch.Tensor]) -> None:
+        """Refuse a swap into a parameter that changed shape, before any is written."""
+        if list(map(_SHAPE, local)) == [s.shape for s in self._shadows]:
+            return
+        for name, tensor, shadow in zip(self._names, local, self._shadows, strict=True):
+            if tensor.shape != shadow.shape:
+                raise ParameterError(
+                    f"parameter {name!r} now has shape {tuple(tensor.shape)}, its average "
+                    f"{tuple(shadow.shape)}: nothing was swapped"
+                )
 
     def _reshard(self) -> None:
         """Drop FSDP2's gathered copies (local, no communication), so the next forward gathers the shards."""
@@ -665,19 +824,43 @@ class MovingAverage:
             "averages": averages,
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Resume from :meth:`state_dict`; names and global shapes must match exactly (first mismatch named).
+    def load_state_dict(self, state: Mapping[str, Any], *, settings: str = "check") -> None:
+        """Resume from :meth:`state_dict`: all of it or, on any fault, none (an ``AverageStateError`` names
+        the key and the problem).
 
-        Each average may be a DTensor or a whole tensor: this rank copies its own part of it. (A DTensor
-        loaded into the average of a plain tensor is gathered: every rank must call this together.)
+        Names and global shapes must match exactly (the first mismatch named); ``num_applied`` must be a
+        whole number >= 0. ``settings`` says what to do when the state was made with other settings than
+        this average's (decay 0.1 against 0.9999, say): ``"check"`` (the default) refuses it, naming both;
+        ``"state"`` takes the saved ones, as torch_ema's ``load_state_dict`` takes its saved decay;
+        ``"keep"`` keeps this average's, as timm and ema-pytorch do (they save none): e.g. to go on with
+        another decay. Each average may be a DTensor or a whole tensor: this rank copies its own part of
+        it. (A DTensor loaded into the average of a plain tensor is gathered: every rank must call this
+        together.)
         """
-        saved = state.get("averages")
-        if not isinstance(saved, Mapping):
-            raise AverageStateError("state has no 'averages' mapping; was it made by state_dict()?")
+        if settings not in ("check", "state", "keep"):
+            raise ConfigurationError(f"settings must be 'check', 'state' or 'keep', got {settings!r}")
+        if not isinstance(state, Mapping):
+            raise AverageStateError(
+                f"a state must be the mapping state_dict() returns, got a {type(state).__name__}"
+            )
         if state.get("method", self.registered_name) != self.registered_name:
             raise AverageStateError(
                 f"state is of a {state['method']!r} average, this one is {self.registered_name!r}"
             )
+        saved = self._checked_averages(state.get("averages"))
+        num_applied = _checked_count(state.get("num_applied", _MISSING))
+        rule = self._rule_of(state, settings)
+        self._settle()
+        with torch.no_grad():
+            for name, shadow, layout in zip(self._names, self._shadows, self._layouts, strict=True):
+                shadow.copy_(_whole(saved[name]) if layout is None else layout.local_of(saved[name]))
+        self.num_applied, self.rule = num_applied, rule
+
+    def _checked_averages(self, saved: object) -> Mapping[str, torch.Tensor]:
+        """The state's averages, each checked to load into its own: same names, global shapes, a
+        floating-point dense tensor with data (not on the meta device), a DTensor on this mesh."""
+        if not isinstance(saved, Mapping):
+            raise AverageStateError("state has no 'averages' mapping; was it made by state_dict()?")
         for name in self._names:
             if name not in saved:
                 raise AverageStateError(f"state has no average for {name!r}")
@@ -686,16 +869,50 @@ class MovingAverage:
                 raise AverageStateError(
                     f"state has an average for {name!r}, which this average does not track"
                 )
-        for name, shape in zip(self._names, self._global_shapes(), strict=True):
-            if tuple(saved[name].shape) != tuple(shape):
-                raise AverageStateError(
-                    f"state's {name!r} has shape {tuple(saved[name].shape)}, expected {tuple(shape)}"
+        for name, shape, layout in zip(self._names, self._global_shapes(), self._layouts, strict=True):
+            value = saved[name]
+            problem = _tensor_problem(value)
+            if problem is None and tuple(value.shape) != tuple(shape):
+                problem = f"has shape {tuple(value.shape)}, expected {tuple(shape)}"
+            if (
+                problem is None
+                and is_dtensor(value)
+                and layout is not None
+                and value.device_mesh != layout.mesh
+            ):  # type: ignore[attr-defined]
+                problem = (
+                    "is a DTensor on another device mesh; load it through torch.distributed.checkpoint "
+                    "into this average's state_dict() instead"
                 )
-        self._settle()
-        with torch.no_grad():
-            for name, shadow, layout in zip(self._names, self._shadows, self._layouts, strict=True):
-                shadow.copy_(_whole(saved[name]) if layout is None else layout.local_of(saved[name]))
-        self.num_applied = int(state.get("num_applied", self.num_applied))
+            if problem is not None:
+                raise AverageStateError(f"state's average {name!r} {problem}")
+        return saved  # type: ignore[return-value]
+
+    def _rule_of(self, state: Mapping[str, Any], settings: str) -> DecayRule:
+        """The rule the average goes on with: this one's, or the state's (``settings="state"``), once the
+        state's settings are known to build a rule of this average and, under ``"check"``, to be this one's."""
+        if settings == "keep":
+            return self.rule
+        saved = state.get("settings", _MISSING)
+        if not isinstance(saved, Mapping):
+            found = "none" if saved is _MISSING else f"a {type(saved).__name__}"
+            raise AverageStateError(
+                f"state's 'settings' must be the mapping state_dict() records, found {found}; "
+                "load_state_dict(state, settings='keep') goes on with this average's"
+            )
+        try:
+            rule = self.rule_type.from_options(**saved)
+        except (ConfigurationError, TypeError, ValueError) as exc:
+            raise AverageStateError(
+                f"state's 'settings' {dict(saved)!r} are not a {self.registered_name} average's: {exc}"
+            ) from None
+        if settings == "check" and rule != self.rule:
+            raise AverageStateError(
+                f"state was made with {_settings_text(rule)}, this average has {_settings_text(self.rule)}; "
+                "build the average with the saved settings, or pass settings='state' to take them or "
+                "settings='keep' to keep this average's"
+            )
+        return rule
 
     def _global_shapes(self) -> list[torch.Size]:
         """Each average's shape as the parameter has it (a DTensor's global shape, not its shard's)."""
@@ -703,6 +920,40 @@ class MovingAverage:
             shadow.shape if layout is None else layout.shape
             for shadow, layout in zip(self._shadows, self._layouts, strict=True)
         ]
+
+
+_MISSING = object()
+_MAX_COUNT = 2**63 - 1  # a counter is an int64 wherever it is saved
+
+
+def _checked_count(value: object) -> int:
+    """A saved ``num_applied``: a whole number in [0, 2**63) (not a bool, float, NaN or list)."""
+    if value is _MISSING:
+        raise AverageStateError("state has no 'num_applied' (the number of updates in the averages)")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= _MAX_COUNT:
+        raise AverageStateError(f"state's 'num_applied' must be a whole number >= 0, got {value!r}")
+    return int(value)
+
+
+def _tensor_problem(value: object) -> str | None:
+    """Why a saved average cannot be copied into a float32/float64 one, or None."""
+    if not isinstance(value, torch.Tensor):
+        return f"is a {type(value).__name__}, not a tensor"
+    if not value.is_floating_point():
+        return f"has dtype {str(value.dtype).removeprefix('torch.')}, not a floating-point one"
+    if value.layout != torch.strided:
+        return f"is a {value.layout} tensor, not a dense one"
+    if value.is_meta:
+        return "is on the meta device: it holds no values"
+    return None
+
+
+def _settings_text(rule: DecayRule) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in rule.settings().items()) or "no settings"
+
+
+def _describe(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> str:
+    return f"{tuple(shape)} {str(dtype).removeprefix('torch.')} on {device}"
 
 
 def _whole(value: torch.Tensor) -> torch.Tensor:

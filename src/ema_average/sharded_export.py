@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ema_average.errors import ConfigurationError, OutputError
-from ema_average.moving_average import MovingAverage, is_dtensor, local_part
+from ema_average.moving_average import MovingAverage, check_fits, is_dtensor, local_part
 from ema_average.plan import AverageSettings
 from ema_average.resume import output_metadata
 from ema_average.safetensors_format import TensorSpec
@@ -36,7 +36,9 @@ def save_safetensors(
     """Write ``average`` as one safetensors file from rank 0; call it on every rank, in step.
 
     ``step`` is the training step of the last update (what ``--resume`` continues from); ``dtype`` the
-    dtype to write (the averages' own, float32, by default). Every rank raises if rank 0 cannot write.
+    dtype to write (the averages' own, float32, by default): a finite average it cannot hold (above 65504
+    in float16) is refused with ``OutputRangeError`` naming the tensor, never written as Inf. Every rank
+    raises if rank 0 cannot write; then no file is left.
     """
     path = Path(path)
     metadata = resume_metadata(average, step, dtype)  # same settings everywhere: all raise, or none
@@ -55,7 +57,9 @@ def save_safetensors(
         whole = _whole(averages[entry.name])  # a collective for a DTensor: every rank, same order
         if writer is not None and failure is None:
             try:
-                writer.write(entry.name, whole.to(entry.dtype))
+                rounded = whole.to(entry.dtype)
+                check_fits(entry.name, whole, rounded)  # what is written, after its final rounding
+                writer.write(entry.name, rounded)
             except Exception as exc:  # keep gathering with the others, or they would wait forever
                 failure = exc
         del whole
