@@ -162,7 +162,8 @@ class TorchCheckpoint(Checkpoint):
 
     def _gather(self, stored: _Stored, name: str, start: int, count: int) -> torch.Tensor:
         """Elements ``start .. start + count`` of a view that is not contiguous (a transpose, a column
-        slice): the bytes spanned by the rows holding them are read into a temporary, then gathered."""
+        slice): the bytes spanned by the rows holding them are read into a temporary, then gathered. Rare
+        in state dicts; for a transpose the span is most of the storage, read again for every chunk."""
         assert self._file is not None
         inner = math.prod(stored.shape[1:])
         first, last = start // inner, (start + count - 1) // inner
