@@ -82,3 +82,19 @@ def test_fsdp2_ema_trains_sharded_and_exports_one_file(tmp_path: Path) -> None:
     model.load_state_dict(load_file(out))  # the whole EMA, by the model's own names
     assert f"{test_loss(model):.4f}" == losses["test loss of its EMA"]
     assert float(losses["test loss of its EMA"]) < float(losses["test loss of the trained model"])
+
+
+def test_train_lightning_ema_validates_the_ema_and_it_beats_the_raw_weights(tmp_path: Path) -> None:
+    pytest.importorskip("lightning")
+    import torch
+    from tiny_regression import make_data, make_model
+
+    losses = runpy.run_path(str(EXAMPLES / "train_lightning_ema.py"))["main"](steps=300, out=tmp_path)
+    assert losses["ema"] < losses["raw"]
+    saved = sorted(tmp_path.glob("*.ckpt"), key=lambda p: int(p.stem.rsplit("=", 1)[1]))
+    assert len(saved) == 4
+    model = make_model()  # the averaged model in the last .ckpt is the one validated as val_loss
+    model.load_state_dict({k.removeprefix("model."): v for k, v in torch.load(saved[-1])["ema"].items()})
+    x, y = make_data(2000, seed=1)
+    with torch.no_grad():
+        assert torch.nn.functional.mse_loss(model(x), y).item() == pytest.approx(losses["ema"], rel=1e-5)
