@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
@@ -256,3 +257,37 @@ def test_more_checkpoints_than_the_open_file_limit(tmp_path: Path) -> None:
     written = load_file(str(out))
     for name, tensor in expected.items():
         torch.testing.assert_close(written[name].double(), tensor, rtol=2e-6, atol=2e-7)
+
+
+def test_too_many_open_files_gives_back_idle_descriptors_then_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    states = write_safetensors_run(tmp_path, [1, 2, 3, 4, 5])
+    held = [SafetensorsCheckpoint(tmp_path / f"model_step_{step}.safetensors") for step in (1, 2, 3)]
+    for ckpt in held:
+        ckpt.read("encoder.bias")  # each keeps its descriptor in the pool
+    real_open = base._open_for_reading
+    refusals = iter([OSError(errno.EMFILE, "Too many open files")])
+
+    def open_once_refused(path: Path) -> int:
+        refusal = next(refusals, None)
+        if refusal is not None:
+            raise refusal
+        return real_open(path)
+
+    monkeypatch.setattr(base, "_open_for_reading", open_once_refused)
+    fourth = SafetensorsCheckpoint(tmp_path / "model_step_4.safetensors")
+    assert torch.equal(fourth.read("head.weight"), states[4]["head.weight"])
+    assert all(ckpt._file.fd is None for ckpt in held)  # given back to make room, reopened when next read
+
+    def always_refused(path: Path) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(base, "_open_for_reading", always_refused)
+    fifth = SafetensorsCheckpoint(tmp_path / "model_step_5.safetensors")
+    with pytest.raises(
+        CheckpointError, match=r"model_step_5\.safetensors: cannot be opened: too many open files"
+    ):
+        fifth.read("head.weight")
+    for ckpt in (*held, fourth, fifth):
+        ckpt.close()

@@ -294,21 +294,16 @@ class _DescriptorPool:
             self._close(file)
 
     def _open_file(self, file: PreadFile) -> int:
-        for attempt in range(2):
-            try:
-                return os.open(file.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE) and attempt == 0:
-                    self._make_room(0)  # other parts of the process hold many: give back all idle ones
-                    continue
-                if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    raise CheckpointError(
-                        file.path,
-                        f"cannot be opened: too many open files (this process may open {_soft_limit()}; "
-                        "raise it with `ulimit -n`)",
-                    ) from exc
-                raise CheckpointError(file.path, f"cannot be read ({exc.strerror or exc})") from exc
-        raise AssertionError("unreachable")
+        try:
+            return _open_for_reading(file.path)
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise _unreadable(file.path, exc) from exc
+        self._make_room(0)  # other parts of the process hold many: give back every idle one, once
+        try:
+            return _open_for_reading(file.path)
+        except OSError as exc:
+            raise _unreadable(file.path, exc) from exc
 
     def _close(self, file: PreadFile) -> None:
         self._open.pop(file, None)
@@ -316,6 +311,18 @@ class _DescriptorPool:
             os.close(file.fd)
             file.fd = None
         file.closing = False
+
+
+def _open_for_reading(path: Path) -> int:
+    return os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+
+
+def _unreadable(path: Path, exc: OSError) -> CheckpointError:
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        soft = _soft_limit()
+        limit = f" (ulimit -n is {soft})" if soft is not None else ""
+        return CheckpointError(path, f"cannot be opened: too many open files{limit}; raise the limit")
+    return CheckpointError(path, f"cannot be read ({exc.strerror or exc})")
 
 
 DESCRIPTORS = _DescriptorPool()
