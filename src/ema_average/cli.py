@@ -491,7 +491,7 @@ def _only_our_warnings() -> None:
 
 
 def ignore_interrupts() -> None:
-    """The outputs are named: from now on Ctrl-C is ignored and SIGTERM ends the process as it is, where
+    """The outputs are about to be named: from now on Ctrl-C is ignored and SIGTERM ends the process as it is, where
     either would have said "interrupted; no output written" (untrue now) or, landing in the interpreter's
     shutdown, printed "Exception ignored ... Traceback" for nothing.
 
