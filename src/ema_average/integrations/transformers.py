@@ -2,8 +2,8 @@
 
 After every optimizer step (``on_step_end``: with gradient accumulation, once per accumulated step) the
 engine's ``apply(num_updates=state.global_step)``. Evaluations the Trainer runs while training
-(``eval_strategy``) see the averages: they are swapped in once the Trainer has decided to evaluate and
-the training weights put back, bit for bit, when it has (``on_evaluate``), before it saves.
+(``eval_strategy``) see the averages: they are swapped in once the Trainer has decided to evaluate, and
+the training weights put back, bit for bit, before it saves them or takes its next step.
 
 Every ``checkpoint-N/`` also gets ``ema/``: ``model.safetensors`` (the model's state dict with the float32
 averages for its parameters, tied names once, as ``save_pretrained`` writes them) beside the model's
@@ -112,10 +112,18 @@ class EMACallback(TrainerCallback):
         if control.should_evaluate:
             self._tracker.swap_in()
 
-    def on_evaluate(
+    def on_epoch_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self._tracker.swap_out()
+
+    def on_evaluate(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """The training weights back before the Trainer saves them; when it will not save now, they come back
+        at the next step instead, so that every dataset of a dict of eval datasets is evaluated on the EMA."""
+        if control.should_save or args.save_strategy == "best":  # "best" decides to save only after this
+            self._tracker.swap_out()
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
