@@ -405,3 +405,54 @@ def test_submodel_ema_reads_the_ema_in_lightning_ckpts(tmp_path: Path) -> None:
     done = command_average(tmp_path / "run", tmp_path / "out.safetensors", "--submodel", "ema")
     assert done.returncode == 0, done.stderr
     assert_averages_the_ema_copies(tmp_path / "out.safetensors", states)
+
+
+FSDP2_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from ema_average.errors import ConfigurationError
+    from ema_average.integrations import EmaTracker
+
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    fully_shard(model)
+    try:
+        EmaTracker(0.9, 1.0, 10.0, device=None, every=1, evaluate="ema").start(model, 0)
+        print("averaged")
+    except ConfigurationError as exc:
+        print(exc)
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_fsdp2_sharded_parameters_are_refused_at_start_with_one_line(tmp_path: Path) -> None:
+    script = tmp_path / "fsdp2.py"
+    script.write_text(FSDP2_SCRIPT)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == (
+        "parameter '0.weight' is sharded (a DTensor: FSDP2 or tensor parallel): the EMA callbacks do not save "
+        "such averages yet; use ExponentialMovingAverage(model) in the loop (README: Sharded training)"
+    )
+
+
+def test_validate_with_ckpt_path_evaluates_the_ema_saved_in_it(tmp_path: Path) -> None:
+    fit(ckpt_trainer(tmp_path, [EMACallback(decay=DECAY)], max_epochs=1), model())
+    ckpt = tmp_path / "epoch=0-step=8.ckpt"
+    saved = torch.load(ckpt, weights_only=True)
+    net = model(seed=4)
+    _, val = loaders()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = trainer([EMACallback(decay=DECAY)], limit_val_batches=1.0)
+        metrics = t.validate(net, val, ckpt_path=str(ckpt), verbose=False)[0]
+    for name, p in net.named_parameters():
+        assert torch.equal(p, saved["state_dict"][name]), name  # the raw weights, put back
+    averaged = {name: saved[EMA_KEY][name] for name, _ in net.named_parameters()}
+    assert metrics["val_loss"] == pytest.approx(val_loss_of(averaged, net), rel=1e-5)
+    assert abs(metrics["val_loss"] - val_loss_of(dict(net.named_parameters()), net)) > 1e-3

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ema_average.errors import AverageStateError, ConfigurationError
-from ema_average.moving_average import ExponentialMovingAverage
+from ema_average.moving_average import ExponentialMovingAverage, is_dtensor
 
 __all__ = ["EVALUATE_CHOICES", "EmaTracker", "average_model_state", "unwrap_model"]
 
@@ -39,14 +39,24 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _refuse_partitioned(model: torch.nn.Module) -> None:
-    """Refuse parameters that hold no values between steps (ZeRO-3 partitions them and gathers them only
-    inside forward): an average of their empty placeholders would be a silent wrong EMA."""
+def _refuse_unsupported(model: torch.nn.Module) -> None:
+    """Refuse, before the first step, parameters the callbacks cannot average and save correctly.
+
+    ZeRO-3 partitions parameters and gathers them only inside forward: an average of the empty placeholders
+    would be a silent wrong EMA. Sharded DTensor parameters (FSDP2, tensor parallel) the engine averages, but
+    the callbacks' saves and resumes of them are not written yet.
+    """
     for name, param in model.named_parameters():
         if hasattr(param, "ds_id") or hasattr(param, "ds_status"):
             raise ConfigurationError(
                 f"parameter {name!r} is partitioned by DeepSpeed ZeRO-3 (empty outside forward): the EMA "
-                "callback cannot average it; use ZeRO stage 1 or 2, or FSDP2 (fully_shard)"
+                "callback cannot average it; use ZeRO stage 1 or 2, or DDP"
+            )
+        if is_dtensor(param):
+            raise ConfigurationError(
+                f"parameter {name!r} is sharded (a DTensor: FSDP2 or tensor parallel): the EMA callbacks do "
+                "not save such averages yet; use ExponentialMovingAverage(model) in the loop (README: Sharded "
+                "training)"
             )
 
 
@@ -92,7 +102,7 @@ class EmaTracker:
         model = unwrap_model(model)
         if self.average is not None and self.model is model:
             return self.average
-        _refuse_partitioned(model)
+        _refuse_unsupported(model)
         rule = self.rule
         self.average = ExponentialMovingAverage(
             model, rule.decay, rule.numerator, rule.denominator, device=self.device

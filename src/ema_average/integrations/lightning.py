@@ -7,8 +7,8 @@ metric of the raw weights, its name suffixed ``_raw``. The ``.ckpt`` holds the a
 ``ema`` (the model's ``state_dict`` with float32 averages for its parameters, so
 ``model.load_state_dict(ckpt["ema"])`` and ``ema-average RUN --state-dict-key ema`` read it) and the callback's counter in its own state: ``trainer.fit(ckpt_path=...)`` resumes both.
 
-Under DDP each rank keeps its own average (equal across ranks: DDP keeps the weights equal); under
-FSDP2 (``ModelParallelStrategy``) each rank averages its own shards, with no collective.
+Under DDP each rank keeps its own average (equal across ranks: DDP keeps the weights equal). Sharded
+parameters (DeepSpeed ZeRO-3, FSDP2's DTensors) are refused when training starts, with one line.
 """
 
 from __future__ import annotations
