@@ -271,6 +271,19 @@ def test_a_folder_too_deep_to_list_is_skipped_with_a_notice(tmp_path: Path, deep
     assert len(run.notices[0]) < 300
 
 
+def test_files_under_lists_what_rglob_lists_at_any_depth(tmp_path: Path, deep: DeepFolder) -> None:
+    """--watch snapshots a folder unit's files; Path.rglob recursed (RecursionError at ~1,000 levels)."""
+    from ema_average.checkpoints.discover import files_under
+
+    write_safetensors_run(tmp_path / "checkpoint-1", [1])
+    (tmp_path / "checkpoint-1" / ".hidden").write_text("x")
+    (tmp_path / "checkpoint-1" / "linked").symlink_to(tmp_path / "checkpoint-1")  # never followed
+    shallow = sorted(p for p in (tmp_path / "checkpoint-1").rglob("*") if p.is_file())
+    assert files_under(tmp_path / "checkpoint-1") == shallow
+    deepest = deep(tmp_path / "checkpoint-1", 1200, "d")
+    assert files_under(tmp_path / "checkpoint-1") == sorted([*shallow, deepest / "notes.txt"])
+
+
 EXE = str(Path(sys.executable).parent / "ema-average")
 
 
