@@ -226,6 +226,17 @@ def test_stop_and_resume_gives_the_uninterrupted_ema_bit_for_bit(tmp_path: Path)
         assert torch.equal(p, raw[name]), name
 
 
+def test_a_callback_used_before_resumes_from_the_checkpoint_not_from_its_own_average(tmp_path: Path) -> None:
+    ema = EMACallback(decay=DECAY)
+    train(tmp_path, [ema], max_steps=8, save_strategy="steps", save_steps=4)
+    assert ema.moving_average is not None
+    uninterrupted = {n: t.clone() for n, t in ema.moving_average.averages().items()}
+    train(tmp_path, [ema], resume=str(tmp_path / "checkpoint-4"), max_steps=8, save_strategy="no")
+    assert ema.moving_average.num_applied == 8
+    for name, tensor in ema.moving_average.averages().items():
+        assert torch.equal(tensor, uninterrupted[name]), name
+
+
 def test_resuming_a_checkpoint_without_ema_folder_is_one_clear_error(tmp_path: Path) -> None:
     train(tmp_path, [], max_steps=2, save_strategy="steps", save_steps=2)
     with pytest.raises(CheckpointError, match=r"checkpoint-2: holds no ema/model\.safetensors"):
@@ -347,5 +358,5 @@ def test_deepspeed_zero2_on_two_gloo_ranks_and_zero3_refused(tmp_path: Path) -> 
     for rank in ranks:
         assert rank["zero3"] == (
             "parameter 'transformer.wte.weight' is partitioned by DeepSpeed ZeRO-3 (empty outside forward): "
-            "the EMA callback cannot average it; use ZeRO stage 1 or 2, or FSDP2 (fully_shard)"
+            "the EMA callback cannot average it; use ZeRO stage 1 or 2, or DDP"
         )

@@ -87,11 +87,16 @@ class EMACallback(TrainerCallback):
         model: torch.nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
-        """Average the model as the Trainer prepared it; on a resumed run, continue the saved average."""
+        """Average the model as the Trainer prepared it; on a resumed run, continue the saved average.
+
+        Every ``train()`` starts afresh, also with a callback used before: its average belongs to another
+        run, or to a later step than the checkpoint resumed.
+        """
         assert model is not None
-        resuming = state.global_step > 0 and self._tracker.average is None
+        self._tracker.swap_out()
+        self._tracker.average = None
         self._tracker.start(model, state.global_step)
-        if resuming:
+        if state.global_step > 0:
             self._resume(_resumed_folder(args, state))
 
     def on_step_end(
