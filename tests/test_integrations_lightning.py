@@ -456,3 +456,13 @@ def test_validate_with_ckpt_path_evaluates_the_ema_saved_in_it(tmp_path: Path) -
     averaged = {name: saved[EMA_KEY][name] for name, _ in net.named_parameters()}
     assert metrics["val_loss"] == pytest.approx(val_loss_of(averaged, net), rel=1e-5)
     assert abs(metrics["val_loss"] - val_loss_of(dict(net.named_parameters()), net)) > 1e-3
+
+
+def test_a_callback_used_for_an_earlier_fit_starts_afresh_with_a_new_trainer() -> None:
+    ema, net = EMACallback(decay=DECAY), model()
+    fit(trainer([ema], max_steps=6), net)
+    recorder = Recorder()
+    fit(trainer([recorder, ema], max_steps=6), net)  # global step back at 0: another run
+    assert recorder.steps == list(range(7))
+    assert ema.moving_average is not None and ema.moving_average.num_applied == 6
+    assert_close_to(ema.moving_average.averages(), reference(recorder))

@@ -98,17 +98,21 @@ class EmaTracker:
     # --- building ---------------------------------------------------------------------------------
 
     def start(self, model: torch.nn.Module, global_step: int) -> ExponentialMovingAverage:
-        """The average of ``model`` (built on first call), with any state read from a checkpoint loaded."""
+        """The average of ``model``, with any state read from a checkpoint loaded into it.
+
+        Built anew for another model, or when the trainer's step went back (a new run with a callback used
+        before): continuing an average from a later step would skip every update up to it.
+        """
         model = unwrap_model(model)
-        if self.average is not None and self.model is model:
-            return self.average
-        _refuse_unsupported(model)
-        rule = self.rule
-        self.average = ExponentialMovingAverage(
-            model, rule.decay, rule.numerator, rule.denominator, device=self.device
-        )
-        self.model = model
-        self.last_step = global_step
+        if self.average is None or self.model is not model or global_step < self.last_step:
+            _refuse_unsupported(model)
+            self.swap_out()  # never leave the averages in a model this tracker stops following
+            rule = self.rule
+            self.average = ExponentialMovingAverage(
+                model, rule.decay, rule.numerator, rule.denominator, device=self.device
+            )
+            self.model = model
+            self.last_step = global_step
         if self._pending is not None:
             pending, self._pending = self._pending, None
             self._load(pending)
@@ -165,7 +169,7 @@ class EmaTracker:
         }
 
     def load(self, state: Mapping[str, Any], averages: Mapping[str, torch.Tensor], where: str) -> None:
-        """Resume from a checkpoint's saved state and averages (now, or once the engine is built)."""
+        """Resume from a checkpoint's saved state and averages, at the next :meth:`start`."""
         if not state:
             return
         missing = [k for k in STATE_KEYS if k not in state]
@@ -179,10 +183,7 @@ class EmaTracker:
             "averages": dict(averages),
             "where": where,
         }
-        if self.average is None:
-            self._pending = pending
-        else:
-            self._load(pending)
+        self._pending = pending  # loaded by start(), once the trainer has placed the model it belongs to
 
     def _load(self, pending: dict[str, Any]) -> None:
         assert self.average is not None

@@ -95,9 +95,9 @@ class EMACallback(TrainerCallback):
         assert model is not None
         self._tracker.swap_out()
         self._tracker.average = None
-        self._tracker.start(model, state.global_step)
         if state.global_step > 0:
             self._resume(_resumed_folder(args, state))
+        self._tracker.start(model, state.global_step)
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
