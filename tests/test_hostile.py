@@ -334,10 +334,10 @@ CASES: dict[str, Case] = {
     "resume-steps-not-numbers": Case(edited_resume({"steps": '["x", 2]'}), "not a list of steps"),
     # the output must never be an input
     "output-is-an-input": Case(output_is_an_input, "write the average somewhere else"),
-    # settings
-    "denominator-inf": Case(option("--denominator", "--denominator", "inf", "--schedule", "step"), "inf"),
-    "watch-poll-negative": Case(option("--poll", "--watch", "--poll", "-1"), "-1"),
-    "watch-poll-nan": Case(option("--poll", "--watch", "--poll", "nan"), "nan"),
+    # settings: usage errors, exit 2
+    "denominator-inf": Case(option("--denominator", "--denominator", "inf", "--schedule", "step"), "inf", 2),
+    "watch-poll-negative": Case(option("--poll", "--watch", "--poll", "-1"), "-1", 2),
+    "watch-poll-nan": Case(option("--poll", "--watch", "--poll", "nan"), "nan", 2),
 }
 
 
