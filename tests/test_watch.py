@@ -274,3 +274,23 @@ def test_watch_averages_again_when_an_averaged_checkpoint_is_rewritten(tmp_path:
             if t.is_floating_point():
                 reference[n] = d * reference[n] + (1 - d) * t.double()
     assert all(torch.allclose(live[n].double(), reference[n], rtol=1e-6, atol=1e-7) for n in reference)
+
+
+def test_a_folder_checkpoint_with_a_deep_tree_inside_is_watched(tmp_path: Path) -> None:
+    # Path.rglob recurses before Python 3.12: 1,200 levels inside a checkpoint folder was a RecursionError.
+    from ema_average.watch import snapshot
+    from test_discover import deep_folder, remove_deep
+
+    unit = tmp_path / "run" / "checkpoint-10"
+    unit.mkdir(parents=True)
+    (unit / "config.json").write_text("{}")
+    save_file = unit / "model.safetensors"
+    save_file.write_bytes(save(dict(make_state(10)), {"step": "10"}))
+    try:
+        deepest = deep_folder(unit, 1200, "d")
+        found = snapshot(tmp_path / "run")
+        assert list(found) == [unit]
+        names = [entry[0] for entry in found[unit]]
+        assert names == sorted([str(unit / "config.json"), str(save_file), str(deepest / "notes.txt")])
+    finally:
+        remove_deep(unit)

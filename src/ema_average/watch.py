@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ema_average.checkpoints.discover import candidates
+from ema_average.checkpoints.discover import candidates, files_under
 from ema_average.errors import CheckpointError, ConfigurationError, OutputError
 from ema_average.output_folder import is_folder
 from ema_average.pipeline import PreparedRun, RunOptions, Summary, default_output, execute, prepare
@@ -32,8 +32,8 @@ def snapshot(root: Path, globs: tuple[str, ...] = ()) -> Snapshot:
     inode shows a file replaced by a rename even where size and mtime happen to match."""
     found: Snapshot = {}
     for unit in candidates(root, globs=globs):
-        files = sorted(p for p in unit.rglob("*") if p.is_file()) if unit.is_dir() else [unit]
         try:
+            files = files_under(unit) if unit.is_dir() else [unit]
             stats = [(str(f), f.stat()) for f in files]
             found[unit] = tuple((name, st.st_size, st.st_mtime_ns, st.st_ino) for name, st in stats)
         except FileNotFoundError:  # renamed or removed while we looked: not settled
