@@ -105,7 +105,8 @@ class EMACallback(pl.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._raw_step(trainer, pl_module.validation_step, pl_module, batch, batch_idx, dataloader_idx)
+        loaders = len(trainer.num_sanity_val_batches if trainer.sanity_checking else trainer.num_val_batches)
+        self._raw_step(pl_module.validation_step, pl_module, batch, batch_idx, dataloader_idx, loaders)
 
     def on_test_batch_end(
         self,
@@ -116,22 +117,23 @@ class EMACallback(pl.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._raw_step(trainer, pl_module.test_step, pl_module, batch, batch_idx, dataloader_idx)
+        loaders = len(trainer.num_test_batches)
+        self._raw_step(pl_module.test_step, pl_module, batch, batch_idx, dataloader_idx, loaders)
 
     def _raw_step(
         self,
-        trainer: pl.Trainer,
         step: Callable[..., Any],
         pl_module: pl.LightningModule,
         batch: Any,
         batch_idx: int,
         dataloader_idx: int,
+        loaders: int,
     ) -> None:
-        """``evaluate="both"``: the same step again on the training weights, its logs renamed."""
+        """``evaluate="both"``: the same step again on the training weights, its logs renamed. The step is
+        called as Lightning calls it: with ``dataloader_idx`` only when there are several loaders."""
         if self._tracker.evaluate != "both" or not self._tracker.swapped:
             return
-        several = len(getattr(trainer, "num_val_batches", [])) > 1 or dataloader_idx > 0
-        args = (batch, batch_idx, dataloader_idx) if several else (batch, batch_idx)
+        args = (batch, batch_idx, dataloader_idx) if loaders > 1 else (batch, batch_idx)
         self._tracker.swap_out()
         try:
             with torch.no_grad(), _renamed_logs(pl_module, self.raw_suffix):
