@@ -466,3 +466,15 @@ def test_a_callback_used_for_an_earlier_fit_starts_afresh_with_a_new_trainer() -
     assert recorder.steps == list(range(7))
     assert ema.moving_average is not None and ema.moving_average.num_applied == 6
     assert_close_to(ema.moving_average.averages(), reference(recorder))
+
+
+def test_validate_with_a_new_trainer_after_fit_sees_the_fitted_average() -> None:
+    ema, net = EMACallback(decay=DECAY), model()
+    fit(trainer([ema], max_steps=10), net)
+    assert ema.moving_average is not None
+    averages = {n: t.clone() for n, t in ema.moving_average.averages().items()}
+    _, val = loaders()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        metrics = trainer([ema], limit_val_batches=1.0).validate(net, val, verbose=False)[0]  # step 0 here
+    assert metrics["val_loss"] == pytest.approx(val_loss_of(averages, net), rel=1e-5)

@@ -97,14 +97,16 @@ class EmaTracker:
 
     # --- building ---------------------------------------------------------------------------------
 
-    def start(self, model: torch.nn.Module, global_step: int) -> ExponentialMovingAverage:
+    def start(self, model: torch.nn.Module, global_step: int, *, training: bool) -> ExponentialMovingAverage:
         """The average of ``model``, with any state read from a checkpoint loaded into it.
 
-        Built anew for another model, or when the trainer's step went back (a new run with a callback used
-        before): continuing an average from a later step would skip every update up to it.
+        Built anew for another model, or when training starts from an earlier step than the last update (a
+        new run with a callback used before): continuing an average from a later step would skip every
+        update up to it. An evaluation on its own (a new trainer, step 0) uses the average as it is.
         """
         model = unwrap_model(model)
-        if self.average is None or self.model is not model or global_step < self.last_step:
+        went_back = training and global_step < self.last_step
+        if self.average is None or self.model is not model or went_back:
             _refuse_unsupported(model)
             self.swap_out()  # never leave the averages in a model this tracker stops following
             rule = self.rule

@@ -64,12 +64,9 @@ class EMACallback(pl.Callback):
 
     # --- building and updating ----------------------------------------------------------------------
 
-    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Build the average once the strategy has placed (and sharded) the model and restored the loops."""
-        self._tracker.start(pl_module, trainer.global_step)
-
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start(trainer, pl_module)
+        """Build the average once the strategy has placed the model and restored the loops."""
+        self._tracker.start(pl_module, trainer.global_step, training=True)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -79,7 +76,7 @@ class EMACallback(pl.Callback):
     # --- evaluation on the averages -----------------------------------------------------------------
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start(trainer, pl_module)
+        self._tracker.start(pl_module, trainer.global_step, training=False)
         self._tracker.swap_in()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

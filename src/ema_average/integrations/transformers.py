@@ -97,7 +97,7 @@ class EMACallback(TrainerCallback):
         self._tracker.average = None
         if state.global_step > 0:
             self._resume(_resumed_folder(args, state))
-        self._tracker.start(model, state.global_step)
+        self._tracker.start(model, state.global_step, training=True)
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
