@@ -130,6 +130,25 @@ def test_ema_equals_float64_reference_of_every_optimizer_step() -> None:
     assert not torch.allclose(ema.moving_average.averages()["net.0.weight"].double(), last, atol=1e-3)
 
 
+def test_the_callback_and_the_library_give_bit_identical_averages() -> None:
+    """One engine: the weights the callback saw, fed to the library's own update, give the same bits."""
+    from ema_average import ExponentialMovingAverage
+
+    ema, recorder = EMACallback(decay=DECAY), Recorder()
+    fit(trainer([recorder, ema], max_steps=12), model())
+    library = ExponentialMovingAverage.from_tensors(
+        {n: t.float() for n, t in recorder.weights[0].items()}, decay=DECAY
+    )
+    for step, weights in zip(recorder.steps[1:], recorder.weights[1:], strict=True):
+        library.update(
+            {n: t.float() for n, t in weights.items()}, num_updates=step
+        )  # float64 -> the fp32 bits
+    assert ema.moving_average is not None
+    got = ema.moving_average.averages()
+    for name, tensor in library.averages().items():
+        assert torch.equal(got[name], tensor), name
+
+
 def test_gradient_accumulation_updates_once_per_optimizer_step() -> None:
     ema, recorder = EMACallback(decay=DECAY), Recorder()
     fit(trainer([recorder, ema], max_epochs=2, accumulate_grad_batches=4), model())  # 8 batches an epoch

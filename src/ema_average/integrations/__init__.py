@@ -63,8 +63,8 @@ def _refuse_unsupported(model: torch.nn.Module) -> None:
 class EmaTracker:
     """The average of one model while it trains, and the bookkeeping both callbacks need around it.
 
-    The engine is built once the trainer has placed (and, for FSDP2, sharded) the model: a state read
-    from a checkpoint before that is kept and loaded into it then.
+    The engine is built once the trainer has placed the model (on its device, inside its wrappers): a
+    state read from a checkpoint before that is kept and loaded into it then.
     """
 
     def __init__(
@@ -189,7 +189,7 @@ class EmaTracker:
 
     def _load(self, pending: dict[str, Any]) -> None:
         assert self.average is not None
-        names = [name for name, _ in self.average_names()]
+        names = list(self.average.averages())
         averages = pending["averages"]
         absent = [n for n in names if n not in averages]
         if absent:
@@ -208,11 +208,6 @@ class EmaTracker:
         except AverageStateError as exc:
             raise AverageStateError(f"{pending['where']}: {exc}") from None
         self.last_step = pending["last_step"]
-
-    def average_names(self) -> list[tuple[str, torch.Tensor]]:
-        """The averages by parameter name (live tensors)."""
-        assert self.average is not None
-        return list(self.average.averages().items())
 
 
 def average_model_state(
