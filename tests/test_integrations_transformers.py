@@ -177,6 +177,18 @@ def test_evaluations_while_training_see_the_averages_and_training_goes_on_from_r
                 assert torch.equal(saved[name].double(), tensor), name
 
 
+def test_an_epoch_end_save_after_a_step_evaluation_saves_the_training_weights(tmp_path: Path) -> None:
+    """Step 8 ends the epoch: evaluated on the EMA at the step's end, saved at the epoch's end."""
+    ema, recorder = EMACallback(decay=DECAY), Recorder()
+    schedule = {"eval_strategy": "steps", "eval_steps": 8, "eval_dataset": Tokens(8, offset=1000)}
+    train(tmp_path, [recorder, ema], max_steps=8, save_strategy="epoch", **schedule)
+    saved = load_file(str(tmp_path / "checkpoint-8" / "model.safetensors"))
+    for name, tensor in recorder.weights[8].items():
+        if name in saved:
+            assert torch.equal(saved[name].double(), tensor), name
+    assert (tmp_path / "checkpoint-8" / "ema" / "model.safetensors").is_file()
+
+
 def test_evaluate_raw_leaves_the_trainer_evaluating_training_weights(tmp_path: Path) -> None:
     ema, recorder = EMACallback(decay=DECAY, evaluate="raw"), Recorder()
     held_out = Tokens(8, offset=1000)

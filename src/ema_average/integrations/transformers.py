@@ -114,6 +114,7 @@ class EMACallback(TrainerCallback):
     def on_epoch_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        self._tracker.swap_out()  # still in after the last step's evaluation: an epoch-end save may follow
         if control.should_evaluate:
             self._tracker.swap_in()
 
