@@ -242,8 +242,8 @@ def test_writers_share_one_file_across_processes(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
     from ema_average.errors import OutputError
+    from ema_average.output import SafetensorsWriter, TensorEntry, temp_name
     from ema_average.safetensors_format import TensorSpec
-    from ema_average.writer import SafetensorsWriter, TensorEntry, temp_name
 
     values = {"a": torch.arange(10, dtype=torch.float32), "b": torch.ones(3, 2, dtype=torch.bfloat16)}
     entries = [TensorEntry(name, TensorSpec(tuple(v.shape), v.dtype)) for name, v in values.items()]

@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from ema_average import pipeline, streaming
 from ema_average.errors import ConfigurationError, EmaAverageError
+from ema_average.output import SafetensorsWriter, commit_together, temp_name
 from ema_average.pipeline import (
     PreparedRun,
     Progress,
@@ -45,7 +46,6 @@ from ema_average.pipeline import (
 )
 from ema_average.plan import Chunk
 from ema_average.signals import settle
-from ema_average.writer import SafetensorsWriter, commit_together, temp_name
 
 T = TypeVar("T")
 

@@ -27,6 +27,15 @@ from ema_average.errors import (
     NoCheckpointsError,
     OutputError,
 )
+from ema_average.output import (
+    OutputLock,
+    SafetensorsWriter,
+    ShardedWriter,
+    TensorEntry,
+    commit_together,
+    name_problem,
+    remove_stale_temporaries,
+)
 from ema_average.output_folder import SIDE_FILES, OutputFolder, is_folder, plan_folder
 from ema_average.plan import (
     AverageSettings,
@@ -46,15 +55,6 @@ from ema_average.plan import (
 )
 from ema_average.resume import Resumed, check_resumable, left_out, open_resumed, output_metadata
 from ema_average.safetensors_format import TensorSpec
-from ema_average.writer import (
-    OutputLock,
-    SafetensorsWriter,
-    ShardedWriter,
-    TensorEntry,
-    commit_together,
-    name_problem,
-    remove_stale_temporaries,
-)
 
 Progress = Callable[[int], None]  # bytes just processed
 

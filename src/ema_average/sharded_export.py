@@ -17,10 +17,10 @@ import torch
 
 from ema_average.errors import ConfigurationError, OutputError
 from ema_average.moving_average import MovingAverage, check_fits, is_dtensor, local_part
+from ema_average.output import SafetensorsWriter, TensorEntry
 from ema_average.plan import AverageSettings
 from ema_average.resume import output_metadata
 from ema_average.safetensors_format import TensorSpec
-from ema_average.writer import SafetensorsWriter, TensorEntry
 
 __all__ = ["resume_metadata", "save_safetensors"]
 
