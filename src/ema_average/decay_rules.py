@@ -9,8 +9,10 @@ No tensors here: the plan and the engine both ask these.
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import MISSING, asdict, dataclass, fields
 from fractions import Fraction
 from typing import ClassVar
 
@@ -47,10 +49,40 @@ def _is_finite_number(value: object) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class Setting:
+    """One setting a rule is built from, as data: the plan, the command line and the messages read it, so a
+    new average's settings need no edit anywhere else.
+
+    An alternative (``instead_of``) is given in place of another setting and turned into it by ``convert``
+    (``half_life`` for ``decay``); its ``default`` then applies where the setting it replaces has none.
+    """
+
+    name: str  # the keyword (``half_life``); the command line spells it ``--half-life``
+    default: float | None = None  # None: the rule's own field default, or an alternative's
+    help: str = ""
+    several: bool = True  # a comma list gives one average per value
+    instead_of: str | None = None
+    convert: Callable[[float], float] | None = None
+
+    @property
+    def flag(self) -> str:
+        return flag_of(self.name)
+
+
+def flag_of(name: str) -> str:
+    """How the command line and the messages spell a setting: ``half_life`` is ``--half-life``."""
+    return "--" + name.replace("_", "-")
+
+
 class DecayRule(ABC):
     """The decay of each update of one kind of average."""
 
     average_name: ClassVar[str] = "?"  # how errors name the average this rule belongs to
+    # The settings a user may give; None: the dataclass fields, each with its default, each a list.
+    parameters: ClassVar[tuple[Setting, ...] | None] = None
+    # Whether every checkpoint gets the same weight (the plan then has no "first one dominates" note).
+    weighs_equally: ClassVar[bool] = False
 
     @abstractmethod
     def at(self, num_updates: int | None, count: int) -> float:
@@ -69,23 +101,66 @@ class DecayRule(ABC):
         """
 
     @classmethod
+    def declared(cls) -> tuple[Setting, ...]:
+        """The settings this rule takes: its ``parameters``, or else its dataclass fields."""
+        if cls.parameters is not None:
+            return cls.parameters
+        return tuple(
+            Setting(f.name, None if f.default is MISSING else f.default)
+            for f in fields(cls)  # type: ignore[arg-type]
+        )
+
+    @classmethod
+    def setting(cls, name: str) -> Setting | None:
+        """The declared setting called ``name``, or None."""
+        return next((s for s in cls.declared() if s.name == name), None)
+
+    @classmethod
     def from_options(cls, **options: float) -> DecayRule:
         """The rule from the options a user gave by name (``decay``, ``half_life``, ``gamma``...).
 
         The one place that turns settings into a rule: the engine's classes, the offline plan and the
-        command line all come through here, so each default lives in the rule's own fields.
+        command line all come through here, checked against :meth:`declared`, so each default and each
+        alternative lives in the rule's own table.
         """
-        _refuse_foreign(cls, options, ())
-        return cls(**options)
+        table = cls.declared()
+        _refuse_foreign(cls, options, tuple(s.name for s in table))
+        values = {name: _number(flag_of(name), value) for name, value in options.items()}
+        for alternative in (s for s in table if s.instead_of is not None):
+            _apply_alternative(table, alternative, values)
+        return cls(**values)
 
     def settings(self) -> dict[str, float]:
         return asdict(self)  # type: ignore[call-overload]
 
 
+def _apply_alternative(table: tuple[Setting, ...], alternative: Setting, values: dict[str, float]) -> None:
+    """Turn a given alternative (``half_life``) into the setting it replaces, or apply its default where
+    that setting has none of its own (power's ``sigma_rel``)."""
+    assert alternative.instead_of is not None and alternative.convert is not None
+    target = next(s for s in table if s.name == alternative.instead_of)
+    if alternative.name in values:
+        if target.name in values:
+            raise ConfigurationError(f"give {target.flag} or {alternative.flag}, not both")
+        values[target.name] = alternative.convert(values.pop(alternative.name))
+    elif target.name not in values and target.default is None and alternative.default is not None:
+        values[target.name] = alternative.convert(alternative.default)
+
+
+def _number(flag: str, value: object) -> float:
+    """A setting's value as a float: a string or a list is refused by name, not by a TypeError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigurationError(f"{flag} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond the range of a float
+        raise ConfigurationError(f"{flag} must be a finite number, got {value!r}") from None
+
+
 def _refuse_foreign(rule: type[DecayRule], options: dict[str, float], known: tuple[str, ...]) -> None:
     foreign = [name for name in options if name not in known]
     if foreign:
-        flags = ", ".join("--" + name.replace("_", "-") for name in foreign)
+        flags = ", ".join(flag_of(name) for name in foreign)
         raise ConfigurationError(f"{flags} does not apply to the {rule.average_name} average")
 
 
@@ -94,21 +169,33 @@ class ExponentialRule(DecayRule):
     """The seed's rule: ``min(decay, (numerator + n) / (denominator + n))`` (TensorFlow's warm-up)."""
 
     average_name: ClassVar[str] = "exponential"
+    parameters: ClassVar[tuple[Setting, ...]] = (
+        Setting(
+            "decay",
+            0.9999,
+            "EMA decay (upper bound when steps are known). A comma list (0.999,0.9999) computes one average "
+            "per value in one pass over the checkpoints, each in its own output named for it; so do "
+            "--half-life, --gamma and --sigma-rel (one of them per run).",
+        ),
+        Setting(
+            "half_life",
+            help="Instead of --decay: steps (schedule step) or checkpoints (schedule checkpoint) to halve a "
+            "weight; a comma list for several averages.",
+            instead_of="decay",
+            convert=lambda half_life: half_life_to_decay(half_life),
+        ),
+        Setting(
+            "numerator",
+            1.0,
+            "Warm-up: decay = min(decay, (numerator + step) / (denominator + step)).",
+            several=False,
+        ),
+        Setting("denominator", 10.0, "Warm-up denominator (see --numerator).", several=False),
+    )
 
     decay: float = 0.9999
     numerator: float = 1.0
     denominator: float = 10.0
-
-    @classmethod
-    def from_options(cls, **options: float) -> ExponentialRule:
-        """``decay``, or ``half_life`` instead of it, and the warm-up's ``numerator`` and ``denominator``."""
-        _refuse_foreign(cls, options, ("decay", "half_life", "numerator", "denominator"))
-        half_life = options.pop("half_life", None)
-        if half_life is not None:
-            if "decay" in options:
-                raise ConfigurationError("give --decay or --half-life, not both")
-            options["decay"] = half_life_to_decay(half_life)
-        return cls(**{name: float(value) for name, value in options.items()})
 
     def __post_init__(self) -> None:
         check_unit("decay", self.decay)
@@ -197,6 +284,7 @@ class UniformRule(DecayRule):
 
     average_name: ClassVar[str] = "uniform"
     has_gap_product: ClassVar[bool] = False
+    weighs_equally: ClassVar[bool] = True
 
     def at(self, num_updates: int | None, count: int) -> float:
         return count / (count + 1)
@@ -216,6 +304,19 @@ class PowerRule(DecayRule):
 
     average_name: ClassVar[str] = "power"
     default_sigma_rel: ClassVar[float] = 0.05  # EDM2's shorter profile; gamma 16.97
+    parameters: ClassVar[tuple[Setting, ...]] = (
+        Setting(
+            "gamma", help="Power method: exponent gamma of (1 - 1/t)^(gamma + 1); a comma list for several."
+        ),
+        Setting(
+            "sigma_rel",
+            default_sigma_rel,
+            "Power method: relative width of the averaging profile instead of gamma; a comma list "
+            "(0.05,0.1) for several.",
+            instead_of="gamma",
+            convert=lambda sigma_rel: sigma_rel_to_gamma(sigma_rel),
+        ),
+    )
 
     gamma: float
 
@@ -223,17 +324,6 @@ class PowerRule(DecayRule):
         _check_finite("gamma", self.gamma)
         if not self.gamma > -1:
             raise ConfigurationError(f"--gamma must be > -1, got {self.gamma!r}")
-
-    @classmethod
-    def from_options(cls, **options: float) -> PowerRule:
-        """``gamma``, or ``sigma_rel`` instead of it (neither: ``default_sigma_rel``)."""
-        _refuse_foreign(cls, options, ("gamma", "sigma_rel"))
-        gamma, sigma_rel = options.get("gamma"), options.get("sigma_rel")
-        if gamma is not None and sigma_rel is not None:
-            raise ConfigurationError("give --gamma or --sigma-rel, not both")
-        if gamma is None:
-            gamma = sigma_rel_to_gamma(cls.default_sigma_rel if sigma_rel is None else sigma_rel)
-        return cls(float(gamma))
 
     def at(self, num_updates: int | None, count: int) -> float:
         t = count if num_updates is None else num_updates

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ema_average.checkpoints import Checkpoint
 from ema_average.errors import CheckpointError
-from ema_average.plan import format_bytes
+from ema_average.sizes import format_bytes
 
 # What transformers, PEFT and diffusers read beside the weights; nothing else is ever copied.
 SIDE_FILES: tuple[str, ...] = (

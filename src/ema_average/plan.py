@@ -9,16 +9,14 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import math
-import os
-import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from ema_average import options
 from ema_average.checkpoints.base import TensorSpec
-from ema_average.decay_rules import DecayRule
+from ema_average.decay_rules import DecayRule, flag_of
 from ema_average.errors import ConfigurationError
 from ema_average.moving_average import MovingAverage, shadow_dtype
 
@@ -28,7 +26,7 @@ OUTPUT_DTYPES: dict[str, torch.dtype | None] = dict(
 SCHEDULES = options.SCHEDULES
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class AverageSettings:
     """How the average is taken: which registered average, the settings its rule is built from, and one
     update per checkpoint or per step.
@@ -36,17 +34,35 @@ class AverageSettings:
     ``schedule="checkpoint"`` is the seed's rule: one update per checkpoint with ``num_updates`` = its step.
     ``schedule="step"`` is gap-aware: between checkpoints at steps a < b the per-step rule is applied
     b - a times with the later checkpoint's weights, as an online EMA would have seen them.
-    A setting left at ``None`` takes the rule's own default; one the average does not use is an error.
+    The settings are a mapping by name (``AverageSettings("power", sigma_rel=0.1)``), checked against the
+    settings the average's rule declares (:meth:`DecayRule.declared`); one left out (or ``None``) takes
+    the rule's own default, one the average does not declare is an error.
     """
 
-    method: str = MovingAverage.default_implementation
-    decay: float | None = None
-    numerator: float | None = None
-    denominator: float | None = None
-    schedule: str = SCHEDULES[0]
-    half_life: float | None = None  # replaces decay: in steps under "step", in checkpoints under "checkpoint"
-    gamma: float | None = None  # power only
-    sigma_rel: float | None = None  # power only, instead of gamma
+    method: str
+    schedule: str
+    values: tuple[tuple[str, float], ...]  # those given, sorted by name: equal settings compare equal
+
+    def __init__(
+        self,
+        method: str = MovingAverage.default_implementation,
+        *,
+        schedule: str = SCHEDULES[0],
+        values: Mapping[str, float | None] | None = None,
+        **given: float | None,
+    ) -> None:
+        merged = {**(values or {}), **given}
+        object.__setattr__(self, "method", method)
+        object.__setattr__(self, "schedule", schedule)
+        object.__setattr__(self, "values", tuple(sorted((k, v) for k, v in merged.items() if v is not None)))
+
+    def get(self, name: str) -> float | None:
+        """The value given for setting ``name``, or None where the rule's default applies."""
+        return dict(self.values).get(name)
+
+    def rule_type(self) -> type[DecayRule]:
+        """The registered average's rule class: its declared settings, before any value is checked."""
+        return MovingAverage.by_name(self.method).rule_type
 
     def rule(self) -> DecayRule:
         """The decay rule these settings describe, checked, made by the registered average itself."""
@@ -54,16 +70,11 @@ class AverageSettings:
             raise ConfigurationError(
                 f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
             )
-        given = {
-            name: value
-            for name in ("decay", "numerator", "denominator", "half_life", "gamma", "sigma_rel")
-            if (value := getattr(self, name)) is not None
-        }
-        rule = MovingAverage.by_name(self.method).make_rule(**given)
+        rule = MovingAverage.by_name(self.method).make_rule(**dict(self.values))
         if self.schedule == "step" and not rule.has_gap_product:
+            why = "weighs checkpoints equally, with" if rule.weighs_equally else "has"
             raise ConfigurationError(
-                f"the {self.method} average weighs checkpoints equally, with no per-step rule: "
-                "use --schedule checkpoint"
+                f"the {self.method} average {why} no per-step rule: use --schedule checkpoint"
             )
         return rule
 
@@ -74,17 +85,20 @@ class AverageSettings:
         return recorded
 
 
-# The settings a run may vary, as the command line spells them (a label names an output by them).
-_SWEEP_FIELDS = {
-    "method": "",
-    "schedule": "",
-    "decay": "decay",
-    "half_life": "half-life",
-    "sigma_rel": "sigma-rel",
-    "gamma": "gamma",
-    "numerator": "numerator",
-    "denominator": "denominator",
-}
+def _varying(settings: Sequence[AverageSettings]) -> list[str]:
+    """What differs between several averages: ``method``, ``schedule``, then setting names, first seen first."""
+    names = dict.fromkeys(name for s in settings for name, _ in s.values)
+    return [
+        *(f for f in ("method", "schedule") if len({getattr(s, f) for s in settings}) > 1),
+        *(name for name in names if len({s.get(name) for s in settings}) > 1),
+    ]
+
+
+def one_value_hint(settings: Sequence[AverageSettings]) -> str:
+    """What to give instead of several averages, e.g. "give one value of --decay" (from the settings that
+    vary, so a new average's own settings are named too)."""
+    varying = [name if name in ("method", "schedule") else flag_of(name) for name in _varying(settings)]
+    return f"give one value of {' and '.join(varying) or 'each setting'}"
 
 
 def sweep_labels(settings: Sequence[AverageSettings]) -> list[str]:
@@ -92,18 +106,24 @@ def sweep_labels(settings: Sequence[AverageSettings]) -> list[str]:
     weight columns. One average needs no label; settings given twice are refused."""
     if len(settings) < 2:
         return [""] * len(settings)
-    varying = [f for f in _SWEEP_FIELDS if len({getattr(s, f) for s in settings}) > 1]
-    labels = ["-".join(_label_part(f, getattr(s, f)) for f in varying) for s in settings]
+    varying = _varying(settings)
+    labels = ["-".join(_label_part(f, _value_of(s, f)) for f in varying) for s in settings]
     if not varying or len(set(labels)) < len(labels):
         raise ConfigurationError("the same settings are given twice: each average needs its own")
     return labels
 
 
-def _label_part(field: str, value: object) -> str:
+def _value_of(settings: AverageSettings, name: str) -> object:
+    return getattr(settings, name) if name in ("method", "schedule") else settings.get(name)
+
+
+def _label_part(name: str, value: object) -> str:
+    """``decay0.999``, ``half-life500``; the method and schedule by their value alone."""
+    prefix = "" if name in ("method", "schedule") else flag_of(name).removeprefix("--")
     if isinstance(value, float | int) and not isinstance(value, bool):
         text = repr(float(value)).removesuffix(".0")  # repr round-trips: two values never share a label
-        return f"{_SWEEP_FIELDS[field]}{text}"
-    return f"{_SWEEP_FIELDS[field]}{value}" if value is not None else f"{_SWEEP_FIELDS[field]}default"
+        return f"{prefix}{text}"
+    return f"{prefix}{value}" if value is not None else f"{prefix}default"
 
 
 @dataclass(frozen=True)
@@ -373,7 +393,7 @@ def first_dominates_note(
     steps: Sequence[int], weights: Sequence[float], settings: AverageSettings
 ) -> str | None:
     """One line when the first checkpoint is most of the result, with what to change."""
-    if len(weights) < 2 or weights[0] < 0.5 or settings.method == "uniform":
+    if len(weights) < 2 or weights[0] < 0.5 or settings.rule_type().weighs_equally:
         return None
     gaps = [b - a for a, b in itertools.pairwise(steps)]
     gap = sorted(gaps)[len(gaps) // 2]
@@ -403,56 +423,30 @@ def parse_values(flag: str, text: str) -> list[float]:
     return values
 
 
-def settings_sweep(varying: dict[str, list[float] | None], **fixed: object) -> list[AverageSettings]:
+def settings_sweep(varying: Mapping[str, Sequence[float] | None], **fixed: object) -> list[AverageSettings]:
     """One ``AverageSettings`` per value of the one setting given several values (the others shared).
 
-    ``varying`` maps setting names (``decay``, ``half_life``...) to their values, ``None`` where not given.
+    ``varying`` maps setting names (``decay``, ``half_life``...) to their values, ``None`` where not given;
+    ``fixed`` holds ``method`` and ``schedule``. Only a setting the rule declares ``several`` takes a list.
     """
-    several = [name for name, values in varying.items() if values is not None and len(values) > 1]
+    given = {name: list(values) for name, values in varying.items() if values}
+    several = [name for name, values in given.items() if len(values) > 1]
     if len(several) > 1:
-        flags = " and ".join("--" + name.replace("_", "-") for name in several)
+        flags = " and ".join(flag_of(name) for name in several)
         raise ConfigurationError(f"{flags} both list several values: vary one setting per run")
-    base = {name: values[0] for name, values in varying.items() if values}
+    base = {name: values[0] for name, values in given.items()}
     if not several:
-        return [AverageSettings(**fixed, **base)]  # type: ignore[arg-type]
-    values = varying[several[0]]
-    assert values is not None
-    return [AverageSettings(**fixed, **{**base, several[0]: v}) for v in values]  # type: ignore[arg-type]
+        return [AverageSettings(**fixed, values=base)]  # type: ignore[arg-type]
+    name = several[0]
+    _check_takes_a_list(str(fixed.get("method", MovingAverage.default_implementation)), name)
+    return [AverageSettings(**fixed, values={**base, name: v}) for v in given[name]]  # type: ignore[arg-type]
 
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
-
-
-def parse_size(text: str) -> int:
-    """Bytes from "512MB", "4GiB", "1.5G" or "1000000" (hand-written: a 10-line job, no dependency)."""
-    match = _SIZE.match(text)
-    if not match:
-        raise ConfigurationError(f"not a size: {text!r} (use e.g. 512MB, 4GiB, 2G)")
-    number, unit = float(match.group(1)), (match.group(2) or "").lower()
-    binary = "i" in unit
-    base = unit[:1] if unit[:1] in "kmgt" else ""
-    scale = 1024 ** ("kmgt".index(base) + 1) if (binary and base) else _UNITS[base]
-    value = int(number * scale)
-    if value <= 0:
-        raise ConfigurationError(f"size must be positive: {text!r}")
-    return value
-
-
-def physical_memory() -> int | None:
-    """This machine's RAM in bytes, where the OS says (not on Windows)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+def _check_takes_a_list(method: str, name: str) -> None:
+    """A comma list only where the rule declares it gives one average per value (not --numerator)."""
+    setting = MovingAverage.by_name(method).rule_type.setting(name)
+    if setting is not None and not setting.several:
+        raise ConfigurationError(f"{setting.flag} takes one value, not a list")
 
 
 def effective_count(weights: Sequence[float]) -> float:
