@@ -566,7 +566,8 @@ def show_plan(prepared: PreparedRun) -> None:
     With several averages, one weight column per average, headed by its label."""
     from rich.table import Table
 
-    from ema_average.plan import effective_count, format_bytes
+    from ema_average.plan import effective_count
+    from ema_average.sizes import format_bytes
 
     plan = prepared.plan
     several = len(plan.averages) > 1
@@ -628,7 +629,7 @@ def show_plan(prepared: PreparedRun) -> None:
 
 
 def show_summary(summary: Summary) -> None:
-    from ema_average.plan import format_bytes
+    from ema_average.sizes import format_bytes
 
     paths = ", ".join(str(p) for p in summary.outputs)
     out.print(

@@ -48,13 +48,14 @@ from ema_average.plan import (
     chunk_layout,
     effective_weights,
     first_dominates_note,
+    one_value_hint,
     output_tensors,
-    physical_memory,
     sweep_labels,
     update_decays,
 )
 from ema_average.resume import Resumed, check_resumable, left_out, open_resumed, output_metadata
 from ema_average.safetensors_format import TensorSpec
+from ema_average.sizes import physical_memory
 
 Progress = Callable[[int], None]  # bytes just processed
 
@@ -215,10 +216,7 @@ def prepare(options: RunOptions, *, dry_run: bool = False, only: set[Path] | Non
         each.rule()  # bad settings fail before anything is read
     labels = sweep_labels(settings)
     if len(settings) > 1 and options.resume is not None:
-        raise ConfigurationError(
-            "--resume and --watch continue one average: give one value of --decay, --half-life, --gamma "
-            "or --sigma-rel"
-        )
+        raise ConfigurationError(f"--resume and --watch continue one average: {one_value_hint(settings)}")
     if options.resume is not None and options.checkpoints.thins:
         raise ConfigurationError("--last and --every cannot be combined with --resume or --watch")
     if options.threads is not None and options.threads < 1:

@@ -23,6 +23,7 @@ from ema_average.checkpoints.discover import candidates, files_under
 from ema_average.errors import CheckpointError, ConfigurationError, OutputError
 from ema_average.output_folder import is_folder
 from ema_average.pipeline import PreparedRun, RunOptions, Summary, default_output, execute, prepare
+from ema_average.plan import one_value_hint
 
 Snapshot = dict[Path, tuple[tuple[str, int, int, int], ...]]
 
@@ -59,9 +60,7 @@ def watch(
     if not (isinstance(poll, int | float) and math.isfinite(poll) and poll > 0):
         raise ConfigurationError(f"--poll must be a positive number of seconds, got {poll!r}")
     if len(options.all_settings) > 1:
-        raise ConfigurationError(
-            "--watch keeps one average fresh: give one value of --decay, --half-life, --gamma or --sigma-rel"
-        )
+        raise ConfigurationError(f"--watch keeps one average fresh: {one_value_hint(options.all_settings)}")
     output = options.output or default_output(options.checkpoint_dir)
     if is_folder(output):
         raise ConfigurationError(
