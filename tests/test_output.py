@@ -1,4 +1,4 @@
-"""The streaming safetensors writer against the safetensors library itself, and its commit protocol."""
+"""The output package against the safetensors library itself: file and folder writers, lock, commit."""
 
 from __future__ import annotations
 
@@ -21,10 +21,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import ema_average.writer as writer_module
+import ema_average.output.fs as fs_module
+import ema_average.output.lock as lock_module
+import ema_average.output.pool as pool_module
 from ema_average.errors import OutputError
-from ema_average.safetensors_format import TensorSpec
-from ema_average.writer import (
+from ema_average.output import (
     OutputLock,
     SafetensorsWriter,
     ShardedWriter,
@@ -33,6 +34,7 @@ from ema_average.writer import (
     name_problem,
     remove_stale_temporaries,
 )
+from ema_average.safetensors_format import TensorSpec
 
 META = {"ema_average_version": "test", "k": "v"}  # the marker that makes a folder ours to replace
 
@@ -79,7 +81,7 @@ def sharded(
 def temp_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Both temporary files: Linux's unnamed O_TMPFILE, and the hidden named file used elsewhere."""
     if request.param == "named":
-        monkeypatch.setattr(writer_module, "_open_anonymous", lambda _folder: None)
+        monkeypatch.setattr(fs_module, "open_anonymous", lambda _folder: None)
     return request.param
 
 
@@ -176,7 +178,7 @@ def test_a_file_that_appears_during_the_run_is_never_replaced(tmp_path: Path, te
 def test_without_hard_links_the_commit_is_a_checked_rename(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(writer_module, "_open_anonymous", lambda _folder: None)
+    monkeypatch.setattr(fs_module, "open_anonymous", lambda _folder: None)
 
     def no_links(*_args: object, **_kw: object) -> None:
         raise OSError(errno.EPERM, "Operation not permitted")
@@ -366,7 +368,7 @@ def test_two_spellings_of_one_output_share_its_lock(tmp_path: Path) -> None:
 def test_the_lock_of_a_killed_run_is_free_and_leaves_nothing(tmp_path: Path) -> None:
     out = tmp_path / "out.safetensors"
     child = start_child(
-        "import sys, time; from pathlib import Path; from ema_average.writer import OutputLock\n"
+        "import sys, time; from pathlib import Path; from ema_average.output import OutputLock\n"
         "lock = OutputLock(Path(sys.argv[1])); print('ready', flush=True); time.sleep(120)",
         str(out),
     )
@@ -407,7 +409,7 @@ def test_writers_take_the_lock_unless_the_caller_holds_it(tmp_path: Path) -> Non
 def test_a_squatter_on_the_old_socket_name_blocks_nothing(tmp_path: Path) -> None:
     out = tmp_path / "out.safetensors"
     squatter = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # what any local user could bind
-    squatter.bind(b"\0ema-average/" + writer_module._lock_key(out).encode())
+    squatter.bind(b"\0ema-average/" + lock_module._lock_key(out).encode())
     try:
         with OutputLock(out):
             pass
@@ -535,7 +537,7 @@ def _fail_the_exchange(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(_src: Path, _dst: Path, _flags: int) -> bool:
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(writer_module, "_renameat2", broken)
+    monkeypatch.setattr(fs_module, "_renameat2", broken)
 
 
 def _fail_the_staging_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -550,7 +552,7 @@ def _fail_the_staging_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _fail_the_second_fallback_rename(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(writer_module, "_libc_renameat2", lambda: None)
+    monkeypatch.setattr(fs_module, "_libc_renameat2", lambda: None)
     real, calls = os.rename, []
 
     def rename(src: Path, dst: Path) -> None:
@@ -581,7 +583,7 @@ def test_a_failed_commit_leaves_the_old_folder_byte_identical(
 
 
 def test_without_renameat2_the_switch_still_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(writer_module, "_libc_renameat2", lambda: None)
+    monkeypatch.setattr(fs_module, "_libc_renameat2", lambda: None)
     folder = tmp_path / "out"
     sharded(folder, layers(0.0)).commit()
     sharded(folder, layers(1.0), overwrite=True, shard=10**9).commit()
@@ -639,7 +641,7 @@ def test_a_folder_that_appears_during_the_run_is_never_replaced(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, renameat2: bool
 ) -> None:
     if not renameat2:
-        monkeypatch.setattr(writer_module, "_libc_renameat2", lambda: None)
+        monkeypatch.setattr(fs_module, "_libc_renameat2", lambda: None)
     folder = tmp_path / "out"
     writer = sharded(folder, layers(0.0))
     folder.mkdir()
@@ -673,7 +675,7 @@ def test_writing_shards_in_pieces_reopens_them_within_the_bound(tmp_path: Path) 
             writer.write_range(name, half, t[half : half + 128])
             most = max(most, len(os.listdir("/proc/self/fd")) - before)
     writer.commit()
-    assert most <= writer_module._MAX_OPEN_SHARDS
+    assert most <= pool_module._MAX_OPEN_SHARDS
     assert_folder_holds(tmp_path / "out", ts, shards=20)
 
 
@@ -688,7 +690,7 @@ def assert_folder_holds(folder: Path, ts: dict[str, torch.Tensor], *, shards: in
 def test_too_low_a_ulimit_n_is_refused_before_anything_is_written(tmp_path: Path) -> None:
     code = (
         "import os, resource, sys, torch; from pathlib import Path\n"
-        "from ema_average.writer import ShardedWriter, TensorEntry, TensorSpec\n"
+        "from ema_average.output import ShardedWriter, TensorEntry, TensorSpec\n"
         "from ema_average.errors import OutputError\n"
         "limit = len(os.listdir('/proc/self/fd')) + 8\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))\n"
@@ -714,7 +716,7 @@ def test_too_low_a_ulimit_n_is_refused_before_anything_is_written(tmp_path: Path
 def test_a_killed_fresh_run_leaves_no_output_folder(tmp_path: Path) -> None:
     child = start_child(
         "import sys, time, torch; from pathlib import Path\n"
-        "from ema_average.writer import ShardedWriter, TensorEntry, TensorSpec\n"
+        "from ema_average.output import ShardedWriter, TensorEntry, TensorSpec\n"
         "listed = [TensorEntry(f't{i}', TensorSpec((256,), torch.float32)) for i in range(4)]\n"
         "w = ShardedWriter(Path(sys.argv[1]), listed, None, overwrite=False, max_shard_size=2048)\n"
         "w.write('t0', torch.zeros(256)); w.add_file('config.json', b'{}')\n"
@@ -765,4 +767,4 @@ def _flocked(path: Path) -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def _no_leaked_locks() -> Iterator[None]:
     yield
-    assert writer_module._held == {}, "a test left an output lock held"
+    assert lock_module._held == {}, "a test left an output lock held"
