@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -13,6 +14,7 @@ import torch
 
 from ema_average import ExponentialMovingAverage, MovingAverage
 from ema_average.decay_rules import (
+    DecayRule,
     ExponentialRule,
     PowerRule,
     UniformRule,
@@ -318,3 +320,58 @@ def test_power_average_takes_gamma_or_sigma_rel_not_both() -> None:
         MovingAverage.by_name("power")({"w": torch.zeros(1)}, gamma=5.0, sigma_rel=0.1)
     by_sigma = MovingAverage.by_name("power")({"w": torch.zeros(1)}, sigma_rel=0.1)
     assert by_sigma.settings()["gamma"] == pytest.approx(sigma_rel_to_gamma(0.1))
+
+
+# --- each rule's settings, declared as data (issue 20) -----------------------------------------------------
+
+
+@pytest.mark.parametrize("rule", [ExponentialRule, UniformRule, PowerRule])
+def test_built_in_rules_declare_their_settings_and_defaults(rule: type[DecayRule]) -> None:
+    # Every declared setting is a field of the rule or an alternative to one, and a declared default is the
+    # field's own: the table the command line and the plan read is the rule's truth.
+    fields = {f.name: f.default for f in dataclasses.fields(rule)}
+    for setting in rule.declared():
+        target = setting.instead_of or setting.name
+        assert target in fields, setting
+        if setting.instead_of is None and setting.default is not None:
+            assert fields[setting.name] == setting.default
+    assert {s.instead_of or s.name for s in rule.declared()} == set(fields)
+
+
+def test_declared_tables_by_hand() -> None:
+    assert [s.name for s in ExponentialRule.declared()] == ["decay", "half_life", "numerator", "denominator"]
+    assert [(s.name, s.several) for s in PowerRule.declared()] == [("gamma", True), ("sigma_rel", True)]
+    assert ExponentialRule.setting("numerator").several is False  # type: ignore[union-attr]
+    assert ExponentialRule.setting("half_life").flag == "--half-life"  # type: ignore[union-attr]
+    assert UniformRule.declared() == ()
+    assert [r.weighs_equally for r in (ExponentialRule, UniformRule, PowerRule)] == [False, True, False]
+    # an alternative's default applies where the setting it replaces has none: EDM2's sigma_rel 0.05
+    assert PowerRule.from_options() == PowerRule(sigma_rel_to_gamma(0.05))
+    assert ExponentialRule.from_options(half_life=10) == ExponentialRule(0.5**0.1)
+
+
+def test_a_rule_without_a_table_takes_its_dataclass_fields() -> None:
+    @dataclasses.dataclass(frozen=True)
+    class Shares(DecayRule):
+        average_name = "test-shares"
+        keep: float = 0.5
+        floor: float = 0.0
+
+        def at(self, num_updates: int | None, count: int) -> float:
+            return max(self.keep, self.floor)
+
+        def between(self, after_step: int, to_step: int) -> float:
+            return self.at(None, 0) ** (to_step - after_step)
+
+    assert [(s.name, s.default, s.several) for s in Shares.declared()] == [
+        ("keep", 0.5, True),
+        ("floor", 0.0, True),
+    ]
+    assert Shares.from_options(keep=1) == Shares(1.0, 0.0)
+    with pytest.raises(ConfigurationError, match=r"^--keep must be a number, got 'x'$"):
+        Shares.from_options(keep="x")  # type: ignore[arg-type]
+    with pytest.raises(
+        ConfigurationError,
+        match=r"^--decay does not apply to the test-shares average \(it takes --keep, --floor\)$",
+    ):
+        Shares.from_options(decay=0.9)

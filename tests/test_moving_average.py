@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,8 @@ from ema_average import (
 )
 from ema_average.decay_rules import DecayRule
 from ema_average.plan import AverageSettings, update_decays
+from plugin_pkg.install import MODULE as PLUGIN_MODULE
+from plugin_pkg.install import install_plugin
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
@@ -329,6 +333,71 @@ def test_registry() -> None:
             AverageSettings(method="test-half", decay=0.9).rule()
     finally:
         del MovingAverage._registry["test-half"]
+
+
+@pytest.fixture(scope="module")
+def plugin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test plugin (tests/plugin_pkg) installed by pip into a folder of its own."""
+    return install_plugin(tmp_path_factory.mktemp("plugin"))
+
+
+@pytest.fixture
+def forget_plugin() -> Iterator[None]:
+    """Leave the registry and the imported modules as they were: other tests list exactly the built-ins."""
+    yield
+    MovingAverage._registry.pop("fixed-share", None)
+    sys.modules.pop(PLUGIN_MODULE, None)
+
+
+@pytest.mark.usefixtures("forget_plugin")
+def test_average_declared_by_another_package_is_found_by_name(
+    plugin_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(plugin_dir))
+    assert "fixed-share" in MovingAverage.list_available()
+    with pytest.raises(
+        ConfigurationError, match=r"no moving average named 'median'; available: .*fixed-share"
+    ):
+        MovingAverage.by_name("median")
+    assert PLUGIN_MODULE not in sys.modules  # declared names are listed; only the one asked for is loaded
+    average = MovingAverage.by_name("fixed-share")
+    assert PLUGIN_MODULE in sys.modules and average.__module__ == PLUGIN_MODULE
+    assert average.registered_name == "fixed-share" and MovingAverage.by_name("fixed-share") is average
+    # its own settings, alternative included, through the one table; online updates by hand: 0.75 kept
+    assert average.make_rule(drop=0.25).settings() == {"keep": 0.75}
+    ema = average.from_tensors({"w": torch.zeros(2, dtype=torch.float64)}, drop=0.25)
+    ema.update({"w": torch.ones(2, dtype=torch.float64)})
+    ema.update({"w": torch.full((2,), 3.0, dtype=torch.float64)})
+    assert ema.averages()["w"].tolist() == [0.75 * 0.25 + 0.25 * 3.0] * 2
+    settings = AverageSettings("fixed-share", schedule="step", keep=0.5)
+    assert update_decays([10, 12, 15], settings) == [None, 0.25, 0.125]
+
+
+def _declare(folder: Path, **entry_points: str) -> None:
+    """A distribution's metadata alone, declaring averages under ``ema_average.averages``."""
+    info = folder / "broken_plugin-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
+    lines = [f"{name} = {value}" for name, value in entry_points.items()]
+    (info / "entry_points.txt").write_text("\n".join(["[ema_average.averages]", *lines, ""]))
+
+
+def test_declared_average_that_does_not_load_is_one_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _declare(tmp_path, missing="no_such_module_for_ema_average:Average", wrong="json:dumps")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(
+        ConfigurationError,
+        match=r"^the average 'missing' declared as 'no_such_module_for_ema_average:Average' does not load: "
+        "ModuleNotFoundError",
+    ):
+        MovingAverage.by_name("missing")
+    with pytest.raises(
+        ConfigurationError, match=r"^the average 'wrong' declared as 'json:dumps' is not a registered"
+    ):
+        MovingAverage.by_name("wrong")
+    assert "wrong" not in MovingAverage._registry
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

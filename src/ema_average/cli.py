@@ -13,7 +13,8 @@ import signal
 import sys
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
@@ -23,7 +24,7 @@ from rich.console import Console
 
 from ema_average import options as choices
 from ema_average._version import __version__
-from ema_average.decay_rules import ExponentialRule, PowerRule
+from ema_average.decay_rules import DecayRule, ExponentialRule, PowerRule, flag_of
 from ema_average.errors import ConfigurationError, EmaAverageError, TrustPickleWarning, interrupted
 from ema_average.libc import libc_call
 from ema_average.signals import settle
@@ -73,6 +74,42 @@ def _numbers(text: str) -> Numbers:
         except ValueError:
             raise typer.BadParameter(f"{item.strip()!r} is not a number (give e.g. 0.999,0.9999)") from None
     return Numbers(values)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One ``--set NAME=VALUE[,VALUE...]``: a setting of the chosen average, by its declared name."""
+
+    name: str
+    values: Numbers
+
+
+def _assignment(text: str) -> Assignment:
+    """``keep=0.25`` or ``half-life=50,500``; parsed where typer parses options, so a bad one exits 2."""
+    name, equals, values = text.partition("=")
+    name = name.strip().replace("-", "_")
+    if not (equals and name.isidentifier()):
+        raise typer.BadParameter(f"takes NAME=VALUE (e.g. decay=0.999), got {text!r}")
+    return Assignment(name, _numbers(values))
+
+
+def _setting_help(rule: type[DecayRule], name: str) -> str:
+    """A built-in setting's help as its rule declares it, with the rule's default."""
+    setting = rule.setting(name)
+    assert setting is not None, name
+    return setting.help + ("" if setting.default is None else f" \\[default: {setting.default}]")  # not markup
+
+
+def _settings_given(
+    flags: dict[str, Sequence[float] | None], assignments: list[Assignment]
+) -> dict[str, list[float]]:
+    """The settings given by their own flags and by ``--set``, by name; one given twice is refused."""
+    given = {name: list(values) for name, values in flags.items() if values is not None}
+    for assignment in assignments:
+        if assignment.name in given:
+            raise ConfigurationError(f"{flag_of(assignment.name)} is given twice (by its flag or --set)")
+        given[assignment.name] = list(assignment.values)
+    return given
 
 
 def _steps(text: str) -> Steps:
@@ -188,7 +225,8 @@ def average(
         str,
         typer.Option(
             help="A registered moving average: exponential (EMA), uniform (mean of the checkpoints), power "
-            "(EDM2 power-function EMA), or one added with @MovingAverage.register.",
+            "(EDM2 power-function EMA), one added with @MovingAverage.register, or one another installed package "
+            "declares (entry-point group ema_average.averages); its settings by --set NAME=VALUE.",
             rich_help_panel=_AVERAGE,
         ),
     ] = "exponential",
@@ -205,9 +243,7 @@ def average(
         typer.Option(
             parser=_numbers,
             metavar=_LIST,
-            help="EMA decay (upper bound when steps are known). A comma list (0.999,0.9999) computes one "
-            "average per value in one pass over the checkpoints, each in its own output named for it; so do "
-            f"--half-life, --gamma and --sigma-rel (one of them per run). [default: {ExponentialRule.decay}]",
+            help=_setting_help(ExponentialRule, "decay"),
             rich_help_panel=_AVERAGE,
         ),
     ] = None,
@@ -216,8 +252,7 @@ def average(
         typer.Option(
             parser=_numbers,
             metavar=_LIST,
-            help="Instead of --decay: steps (schedule step) or checkpoints (schedule checkpoint) to halve a "
-            "weight; a comma list for several averages.",
+            help=_setting_help(ExponentialRule, "half_life"),
             rich_help_panel=_AVERAGE,
         ),
     ] = None,
@@ -226,7 +261,7 @@ def average(
         typer.Option(
             parser=_numbers,
             metavar=_LIST,
-            help="Power method: exponent gamma of (1 - 1/t)^(gamma + 1); a comma list for several.",
+            help=_setting_help(PowerRule, "gamma"),
             rich_help_panel=_AVERAGE,
         ),
     ] = None,
@@ -235,23 +270,32 @@ def average(
         typer.Option(
             parser=_numbers,
             metavar=_LIST,
-            help="Power method: relative width of the averaging profile instead of gamma; a comma list "
-            f"(0.05,0.1) for several. [default: {PowerRule.default_sigma_rel}]",
+            help=_setting_help(PowerRule, "sigma_rel"),
             rich_help_panel=_AVERAGE,
         ),
     ] = None,
     numerator: Annotated[
         float | None,
         typer.Option(
-            help="Warm-up: decay = min(decay, (numerator + step) / (denominator + step)). "
-            f"[default: {ExponentialRule.numerator}]",
+            help=_setting_help(ExponentialRule, "numerator"),
             rich_help_panel=_AVERAGE,
         ),
     ] = None,
     denominator: Annotated[
         float | None,
         typer.Option(
-            help=f"Warm-up denominator (see --numerator). [default: {ExponentialRule.denominator}]",
+            help=_setting_help(ExponentialRule, "denominator"),
+            rich_help_panel=_AVERAGE,
+        ),
+    ] = None,
+    set_: Annotated[
+        list[Assignment] | None,
+        typer.Option(
+            "--set",
+            parser=_assignment,
+            metavar="NAME=VALUE[,VALUE...]",
+            help="Any setting the --method's rule declares, by name (e.g. --set decay=0.999, or a setting of an "
+            "average another package adds); repeatable; a comma list where the setting takes one.",
             rich_help_panel=_AVERAGE,
         ),
     ] = None,
@@ -357,11 +401,10 @@ def average(
         from ema_average.pipeline import RunOptions, prepare
         from ema_average.plan import CheckpointSelection, TensorSelection, settings_sweep
 
-        given = {"decay": decay, "half_life": half_life, "gamma": gamma, "sigma_rel": sigma_rel}
-        values = {name: None if numbers is None else list(numbers) for name, numbers in given.items()}
-        settings = settings_sweep(
-            values, method=method, numerator=numerator, denominator=denominator, schedule=schedule.value
-        )
+        flags = {"decay": decay, "half_life": half_life, "gamma": gamma, "sigma_rel": sigma_rel}
+        flags |= {"numerator": _one(numerator), "denominator": _one(denominator)}
+        given = _settings_given(flags, set_ or [])
+        settings = settings_sweep(given, method=method, schedule=schedule.value)
         options = RunOptions(
             checkpoint_dir=checkpoint_dir,
             output=output,
@@ -396,6 +439,10 @@ def average(
         if _speaks():  # a Ctrl-C, also one that a library's import or a class definition wrapped
             err.print("ema-average: interrupted; no output written")
         raise typer.Exit(130) from None
+
+
+def _one(value: float | None) -> tuple[float] | None:
+    return None if value is None else (value,)
 
 
 def _describe(exc: BaseException) -> str:

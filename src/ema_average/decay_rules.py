@@ -161,7 +161,10 @@ def _refuse_foreign(rule: type[DecayRule], options: dict[str, float], known: tup
     foreign = [name for name in options if name not in known]
     if foreign:
         flags = ", ".join(flag_of(name) for name in foreign)
-        raise ConfigurationError(f"{flags} does not apply to the {rule.average_name} average")
+        takes = ", ".join(flag_of(name) for name in known) or "no settings"
+        raise ConfigurationError(
+            f"{flags} does not apply to the {rule.average_name} average (it takes {takes})"
+        )
 
 
 @dataclass(frozen=True)

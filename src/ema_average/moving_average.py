@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from importlib import metadata
 from operator import attrgetter, is_
 from typing import Any, ClassVar, TypeAlias, TypeVar
 
@@ -477,17 +478,21 @@ class MovingAverage:
 
     @classmethod
     def by_name(cls, name: str) -> type[MovingAverage]:
-        """The registered implementation called ``name``."""
+        """The registered implementation called ``name``; one another package declares under the entry-point
+        group ``ema_average.averages`` is loaded the first time its name is asked for."""
+        if name not in MovingAverage._registry:
+            _load_declared(name)
         try:
             return MovingAverage._registry[name]
         except KeyError:
-            known = ", ".join(sorted(MovingAverage._registry))
+            known = ", ".join(cls.list_available())
             raise ConfigurationError(f"no moving average named {name!r}; available: {known}") from None
 
     @classmethod
     def list_available(cls) -> list[str]:
-        """Registered names, the default first (as AllenNLP lists them)."""
-        names = sorted(MovingAverage._registry)
+        """Registered names and those other packages declare (not loaded), the default first (as AllenNLP
+        lists them)."""
+        names = sorted({*MovingAverage._registry, *(entry.name for entry in _declared_averages())})
         if cls.default_implementation in names:
             names.remove(cls.default_implementation)
             names.insert(0, cls.default_implementation)
@@ -959,6 +964,39 @@ def _describe(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> st
 def _whole(value: torch.Tensor) -> torch.Tensor:
     """A saved average as one whole tensor (a DTensor is gathered from its ranks: a collective)."""
     return value.full_tensor() if is_dtensor(value) else value  # type: ignore[attr-defined]
+
+
+ENTRY_POINT_GROUP = "ema_average.averages"  # where other packages declare their averages, by name
+
+
+def _declared_averages() -> tuple[metadata.EntryPoint, ...]:
+    """The averages installed packages declare: ``name = "module:Class"`` (or just the module that
+    registers it) under ``[project.entry-points."ema_average.averages"]``."""
+    return tuple(metadata.entry_points(group=ENTRY_POINT_GROUP))
+
+
+def _load_declared(name: str) -> None:
+    """Import the average declared as ``name`` and register it under that name; nothing if none is.
+
+    A declaration that fails to load, or names no moving average, is a one-line error naming the package's
+    entry point, never a traceback from another package's import.
+    """
+    for entry in _declared_averages():
+        if entry.name != name:
+            continue
+        try:
+            loaded = entry.load()
+        except Exception as exc:
+            raise ConfigurationError(
+                f"the average {name!r} declared as {entry.value!r} does not load: {type(exc).__name__}: {exc}"
+            ) from None
+        if isinstance(loaded, type) and issubclass(loaded, MovingAverage):
+            MovingAverage.register(name)(loaded)
+        if name not in MovingAverage._registry:
+            raise ConfigurationError(
+                f"the average {name!r} declared as {entry.value!r} is not a registered MovingAverage subclass"
+            )
+        return
 
 
 @MovingAverage.register("exponential")
