@@ -5,7 +5,7 @@ engine's ``apply(num_updates=trainer.global_step)``. Validation and test run on 
 swapped in and the training weights put back bit for bit after; ``evaluate="both"`` also logs every
 metric of the raw weights, its name suffixed ``_raw``. The ``.ckpt`` holds the averaged model under
 ``ema`` (the model's ``state_dict`` with float32 averages for its parameters, so
-``model.load_state_dict(ckpt["ema"])`` and ``ema-average RUN --state-dict-key ema`` read it) and the callback's counter in its own state: ``trainer.fit(ckpt_path=...)`` resumes both.
+``model.load_state_dict(ckpt["ema"])`` and ``ema-average RUN --submodel ema`` read it) and the callback's counter in its own state: ``trainer.fit(ckpt_path=...)`` resumes both.
 
 Under DDP each rank keeps its own average (equal across ranks: DDP keeps the weights equal). Sharded
 parameters (DeepSpeed ZeRO-3, FSDP2's DTensors) are refused when training starts, with one line.
