@@ -422,7 +422,7 @@ def signal_when(proc: subprocess.Popen, sig: int, ready: Callable[[], bool]) -> 
 def holds_unnamed_output(pid: int, output: Path) -> bool:
     """Whether process ``pid`` is writing ``output`` and has not named it yet: it holds the temporary
     (``O_TMPFILE``'s unnamed file, else the hidden ``temp_name``) open, and ``output`` does not exist."""
-    from ema_average.writer import temp_name
+    from ema_average.output import temp_name
 
     if output.exists():
         return False

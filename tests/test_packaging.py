@@ -1,4 +1,5 @@
-"""What a user installs: the wheel's contents, the entry points, and how fast the command starts."""
+"""What a user installs: the wheel's contents, the entry points, what starting the command imports, and
+Ctrl-C while it starts."""
 
 from __future__ import annotations
 

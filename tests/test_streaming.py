@@ -13,10 +13,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ema_average import streaming
-from ema_average import writer as writer_module
 from ema_average.checkpoints import Checkpoint, SafetensorsCheckpoint, TensorSpec
 from ema_average.errors import ConfigurationError, NonFiniteError, OutputError
 from ema_average.moving_average import MovingAverage
+from ema_average.output import SafetensorsWriter
+from ema_average.output import file as output_file
 from ema_average.pipeline import RunOptions, average_checkpoints, labelled, prepare
 from ema_average.plan import (
     AverageSettings,
@@ -26,7 +27,6 @@ from ema_average.plan import (
     chunk_layout,
     output_tensors,
 )
-from ema_average.writer import SafetensorsWriter
 from helpers import assert_weighted_sum
 
 STEPS = [100, 250, 400, 1000]
@@ -283,14 +283,14 @@ def test_a_disk_failure_at_the_last_outputs_commit_leaves_none(
         RunOptions(tmp_path / "run", first, settings=sweep[0], max_shard_size=shards, checkpoints=earlier)
     )
     before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    verify = writer_module._verify_written
+    verify = output_file._verify_written
 
     def lost_writes(readable: str, path: Path, *args: object) -> None:
         if "decay0.5" in str(path):
             raise OutputError(f"{path}: reads back other than written")
         verify(readable, path, *args)
 
-    monkeypatch.setattr(writer_module, "_verify_written", lost_writes)
+    monkeypatch.setattr(output_file, "_verify_written", lost_writes)
     with pytest.raises(OutputError, match=r"decay0\.5"):
         average_checkpoints(dataclasses.replace(options, overwrite=True))
     after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
