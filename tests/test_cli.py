@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from helpers import (
     write_safetensors_run,
     write_torch_run,
 )
+from plugin_pkg.install import install_plugin
 
 EXE = str(Path(sys.executable).parent / "ema-average")
 STEPS = [10, 20, 40, 80]
@@ -301,6 +303,12 @@ def test_several_settings_errors(tmp_path: Path, args: list[str], message: str) 
         (["--memory-budget", "8MiB"], "No such option: --memory-budget"),
         (["--threads", "0"], "ema-average: error: --threads must be at least 1, got 0"),
         (["--decay", "1.5"], "ema-average: error: --decay must be"),
+        (["--set", "decay=x"], "Invalid value for '--set': 'x' is not a number"),
+        (["--set", "decay"], "Invalid value for '--set': takes NAME=VALUE"),
+        (["--set", "numerator=1,2"], "ema-average: error: --numerator takes one value, not a list"),
+        (["--set", "decay=0.9", "--decay", "0.8"], "ema-average: error: --decay is given twice"),
+        (["--set", "gamma=3"], "ema-average: error: --gamma does not apply to the exponential average"),
+        (["--method", "fixed-share"], "ema-average: error: no moving average named 'fixed-share'"),
     ],
 )
 def test_every_usage_error_exits_2_and_writes_nothing(tmp_path: Path, args: list[str], message: str) -> None:
@@ -356,3 +364,61 @@ def test_an_output_dtype_that_cannot_hold_the_average_is_refused(
     assert torch.isinf(written["w"]).tolist() == (
         [False, True, True, True] if dtype == "float16" else [False, False, False, True]
     )
+
+
+# --- an average another package declares, from the command by name (issue 20) ------------------------------
+
+
+@pytest.fixture(scope="module")
+def plugin_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The environment of a run that sees the test plugin (tests/plugin_pkg), installed by pip."""
+    folder = install_plugin(tmp_path_factory.mktemp("plugin"))
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")])),
+    }
+
+
+def fixed_share_reference(states: list[dict[str, torch.Tensor]], keep: float) -> dict[str, torch.Tensor]:
+    """The plugin's average by hand in float64: each checkpoint after the first gets 1 - keep."""
+    shadow = {n: t.double() for n, t in states[0].items() if t.is_floating_point()}
+    for state in states[1:]:
+        shadow = {n: keep * s + (1 - keep) * state[n].double() for n, s in shadow.items()}
+    return shadow
+
+
+def test_average_from_another_package_by_name(tmp_path: Path, plugin_env: dict[str, str]) -> None:
+    states = write_safetensors_run(tmp_path / "run", STEPS)
+    ordered = [states[s] for s in STEPS]
+    command = [EXE, str(tmp_path / "run"), "--method", "fixed-share"]
+    one = [*command, "--set", "keep=0.25", "-o", str(tmp_path / "o.safetensors")]
+    result = subprocess.run(one, capture_output=True, text=True, timeout=300, env=plugin_env)
+    assert result.returncode == 0, result.stderr
+    assert "method fixed-share (keep 0.25)" in result.stdout
+    out = load_file(str(tmp_path / "o.safetensors"))
+    for name, expected in fixed_share_reference(ordered, 0.25).items():
+        torch.testing.assert_close(out[name].double(), expected, rtol=2e-6, atol=2e-7)
+    # its alternative setting, as a comma list: one output per value, named for it
+    sweep = [*command, "--set", "drop=0.5,0.75", "-o", str(tmp_path / "s.safetensors")]
+    result = subprocess.run(sweep, capture_output=True, text=True, timeout=300, env=plugin_env)
+    assert result.returncode == 0, result.stderr
+    for drop in (0.5, 0.75):
+        out = load_file(str(tmp_path / f"s-drop{drop}.safetensors"))
+        for name, expected in fixed_share_reference(ordered, 1 - drop).items():
+            torch.testing.assert_close(out[name].double(), expected, rtol=2e-6, atol=2e-7)
+
+
+def test_set_gives_a_built_in_setting_as_its_flag_does(tmp_path: Path) -> None:
+    write_safetensors_run(tmp_path / "run", STEPS)
+    assert run(tmp_path / "run", "-o", tmp_path / "flag.safetensors", "--half-life", "3").returncode == 0
+    result = run(tmp_path / "run", "-o", tmp_path / "set.safetensors", "--set", "half-life=3")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "set.safetensors").read_bytes() == (tmp_path / "flag.safetensors").read_bytes()
+
+
+def test_help_shows_the_defaults_the_rules_declare() -> None:
+    result = run("--help")
+    assert result.returncode == 0, result.stderr
+    shown = " ".join(result.stdout.replace("│", " ").split())
+    for text in ("[default: 0.9999]", "[default: 0.05]", "[default: 10.0]", "--set NAME=VALUE[,VALUE...]"):
+        assert text in shown, text

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
 
 from ema_average.checkpoints import TensorSpec
+from ema_average.decay_rules import DecayRule
 from ema_average.errors import ConfigurationError
+from ema_average.moving_average import MovingAverage
 from ema_average.plan import (
     AverageSettings,
     CheckpointSelection,
@@ -17,6 +21,7 @@ from ema_average.plan import (
     chunk_layout,
     effective_weights,
     first_dominates_note,
+    one_value_hint,
     output_tensors,
     parse_values,
     settings_sweep,
@@ -203,3 +208,67 @@ def test_checkpoint_selection() -> None:
     assert CheckpointSelection().indices(steps) == list(range(7))
     with pytest.raises(ConfigurationError, match="--last must be at least 1"):
         CheckpointSelection(last=0).indices(steps)
+
+
+# --- settings as data: a mapping checked against the rule's declared settings (issue 20) -------------------
+
+
+def test_settings_are_a_mapping_by_name() -> None:
+    assert AverageSettings(decay=0.9, numerator=2.0) == AverageSettings(
+        values={"numerator": 2.0, "decay": 0.9}
+    )
+    assert AverageSettings(decay=None) == AverageSettings()  # None: the rule's own default
+    power = AverageSettings("power", sigma_rel=0.1)
+    assert (power.get("sigma_rel"), power.get("gamma")) == (0.1, None)
+    assert power.as_metadata() == {
+        "method": "power",
+        "schedule": "checkpoint",
+        "gamma": repr(power.rule().gamma),
+    }
+
+
+def test_a_list_only_where_the_setting_takes_one() -> None:
+    with pytest.raises(ConfigurationError, match=r"^--numerator takes one value, not a list$"):
+        settings_sweep({"numerator": [1.0, 2.0]})
+    assert [s.get("gamma") for s in settings_sweep({"gamma": [3.0, 5.0]}, method="power")] == [3.0, 5.0]
+
+
+def test_one_value_hint_names_what_varies() -> None:
+    sweep = settings_sweep({"half_life": [5.0, 50.0]}, schedule="step")
+    assert one_value_hint(sweep) == "give one value of --half-life"
+
+
+@pytest.fixture
+def equal_weights() -> Iterator[str]:
+    """A registered average whose rule weighs checkpoints equally, as a third party would write it."""
+
+    @dataclasses.dataclass(frozen=True)
+    class EveryOneRule(DecayRule):
+        average_name = "test-every-one"
+        has_gap_product = False
+        weighs_equally = True
+
+        def at(self, num_updates: int | None, count: int) -> float:
+            return count / (count + 1)
+
+        def between(self, after_step: int, to_step: int) -> float:
+            raise AssertionError("no per-step rule")
+
+    @MovingAverage.register("test-every-one")
+    class EveryOne(MovingAverage):
+        rule_type = EveryOneRule
+
+    yield "test-every-one"
+    del MovingAverage._registry["test-every-one"]
+
+
+def test_equal_weights_come_from_the_rule_not_its_name(equal_weights: str) -> None:
+    # No "first checkpoint dominates" note for an average whose rule weighs checkpoints equally (by its
+    # declaration: the plan has no list of such names), and no --schedule step for it.
+    steps = [100, 200]
+    settings = AverageSettings(equal_weights)
+    assert first_dominates_note(steps, [0.5, 0.5], settings) is None
+    assert first_dominates_note(steps, [0.9, 0.1], settings) is None
+    assert first_dominates_note(steps, [0.9, 0.1], AverageSettings(decay=0.9)) is not None
+    with pytest.raises(ConfigurationError, match="weighs checkpoints equally, with no per-step rule"):
+        AverageSettings(equal_weights, schedule="step").rule()
