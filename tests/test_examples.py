@@ -98,3 +98,12 @@ def test_train_lightning_ema_validates_the_ema_and_it_beats_the_raw_weights(tmp_
     x, y = make_data(2000, seed=1)
     with torch.no_grad():
         assert torch.nn.functional.mse_loss(model(x), y).item() == pytest.approx(losses["ema"], rel=1e-5)
+
+
+def test_train_hf_trainer_ema_saves_the_ema_it_evaluated(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    losses = runpy.run_path(str(EXAMPLES / "train_hf_trainer_ema.py"))["main"](steps=20, out=tmp_path)
+    ema = losses["of the EMA while training"]
+    assert losses["of the EMA saved and reloaded"] == pytest.approx(ema, rel=1e-5)
+    assert abs(losses["of the raw weights"] - ema) > 1e-3
+    assert (tmp_path / "checkpoint-10" / "ema" / "config.json").is_file()
