@@ -30,8 +30,8 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from ema_average.errors import CheckpointError, ConfigurationError
 from ema_average.integrations import EmaTracker, average_model_state, unwrap_model
 from ema_average.moving_average import ExponentialMovingAverage
+from ema_average.output import SafetensorsWriter, TensorEntry
 from ema_average.safetensors_format import TensorSpec
-from ema_average.writer import SafetensorsWriter, TensorEntry
 
 __all__ = ["EMA_FOLDER", "STATE_METADATA_KEY", "EMACallback"]
 
