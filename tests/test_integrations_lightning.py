@@ -432,29 +432,37 @@ FSDP2_SCRIPT = textwrap.dedent(
     from ema_average.errors import ConfigurationError
     from ema_average.integrations import EmaTracker
 
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
     dist.init_process_group("gloo", rank=0, world_size=1)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
-    fully_shard(model)
-    try:
-        EmaTracker(0.9, 1.0, 10.0, device=None, every=1, evaluate="ema").start(model, 0, training=True)
-        print("averaged")
-    except ConfigurationError as exc:
-        print(exc)
+    sharded = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    fully_shard(sharded)
+    flat = FullyShardedDataParallel(torch.nn.Linear(4, 1), device_id=torch.device("cpu"))
+    for model in (sharded, flat):
+        try:
+            EmaTracker(0.9, 1.0, 10.0, device=None, every=1, evaluate="ema").start(model, 0, training=True)
+            print("averaged")
+        except ConfigurationError as exc:
+            print(exc)
     dist.destroy_process_group()
     """
 )
 
 
-def test_fsdp2_sharded_parameters_are_refused_at_start_with_one_line(tmp_path: Path) -> None:
+def test_fsdp_sharded_parameters_are_refused_at_start_with_one_line(tmp_path: Path) -> None:
+    """FSDP2's DTensors and FSDP's flat parameters, on a real one-rank gloo group."""
     script = tmp_path / "fsdp2.py"
     script.write_text(FSDP2_SCRIPT)
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip() == (
+    assert done.stdout.splitlines() == [
         "parameter '0.weight' is sharded (a DTensor: FSDP2 or tensor parallel): the EMA callbacks do not save "
-        "such averages yet; use ExponentialMovingAverage(model) in the loop (README: Sharded training)"
-    )
+        "such averages yet; use ExponentialMovingAverage(model) in the loop (README: Sharded training)",
+        "the model is wrapped in FSDP (FullyShardedDataParallel), whose flat parameters are not the model's: "
+        "the EMA callbacks cannot average them; use FSDP2 (fully_shard) with ExponentialMovingAverage(model) "
+        "in the loop, or DDP",
+    ]
 
 
 def test_validate_with_ckpt_path_evaluates_the_ema_saved_in_it(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ parameters are not there between steps (DeepSpeed ZeRO-3).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,9 +44,16 @@ def _refuse_unsupported(model: torch.nn.Module) -> None:
     """Refuse, before the first step, parameters the callbacks cannot average and save correctly.
 
     ZeRO-3 partitions parameters and gathers them only inside forward: an average of the empty placeholders
-    would be a silent wrong EMA. Sharded DTensor parameters (FSDP2, tensor parallel) the engine averages, but
+    would be a silent wrong EMA; FSDP (the first) flattens them into shards named for none of them. Sharded DTensor parameters (FSDP2, tensor parallel) the engine averages, but
     the callbacks' saves and resumes of them are not written yet.
     """
+    fsdp1 = getattr(sys.modules.get("torch.distributed.fsdp"), "FullyShardedDataParallel", None)
+    if fsdp1 is not None and any(isinstance(m, fsdp1) for m in model.modules()):
+        raise ConfigurationError(
+            "the model is wrapped in FSDP (FullyShardedDataParallel), whose flat parameters are not the "
+            "model's: the EMA callbacks cannot average them; use FSDP2 (fully_shard) with "
+            "ExponentialMovingAverage(model) in the loop, or DDP"
+        )
     for name, param in model.named_parameters():
         if hasattr(param, "ds_id") or hasattr(param, "ds_status"):
             raise ConfigurationError(
