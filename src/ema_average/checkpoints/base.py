@@ -66,11 +66,13 @@ class ModelChoice:
     read: str
     others: dict[str, str] = field(default_factory=dict)  # name -> the flag that reads it
     average: bool = False  # what was read is itself an average (no raw weights were found)
+    beside: str = ""  # what else the unit holds that is no model (optimizer, scheduler, trainer state)
 
     def describe(self) -> str:
         what = f"{self.read} (an average: no raw weights found beside it)" if self.average else self.read
         also = ", ".join(f"{name} ({flag})" for name, flag in self.others.items())
-        return f"read {what}" + (f"; also here: {also}" if also else "")
+        text = f"read {what}" + (f"; also here: {also}" if also else "")
+        return text + (f"; not averaged: {self.beside}" if self.beside else "")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ algorithm), the raw weights are read and the average is named with the ``--state
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,12 +27,12 @@ from ema_average.checkpoints.base import (
     StepInfo,
     TensorSpec,
 )
+from ema_average.checkpoints.contents import KeyPath, Kind, Part, mirrors, split, structure_of
 from ema_average.checkpoints.keys import (
     CHECKPOINT_SUFFIXES,
     EPOCH_KEYS,
     STATE_DICT_KEYS,
     STEP_KEYS,
-    is_ema_name,
     is_side_file,
 )
 from ema_average.checkpoints.safe_unpickle import TorchFile, ZipMember, open_torch_file
@@ -383,23 +383,42 @@ def checked_name(path: Path, key: Any) -> str:
 
 
 class _Flattener:
-    """Walks a nested state dict once: each dict visited at most once, depth and names bounded."""
+    """Walks a nested state dict once: each dict visited at most once, depth and names bounded. Records
+    each tensor under its dotted name and its path of keys, and what each dict's own keys say it is
+    (an optimizer's or a scheduler's state), for :func:`ema_average.checkpoints.contents.split`."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, whole_file: bool = False) -> None:
         self.path = path
+        self.whole_file = whole_file  # optimizer state has integer keys: they are refused only in a model
         self.out: dict[str, torch.Tensor] = {}
+        self.paths: list[tuple[KeyPath, torch.Tensor]] = []
+        self.structure: dict[KeyPath, Kind] = {}
+        self.odd: dict[str, Any] = {}  # whole file: names reached through a key that is no string
         self.seen: dict[int, str] = {}
 
-    def walk(self, mapping: Mapping[Any, Any], name: str = "", depth: int = 0) -> None:
+    def walk(
+        self, mapping: Mapping[Any, Any], name: str = "", depth: int = 0, keys: KeyPath = (), odd: Any = None
+    ) -> None:
         if depth > MAX_DEPTH:
             raise CheckpointError(self.path, f"nests dicts more than {MAX_DEPTH} deep (at {name!r}); refused")
         self.seen[id(mapping)] = name
+        kind = structure_of(mapping) if isinstance(mapping, Mapping) else None
+        if kind is not None:
+            self.structure[keys] = kind
         prefix = f"{name}." if name else ""
-        for key, value in mapping.items():
+        for key, value in _items(mapping):
+            if not (isinstance(value, torch.Tensor) or _holds_more(value)):
+                continue
+            if self.whole_file and not isinstance(key, str):
+                checked, odd_here = str(key), key if odd is None else odd
+            else:
+                checked, odd_here = checked_name(self.path, key), odd
             if isinstance(value, torch.Tensor):
-                self._add(prefix + checked_name(self.path, key), value)
-            elif isinstance(value, Mapping) and value:  # an empty dict holds no tensors
-                child = prefix + checked_name(self.path, key)
+                self._add(prefix + checked, (*keys, checked), value)
+                if odd_here is not None:
+                    self.odd[prefix + checked] = odd_here
+            else:
+                child = prefix + checked
                 first = self.seen.get(id(value))
                 if first is not None:
                     raise CheckpointError(
@@ -407,14 +426,29 @@ class _Flattener:
                         f"holds the same dict at {_shown(first)} and at {child!r} "
                         "(a loop or a shared sub-dict); refused",
                     )
-                self.walk(value, child, depth + 1)
+                self.walk(value, child, depth + 1, (*keys, checked), odd_here)
 
-    def _add(self, name: str, tensor: torch.Tensor) -> None:
+    def _add(self, name: str, keys: KeyPath, tensor: torch.Tensor) -> None:
         if name in self.out:
             raise CheckpointError(self.path, f"has two tensors named {name!r}")
         if len(self.out) >= MAX_NAMES:
             raise CheckpointError(self.path, f"has more than {MAX_NAMES} tensors; refused")
         self.out[name] = tensor
+        self.paths.append((keys, tensor))
+
+
+def _items(container: Mapping[Any, Any] | list[Any] | tuple[Any, ...]) -> Iterable[tuple[Any, Any]]:
+    """A dict's items; a list's under their index (Lightning's ``optimizer_states``, a list of dicts)."""
+    if isinstance(container, Mapping):
+        return container.items()
+    return ((str(i), value) for i, value in enumerate(container))
+
+
+def _holds_more(value: Any) -> bool:
+    """A non-empty dict, or a list or tuple of dicts or tensors, to walk into (a list of numbers is not)."""
+    if isinstance(value, Mapping):
+        return bool(value)
+    return isinstance(value, list | tuple) and any(isinstance(v, Mapping | torch.Tensor) for v in value)
 
 
 def _shown(name: str) -> str:
@@ -441,26 +475,57 @@ class _Candidate:
     ema: bool
 
 
-def _candidates(obj: Mapping[str, Any]) -> list[_Candidate]:
-    """The state dicts ``obj`` holds, raw weights before averages, each under the key that picks it."""
-    found: list[_Candidate] = []
-    # Lightning's EMAWeightAveraging moves the raw weights to current_model_state and saves the
-    # average under state_dict.
-    if _is_state_dict(obj.get("current_model_state")):
-        found.append(_Candidate("current_model_state", obj["current_model_state"], False))
-        if _is_state_dict(obj.get("state_dict")):
-            found.append(_Candidate("state_dict", obj["state_dict"], True))
-    found += _composer_candidates(obj)
-    for key in (*STATE_DICT_KEYS, *(k for k in obj if isinstance(k, str) and k not in STATE_DICT_KEYS)):
-        if _is_state_dict(obj.get(key)):
-            found.append(_Candidate(key, obj[key], is_ema_name(key)))
-    extra = obj.get("extra_state")  # fairseq's EMA (--ema-... options), beside the raw model
-    if isinstance(extra, Mapping) and _is_state_dict(extra.get("ema")):
-        found.append(_Candidate("extra_state.ema", extra["ema"], True))
-    unique: dict[str, _Candidate] = {}
-    for candidate in found:
-        unique.setdefault(candidate.key, candidate)  # the first mention of a key says what it is
-    return sorted(unique.values(), key=lambda c: c.ema)
+def _candidates(path: Path, obj: Mapping[str, Any]) -> tuple[list[_Candidate], list[Part[torch.Tensor]]]:
+    """The state dicts ``obj`` holds, raw weights before averages, each under the key that picks it; and
+    the parts that are no model (optimizer, scheduler and trainer state), to name in the plan.
+
+    What is model, average or other state is decided by :func:`contents.split` for every trainer alike;
+    only where a trainer saves its average under the raw weights' usual key is its convention applied.
+    """
+    found, beside = _composer_candidates(obj), []
+    if not found:
+        walker = _Flattener(path, whole_file=True)
+        walker.walk(obj)
+        parts = split(walker.paths, walker.structure)
+        _refuse_odd_names(path, walker.odd, parts)
+        found = [
+            _Candidate(p.key, p.tensors, p.kind == "average") for p in parts if p.kind in ("model", "average")
+        ]
+        found = _swapped_by_convention(obj, found)
+        beside = [p for p in parts if p.kind not in ("model", "average")]
+    return sorted(found, key=lambda c: (c.ema, _preference(c.key))), beside
+
+
+def _refuse_odd_names(path: Path, odd: Mapping[str, Any], parts: list[Part[torch.Tensor]]) -> None:
+    """A model or average whose names go through a key that is no string cannot be written (optimizer
+    state, keyed by parameter index, may)."""
+    for part in parts:
+        if part.kind not in ("model", "average"):
+            continue
+        for name in part.tensors:
+            key = odd.get(f"{part.key}.{name}" if part.key else name)
+            if key is not None:
+                checked_name(path, key)  # raises, naming the key
+
+
+def _preference(key: str) -> int:
+    """The usual keys first (``state_dict`` before ``model``...), others in the file's order."""
+    return STATE_DICT_KEYS.index(key) if key in STATE_DICT_KEYS else len(STATE_DICT_KEYS)
+
+
+def _swapped_by_convention(obj: Mapping[str, Any], found: list[_Candidate]) -> list[_Candidate]:
+    """Trainers that save the average under the raw weights' key. Lightning's EMAWeightAveraging moves
+    the raw weights to ``current_model_state``; mmengine's EMAHook (a Runner save: ``message_hub``) swaps
+    the average into ``state_dict`` and keeps the raw weights in ``ema_state_dict`` as ``module.*``,
+    beside the ``steps`` counter of its ``AveragedModel``."""
+    keys = {c.key: c for c in found}
+    if "current_model_state" in keys and "state_dict" in keys:
+        keys["state_dict"].ema = True
+    if "message_hub" in obj and "ema_state_dict" in keys and "state_dict" in keys:
+        raw = keys["ema_state_dict"]
+        raw.value = {n.removeprefix("module."): t for n, t in raw.value.items() if n.startswith("module.")}
+        raw.ema, keys["state_dict"].ema = False, True
+    return found
 
 
 def _composer_candidates(obj: Mapping[str, Any]) -> list[_Candidate]:
@@ -496,7 +561,7 @@ def _find_state_dict(
 ) -> tuple[dict[str, torch.Tensor], str | None, ModelChoice | None]:
     if key is None and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return _flatten(path, obj), None, None
-    candidates = _candidates(obj)
+    candidates, beside = _candidates(path, obj)
     chosen = next((c for c in candidates if c.key == key), None) if key is not None else None
     if key is not None and chosen is None:
         return _by_dotted_key(path, obj, key), key, None
@@ -504,31 +569,40 @@ def _find_state_dict(
         chosen = candidates[0]
     if chosen is None:
         keys = ", ".join(_short_repr(k) for k in list(obj)[:8])
+        held = f"; it holds {_described(beside)}" if beside else ""
         raise CheckpointError(
             path,
-            f"no state dict found (top-level keys: {keys}); "
+            f"no state dict found (top-level keys: {keys}{held}); "
             "name the key holding the weights with --state-dict-key",
         )
     tensors = _flatten(path, chosen.value)
-    return tensors, chosen.key, _choice(path, chosen, candidates, tensors)
+    return tensors, chosen.key, _choice(path, chosen, candidates, tensors, beside)
 
 
 def _choice(
-    path: Path, chosen: _Candidate, candidates: list[_Candidate], tensors: dict[str, torch.Tensor]
+    path: Path,
+    chosen: _Candidate,
+    candidates: list[_Candidate],
+    tensors: dict[str, torch.Tensor],
+    beside: list[Part[torch.Tensor]],
 ) -> ModelChoice | None:
-    """The other state dicts of the same model (same names: an average, not an optimizer's state)."""
+    """The other state dicts of the same model (same names: an average, not an optimizer's state), and
+    what else the file holds that is not averaged."""
     others = {}
     for c in candidates:
-        if c is not chosen and _same_model(set(_flatten(path, c.value)), set(tensors)):
+        if c is not chosen and mirrors(_flatten(path, c.value), tensors):
             others[c.key] = f"--state-dict-key {c.key}"
-    if not others and not chosen.ema:
+    if not others and not chosen.ema and not beside:
         return None
-    return ModelChoice(chosen.key, others, average=chosen.ema)
+    return ModelChoice(chosen.key, others, average=chosen.ema, beside=_described(beside))
 
 
-def _same_model(a: set[str], b: set[str]) -> bool:
-    """Two state dicts of one model (most names shared), not a model and an optimizer or a counter."""
-    return bool(a and b) and len(a & b) * 2 >= min(len(a), len(b))
+def _described(parts: list[Part[torch.Tensor]]) -> str:
+    """``optimizer state (optimizer_states), trainer state (loops, callbacks)``: what is not averaged."""
+    kinds: dict[str, list[str]] = {}
+    for part in parts:
+        kinds.setdefault(part.kind, []).append(part.key or "the top level")
+    return ", ".join(f"{kind} state ({', '.join(keys)})" for kind, keys in kinds.items())
 
 
 def _by_dotted_key(path: Path, obj: Mapping[str, Any], key: str) -> dict[str, torch.Tensor]:
@@ -552,7 +626,10 @@ def _claims(path: Path) -> bool:
 
 
 def _open_layout(path: Path, options: OpenOptions) -> Checkpoint:
-    return TorchCheckpoint(path, state_dict_key=options.state_dict_key, trust_pickle=options.trust_pickle)
+    """``--submodel NAME`` reads the state dict under key ``NAME`` (``--submodel ema``), as
+    ``--state-dict-key`` does: in a torch file a model is picked by its key."""
+    key = options.state_dict_key or options.submodel
+    return TorchCheckpoint(path, state_dict_key=key, trust_pickle=options.trust_pickle)
 
 
 LAYOUT = Layout(
