@@ -502,3 +502,18 @@ def test_validate_with_a_new_trainer_after_fit_sees_the_fitted_average() -> None
         warnings.simplefilter("ignore")
         metrics = trainer([ema], limit_val_batches=1.0).validate(net, val, verbose=False)[0]  # step 0 here
     assert metrics["val_loss"] == pytest.approx(val_loss_of(averages, net), rel=1e-5)
+
+
+def test_frozen_parameters_are_saved_as_they_are_and_hold_no_average(tmp_path: Path) -> None:
+    """A frozen layer's average would be itself: no float32 copy of it is kept, the .ckpt has its values."""
+    net, ema, recorder = model(), EMACallback(decay=DECAY), Recorder()
+    net.net[0].requires_grad_(False)
+    fit(ckpt_trainer(tmp_path, [recorder, ema], max_epochs=1), net)
+    assert ema.moving_average is not None
+    averages = ema.moving_average.averages()
+    assert set(averages) == {"net.1.weight", "net.1.bias", "net.2.weight", "net.2.bias"}
+    expected = reference(recorder)
+    assert_close_to(averages, {n: expected[n] for n in averages})
+    saved = torch.load(tmp_path / "epoch=0-step=8.ckpt", weights_only=True)[EMA_KEY]
+    assert torch.equal(saved["net.0.weight"], net.net[0].weight)
+    assert torch.equal(saved["net.2.weight"], averages["net.2.weight"])

@@ -372,3 +372,37 @@ def test_deepspeed_zero2_on_two_gloo_ranks_and_zero3_refused(tmp_path: Path) -> 
             "parameter 'transformer.wte.weight' is partitioned by DeepSpeed ZeRO-3 (empty outside forward): "
             "the EMA callback cannot average it; use ZeRO stage 1 or 2, or DDP"
         )
+
+
+def test_peft_lora_keeps_and_saves_averages_of_the_adapter_alone(tmp_path: Path) -> None:
+    """The frozen base model holds no average (it would be itself); ema/ holds the averaged adapter weights
+    under the PeftModel's names, and a resumed run continues them bit for bit."""
+    peft = pytest.importorskip("peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lora = peft.LoraConfig(r=2, target_modules=["c_attn"], lora_dropout=0.0)
+        models = [peft.get_peft_model(tiny_gpt2(), lora) for _ in range(2)]
+    whole, recorder = EMACallback(decay=DECAY), Recorder()
+    train(tmp_path / "whole", [recorder, whole], model=models[0], max_steps=4)
+    assert whole.moving_average is not None
+    averages = whole.moving_average.averages()
+    assert averages and all("lora_" in name for name in averages)
+    expected = reference(recorder)
+    assert_close_to(averages, {n: expected[n] for n in averages})
+    for name in expected:
+        if name not in averages:  # frozen: never moved
+            assert torch.equal(recorder.weights[-1][name], recorder.weights[0][name]), name
+
+    train(tmp_path / "parts", [EMACallback(decay=DECAY)], model=models[1], max_steps=2, save_strategy="steps",
+          save_steps=2)  # fmt: skip
+    folder = tmp_path / "parts" / "checkpoint-2" / "ema"
+    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors"]
+    assert set(load_file(str(folder / "model.safetensors"))) == set(averages)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = peft.get_peft_model(tiny_gpt2(), lora)
+    resumed = EMACallback(decay=DECAY)
+    train(tmp_path / "parts", [resumed], model=base, resume=str(folder.parent), max_steps=4)
+    assert resumed.moving_average is not None
+    for name, tensor in resumed.moving_average.averages().items():
+        assert torch.equal(tensor, averages[name]), name

@@ -68,6 +68,18 @@ def _refuse_unsupported(model: torch.nn.Module) -> None:
             )
 
 
+def _averaged_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The parameters the optimizer moves (all of them if none is trainable, as for a model only evaluated).
+
+    A frozen parameter's average is the parameter itself, bit for bit (``lerp`` of equal values), so it is
+    saved from the model like a buffer rather than kept twice: a LoRA run does not hold a float32 copy of
+    its frozen base model. A parameter unfrozen later in the run is not averaged.
+    """
+    named = list(model.named_parameters())
+    trainable = [(name, p) for name, p in named if p.requires_grad]
+    return trainable or named
+
+
 class EmaTracker:
     """The average of one model while it trains, and the bookkeeping both callbacks need around it.
 
@@ -99,6 +111,7 @@ class EmaTracker:
         self.evaluate = evaluate
         self.average: ExponentialMovingAverage | None = None
         self.model: torch.nn.Module | None = None
+        self.tracked: list[tuple[str, torch.nn.Parameter]] = []  # the parameters averaged, by name
         self.last_step = 0  # the global step of the last update (or of the start)
         self.swapped = False  # the averages are in the model, the training weights kept aside
         self._pending: dict[str, Any] | None = None
@@ -118,8 +131,9 @@ class EmaTracker:
             _refuse_unsupported(model)
             self.swap_out()  # never leave the averages in a model this tracker stops following
             rule = self.rule
+            self.tracked = _averaged_parameters(model)
             self.average = ExponentialMovingAverage(
-                model, rule.decay, rule.numerator, rule.denominator, device=self.device
+                self.tracked, rule.decay, rule.numerator, rule.denominator, device=self.device
             )
             self.model = model
             self.last_step = global_step
@@ -142,8 +156,7 @@ class EmaTracker:
         if global_step - self.last_step == 1:
             self.average.apply(num_updates=global_step)
         else:
-            assert self.model is not None
-            values = [p for _, p in self.model.named_parameters()]
+            values = [p for _, p in self.tracked]
             self.average.update_with_decay(values, self.rule.between(self.last_step, global_step))
         self.last_step = global_step
         return True
@@ -221,12 +234,14 @@ class EmaTracker:
 def average_model_state(
     model: torch.nn.Module, averages: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` with every parameter's entry (tied names included) replaced by its average.
+    """``model.state_dict()`` with every averaged parameter's entry (tied names included) replaced by its
+    average.
 
-    Buffers (batch-norm statistics) are the model's own: what ``load_state_dict`` / ``from_pretrained``
-    needs to rebuild the averaged model. The averages are the live float32 tensors, not copies.
+    Buffers (batch-norm statistics) and frozen parameters are the model's own: what ``load_state_dict`` /
+    ``from_pretrained`` needs to rebuild the averaged model. The averages are the live float32 tensors, not
+    copies.
     """
-    by_identity = {id(p): name for name, p in model.named_parameters()}
+    by_identity = {id(p): name for name, p in model.named_parameters() if name in averages}
     state = {}
     for key, value in model.state_dict(keep_vars=True).items():
         name = by_identity.get(id(value))

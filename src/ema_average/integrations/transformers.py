@@ -190,10 +190,15 @@ def _resumed_folder(args: TrainingArguments, state: TrainerState) -> Path:
 def save_ema_folder(model: torch.nn.Module, tracker: EmaTracker, folder: Path) -> Path:
     """``folder`` as ``save_pretrained`` would write the averaged model, written aside and renamed whole.
 
-    The weights stream from the live averages one tensor at a time: no copy of the model is made.
+    The weights stream from the live averages one tensor at a time: no copy of the model is made. A PEFT
+    model's folder holds its averaged (trainable) parameters alone, under the PeftModel's own names and with
+    no ``config.json``: the base model's config beside adapter weights would load as a base model whose
+    weights are all missing.
     """
     assert tracker.average is not None
-    state = _untied(model, average_model_state(model, tracker.average.averages()))
+    averages = tracker.average.averages()
+    peft = hasattr(model, "peft_config")
+    state = dict(averages) if peft else _untied(model, average_model_state(model, averages))
     entries = [TensorEntry(name, TensorSpec(tuple(t.shape), t.dtype)) for name, t in state.items()]
     metadata = {"format": "pt", STATE_METADATA_KEY: json.dumps(tracker.state())}
     aside = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
@@ -205,7 +210,7 @@ def save_ema_folder(model: torch.nn.Module, tracker: EmaTracker, folder: Path) -
             writer.write(name, tensor)
         writer.commit()
         config = getattr(model, "config", None)
-        if config is not None and hasattr(config, "save_pretrained"):
+        if not peft and config is not None and hasattr(config, "save_pretrained"):
             config.save_pretrained(aside)
         if folder.exists():
             shutil.rmtree(folder)
