@@ -206,7 +206,8 @@ def test_a_dag_of_shared_dicts_is_refused_quickly(tmp_path: Path) -> None:
     with (
         fails_within(20),
         pytest.raises(
-            CheckpointError, match=r"dag\.pt: holds the same dict at 'model\.tree(\.a)+' and at 'model\.tree(\.a)*\.b'"
+            CheckpointError,
+            match=r"dag\.pt: holds the same dict at 'model\.tree(\.a)+' and at 'model\.tree(\.a)*\.b'",
         ),
     ):
         TorchCheckpoint(path)
@@ -463,3 +464,80 @@ def test_a_zip_repacked_by_another_tool_is_still_read(tmp_path: Path) -> None:
     ckpt = TorchCheckpoint(repacked)
     assert any("read through a mapping" in note for note in ckpt.notes), ckpt.notes
     assert_same_tensors(ckpt, state)
+
+
+def adam_state(names: list[str]) -> dict:
+    """torch.optim.AdamW.state_dict() of a model with these parameters: keyed by parameter index."""
+    model = {n: torch.nn.Parameter(t) for n, t in make_state(1).items() if n in names}
+    optimizer = torch.optim.AdamW(model.values(), lr=0.1)
+    for p in model.values():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    return optimizer.state_dict()
+
+
+def test_a_trainer_save_reads_the_model_and_names_the_rest(tmp_path: Path) -> None:
+    # The shape mmengine's Runner, ignite's Checkpoint and litgpt save: the model beside optimizer state
+    # (keyed by parameter index), a scheduler's state and trainer counters; no key names the model.
+    state = make_state(7)
+    floats = [n for n, t in state.items() if t.is_floating_point()]
+    scheduler = torch.optim.lr_scheduler.StepLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))]), 1)
+    torch.save(
+        {
+            "net_g": state,
+            "opt": adam_state(floats),
+            "sched": scheduler.state_dict(),
+            "meta": {"iter": 40, "epoch": 2},
+            "train_state": {"rng": torch.zeros(3)},
+        },
+        tmp_path / "iter_40.pth",
+    )
+    ckpt = TorchCheckpoint(tmp_path / "iter_40.pth")
+    assert ckpt.state_dict_key == "net_g" and sorted(ckpt.specs()) == sorted(state)
+    assert all(torch.equal(ckpt.read(n), state[n]) for n in state)
+    # parts that hold tensors are named (the scheduler and counters hold none)
+    assert (
+        ckpt.choices[0].describe()
+        == "read net_g; not averaged: optimizer state (opt), trainer state (train_state)"
+    )
+
+
+def test_mmengine_ema_hook_save_reads_the_raw_weights(tmp_path: Path) -> None:
+    # mmengine's EMAHook.before_save_checkpoint swaps: state_dict holds the EMA, ema_state_dict the raw
+    # weights as module.* beside its AveragedModel's steps counter (mmengine/hooks/ema_hook.py,
+    # mmengine/model/averaged_model.py; reproduced here, mmengine is not installed).
+    raw, ema = make_state(1), make_state(2)
+    torch.save(
+        {
+            "meta": {"epoch": 1, "iter": 12},
+            "state_dict": ema,
+            "ema_state_dict": {"steps": torch.tensor(12), **{f"module.{n}": t for n, t in raw.items()}},
+            "message_hub": {"log_scalars": {}, "runtime_info": {"iter": 12}},
+            "optimizer": adam_state(["encoder.weight"]),
+        },
+        tmp_path / "iter_12.pth",
+    )
+    ckpt = TorchCheckpoint(tmp_path / "iter_12.pth")
+    assert ckpt.state_dict_key == "ema_state_dict" and sorted(ckpt.specs()) == sorted(raw)
+    assert all(torch.equal(ckpt.read(n), raw[n]) for n in raw)
+    assert ckpt.other_models == {"state_dict": "--state-dict-key state_dict"}
+    averaged = TorchCheckpoint(tmp_path / "iter_12.pth", state_dict_key="state_dict")
+    assert all(torch.equal(averaged.read(n), ema[n]) for n in ema)
+
+
+def test_optimizer_moments_saved_beside_the_weights_are_left_out(tmp_path: Path) -> None:
+    state = make_state(3)
+    moments = {f"{n}.exp_avg": torch.ones_like(t) for n, t in state.items() if t.is_floating_point()}
+    torch.save({"model": {**state, **moments}, "epoch": 1}, tmp_path / "m.pt")
+    ckpt = TorchCheckpoint(tmp_path / "m.pt")
+    assert sorted(ckpt.specs()) == sorted(state)
+    assert ckpt.choices[0].describe() == "read model; not averaged: optimizer state (model)"
+
+
+def test_submodel_picks_a_torch_files_state_dict_by_key(tmp_path: Path) -> None:
+    raw, ema = make_state(4), make_state(5)
+    for step in (10, 20):
+        torch.save({"state_dict": raw, "ema": ema, "global_step": step}, tmp_path / f"s{step}.ckpt")
+    run = find_run(tmp_path, submodel="ema")
+    assert [c.state_dict_key for c in run.checkpoints] == ["ema", "ema"]
+    assert all(torch.equal(run.checkpoints[0].read(n), ema[n]) for n in ema)
