@@ -31,7 +31,7 @@ EMA_KEY = "ema"
 
 
 class EMACallback(pl.Callback):
-    """Keeps an exponential moving average of the LightningModule's parameters on the one engine.
+    """Keeps an exponential moving average of the LightningModule's trainable parameters on the one engine.
 
     ``decay``, ``numerator``, ``denominator``: the engine's rule, ``min(decay, (numerator + n) /
     (denominator + n))`` at global step ``n``. ``device``: where the float32 averages live (e.g. ``"cpu"``

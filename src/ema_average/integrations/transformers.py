@@ -42,7 +42,7 @@ _CHECKPOINT_PREFIX = "checkpoint"  # transformers' PREFIX_CHECKPOINT_DIR
 
 
 class EMACallback(TrainerCallback):
-    """Keeps an exponential moving average of the model's parameters on the one engine.
+    """Keeps an exponential moving average of the model's trainable parameters on the one engine.
 
     ``decay``, ``numerator``, ``denominator``: the engine's rule, ``min(decay, (numerator + n) /
     (denominator + n))`` at global step ``n``. ``device``: where the float32 averages live (``"cpu"`` spares
