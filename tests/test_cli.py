@@ -195,10 +195,14 @@ def test_run_killed_midway_leaves_nothing(tmp_path: Path, sig: signal.Signals) -
     with signalled_child(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         signal_when(proc, sig, lambda: holds_unnamed_output(proc.pid, output))
         stdout, stderr = proc.communicate(timeout=120)
-    assert list(out_dir.iterdir()) == [], stderr
-    if sig == signal.SIGKILL:
+    if sig == signal.SIGKILL:  # no cleanup can run: only the hidden lock file stays, the next run removes it
         assert proc.returncode == -signal.SIGKILL
+        assert [p.name for p in out_dir.iterdir()] == [".ema.safetensors.ema-average.lock"], stderr
+        again = run(tmp_path / "run", "-o", output, "-q")
+        assert again.returncode == 0, again.stderr
+        assert [p.name for p in out_dir.iterdir()] == ["ema.safetensors"]
     else:
+        assert list(out_dir.iterdir()) == [], stderr
         assert (proc.returncode, stdout, stderr) == (130, "", "ema-average: interrupted; no output written\n")
 
 
