@@ -149,7 +149,7 @@ INTERRUPT_AT = {
     "importing rich": "sys.meta_path.insert(0, Landing('rich.console'))\n",
     "importing torch": "sys.meta_path.insert(0, Landing('torch'))\n",
     # typer parses the arguments (click's make_context): typer answers an interrupt there with a bare
-    # exit 130 and no line
+    # exit 130, which the entry point gives its line
     PARSING: "import typer.core\ntyper.core.TyperCommand.make_context = lambda *_, **__: raise_it()\n",
 }
 WRAPPERS = {
@@ -159,20 +159,11 @@ WRAPPERS = {
 }
 
 
-SILENT_130 = pytest.mark.xfail(  # until the command says it (src/ema_average: not this file's to change)
-    strict=True, reason="the command exits 130 without its line: typer's parsing answers the interrupt"
-)
-
-
 @pytest.mark.parametrize("wrapper", sorted(WRAPPERS))
 @pytest.mark.parametrize("where", sorted(INTERRUPT_AT))
-def test_ctrl_c_in_each_start_up_window_is_one_line(
-    tmp_path: Path, where: str, wrapper: str, request: pytest.FixtureRequest
-) -> None:
+def test_ctrl_c_in_each_start_up_window_is_one_line(tmp_path: Path, where: str, wrapper: str) -> None:
     # Each window of the start-up, before torch's import (which the real-signal test above covers): land
     # the interrupt there every time, bare or wrapped the way Python wraps it.
-    if (where, wrapper) == (PARSING, "bare"):
-        request.applymarker(SILENT_130)
     run = tmp_path / "run"
     run.mkdir()
     (run / "step_1.safetensors").write_bytes(b"")  # never read: the interrupt comes first

@@ -21,10 +21,21 @@ def _interrupted() -> SystemExit:
 def main() -> None:
     try:
         _run()
+    except SystemExit as exc:
+        if exc.code == 130 and _answered_silently(exc):
+            raise _interrupted() from None
+        raise
     except BaseException as exc:
         if interrupted(exc):
             raise _interrupted() from None
         raise
+
+
+def _answered_silently(exc: SystemExit) -> bool:
+    """typer answers a Ctrl-C while it parses the arguments with a bare exit 130 (click's ``Exit`` raised
+    from the interrupt); the command's own exit 130, after its line, is raised ``from None``."""
+    cause = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    return cause is not None and interrupted(cause)
 
 
 def _run() -> None:
