@@ -541,3 +541,14 @@ def test_submodel_picks_a_torch_files_state_dict_by_key(tmp_path: Path) -> None:
     run = find_run(tmp_path, submodel="ema")
     assert [c.state_dict_key for c in run.checkpoints] == ["ema", "ema"]
     assert all(torch.equal(run.checkpoints[0].read(n), ema[n]) for n in ema)
+
+
+def test_an_average_asked_for_by_name_is_not_said_to_stand_alone(tmp_path: Path) -> None:
+    torch.save({"state_dict": make_state(1), "ema": make_state(2)}, tmp_path / "a.ckpt")
+    assert TorchCheckpoint(tmp_path / "a.ckpt", state_dict_key="ema").choices[0].describe() == (
+        "read ema (an average); also here: state_dict (--state-dict-key state_dict)"
+    )
+    torch.save({"ema": make_state(2), "epoch": 1}, tmp_path / "b.pt")
+    assert TorchCheckpoint(tmp_path / "b.pt").choices[0].describe() == (
+        "read ema (an average: no raw weights found beside it)"
+    )

@@ -69,7 +69,9 @@ class ModelChoice:
     beside: str = ""  # what else the unit holds that is no model (optimizer, scheduler, trainer state)
 
     def describe(self) -> str:
-        what = f"{self.read} (an average: no raw weights found beside it)" if self.average else self.read
+        what = self.read
+        if self.average:  # asked for by name beside the raw weights, or all the unit holds
+            what += " (an average)" if self.others else " (an average: no raw weights found beside it)"
         also = ", ".join(f"{name} ({flag})" for name, flag in self.others.items())
         text = f"read {what}" + (f"; also here: {also}" if also else "")
         return text + (f"; not averaged: {self.beside}" if self.beside else "")
