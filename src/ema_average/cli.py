@@ -97,7 +97,8 @@ def _setting_help(rule: type[DecayRule], name: str) -> str:
     """A built-in setting's help as its rule declares it, with the rule's default."""
     setting = rule.setting(name)
     assert setting is not None, name
-    return setting.help + ("" if setting.default is None else f" \\[default: {setting.default}]")  # not markup
+    shown = "" if setting.default is None else f" \\[default: {setting.default}]"  # \\[: not rich markup
+    return setting.help + shown
 
 
 def _settings_given(
