@@ -27,7 +27,7 @@ from ema_average._version import __version__
 from ema_average.decay_rules import DecayRule, ExponentialRule, PowerRule, flag_of
 from ema_average.errors import ConfigurationError, EmaAverageError, TrustPickleWarning, interrupted
 from ema_average.libc import libc_call
-from ema_average.signals import settle
+from ema_average.signals import deferred, settle
 
 if TYPE_CHECKING:  # the modules behind the command import torch: loaded only once a run starts
     from ema_average.distributed import Ranks
@@ -506,14 +506,18 @@ def _watch(options: RunOptions, poll: float, quiet: bool) -> None:
     """--watch: refresh the output as checkpoints arrive; Ctrl-C (or SIGTERM) stops cleanly, exit 0."""
     from ema_average.watch import watch as watch_run
 
+    # A Ctrl-C that lands inside a print leaves the line in rich's buffer, to be printed again before
+    # "stopped watching": interrupts wait until the line is out (signals.deferred).
     def refreshed(prepared: PreparedRun, summary: Summary) -> None:
         if not quiet:
-            out.print(f"step {prepared.plan.steps[-1]}: ", end="")
-            show_summary(summary)
+            with deferred():
+                out.print(f"step {prepared.plan.steps[-1]}: ", end="")
+                show_summary(summary)
 
     def notice(text: str) -> None:
         if not quiet:
-            out.print(f"note: {text}", soft_wrap=True)
+            with deferred():
+                out.print(f"note: {text}", soft_wrap=True)
 
     if not quiet:
         out.print(f"watching {options.checkpoint_dir} every {poll:g} s; Ctrl-C stops")
