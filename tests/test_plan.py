@@ -220,6 +220,9 @@ def test_settings_are_a_mapping_by_name() -> None:
     assert AverageSettings(decay=None) == AverageSettings()  # None: the rule's own default
     power = AverageSettings("power", sigma_rel=0.1)
     assert (power.get("sigma_rel"), power.get("gamma")) == (0.1, None)
+    assert dataclasses.replace(power, schedule="step") == AverageSettings(
+        "power", schedule="step", sigma_rel=0.1
+    )
     assert power.as_metadata() == {
         "method": "power",
         "schedule": "checkpoint",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -48,10 +48,10 @@ class AverageSettings:
         method: str = MovingAverage.default_implementation,
         *,
         schedule: str = SCHEDULES[0],
-        values: Mapping[str, float | None] | None = None,
+        values: Mapping[str, float | None] | Iterable[tuple[str, float | None]] = (),
         **given: float | None,
     ) -> None:
-        merged = {**(values or {}), **given}
+        merged = {**dict(values), **given}  # a mapping, or the pairs ``values`` holds (dataclasses.replace)
         object.__setattr__(self, "method", method)
         object.__setattr__(self, "schedule", schedule)
         object.__setattr__(self, "values", tuple(sorted((k, v) for k, v in merged.items() if v is not None)))
