@@ -6,7 +6,6 @@ import dataclasses
 import threading
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from safetensors import safe_open
@@ -529,47 +528,6 @@ def test_devices_present_match_the_oracle(tmp_path: Path, device: str) -> None:
     average_checkpoints(options)
     out = load_file(str(tmp_path / "o.safetensors"))
     assert_weighted_sum(out, states, weights)
-
-
-def test_mapped_pages_are_given_back(tmp_path: Path) -> None:
-    path = tmp_path / "big.pt"
-    torch.save({"w": torch.ones(16 << 20)}, path)  # 64 MiB
-    mapped = torch.load(path, mmap=True, weights_only=True)["w"]
-    process = psutil.Process()
-    before = process.memory_info().rss
-    assert float(mapped.sum()) == 16 << 20  # touches every page
-    touched = process.memory_info().rss
-    streaming._MappedPages().release(path, [mapped[: 8 << 20], mapped[8 << 20 :]])
-    after = process.memory_info().rss
-    assert touched - before > 48 << 20 and touched - after > 48 << 20
-    assert float(mapped.sum()) == 16 << 20  # still readable, from the page cache
-
-
-def test_only_file_mappings_are_given_back(tmp_path: Path) -> None:
-    plain = torch.ones(4 << 20)
-    streaming._MappedPages().release(tmp_path / "big.pt", [plain])
-    assert bool((plain == 1).all())
-
-
-def test_whole_tensor_sink_gathers_pieces_for_a_plain_writer(tmp_path: Path) -> None:
-    got: dict[str, torch.Tensor] = {}
-
-    class Plain:
-        def write(self, name: str, tensor: torch.Tensor) -> None:
-            got[name] = tensor.clone()
-
-    outputs = output_tensors({"w": TensorSpec((4, 25), torch.float32)}, {}, TensorSelection(), "as-input")
-    sink = streaming.range_sink(Plain(), outputs)
-    values = torch.arange(100.0)
-    threads = [
-        threading.Thread(target=sink.write_range, args=("w", s, values[s : s + 10]))
-        for s in range(0, 100, 10)
-    ]
-    for t in threads[::-1]:
-        t.start()
-    for t in threads:
-        t.join()
-    assert torch.equal(got["w"], values.view(4, 25))
 
 
 def test_writer_takes_pieces_from_threads(tmp_path: Path) -> None:

@@ -9,8 +9,8 @@ A chunk's shadows stay in cache while every source streams through them, so DRAM
 once and each output byte once; T workers on T cores overlap one's reads with another's arithmetic and
 writes. Memory is T sets of chunk buffers, whatever the model size or the number of checkpoints.
 
-Where the checkpoints are memory-mapped (torch zip files), the chunks are slices of the mapped views, and
-their pages are given back once folded in. On CUDA the shadows live on the device: each worker reads into
+Every layout reads into the worker's buffers (``pread`` for safetensors and torch zip files), so nothing
+of a checkpoint stays resident after its chunk. On CUDA the shadows live on the device: each worker reads into
 two pinned buffers in turn and copies them over on a stream of its own, so the next read overlaps the last
 copy and the arithmetic.
 """
@@ -18,8 +18,6 @@ copy and the arithmetic.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import mmap
 import os
 import queue
 import threading
@@ -27,16 +25,14 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from ema_average.checkpoints import Checkpoint
 from ema_average.errors import NonFiniteError, OutputRangeError
-from ema_average.libc import libc_call
 from ema_average.moving_average import ema_update_
-from ema_average.plan import Chunk, OutputTensor, Piece
+from ema_average.plan import Chunk
 
 Progress = Callable[[int], None]  # bytes just processed
 
@@ -56,9 +52,9 @@ def chunk_numel(device: torch.device) -> int:
 
 
 def reads_ranges(checkpoint: Checkpoint) -> bool:
-    """Whether reading part of a tensor costs only that part (mapped views, or a layout's own
-    ``read_range_into``); chunks keep tensors whole where any source cannot."""
-    return checkpoint.zero_copy or type(checkpoint).read_range_into is not Checkpoint.read_range_into
+    """Whether reading part of a tensor costs only that part (a layout's own ``read_range_into``);
+    chunks keep tensors whole where any source cannot."""
+    return type(checkpoint).read_range_into is not Checkpoint.read_range_into
 
 
 def default_threads(device: torch.device) -> int:
@@ -76,49 +72,6 @@ class RangeSink(Protocol):
     def write_range(self, name: str, start: int, tensor: torch.Tensor) -> None: ...
 
 
-class Writer(Protocol):
-    def write(self, name: str, tensor: torch.Tensor) -> None: ...
-
-
-def range_sink(writer: Writer, outputs: Sequence[OutputTensor]) -> RangeSink:
-    """``writer`` itself where it takes tensors in pieces, else an adapter that gathers split tensors."""
-    if hasattr(writer, "write_range"):
-        return writer  # type: ignore[return-value]
-    return WholeTensors(writer, outputs)
-
-
-class WholeTensors:
-    """Gathers the pieces of a split tensor until it is whole, for a writer that takes whole tensors only.
-
-    A tensor that arrives in one piece goes straight through; a split one holds one output-sized buffer
-    until its last piece. (With ``SafetensorsWriter.write_range`` nothing is gathered: this is the fallback.)
-    """
-
-    def __init__(self, writer: Writer, outputs: Sequence[OutputTensor]) -> None:
-        self.writer = writer
-        self._specs = {t.name: (t.spec.shape, t.spec.numel, t.out_dtype) for t in outputs}
-        self._parts: dict[str, tuple[torch.Tensor, int]] = {}
-        self._lock = threading.Lock()
-
-    def write_range(self, name: str, start: int, tensor: torch.Tensor) -> None:
-        shape, numel, dtype = self._specs[name]
-        if start == 0 and tensor.numel() == numel:
-            self.writer.write(name, tensor.view(shape))
-            return
-        with self._lock:
-            whole, left = self._parts.get(name) or (torch.empty(numel, dtype=dtype), numel)
-            self._parts[name] = (whole, left)
-        whole[start : start + tensor.numel()].copy_(tensor)
-        with self._lock:
-            whole, left = self._parts[name]
-            left -= tensor.numel()
-            if left:
-                self._parts[name] = (whole, left)
-                return
-            del self._parts[name]
-        self.writer.write(name, whole.view(shape))
-
-
 @dataclass
 class Fold:
     """One average computed in the pass: the decay each source's update gets (the plan's), and its output."""
@@ -127,107 +80,21 @@ class Fold:
     sink: RangeSink
 
 
-class _MappedPages:
-    """Gives back the pages of mapped checkpoint views once a chunk has been folded in (Linux).
-
-    Mapped files are read through their views, which the kernel maps page by page; left alone, every page
-    read stays resident until the file is closed, i.e. all of every checkpoint by the end of the run.
-    ``madvise(MADV_DONTNEED)`` unmaps them again. Only ranges inside a mapping of the checkpoint's own
-    file (found in /proc/self/maps) are released: those pages are only ever read, so dropping them loses
-    nothing (a later touch maps them again from the page cache). Anything else is left alone.
-    ``path`` is the checkpoint's file, or its folder (a mapping of a file inside it counts).
-    """
-
-    _MADV_DONTNEED = 4
-
-    def __init__(self) -> None:
-        self._madvise = _libc_madvise()
-        self._page = mmap.PAGESIZE
-        self._mappings: dict[str, list[tuple[int, int]]] = {}
-        self._refused: set[str] = set()
-        self._keys: dict[Path, str] = {}
-        self._lock = threading.Lock()
-
-    def release(self, path: Path, views: Sequence[torch.Tensor]) -> None:
-        if self._madvise is None or not views:
-            return
-        for view in views:
-            low = view.data_ptr()
-            high = low + view.numel() * view.element_size()
-            mapping = self._mapping(path, low, high) if high > low else None
-            if mapping is None:
-                continue
-            start = max(mapping[0], low - low % self._page)
-            end = min(mapping[1], -(-high // self._page) * self._page)
-            self._madvise(start, end - start, self._MADV_DONTNEED)
-
-    def _mapping(self, path: Path, low: int, high: int) -> tuple[int, int] | None:
-        """The file mapping of ``path`` holding ``low .. high``, or None (then nothing is released)."""
-        key = self._keys.get(path)
-        if key is None:
-            key = self._keys[path] = os.path.realpath(path)
-        for mapping in self._mappings.get(key, ()):
-            if mapping[0] <= low and high <= mapping[1]:
-                return mapping
-        with self._lock:
-            if key in self._refused:
-                return None
-            found = [m for m in _file_mappings(key) if m[0] <= low and high <= m[1]]
-            if not found:
-                self._refused.add(key)  # not a mapping of its file: never looked up again
-                return None
-            self._mappings.setdefault(key, []).append(found[0])
-            return found[0]
-
-
-def _libc_madvise() -> Callable[[int, int, int], int] | None:
-    if not os.path.exists("/proc/self/maps"):  # pages are found through it
-        return None
-    return libc_call("madvise", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-
-
-def _file_mappings(path: str) -> list[tuple[int, int]]:
-    """Address ranges where this process maps the file ``path``, or a file inside the folder ``path``
-    (resolved names, as the kernel shows them)."""
-    found = []
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                fields = line.rstrip("\n").split(maxsplit=5)
-                if len(fields) == 6 and (fields[5] == path or fields[5].startswith(path + "/")):
-                    low, high = fields[0].split("-")
-                    found.append((int(low, 16), int(high, 16)))
-    except OSError:
-        return []
-    return found
-
-
 class _Source:
     """One source as the workers see it: used by one thread at a time (layouts open files lazily and are
-    not promised to be thread-safe), its mapped views sliced rather than copied."""
+    not promised to be thread-safe)."""
 
     def __init__(self, checkpoint: Checkpoint, step: int) -> None:
         self.checkpoint = checkpoint
         self.step = step
         self.lock = threading.Lock()
-        self.mapped = checkpoint.zero_copy
         specs = checkpoint.specs()
         self.numel = {name: spec.numel for name, spec in specs.items()}
         self.shapes = {name: spec.shape for name, spec in specs.items()}
 
-    def read(
-        self, chunk: Chunk, staging: torch.Tensor, *, copy: bool
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The chunk's elements from this source: the whole chunk in ``staging``, or (mapped files, unless
-        ``copy``) one slice of the mapped view per piece; and the mapped views, to release after use."""
-        if self.mapped:
-            with self.lock:
-                views = [self._view(p) for p in chunk.pieces]
-            if not copy:
-                return views, views
-            for piece, view in zip(chunk.pieces, views, strict=True):
-                staging[piece.offset : piece.offset + piece.count].copy_(view)
-            return [staging[: chunk.numel]], views
+    def read(self, chunk: Chunk, staging: torch.Tensor) -> torch.Tensor:
+        """The chunk's elements from this source, read into ``staging`` (whole tensors by ``read_into``,
+        pieces of split ones by ``read_range_into``)."""
         with self.lock:
             for piece in chunk.pieces:
                 out = staging[piece.offset : piece.offset + piece.count]
@@ -235,14 +102,11 @@ class _Source:
                     self.checkpoint.read_into(piece.input_name, out.view(self.shapes[piece.input_name]))
                 else:
                     self.checkpoint.read_range_into(piece.input_name, piece.start, out)
-        return [staging[: chunk.numel]], []
-
-    def _view(self, piece: Piece) -> torch.Tensor:
-        return self.checkpoint.read(piece.input_name).reshape(-1)[piece.start : piece.start + piece.count]
+        return staging[: chunk.numel]
 
     def nonfinite(self, chunk: Chunk, staging: torch.Tensor) -> str | None:
         """The first tensor of the chunk holding NaN or Inf in this source, if any."""
-        (values,), _ = self.read(chunk, staging, copy=True)
+        values = self.read(chunk, staging)
         for piece in chunk.pieces:
             if not bool(torch.isfinite(values[piece.offset : piece.offset + piece.count]).all()):
                 return piece.input_name
@@ -349,7 +213,6 @@ class ChunkStream:
         self.device = device
         self.threads = max(1, threads)
         self.check_finite = check_finite
-        self.pages = _MappedPages()
 
     def run(self, chunks: Sequence[Chunk], progress: Progress) -> int:
         """Every chunk, in order of completion checks; returns the bytes read. The first failing chunk (in
@@ -406,24 +269,20 @@ class ChunkStream:
         shadows = [_view(buffer, wide, numel) for buffer in worker.shadows]
         for k, source in enumerate(self.sources):
             dtype = chunk.first_dtype if k == 0 else chunk.dtype
-            if k == 0 and self._starts_in_place(source, dtype, wide, worker):
-                source.read(chunk, shadows[0], copy=True)  # the first values are the average: no staging copy
+            if k == 0 and self._starts_in_place(dtype, wide, worker):
+                source.read(chunk, shadows[0])  # the first values are the average: no staging copy
                 for shadow in shadows[1:]:
                     shadow.copy_(shadows[0])
                 continue
-            host, views = source.read(chunk, worker.staging(k, dtype, numel), copy=not worker.on_host)
-            values = [worker.to_device(k, host[0])] if len(host) == 1 else host
-            if k and values[0].dtype != wide:  # converted once per source, for every average
-                converted = _parts(_view(worker.scratch, wide, numel), chunk, len(values))
-                torch._foreach_copy_(converted, values)
-                values = converted
+            values = worker.to_device(k, source.read(chunk, worker.staging(k, dtype, numel)))
+            if k and values.dtype != wide:  # converted once per source, for every average
+                values = _view(worker.scratch, wide, numel).copy_(values)
             for fold, shadow in zip(self.folds, shadows, strict=True):
                 decay = fold.decays[k]
                 if decay is None:
-                    torch._foreach_copy_(_parts(shadow, chunk, len(values)), values)
+                    shadow.copy_(values)
                 else:
-                    ema_update_(_parts(shadow, chunk, len(values)), values, decay)
-            self.pages.release(source.checkpoint.path, views)
+                    ema_update_([shadow], [values], decay)
         if self.check_finite and not all(_finite(shadow) for shadow in shadows):
             raise self._nonfinite(chunk, worker)
         for fold, shadow in zip(self.folds, shadows, strict=True):
@@ -435,25 +294,16 @@ class ChunkStream:
             _write(fold.sink, chunk, worker.to_host(converted))
         return chunk.bytes_read(len(self.sources))
 
-    def _starts_in_place(
-        self, source: _Source, dtype: torch.dtype, wide: torch.dtype, worker: _Worker
-    ) -> bool:
+    def _starts_in_place(self, dtype: torch.dtype, wide: torch.dtype, worker: _Worker) -> bool:
         """Whether the first source can be read straight into the shadows: it starts every average (its
-        decay is None), is read (not mapped) on the host, and is saved in the shadows' dtype."""
-        return (
-            worker.on_host
-            and not source.mapped
-            and dtype == wide
-            and all(fold.decays[0] is None for fold in self.folds)
-        )
+        decay is None), is read on the host, and is saved in the shadows' dtype."""
+        return worker.on_host and dtype == wide and all(fold.decays[0] is None for fold in self.folds)
 
     def _copy(self, chunk: Chunk, worker: _Worker) -> int:
         """A chunk of integer tensors: read from the latest checkpoint, written to every output as it is."""
-        staging = _view(worker.host[0], chunk.dtype, chunk.numel)
-        values, views = self.latest.read(chunk, staging, copy=True)
+        values = self.latest.read(chunk, _view(worker.host[0], chunk.dtype, chunk.numel))
         for fold in self.folds:
-            _write(fold.sink, chunk, values[0])
-        self.pages.release(self.latest.checkpoint.path, views)
+            _write(fold.sink, chunk, values)
         return chunk.bytes_read(1)
 
     def _nonfinite(self, chunk: Chunk, worker: _Worker) -> NonFiniteError:
@@ -487,13 +337,6 @@ def out_of_range(chunk: Chunk, shadow: torch.Tensor, converted: torch.Tensor) ->
                 "refused. --dtype float32 keeps it; --allow-nonfinite writes Inf anyway"
             )
     raise AssertionError("out_of_range called on a chunk that fits")  # the caller checked the whole chunk
-
-
-def _parts(buffer: torch.Tensor, chunk: Chunk, count: int) -> list[torch.Tensor]:
-    """``buffer`` (chunk-sized) whole, or cut at the chunk's pieces to match values read piece by piece."""
-    if count == 1:
-        return [buffer]
-    return [buffer[piece.offset : piece.offset + piece.count] for piece in chunk.pieces]
 
 
 def _finite(shadow: torch.Tensor) -> bool:

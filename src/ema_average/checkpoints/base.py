@@ -97,9 +97,6 @@ class Checkpoint(ABC):
 
     layout: ClassVar[str] = "?"
     lazy: ClassVar[bool] = True
-    # True where read() returns views of a file mapping: streaming then folds slices of those views
-    # straight in (no staging copy on the CPU) and gives their pages back once a chunk is done.
-    zero_copy: bool = False
 
     def __init__(self, path: Path) -> None:
         self.path = path

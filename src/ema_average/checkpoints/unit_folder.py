@@ -98,7 +98,6 @@ class FolderUnit(Checkpoint):
         self.inner = inner
         self.layout = inner.layout  # type: ignore[misc]
         self.lazy = inner.lazy  # type: ignore[misc]
-        self.zero_copy = inner.zero_copy
         self.notes = list(inner.notes)
         read = model_name(path, inner.path)
         others = {
