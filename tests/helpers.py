@@ -432,3 +432,28 @@ def holds_unnamed_output(pid: int, output: Path) -> bool:
             if os.readlink(fd).startswith(temporaries):
                 return True
     return False
+
+
+@contextlib.contextmanager
+def bounded_python_work(lines: int) -> Iterator[None]:
+    """Fail as soon as the block runs more than ``lines`` lines of Python: "constant time" and "refused
+    quickly" checked as work done, not as a duration a busy machine can stretch (a loop over 2**40 paths or
+    1e11 steps fails here after ``lines`` lines, never hangs)."""
+    import sys
+
+    count = 0
+
+    def tracer(frame: object, event: str, arg: object) -> object:
+        nonlocal count
+        if event == "line":
+            count += 1
+            if count > lines:
+                raise AssertionError(f"more than {lines} lines of Python run")
+        return tracer
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)

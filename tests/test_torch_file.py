@@ -8,9 +8,8 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,14 @@ import torch
 from ema_average.checkpoints import TorchCheckpoint, find_run, torch_file
 from ema_average.checkpoints.safe_unpickle import zip_members
 from ema_average.errors import CheckpointError
-from helpers import float64_reference, make_state, rss_growth, write_fairseq_run, write_torch_run
+from helpers import (
+    bounded_python_work,
+    float64_reference,
+    make_state,
+    rss_growth,
+    write_fairseq_run,
+    write_torch_run,
+)
 
 
 def assert_same_tensors(ckpt: TorchCheckpoint, expected: dict[str, torch.Tensor]) -> None:
@@ -128,31 +134,28 @@ def test_fairseq_run_counts_last_and_best_once(tmp_path: Path) -> None:
     assert_same_tensors(run.checkpoints[-1], states[300])  # type: ignore[arg-type]
 
 
-class Blocked(Exception):
-    pass
-
-
-@contextmanager
-def fails_within(seconds: int) -> Iterator[None]:
-    """Turn a hang (a read that blocks forever) into a test failure."""
-
-    def give_up(signum: int, frame: object) -> None:
-        raise Blocked(f"still blocked after {seconds} s")  # not an OSError, which open() callers may swallow
-
-    previous = signal.signal(signal.SIGALRM, give_up)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    # Opened in a thread: were the FIFO opened for reading, the test opens its other end to release it
+    # and fails, instead of hanging (no SIGALRM: signals are the test runner's).
     fifo = tmp_path / "ckpt.pt"
     os.mkfifo(fifo)
-    with fails_within(5), pytest.raises(CheckpointError, match=r"ckpt\.pt: is not a regular file"):
-        TorchCheckpoint(fifo)
+    outcome: list[BaseException | None] = []
+
+    def open_it() -> None:
+        try:
+            TorchCheckpoint(fifo)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=open_it, daemon=True)
+    thread.start()
+    thread.join(30)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join()
+        pytest.fail("opening the FIFO blocked")
+    assert isinstance(outcome[0], CheckpointError) and "ckpt.pt: is not a regular file" in str(outcome[0])
 
 
 def claim_longer_member(path: Path, member_suffix: str, extra: int) -> None:
@@ -204,7 +207,7 @@ def test_a_dag_of_shared_dicts_is_refused_quickly(tmp_path: Path) -> None:
     torch.save({"model": {"w": torch.zeros(1), "tree": level}}, path)
     assert path.stat().st_size < 8000
     with (
-        fails_within(20),
+        bounded_python_work(200_000),  # a walk of the 2**40 paths would fail this at once
         pytest.raises(
             CheckpointError,
             match=r"dag\.pt: holds the same dict at 'model\.tree(\.a)+' and at 'model\.tree(\.a)*\.b'",
