@@ -517,3 +517,26 @@ def test_frozen_parameters_are_saved_as_they_are_and_hold_no_average(tmp_path: P
     saved = torch.load(tmp_path / "epoch=0-step=8.ckpt", weights_only=True)[EMA_KEY]
     assert torch.equal(saved["net.0.weight"], net.net[0].weight)
     assert torch.equal(saved["net.2.weight"], averages["net.2.weight"])
+
+
+@pytest.mark.parametrize(("key", "value"), [("num_applied", 2.7), ("last_step", 2.7), ("last_step", -1)])
+def test_a_saved_counter_that_is_no_whole_number_is_refused_not_truncated(key: str, value: object) -> None:
+    from ema_average.errors import AverageStateError
+    from ema_average.integrations import EmaTracker
+
+    model = torch.nn.Linear(3, 2)
+    settings = {
+        "decay": 0.9,
+        "numerator": 1.0,
+        "denominator": 10.0,
+        "device": None,
+        "every": 1,
+        "evaluate": "ema",
+    }
+    tracker, saved = EmaTracker(**settings), EmaTracker(**settings)
+    saved.start(model, 0, training=True)
+    saved.step(3)
+    state = {**saved.state(), key: value}
+    with pytest.raises(AverageStateError, match=rf"epoch=0-step=3\.ckpt: .*{key}"):  # when read, or loaded
+        tracker.load(state, dict(saved.average.averages()), "epoch=0-step=3.ckpt")
+        tracker.start(model, 3, training=True)

@@ -81,11 +81,12 @@ def resume_metadata(average: MovingAverage, step: int, dtype: torch.dtype | None
             f"step must be a whole number of at least num_applied ({average.num_applied}), got {step!r}"
         )
     gaps = average.rule.has_gap_product
+    settings = AverageSettings(
+        method=average.registered_name, schedule="step" if gaps else "checkpoint", **average.settings()
+    )
     try:
-        settings = AverageSettings(
-            method=average.registered_name, schedule="step" if gaps else "checkpoint", **average.settings()
-        )
-    except TypeError:
+        settings.rule()  # the settings the rule declares: what the command reads back on --resume
+    except ConfigurationError:
         raise ConfigurationError(
             f"the {average.registered_name!r} average's settings {sorted(average.settings())} are not ones "
             "the offline command takes, so its output could not be resumed"

@@ -201,8 +201,8 @@ class EmaTracker:
         pending = {
             "method": state["method"],
             "settings": state["settings"],
-            "num_applied": int(state["num_applied"]),
-            "last_step": int(state["last_step"]),
+            "num_applied": state["num_applied"],  # checked by the engine's load_state_dict
+            "last_step": _saved_step(where, state["last_step"]),
             "averages": dict(averages),
             "where": where,
         }
@@ -247,3 +247,14 @@ def average_model_state(
         name = by_identity.get(id(value))
         state[key] = averages[name] if name is not None else value.detach()
     return state
+
+
+def _saved_step(where: str, value: Any) -> int:
+    """The trainer step of the last update, as saved: a whole number >= 0 (2.7 is not truncated to 2)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise AverageStateError(
+            f"{where}: the EMA callback's saved last_step must be a whole number >= 0, got {value!r}"
+        )
+    return value
