@@ -35,6 +35,7 @@ from ema_average.output import (
     remove_stale_temporaries,
 )
 from ema_average.safetensors_format import TensorSpec
+from helpers import default_signals
 
 META = {"ema_average_version": "test", "k": "v"}  # the marker that makes a folder ours to replace
 
@@ -91,10 +92,18 @@ def locked_by(pid: int) -> str:
 
 
 def start_child(code: str, *args: str) -> subprocess.Popen[str]:
-    """A separate Python process running ``code``; returns once it prints 'ready'."""
-    child = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True)
+    """A separate Python process running ``code`` (default signal dispositions); returns once it prints
+    'ready', and is killed if it never does. Its ``time.sleep(120)`` ends it should a test fail before
+    :func:`kill_hard`."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True, preexec_fn=default_signals
+    )
     assert child.stdout is not None
-    assert child.stdout.readline().strip() == "ready"
+    try:
+        assert child.stdout.readline().strip() == "ready"
+    except BaseException:
+        kill_hard(child)
+        raise
     return child
 
 
