@@ -324,3 +324,79 @@ def test_a_shape_no_tensor_can_have_is_refused_at_open(tmp_path: Path) -> None:
         match=r"tensor 'encoder\.bias' has shape \[9223372036854775808, 0\], beyond what torch can index",
     ):
         DcpCheckpoint(tmp_path)
+
+
+def adamw_trained(seed: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A model's state dict and its AdamW state flattened by parameter name, as torch's
+    ``get_optimizer_state_dict(..., flatten_optimizer_state_dict=True)`` and torchtitan write it."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+    names = [n for n, _ in model.named_parameters()]
+    flat = {
+        f"state.{names[i]}.{slot}": value
+        for i, per_param in optimizer.state_dict()["state"].items()
+        for slot, value in per_param.items()
+    }
+    flat.update({f"param_groups.{n}.lr": 0.01 for n in names})
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, flat
+
+
+def test_torchtitan_step_folders_average_the_model_only(tmp_path: Path) -> None:
+    # torchtitan (torchtitan/components/checkpoint.py, reproduced: it is not installed): the model's
+    # weights at the top level beside optimizer, lr_scheduler, train_state and dataloader; the last step
+    # model-only. 14 of the 20 tensors of a full save are optimizer state.
+    models = {}
+    for step in (10, 20, 30):
+        model, optim = adamw_trained(step)
+        models[step] = model
+        state: dict[str, Any] = dict(model)
+        if step != 30:
+            state |= {
+                "optimizer": optim,
+                "lr_scheduler": {"last_epoch": step},
+                "train_state": {"step": step, "ntokens_seen": 64 * step},
+                "dataloader": {"dp_rank_0": b"state"},
+            }
+        save_dcp(tmp_path / "checkpoint" / f"step-{step}", state)
+    run = find_run(tmp_path)
+    assert [c.step for c in run.checkpoints] == [10, 20, 30]
+    for step, ckpt in zip((10, 20, 30), run.checkpoints, strict=True):
+        assert ckpt.tensor_names() == list(models[step])
+        assert all(torch.equal(ckpt.read(n), t) for n, t in models[step].items())
+    assert (
+        run.checkpoints[0].choices[0].describe()
+        == "read the top level; not averaged: optimizer state (optimizer)"
+    )
+
+
+def test_torchtnt_app_state_reads_the_module(tmp_path: Path) -> None:
+    # torchtnt's DistributedCheckpointSaver: everything under app_state (module, optimizer, train_progress).
+    for step in (4, 8):
+        model, _ = adamw_trained(step)
+        torch.manual_seed(step)
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1, momentum=0.9)
+        optimizer.param_groups[0]["params"][0].grad = torch.ones(2)
+        optimizer.step()
+        app_state = {
+            "module": model,
+            "optimizer": optimizer.state_dict(),
+            "train_progress": {"num_steps_completed": torch.tensor(step)},
+        }
+        save_dcp(tmp_path / f"epoch_0_train_step_{step}", {"app_state": app_state})
+    run = find_run(tmp_path)
+    assert [c.step for c in run.checkpoints] == [4, 8]
+    model, _ = adamw_trained(8)
+    assert run.checkpoints[1].tensor_names() == list(model)
+    assert all(torch.equal(run.checkpoints[1].read(n), t) for n, t in model.items())
+
+
+def test_a_save_with_no_model_is_one_clear_error(tmp_path: Path) -> None:
+    _, optim = adamw_trained(1)
+    save_dcp(tmp_path / "step-1", {"optimizer": optim})
+    with pytest.raises(
+        CheckpointError, match=r"step-1: holds no model weights, only optimizer state \(optimizer\)"
+    ):
+        DcpCheckpoint(tmp_path / "step-1")

@@ -207,3 +207,12 @@ def mirrors(a: Mapping[str, object], b: Mapping[str, object]) -> bool:
 
 def _inside(key: str, container: str) -> bool:
     return container == "" or key.startswith(container + ".")
+
+
+def described(parts: Iterable[Part[Leaf]]) -> str:
+    """``optimizer state (optimizer_states), trainer state (loops, callbacks)``: what is not averaged,
+    for the plan."""
+    kinds: dict[str, list[str]] = {}
+    for part in parts:
+        kinds.setdefault(part.kind, []).append(part.key or "the top level")
+    return ", ".join(f"{kind} state ({', '.join(keys)})" for kind, keys in kinds.items())

@@ -1,8 +1,10 @@
 """torch.distributed.checkpoint (DCP) folders: ``.metadata`` plus ``*.distcp`` files.
 
 Read without a process group, one tensor per ``load`` call (DCP reads only the chunks it is asked for).
-A DCP save of ``{"model": ..., "optimizer": ...}`` flattens names to ``model.x``; as for torch files,
-the model's part is picked by its key and the key is dropped from the names.
+A DCP save flattens the dict it was given (``{"model": ..., "optimizer": ...}`` to ``model.x``,
+``optimizer.state.x.exp_avg``; torchtitan's model weights sit at the top level beside ``optimizer``,
+``lr_scheduler`` and ``train_state``); the nesting it recorded (``planner_data``) tells the parts apart,
+and :func:`ema_average.checkpoints.contents.split` decides which is the model, as for torch files.
 
 ``.metadata`` is a pickle. torch's reader would ``pickle.load`` it on every ``load`` call, running
 whatever it names; here it is read once, through the restricted unpickler of ``safe_unpickle``, and
@@ -25,12 +27,14 @@ import torch
 from ema_average.checkpoints.base import (
     Checkpoint,
     Layout,
+    ModelChoice,
     OpenOptions,
     StepInfo,
     TensorSpec,
     require_regular_file,
 )
-from ema_average.checkpoints.keys import STATE_DICT_KEYS, STEP_KEYS
+from ema_average.checkpoints.contents import KeyPath, described, split
+from ema_average.checkpoints.keys import STEP_KEYS
 from ema_average.checkpoints.safe_unpickle import first_line, load_dcp_metadata, refused_globals
 from ema_average.checkpoints.steps import checked_step
 from ema_average.checkpoints.torch_file import checked_name, dtype_problem
@@ -60,16 +64,43 @@ class DcpCheckpoint(Checkpoint):
         tensors = {fqn: TensorSpec(tuple(e.size), e.properties.dtype) for fqn, e in entries.items()}
         self._step_fqn = next((k for k in STEP_KEYS if k in tensors and _may_be_step(tensors[k])), None)
         self._step_spec = tensors.get(self._step_fqn) if self._step_fqn else None
-        self._prefix = _model_prefix(path, tensors, state_dict_key)
-        self._specs = {
-            fqn[len(self._prefix) :]: spec
-            for fqn, spec in tensors.items()
-            if fqn.startswith(self._prefix) and (self._prefix or fqn not in STEP_KEYS)
-        }
+        if state_dict_key is not None:
+            prefix = _model_prefix(path, tensors, state_dict_key)
+            self._fqns = {fqn[len(prefix) :]: fqn for fqn in tensors if fqn.startswith(prefix)}
+        else:
+            self._fqns = self._model(tensors)
+        self._specs = {name: tensors[fqn] for name, fqn in self._fqns.items()}
         for name, spec in self._specs.items():
             problem = dtype_problem(spec.dtype)
             if problem is not None:
                 raise CheckpointError(path, f"tensor {name!r} {problem}")
+
+    def _model(self, tensors: dict[str, TensorSpec]) -> dict[str, str]:
+        """The model's names and their DCP keys, told apart from optimizer, scheduler, trainer state and
+        averages by :func:`contents.split`, over the nesting DCP recorded when it flattened the save
+        (``planner_data``), else over the keys split at their dots."""
+        leaves = {fqn: spec for fqn, spec in tensors.items() if fqn != self._step_fqn}
+        nesting = _nesting(self._metadata, leaves)
+        paths = (
+            ((nesting[fqn], fqn) for fqn in leaves) if nesting else ((tuple(f.split(".")), f) for f in leaves)
+        )
+        parts = split(paths, dotted=nesting is None)
+        models = [p for p in parts if p.kind == "model"] or [p for p in parts if p.kind == "average"]
+        if not models:
+            raise CheckpointError(self.path, f"holds no model weights, only {described(parts)}")
+        chosen, beside = models[0], [p for p in parts if p.kind not in ("model", "average")]
+        others = {
+            p.key: f"--state-dict-key {p.key}"
+            for p in parts
+            if p.kind in ("model", "average") and p is not chosen
+        }
+        if others or beside or chosen.kind == "average":
+            self.choices = [
+                ModelChoice(
+                    chosen.key or "the top level", others, chosen.kind == "average", described(beside)
+                )
+            ]
+        return chosen.tensors
 
     def specs(self) -> dict[str, TensorSpec]:
         return self._specs
@@ -109,10 +140,10 @@ class DcpCheckpoint(Checkpoint):
 
     def read(self, name: str) -> torch.Tensor:
         spec = self._specs[name]
-        return self._load(self._prefix + name, torch.zeros(spec.shape, dtype=spec.dtype))
+        return self._load(self._fqns[name], torch.zeros(spec.shape, dtype=spec.dtype))
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
-        return self._load(self._prefix + name, out)
+        return self._load(self._fqns[name], out)
 
     def metadata_step(self) -> StepInfo | None:
         if self._step_fqn is None or self._step_spec is None:
@@ -324,15 +355,30 @@ def _reader_type() -> type:
     return CheckedMetadataReader
 
 
-def _model_prefix(path: Path, tensors: dict[str, Any], key: str | None) -> str:
-    if key is not None:
-        if not any(fqn.startswith(key + ".") for fqn in tensors):
-            raise CheckpointError(path, f"has no tensors under --state-dict-key {key!r}")
-        return key + "."
-    for candidate in STATE_DICT_KEYS:
-        if any(fqn.startswith(candidate + ".") for fqn in tensors):
-            return candidate + "."
-    return ""
+def _nesting(metadata: Any, leaves: dict[str, TensorSpec]) -> dict[str, KeyPath] | None:
+    """Each key's path in the dict that was saved, from ``planner_data`` (DCP's default planner records
+    it when it flattens): used only where it is what flattening gives (the keys joined by dots), since the
+    metadata is untrusted input; ``None`` where absent or off."""
+    recorded = getattr(metadata, "planner_data", None)
+    if not isinstance(recorded, dict):
+        return None
+    nesting: dict[str, KeyPath] = {}
+    for fqn in leaves:
+        path = recorded.get(fqn)
+        if not isinstance(path, tuple | list) or not path or not all(isinstance(k, str | int) for k in path):
+            return None
+        keys = tuple(str(k) for k in path)
+        if ".".join(keys) != fqn:
+            return None
+        nesting[fqn] = keys
+    return nesting
+
+
+def _model_prefix(path: Path, tensors: dict[str, Any], key: str) -> str:
+    """``--state-dict-key KEY``: the tensors under ``KEY.``, whatever the split would have chosen."""
+    if not any(fqn.startswith(key + ".") for fqn in tensors):
+        raise CheckpointError(path, f"has no tensors under --state-dict-key {key!r}")
+    return key + "."
 
 
 def _open(path: Path, options: OpenOptions) -> Checkpoint:

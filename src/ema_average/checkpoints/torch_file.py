@@ -27,7 +27,7 @@ from ema_average.checkpoints.base import (
     StepInfo,
     TensorSpec,
 )
-from ema_average.checkpoints.contents import KeyPath, Kind, Part, mirrors, split, structure_of
+from ema_average.checkpoints.contents import KeyPath, Kind, Part, described, mirrors, split, structure_of
 from ema_average.checkpoints.keys import (
     CHECKPOINT_SUFFIXES,
     EPOCH_KEYS,
@@ -569,7 +569,7 @@ def _find_state_dict(
         chosen = candidates[0]
     if chosen is None:
         keys = ", ".join(_short_repr(k) for k in list(obj)[:8])
-        held = f"; it holds {_described(beside)}" if beside else ""
+        held = f"; it holds {described(beside)}" if beside else ""
         raise CheckpointError(
             path,
             f"no state dict found (top-level keys: {keys}{held}); "
@@ -594,15 +594,7 @@ def _choice(
             others[c.key] = f"--state-dict-key {c.key}"
     if not others and not chosen.ema and not beside:
         return None
-    return ModelChoice(chosen.key, others, average=chosen.ema, beside=_described(beside))
-
-
-def _described(parts: list[Part[torch.Tensor]]) -> str:
-    """``optimizer state (optimizer_states), trainer state (loops, callbacks)``: what is not averaged."""
-    kinds: dict[str, list[str]] = {}
-    for part in parts:
-        kinds.setdefault(part.kind, []).append(part.key or "the top level")
-    return ", ".join(f"{kind} state ({', '.join(keys)})" for kind, keys in kinds.items())
+    return ModelChoice(chosen.key, others, average=chosen.ema, beside=described(beside))
 
 
 def _by_dotted_key(path: Path, obj: Mapping[str, Any], key: str) -> dict[str, torch.Tensor]:
