@@ -400,3 +400,43 @@ def test_a_save_with_no_model_is_one_clear_error(tmp_path: Path) -> None:
         CheckpointError, match=r"step-1: holds no model weights, only optimizer state \(optimizer\)"
     ):
         DcpCheckpoint(tmp_path / "step-1")
+
+
+def test_olmo_core_storage_info_look_alike_is_read_as_dcps(tmp_path: Path) -> None:
+    # olmo-core (olmo_core/distributed/checkpoint/filesystem.py, reproduced: not installed) pickles its own
+    # copy of DCP's _StorageInfo: same name, same fields, another module.
+    import dataclasses
+    import sys
+    import types
+
+    names = ["olmo_core", "olmo_core.distributed", "olmo_core.distributed.checkpoint"]
+    module = types.ModuleType("olmo_core.distributed.checkpoint.filesystem")
+
+    @dataclasses.dataclass
+    class _StorageInfo:
+        relative_path: str
+        offset: int
+        length: int
+
+    _StorageInfo.__module__, _StorageInfo.__qualname__ = module.__name__, "_StorageInfo"
+    module._StorageInfo = _StorageInfo  # type: ignore[attr-defined]
+    save_dcp(tmp_path / "step2", {"model": dict(make_state(2))})
+    fakes = {**{n: types.ModuleType(n) for n in names}, module.__name__: module}
+    saved = {n: sys.modules.get(n) for n in fakes}
+    sys.modules.update(fakes)
+    try:
+
+        def olmo(metadata: Any) -> None:
+            for index, info in metadata.storage_data.items():
+                metadata.storage_data[index] = _StorageInfo(info.relative_path, info.offset, info.length)
+
+        rewrite_metadata(tmp_path / "step2", olmo)
+    finally:
+        for name, before in saved.items():
+            if before is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = before
+    assert b"olmo_core.distributed.checkpoint.filesystem" in (tmp_path / "step2" / ".metadata").read_bytes()
+    ckpt = DcpCheckpoint(tmp_path / "step2")
+    assert all(torch.equal(ckpt.read(n), t) for n, t in make_state(2).items())

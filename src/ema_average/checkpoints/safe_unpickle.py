@@ -400,8 +400,17 @@ class DcpMetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("persistent ids are not allowed in DCP metadata")
 
 
+# Trainers that copy DCP's pure-data classes into their own package, with the same name and fields, read
+# as DCP's own: olmo-core's filesystem writer pickles its own _StorageInfo and _StoragePrefix.
+_LOOK_ALIKES = {
+    f"olmo_core.distributed.checkpoint.filesystem.{name}": f"torch.distributed.checkpoint.filesystem.{name}"
+    for name in ("_StorageInfo", "_StoragePrefix")
+}
+
+
 def dcp_metadata_global(module: str, name: str) -> Any | None:
     """The object DCP metadata may name as ``module.name``, or ``None`` where it is not allowed."""
+    module, _, name = _LOOK_ALIKES.get(f"{module}.{name}", f"{module}.{name}").rpartition(".")
     if module == "torch" and name.isidentifier():
         value = getattr(torch, name, None)
         if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)) or value is torch.Size:
