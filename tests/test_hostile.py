@@ -1,4 +1,4 @@
-"""The command against every class of hostile input, as a table (issue: keep every promise the README makes).
+"""The command against every class of hostile input, as a table (issue: keep every promise docs/promises.md makes).
 
 Each case builds a run folder (and a previous output at ``-o``), runs the installed ``ema-average`` in a
 child process under address-space and file-size limits (so a regression fails instead of exhausting the

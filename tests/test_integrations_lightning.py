@@ -458,7 +458,7 @@ def test_fsdp_sharded_parameters_are_refused_at_start_with_one_line(tmp_path: Pa
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.splitlines() == [
         "parameter '0.weight' is sharded (a DTensor: FSDP2 or tensor parallel): the EMA callbacks do not save "
-        "such averages yet; use ExponentialMovingAverage(model) in the loop (README: Sharded training)",
+        "such averages yet; use ExponentialMovingAverage(model) in the loop (docs/sharded-training.md)",
         "the model is wrapped in FSDP (FullyShardedDataParallel), whose flat parameters are not the model's: "
         "the EMA callbacks cannot average them; use FSDP2 (fully_shard) with ExponentialMovingAverage(model) "
         "in the loop, or DDP",

@@ -51,7 +51,7 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def ema64(states: list[dict[str, torch.Tensor]], steps: list[int], decay: float) -> dict[str, torch.Tensor]:
-    """The README's rule, one update per checkpoint: d = min(decay, (1 + step) / (10 + step))."""
+    """docs/command.md's rule, one update per checkpoint: d = min(decay, (1 + step) / (10 + step))."""
     average = {name: t.double() for name, t in states[0].items()}
     for state, step in zip(states[1:], steps[1:], strict=True):
         d = min(decay, (1 + step) / (10 + step))

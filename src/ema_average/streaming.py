@@ -36,7 +36,7 @@ from ema_average.plan import Chunk
 
 Progress = Callable[[int], None]  # bytes just processed
 
-# Elements per chunk on the CPU. Measured on 2 cores (README, Benchmarks/Offline): at 64K elements two
+# Elements per chunk on the CPU. Measured on 2 cores (docs/benchmarks.md, Offline): at 64K elements two
 # workers spend longer handing the GIL to each other around every read and kernel than reading (0.33 s
 # against 0.15 s at 1M for 4 x 200 MB fp32); past 2M the shadows fall out of the last-level cache. A 1M
 # chunk is 4 MiB of float32 shadow: it stays in L3, and DRAM still sees each input byte once.

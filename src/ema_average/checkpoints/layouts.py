@@ -1,7 +1,7 @@
 """The one registry of checkpoint layouts: discovery loops over ``LAYOUTS``, in this order.
 
 Adding a layout: write its module with a ``LAYOUT = Layout(...)`` (what it claims, how it opens, how it is
-described), list it here, and add its row to the README's table. Folder layouts come first (a folder they
+described), list it here, and add its row to docs/layouts.md's table. Folder layouts come first (a folder they
 claim is one checkpoint and is not searched further), then file layouts.
 """
 

@@ -63,8 +63,8 @@ def _refuse_unsupported(model: torch.nn.Module) -> None:
         if is_dtensor(param):
             raise ConfigurationError(
                 f"parameter {name!r} is sharded (a DTensor: FSDP2 or tensor parallel): the EMA callbacks do "
-                "not save such averages yet; use ExponentialMovingAverage(model) in the loop (README: Sharded "
-                "training)"
+                "not save such averages yet; use ExponentialMovingAverage(model) in the loop "
+                "(docs/sharded-training.md)"
             )
 
 
