@@ -28,8 +28,15 @@ from operator import attrgetter, is_
 from typing import Any, ClassVar, TypeAlias, TypeVar
 
 import torch
-from torch._utils import _flatten_dense_tensors
 
+from ema_average._torch_compat import (
+    dtensor_off_mesh_device,
+    flatten_dense,
+    loaded_dtensor_class,
+    local_tensor,
+    local_tensors,
+    parameter_slots,
+)
 from ema_average.decay_rules import (
     DecayRule,
     ExponentialRule,
@@ -104,7 +111,7 @@ def ema_update_(
         if end - first == 1:
             scratch[:span].view(shadows[first].shape).copy_(values[first])
         else:  # one concatenation in C++ and one conversion, not a copy and a view per tensor
-            scratch[:span].copy_(_flatten_dense_tensors(values[first:end]))
+            scratch[:span].copy_(flatten_dense(values[first:end]))
         if flat is not None:
             flat[offset : offset + span].lerp_(scratch[:span], weight)
         else:
@@ -159,11 +166,9 @@ def _dtensor_class() -> type[torch.Tensor] | None:
     itself: plain models (and the offline command) do not pay its 0.7 s import.
     """
     if not _DTENSOR:
-        for name in ("torch.distributed.tensor", "torch.distributed._tensor"):  # the second before torch 2.4
-            cls = getattr(sys.modules.get(name), "DTensor", None)
-            if cls is not None:
-                _DTENSOR.append(cls)
-                break
+        cls = loaded_dtensor_class()
+        if cls is not None:
+            _DTENSOR.append(cls)
     return _DTENSOR[0] if _DTENSOR else None
 
 
@@ -179,7 +184,7 @@ def local_part(tensor: torch.Tensor) -> torch.Tensor:
     Parameter (microseconds per tensor, every step). Read it at each use, never keep it: FSDP2 gives a
     sharded parameter a new local tensor at lazy init, ``model.to()`` or ``load_state_dict``.
     """
-    return tensor._local_tensor if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
+    return local_tensor(tensor) if is_dtensor(tensor) else tensor
 
 
 @dataclass(frozen=True)
@@ -220,10 +225,7 @@ class _Layout:
                 return cls.from_local(  # type: ignore[attr-defined]
                     local, self.mesh, self.placements, run_check=False, shape=self.shape, stride=self.stride
                 )
-            from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
-
-            meta = TensorMeta(self.shape, self.stride, local.dtype)
-            return cls(local, DTensorSpec(self.mesh, self.placements, tensor_meta=meta), requires_grad=False)
+            return dtensor_off_mesh_device(cls, local, self.mesh, self.placements, self.shape, self.stride)
 
     def local_of(self, value: torch.Tensor) -> torch.Tensor:
         """This rank's shard of a saved average: a DTensor's own (redistributed if laid out otherwise) or
@@ -306,9 +308,10 @@ def _module_slots(owner: torch.nn.Module | None, params: list[torch.Tensor]) -> 
         return None
     where: dict[int, _Slot] = {}
     for module in owner.modules():
-        for key, param in module._parameters.items():
+        own = parameter_slots(module)
+        for key, param in own.items():
             if param is not None:
-                where.setdefault(id(param), (module._parameters, key))
+                where.setdefault(id(param), (own, key))
     slots = [where.get(id(p)) for p in params]
     return None if any(slot is None for slot in slots) else slots  # type: ignore[return-value]
 
@@ -345,7 +348,7 @@ class _Bucket:
         small tensors, a function call each would cost as much as their update)."""
         if self.sharded is None:
             return self.tracked
-        return [t._local_tensor if d else t for t, d in zip(self.tracked, self.sharded, strict=True)]  # type: ignore[attr-defined]
+        return local_tensors(self.tracked, self.sharded)
 
     def fits(self, values: list[torch.Tensor]) -> bool:
         """Whether every value still has its average's shape and the bucket's dtype and device.

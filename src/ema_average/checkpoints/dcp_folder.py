@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ema_average._torch_compat import dcp_storage_info_class
 from ema_average.checkpoints.base import (
     Checkpoint,
     Layout,
@@ -263,7 +264,6 @@ def _check_storage(path: Path, metadata: Any, entries: dict[str, Any]) -> None:
     A DCP whose tensors claim more bytes than its data files hold (a 3 KB file claiming a 4 TB tensor)
     is refused here, before anything is allocated.
     """
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import MetadataIndex
 
     storage = getattr(metadata, "storage_data", None)
@@ -271,8 +271,9 @@ def _check_storage(path: Path, metadata: Any, entries: dict[str, Any]) -> None:
         raise _damaged(path, "it has no storage_data")
     folder = path.resolve()
     file_sizes: dict[str, int] = {}
+    storage_info = dcp_storage_info_class()
     for info in storage.values():
-        if not isinstance(info, _StorageInfo):
+        if not isinstance(info, storage_info):
             raise _damaged(path, "a storage_data entry is not a _StorageInfo")
         _check_storage_info(path, folder, info, file_sizes)
     claimed = sum(math.prod(entry.size) * entry.properties.dtype.itemsize for entry in entries.values())

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from ema_average._torch_compat import layout_unpickler
 from ema_average.checkpoints.base import damage_of, require_regular_file
 from ema_average.errors import CheckpointError, TrustPickleWarning, UnsafeCheckpointError
 
@@ -425,7 +426,7 @@ def _dcp_allowed() -> dict[str, Any]:
 
     allowed: dict[str, Any] = dict(_PATH_CLASSES)
     allowed["collections.OrderedDict"] = collections.OrderedDict
-    allowed["torch.serialization._get_layout"] = torch.serialization._get_layout
+    allowed["torch.serialization._get_layout"] = layout_unpickler()
     for module_name, names in _DCP_CLASSES.items():
         module = importlib.import_module(module_name)
         for name in names:
