@@ -14,12 +14,16 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from torchrun_wrapper import KILL_AFTER_COMMIT, KILL_AFTER_FIRST_CHUNK
+
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is needed"
 )
 
 STEPS = [10, 20, 40]
 EXE = [sys.executable, "-m", "ema_average"]
+# What torchrun starts for a test that loses a rank: the command with that rank's kill hook installed.
+WRAPPER = Path(__file__).with_name("torchrun_wrapper.py")
 
 
 def write_run(folder: Path, steps: list[int] = STEPS) -> None:
@@ -56,13 +60,15 @@ def one_process(*args: str | Path) -> subprocess.CompletedProcess[str]:
 
 
 def torchrun(
-    nproc: int, *args: str | Path, env: dict[str, str] | None = None
+    nproc: int, *args: str | Path, kill: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
+    """``ema_average`` under torchrun; with ``kill`` (a hook's variable and its rank), the test wrapper."""
+    program = [str(WRAPPER)] if kill else ["-m", "ema_average"]
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        "-m", "ema_average", *map(str, args),
+        *program, *map(str, args),
     ]  # fmt: skip
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **(kill or {})}
     return subprocess.run(command, capture_output=True, text=True, timeout=120, env=environment)
 
 
@@ -158,9 +164,7 @@ def test_a_failure_while_reading_on_rank_1_reaches_rank_0(run: Path, tmp_path: P
 
 
 def test_a_rank_killed_midway_leaves_nothing(run: Path, tmp_path: Path) -> None:
-    from ema_average.distributed import TEST_KILL_RANK
-
-    result = torchrun(2, run, "-o", tmp_path / "out.safetensors", "-q", env={TEST_KILL_RANK: "1"})
+    result = torchrun(2, run, "-o", tmp_path / "out.safetensors", "-q", kill={KILL_AFTER_FIRST_CHUNK: "1"})
     assert result.returncode != 0
     assert "exitcode  : -9" in result.stderr  # torchrun reports rank 1 killed: the kill happened
     # Rank 0 says one of two things: the collective that lost its peer failed, or torchrun's SIGTERM
@@ -173,9 +177,7 @@ def test_a_rank_killed_midway_leaves_nothing(run: Path, tmp_path: Path) -> None:
 def test_rank_0_killed_leaves_no_output_and_the_next_run_clears_its_temporary(
     run: Path, tmp_path: Path
 ) -> None:
-    from ema_average.distributed import TEST_KILL_RANK
-
-    result = torchrun(2, run, "-o", tmp_path / "out.safetensors", "-q", env={TEST_KILL_RANK: "0"})
+    result = torchrun(2, run, "-o", tmp_path / "out.safetensors", "-q", kill={KILL_AFTER_FIRST_CHUNK: "0"})
     assert result.returncode != 0
     assert not (tmp_path / "out.safetensors").exists()
     left = [name for name in names(tmp_path) if name != "run"]
@@ -193,11 +195,9 @@ def test_a_peer_lost_after_the_commit_leaves_the_output_whole_and_rank_0_silent(
     # Rank 1 dies once rank 0 has named the output, before the ranks agreed it was: the output is whole
     # (every share was agreed written before), so rank 0 neither fails (it used to exit 1 with "another
     # rank stopped") nor says "no output written" (when torchrun's SIGTERM reaches it first).
-    from ema_average.distributed import TEST_KILL_AFTER_COMMIT
-
     alone = one_process(run, "-o", tmp_path / "alone.safetensors", "-q")
     assert alone.returncode == 0, alone.stderr
-    result = torchrun(2, run, "-o", tmp_path / "out.safetensors", env={TEST_KILL_AFTER_COMMIT: "1"})
+    result = torchrun(2, run, "-o", tmp_path / "out.safetensors", kill={KILL_AFTER_COMMIT: "1"})
     assert result.returncode != 0  # torchrun reports the rank it lost
     assert "no output written" not in result.stderr
     assert error_lines(result) == [], result.stderr

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from ema_average import pipeline, streaming
+from ema_average._torch_compat import default_store
 from ema_average.errors import ConfigurationError, EmaAverageError
 from ema_average.output import SafetensorsWriter, commit_together, temp_name
 from ema_average.pipeline import (
@@ -49,10 +50,6 @@ from ema_average.signals import settle
 
 T = TypeVar("T")
 
-# Tests only: the rank whose number this holds SIGKILLs itself after its first chunk (a rank dying midway).
-TEST_KILL_RANK = "EMA_AVERAGE_TEST_SIGKILL_RANK_AFTER_FIRST_CHUNK"
-# Tests only: the rank whose number this holds SIGKILLs itself once rank 0 has named the output.
-TEST_KILL_AFTER_COMMIT = "EMA_AVERAGE_TEST_SIGKILL_RANK_AFTER_COMMIT"
 _PUBLISH_EVERY = 0.25  # seconds between a rank's progress reports to the store
 _FAILED = "failed"
 _PROGRESS = "progress"
@@ -87,7 +84,7 @@ class Ranks:
                 torch.cuda.set_device(_gpu(device, local_rank))
         dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
         # The group's own store (the rendezvous store torchrun set up), under a prefix of ours.
-        store = dist.PrefixStore("ema-average/", dist.distributed_c10d._get_default_store())
+        store = dist.PrefixStore("ema-average/", default_store())
         return cls(
             dist.get_rank(),
             dist.get_world_size(),
@@ -248,11 +245,8 @@ class _SharedProgress:
         self.pending = 0
         self.shown = 0
         self.last = time.monotonic()
-        self.kill = os.environ.get(TEST_KILL_RANK) == str(ranks.rank)
 
     def __call__(self, nbytes: int) -> None:
-        if self.kill:
-            os.kill(os.getpid(), signal.SIGKILL)
         self.pending += nbytes
         if time.monotonic() - self.last >= _PUBLISH_EVERY:
             self.publish()
@@ -329,8 +323,6 @@ def _commit_and_tell(
         if ranks.lead:
             _commit(writers, on_committed, release)
             committed = True
-        elif os.environ.get(TEST_KILL_AFTER_COMMIT) == str(ranks.rank):
-            _die_once_named(writers)
 
     try:
         ranks.together(commit)
@@ -341,14 +333,6 @@ def _commit_and_tell(
     if not ranks.lead:
         on_committed()
     return True
-
-
-def _die_once_named(writers: list[SafetensorsWriter]) -> None:
-    """Tests only: a peer lost right after rank 0 named the outputs, before it heard so."""
-    deadline = time.monotonic() + 60
-    while not all(writer.path.exists() for writer in writers) and time.monotonic() < deadline:
-        time.sleep(0.001)
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _close_sources(prepared: PreparedRun) -> None:
