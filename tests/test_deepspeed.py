@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import io
 import os
+import re
 import resource
 import shutil
 import signal
@@ -85,6 +86,21 @@ def test_average_matches_float64_reference(deepspeed_runs: Path, world: int, var
     run = find_run(run_folder(deepspeed_runs, world, variant))
     states = [{n: c.read(n) for n in c.specs()} for c in run.checkpoints]
     assert_matches_reference(run.checkpoints, states)
+
+
+@pytest.mark.parametrize(("world", "variant"), [v for v in VARIANTS if not v[1].startswith("0")])
+def test_range_reads_in_small_chunks_equal_zero_to_fp32(
+    deepspeed_runs: Path, world: int, variant: str
+) -> None:
+    """Streaming reads (chunks of 3 elements, crossing the ranks' partitions) read only their range."""
+    folder = run_folder(deepspeed_runs, world, variant)
+    ckpt = find_run(folder, submodel="fp32").checkpoints[-1]
+    for name, tensor in zero_to_fp32(folder, ckpt.path.name).items():
+        flat = tensor.reshape(-1)
+        got = torch.empty_like(flat)
+        for start in range(0, flat.numel(), 3):
+            ckpt.read_range_into(name, start, got[start : start + 3])
+        assert torch.equal(got, flat), name
 
 
 def test_module_weights_are_the_models_dtype(deepspeed_runs: Path) -> None:
@@ -528,3 +544,53 @@ def test_huge_partition_count_is_refused_before_anything_is_built(
     assert f"{run / TAG}: needs the optimizer partitions of {world} ranks, but holds " in line, line
     assert usage.ru_maxrss * 1024 < MAX_RSS, usage.ru_maxrss
     assert tree_digest(tmp_path) == before
+
+
+CUT_WHILE_READ = """
+import os, sys
+from pathlib import Path
+from ema_average.checkpoints import DeepSpeedCheckpoint
+from ema_average.errors import CheckpointError
+tag, cut, submodel = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+ckpt = DeepSpeedCheckpoint(tag, submodel=submodel)  # planned: every file unpickled, offsets kept
+names = list(ckpt.specs())
+ckpt.read(names[0])  # the files are open (or mapped, on the old code)
+os.truncate(cut, 0)  # a trainer saving the same tag again: open("wb") truncates first
+try:
+    for name in names:
+        ckpt.read(name)
+except CheckpointError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.parametrize(
+    ("world", "variant", "submodel", "cut"),
+    [
+        (1, "0:fp32", "module", "mp_rank_00_model_states.pt"),  # module tensors
+        (2, "2:bf16", "fp32", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"),  # fp32 flat-group slices
+        (2, "3:bf16", "fp32", "zero_pp_rank_1_mp_rank_00_model_states.pt"),  # ZeRO-3 frozen fragments
+    ],
+    ids=["module", "fp32-partition", "zero3-frozen-fragment"],
+)
+def test_a_file_cut_short_while_it_is_read_is_an_error_not_a_sigbus(
+    deepspeed_runs: Path, tmp_path: Path, world: int, variant: str, submodel: str, cut: str
+) -> None:
+    """Partitions are read with pread, never mapped: a file truncated after planning is one line naming
+    it (the old mapped reads died of SIGBUS, exit -7). Read in a child so a SIGBUS fails the test."""
+    tag = shutil.copytree(
+        run_folder(deepspeed_runs, world, variant) / "global_step6", tmp_path / "global_step6"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", CUT_WHILE_READ, str(tag), str(tag / cut), submodel],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    assert child.returncode == 0, f"exit {child.returncode} (-7 is SIGBUS): {child.stderr[-2000:]}"
+    assert re.fullmatch(
+        rf"{re.escape(str(tag / cut))}: file ends inside tensor '.+' \(truncated\? \d+ bytes when planned, "
+        r"0 now\)\n",
+        child.stdout,
+    ), child.stdout

@@ -8,9 +8,13 @@ of the fp32 master weights. Under ZeRO-3 the model states are per rank too
 
 Two models may be read: ``module`` (the weights as the model held them, e.g. bf16; ZeRO-0/1/2 only, the
 default there) and ``fp32`` (the master weights, each parameter rebuilt from the rank partitions exactly
-as DeepSpeed's ``zero_to_fp32.py`` does, the only choice under ZeRO-3). The rebuild is lazy: the shards are
-memory-mapped and each read copies one parameter's pieces, so nobody has to run ``zero_to_fp32`` per
-checkpoint. Tensor-, pipeline- and expert-parallel saves and NVMe offload are refused with one line.
+as DeepSpeed's ``zero_to_fp32.py`` does, the only choice under ZeRO-3). The rebuild is lazy: each file is
+unpickled onto the meta device, each piece of a parameter (a module tensor, a slice of a flat fp32 group, a
+frozen fragment) is kept as where its bytes lie in its file, and a read copies them with ``pread`` into the
+caller's buffer, checking the file is still the one planned: nothing is mapped, so a partition cut short
+while it is read is a clear error, never a SIGBUS, and nobody has to run ``zero_to_fp32`` per checkpoint.
+Files that cannot be laid out so (legacy, big-endian, repacked zips) are loaded or mapped, as the plan
+notes. Tensor-, pipeline- and expert-parallel saves and NVMe offload are refused with one line.
 
 The files are untrusted: every tensor used is checked as torch files' are (an expanded view is a few bytes of
 file and any size of output; meta, sparse, complex and quantized tensors cannot be averaged), and the counts
@@ -28,10 +32,19 @@ from typing import Any
 
 import torch
 
-from ema_average.checkpoints.base import Checkpoint, Layout, ModelChoice, OpenOptions, StepInfo, TensorSpec
-from ema_average.checkpoints.safe_unpickle import load_torch_file
+from ema_average.checkpoints.base import (
+    Checkpoint,
+    Layout,
+    ModelChoice,
+    OpenOptions,
+    PreadFile,
+    StepInfo,
+    TensorSpec,
+)
+from ema_average.checkpoints.safe_unpickle import TorchFile, open_torch_file
 from ema_average.checkpoints.steps import checked_step
-from ema_average.checkpoints.torch_file import checked_name, storage_aliases, tensor_problem
+from ema_average.checkpoints.stored import NotLaidOut, Stored, file_offset, fill, stored
+from ema_average.checkpoints.torch_file import _first_names, checked_name, storage_aliases, tensor_problem
 from ema_average.errors import CheckpointError
 
 _MODEL_STATES = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
@@ -89,23 +102,78 @@ def _check_mp_rank(path: Path, mp_rank: str) -> None:
         )
 
 
-@dataclass
-class _Piece:
-    """``length`` elements of a flat (memory-mapped) tensor from ``start``."""
+class _NotLaidOutIn(Exception):
+    """A file whose zip is not laid out as ``torch.save`` writes it: it is read again, mapped."""
 
-    flat: torch.Tensor
+    def __init__(self, file: Path, why: NotLaidOut) -> None:
+        super().__init__(str(why))
+        self.file = file
+
+
+@dataclass(frozen=True)
+class _Held:
+    """One tensor of a DeepSpeed file, checked: where its bytes lie (``where``, read with ``pread``
+    from ``file``), or, for a file loaded whole or mapped, the tensor itself."""
+
+    name: str
+    tensor: torch.Tensor  # on the meta device where ``where`` is set: its shape and dtype only
+    file: PreadFile | None = None
+    where: Stored | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tensor.dtype
+
+    def numel(self) -> int:
+        return self.tensor.numel()
+
+    def read_range_into(self, start: int, out: torch.Tensor) -> torch.Tensor:
+        """Elements ``start ..`` of the tensor (flattened) into ``out`` (1-d, of its dtype)."""
+        if self.file is None or self.where is None:
+            return out.copy_(self.tensor.reshape(-1)[start : start + out.numel()])
+        return fill(self.file, self.where, self.name, start, out)
+
+
+@dataclass(frozen=True)
+class _Opened:
+    """One DeepSpeed ``.pt`` file unpickled: its object, and how its tensors' values are read."""
+
+    path: Path
+    obj: Mapping[str, Any]
+    contents: TorchFile
+    file: PreadFile | None  # None: the tensors are in memory (loaded whole, or mapped)
+
+    def held(self, name: str, tensor: torch.Tensor) -> _Held:
+        """``tensor`` if it can be averaged as saved (the check torch files get: no expanded view, no meta,
+        sparse, complex or quantized tensor), else one line naming the file and the tensor."""
+        in_file = self.file is not None and file_offset(tensor) is not None
+        problem = tensor_problem(tensor, in_file=in_file)
+        if problem is not None:
+            raise CheckpointError(self.path, f"tensor {name!r} {problem}")
+        if not in_file:
+            return _Held(name, tensor)
+        try:
+            return _Held(name, tensor, self.file, stored(self.path, name, tensor, self.contents.members))
+        except NotLaidOut as exc:
+            raise _NotLaidOutIn(self.path, exc) from exc
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """``length`` elements of a tensor (flattened) from ``start``."""
+
+    flat: _Held
     start: int
     length: int
 
 
 @dataclass
 class _Source:
-    """Where one output tensor's values are: a whole tensor, or pieces of flat partitions."""
+    """Where one output tensor's values are: pieces of saved tensors, end to end (one for a whole tensor)."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
-    tensor: torch.Tensor | None = None
-    pieces: list[_Piece] | None = None
+    pieces: list[_Piece]
 
 
 class DeepSpeedCheckpoint(Checkpoint):
@@ -119,9 +187,12 @@ class DeepSpeedCheckpoint(Checkpoint):
         self._files = _files(path)
         if 0 not in self._files.model:
             raise CheckpointError(path, "has no rank-0 model states file (mp_rank_00_model_states.pt)")
+        self._mapped: dict[Path, str] = {}  # files read through a mapping, and why
+        self._preads: list[PreadFile] = []
+        self._in_memory = False  # some piece is a tensor in memory: dropped by close
         main = self._load(self._files.model[0])
         self.stage = 3 if self._files.partitioned else (2 if self._files.optim else 0)
-        self._step = _global_steps(self._files.model[0], main)
+        self._step = _global_steps(main)
         models = ["fp32"] if self.stage == 3 else (["module", "fp32"] if self._files.optim else ["module"])
         if submodel == "module" and self.stage == 3:
             raise CheckpointError(
@@ -136,35 +207,64 @@ class DeepSpeedCheckpoint(Checkpoint):
         self._sources: dict[str, _Source] | None = None
         self._aliases: dict[str, str] = {}
         self._specs = {name: TensorSpec(s.shape, s.dtype) for name, s in self._index(main).items()}
-        self.close()  # a run may have hundreds of these: the shards are mapped again on the first read
+        self._note_how_read()
+        self.close()  # a run may have hundreds of these: descriptors are reopened on the first read
 
-    def _load(self, file: Path) -> Mapping[str, Any]:
-        obj, _ = load_torch_file(file, trust_pickle=self._trust_pickle)
+    def _load(self, file: Path) -> _Opened:
+        contents = open_torch_file(
+            file, trust_pickle=self._trust_pickle, mapped_because=self._mapped.get(file)
+        )
+        obj = contents.obj
         if not isinstance(obj, Mapping):
             raise CheckpointError(file, f"holds a {type(obj).__name__}, not DeepSpeed's state dict")
         if any(key in obj for key in _AUTOEP_KEYS):
             raise CheckpointError(
                 file, "is an AutoEP (expert-partitioned) save, which this tool does not read"
             )
-        return obj
+        if contents.mapped_because is not None:
+            self._mapped[file] = contents.mapped_because
+        pread = PreadFile(file, contents.planned) if contents.lazy else None
+        if pread is not None:
+            self._preads.append(pread)
+        else:
+            self._in_memory = True
+        return _Opened(file, obj, contents, pread)
 
-    def _index(self, main: Mapping[str, Any] | None = None) -> dict[str, _Source]:
-        """Every tensor's source, built once per opening (the shards stay mapped until close)."""
-        if self._sources is None:
-            main = main if main is not None else self._load(self._files.model[0])
-            module = main.get("module")
-            if not isinstance(module, Mapping) or not module:
-                raise CheckpointError(self._files.model[0], "has no 'module' state dict")
-            if self.model_name == "module":
-                self._sources = _module_sources(self._files.model[0], module)
-                self._aliases = storage_aliases(module)
-            else:
-                self._sources = self._fp32_sources(main, module)
-                self._aliases = {}
-            self._aliases.update(_shared(self._files.model[0], main, self._sources))
+    def _note_how_read(self) -> None:
+        """The plan says which files are mapped or loaded whole rather than read with ``pread``."""
+        for file, because in sorted(self._mapped.items()):
+            self.notes.append(f"{file.name} read through a mapping of the file: {because}")
+        if self._in_memory and not self._mapped:
+            self.lazy = False
+            self.notes.append("legacy (non-zip) torch format: loaded whole, not lazily")
+
+    def _index(self, main: _Opened | None = None) -> dict[str, _Source]:
+        """Every tensor's source, built once per opening; a file whose zip is not laid out as torch.save
+        writes it is read again through a mapping (at most once per file)."""
+        while self._sources is None:
+            try:
+                self._sources = self._build(main)
+            except _NotLaidOutIn as exc:
+                self.close()
+                self._preads, self._in_memory, main = [], False, None
+                self._mapped[exc.file] = f"its zip is not laid out as torch.save writes it ({exc})"
         return self._sources
 
-    def _fp32_sources(self, main: Mapping[str, Any], module: Mapping[str, Any]) -> dict[str, _Source]:
+    def _build(self, main: _Opened | None) -> dict[str, _Source]:
+        main = main if main is not None else self._load(self._files.model[0])
+        module = main.obj.get("module")
+        if not isinstance(module, Mapping) or not module:
+            raise CheckpointError(self._files.model[0], "has no 'module' state dict")
+        if self.model_name == "module":
+            sources = _module_sources(main, module)
+            self._aliases = _module_aliases(main, module)
+        else:
+            sources = self._fp32_sources(main, module)
+            self._aliases = {}
+        self._aliases.update(_shared(main.obj, sources))
+        return sources
+
+    def _fp32_sources(self, main: _Opened, module: Mapping[str, Any]) -> dict[str, _Source]:
         file = self._files.model[0]
         if not self._files.optim:
             raise CheckpointError(
@@ -172,25 +272,25 @@ class DeepSpeedCheckpoint(Checkpoint):
                 "is a ZeRO-3 save without its optimizer partitions (*optim_states.pt), which hold "
                 "the weights",
             )
-        first = self._files.optim[min(self._files.optim)]
-        states = [_optimizer_state(first, self._load(first))]
-        world = _partition_count(first, states[0])  # checked against the files before anything is built
+        first = self._load(self._files.optim[min(self._files.optim)])
+        states = [_optimizer_state(first)]
+        world = _partition_count(first.path, states[0])  # checked against the files before anything is built
         _check_ranks(self.path, "optimizer partitions", self._files.optim, world)
         if self.stage == 3:
             _check_ranks(self.path, "model states", self._files.model, world)
-        optim = [self._files.optim[r] for r in range(world)]
-        states += [_optimizer_state(f, self._load(f)) for f in optim[1:]]
-        shapes = _param_shapes(file, main)
+        optim = [first] + [self._load(self._files.optim[r]) for r in range(1, world)]
+        states += [_optimizer_state(opened) for opened in optim[1:]]
+        shapes = _param_shapes(file, main.obj)
         key = "fp32_flat_groups" if self.stage == 3 else "single_partition_of_fp32_groups"
-        partitions = [_flat_groups(f, state, key) for f, state in zip(optim, states, strict=True)]
-        _one_dtype(optim, key, [groups[0] for groups in partitions])
+        partitions = [_flat_groups(opened, state, key) for opened, state in zip(optim, states, strict=True)]
+        _one_dtype([o.path for o in optim], key, [groups[0] for groups in partitions])
         if self.stage == 3:
             trainable = _zero3_params(file, shapes, partitions, world)
         else:
-            paddings = _paddings(first, states[0].get("param_alignment_paddings"), shapes)
+            paddings = _paddings(first.path, states[0].get("param_alignment_paddings"), shapes)
             trainable = _zero2_params(file, shapes, partitions, world, paddings)
         frozen = self._frozen(main)
-        buffers = set(_names(file, main.get("buffer_names")))
+        buffers = set(_names(file, main.obj.get("buffer_names")))
         sources: dict[str, _Source] = {}
         for key_, tensor in module.items():
             name = checked_name(file, key_)
@@ -200,35 +300,32 @@ class DeepSpeedCheckpoint(Checkpoint):
                 sources[name] = frozen[name]
             elif isinstance(tensor, torch.Tensor) and (name in buffers or self.stage < 3):
                 # buffers (read as float32, as zero_to_fp32 does); frozen parameters ZeRO-1 keeps in module
-                sources[name] = _whole(file, name, tensor, to_fp32=name in buffers)
-            elif name not in _shared_names(main):
+                sources[name] = _whole(main, name, tensor, to_fp32=name in buffers)
+            elif name not in _shared_names(main.obj):
                 raise CheckpointError(file, f"has no data for parameter {name!r} (a ZeRO-3 placeholder)")
         for name, source in trainable.items():  # in the optimizer but not in module: kept all the same
             sources.setdefault(name, source)
         return sources
 
-    def _frozen(self, main: Mapping[str, Any]) -> dict[str, _Source]:
+    def _frozen(self, main: _Opened) -> dict[str, _Source]:
         """Parameters the optimizer does not hold (requires_grad=False), saved beside it from ZeRO-2 on
         (in rank 0's model states; under ZeRO-3 in every rank's, the ranks already checked)."""
-        shapes = main.get("frozen_param_shapes")
+        shapes = main.obj.get("frozen_param_shapes")
         if not isinstance(shapes, Mapping) or not shapes:
             return {}
         files = [self._files.model[r] for r in sorted(self._files.model)] if self.stage == 3 else []
-        files = files or [self._files.model[0]]
         ranks = [main] + [self._load(f) for f in files[1:]]
         found: dict[str, _Source] = {}
         for key, shape in shapes.items():
-            name = checked_name(files[0], key)
-            dims = _shape(files[0], name, shape)
-            frags = [_fragment(f, m, name) for f, m in zip(files, ranks, strict=True)]
-            _one_dtype(files, name, frags)
+            name = checked_name(main.path, key)
+            dims = _shape(main.path, name, shape)
+            frags = [_fragment(opened, name) for opened in ranks]
+            _one_dtype([o.path for o in ranks], name, frags)
             if self.stage < 3:
-                found[name] = _frozen_whole(files[0], name, frags[0], dims)
-            else:  # the fragments are checked views: reshape copies at most what the files hold
-                pieces = [_Piece(f.reshape(-1), 0, f.numel()) for f in frags]
-                found[name] = _Source(
-                    dims, frags[0].dtype, pieces=_trim(files[0], name, pieces, math.prod(dims))
-                )
+                found[name] = _frozen_whole(main.path, name, frags[0], dims)
+            else:  # each fragment flattened, end to end: a read copies at most what the files hold
+                pieces = [_Piece(f, 0, f.numel()) for f in frags]
+                found[name] = _Source(dims, frags[0].dtype, _trim(main.path, name, pieces, math.prod(dims)))
         return found
 
     def specs(self) -> dict[str, TensorSpec]:
@@ -239,15 +336,27 @@ class DeepSpeedCheckpoint(Checkpoint):
         return self.read_into(name, torch.empty(spec.shape, dtype=spec.dtype))
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
-        source = self._index()[name]
-        if source.tensor is not None:
-            out.copy_(source.tensor)
-            return out
-        flat = out.view(-1)
-        done = 0
-        for piece in source.pieces or []:
-            flat[done : done + piece.length].copy_(piece.flat[piece.start : piece.start + piece.length])
-            done += piece.length
+        self.read_range_into(name, 0, out.view(-1))
+        return out
+
+    def read_range_into(self, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
+        """Elements ``start ..`` of ``name`` (flattened) into ``out``, each piece read from its file."""
+        done, skip = 0, start
+        for piece in self._index()[name].pieces:
+            if done == out.numel():
+                break
+            if skip >= piece.length:
+                skip -= piece.length
+                continue
+            take = min(piece.length - skip, out.numel() - done)
+            target = out[done : done + take]
+            if piece.flat.dtype == out.dtype:
+                piece.flat.read_range_into(piece.start + skip, target)
+            else:  # a buffer read as float32: read as saved, then converted
+                target.copy_(
+                    piece.flat.read_range_into(piece.start + skip, torch.empty(take, dtype=piece.flat.dtype))
+                )
+            done, skip = done + take, 0
         return out
 
     def aliases(self) -> dict[str, str]:
@@ -257,51 +366,57 @@ class DeepSpeedCheckpoint(Checkpoint):
         return self._step
 
     def close(self) -> None:
-        self._sources = None  # drops the mappings; the next read maps the shards again
+        """Hands back the descriptors (reopened by the next read); tensors held in memory (legacy or
+        mapped files) are dropped and loaded again on the next read."""
+        for pread in self._preads:
+            pread.close()
+        if self._in_memory:
+            self._sources, self._preads, self._in_memory = None, [], False
 
 
-def _global_steps(file: Path, main: Mapping[str, Any]) -> StepInfo | None:
-    value = main.get("global_steps")
+def _global_steps(main: _Opened) -> StepInfo | None:
+    value = main.obj.get("global_steps")
     if value is None or isinstance(value, bool):
         return None
-    return StepInfo(checked_step(file, value, "metadata:global_steps"), "metadata:global_steps")
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and file_offset(value) is not None:
+        value = main.held("global_steps", value).read_range_into(0, torch.empty(1, dtype=value.dtype))
+    return StepInfo(checked_step(main.path, value, "metadata:global_steps"), "metadata:global_steps")
 
 
-def _checked(file: Path, name: str, tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` if it can be averaged as saved (the check torch files get: no expanded view, no meta,
-    sparse, complex or quantized tensor), else one line naming ``file`` and the tensor."""
-    problem = tensor_problem(tensor)
-    if problem is not None:
-        raise CheckpointError(file, f"tensor {name!r} {problem}")
-    return tensor
-
-
-def _whole(file: Path, name: str, tensor: torch.Tensor, *, to_fp32: bool = False) -> _Source:
+def _whole(opened: _Opened, name: str, tensor: torch.Tensor, *, to_fp32: bool = False) -> _Source:
     """A tensor saved whole; ``to_fp32`` reads a floating one as float32 (buffers, as zero_to_fp32 does)."""
-    _checked(file, name, tensor)
+    held = opened.held(name, tensor)
     dtype = torch.float32 if to_fp32 and tensor.is_floating_point() else tensor.dtype
-    return _Source(tuple(tensor.shape), dtype, tensor=tensor)
+    return _Source(tuple(tensor.shape), dtype, [_Piece(held, 0, held.numel())])
 
 
-def _frozen_whole(file: Path, name: str, fragment: torch.Tensor, dims: tuple[int, ...]) -> _Source:
+def _frozen_whole(file: Path, name: str, fragment: _Held, dims: tuple[int, ...]) -> _Source:
     """A frozen parameter saved whole below ZeRO-3, in the dtype saved, as zero_to_fp32 keeps them."""
     if fragment.numel() != math.prod(dims):
         raise CheckpointError(
             file,
             f"has frozen parameter {name!r} of shape {list(dims)} but {fragment.numel()} saved values "
-            f"(frozen_param_fragments, shape {list(fragment.shape)}); damaged?",
+            f"(frozen_param_fragments, shape {list(fragment.tensor.shape)}); damaged?",
         )
-    return _Source(dims, fragment.dtype, tensor=fragment.reshape(dims))  # a checked view: a copy is small
+    return _Source(dims, fragment.dtype, [_Piece(fragment, 0, fragment.numel())])
 
 
-def _module_sources(file: Path, module: Mapping[str, Any]) -> dict[str, _Source]:
+def _module_sources(main: _Opened, module: Mapping[str, Any]) -> dict[str, _Source]:
     sources = {}
     for key, tensor in module.items():
-        name = checked_name(file, key)
+        name = checked_name(main.path, key)
         if not isinstance(tensor, torch.Tensor):
-            raise CheckpointError(file, f"has a 'module' entry {name!r} that is not a tensor")
-        sources[name] = _whole(file, name, tensor)
+            raise CheckpointError(main.path, f"has a 'module' entry {name!r} that is not a tensor")
+        sources[name] = _whole(main, name, tensor)
     return sources
+
+
+def _module_aliases(main: _Opened, module: Mapping[str, Any]) -> dict[str, str]:
+    """Tied weights in ``module``: by where they lie in the file (meta tensors share no data pointer)."""
+    if main.file is None:
+        return storage_aliases(module)
+    where = {name: stored(main.path, name, t, main.contents.members) for name, t in module.items()}
+    return _first_names({name: w.identity for name, w in where.items() if w.numel})
 
 
 def _names(file: Path, value: Any) -> list[str]:
@@ -317,7 +432,7 @@ def _shared_names(main: Mapping[str, Any]) -> set[str]:
     return set(shared) if isinstance(shared, Mapping) else set()
 
 
-def _shared(file: Path, main: Mapping[str, Any], sources: dict[str, _Source]) -> dict[str, str]:
+def _shared(main: Mapping[str, Any], sources: dict[str, _Source]) -> dict[str, str]:
     """Tied parameters: ``shared_params`` maps the name that is not stored to the one that is."""
     shared = main.get("shared_params")
     found: dict[str, str] = {}
@@ -350,36 +465,39 @@ def _param_shapes(file: Path, main: Mapping[str, Any]) -> list[dict[str, tuple[i
     ]
 
 
-def _optimizer_state(file: Path, optim: Mapping[str, Any]) -> Mapping[str, Any]:
+def _optimizer_state(optim: _Opened) -> Mapping[str, Any]:
     """The ZeRO optimizer's own state dict, which an optimizer states file holds."""
-    state = optim.get("optimizer_state_dict")
+    state = optim.obj.get("optimizer_state_dict")
     if not isinstance(state, Mapping):
         found = "none" if state is None else f"a {type(state).__name__}"
         raise CheckpointError(
-            file, f"has no optimizer_state_dict (found {found}); not a ZeRO optimizer save?"
+            optim.path, f"has no optimizer_state_dict (found {found}); not a ZeRO optimizer save?"
         )
     return state
 
 
-def _flat_groups(file: Path, state: Mapping[str, Any], key: str) -> list[torch.Tensor]:
+def _flat_groups(opened: _Opened, state: Mapping[str, Any], key: str) -> list[_Held]:
+    """The rank's flat fp32 partitions, one per parameter group, each checked."""
+    file = opened.path
     groups = state.get(key)
     if not isinstance(groups, list) or not groups:
         raise CheckpointError(file, f"has no {key} (the fp32 master weights); not a ZeRO optimizer save?")
+    held = []
     for i, tensor in enumerate(groups):
         if not isinstance(tensor, torch.Tensor):
             raise CheckpointError(file, f"has a {type(tensor).__name__} in {key}, not a tensor")
-        _checked(file, f"{key}[{i}]", tensor)
+        held.append(opened.held(f"{key}[{i}]", tensor))
         if tensor.dim() != 1 or not tensor.is_floating_point():
             raise CheckpointError(
                 file,
                 f"tensor '{key}[{i}]' is {tensor.dtype} of shape {list(tensor.shape)}, not a flat "
                 "floating-point partition",
             )
-    _one_dtype([file], key, groups)
-    return groups
+    _one_dtype([file], key, held)
+    return held
 
 
-def _one_dtype(files: list[Path], name: str, tensors: list[torch.Tensor]) -> None:
+def _one_dtype(files: list[Path], name: str, tensors: list[_Held]) -> None:
     """Pieces of one value (ranks' fragments or partitions) share one dtype, or the copy would convert."""
     for i, tensor in enumerate(tensors):
         if tensor.dtype != tensors[0].dtype:
@@ -410,7 +528,7 @@ def _check_ranks(path: Path, what: str, files: dict[int, Path], world: int) -> N
         raise CheckpointError(path, f"holds the {what} of ranks {ranks[:8]}, not of ranks 0-{world - 1}")
 
 
-def _span(parts: list[torch.Tensor], start: int, length: int) -> list[_Piece]:
+def _span(parts: list[_Held], start: int, length: int) -> list[_Piece]:
     """The pieces covering ``[start, start + length)`` of the concatenation of ``parts``."""
     pieces = []
     base = 0
@@ -439,7 +557,7 @@ def _trim(file: Path, name: str, pieces: list[_Piece], numel: int) -> list[_Piec
 def _zero2_params(
     file: Path,
     shapes: list[dict[str, tuple[int, ...]]],
-    partitions: list[list[torch.Tensor]],
+    partitions: list[list[_Held]],
     world: int,
     paddings: list[list[int]],
 ) -> dict[str, _Source]:
@@ -487,7 +605,7 @@ def _paddings(file: Path, value: Any, shapes: list[dict[str, tuple[int, ...]]]) 
 
 
 def _zero3_params(
-    file: Path, shapes: list[dict[str, tuple[int, ...]]], partitions: list[list[torch.Tensor]], world: int
+    file: Path, shapes: list[dict[str, tuple[int, ...]]], partitions: list[list[_Held]], world: int
 ) -> dict[str, _Source]:
     """ZeRO-3: every parameter is cut in ``world`` equal slices (the last padded), slice r in rank r's
     flat groups at the same offset; parameters follow each other in ``param_shapes`` order."""
@@ -511,12 +629,12 @@ def _zero3_params(
     return found
 
 
-def _fragment(file: Path, model_states: Mapping[str, Any], name: str) -> torch.Tensor:
-    fragments = model_states.get("frozen_param_fragments")
+def _fragment(model_states: _Opened, name: str) -> _Held:
+    fragments = model_states.obj.get("frozen_param_fragments")
     tensor = fragments.get(name) if isinstance(fragments, Mapping) else None
     if not isinstance(tensor, torch.Tensor):
-        raise CheckpointError(file, f"has no saved values for frozen parameter {name!r}")
-    return _checked(file, name, tensor)
+        raise CheckpointError(model_states.path, f"has no saved values for frozen parameter {name!r}")
+    return model_states.held(name, tensor)
 
 
 def _open(path: Path, options: OpenOptions) -> Checkpoint:

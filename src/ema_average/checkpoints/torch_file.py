@@ -10,7 +10,6 @@ algorithm), the raw weights are read and the average is named with the ``--state
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,11 @@ from ema_average.checkpoints.keys import (
 )
 from ema_average.checkpoints.safe_unpickle import TorchFile, ZipMember, open_torch_file
 from ema_average.checkpoints.steps import checked_step
+from ema_average.checkpoints.stored import NotLaidOut as _NotLaidOut
+from ema_average.checkpoints.stored import Stored as _Stored
+from ema_average.checkpoints.stored import file_offset as _file_offset
+from ema_average.checkpoints.stored import fill
+from ema_average.checkpoints.stored import stored as _stored
 from ema_average.errors import CheckpointError
 from ema_average.safetensors_format import DTYPE_NAMES
 
@@ -152,28 +156,7 @@ class TorchCheckpoint(Checkpoint):
     def _fill(self, stored: _Stored, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
         """Elements ``start ..`` of the tensor (flattened) into ``out``, read from the file."""
         assert self._file is not None
-        if out.numel() == 0:
-            return out
-        if stored.contiguous:
-            self._file.read_into(out, stored.start + (stored.offset + start) * stored.dtype.itemsize, name)
-        else:
-            out.view(-1).copy_(self._gather(stored, name, start, out.numel()))
-        return out
-
-    def _gather(self, stored: _Stored, name: str, start: int, count: int) -> torch.Tensor:
-        """Elements ``start .. start + count`` of a view that is not contiguous (a transpose, a column
-        slice): the bytes spanned by the rows holding them are read into a temporary, then gathered. Rare
-        in state dicts; for a transpose the span is most of the storage, read again for every chunk."""
-        assert self._file is not None
-        inner = math.prod(stored.shape[1:])
-        first, last = start // inner, (start + count - 1) // inner
-        tail = sum((size - 1) * step for size, step in zip(stored.shape[1:], stored.stride[1:], strict=True))
-        low = stored.offset + first * stored.stride[0]
-        span = torch.empty((last - first) * stored.stride[0] + tail + 1, dtype=stored.dtype)
-        self._file.read_into(span, stored.start + low * stored.dtype.itemsize, name)
-        rows = span.as_strided((last - first + 1, *stored.shape[1:]), stored.stride)
-        skip = start - first * inner
-        return rows.reshape(-1)[skip : skip + count]
+        return fill(self._file, stored, name, start, out)
 
     def metadata_step(self) -> StepInfo | None:
         return self._step
@@ -188,61 +171,6 @@ class TorchCheckpoint(Checkpoint):
             self._file.close()  # reopened by the next read
         else:
             self._tensors = None
-
-
-class _NotLaidOut(Exception):
-    """A tensor's storage does not start where torch computes it would (a zip rewritten by another tool)."""
-
-
-@dataclass(frozen=True)
-class _Stored:
-    """Where one tensor's values lie in its file: the storage's first byte, and the view on it."""
-
-    start: int  # file offset of the storage's first byte
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    offset: int  # the view's storage offset, in elements
-    dtype: torch.dtype
-    contiguous: bool
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def identity(self) -> tuple[Any, ...]:
-        """Equal for two names saved as the same view of the same storage (tied weights)."""
-        return (self.start, self.offset, self.shape, self.stride, self.dtype)
-
-
-def _file_offset(tensor: torch.Tensor) -> int | None:
-    """Where a tensor unpickled onto the meta device has its storage's bytes in the file; None for any
-    other tensor (one saved on the meta device, sparse or nested ones, tensors in memory)."""
-    if tensor.device.type != "meta" or tensor.layout != torch.strided or tensor.is_nested:
-        return None
-    offset = getattr(tensor.untyped_storage(), "_checkpoint_offset", None)
-    return offset if isinstance(offset, int) else None
-
-
-def _stored(path: Path, name: str, tensor: torch.Tensor, members: dict[int, ZipMember]) -> _Stored:
-    """Where ``tensor`` (unpickled onto the meta device) lies in the file, checked to lie within its own
-    zip member: a damaged pickle could point anywhere."""
-    shape, stride, offset = tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset()
-    contiguous = tensor.is_contiguous()
-    if tensor.numel() == 0:
-        return _Stored(0, shape, stride, offset, tensor.dtype, contiguous)
-    member = members.get(_file_offset(tensor))  # type: ignore[arg-type]
-    if member is None:
-        raise _NotLaidOut(f"no tensor data starts at byte {_file_offset(tensor)}, where {name!r} would")
-    last = offset + sum((size - 1) * step for size, step in zip(shape, stride, strict=True))
-    reach = (last + 1) * tensor.element_size()
-    if reach > member.size:
-        raise CheckpointError(
-            path,
-            f"is damaged: tensor {name!r} reaches byte {reach} of its storage {member.name!r}, "
-            f"which holds {member.size}",
-        )
-    return _Stored(member.data_offset, shape, stride, offset, tensor.dtype, contiguous)
 
 
 def storage_aliases(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
