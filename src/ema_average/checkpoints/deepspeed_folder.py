@@ -44,7 +44,7 @@ from ema_average.checkpoints.base import (
 from ema_average.checkpoints.safe_unpickle import TorchFile, open_torch_file
 from ema_average.checkpoints.steps import checked_step
 from ema_average.checkpoints.stored import NotLaidOut, Stored, file_offset, fill, stored
-from ema_average.checkpoints.torch_file import _first_names, checked_name, storage_aliases, tensor_problem
+from ema_average.checkpoints.torch_file import checked_name, first_names, storage_aliases, tensor_problem
 from ema_average.errors import CheckpointError
 
 _MODEL_STATES = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
@@ -416,7 +416,7 @@ def _module_aliases(main: _Opened, module: Mapping[str, Any]) -> dict[str, str]:
     if main.file is None:
         return storage_aliases(module)
     where = {name: stored(main.path, name, t, main.contents.members) for name, t in module.items()}
-    return _first_names({name: w.identity for name, w in where.items() if w.numel})
+    return first_names({name: w.identity for name, w in where.items() if w.numel})
 
 
 def _names(file: Path, value: Any) -> list[str]:

@@ -164,7 +164,7 @@ class TorchCheckpoint(Checkpoint):
     def aliases(self) -> dict[str, str]:
         if self._file is None:
             return storage_aliases(self._state())
-        return _first_names({name: s.identity for name, s in self._stored.items() if s.numel})
+        return first_names({name: s.identity for name, s in self._stored.items() if s.numel})
 
     def close(self) -> None:
         if self._file is not None:
@@ -175,7 +175,7 @@ class TorchCheckpoint(Checkpoint):
 
 def storage_aliases(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
     """Tied weights: names whose tensor is the same view of the same storage as an earlier name's."""
-    return _first_names(
+    return first_names(
         {
             name: (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
             for name, t in tensors.items()
@@ -184,7 +184,7 @@ def storage_aliases(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
     )
 
 
-def _first_names(identities: Mapping[str, Hashable]) -> dict[str, str]:
+def first_names(identities: Mapping[str, Hashable]) -> dict[str, str]:
     """Each name whose identity an earlier name has already, mapped to that first name."""
     first: dict[Hashable, str] = {}
     found: dict[str, str] = {}
