@@ -464,8 +464,7 @@ def stream_chunks(
             for writer in writers:
                 writer.write(t.name, torch.empty(t.spec.shape, dtype=t.out_dtype))
     folds = [
-        streaming.Fold(average.decays, writer)
-        for average, writer in zip(plan.averages, writers, strict=True)
+        streaming.Fold(average.decays, writer) for average, writer in zip(plan.averages, writers, strict=True)
     ]
     stream = streaming.ChunkStream(
         prepared.sources,
