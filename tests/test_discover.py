@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,7 +16,13 @@ from safetensors.torch import load_file, save_file
 
 from ema_average.checkpoints import discover, find_run
 from ema_average.errors import CheckpointError, CheckpointMismatchError, NoCheckpointsError
-from helpers import float64_reference, make_state, write_safetensors_run, write_torch_run
+from helpers import (
+    assert_matches_reference,
+    float64_reference,
+    make_state,
+    write_safetensors_run,
+    write_torch_run,
+)
 
 
 def test_ordered_by_step_not_by_name(tmp_path: Path) -> None:
@@ -363,3 +370,149 @@ def test_a_folder_output_inside_the_run_is_never_an_input(
         "model_step_250.safetensors",
     ]
     assert file_digests(output) == written
+
+
+# Counts taken for steps (issue 17, item 4) ----------------------------------------------------------------
+
+
+def write_ignite_run(folder: Path, epochs: int = 3, epoch_length: int = 5) -> list[dict[str, torch.Tensor]]:
+    """Reproduced from ignite's source (docs/trainer-layouts.md, section 6): ``Checkpoint(to_save,
+    DiskSaver(folder), global_step_transform=global_step_from_engine(trainer))`` on EPOCH_COMPLETED names
+    the file ``checkpoint_{epoch}.pt`` (epochs completed, from 1) and saves ``{k: obj.state_dict()}``:
+    ``trainer`` is ``Engine.state_dict()`` = OrderedDict(epoch_length, iteration, max_epochs), no epoch."""
+    folder.mkdir(parents=True)
+    states = []
+    for epoch in range(1, epochs + 1):
+        state = dict(make_state(epoch))
+        states.append(state)
+        trainer = OrderedDict(epoch_length=epoch_length, iteration=epoch * epoch_length, max_epochs=epochs)
+        saved = {
+            "trainer": trainer,
+            "model": state,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1, 2, 3, 4]}]},
+            "lr_scheduler": {"last_epoch": epoch * epoch_length, "base_lrs": [0.1], "_step_count": 1},
+        }
+        torch.save(saved, folder / f"checkpoint_{epoch}.pt")
+    return states
+
+
+def test_ignite_epoch_named_files_are_read_at_their_iteration(tmp_path: Path) -> None:
+    """ignite's ``checkpoint_3.pt`` holds ``trainer.iteration`` 15: the counter inside wins over the
+    epoch in the name (steps 1, 2, 3 were used, unflagged), and the command averages at steps 5, 10, 15."""
+    states = write_ignite_run(tmp_path / "run")
+    run = find_run(tmp_path / "run")
+    assert [(c.path.name, c.step, c.step_origin, c.step_is_counter) for c in run.checkpoints] == [
+        (f"checkpoint_{e}.pt", 5 * e, "metadata:trainer.iteration", False) for e in (1, 2, 3)
+    ]
+    output = tmp_path / "ema.safetensors"
+    result = run_command(tmp_path / "run", "-o", output, "--decay", "0.9")
+    assert result.returncode == 0, result.stderr
+    expected = float64_reference(states, [5, 10, 15], 0.9)  # hand-computed steps: iteration = 5 x epoch
+    out = load_file(str(output))
+    for name, tensor in expected.items():
+        torch.testing.assert_close(out[name].double(), tensor, rtol=1e-6, atol=1e-7)
+
+
+def write_mmengine_run(
+    folder: Path, epochs: int = 3, iters_per_epoch: int = 4
+) -> list[dict[str, torch.Tensor]]:
+    """Reproduced from mmengine's source (docs/trainer-layouts.md, section 4): CheckpointHook by epoch writes
+    ``epoch_{E}.pth`` (E = epochs completed, from 1) via ``Runner.save_checkpoint``: ``meta`` {epoch: E,
+    iter: iterations completed, cfg, seed, ...}, ``state_dict``, ``message_hub``, ``optimizer``,
+    ``param_schedulers``. (``message_hub`` is kept to plain dicts here: its HistoryBuffer objects are
+    item 2's matter, not the step's.)"""
+    folder.mkdir(parents=True)
+    states = []
+    for epoch in range(1, epochs + 1):
+        state = dict(make_state(10 + epoch))
+        states.append(state)
+        iters = epoch * iters_per_epoch
+        saved = {
+            "meta": {
+                "epoch": epoch,
+                "iter": iters,
+                "cfg": "model = dict(type='Toy')\n",
+                "seed": 0,
+                "experiment_name": "toy_20260101_000000",
+                "time": "20260101_000000",
+                "mmengine_version": "0.10.7",
+            },
+            "state_dict": OrderedDict(state),
+            "message_hub": {
+                "log_scalars": OrderedDict(),
+                "runtime_info": OrderedDict(epoch=epoch, iter=iters, max_epochs=epochs),
+                "resumed_keys": {"epoch": True, "iter": True},
+            },
+            "optimizer": {"state": {}, "param_groups": [{"lr": 0.01, "params": [0, 1, 2, 3, 4]}]},
+            "param_schedulers": [{"param_name": "lr", "base_values": [0.01], "last_step": iters}],
+        }
+        torch.save(saved, folder / f"epoch_{epoch}.pth")
+    return states
+
+
+def test_mmengine_epoch_files_are_read_at_their_iteration(tmp_path: Path) -> None:
+    """mmengine's ``epoch_3.pth`` holds ``meta.iter`` 12: the step is the iteration, not a flagged epoch
+    count (the name's 1, 2, 3 were used before)."""
+    states = write_mmengine_run(tmp_path / "work_dir")
+    run = find_run(tmp_path / "work_dir")
+    assert [(c.path.name, c.step, c.step_origin, c.step_is_counter) for c in run.checkpoints] == [
+        (f"epoch_{e}.pth", 4 * e, "metadata:meta.iter", False) for e in (1, 2, 3)
+    ]
+    assert not any("count saves or epochs" in n for n in run.notices)
+    assert_matches_reference(run.checkpoints, states)
+
+
+def write_open_clip_run(folder: Path, epochs: int = 3) -> list[dict[str, torch.Tensor]]:
+    """Reproduced from open_clip v3.3.0's ``open_clip_train/main.py`` (docs/trainer-layouts.md, section 7):
+    after each epoch ``completed_epoch = epoch + 1``; ``torch.save({"epoch": completed_epoch, "name":
+    args.name, "state_dict": original_model.state_dict(), "optimizer": optimizer.state_dict()},
+    checkpoints/epoch_{completed_epoch}.pt)`` (single process: no ``module.`` prefix)."""
+    folder.mkdir(parents=True)
+    states = []
+    for completed_epoch in range(1, epochs + 1):
+        state = dict(make_state(20 + completed_epoch))
+        states.append(state)
+        saved = {
+            "epoch": completed_epoch,
+            "name": "2026_01_01-00_00_00-model_RN50-lr_0.0005-b_8-j_1-p_amp",
+            "state_dict": state,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 5e-4, "params": [0, 1, 2, 3, 4]}]},
+        }
+        torch.save(saved, folder / f"epoch_{completed_epoch}.pt")
+    return states
+
+
+def test_open_clip_epochs_count_from_1(tmp_path: Path) -> None:
+    """open_clip's ``epoch_E.pt`` holds ``epoch`` = epochs completed (first file epoch_1): a count, flagged,
+    that ``--step-every N`` makes E x N (it made (E + 1) x N, one epoch late), and the plan says so."""
+    states = write_open_clip_run(tmp_path / "checkpoints")
+    run = find_run(tmp_path / "checkpoints")
+    origin = "metadata:epoch (epochs completed, from 1)"
+    assert [(c.step, c.step_origin, c.step_is_counter) for c in run.checkpoints] == [
+        (e, origin, True) for e in (1, 2, 3)
+    ]
+    assert any("(step = count x N, the first save counted 1)" in n for n in run.notices)
+    run = find_run(tmp_path / "checkpoints", step_every=100)
+    assert [(c.step, c.step_origin) for c in run.checkpoints] == [
+        (100 * e, f"{origin}, counted from 1: n x 100") for e in (1, 2, 3)
+    ]
+    assert_matches_reference(run.checkpoints, states)
+    result = run_command(tmp_path / "checkpoints", "--step-every", "100", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "counted from 1: n x 100" in result.stdout
+
+
+def test_zero_based_counts_still_add_one(tmp_path: Path) -> None:
+    """A count from 0 (torch's ``for epoch in range(n)`` saving ``epoch``, as timm and ultralytics do) is
+    the epoch just done: ``--step-every 10`` makes 0, 1 the steps 10, 20, and the origin says how."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for epoch in range(2):
+        torch.save({"epoch": epoch, "state_dict": make_state(epoch)}, folder / f"ckpt-{epoch}.pt")
+    run = find_run(folder)
+    assert any("(step = (count + 1) x N, the first save counted 0)" in n for n in run.notices)
+    run = find_run(folder, step_every=10)
+    assert [(c.step, c.step_origin) for c in run.checkpoints] == [
+        (10, "metadata:epoch, counted from 0: (n+1) x 10"),
+        (20, "metadata:epoch, counted from 0: (n+1) x 10"),
+    ]

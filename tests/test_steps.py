@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ema_average.checkpoints import step_from_name
-from ema_average.checkpoints.steps import checked_step
+from ema_average.checkpoints.steps import checked_step, step_of_count
 from ema_average.errors import CheckpointError
 
 
@@ -117,3 +117,23 @@ def test_names_a_step(name: str, names_step: bool) -> None:
     from ema_average.checkpoints.steps import names_a_step
 
     assert names_a_step(Path(name)) is names_step
+
+
+@pytest.mark.parametrize(
+    ("count", "origin", "step", "formula"),
+    [
+        (3, "metadata:epoch (epochs completed, from 1)", 300, "counted from 1: n x 100"),  # open_clip epoch_3
+        (3, "metadata:epoch", 400, "counted from 0: (n+1) x 100"),  # timm checkpoint-3: the 4th epoch
+        (0, "filename:checkpoint_K (accelerate save count)", 100, "counted from 0: (n+1) x 100"),
+        (1, "sub/metadata:meta.epoch (epochs completed, from 1)", 100, "counted from 1: n x 100"),
+    ],
+)
+def test_a_count_becomes_a_step_by_how_it_is_based(count: int, origin: str, step: int, formula: str) -> None:
+    """--step-every N: a count of epochs completed (first save 1) is E x N; an index or a save count (first
+    save 0) is (K + 1) x N; the origin says which counting was used."""
+    assert step_of_count(Path("c.pt"), count, origin, 100) == (step, f"{origin}, {formula}")
+
+
+def test_a_count_past_int64_is_refused() -> None:
+    with pytest.raises(CheckpointError, match=r"c\.pt: has step .*counted from 0"):
+        step_of_count(Path("c.pt"), 2**62, "metadata:epoch", 4)

@@ -16,9 +16,11 @@ import pytest
 import torch
 
 from ema_average.checkpoints import TorchCheckpoint, find_run, torch_file
+from ema_average.checkpoints.base import StepInfo
 from ema_average.checkpoints.safe_unpickle import zip_members
 from ema_average.errors import CheckpointError
 from helpers import (
+    assert_matches_reference,
     bounded_python_work,
     float64_reference,
     make_state,
@@ -554,4 +556,56 @@ def test_an_average_asked_for_by_name_is_not_said_to_stand_alone(tmp_path: Path)
     torch.save({"ema": make_state(2), "epoch": 1}, tmp_path / "b.pt")
     assert TorchCheckpoint(tmp_path / "b.pt").choices[0].describe() == (
         "read ema (an average: no raw weights found beside it)"
+    )
+
+
+def test_litgpt_step_count_is_the_step(tmp_path: Path) -> None:
+    """Reproduced from litgpt's ``finetune/full.py`` (docs/trainer-layouts.md, section 9): every
+    ``save_interval`` optimizer steps, ``fabric.save(out_dir/step-{step_count:06d}/lit_model.pth, {model,
+    optimizer, scheduler, iter_num, step_count})`` beside ``model_config.yaml``; with 4 micro-batches a step
+    ``iter_num`` is 4 x ``step_count``. The step is ``step_count`` from inside the file, not the micro-batches."""
+    states = []
+    for step in (4, 8, 12):
+        folder = tmp_path / "out" / f"step-{step:06d}"
+        folder.mkdir(parents=True)
+        state = dict(make_state(step))
+        states.append(state)
+        saved = {
+            "model": state,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 3e-4, "params": [0, 1, 2, 3, 4]}]},
+            "scheduler": {"_schedulers": [{"last_epoch": step}], "_milestones": [2], "last_epoch": step},
+            "iter_num": 4 * step,
+            "step_count": step,
+        }
+        torch.save(saved, folder / "lit_model.pth")
+        (folder / "model_config.yaml").write_text("n_layer: 1\nn_embd: 16\n")
+    run = find_run(tmp_path / "out")
+    assert [(c.path.name, c.step, c.step_origin) for c in run.checkpoints] == [
+        (f"step-{s:06d}", s, "metadata:step_count") for s in (4, 8, 12)
+    ]
+    assert_matches_reference(run.checkpoints, states)  # float64, at the hand-computed steps 4, 8, 12
+
+
+@pytest.mark.parametrize(
+    ("saved", "shown"),
+    [
+        ({"trainer": {"iteration": -5, "epoch_length": 5}}, "-5 (metadata:trainer.iteration)"),
+        ({"meta": {"iter": 2**70, "epoch": 1}}, "1180591620717411303424 (metadata:meta.iter)"),
+        ({"meta": {"iter": torch.tensor(1.5 + 2j)}}, "(metadata:meta.iter)"),
+    ],
+    ids=["negative ignite iteration", "huge mmengine iter", "complex tensor"],
+)
+def test_a_bad_nested_step_counter_is_one_clear_error(
+    tmp_path: Path, saved: dict[str, object], shown: str
+) -> None:
+    """A step counter in a trainer-state container is checked like a top-level one: one line naming the
+    file and where the step was, never used (it was ignored, and the name's number taken)."""
+    torch.save({**saved, "state_dict": make_state(1)}, tmp_path / "epoch_3.pth")
+    with pytest.raises(CheckpointError, match=re.escape("epoch_3.pth: has step ")) as info:
+        TorchCheckpoint(tmp_path / "epoch_3.pth")
+    assert shown in str(info.value)
+    nested_list = {"meta": [1, 2], "trainer": None, "state_dict": make_state(1), "epoch": 2}
+    torch.save(nested_list, tmp_path / "odd.pth")
+    assert TorchCheckpoint(tmp_path / "odd.pth").metadata_step() == StepInfo(
+        2, "metadata:epoch", counter=True
     )

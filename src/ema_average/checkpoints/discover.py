@@ -24,7 +24,14 @@ from ema_average.checkpoints.base import Checkpoint, OpenOptions, StepInfo
 from ema_average.checkpoints.hf_folder import HfFolderCheckpoint, side_file_problem, weight_sets
 from ema_average.checkpoints.layouts import layout_of, looked_for, open_leaf
 from ema_average.checkpoints.safetensors_file import SafetensorsCheckpoint
-from ema_average.checkpoints.steps import PATTERN_NAMES, checked_step, names_a_step, step_from_name
+from ema_average.checkpoints.steps import (
+    PATTERN_NAMES,
+    checked_step,
+    first_count,
+    names_a_step,
+    step_from_name,
+    step_of_count,
+)
 from ema_average.checkpoints.unit_folder import open_unit
 from ema_average.errors import (
     CheckpointError,
@@ -96,8 +103,8 @@ def find_run(
     ``only`` restricts the run to those units (``--watch`` passes the ones that are complete).
     ``submodel`` picks one model of units that hold several (``unet_ema``, ``adapter_model``, ``fp32``).
     ``step_every`` turns steps that count saves or epochs (flagged by the layouts) into training steps:
-    ``(count + 1) * step_every``, the count starting at 0 for the first save, made after ``step_every``
-    steps; ``steps`` gives every checkpoint's step outright, oldest first. ``globs`` keeps only the units
+    ``(count + 1) * step_every`` where the first save counts 0 (an index, a save count), ``count *
+    step_every`` where it counts 1 (epochs completed: open_clip, mmengine); ``steps`` gives every checkpoint's step outright, oldest first. ``globs`` keeps only the units
     whose name (or path below ``path``) matches one of them, e.g. ``checkpoint_*_*.pt``.
 
     Nothing is read beyond headers, pickled structure and step records, except the tensors of two
@@ -375,15 +382,16 @@ def _real_steps(
             )
         for ckpt in counted:
             assert ckpt.step is not None
-            where = f"{ckpt.step_origin}, (n+1) x {step_every}"
-            ckpt.step = checked_step(ckpt.path, (ckpt.step + 1) * step_every, where)
-            ckpt.step_origin, ckpt.step_is_counter = where, False
+            ckpt.step, ckpt.step_origin = step_of_count(ckpt.path, ckpt.step, ckpt.step_origin, step_every)
+            ckpt.step_is_counter = False
         checkpoints.sort(key=lambda c: c.step if c.step is not None else -1)
     elif counted:
+        first = first_count(counted[0].step_origin)
         notices.append(
             f"the steps of {len(counted)} checkpoint(s) count saves or epochs, not training steps "
             f"({counted[0].step_origin}); give the training steps between saves with --step-every N "
-            "(step = (count + 1) x N), or each checkpoint's step with --steps"
+            f"(step = {'count' if first else '(count + 1)'} x N, the first save counted {first}), "
+            "or each checkpoint's step with --steps"
         )
 
 

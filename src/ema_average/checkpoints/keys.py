@@ -18,8 +18,38 @@ STEP_KEYS = (
     "global_steps",
 )
 
+# Step counters that trainers keep one or two levels down, in their trainer-state containers, tried after
+# the top-level STEP_KEYS and before any epoch count: ignite ``trainer.iteration`` (Engine.state_dict),
+# mmengine ``meta.iter``, torchtnt ``[app_state.]train_progress.num_steps_completed``, torchtitan
+# ``train_state.step``, litgpt ``step_count`` (optimizer steps) then ``iter_num`` (micro-batches),
+# ultralytics ``updates`` (EMA updates = optimizer steps). A counter inside a file wins over its name.
+NESTED_STEP_KEYS: tuple[tuple[str, ...], ...] = (
+    ("trainer", "iteration"),
+    ("meta", "iter"),
+    ("train_progress", "num_steps_completed"),
+    ("app_state", "train_progress", "num_steps_completed"),
+    ("train_state", "step"),
+    ("step_count",),
+    ("iter_num",),
+    ("updates",),
+)
+
 # A count of epochs, not of steps (timm's ``epoch``): used only when nothing better is known, and flagged.
 EPOCH_KEYS = ("epoch",)
+
+# How an epoch count found inside a file is based, most specific first: (where, keys beside it that must be
+# there, the first save's count). 1: epochs completed (mmengine ``meta.epoch = runner.epoch + 1``; open_clip
+# ``{epoch: completed_epoch, name, state_dict, optimizer}``); 0: the index of the epoch just done (timm
+# ``version`` 2, ultralytics, torch's ``for epoch in range(n)``). ``--step-every N`` makes count n the step
+# (n + 1 - first) x N.
+EPOCH_COUNTERS: tuple[tuple[tuple[str, ...], tuple[str, ...], int], ...] = (
+    (("meta", "epoch"), (), 1),
+    (("epoch",), ("name",), 1),
+    (("epoch",), (), 0),
+)
+
+# The words an origin ends with where its count starts at 1 (a count from 0 says nothing more).
+COUNTED_FROM_1 = " (epochs completed, from 1)"
 
 # Where trainers put the model's weights, most common first. Raw weights come before averaged ones, so
 # that a file holding both is read for its raw weights unless --state-dict-key says otherwise.

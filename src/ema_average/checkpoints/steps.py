@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ema_average.checkpoints.base import StepInfo
-from ema_average.checkpoints.keys import CHECKPOINT_SUFFIXES
+from ema_average.checkpoints.keys import CHECKPOINT_SUFFIXES, COUNTED_FROM_1
 from ema_average.errors import CheckpointError
 
 # Steps are stored as int64 by every trainer; anything larger is damage or hostility, and would
@@ -54,6 +54,21 @@ def step_from_name(path: Path) -> StepInfo | None:
             step = checked_step(path, found[-1], label)
             return StepInfo(step, f"filename:{label}", counter=label in _COUNTER_LABELS)
     return None
+
+
+def first_count(origin: str) -> int:
+    """The count a counted checkpoint's first save carries: 1 for epochs completed (open_clip, mmengine),
+    0 for an index or a save count (timm, ultralytics, torchtune's ``epoch_0``, accelerate's ``checkpoint_0``)."""
+    return 1 if COUNTED_FROM_1 in origin else 0
+
+
+def step_of_count(path: Path, count: int, origin: str, step_every: int) -> tuple[int, str]:
+    """The training step of the ``count``-th save made every ``step_every`` steps, and the origin that says
+    how it was counted: ``(count + 1 - first) x step_every``."""
+    first = first_count(origin)
+    formula = f"(n+1) x {step_every}" if first == 0 else f"n x {step_every}"
+    where = f"{origin}, counted from {first}: {formula}"
+    return checked_step(path, (count + 1 - first) * step_every, where), where
 
 
 def names_a_step(path: Path) -> bool:

@@ -29,7 +29,9 @@ from ema_average.checkpoints.base import (
 from ema_average.checkpoints.contents import KeyPath, Kind, Part, described, mirrors, split, structure_of
 from ema_average.checkpoints.keys import (
     CHECKPOINT_SUFFIXES,
-    EPOCH_KEYS,
+    COUNTED_FROM_1,
+    EPOCH_COUNTERS,
+    NESTED_STEP_KEYS,
     STATE_DICT_KEYS,
     STEP_KEYS,
     is_side_file,
@@ -225,10 +227,33 @@ def _find_step(path: Path, obj: Mapping[str, Any], read: Materialise) -> StepInf
     composer = _composer_step(path, obj, read)
     if composer is not None:
         return composer
-    for key in EPOCH_KEYS:  # timm: only the epoch is recorded; flagged as a counter
-        step = _step_value(path, obj.get(key), f"metadata:{key}", read)
+    for keys in NESTED_STEP_KEYS:  # trainer-state containers: ignite, mmengine, torchtnt, litgpt...
+        source = "metadata:" + ".".join(keys)
+        step = _step_value(path, _nested(obj, keys), source, read)
         if step is not None:
-            return StepInfo(step, f"metadata:{key}", counter=True)
+            return StepInfo(step, source)
+    return _epoch_count(path, obj, read)
+
+
+def _nested(obj: Mapping[str, Any], keys: tuple[str, ...]) -> Any:
+    """The value at ``keys`` down nested mappings; ``None`` where the path is not there."""
+    value: Any = obj
+    for key in keys:
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(key)
+    return value
+
+
+def _epoch_count(path: Path, obj: Mapping[str, Any], read: Materialise) -> StepInfo | None:
+    """An epoch count (timm, open_clip), flagged as a counter; its origin says where a count starts at 1."""
+    for keys, beside, first in EPOCH_COUNTERS:
+        if not all(key in obj for key in beside):
+            continue
+        source = "metadata:" + ".".join(keys)
+        step = _step_value(path, _nested(obj, keys), source, read)
+        if step is not None:
+            return StepInfo(step, source + (COUNTED_FROM_1 if first == 1 else ""), counter=True)
     return None
 
 
