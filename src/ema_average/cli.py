@@ -7,11 +7,8 @@ one-line messages and exit codes (0 ok, 1 bad input, 2 usage; a traceback only w
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
-import signal
 import sys
-import threading
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,11 +20,11 @@ import typer
 from rich.console import Console
 
 from ema_average import options as choices
+from ema_average import process
 from ema_average._version import __version__
 from ema_average.decay_rules import DecayRule, ExponentialRule, PowerRule, flag_of
 from ema_average.errors import ConfigurationError, EmaAverageError, TrustPickleWarning, interrupted
-from ema_average.libc import libc_call
-from ema_average.signals import deferred, settle
+from ema_average.signals import deferred
 
 if TYPE_CHECKING:  # the modules behind the command import torch: loaded only once a run starts
     from ema_average.distributed import Ranks
@@ -542,27 +539,6 @@ def _only_our_warnings() -> None:
     warnings.showwarning = show
 
 
-def ignore_interrupts() -> None:
-    """The outputs are about to be named: from now on Ctrl-C is ignored and SIGTERM ends the process as it is, where
-    either would have said "interrupted; no output written" (untrue now) or, landing in the interpreter's
-    shutdown, printed "Exception ignored ... Traceback" for nothing.
-
-    Only in the command's own process: signal dispositions are the process's, and a host (a test runner
-    calling the command in process) would pass an ignored Ctrl-C on to every program it starts later.
-    Each is changed by :func:`ema_average.signals.settle`, which leaves no window for CPython's race.
-    """
-    if not _process.owned:
-        return
-    settle(signal.SIGINT, signal.SIG_IGN)
-    if signal.getsignal(signal.SIGTERM) is _terminate:
-        settle(signal.SIGTERM, signal.SIG_DFL)
-
-
-def _terminate(signum: int, _frame: object) -> NoReturn:
-    """SIGTERM unwinds like Ctrl-C, so the temporary output is removed on the way out."""
-    raise KeyboardInterrupt
-
-
 def _fail(message: str, exc: BaseException, debug: bool) -> NoReturn:
     """One line, then exit 2 for settings the command line gave that cannot be used together or as given
     (a usage error, as click's own), 1 for anything about the files."""
@@ -593,10 +569,10 @@ def _execute_with_progress(prepared: PreparedRun, *, show: bool, ranks: Ranks | 
 
     def execute(prepared: PreparedRun, on_progress: Callable[[int], None] | None = None) -> Summary:
         if ranks is None:
-            return pipeline.execute(prepared, on_progress, on_committed=ignore_interrupts)
+            return pipeline.execute(prepared, on_progress, on_committed=process.ignore_interrupts)
         from ema_average import distributed
 
-        return distributed.execute(prepared, ranks, on_progress, on_committed=ignore_interrupts)
+        return distributed.execute(prepared, ranks, on_progress, on_committed=process.ignore_interrupts)
 
     if not show:
         return execute(prepared)
@@ -692,40 +668,9 @@ def show_summary(summary: Summary) -> None:
     )
 
 
-def _steady_malloc() -> None:
-    """Pin glibc's mmap threshold at 4 MiB for this process (the command owns it; the library never does).
-
-    glibc raises the threshold each time a large block is freed, after which freed tensor memory stays in
-    the heap instead of going back to the OS: peak memory then drifts by tens of MiB from run to run
-    above the budget. Measured on the bf16 benchmark: 274-354 MiB above bare torch without, 274 with.
-    """
-    mallopt = libc_call("mallopt", ctypes.c_int, ctypes.c_int)  # None off glibc
-    if mallopt is not None:
-        mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD; a fixed value also turns the adjustment off
-
-
-class _Process:
-    """Whether this process is the command's own (its entry point ran), so that process-wide settings
-    (signal handlers, malloc tuning) are ours to change: never when the command runs inside a host."""
-
-    owned = False
-
-
-_process = _Process()
-
-
-def _own_process() -> None:
-    """The console script's process: SIGTERM unwinds like Ctrl-C (temporary output removed), and glibc's
-    allocator is set for large buffers."""
-    _process.owned = threading.current_thread() is threading.main_thread()
-    if _process.owned:
-        signal.signal(signal.SIGTERM, _terminate)
-        _steady_malloc()
-
-
 def main() -> None:
     """Console-script entry point."""
-    _own_process()
+    process.own()  # SIGTERM unwinds like Ctrl-C from here: the story is in ema_average.process
     with contextlib.suppress(BrokenPipeError):
         app()
     with contextlib.suppress(BrokenPipeError):

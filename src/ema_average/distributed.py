@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ from ema_average.pipeline import (
     stream_chunks,
 )
 from ema_average.plan import Chunk
-from ema_average.signals import settle
+from ema_average.process import ignore_sigterm
 
 T = TypeVar("T")
 
@@ -129,7 +128,7 @@ class Ranks:
         first = self._reduce(code, dist.ReduceOp.MIN)
         if first > self.world:
             return
-        _ignore_sigterm()  # every rank is leaving now: a peer's exit must not cut this one's clean-up short
+        ignore_sigterm()  # every rank is leaving now: a peer's exit must not cut this one's clean-up short
         if first == self.world:  # stopped with no failure behind it: never expected, never committed
             raise RankFailure("a rank stopped without another failing; nothing was written") from failure
         message = self.describe(failure) if self.rank == first and failure is not None else ""
@@ -172,14 +171,10 @@ def _peers_alive() -> Iterator[None]:
     try:
         yield
     except RuntimeError as exc:
-        _ignore_sigterm()
+        ignore_sigterm()
         raise RankFailure(
             "another rank stopped (killed, or its host lost) before the ranks agreed; see torchrun's report"
         ) from exc
-
-
-def _ignore_sigterm() -> None:
-    settle(signal.SIGTERM, signal.SIG_IGN)
 
 
 def rank_options(options: RunOptions, ranks: Ranks, *, watch: bool) -> RunOptions:

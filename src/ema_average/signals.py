@@ -1,4 +1,5 @@
-"""Changing a signal's disposition without CPython's race, for the command's own process.
+"""Changing a signal's disposition without CPython's race, for the command's own process (the tools;
+:mod:`ema_average.process` decides when, and tells the whole Ctrl-C story).
 
 CPython's ``signal.signal`` checks for pending signals, then changes the OS disposition, then its own
 table: a signal caught between the first two is found pending with no Python handler to run, and CPython
