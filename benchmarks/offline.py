@@ -126,9 +126,9 @@ def child_floor(args: argparse.Namespace) -> dict[str, float]:
 
 
 def child_average(args: argparse.Namespace) -> dict[str, float]:
-    from ema_average.cli import _steady_malloc
+    from ema_average.process import steady_malloc
 
-    _steady_malloc()  # as the command runs
+    steady_malloc()  # as the command runs
     from ema_average.pipeline import RunOptions, execute, prepare
     from ema_average.plan import AverageSettings
 
@@ -379,9 +379,9 @@ def table(found: list[Case], bare_hwm: float, args: argparse.Namespace) -> None:
 
 def profile(args: argparse.Namespace) -> None:
     """One run of a case in this process under cProfile (threads 1 unless --threads), hottest first."""
-    from ema_average.cli import _steady_malloc
+    from ema_average.process import steady_malloc
 
-    _steady_malloc()
+    steady_malloc()
     from ema_average.pipeline import RunOptions, execute, prepare
     from ema_average.plan import AverageSettings
 
