@@ -516,3 +516,33 @@ def test_zero_based_counts_still_add_one(tmp_path: Path) -> None:
         (10, "metadata:epoch, counted from 0: (n+1) x 10"),
         (20, "metadata:epoch, counted from 0: (n+1) x 10"),
     ]
+
+
+def test_torchtnt_fit_folders_are_read_at_their_training_step(tmp_path: Path) -> None:
+    """Reproduced from torchtnt's ``DistributedCheckpointSaver`` (docs/trainer-layouts.md, section 2): the
+    ``fit`` entry point names its DCP folders ``epoch_{E}_train_step_{N}_eval_step_{M}`` (N: training steps,
+    M: evaluation steps) and saves ``{"app_state": {module, optimizer, train_progress}}``. The step is N
+    (the name's last number, M, was taken)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    states = []
+    for epoch, train, evaluated in ((1, 4, 2), (2, 8, 4)):
+        state = dict(make_state(train))
+        states.append(state)
+        app_state = {
+            "module": state,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1, 2, 3, 4]}]},
+            "train_progress": {"num_epochs_completed": epoch, "num_steps_completed": train},
+        }
+        folder = tmp_path / "run" / f"epoch_{epoch}_train_step_{train}_eval_step_{evaluated}"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.save({"app_state": app_state}, checkpoint_id=str(folder))
+    run = find_run(tmp_path / "run")
+    assert [(c.step, c.step_origin) for c in run.checkpoints] == [
+        (4, "filename:train_step_N"),
+        (8, "filename:train_step_N"),
+    ]
+    assert_matches_reference(run.checkpoints, states)

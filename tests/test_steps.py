@@ -23,6 +23,7 @@ from ema_average.errors import CheckpointError
         ("checkpoint_3_1200.pt", 1200, "_N"),
         ("weights_99.pth", 99, "_N"),
         ("iter_0004000", 4000, "iter_N"),
+        ("epoch_1_train_step_8_eval_step_2", 8, "train_step_N"),  # torchtnt fit: not the eval steps
     ],
 )
 def test_patterns(name: str, step: int, label: str) -> None:

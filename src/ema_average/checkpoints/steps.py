@@ -18,6 +18,8 @@ MAX_STEP = 2**63 - 1
 # Most specific first: "epoch=3-step=1200" must give 1200, not 3; "checkpoint_3_1200" gives 1200.
 _PATTERNS: list[tuple[str, re.Pattern[str]]] = [
     ("global_stepN", re.compile(r"global[_-]?step[=_-]?(\d+)", re.IGNORECASE | re.ASCII)),
+    # torchtnt's fit saves: epoch_E_train_step_N_eval_step_M, N the training steps
+    ("train_step_N", re.compile(r"train[_-]?step[=_-]?(\d+)", re.IGNORECASE | re.ASCII)),
     ("step=N", re.compile(r"(?<![a-z])step[=_-]?(\d+)", re.IGNORECASE | re.ASCII)),
     ("checkpoint-N", re.compile(r"checkpoint-(\d+)$", re.IGNORECASE | re.ASCII)),
     ("baN", re.compile(r"(?:^|[-_])ba(\d+)(?=$|[-_])", re.IGNORECASE | re.ASCII)),  # composer ep1-ba42
