@@ -198,7 +198,9 @@ def average(
         int | None,
         typer.Option(
             help="Checkpoints numbered by a count of saves or epochs (accelerate checkpoint_K, timm/torchtune "
-            "epochs): training steps between saves; step = (count + 1) x N.",
+            "epochs): training steps between saves. step = (count + 1) x N for counts from 0 (timm, "
+            "ultralytics, torchtune, accelerate), count x N for epochs completed counted from 1 (open_clip, "
+            "mmengine); the plan says which.",
             rich_help_panel=_READ,
         ),
     ] = None,

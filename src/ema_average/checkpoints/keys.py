@@ -34,9 +34,6 @@ NESTED_STEP_KEYS: tuple[tuple[str, ...], ...] = (
     ("updates",),
 )
 
-# A count of epochs, not of steps (timm's ``epoch``): used only when nothing better is known, and flagged.
-EPOCH_KEYS = ("epoch",)
-
 # How an epoch count found inside a file is based, most specific first: (where, keys beside it that must be
 # there, the first save's count). 1: epochs completed (mmengine ``meta.epoch = runner.epoch + 1``; open_clip
 # ``{epoch: completed_epoch, name, state_dict, optimizer}``); 0: the index of the epoch just done (timm
