@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 
+from ema_average._torch_floor import check_torch_version
 from ema_average._version import __version__
 from ema_average.errors import (
     AverageStateError,
@@ -24,6 +25,8 @@ from ema_average.errors import (
     TrustPickleWarning,
     UnsafeCheckpointError,
 )
+
+check_torch_version()
 
 TYPE_CHECKING = False  # not typing's: importing typing costs 10 ms before the command's interrupt guard
 
