@@ -546,3 +546,51 @@ def test_torchtnt_fit_folders_are_read_at_their_training_step(tmp_path: Path) ->
         (8, "filename:train_step_N"),
     ]
     assert_matches_reference(run.checkpoints, states)
+
+
+# Selection before comparison (issue 17, item 1) --------------------------------------------------------
+
+
+def test_checkpoints_differing_only_in_excluded_tensors_make_one_run(tmp_path: Path) -> None:
+    """``--exclude`` applies before checkpoints are compared: a tensor only step_2 has (an optimizer's, a
+    model-only save beside full ones) is no mismatch once excluded; the output is the float64 average of the
+    selected tensors."""
+    run = tmp_path / "r"
+    run.mkdir()
+    states = [make_state(1), make_state(2)]
+    save_file(dict(states[0]), str(run / "step_1.safetensors"))
+    save_file({**states[1], "extra.w": torch.ones(3)}, str(run / "step_2.safetensors"))
+    refused = run_command(run, "--dry-run")
+    assert refused.returncode == 1
+    assert "step_2.safetensors: has tensor 'extra.w', absent from step_1.safetensors" in refused.stderr
+    output = tmp_path / "ema.safetensors"
+    result = run_command(run, "--exclude", "extra.*", "-o", output, "--decay", "0.9")
+    assert result.returncode == 0, result.stderr
+    out = load_file(str(output))
+    assert set(out) == set(states[0])
+    for name, tensor in float64_reference(states, [1, 2], 0.9).items():
+        torch.testing.assert_close(out[name].double(), tensor, rtol=2e-6, atol=2e-7)
+
+
+def test_include_selects_before_comparison_too(tmp_path: Path) -> None:
+    """With ``--include``, a tensor outside it may differ in shape between checkpoints."""
+    for step in (1, 2):
+        state = {**make_state(step), "head.weight": torch.zeros(step, 16)}
+        save_file(state, str(tmp_path / f"step_{step}.safetensors"))
+    with pytest.raises(CheckpointMismatchError, match=r"'head\.weight' is float32\[2, 16\]"):
+        find_run(tmp_path)
+    run = find_run(tmp_path, keeps=lambda name: name.startswith(("encoder.", "norm.")))
+    assert [c.step for c in run.checkpoints] == [1, 2]
+
+
+def test_copies_are_judged_on_the_selected_tensors(tmp_path: Path) -> None:
+    """Two saves of one step whose selected tensors are equal are one checkpoint (a notice), even when an
+    excluded tensor differs; without the selection they are a conflict naming both."""
+    state = make_state(1)
+    save_file({**state, "extra.w": torch.zeros(2)}, str(tmp_path / "step_5.safetensors"))
+    save_file({**state, "extra.w": torch.ones(2)}, str(tmp_path / "last.safetensors"), metadata={"step": "5"})
+    with pytest.raises(CheckpointMismatchError, match=r"has step 5, as does .* but different weights"):
+        find_run(tmp_path)
+    run = find_run(tmp_path, keeps=lambda name: not name.startswith("extra."))
+    assert [c.path.name for c in run.checkpoints] == ["step_5.safetensors"]
+    assert any("last.safetensors: same step (5) and weights as" in n for n in run.notices)

@@ -233,6 +233,7 @@ def prepare(options: RunOptions, *, dry_run: bool = False, only: set[Path] | Non
         step_every=options.step_every,
         steps=options.steps,
         globs=options.globs,
+        keeps=options.selection.keeps,
     )
     chosen = set(options.checkpoints.indices([c.step or 0 for c in run.checkpoints]))
     checkpoints = [c for i, c in enumerate(run.checkpoints) if i in chosen]

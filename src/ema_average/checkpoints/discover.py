@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 
-from ema_average.checkpoints.base import Checkpoint, OpenOptions, StepInfo
+from ema_average.checkpoints.base import Checkpoint, OpenOptions, StepInfo, TensorSpec
 from ema_average.checkpoints.hf_folder import HfFolderCheckpoint, side_file_problem, weight_sets
 from ema_average.checkpoints.layouts import layout_of, looked_for, open_leaf
 from ema_average.checkpoints.safetensors_file import SafetensorsCheckpoint
@@ -42,6 +42,7 @@ from ema_average.errors import (
 from ema_average.safetensors_format import shape_problem
 
 StepsFrom = Literal["auto", "metadata", "filename"]  # options.STEPS_FROM, as a type
+Keeps = Callable[[str], bool]  # a tensor selection: whether a tensor (by its saved name) is averaged
 
 
 @dataclass
@@ -97,6 +98,7 @@ def find_run(
     step_every: int | None = None,
     steps: Sequence[int] | None = None,
     globs: Sequence[str] = (),
+    keeps: Keeps | None = None,
 ) -> Run:
     """Find, open, step, de-duplicate and validate the checkpoints of the run under ``path``.
 
@@ -105,7 +107,9 @@ def find_run(
     ``step_every`` turns steps that count saves or epochs (flagged by the layouts) into training steps:
     ``(count + 1) * step_every`` where the first save counts 0 (an index, a save count), ``count *
     step_every`` where it counts 1 (epochs completed: open_clip, mmengine); ``steps`` gives every checkpoint's step outright, oldest first. ``globs`` keeps only the units
-    whose name (or path below ``path``) matches one of them, e.g. ``checkpoint_*_*.pt``.
+    whose name (or path below ``path``) matches one of them, e.g. ``checkpoint_*_*.pt``. ``keeps`` is the
+    tensor selection (``--include``/``--exclude``): checkpoints are compared, and copies told apart, on the
+    tensors it keeps only, so files that differ in excluded tensors (an optimizer's) make one run.
 
     Nothing is read beyond headers, pickled structure and step records, except the tensors of two
     checkpoints that claim the same step (to tell a copy, such as fairseq's checkpoint_last.pt, from
@@ -143,10 +147,10 @@ def find_run(
     if not checkpoints:
         where = f" named {' or '.join(globs)}" if globs else ""
         raise NoCheckpointsError(root, f"no checkpoints{where} found; looked for {looked_for()}")
-    checkpoints = _drop_copies(checkpoints, notices)
+    checkpoints = _drop_copies(checkpoints, notices, keeps)
     checkpoints.sort(key=lambda c: c.step if c.step is not None else -1)
     _real_steps(root, checkpoints, step_every, steps, notices)
-    validate_run(checkpoints)
+    validate_run(checkpoints, keeps)
     _note_models(checkpoints, notices)
     return Run(root, checkpoints, notices, units)
 
@@ -418,14 +422,22 @@ def _note_models(checkpoints: list[Checkpoint], notices: list[str]) -> None:
         ckpt.notes.append(text)
 
 
-def _same_tensors(a: Checkpoint, b: Checkpoint) -> bool:
-    if a.specs() != b.specs():
+def selected(ckpt: Checkpoint, keeps: Keeps | None) -> dict[str, TensorSpec]:
+    """The checkpoint's tensors that the selection keeps (all of them without one)."""
+    specs = ckpt.specs()
+    return specs if keeps is None else {name: spec for name, spec in specs.items() if keeps(name)}
+
+
+def _same_tensors(a: Checkpoint, b: Checkpoint, keeps: Keeps | None) -> bool:
+    specs = selected(a, keeps)
+    if specs != selected(b, keeps):
         return False
-    return all(torch.equal(a.read(name), b.read(name)) for name in a.specs())
+    return all(torch.equal(a.read(name), b.read(name)) for name in specs)
 
 
-def _drop_copies(checkpoints: list[Checkpoint], notices: list[str]) -> list[Checkpoint]:
-    """Keep one of each set of same-step, same-tensor files; a same-step conflict is an error."""
+def _drop_copies(checkpoints: list[Checkpoint], notices: list[str], keeps: Keeps | None) -> list[Checkpoint]:
+    """Keep one of each set of same-step files with the same selected tensors; a same-step conflict is an
+    error."""
     by_step: dict[int, Checkpoint] = {}
     for ckpt in checkpoints:
         assert ckpt.step is not None
@@ -433,7 +445,7 @@ def _drop_copies(checkpoints: list[Checkpoint], notices: list[str]) -> list[Chec
         if kept is None:
             by_step[ckpt.step] = ckpt
             continue
-        if not _same_tensors(kept, ckpt):
+        if not _same_tensors(kept, ckpt, keeps):
             raise CheckpointMismatchError(
                 ckpt.path, f"has step {ckpt.step}, as does {kept.path}, but different weights"
             )
@@ -451,12 +463,13 @@ def _named_for_step(ckpt: Checkpoint) -> bool:
     return info is not None and info.step == ckpt.step
 
 
-def validate_run(checkpoints: list[Checkpoint]) -> None:
-    """Every checkpoint must hold the first one's tensor names, shapes and dtypes."""
+def validate_run(checkpoints: list[Checkpoint], keeps: Keeps | None = None) -> None:
+    """Every checkpoint must hold the first one's tensor names, shapes and dtypes, of those ``keeps``
+    selects (all without it)."""
     first = checkpoints[0]
-    reference = first.specs()
+    reference = selected(first, keeps)
     for ckpt in checkpoints[1:]:
-        specs = ckpt.specs()
+        specs = selected(ckpt, keeps)
         for name, spec in reference.items():
             other = specs.get(name)
             if other is None:
