@@ -440,3 +440,132 @@ def test_olmo_core_storage_info_look_alike_is_read_as_dcps(tmp_path: Path) -> No
     assert b"olmo_core.distributed.checkpoint.filesystem" in (tmp_path / "step2" / ".metadata").read_bytes()
     ckpt = DcpCheckpoint(tmp_path / "step2")
     assert all(torch.equal(ckpt.read(n), t) for n, t in make_state(2).items())
+
+
+class TorchtitanTrainer:
+    """torchtitan 0.3.0's ``Trainer`` as its checkpointer saves it (``states={"train_state": self}``):
+    a Stateful whose ``state_dict()`` is ``{"step": self.step, "ntokens_seen": self.ntokens_seen}``,
+    plain ints that DCP writes as byte items (torchtitan/trainer.py; not installed here)."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.ntokens_seen = step, 64 * step
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "ntokens_seen": self.ntokens_seen}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.step, self.ntokens_seen = state_dict["step"], state_dict["ntokens_seen"]
+
+
+def save_dcp_unflattened(folder: Path, state: dict) -> None:
+    """DCP with ``flatten_state_dict=False``: a dict beside the tensors is saved as one byte item."""
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(state, checkpoint_id=str(folder), planner=DefaultSavePlanner(flatten_state_dict=False))
+
+
+BYTE_STEPS: dict[str, tuple[Callable[[Path, dict[str, torch.Tensor]], None], str]] = {
+    "dict": (
+        lambda f, m: save_dcp(f, {"model": m, "train_state": {"step": 7}}),
+        "metadata:train_state.step",
+    ),
+    "torchtitan": (
+        lambda f, m: save_dcp(f, {**m, "train_state": TorchtitanTrainer(7)}),
+        "metadata:train_state.step",
+    ),
+    "torchtnt": (  # torchtnt Progress.state_dict(): ints
+        lambda f, m: save_dcp(
+            f,
+            {
+                "app_state": {
+                    "module": m,
+                    "train_progress": {
+                        "num_epochs_completed": 0,
+                        "num_steps_completed": 7,
+                        "num_steps_completed_in_epoch": 7,
+                    },
+                }
+            },
+        ),
+        "metadata:app_state.train_progress.num_steps_completed",
+    ),
+    "top-level int": (lambda f, m: save_dcp(f, {"model": m, "step": 7}), "metadata:step"),
+    "torchtitan before 0.3 (int32 tensor)": (
+        lambda f, m: save_dcp(f, {**m, "train_state": {"step": torch.tensor(7, dtype=torch.int32)}}),
+        "metadata:train_state.step",
+    ),
+    "one object": (
+        lambda f, m: save_dcp_unflattened(f, {**m, "train_state": {"step": 7, "ntokens_seen": 448}}),
+        "metadata:train_state.step",
+    ),
+}
+
+
+@pytest.mark.parametrize("encoding", list(BYTE_STEPS))
+def test_a_step_counter_saved_as_a_byte_item_wins_over_the_folder_name(tmp_path: Path, encoding: str) -> None:
+    save, origin = BYTE_STEPS[encoding]
+    for name in ("step-5", "step-9"):
+        save(tmp_path / name, dict(make_state(1)))
+    (tmp_path / "step-9" / ".metadata").unlink()
+    run = find_run(tmp_path)
+    assert [(c.step, c.step_origin) for c in run.checkpoints] == [(7, origin)]
+    assert run.checkpoints[0].tensor_names() == list(make_state(1))
+
+
+def test_the_plan_says_a_byte_item_step_was_used(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ema_average.cli import app
+
+    for name, step in (("step-5", 7), ("step-10", 12)):
+        save_dcp(tmp_path / name, {**make_state(step), "train_state": TorchtitanTrainer(step)})
+    result = CliRunner().invoke(app, [str(tmp_path), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if "metadata:train_state.step" in line]
+    assert len(lines) == 2 and "7" in lines[0] and "12" in lines[1], result.output
+
+
+def test_a_byte_item_that_runs_code_never_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    save_dcp(
+        tmp_path / "step-5", {"model": dict(make_state(1)), "train_state": {"step": WritesMarker(marker)}}
+    )
+    with pytest.raises(CheckpointError) as caught:
+        find_run(tmp_path)
+    data = next((tmp_path / "step-5").glob("*.distcp"))
+    assert str(caught.value) == (
+        f"{data}: byte item 'train_state.step' names posix.system, not a step counter; refused"
+    )
+    assert not marker.exists()
+
+
+def test_a_huge_byte_item_at_a_step_key_is_refused_unread(tmp_path: Path) -> None:
+    """A byte item claiming 1 GiB (a sparse hole appended to its data file) is refused from its length."""
+    folder = tmp_path / "step-5"
+    save_dcp(folder, {"model": dict(make_state(1)), "train_state": {"step": 7}})
+    data = next(folder.glob("*.distcp"))
+    start = data.stat().st_size
+    with open(data, "r+b") as f:
+        f.truncate(start + 2**30)
+
+    def point(metadata: Any) -> None:
+        for index, info in metadata.storage_data.items():
+            if index.fqn == "train_state.step":
+                info.offset, info.length = start, 2**30
+
+    rewrite_metadata(folder, point)
+    with pytest.raises(CheckpointError) as caught:
+        DcpCheckpoint(folder).metadata_step()
+    assert str(caught.value) == (
+        f"{folder}: byte item 'train_state.step' is 1073741824 bytes, more than a step counter's 65536; refused"
+    )
+
+
+def test_a_large_trainer_state_object_is_not_read_for_its_step(tmp_path: Path) -> None:
+    """A trainer state saved whole, above the cap, is skipped: the folder name gives the step."""
+    state = {**make_state(1), "train_state": {"step": 7, "history": list(range(100_000))}}
+    save_dcp_unflattened(tmp_path / "step-5", state)
+    [ckpt] = find_run(tmp_path).checkpoints
+    assert (ckpt.step, ckpt.step_origin) == (5, "filename:step=N")

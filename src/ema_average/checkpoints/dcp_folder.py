@@ -6,6 +6,13 @@ A DCP save flattens the dict it was given (``{"model": ..., "optimizer": ...}`` 
 ``lr_scheduler`` and ``train_state``); the nesting it recorded (``planner_data``) tells the parts apart,
 and :func:`ema_average.checkpoints.contents.split` decides which is the model, as for torch files.
 
+Steps: a step counter under one of ``keys.STEP_KEYS`` / ``keys.NESTED_STEP_KEYS``, as a one-element
+tensor or as a byte item (DCP saves an int or any other non-tensor with ``torch.save`` into the data
+file: torchtitan's ``train_state.step``, torchtnt's ``app_state.train_progress.num_steps_completed``),
+also where a byte item holds a dict with the counter inside. Byte items are read only for this, only up
+to ``MAX_STEP_ITEM_BYTES``, with ``weights_only`` (no code of theirs runs), never through DCP (which would
+unpickle them with plain pickle).
+
 ``.metadata`` is a pickle. torch's reader would ``pickle.load`` it on every ``load`` call, running
 whatever it names; here it is read once, through the restricted unpickler of ``safe_unpickle``, and
 checked (every file it points at is a regular file inside the folder, every chunk fits in its file, the
@@ -15,12 +22,13 @@ tensors it claims fit in the files) before DCP is handed it by :class:`CheckedMe
 from __future__ import annotations
 
 import functools
+import io
 import math
 import pickle
 import warnings
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -35,15 +43,33 @@ from ema_average.checkpoints.base import (
     require_regular_file,
 )
 from ema_average.checkpoints.contents import KeyPath, described, split
-from ema_average.checkpoints.keys import STEP_KEYS
-from ema_average.checkpoints.safe_unpickle import first_line, load_dcp_metadata, refused_globals
-from ema_average.checkpoints.steps import checked_step
-from ema_average.checkpoints.torch_file import checked_name, dtype_problem
+from ema_average.checkpoints.keys import NESTED_STEP_KEYS, STEP_KEYS
+from ema_average.checkpoints.safe_unpickle import (
+    _ALLOWED_GLOBALS,
+    first_line,
+    load_dcp_metadata,
+    refused_globals,
+)
+from ema_average.checkpoints.torch_file import _nested, _step_value, checked_name, dtype_problem
 from ema_average.errors import CheckpointError
 from ema_average.safetensors_format import DTYPE_NAMES, shape_problem
 
 # A few bytes of pickle can list one chunk object millions of times; walking them is bounded.
 MAX_CHUNKS = 10_000_000
+
+# A step counter saved as a byte item is ``torch.save`` of an int (about 1.3 KB) or of a small dict; a
+# larger item at a step key is damage or hostility and is refused unread, one inside a container skipped.
+MAX_STEP_ITEM_BYTES = 64 * 1024
+
+
+class StepSource(NamedTuple):
+    """Where a step counter may be: the DCP key holding it, whether that is a byte item, and the keys
+    down a dict the byte item holds (``()`` where the item is the counter itself)."""
+
+    fqn: str
+    keys: tuple[str, ...]
+    is_bytes: bool
+    inner: tuple[str, ...] = ()
 
 
 def is_dcp_folder(path: Path) -> bool:
@@ -63,8 +89,9 @@ class DcpCheckpoint(Checkpoint):
         _check_storage(path, self._metadata, entries)
         self._chunked = {fqn for fqn, entry in entries.items() if len(entry.chunks) > 1}
         tensors = {fqn: TensorSpec(tuple(e.size), e.properties.dtype) for fqn, e in entries.items()}
+        self._step_sources = _step_sources(tensors, _byte_items(self._metadata, self._dcp.metadata))
+        self._tensors = tensors
         self._step_fqn = next((k for k in STEP_KEYS if k in tensors and _may_be_step(tensors[k])), None)
-        self._step_spec = tensors.get(self._step_fqn) if self._step_fqn else None
         if state_dict_key is not None:
             prefix = _model_prefix(path, tensors, state_dict_key)
             self._fqns = {fqn[len(prefix) :]: fqn for fqn in tensors if fqn.startswith(prefix)}
@@ -135,9 +162,14 @@ class DcpCheckpoint(Checkpoint):
         return self._metadata.state_dict_metadata[fqn]
 
     def _storage(self, fqn: str, chunk: Any) -> Any:
+        """The storage entry of a tensor's ``chunk``, or of a byte item where ``chunk`` is ``None``."""
         from torch.distributed.checkpoint.metadata import MetadataIndex
 
-        return self._metadata.storage_data[MetadataIndex(fqn, chunk.offsets)]
+        index = MetadataIndex(fqn) if chunk is None else MetadataIndex(fqn, chunk.offsets)
+        info = self._metadata.storage_data.get(index)
+        if info is None:
+            raise _damaged(self.path, f"entry {fqn!r} has no storage entry")
+        return info
 
     def read(self, name: str) -> torch.Tensor:
         spec = self._specs[name]
@@ -147,12 +179,77 @@ class DcpCheckpoint(Checkpoint):
         return self._load(self._fqns[name], out)
 
     def metadata_step(self) -> StepInfo | None:
-        if self._step_fqn is None or self._step_spec is None:
-            return None
-        spec = self._step_spec
-        value = self._load(self._step_fqn, torch.zeros(spec.shape, dtype=spec.dtype))
-        source = f"metadata:{self._step_fqn}"
-        return StepInfo(checked_step(self.path, value, source), source)
+        """The first step counter found, in the order of ``keys.STEP_KEYS`` then ``NESTED_STEP_KEYS``
+        (as torch files are searched): it wins over the folder's name."""
+        for source in self._step_sources:
+            where = "metadata:" + ".".join(source.keys)
+            step = _step_value(self.path, self._step_candidate(source), where, lambda t: t)
+            if step is not None:
+                return StepInfo(step, where)
+        return None
+
+    def _step_candidate(self, source: StepSource) -> Any:
+        """The value at ``source``: a tensor read through DCP, or a byte item unpickled with
+        ``weights_only``; ``None`` where a container item is too large to be worth reading."""
+        if not source.is_bytes:
+            spec = self._tensors[source.fqn]
+            return self._load(source.fqn, torch.zeros(spec.shape, dtype=spec.dtype))
+        info = self._storage(source.fqn, None)
+        if info.length > MAX_STEP_ITEM_BYTES:
+            if source.inner:
+                return None  # a large trainer-state object that may hold the counter: not worth reading
+            raise CheckpointError(
+                self.path,
+                f"byte item {source.fqn!r} is {info.length} bytes, more than a step counter's "
+                f"{MAX_STEP_ITEM_BYTES}; refused",
+            )
+        value = _unpickle_step_item(self.path / info.relative_path, source.fqn, info.offset, info.length)
+        return _nested(value, source.inner) if source.inner else value
+
+
+def _byte_items(metadata: Any, md: ModuleType) -> set[str]:
+    """The keys DCP saved as pickled objects (ints, strings, anything not a tensor)."""
+    return {
+        fqn for fqn, item in metadata.state_dict_metadata.items() if isinstance(item, md.BytesStorageMetadata)
+    }
+
+
+def _step_sources(tensors: dict[str, TensorSpec], byte_items: set[str]) -> list[StepSource]:
+    """Where a step counter may be, by key only (nothing read): for each of the step keys in turn, a
+    one-element integer tensor there, a byte item there, or a byte item higher up that may be a dict
+    holding it (a trainer state saved as one object)."""
+    sources = []
+    for keys in [(key,) for key in STEP_KEYS] + list(NESTED_STEP_KEYS):
+        fqn = ".".join(keys)
+        if fqn in tensors and _may_be_step(tensors[fqn]):
+            sources.append(StepSource(fqn, keys, is_bytes=False))
+        elif fqn in byte_items:
+            sources.append(StepSource(fqn, keys, is_bytes=True))
+        for depth in range(len(keys) - 1, 0, -1):
+            outer = ".".join(keys[:depth])
+            if outer in byte_items:
+                sources.append(StepSource(outer, keys, is_bytes=True, inner=keys[depth:]))
+    return sources
+
+
+def _unpickle_step_item(data_file: Path, fqn: str, offset: int, length: int) -> Any:
+    """A byte item's object, unpickled with ``weights_only`` (plain data and tensors; no code runs),
+    from its ``length`` bytes (bounded by the caller) at ``offset`` of its data file."""
+    with open(data_file, "rb") as f:
+        f.seek(offset)
+        data = f.read(length)
+    try:
+        with _ALLOWED_GLOBALS:  # no other load's stand-ins are allowed while this one unpickles
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        named = refused_globals(str(exc))
+        if named:
+            problem = f"names {', '.join(named[:3])}, not a step counter; refused"
+        else:
+            problem = f"is damaged ({first_line(exc)})"
+    except Exception as exc:  # torch raises many kinds for bytes that are not a torch.save archive
+        problem = f"is damaged ({first_line(exc)})"
+    raise CheckpointError(data_file, f"byte item {fqn!r} {problem}")
 
 
 def _import_dcp(path: Path) -> ModuleType:
