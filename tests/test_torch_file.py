@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ema_average.checkpoints import TorchCheckpoint, find_run, torch_file
+from ema_average.checkpoints import TorchCheckpoint, find_run, torch_contents
 from ema_average.checkpoints.base import StepInfo
 from ema_average.checkpoints.safe_unpickle import zip_members
 from ema_average.errors import CheckpointError
@@ -220,7 +220,7 @@ def test_a_dag_of_shared_dicts_is_refused_quickly(tmp_path: Path) -> None:
 
 def test_nesting_is_bounded(tmp_path: Path) -> None:
     level: dict = {"w": torch.zeros(1)}
-    for _ in range(torch_file.MAX_DEPTH + 1):
+    for _ in range(torch_contents.MAX_DEPTH + 1):
         level = {"x": level}
     torch.save({"model": {"w": torch.zeros(1), "tree": level}}, tmp_path / "deep.pt")
     with pytest.raises(CheckpointError, match=r"deep\.pt: nests dicts more than 100 deep"):
@@ -228,7 +228,7 @@ def test_nesting_is_bounded(tmp_path: Path) -> None:
 
 
 def test_names_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch_file, "MAX_NAMES", 4)
+    monkeypatch.setattr(torch_contents, "MAX_NAMES", 4)
     torch.save(make_state(1), tmp_path / "many.pt")  # five tensors
     with pytest.raises(CheckpointError, match=r"many\.pt: has more than 4 tensors"):
         TorchCheckpoint(tmp_path / "many.pt")

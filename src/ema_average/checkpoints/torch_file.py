@@ -10,8 +10,7 @@ algorithm), the raw weights are read and the average is named with the ``--state
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,19 +19,16 @@ import torch
 from ema_average.checkpoints.base import (
     Checkpoint,
     Layout,
-    ModelChoice,
     OpenOptions,
     PreadFile,
     StepInfo,
     TensorSpec,
 )
-from ema_average.checkpoints.contents import KeyPath, Kind, Part, described, mirrors, split, structure_of
 from ema_average.checkpoints.keys import (
     CHECKPOINT_SUFFIXES,
     COUNTED_FROM_1,
     EPOCH_COUNTERS,
     NESTED_STEP_KEYS,
-    STATE_DICT_KEYS,
     STEP_KEYS,
     is_side_file,
 )
@@ -43,13 +39,10 @@ from ema_average.checkpoints.stored import Stored as _Stored
 from ema_average.checkpoints.stored import file_offset as _file_offset
 from ema_average.checkpoints.stored import fill
 from ema_average.checkpoints.stored import stored as _stored
+from ema_average.checkpoints.torch_contents import checked_name as checked_name  # dcp, deepspeed use it
+from ema_average.checkpoints.torch_contents import find_state_dict
 from ema_average.errors import CheckpointError
 from ema_average.safetensors_format import DTYPE_NAMES
-
-# Bounds on walking a nested state dict: a few hundred bytes of pickle can describe a loop, or a DAG
-# of shared dicts with 2**40 paths through it.
-MAX_DEPTH = 100
-MAX_NAMES = 10_000_000
 
 
 class TorchCheckpoint(Checkpoint):
@@ -97,7 +90,7 @@ class TorchCheckpoint(Checkpoint):
         self._file = PreadFile(self.path, contents.planned) if contents.lazy else None
         self._raw_is_lightning = "pytorch-lightning_version" in obj
         self._step = _find_step(self.path, obj, lambda t: self._materialised(t, contents.members))
-        tensors, self._key, choice = _find_state_dict(self.path, obj, self._state_dict_key)
+        tensors, self._key, choice = find_state_dict(self.path, obj, self._state_dict_key)
         self.choices = [choice] if choice is not None else []
         for name, tensor in tensors.items():
             problem = tensor_problem(tensor, in_file=contents.lazy and _file_offset(tensor) is not None)
@@ -312,253 +305,6 @@ def _extent_problem(tensor: torch.Tensor) -> str | None:
         f"has {tensor.numel()} elements ({needed} bytes) over only {max(available, 0)} bytes of storage "
         "(an expanded or broadcast view); it would be materialised at full size, so it is refused"
     )
-
-
-def _short_repr(value: Any) -> str:
-    try:
-        text = repr(value)
-    except Exception:  # a huge int, say
-        text = f"<{type(value).__name__}>"
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def checked_name(path: Path, key: Any) -> str:
-    """A dict key usable in a tensor name: a string that UTF-8 can encode (names are sorted and written)."""
-    if not isinstance(key, str):
-        raise CheckpointError(path, f"has a tensor name {_short_repr(key)} that is not a string")
-    try:
-        key.encode("utf-8")
-    except UnicodeEncodeError:
-        raise CheckpointError(
-            path, f"has a tensor name {_short_repr(key)} that is not valid UTF-8 text"
-        ) from None
-    return key
-
-
-class _Flattener:
-    """Walks a nested state dict once: each dict visited at most once, depth and names bounded. Records
-    each tensor under its dotted name and its path of keys, and what each dict's own keys say it is
-    (an optimizer's or a scheduler's state), for :func:`ema_average.checkpoints.contents.split`."""
-
-    def __init__(self, path: Path, *, whole_file: bool = False) -> None:
-        self.path = path
-        self.whole_file = whole_file  # optimizer state has integer keys: they are refused only in a model
-        self.out: dict[str, torch.Tensor] = {}
-        self.paths: list[tuple[KeyPath, torch.Tensor]] = []
-        self.structure: dict[KeyPath, Kind] = {}
-        self.odd: dict[str, Any] = {}  # whole file: names reached through a key that is no string
-        self.seen: dict[int, str] = {}
-
-    def walk(
-        self, mapping: Mapping[Any, Any], name: str = "", depth: int = 0, keys: KeyPath = (), odd: Any = None
-    ) -> None:
-        if depth > MAX_DEPTH:
-            raise CheckpointError(self.path, f"nests dicts more than {MAX_DEPTH} deep (at {name!r}); refused")
-        self.seen[id(mapping)] = name
-        kind = structure_of(mapping) if isinstance(mapping, Mapping) else None
-        if kind is not None:
-            self.structure[keys] = kind
-        prefix = f"{name}." if name else ""
-        for key, value in _items(mapping):
-            if not (isinstance(value, torch.Tensor) or _holds_more(value)):
-                continue
-            if self.whole_file and not isinstance(key, str):
-                checked, odd_here = str(key), key if odd is None else odd
-            else:
-                checked, odd_here = checked_name(self.path, key), odd
-            if isinstance(value, torch.Tensor):
-                self._add(prefix + checked, (*keys, checked), value)
-                if odd_here is not None:
-                    self.odd[prefix + checked] = odd_here
-            else:
-                child = prefix + checked
-                first = self.seen.get(id(value))
-                if first is not None:
-                    raise CheckpointError(
-                        self.path,
-                        f"holds the same dict at {_shown(first)} and at {child!r} "
-                        "(a loop or a shared sub-dict); refused",
-                    )
-                self.walk(value, child, depth + 1, (*keys, checked), odd_here)
-
-    def _add(self, name: str, keys: KeyPath, tensor: torch.Tensor) -> None:
-        if name in self.out:
-            raise CheckpointError(self.path, f"has two tensors named {name!r}")
-        if len(self.out) >= MAX_NAMES:
-            raise CheckpointError(self.path, f"has more than {MAX_NAMES} tensors; refused")
-        self.out[name] = tensor
-        self.paths.append((keys, tensor))
-
-
-def _items(container: Mapping[Any, Any] | list[Any] | tuple[Any, ...]) -> Iterable[tuple[Any, Any]]:
-    """A dict's items; a list's under their index (Lightning's ``optimizer_states``, a list of dicts)."""
-    if isinstance(container, Mapping):
-        return container.items()
-    return ((str(i), value) for i, value in enumerate(container))
-
-
-def _holds_more(value: Any) -> bool:
-    """A non-empty dict, or a list or tuple of dicts or tensors, to walk into (a list of numbers is not)."""
-    if isinstance(value, Mapping):
-        return bool(value)
-    return isinstance(value, list | tuple) and any(isinstance(v, Mapping | torch.Tensor) for v in value)
-
-
-def _shown(name: str) -> str:
-    return repr(name) if name else "the top level"
-
-
-def _flatten(path: Path, mapping: Mapping[Any, Any]) -> dict[str, torch.Tensor]:
-    """Tensors of a (possibly nested) state dict under dotted names; non-tensor entries are left out."""
-    flattener = _Flattener(path)
-    flattener.walk(mapping)
-    return flattener.out
-
-
-def _is_state_dict(value: Any) -> bool:
-    return isinstance(value, Mapping) and any(isinstance(v, torch.Tensor) for v in value.values())
-
-
-@dataclass
-class _Candidate:
-    """A state dict found in a file: the key that names it and whether it is an average of the weights."""
-
-    key: str
-    value: Mapping[Any, Any]
-    ema: bool
-
-
-def _candidates(path: Path, obj: Mapping[str, Any]) -> tuple[list[_Candidate], list[Part[torch.Tensor]]]:
-    """The state dicts ``obj`` holds, raw weights before averages, each under the key that picks it; and
-    the parts that are no model (optimizer, scheduler and trainer state), to name in the plan.
-
-    What is model, average or other state is decided by :func:`contents.split` for every trainer alike;
-    only where a trainer saves its average under the raw weights' usual key is its convention applied.
-    """
-    found, beside = _composer_candidates(obj), []
-    if not found:
-        walker = _Flattener(path, whole_file=True)
-        walker.walk(obj)
-        parts = split(walker.paths, walker.structure)
-        _refuse_odd_names(path, walker.odd, parts)
-        found = [
-            _Candidate(p.key, p.tensors, p.kind == "average") for p in parts if p.kind in ("model", "average")
-        ]
-        found = _swapped_by_convention(obj, found)
-        beside = [p for p in parts if p.kind not in ("model", "average")]
-    return sorted(found, key=lambda c: (c.ema, _preference(c.key))), beside
-
-
-def _refuse_odd_names(path: Path, odd: Mapping[str, Any], parts: list[Part[torch.Tensor]]) -> None:
-    """A model or average whose names go through a key that is no string cannot be written (optimizer
-    state, keyed by parameter index, may)."""
-    for part in parts:
-        if part.kind not in ("model", "average"):
-            continue
-        for name in part.tensors:
-            key = odd.get(f"{part.key}.{name}" if part.key else name)
-            if key is not None:
-                checked_name(path, key)  # raises, naming the key
-
-
-def _preference(key: str) -> int:
-    """The usual keys first (``state_dict`` before ``model``...), others in the file's order."""
-    return STATE_DICT_KEYS.index(key) if key in STATE_DICT_KEYS else len(STATE_DICT_KEYS)
-
-
-def _swapped_by_convention(obj: Mapping[str, Any], found: list[_Candidate]) -> list[_Candidate]:
-    """Trainers that save the average under the raw weights' key. Lightning's EMAWeightAveraging moves
-    the raw weights to ``current_model_state``; mmengine's EMAHook (a Runner save: ``message_hub``) swaps
-    the average into ``state_dict`` and keeps the raw weights in ``ema_state_dict`` as ``module.*``,
-    beside the ``steps`` counter of its ``AveragedModel``."""
-    keys = {c.key: c for c in found}
-    if "current_model_state" in keys and "state_dict" in keys:
-        keys["state_dict"].ema = True
-    if "message_hub" in obj and "ema_state_dict" in keys and "state_dict" in keys:
-        raw = keys["ema_state_dict"]
-        raw.value = {n.removeprefix("module."): t for n, t in raw.value.items() if n.startswith("module.")}
-        raw.ema, keys["state_dict"].ema = False, True
-    return found
-
-
-def _composer_candidates(obj: Mapping[str, Any]) -> list[_Candidate]:
-    """composer: the model at ``state.model``; its EMA algorithm swaps the average into the model for
-    checkpointing (``ema_weights_active``) and keeps the training weights in its own state."""
-    state = obj.get("state")
-    if not isinstance(state, Mapping) or not _is_state_dict(state.get("model")):
-        return []
-    model = _Candidate("state.model", state["model"], False)
-    algorithms = state.get("algorithms")
-    for entry in algorithms if isinstance(algorithms, list) else []:
-        if not (isinstance(entry, tuple | list) and len(entry) == 2 and entry[0] == "EMA"):
-            continue
-        ema_state = entry[1] if isinstance(entry[1], Mapping) else {}
-        held = ema_state.get("ema_model")
-        if not isinstance(held, Mapping):
-            continue
-        parts = [held.get("named_parameters_dict"), held.get("named_buffers_dict")]
-        merged = {k: v for part in parts if isinstance(part, Mapping) for k, v in part.items()}
-        if all(name in merged for name in state["model"]):  # the saved names: persistent buffers only
-            merged = {name: merged[name] for name in state["model"]}
-        if not _is_state_dict(merged):
-            continue
-        swapped = ema_state.get("ema_weights_active") is True
-        other = _Candidate("state.algorithms.EMA", merged, not swapped)
-        model.ema = swapped
-        return [model, other]
-    return [model]
-
-
-def _find_state_dict(
-    path: Path, obj: Mapping[str, Any], key: str | None
-) -> tuple[dict[str, torch.Tensor], str | None, ModelChoice | None]:
-    if key is None and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return _flatten(path, obj), None, None
-    candidates, beside = _candidates(path, obj)
-    chosen = next((c for c in candidates if c.key == key), None) if key is not None else None
-    if key is not None and chosen is None:
-        return _by_dotted_key(path, obj, key), key, None
-    if chosen is None and candidates:
-        chosen = candidates[0]
-    if chosen is None:
-        keys = ", ".join(_short_repr(k) for k in list(obj)[:8])
-        held = f"; it holds {described(beside)}" if beside else ""
-        raise CheckpointError(
-            path,
-            f"no state dict found (top-level keys: {keys}{held}); "
-            "name the key holding the weights with --state-dict-key",
-        )
-    tensors = _flatten(path, chosen.value)
-    return tensors, chosen.key, _choice(path, chosen, candidates, tensors, beside)
-
-
-def _choice(
-    path: Path,
-    chosen: _Candidate,
-    candidates: list[_Candidate],
-    tensors: dict[str, torch.Tensor],
-    beside: list[Part[torch.Tensor]],
-) -> ModelChoice | None:
-    """The other state dicts of the same model (same names: an average, not an optimizer's state), and
-    what else the file holds that is not averaged."""
-    others = {}
-    for c in candidates:
-        if c is not chosen and mirrors(_flatten(path, c.value), tensors):
-            others[c.key] = f"--state-dict-key {c.key}"
-    if not others and not chosen.ema and not beside:
-        return None
-    return ModelChoice(chosen.key, others, average=chosen.ema, beside=described(beside))
-
-
-def _by_dotted_key(path: Path, obj: Mapping[str, Any], key: str) -> dict[str, torch.Tensor]:
-    value: Any = obj
-    for part in key.split("."):
-        if not isinstance(value, Mapping) or part not in value:
-            raise CheckpointError(path, f"has no state dict under --state-dict-key {key!r}")
-        value = value[part]
-    if not _is_state_dict(value):
-        raise CheckpointError(path, f"the value under --state-dict-key {key!r} holds no tensors")
-    return _flatten(path, value)
 
 
 def _claims(path: Path) -> bool:
