@@ -594,3 +594,44 @@ def test_copies_are_judged_on_the_selected_tensors(tmp_path: Path) -> None:
     run = find_run(tmp_path, keeps=lambda name: not name.startswith("extra."))
     assert [c.path.name for c in run.checkpoints] == ["step_5.safetensors"]
     assert any("last.safetensors: same step (5) and weights as" in n for n in run.notices)
+
+
+# Folder layouts are registry entries too (issue 20) -----------------------------------------------------
+
+
+def test_a_folder_layout_is_one_module_and_one_registry_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tests/tiny_folder_layout.py, registered with ``layouts.register``: discovery finds its folders inside
+    step folders (raw before ``ema``), reads each step from the trainer's side file around them
+    (``progress.json``, 100 x the folder's number), names the other model, and lists the final model's
+    weights by the layout's own names, all through the layout's hooks."""
+    import tiny_folder_layout
+    from ema_average.checkpoints import layouts
+
+    monkeypatch.setattr(layouts, "LAYOUTS", layouts.LAYOUTS)  # the registration ends with the test
+    run = tmp_path / "run"
+    states = []
+    for n in (1, 2, 3):
+        step = run / f"step-{n}"
+        for model, seed in (("raw", n), ("ema", 10 + n)):
+            (step / model).mkdir(parents=True)
+            save_file(dict(make_state(seed)), str(step / model / "params.safetensors"))
+        (step / "progress.json").write_text(f'{{"updates": {100 * n}}}')
+        states.append(make_state(n))
+    save_file(dict(make_state(9)), str(run / "params.safetensors"))  # the final model, in the run folder
+    with pytest.raises(CheckpointError, match="holds checkpoints in 7 folders"):
+        find_run(run)  # before it is registered, each params.safetensors is a loose file of its own
+
+    layouts.register(tiny_folder_layout.LAYOUT)
+
+    found = find_run(run)
+    assert [(c.path.name, c.step, c.step_origin, c.layout) for c in found.checkpoints] == [
+        (f"step-{n}", 100 * n, "progress.json:updates", "params-folder") for n in (1, 2, 3)
+    ]
+    assert f"skipped {run} (params.safetensors): a final model saved beside the checkpoints" in found.notices
+    assert "in each checkpoint: read raw; also here: ema (--submodel ema)" in found.notices
+    assert_matches_reference(found.checkpoints, states)
+    ema = find_run(run, submodel="ema")
+    assert_matches_reference(ema.checkpoints, [make_state(10 + n) for n in (1, 2, 3)])
+    assert "params folders (params.safetensors)" in layouts.looked_for()

@@ -21,9 +21,7 @@ from typing import Literal
 import torch
 
 from ema_average.checkpoints.base import Checkpoint, OpenOptions, StepInfo, TensorSpec
-from ema_average.checkpoints.hf_folder import HfFolderCheckpoint, side_file_problem, weight_sets
-from ema_average.checkpoints.layouts import layout_of, looked_for, open_leaf
-from ema_average.checkpoints.safetensors_file import SafetensorsCheckpoint
+from ema_average.checkpoints.layouts import layout_of, looked_for, models_in, open_leaf, side_step_problem
 from ema_average.checkpoints.steps import (
     PATTERN_NAMES,
     checked_step,
@@ -268,7 +266,7 @@ def _drop_final_models(root: Path, units: list[Unit], notices: list[str]) -> lis
     for unit in units:
         inside = any(other.path != unit.path and other.path.is_relative_to(unit.path) for other in units)
         if inside:
-            files = ", ".join(path.name for _, path in weight_sets(unit.path)) or unit.path.name
+            files = ", ".join(path.name for _, path in models_in(unit.path)) or unit.path.name
             notices.append(f"skipped {unit.path} ({files}): a final model saved beside the checkpoints")
             continue
         kept.append(unit)
@@ -294,8 +292,9 @@ def _open(unit: Unit, options: OpenOptions) -> Checkpoint:
 
 
 def _written_by_this_tool(ckpt: Checkpoint) -> bool:
-    """An output of this tool (a file, or a folder of shards, its metadata marked): never an input."""
-    return isinstance(ckpt, SafetensorsCheckpoint | HfFolderCheckpoint) and ckpt.written_by_this_tool
+    """An output of this tool (a file, or a folder of shards, its metadata marked): never an input. The
+    layouts that can be one say so with a ``written_by_this_tool`` property."""
+    return getattr(ckpt, "written_by_this_tool", False) is True
 
 
 def _check_holds_weights(ckpt: Checkpoint) -> None:
@@ -360,7 +359,7 @@ def _note_unread_step(ckpt: Checkpoint, steps_from: StepsFrom) -> None:
     plan (a ``trainer_state.json`` that is not an object was once ignored silently)."""
     if steps_from != "auto" or not ckpt.step_origin.startswith("filename:") or not ckpt.path.is_dir():
         return
-    problem = side_file_problem(ckpt.path)
+    problem = side_step_problem(ckpt.path)
     if problem is not None:
         ckpt.notes.append(f"{problem}: step {ckpt.step} taken from the name ({ckpt.step_origin})")
 

@@ -18,7 +18,6 @@ import torch
 
 from ema_average.checkpoints.base import (
     Checkpoint,
-    Layout,
     ModelChoice,
     OpenOptions,
     SavedModel,
@@ -26,6 +25,7 @@ from ema_average.checkpoints.base import (
     TensorSpec,
     require_regular_file,
 )
+from ema_average.checkpoints.folder_layout import FolderLayout
 from ema_average.checkpoints.steps import checked_step, step_from_name
 from ema_average.errors import CheckpointError
 
@@ -170,10 +170,15 @@ class HfFolderCheckpoint(Checkpoint):
 def folder_name_step(path: Path) -> StepInfo | None:
     """The step a folder's name carries; accelerate's ``checkpoints/checkpoint_K`` counts saves, not
     steps, and is flagged as a counter."""
+    return save_count(path) or step_from_name(path)
+
+
+def save_count(path: Path) -> StepInfo | None:
+    """accelerate's automatic ``checkpoint_K``, K counting saves (a counter); None for any other name."""
     info = step_from_name(path)
     if info is not None and is_accelerate_counter(path):
         return StepInfo(info.step, "filename:checkpoint_K (accelerate save count)", counter=True)
-    return info
+    return None
 
 
 def is_accelerate_counter(path: Path) -> bool:
@@ -279,15 +284,42 @@ def _check_shards_match(index: Path, weight_map: dict[str, Path], owner: dict[st
         raise CheckpointError(owner[extra].path, f"holds tensor {extra!r}, which {index.name} does not list")
 
 
+def own_model(folder: Path, names: set[str]) -> SavedModel | None:
+    """The step folder as transformers saved it, where the weights read from another layout inside it
+    (``names``: the HF Trainer's DeepSpeed tag, read because under ZeRO-3 the Trainer's ``model.safetensors``
+    holds only placeholders, or by ``--submodel fp32``) are that model: its ``model.*`` weights hold no
+    tensors or only names read. Otherwise None (a bare ``model.safetensors``): a config beside weights it
+    does not describe would load with some weights silently left at random."""
+    if _FULL_MODEL not in dict(weight_sets(folder)):
+        return None
+    own = HfFolderCheckpoint(folder, submodel=_FULL_MODEL)
+    try:
+        held = set(own.specs()) | set(own.aliases())
+        saved = own.saved_model
+    finally:
+        own.close()
+    if held and not held <= names:
+        return None
+    return saved if held else SavedModel(saved.folder, saved.weights_name)  # placeholders: no shard size
+
+
+_FULL_MODEL = "model"  # transformers' whole-model weights (model.safetensors, pytorch_model.bin)
+
+
 def _open(path: Path, options: OpenOptions) -> Checkpoint:
     return HfFolderCheckpoint(path, trust_pickle=options.trust_pickle, submodel=options.submodel)
 
 
-LAYOUT = Layout(
+LAYOUT = FolderLayout(
     "hf-folder",
     "folder",
     "Hugging Face folders (checkpoint-N/ with model.safetensors or pytorch_model.bin, shards behind an index, "
     "adapter_model.*, diffusion_pytorch_model.*)",
     is_hf_folder,
     _open,
+    models=weight_sets,
+    side_step=side_file_step,
+    side_step_problem=side_file_problem,
+    name_step=save_count,
+    own_model=own_model,
 )

@@ -22,28 +22,21 @@ from ema_average.checkpoints.base import (
     StepInfo,
     TensorSpec,
 )
-from ema_average.checkpoints.deepspeed_folder import DeepSpeedCheckpoint
-from ema_average.checkpoints.hf_folder import (
-    HfFolderCheckpoint,
-    folder_name_step,
-    side_file_step,
-    weight_sets,
-)
 from ema_average.checkpoints.keys import is_ema_name
+from ema_average.checkpoints.layouts import models_in, name_step, open_leaf, own_model, side_step
 from ema_average.errors import CheckpointError
 
 # Which sub-model of a diffusers checkpoint is "the" model, when several are trained together.
 _PREFERRED = ("unet", "transformer", "prior", "decoder", "controlnet", "text_encoder")
 
 OWN = "."  # the folder's own weights (files directly in it), as a model name
-_FULL_MODEL = "model"  # transformers' whole-model weights (model.safetensors, pytorch_model.bin)
 
 
 def model_name(unit: Path, model: Path) -> str:
     """How a model of ``unit`` is named for ``--submodel``: its folder or file stem; the unit's own weights
     by their file's stem (``model``, ``adapter_model``)."""
     if model == unit:
-        sets = weight_sets(unit)
+        sets = models_in(unit)
         return sets[0][0] if sets else OWN
     name = model.name
     return name.split(".")[0] if model.is_file() else name
@@ -77,8 +70,6 @@ class FolderUnit(Checkpoint):
 
     def __init__(self, path: Path, models: list[Path], options: OpenOptions) -> None:
         super().__init__(path)
-        from ema_average.checkpoints.layouts import open_leaf
-
         ordered = _order(path, models)
         names = [model_name(path, m) for m in ordered]
         wanted = options.submodel
@@ -107,30 +98,13 @@ class FolderUnit(Checkpoint):
 
     @property
     def saved_model(self) -> SavedModel | None:
-        """The model read's own folder (``checkpoint-N/unet``), not the step's; for the HF Trainer's
-        DeepSpeed tag (read because under ZeRO-3 the Trainer's ``model.safetensors`` holds only
-        placeholders, or by ``--submodel fp32``), the Trainer's own save in the step folder."""
+        """The model read's own folder (``checkpoint-N/unet``), not the step's; where the model read has
+        none (a DeepSpeed tag, a DCP folder), the step folder's own save, when a layout says it is that
+        model (the HF Trainer's ``checkpoint-N/`` around its DeepSpeed tag: ``layouts.own_model``)."""
         saved = self.inner.saved_model
-        if saved is None and isinstance(self.inner, DeepSpeedCheckpoint):
-            return self._trainer_model()
+        if saved is None:
+            return own_model(self.path, set(self.inner.specs()) | set(self.inner.aliases()))
         return saved
-
-    def _trainer_model(self) -> SavedModel | None:
-        """The step folder as transformers saved it, where the DeepSpeed weights read are that model: its
-        ``model.*`` weights hold no tensors (ZeRO-3 placeholders) or only names the DeepSpeed save has.
-        Otherwise None (a bare ``model.safetensors``): a config beside weights it does not describe would
-        load with some weights silently left at random."""
-        if _FULL_MODEL not in dict(weight_sets(self.path)):
-            return None
-        own = HfFolderCheckpoint(self.path, submodel=_FULL_MODEL)
-        try:
-            names = set(own.specs()) | set(own.aliases())
-            saved = own.saved_model
-        finally:
-            own.close()
-        if names and not names <= set(self.inner.specs()) | set(self.inner.aliases()):
-            return None
-        return saved if names else SavedModel(saved.folder, saved.weights_name)  # placeholders: no shard size
 
     def specs(self) -> dict[str, TensorSpec]:
         return self.inner.specs()
@@ -150,16 +124,16 @@ class FolderUnit(Checkpoint):
     def metadata_step(self) -> StepInfo | None:
         """The model's own record, else the folder's (trainer_state.json), else a diffusers EMAModel's
         ``optimization_step`` saved beside the model (``unet_ema/config.json``)."""
-        found = self.inner.metadata_step() or side_file_step(self.path)
+        found = self.inner.metadata_step() or side_step(self.path)
         if found is None:
             for sibling in sorted(p for p in self.path.iterdir() if p.is_dir() and is_ema_name(p.name)):
-                info = side_file_step(sibling)
+                info = side_step(sibling)
                 if info is not None:
                     return StepInfo(info.step, f"{sibling.name}/{info.origin}", info.counter)
         return found
 
     def name_step(self) -> StepInfo | None:
-        return folder_name_step(self.path)
+        return name_step(self.path)
 
     def close(self) -> None:
         self.inner.close()
