@@ -635,3 +635,71 @@ def test_a_folder_layout_is_one_module_and_one_registry_line(
     ema = find_run(run, submodel="ema")
     assert_matches_reference(ema.checkpoints, [make_state(10 + n) for n in (1, 2, 3)])
     assert "params folders (params.safetensors)" in layouts.looked_for()
+
+
+# Trainer-state files are not checkpoints (issue 17, items 1 and 5) -------------------------------------
+
+
+def write_olmo_core_run(run: Path, steps: tuple[int, ...] = (2, 4, 6), ranks: int = 2) -> list[dict]:
+    """Reproduced from olmo-core 3.0.0's ``Checkpointer.save`` (``olmo_core/train/checkpoint.py``, not
+    installed): ``step{N}/`` holds ``model_and_optim/`` (DCP of the train module's ``state_dict_to_save()``:
+    ``{"model": get_model_state_dict, "optim": get_optimizer_state_dict}``), ``train/rank{R}.pt`` (each
+    rank's ``torch.save`` of ``Trainer.state_dict()``: step, data-loader position, RNG states, callbacks)
+    and ``.metadata.json``. Returns the model's weights at each save."""
+    import json
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    optim = torch.optim.AdamW(model.parameters(), lr=0.05)
+    saved, done = [], 0
+    for step in steps:
+        for _ in range(step - done):
+            optim.zero_grad()
+            model(torch.randn(5, 8)).pow(2).mean().backward()
+            optim.step()
+        done = step
+        folder = run / f"step{step}"
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optim)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.save(state, checkpoint_id=str(folder / "model_and_optim"))
+        (folder / "train").mkdir()
+        for rank in range(ranks):
+            trainer_state = {
+                "global_step": step,
+                "global_train_tokens_seen": 512 * step,
+                "max_steps": steps[-1],
+                "data_loader": {
+                    "batches_processed": step,
+                    "tokens_processed": 512 * step,
+                    "seed": 0,
+                    "epoch": 1,
+                },
+                "epoch": 1,
+                "world_size": ranks,
+                "rng": {"torch": {"version": [2, 13], "state": torch.get_rng_state()}},
+                "callbacks": {},
+            }
+            torch.save(trainer_state, folder / "train" / f"rank{rank}.pt")
+        (folder / ".metadata.json").write_text(json.dumps({"version": "3.0.0"}))
+        saved.append({name: t.detach().clone() for name, t in model.state_dict().items()})
+    return saved
+
+
+def test_olmo_core_rank_files_are_trainer_state_not_checkpoints(tmp_path: Path) -> None:
+    """``train/rank0.pt`` and ``train/rank1.pt`` (which hold a tensor: the RNG state) are neither taken as
+    checkpoints nor make the run "checkpoints in 2 folders": each ``stepN/`` is one checkpoint, its model
+    the DCP folder's ``model`` part, averaged exactly."""
+    run = tmp_path / "run"
+    states = write_olmo_core_run(run)
+    found = find_run(run)
+    assert [(c.path.name, c.step) for c in found.checkpoints] == [("step2", 2), ("step4", 4), ("step6", 6)]
+    assert [unit.name for unit in found.units] == ["step2", "step4", "step6"]
+    assert_matches_reference(found.checkpoints, states)
+    result = run_command(run, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "rank0.pt" not in result.stdout + result.stderr

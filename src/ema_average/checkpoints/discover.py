@@ -4,8 +4,9 @@ Discovery walks the folder and asks each registered layout (``layouts.LAYOUTS``)
 (a Hugging Face, DCP or DeepSpeed save) and weight files. Those are *models*; each belongs to a *unit*, one
 step of the run: itself, or the step-named folder it sits in (``checkpoint-500/unet``,
 ``checkpoint_3/pytorch_model``, ``step_100/model.pt``). Folders of trainer state with no weights
-(optimizer, ``recipe_state/``, RNG) are never units. A final model saved beside the step folders (the run
-folder's own ``model.safetensors``, a diffusers pipeline's ``unet/``) is skipped with a notice.
+(optimizer, ``recipe_state/``, RNG) are never units, nor files of one rank's trainer state (``rank0.pt``).
+A final model saved beside the step folders (the run folder's own ``model.safetensors``, a diffusers
+pipeline's ``unet/``, litgpt's ``final/``) is skipped with a notice.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ from ema_average.checkpoints.steps import (
     checked_step,
     first_count,
     names_a_step,
+    stem_of,
     step_from_name,
     step_of_count,
 )
@@ -218,9 +221,23 @@ def _search(here: Path, found: list[Path]) -> list[Path]:
     folders = {e.name for e in entries if _is_folder(e)}
     if not claimed:
         found += [
-            here / e.name for e in entries if e.name not in folders and layout_of(here / e.name, "file")
+            here / e.name
+            for e in entries
+            if e.name not in folders and not is_rank_state(here / e.name) and layout_of(here / e.name, "file")
         ]
     return [here / e.name for e in reversed(entries) if e.name in folders and not e.is_symlink()]
+
+
+# A file named for a process rank and nothing else (olmo-core's ``stepN/train/rank0.pt``): one rank's trainer
+# state (step, data-loader position, RNG), saved beside the model by every rank. Weights saved per rank carry
+# more in their name (composer's ``ep1-ba42-rank0.pt``, DeepSpeed's ``mp_rank_00_model_states.pt``).
+_RANK_STATE = re.compile(r"rank[_-]?\d+", re.IGNORECASE | re.ASCII)
+
+
+def is_rank_state(path: Path) -> bool:
+    """Whether a file is one rank's trainer state by its name (``rank0.pt``, ``rank_3.pt``): never a
+    checkpoint, so a step folder's ``train/`` does not make the run "checkpoints in 2 folders"."""
+    return bool(_RANK_STATE.fullmatch(stem_of(path)))
 
 
 def files_under(folder: Path) -> list[Path]:
