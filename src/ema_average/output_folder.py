@@ -4,8 +4,11 @@
 (``model.safetensors``, ``adapter_model.safetensors``, ``diffusion_pytorch_model.safetensors``; sharded
 behind an index when the input was, or with ``--max-shard-size``) and copies beside them the small files
 the library needs to load them (``config.json``, tokenizer files, ``adapter_config.json``...) from the
-latest averaged checkpoint's model folder. Inputs with no such name (torch files, DCP, DeepSpeed) give a
-bare ``model.safetensors``.
+latest averaged checkpoint's model folder. A sentence-transformers checkpoint gives every module's weights
+back in its own sub-folder (``2_Dense/model.safetensors``) with its configs and ``modules.json``, so
+``SentenceTransformer(DIR)`` builds the same model; a litgpt run gives ``lit_model.pth`` (a ``torch.save``
+of the plain state dict) with ``model_config.yaml``, what litgpt's ``GPT`` loads. Other inputs with no
+such name (torch files, DCP, DeepSpeed) give a bare ``model.safetensors``.
 
 Side files come from folders this tool does not trust: only names on an explicit allow-list, only regular
 files (a FIFO would block, a device be read forever), a link only when it resolves inside the checkpoint,
@@ -16,11 +19,15 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ema_average.checkpoints import Checkpoint
+from ema_average.checkpoints.sentence_transformers_folder import SavedModules
 from ema_average.errors import CheckpointError
+from ema_average.output.folder import ShardedWriter, WeightsFile
+from ema_average.safetensors_format import TensorEntry
 from ema_average.sizes import format_bytes
 
 # What transformers, PEFT and diffusers read beside the weights; nothing else is ever copied.
@@ -43,6 +50,16 @@ SIDE_FILES: tuple[str, ...] = (
     "scheduler_config.json",
     "preprocessor_config.json",
 )
+# What sentence-transformers reads beside each module's weights, besides the above.
+SENTENCE_TRANSFORMERS_FILES: tuple[str, ...] = (
+    "modules.json",
+    "config_sentence_transformers.json",
+    "sentence_bert_config.json",
+)
+# What litgpt reads beside lit_model.pth (the model's config; a LoRA's hyperparameters for merge_lora),
+# besides the tokenizer files and config.json above, as its copy_config_files copies them.
+LITGPT_FILES: tuple[str, ...] = ("model_config.yaml", "hyperparameters.yaml")
+LITGPT_WEIGHTS = "lit_model.pth"  # and lit_model.pth.lora, .adapter, .adapter_v2 for finetuned parts
 # Side files that belong to one kind of weights only: transformers' from_pretrained, finding an
 # adapter_config.json beside full weights, would try to load an adapter instead.
 _ONLY_WITH = {"adapter_config.json": "adapter_model.safetensors"}
@@ -54,12 +71,16 @@ _ONE_FILE = 2**62  # a shard size no model reaches: the weights in one file
 @dataclass(frozen=True)
 class OutputFolder:
     """What a folder output holds: the weights' file name, how they are sharded, and the side files copied
-    (output name -> the checkpoint file it is copied from, inside ``unit``)."""
+    (output name -> the checkpoint file it is copied from, inside ``unit``). ``weights`` lays out several
+    weights files instead (a sentence-transformers module's in its sub-folder, a litgpt torch file);
+    ``folders`` are sub-folders made even when empty (a module with no weights nor config)."""
 
     weights_name: str = DEFAULT_WEIGHTS_NAME
     shard_bytes: int | None = None  # None: one weights file
     side_files: dict[str, Path] = field(default_factory=dict)
-    unit: Path | None = None  # the checkpoint the side files come from
+    unit: Path | None = None  # the checkpoint (or run folder) the side files come from
+    weights: tuple[WeightsFile, ...] = ()
+    folders: tuple[str, ...] = ()
 
     def max_shard_size(self, asked: int | None) -> int:
         """``--max-shard-size`` when given, else the input's largest shard, else no sharding."""
@@ -73,15 +94,55 @@ class OutputFolder:
         unit = self.unit
         return {name: read_side_file(path, unit) for name, path in self.side_files.items()}
 
+    def open_writer(
+        self,
+        output: Path,
+        entries: Sequence[TensorEntry],
+        metadata: dict[str, str],
+        *,
+        overwrite: bool,
+        max_shard_size: int | None,
+        side_files: dict[str, bytes],
+    ) -> ShardedWriter:
+        """The writer of this folder at ``output``, its side files already in; ``max_shard_size`` is
+        ``--max-shard-size`` (None: each weights file sharded as its input was)."""
+        weights = [
+            replace(w, max_shard_size=max_shard_size or w.max_shard_size or _ONE_FILE) for w in self.weights
+        ]
+        writer = ShardedWriter(
+            output,
+            entries,
+            metadata,
+            overwrite=overwrite,
+            max_shard_size=self.max_shard_size(max_shard_size),
+            weights_name=self.weights_name,
+            side_files={
+                *SIDE_FILES,
+                *self.side_files,
+            },  # any of them may be in an earlier output this replaces
+            weights=weights or None,
+            folders=self.folders,
+        )
+        try:
+            for name, data in side_files.items():
+                writer.add_file(name, data)
+        except BaseException:
+            writer.abort()
+            raise
+        return writer
+
     def describe(self, asked_shard_size: int | None = None) -> str:
         """One line for the plan: the weights' name and the side files copied, and from where."""
-        sharded = asked_shard_size or self.shard_bytes
-        weights = self.weights_name + (
-            f" (shards of at most {format_bytes(sharded)} + index)" if sharded else ""
-        )
+        if self.weights:
+            weights = ", ".join(f"{w.folder}/{w.name}" if w.folder else w.name for w in self.weights)
+        else:
+            sharded = asked_shard_size or self.shard_bytes
+            weights = self.weights_name + (
+                f" (shards of at most {format_bytes(sharded)} + index)" if sharded else ""
+            )
         if not self.side_files:
             return f"{weights}; no side files"
-        source = next(iter(self.side_files.values())).parent
+        source = self.unit if self.weights else next(iter(self.side_files.values())).parent
         return f"{weights} + {', '.join(self.side_files)} (copied from {source})"
 
 
@@ -94,17 +155,59 @@ def plan_folder(latest: Checkpoint) -> OutputFolder:
     """What a folder output of a run whose latest averaged checkpoint is ``latest`` holds; every side file
     is checked now, so a bad one is refused before any work."""
     saved = latest.saved_model
+    if isinstance(saved, SavedModules):
+        return _modules_folder(saved, latest.path)
     if saved is None:
-        return OutputFolder()
-    side: dict[str, Path] = {}
-    for name in SIDE_FILES:
-        if _ONLY_WITH.get(name, saved.weights_name) != saved.weights_name:
-            continue
-        path = saved.folder / name
-        if os.path.lexists(path):
-            os.close(_open_side_file(path, latest.path))
-            side[name] = path
+        return _litgpt_folder(latest) or OutputFolder()
+    side = _side_files(saved.folder, _side_names(saved.weights_name), latest.path)
     return OutputFolder(saved.weights_name, saved.shard_bytes, side, latest.path)
+
+
+def _side_names(weights_name: str, extra: Sequence[str] = ()) -> list[str]:
+    """The side files that may go beside weights named ``weights_name``."""
+    return [name for name in [*SIDE_FILES, *extra] if _ONLY_WITH.get(name, weights_name) == weights_name]
+
+
+def _side_files(folder: Path, names: Sequence[str], unit: Path, into: str = "") -> dict[str, Path]:
+    """Output name (``into/NAME``) -> file, for each of ``names`` in ``folder``, each checked now."""
+    side: dict[str, Path] = {}
+    for name in names:
+        path = folder / name
+        if os.path.lexists(path):
+            os.close(_open_side_file(path, unit))
+            side[f"{into}/{name}" if into else name] = path
+    return side
+
+
+def _modules_folder(saved: SavedModules, unit: Path) -> OutputFolder:
+    """A sentence-transformers model: each module's weights back in its sub-folder (its tensors are named
+    ``FOLDER/NAME`` in the checkpoint), each module's configs beside them, ``modules.json`` on top."""
+    weights, side = [], {}
+    for module in saved.modules:
+        if module.weights_name is not None:
+            prefix = f"{module.folder}/" if module.folder else ""
+            weights.append(WeightsFile(module.weights_name, module.folder, prefix, module.shard_bytes))
+        names = _side_names(module.weights_name or "", SENTENCE_TRANSFORMERS_FILES)
+        side.update(_side_files(saved.folder / module.folder, names, unit, module.folder))
+    folders = tuple(m.folder for m in saved.modules if m.folder)
+    return OutputFolder(DEFAULT_WEIGHTS_NAME, None, side, unit, tuple(weights), folders)
+
+
+def _litgpt_folder(latest: Checkpoint) -> OutputFolder | None:
+    """A litgpt run (``step-N/lit_model.pth``): the averaged state dict as ``lit_model.pth`` (or the
+    finetuned part's name, ``lit_model.pth.lora``) and ``model_config.yaml`` from the latest step, else from
+    the run's ``final/``; None for any other torch file."""
+    leaf = latest
+    while isinstance(getattr(leaf, "inner", None), Checkpoint):  # a step folder's model: its file
+        leaf = leaf.inner  # type: ignore[attr-defined]
+    if not leaf.path.name.startswith(LITGPT_WEIGHTS) or not leaf.path.is_file():
+        return None
+    names = _side_names(leaf.path.name, LITGPT_FILES)
+    final = leaf.path.parent.parent / "final"
+    unit = final.parent if final.is_dir() else leaf.path.parent
+    side = _side_files(final, names, unit) if final.is_dir() else {}
+    side.update(_side_files(leaf.path.parent, names, unit))  # the latest step's own, where it has them
+    return OutputFolder(leaf.path.name, None, side, unit, (WeightsFile(leaf.path.name),))
 
 
 def read_side_file(path: Path, unit: Path) -> bytes:

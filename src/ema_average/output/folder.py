@@ -1,8 +1,10 @@
-"""A sharded output: a Hugging Face ``save_pretrained`` folder built whole beside its target and switched in.
+"""A folder output: a ``save_pretrained`` folder (or a sentence-transformers or litgpt one) built whole beside
+its target and switched in.
 
-Its shards are ``file``'s writers in a private staging folder; what is its own is the layout (shard
-split, names, index, side files), the check that a folder it replaces is an earlier output of this tool
-(never a user's), and the one rename that switches the folder in.
+Its files are ``file``'s writers (safetensors shards) and ``torch_file``'s (a ``torch.save`` file) in a
+private staging folder; what is its own is the layout (which weights file of which sub-folder holds which
+tensors, shard split, names, indexes, side files), the check that a folder it replaces is an earlier output
+of this tool (never a user's), and the one rename that switches the folder in.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import os
 import shutil
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,9 +25,30 @@ from ema_average.output import fs
 from ema_average.output.file import SafetensorsWriter, check_entries, check_metadata
 from ema_average.output.lock import writer_lock
 from ema_average.output.pool import OpenFiles, shard_files_limit
+from ema_average.output.torch_file import TorchFileWriter
 from ema_average.safetensors_format import TensorEntry, read_header, safetensors_order
 
 _MAX_INDEX_BYTES = 100_000_000
+# Beside torch weights files, which carry no metadata: the run's metadata, and the mark of an output of ours.
+MARKER_FILE = "ema_average.json"
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """One weights file of a folder output: its name, the sub-folder it goes in (``""``: the top), and which
+    output tensors it holds: those named ``prefix + NAME``, stored as ``NAME`` (a sentence-transformers
+    module's ``2_Dense/linear.weight`` is ``2_Dense/model.safetensors``'s ``linear.weight``). A
+    ``.safetensors`` name is split into shards of at most ``max_shard_size`` bytes (the writer's when
+    None) behind an index; any other name is one ``torch.save`` file of a plain state dict."""
+
+    name: str = "model.safetensors"
+    folder: str = ""
+    prefix: str = ""
+    max_shard_size: int | None = None
+
+    @property
+    def is_torch(self) -> bool:
+        return not self.name.endswith(".safetensors")
 
 
 class ShardedWriter:
@@ -33,7 +57,10 @@ class ShardedWriter:
     ``FOLDER/model.safetensors`` when every tensor fits one shard of ``max_shard_size`` bytes (a larger
     tensor gets a shard of its own), else ``FOLDER/model-00001-of-0000N.safetensors`` and
     ``FOLDER/model.safetensors.index.json``; ``weights_name`` changes ``model.safetensors`` (say to
-    ``adapter_model.safetensors``). ``add_file`` puts small side files (a config) beside the weights.
+    ``adapter_model.safetensors``). ``weights`` lays out a folder of several weights files instead (one per
+    sentence-transformers module, in its sub-folder; a torch file for litgpt, with ``MARKER_FILE`` beside
+    it holding the metadata); ``folders`` are sub-folders to create even if nothing is written in them.
+    ``add_file`` puts small side files (a config, ``1_Pooling/config.json``) beside the weights.
 
     Each shard file is open only while written to, at most ``_MAX_OPEN_SHARDS`` at once, so thousands of
     shards fit the usual ``ulimit -n``; a limit too tight even for that is refused before anything is
@@ -46,8 +73,9 @@ class ShardedWriter:
     sees the old folder or the new one, never a mix; a kill at any point leaves the target as it was or
     complete, and a staging folder the next run's ``remove_stale_temporaries`` removes. An existing
     target is replaced only if it is an ema-average output: every entry a ``*.safetensors`` or
-    ``*.safetensors.index.json`` whose metadata has ``ema_average_version``, or a side file named in
-    ``side_files`` (declare them up front) or added with ``add_file``.
+    ``*.safetensors.index.json`` whose metadata has ``ema_average_version``, a torch weights file of
+    ``weights`` beside a ``MARKER_FILE`` of ours, a side file named in ``side_files`` (declare them up
+    front) or added with ``add_file``, or a sub-folder of such entries.
     """
 
     def __init__(
@@ -60,42 +88,83 @@ class ShardedWriter:
         max_shard_size: int,
         weights_name: str = "model.safetensors",
         side_files: Collection[str] = (),
+        weights: Sequence[WeightsFile] | None = None,
+        folders: Collection[str] = (),
     ) -> None:
         self.path = path
         self._overwrite = overwrite
         self._metadata = dict(metadata or {})
-        if not _plain_name(weights_name) or not weights_name.endswith(".safetensors"):
-            raise OutputError(f"{weights_name!r}: weights_name must be a plain file name ending .safetensors")
+        layout = list(weights) if weights is not None else [WeightsFile(weights_name)]
+        for w in layout:
+            _check_weights_file(w)
         check_entries(path, entries)
         check_metadata(path, metadata)
         if not path.parent.is_dir():
             raise OutputError(f"{path.parent}: output folder does not exist")
+        self._weights = layout
         self._side_files = set(side_files)
+        self._folders = {*folders, *(w.folder for w in layout if w.folder)}
+        for name in self._folders:
+            _check_relative(name, path)
         self._check_target()
-        shards = _split(safetensors_order(entries), max_shard_size)
-        self._names = _shard_names(weights_name, len(shards))
-        self._index_name = f"{weights_name}.index.json" if len(shards) > 1 else None
+        routed = _route(path, entries, layout)
+        self._parts: list[tuple[WeightsFile, list[str], SafetensorsWriter | TorchFileWriter]] = []
+        self._indexes: list[tuple[WeightsFile, list[SafetensorsWriter]]] = []
         self._added: list[str] = []
         self.staging = fs.temp_name(path, os.getpid())
         self._staging_fd: int | None = None
         self._made_staging = False
         self._sealed = False
         self._committed = False
-        self.writers: list[SafetensorsWriter] = []
-        self._route: dict[str, SafetensorsWriter] = {}
+        self.writers: list[SafetensorsWriter | TorchFileWriter] = []
+        self._route: dict[str, tuple[SafetensorsWriter | TorchFileWriter, str]] = {}
         self._files = OpenFiles(shard_files_limit(path))
         self._lock = writer_lock(path)
         try:
             self._make_staging()
-            for name, shard in zip(self._names, shards, strict=True):
-                writer = SafetensorsWriter(
-                    self.staging / name, shard, metadata, overwrite=False, lock=False, files=self._files
+            for folder in sorted(self._folders):
+                os.makedirs(self.staging / folder, exist_ok=True)
+            for w, part in zip(layout, routed, strict=True):
+                self._open_part(w, part, max_shard_size, metadata)
+            if any(w.is_torch for w in layout):  # torch files carry no metadata: it goes beside them
+                self.add_file(
+                    MARKER_FILE, (json.dumps({"metadata": self._metadata}, indent=2) + "\n").encode()
                 )
-                self.writers.append(writer)
-                self._route.update({e.name: writer for e in shard})
         except BaseException:
             self.abort()
             raise
+
+    def _open_part(
+        self,
+        w: WeightsFile,
+        part: list[tuple[str, TensorEntry]],
+        max_shard_size: int,
+        metadata: dict[str, str] | None,
+    ) -> None:
+        """The writers of one weights file (its shards, or its torch file), each tensor routed to its own."""
+        inner = {e.name: name for name, e in part}
+        where = self.staging / w.folder
+        if w.is_torch:
+            writers: list[SafetensorsWriter | TorchFileWriter] = [
+                TorchFileWriter(where / w.name, [e for _, e in part])
+            ]
+            names = [w.name]
+            shards = [[e for _, e in part]]
+        else:
+            shards = _split(safetensors_order([e for _, e in part]), w.max_shard_size or max_shard_size)
+            names = _shard_names(w.name, len(shards))
+            writers = [
+                SafetensorsWriter(
+                    where / name, shard, metadata, overwrite=False, lock=False, files=self._files
+                )
+                for name, shard in zip(names, shards, strict=True)
+            ]
+            if len(shards) > 1:
+                self._indexes.append((w, writers))  # type: ignore[arg-type]
+        for name, shard, writer in zip(names, shards, writers, strict=True):
+            self.writers.append(writer)
+            self._parts.append((w, [name], writer))
+            self._route.update({inner[e.name]: (writer, e.name) for e in shard})
 
     def _check_target(self) -> None:
         """Refuse up front what commit would refuse: an existing target without overwrite, or not ours."""
@@ -103,7 +172,7 @@ class ShardedWriter:
             return
         if not self._overwrite:
             raise OutputError(f"{self.path}: already exists; pass --overwrite to replace it")
-        problem = _not_an_output(self.path, self._side_files)
+        problem = _not_an_output(self.path, self._side_files, self._weights, self._folders)
         if problem is not None:
             raise OutputError(f"{self.path}: is not an ema-average output ({problem}); remove it yourself")
 
@@ -119,39 +188,51 @@ class ShardedWriter:
 
     @property
     def paths(self) -> list[Path]:
-        """The files the output folder holds once committed: shards, index, side files."""
-        index = [self._index_name] if self._index_name else []
-        return [self.path / name for name in [*self._names, *index, *self._added]]
+        """The files the output folder holds once committed: weights files, indexes, side files."""
+        files = [_join(w.folder, name) for w, names, _ in self._parts for name in names]
+        index = [_join(w.folder, f"{w.name}.index.json") for w, _ in self._indexes]
+        return [self.path / name for name in [*files, *index, *self._added]]
 
     @property
     def size(self) -> int:
         return sum(w.size for w in self.writers)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        self._shard(name).write(name, tensor)
+        writer, inner = self._shard(name)
+        writer.write(inner, tensor)
 
     def write_range(self, name: str, start: int, tensor: torch.Tensor) -> None:
         """Elements ``start ..`` of tensor ``name``, into its shard (see ``SafetensorsWriter.write_range``)."""
-        self._shard(name).write_range(name, start, tensor)
+        writer, inner = self._shard(name)
+        writer.write_range(inner, start, tensor)
 
-    def _shard(self, name: str) -> SafetensorsWriter:
-        """The writer of the shard that holds tensor ``name``."""
-        writer = self._route.get(name)
-        if writer is None:
+    def _shard(self, name: str) -> tuple[SafetensorsWriter | TorchFileWriter, str]:
+        """The writer of the file that holds tensor ``name``, and the name it has there."""
+        found = self._route.get(name)
+        if found is None:
             raise OutputError(f"{self.path}: tensor {name!r} is not expected")
-        return writer
+        return found
 
     def add_file(self, name: str, data: bytes) -> None:
-        """A small side file (a config, say) to appear in the output folder with the weights."""
-        reserved = {*self._names, self._index_name, *self._added}
-        if not _plain_name(name) or name.startswith(".") or name in reserved or _weights_like(name):
+        """A small side file (a config, say) to appear in the output folder with the weights; ``name`` may
+        be in a sub-folder (``1_Pooling/config.json``)."""
+        reserved = {*(str(p.relative_to(self.path)) for p in self.paths), *self._added}
+        parts = name.split("/")
+        plain = all(_plain_name(p) and not p.startswith(".") for p in parts)
+        if not plain or name in reserved or _weights_like(name) or name in self._torch_names():
             raise OutputError(f"{self.path}: {name!r} cannot be a side file (a plain, new, non-weights name)")
         try:
+            if len(parts) > 1:
+                os.makedirs(self.staging / "/".join(parts[:-1]), exist_ok=True)
+                self._folders.add("/".join(parts[:-1]))
             _write_new_file(self.staging / name, data)
         except OSError as exc:
             raise OutputError(f"{self.path}: cannot write {name} ({exc.strerror})") from exc
         self._added.append(name)
         self._side_files.add(name)
+
+    def _torch_names(self) -> set[str]:
+        return {_join(w.folder, w.name) for w in self._weights if w.is_torch}
 
     def commit(self) -> None:
         """Finish every file in the staging folder, then switch it in; on failure the target is as it was."""
@@ -164,8 +245,10 @@ class ShardedWriter:
         with fs.or_abort(self.path, self.abort):
             for writer in self.writers:
                 writer.commit()
-            if self._index_name is not None:  # a reader that finds the index finds every shard
-                _write_new_file(self.staging / self._index_name, self._index())
+            for w, writers in self._indexes:  # a reader that finds the index finds every shard
+                _write_new_file(self.staging / _join(w.folder, f"{w.name}.index.json"), self._index(writers))
+            for folder in sorted(self._folders, reverse=True):
+                fs.fsync_folder(self.staging / folder)
             assert self._staging_fd is not None
             fs.fsync_folder_fd(self._staging_fd)
         self._sealed = True
@@ -178,10 +261,11 @@ class ShardedWriter:
             self._switch()
         self._close()
 
-    def _index(self) -> bytes:
+    def _index(self, writers: list[SafetensorsWriter]) -> bytes:
+        shards = set(writers)
         index = {
-            "metadata": {"total_size": sum(w.data_size for w in self.writers), **self._metadata},
-            "weight_map": {name: w.path.name for name, w in self._route.items()},
+            "metadata": {"total_size": sum(w.data_size for w in writers), **self._metadata},
+            "weight_map": {inner: w.path.name for w, inner in self._route.values() if w in shards},
         }
         return (json.dumps(index, indent=2) + "\n").encode()
 
@@ -240,6 +324,38 @@ def _shard_names(weights_name: str, count: int) -> list[str]:
     return [f"{stem}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
+def _route(
+    path: Path, entries: Sequence[TensorEntry], weights: Sequence[WeightsFile]
+) -> list[list[tuple[str, TensorEntry]]]:
+    """Each weights file's tensors: (output name, entry under its name in the file). A tensor goes to the
+    file whose prefix is the longest that its name starts with."""
+    parts: list[list[tuple[str, TensorEntry]]] = [[] for _ in weights]
+    for e in entries:
+        fits = [i for i, w in enumerate(weights) if e.name.startswith(w.prefix) and e.name != w.prefix]
+        if not fits:
+            raise OutputError(f"{path}: tensor {e.name!r} belongs to none of the output's weights files")
+        best = max(fits, key=lambda i: len(weights[i].prefix))
+        parts[best].append((e.name, TensorEntry(e.name[len(weights[best].prefix) :], e.spec)))
+    return parts
+
+
+def _check_weights_file(w: WeightsFile) -> None:
+    if not _plain_name(w.name) or w.name.startswith(".") or w.name.endswith(".index.json"):
+        raise OutputError(f"{w.name!r}: a weights file's name must be a plain file name")
+    if w.folder:
+        _check_relative(w.folder, Path(w.folder))
+
+
+def _check_relative(name: str, where: Path) -> None:
+    """A sub-folder or side file of the output: plain names joined by ``/``, none hidden."""
+    if not all(_plain_name(p) and not p.startswith(".") for p in name.split("/")):
+        raise OutputError(f"{where}: {name!r} is not a plain relative name inside the output folder")
+
+
+def _join(folder: str, name: str) -> str:
+    return f"{folder}/{name}" if folder else name
+
+
 def _plain_name(name: str) -> bool:
     return bool(name) and name not in {".", ".."} and "/" not in name and "\0" not in name
 
@@ -259,29 +375,47 @@ def _write_new_file(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def _not_an_output(folder: Path, side_files: Collection[str]) -> str | None:
-    """Why ``folder`` is not an output this writer may replace; None when every entry is one it writes."""
+def _not_an_output(
+    folder: Path,
+    side_files: Collection[str],
+    weights: Sequence[WeightsFile] = (),
+    folders: Collection[str] = (),
+) -> str | None:
+    """Why ``folder`` is not an output this writer may replace; None when every entry (in sub-folders
+    too) is one it writes."""
     if folder.is_symlink() or not folder.is_dir():
         return "not a folder"
-    weights = 0
-    side = 0
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        if not entry.is_file(follow_symlinks=False):
-            return f"{entry.name} is not a plain file"
-        if entry.name in side_files and not _weights_like(entry.name):
-            side += 1
-        elif _marked(Path(entry.path)):
-            weights += 1
-        else:
-            return f"it holds {entry.name}"
-    if side and not weights:
+    marked = _marked(folder / MARKER_FILE)
+    torch_files = {_join(w.folder, w.name) for w in weights if w.is_torch} if marked else set()
+    ours = {*side_files, *torch_files, *((MARKER_FILE,) if marked else ())}
+    subfolders = {*folders, *(w.folder for w in weights if w.folder)}
+    subfolders |= {
+        "/".join(name.split("/")[:i]) for name in side_files for i in range(1, name.count("/") + 1)
+    }
+    counts = [0, 0]  # weights files of ours, side files
+    pending = [""]
+    while pending:
+        here = pending.pop()
+        for entry in sorted(os.scandir(folder / here), key=lambda e: e.name):
+            name = _join(here, entry.name)
+            if entry.is_dir(follow_symlinks=False) and name in subfolders:
+                pending.append(name)
+            elif not entry.is_file(follow_symlinks=False):
+                return f"{name} is not a plain file"
+            elif name in ours and not _weights_like(name):
+                counts[name not in torch_files] += 1
+            elif _marked(Path(entry.path)):
+                counts[0] += 1
+            else:
+                return f"it holds {name}"
+    if counts[1] and not counts[0]:
         return "it holds no ema-average weights"
     return None
 
 
 def _marked(path: Path) -> bool:
-    """A weights file or index this tool wrote: its metadata carries the tool's marker key."""
-    if path.name.endswith(".safetensors.index.json"):
+    """A weights file, index or ``MARKER_FILE`` this tool wrote: its metadata carries the tool's marker key."""
+    if path.name.endswith(".safetensors.index.json") or path.name == MARKER_FILE:
         try:
             with open(path, "rb") as f:
                 index = json.loads(f.read(_MAX_INDEX_BYTES))

@@ -1,0 +1,201 @@
+"""A sentence-transformers model folder: one checkpoint whose weights are spread over its modules' folders.
+
+``SentenceTransformer.save`` (and its Trainer's ``checkpoint-N/``) writes ``modules.json``, listing each
+module and its folder: the Transformer's weights usually in the folder itself, a ``Dense`` layer's in
+``2_Dense/model.safetensors``, a ``Pooling`` or ``Normalize`` with a config and no weights. Averaging one of
+them alone would leave a folder that loads as another model, so the modules are one checkpoint: each
+module's tensors named by its folder (``2_Dense/linear.weight``; the top folder's unprefixed), averaged
+together, and written back where they came from (``output_folder``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ema_average.checkpoints.base import (
+    Checkpoint,
+    Layout,
+    OpenOptions,
+    SavedModel,
+    StepInfo,
+    TensorSpec,
+    require_regular_file,
+)
+from ema_average.checkpoints.hf_folder import (
+    HfFolderCheckpoint,
+    folder_name_step,
+    side_file_step,
+    weight_sets,
+)
+from ema_average.errors import CheckpointError
+
+MODULES_FILE = "modules.json"
+_MAX_MODULES_BYTES = 2**20
+
+
+@dataclass(frozen=True)
+class SavedModule:
+    """One module as saved: its folder inside the model's (``""``: the top), the safetensors name its
+    weights load from (None: it has none) and its largest shard's bytes where it was sharded."""
+
+    folder: str
+    weights_name: str | None
+    shard_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class SavedModules(SavedModel):
+    """A model saved as modules in sub-folders: where each module's weights and files go back."""
+
+    modules: tuple[SavedModule, ...] = ()
+
+
+def is_sentence_transformers_folder(path: Path) -> bool:
+    return path.is_dir() and (path / MODULES_FILE).is_file()
+
+
+def module_folders(path: Path) -> list[str]:
+    """The folders ``modules.json`` lists, in its order, each checked to be a plain path inside ``path``."""
+    listing = path / MODULES_FILE
+    info = require_regular_file(listing)
+    if info.st_size > _MAX_MODULES_BYTES:
+        raise CheckpointError(listing, f"is larger than {_MAX_MODULES_BYTES} bytes; not a modules list")
+    try:
+        modules = json.loads(listing.read_bytes())
+    except OSError as exc:
+        raise CheckpointError(listing, f"cannot be read ({exc.strerror or exc})") from exc
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(listing, f"is not valid JSON ({str(exc)[:80]})") from None
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise CheckpointError(listing, "is not a list of modules (objects with a 'path')")
+    folders = []
+    for module in modules:
+        folder = module.get("path")
+        if not isinstance(folder, str) or not _inside(folder):
+            raise CheckpointError(listing, f"lists module path {folder!r}, not a folder inside the model")
+        folder = folder.strip("/")
+        if folder in folders:
+            raise CheckpointError(listing, f"lists module path {folder!r} twice")
+        folders.append(folder)
+    return folders
+
+
+def _inside(folder: str) -> bool:
+    """A relative path of plain names: no ``..``, nothing absolute, nothing hidden."""
+    parts = [p for p in folder.split("/") if p]
+    return not folder.startswith("/") and all(p not in (".", "..") and not p.startswith(".") for p in parts)
+
+
+class SentenceTransformersCheckpoint(Checkpoint):
+    """Every module's weights of one saved sentence-transformers model, as one checkpoint."""
+
+    layout = "sentence-transformers"
+
+    def __init__(self, path: Path, *, trust_pickle: bool = False) -> None:
+        super().__init__(path)
+        self._modules: list[tuple[str, HfFolderCheckpoint | None]] = []
+        self._owner: dict[str, tuple[HfFolderCheckpoint, str]] = {}
+        self._specs: dict[str, TensorSpec] = {}
+        try:
+            for folder in module_folders(path):
+                self._add_module(folder, trust_pickle)
+        except BaseException:
+            self.close()
+            raise
+        if not self._specs:
+            raise CheckpointError(path / MODULES_FILE, "lists no module with weights")
+        parts = [part for _, part in self._modules if part is not None]
+        self.lazy = all(part.lazy for part in parts)  # type: ignore[misc]
+
+    def _add_module(self, folder: str, trust_pickle: bool) -> None:
+        where = self.path / folder
+        if where.is_symlink() or (where.exists() and not where.is_dir()):
+            raise CheckpointError(where, "is a module's path but not a folder inside the model; refused")
+        part = (
+            HfFolderCheckpoint(where, trust_pickle=trust_pickle)
+            if where.is_dir() and weight_sets(where)
+            else None
+        )
+        self._modules.append((folder, part))
+        if part is None:
+            return
+        prefix = f"{folder}/" if folder else ""
+        for name, spec in part.specs().items():
+            full = prefix + name
+            if full in self._specs:
+                raise CheckpointError(where, f"tensor {name!r} is named {full!r}, as another module's is")
+            self._owner[full] = (part, name)
+            self._specs[full] = spec
+
+    @property
+    def written_by_this_tool(self) -> bool:
+        """A folder output of this tool: every module's weights carry the tool's marker."""
+        parts = [part for _, part in self._modules if part is not None]
+        return bool(parts) and all(part.written_by_this_tool for part in parts)
+
+    @property
+    def saved_model(self) -> SavedModules:
+        """Where each module's weights and files go back in a folder output."""
+        modules = []
+        for folder, part in self._modules:
+            saved = part.saved_model if part is not None else None
+            modules.append(
+                SavedModule(folder, saved.weights_name, saved.shard_bytes)
+                if saved is not None
+                else SavedModule(folder, None)
+            )
+        root = next(
+            (m.weights_name for m in modules if m.folder == "" and m.weights_name), "model.safetensors"
+        )
+        return SavedModules(self.path, root, None, tuple(modules))
+
+    def specs(self) -> dict[str, TensorSpec]:
+        return self._specs
+
+    def read(self, name: str) -> torch.Tensor:
+        part, inner = self._owner[name]
+        return part.read(inner)
+
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        part, inner = self._owner[name]
+        return part.read_into(inner, out)
+
+    def read_range_into(self, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
+        part, inner = self._owner[name]
+        return part.read_range_into(inner, start, out)
+
+    def aliases(self) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for folder, part in self._modules:
+            if part is not None:
+                prefix = f"{folder}/" if folder else ""
+                found.update({prefix + alias: prefix + first for alias, first in part.aliases().items()})
+        return found
+
+    def metadata_step(self) -> StepInfo | None:
+        return side_file_step(self.path)
+
+    def name_step(self) -> StepInfo | None:
+        return folder_name_step(self.path)
+
+    def close(self) -> None:
+        for _, part in self._modules:
+            if part is not None:
+                part.close()
+
+
+def _open(path: Path, options: OpenOptions) -> Checkpoint:
+    return SentenceTransformersCheckpoint(path, trust_pickle=options.trust_pickle)
+
+
+LAYOUT = Layout(
+    "sentence-transformers",
+    "folder",
+    "sentence-transformers folders (modules.json, each module's weights in its folder: 2_Dense/model.safetensors)",
+    is_sentence_transformers_folder,
+    _open,
+)
