@@ -703,3 +703,99 @@ def test_olmo_core_rank_files_are_trainer_state_not_checkpoints(tmp_path: Path) 
     result = run_command(run, "--dry-run")
     assert result.returncode == 0, result.stderr
     assert "rank0.pt" not in result.stdout + result.stderr
+
+
+def write_litgpt_pretrain_run(out: Path, steps: tuple[int, ...] = (4, 8, 12)) -> list[dict]:
+    """Reproduced from litgpt 0.5.13's ``pretrain.py`` (not installed: it would change huggingface_hub):
+    ``save_checkpoint`` writes ``fabric.save(out/step-{step_count:08d}/lit_model.pth, {model, optimizer,
+    train_dataloader, iter_num, step_count})`` (Fabric saves each object's state dict) beside
+    ``hyperparameters.yaml``, the tokenizer files and ``model_config.yaml``; at the end the same under
+    ``final/``. 4 micro-batches per optimizer step: ``iter_num`` = 4 x ``step_count``."""
+    states = []
+    for folder, step in [*((f"step-{s:08d}", s) for s in steps), ("final", steps[-1])]:
+        state = dict(make_state(step))
+        (out / folder).mkdir(parents=True)
+        torch.save(
+            {
+                "model": state,
+                "optimizer": {"state": {}, "param_groups": [{"lr": 4e-4, "params": [0, 1, 2, 3, 4]}]},
+                "train_dataloader": {"epoch": 0, "num_samples_yielded": 32 * step},
+                "iter_num": 4 * step,
+                "step_count": step,
+            },
+            out / folder / "lit_model.pth",
+        )
+        for side in ("model_config.yaml", "hyperparameters.yaml", "tokenizer.json", "tokenizer_config.json"):
+            (out / folder / side).write_text("n_layer: 1\n")
+        if folder != "final":
+            states.append(state)
+    return states
+
+
+def test_litgpt_final_folder_is_skipped_with_a_notice(tmp_path: Path) -> None:
+    """litgpt's ``final/`` beside its ``step-0000000N/`` folders is the final model (README: skipped with a
+    notice), not a second folder of checkpoints; steps are ``step_count`` from inside each file."""
+    out = tmp_path / "out"
+    states = write_litgpt_pretrain_run(out)
+    found = find_run(out)
+    assert [(c.path.name, c.step, c.step_origin) for c in found.checkpoints] == [
+        (f"step-{s:08d}", s, "metadata:step_count") for s in (4, 8, 12)
+    ]
+    assert f"skipped final/ in {out}: a final model saved beside the checkpoints" in found.notices
+    assert_matches_reference(found.checkpoints, states)
+    output = tmp_path / "ema.safetensors"
+    result = run_command(out, "-o", output, "--decay", "0.9")
+    assert result.returncode == 0, result.stderr
+    assert "skipped final/" in result.stdout + result.stderr
+    written = load_file(str(output))
+    for name, tensor in float64_reference(states, [4, 8, 12], 0.9).items():
+        torch.testing.assert_close(written[name].double(), tensor, rtol=2e-6, atol=2e-7)
+
+
+def write_litgpt_lora_run(out: Path, steps: tuple[int, ...] = (2, 4, 6)) -> list[dict]:
+    """Reproduced from litgpt 0.5.13's ``finetune/lora.py``: every ``save_interval`` optimizer steps
+    ``save_lora_checkpoint`` writes ``torch.save({"model": <the lora_ parameters>},
+    out/step-{step_count:06d}/lit_model.pth.lora)`` beside the copied config and tokenizer files,
+    ``hyperparameters.yaml`` and ``prompt_style.yaml``; at the end ``final/lit_model.pth.lora`` and
+    ``merge_lora``'s merged ``final/lit_model.pth``. No step is saved inside: it is the folder's name."""
+    states = []
+    g = torch.Generator().manual_seed(0)
+    for folder in [*(f"step-{s:06d}" for s in steps), "final"]:
+        lora = {
+            f"transformer.h.0.attn.qkv.lora_{ab}": torch.randn(shape, generator=g)
+            for ab, shape in (("A", (4, 16)), ("B", (48, 4)))
+        }
+        (out / folder).mkdir(parents=True)
+        torch.save({"model": lora}, out / folder / "lit_model.pth.lora")
+        for side in ("model_config.yaml", "hyperparameters.yaml", "prompt_style.yaml", "tokenizer.json"):
+            (out / folder / side).write_text("n_layer: 1\n")
+        if folder == "final":
+            torch.save(
+                {"transformer.h.0.attn.qkv.weight": torch.randn(48, 16)}, out / folder / "lit_model.pth"
+            )
+        else:
+            states.append(lora)
+    return states
+
+
+def test_litgpt_lora_adapters_are_the_checkpoints_and_named_in_the_plan(tmp_path: Path) -> None:
+    """``lit_model.pth.lora`` (a torch file under litgpt's own suffix, safe-loaded) is what each step folder
+    holds: read as the checkpoints, the plan naming them as litgpt LoRA adapters; ``final/`` (adapter and
+    merged model) skipped with a notice."""
+    out = tmp_path / "out"
+    states = write_litgpt_lora_run(out)
+    found = find_run(out)
+    assert [(c.path.name, c.step, c.step_origin) for c in found.checkpoints] == [
+        (f"step-{s:06d}", s, "filename:step=N") for s in (2, 4, 6)
+    ]
+    assert f"skipped final/ in {out}: a final model saved beside the checkpoints" in found.notices
+    assert_matches_reference(found.checkpoints, states)
+    result = run_command(out, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "litgpt LoRA adapter" in result.stdout
+    output = tmp_path / "ema.safetensors"
+    assert run_command(out, "-o", output, "--decay", "0.9").returncode == 0
+    written = load_file(str(output))
+    assert set(written) == set(states[0])
+    for name, tensor in float64_reference(states, [2, 4, 6], 0.9).items():
+        torch.testing.assert_close(written[name].double(), tensor, rtol=2e-6, atol=2e-7)

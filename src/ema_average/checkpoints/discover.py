@@ -288,13 +288,22 @@ def _drop_final_models(root: Path, units: list[Unit], notices: list[str]) -> lis
             continue
         kept.append(unit)
     stepped = {u.path.parent for u in kept if names_a_step(u.path)}
-    final = [u for u in kept if u.path.is_dir() and u.path.parent in stepped and not names_a_step(u.path)]
+    final = {u.path: folder for u in kept if (folder := _final_folder(u.path, stepped)) is not None}
     if final:
-        names = ", ".join(f"{u.path.name}/" for u in final)
-        notices.append(
-            f"skipped {names} in {final[0].path.parent}: a final model saved beside the checkpoints"
-        )
-    return [u for u in kept if u not in final]
+        folders = list(dict.fromkeys(final.values()))
+        names = ", ".join(f"{folder.name}/" for folder in folders)
+        notices.append(f"skipped {names} in {folders[0].parent}: a final model saved beside the checkpoints")
+    return [u for u in kept if u.path not in final]
+
+
+def _final_folder(unit: Path, stepped: set[Path]) -> Path | None:
+    """The folder of a final model beside step units (whose folders are ``stepped``), where ``unit`` is one:
+    a model folder with no step (a diffusers pipeline's ``unet/``), or a file in a folder with no step
+    (litgpt's ``final/lit_model.pth`` beside ``step-00000100/``); None for anything else."""
+    if names_a_step(unit):
+        return None
+    folder = unit if unit.is_dir() else unit.parent
+    return folder if folder.parent in stepped and not names_a_step(folder) else None
 
 
 def _matches(root: Path, path: Path, globs: Sequence[str]) -> bool:

@@ -14,16 +14,26 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ema_average.checkpoints import dcp_folder, deepspeed_folder, hf_folder, safetensors_file, torch_file
+from ema_average.checkpoints import (
+    dcp_folder,
+    deepspeed_folder,
+    hf_folder,
+    litgpt_lora,
+    safetensors_file,
+    sentence_transformers_folder,
+    torch_file,
+)
 from ema_average.checkpoints.base import Checkpoint, Layout, OpenOptions, SavedModel, StepInfo
 from ema_average.checkpoints.steps import step_from_name
 
 LAYOUTS: tuple[Layout, ...] = (
     dcp_folder.LAYOUT,
     deepspeed_folder.LAYOUT,
+    sentence_transformers_folder.LAYOUT,  # before hf_folder: its top folder holds a model.safetensors too
     hf_folder.LAYOUT,
     safetensors_file.LAYOUT,
     torch_file.LAYOUT,
+    litgpt_lora.LAYOUT,
 )
 
 
