@@ -142,7 +142,8 @@ class OutputFolder:
             )
         if not self.side_files:
             return f"{weights}; no side files"
-        source = self.unit if self.weights else next(iter(self.side_files.values())).parent
+        sources = {path.parent for path in self.side_files.values()}
+        source = sources.pop() if len(sources) == 1 else self.unit
         return f"{weights} + {', '.join(self.side_files)} (copied from {source})"
 
 

@@ -17,7 +17,7 @@ import struct
 import threading
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ _LOCAL_HEADER = 30  # bytes of a zip local file header before its name and extra
 _CENTRAL_HEADER = 46
 _CENTRAL_SIGNATURE = 0x02014B50
 _DESCRIPTOR_SIGNATURE = b"PK\x07\x08"
+_HAS_DESCRIPTOR = 0x08  # general purpose flag bit 3: CRC and sizes follow the data
 
 
 class TorchFileWriter:
@@ -132,9 +133,10 @@ def _save_layout(path: Path, entries: Sequence[TensorEntry]) -> None:
         torch.save(placeholders, path)
 
 
-def _records(path: Path, entries: Sequence[TensorEntry]) -> dict[str, tuple[int, int, int]]:
-    """Each tensor's record in the zip: (data offset, bytes, central directory entry offset). torch.save
-    numbers storages in the order it pickles them, the dict's order; each record's size is checked."""
+def _records(path: Path, entries: Sequence[TensorEntry]) -> dict[str, tuple[int, int, int, int]]:
+    """Each tensor's record in the zip: (data offset, bytes, central directory entry offset, where its CRC
+    goes beside the data: the data descriptor after it, or the local header before it). torch.save numbers
+    storages in the order it pickles them, the dict's order; each record's size is checked."""
     with zipfile.ZipFile(path) as archive:
         infos = {info.filename.split("/", 1)[-1]: info for info in archive.infolist()}
         central = _central_offsets(path, archive.start_dir, len(archive.infolist()))
@@ -146,11 +148,12 @@ def _records(path: Path, entries: Sequence[TensorEntry]) -> dict[str, tuple[int,
                 raise OutputError(f"{path}: torch.save did not lay out tensor {entry.name!r} as expected")
             f.seek(info.header_offset + 26)
             name_len, extra_len = struct.unpack("<HH", f.read(4))
-            records[entry.name] = (
-                info.header_offset + _LOCAL_HEADER + name_len + extra_len,
-                entry.nbytes,
-                central[info.filename],
-            )
+            start = info.header_offset + _LOCAL_HEADER + name_len + extra_len
+            crc_at = info.header_offset + 14  # the local header's CRC field
+            if info.flag_bits & _HAS_DESCRIPTOR:
+                f.seek(start + entry.nbytes)
+                crc_at = start + entry.nbytes + (4 if f.read(4) == _DESCRIPTOR_SIGNATURE else 0)
+            records[entry.name] = (start, entry.nbytes, central[info.filename], crc_at)
     return records
 
 
@@ -181,22 +184,31 @@ def _reserve(fd: int, size: int, path: Path) -> None:
         raise OutputError(f"{path}: cannot reserve {size} bytes ({exc.strerror})") from exc
 
 
-def _fill_crcs(fd: int, records: object) -> None:
+def _fill_crcs(fd: int, records: Iterable[tuple[int, int, int, int]]) -> None:
     """Each tensor record's CRC-32, into its data descriptor and its central directory entry."""
-    for start, size, central in records:  # type: ignore[attr-defined]
+    for start, size, central, crc_at in records:
         crc = 0
         for offset in range(start, start + size, _CRC_BLOCK):
             crc = zlib.crc32(os.pread(fd, min(_CRC_BLOCK, start + size - offset), offset), crc)
         packed = struct.pack("<I", crc)
-        after = os.pread(fd, 4, start + size)
-        os.pwrite(fd, packed, start + size + (4 if after == _DESCRIPTOR_SIGNATURE else 0))
+        os.pwrite(fd, packed, crc_at)
         os.pwrite(fd, packed, central + 16)
 
 
 def _verify_written(path: Path, entries: Sequence[TensorEntry]) -> None:
-    """Read the file back as a user's ``torch.load(weights_only=True)`` does (mapped: no data read)."""
+    """Read the file back as a user's ``torch.load(weights_only=True)`` does (mapped: no data read), and
+    check every record's local header is intact (what a load that is not mapped reads)."""
     try:
+        with zipfile.ZipFile(path) as archive, open(path, "rb") as f:
+            for info in archive.infolist():
+                f.seek(info.header_offset)
+                if f.read(4) != b"PK\x03\x04":
+                    raise OutputError(
+                        f"{path}: record {info.filename} was damaged while written; nothing was committed"
+                    )
         loaded = torch.load(path, weights_only=True, mmap=True, map_location="cpu")
+    except OutputError:
+        raise
     except Exception as exc:  # torch raises many kinds for a file it cannot read
         raise OutputError(
             f"{path}: the written file does not read back ({exc}); nothing was committed"
