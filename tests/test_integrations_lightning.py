@@ -423,46 +423,264 @@ def test_submodel_ema_reads_the_ema_in_lightning_ckpts(tmp_path: Path) -> None:
     assert_averages_the_ema_copies(tmp_path / "out.safetensors", states)
 
 
-FSDP2_SCRIPT = textwrap.dedent(
+FSDP1_SCRIPT = textwrap.dedent(
     """
-    import sys
     import torch
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FullyShardedDataParallel
     from ema_average.errors import ConfigurationError
     from ema_average.integrations import EmaTracker
 
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
     dist.init_process_group("gloo", rank=0, world_size=1)
-    sharded = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
-    fully_shard(sharded)
     flat = FullyShardedDataParallel(torch.nn.Linear(4, 1), device_id=torch.device("cpu"))
-    for model in (sharded, flat):
-        try:
-            EmaTracker(0.9, 1.0, 10.0, device=None, every=1, evaluate="ema").start(model, 0, training=True)
-            print("averaged")
-        except ConfigurationError as exc:
-            print(exc)
+    try:
+        EmaTracker(0.9, 1.0, 10.0, device=None, every=1, evaluate="ema").start(flat, 0, training=True)
+        print("averaged")
+    except ConfigurationError as exc:
+        print(exc)
     dist.destroy_process_group()
     """
 )
 
 
-def test_fsdp_sharded_parameters_are_refused_at_start_with_one_line(tmp_path: Path) -> None:
-    """FSDP2's DTensors and FSDP's flat parameters, on a real one-rank gloo group."""
-    script = tmp_path / "fsdp2.py"
-    script.write_text(FSDP2_SCRIPT)
+def test_fsdp_flat_parameters_are_refused_at_start_with_one_line(tmp_path: Path) -> None:
+    """FSDP's (the first's) flat parameters, on a real one-rank gloo group."""
+    script = tmp_path / "fsdp1.py"
+    script.write_text(FSDP1_SCRIPT)
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.splitlines() == [
-        "parameter '0.weight' is sharded (a DTensor: FSDP2 or tensor parallel): the EMA callbacks do not save "
-        "such averages yet; use ExponentialMovingAverage(model) in the loop (docs/sharded-training.md)",
         "the model is wrapped in FSDP (FullyShardedDataParallel), whose flat parameters are not the model's: "
-        "the EMA callbacks cannot average them; use FSDP2 (fully_shard) with ExponentialMovingAverage(model) "
-        "in the loop, or DDP",
+        "the EMA callbacks cannot average them; use FSDP2 (fully_shard) under Lightning, DDP, or "
+        "ExponentialMovingAverage(model) in the loop",
     ]
+
+
+FSDP2_SCRIPT = textwrap.dedent(
+    """
+    import sys, warnings
+    from pathlib import Path
+    import torch
+    import lightning as L
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.distributed.fsdp import fully_shard
+    from ema_average.integrations.lightning import EMACallback
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        def configure_model(self):
+            # the root owns net.2 (FSDP2 keeps a root's gathered weights after a forward)
+            mesh = self.device_mesh["data_parallel"]
+            fully_shard(self.net[0], mesh=mesh)
+            fully_shard(self, mesh=mesh)
+        def forward(self, x):
+            return self.net(x)
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self(x), y)
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("val_loss", torch.nn.functional.mse_loss(self(x), y), sync_dist=True)
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    def whole(named):
+        return {n: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().double().clone() for n, t in named}
+
+    class Recorder(L.Callback):
+        # whole weights at the start and after each optimizer step (gathered); the whole EMA of each save
+        def __init__(self):
+            self.steps, self.weights, self.saved = [], [], {}
+        def on_train_start(self, trainer, module):
+            self.steps.append(trainer.global_step)
+            self.weights.append(whole(module.named_parameters()))
+        def on_train_batch_end(self, trainer, module, *args):
+            self.steps.append(trainer.global_step)
+            self.weights.append(whole(module.named_parameters()))
+        def on_save_checkpoint(self, trainer, module, checkpoint):
+            if "ema" in checkpoint:
+                self.saved[trainer.global_step] = whole(checkpoint["ema"].items())
+
+    def fit(folder, callbacks, max_epochs, ckpt_path=None, validate=True, sharded_save=True):
+        torch.manual_seed(0)
+        g = torch.Generator().manual_seed(1)
+        train = torch.utils.data.TensorDataset(torch.randn(16, 4, generator=g), torch.randn(16, 1, generator=g))
+        val = torch.utils.data.TensorDataset(torch.randn(8, 4, generator=g), torch.randn(8, 1, generator=g))
+        saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=folder, save_top_k=-1, filename="{epoch}-{step}")
+        trainer = L.Trainer(
+            strategy=ModelParallelStrategy(
+                data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=sharded_save
+            ),
+            accelerator="cpu",
+            devices=2, max_epochs=max_epochs, callbacks=[*callbacks, saver], logger=False, deterministic=True,
+            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+            limit_val_batches=1.0 if validate else 0,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(
+                Tiny(), torch.utils.data.DataLoader(train, batch_size=2),
+                torch.utils.data.DataLoader(val, batch_size=4), ckpt_path=ckpt_path,
+            )
+        return trainer
+
+    if __name__ == "__main__":
+        out = Path(sys.argv[1])
+        ema, recorder, plain = EMACallback(decay=0.9), Recorder(), Recorder()
+        trainer = fit(out / "whole", [ema, recorder], max_epochs=2)  # validation on the EMA after each epoch
+        fit(out / "plain", [plain], max_epochs=2, validate=False)  # no callback, no validation
+        fit(out / "parts", [EMACallback(decay=0.9)], max_epochs=1)
+        resumed = EMACallback(decay=0.9)
+        fit(out / "parts", [resumed], max_epochs=2, ckpt_path=str(out / "parts" / "epoch=0-step=4.ckpt"))
+        fit(out / "full", [EMACallback(decay=0.9)], max_epochs=1, sharded_save=False)  # one .ckpt file
+        from_full = EMACallback(decay=0.9)
+        fit(out / "full", [from_full], max_epochs=2, ckpt_path=str(out / "full" / "epoch=0-step=4.ckpt"))
+        shards = {n: t.to_local().clone() for n, t in ema.moving_average.averages().items()}
+        torch.save(
+            {
+                "steps": recorder.steps,
+                "weights": recorder.weights,
+                "plain": plain.weights,
+                "saved": recorder.saved,
+                "num_applied": [ema.moving_average.num_applied, resumed.moving_average.num_applied],
+                "shards": shards,
+                "resumed_shards": {n: t.to_local().clone() for n, t in resumed.moving_average.averages().items()},
+                "from_full_shards": {n: t.to_local().clone() for n, t in from_full.moving_average.averages().items()},
+                "whole": whole(ema.moving_average.averages().items()),
+                "val_loss": float(trainer.callback_metrics["val_loss"]),
+            },
+            out / f"rank{trainer.global_rank}.pt",
+        )
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def fsdp2_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+    """Lightning's ModelParallelStrategy (fully_shard in configure_model) on two gloo CPU ranks: a run with
+    the callback (validating each epoch), the same without it, and one stopped after epoch 0 and resumed."""
+    folder = tmp_path_factory.mktemp("fsdp2")
+    script = folder / "fsdp2_ema.py"
+    script.write_text(FSDP2_SCRIPT)
+    env = {**os.environ, "PL_DISABLE_FORK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    done = subprocess.run(
+        [sys.executable, str(script), str(folder)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=folder,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folder, [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+def test_fsdp2_keeps_shard_local_averages_equal_to_a_float64_reference(
+    fsdp2_runs: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    _, ranks = fsdp2_runs
+    record = ranks[0]
+    assert record["steps"] == list(range(9))
+    shadow = dict(record["weights"][0])
+    for step, weights in zip(record["steps"][1:], record["weights"][1:], strict=True):
+        d = min(DECAY, (1 + step) / (10 + step))
+        shadow = {n: d * s + (1 - d) * weights[n] for n, s in shadow.items()}
+    assert_close_to(record["whole"], shadow)
+    # each rank holds its own rows alone (FSDP2 shards dim 0: 8 rows are 4 and 4, 1 row is 1 and 0)
+    assert [tuple(r["shards"]["net.0.weight"].shape) for r in ranks] == [(4, 4), (4, 4)]
+    assert [tuple(r["shards"]["net.2.weight"].shape) for r in ranks] == [(1, 8), (0, 8)]
+    assert torch.equal(
+        torch.cat([r["shards"]["net.0.weight"] for r in ranks]).double(), record["whole"]["net.0.weight"]
+    )
+
+
+def test_fsdp2_validation_sees_the_averages_and_training_goes_on_from_the_raw_weights(
+    fsdp2_runs: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    """The weights after every step equal, bit for bit, those of a run without the callback or validation:
+    the swaps put the training shards back, and FSDP2's gathered copies of the averages are dropped."""
+    _, ranks = fsdp2_runs
+    record = ranks[0]
+    for with_ema, without in zip(record["weights"], record["plain"], strict=True):
+        for name in without:
+            assert torch.equal(with_ema[name], without[name]), name
+    g = torch.Generator().manual_seed(1)
+    torch.randn(16, 4, generator=g), torch.randn(16, 1, generator=g)  # the training data, drawn first
+    x, y = torch.randn(8, 4, generator=g).double(), torch.randn(8, 1, generator=g).double()
+
+    def loss(weights: dict[str, torch.Tensor]) -> float:
+        hidden = torch.tanh(x @ weights["net.0.weight"].T + weights["net.0.bias"])
+        return float(
+            torch.nn.functional.mse_loss(hidden @ weights["net.2.weight"].T + weights["net.2.bias"], y)
+        )
+
+    assert record["val_loss"] == pytest.approx(loss(record["whole"]), rel=1e-5)
+    assert abs(loss(record["whole"]) - loss(record["weights"][-1])) > 1e-3  # the two are told apart
+
+
+def test_fsdp2_stop_and_resume_gives_the_uninterrupted_shards_bit_for_bit(
+    fsdp2_runs: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    """Resumed from the strategy's DCP folder, and from the one file it writes with
+    save_distributed_checkpoint=False (the whole averages, each rank keeping its shard)."""
+    folder, ranks = fsdp2_runs
+    assert (folder / "parts" / "epoch=0-step=4.ckpt" / ".metadata").is_file()  # a DCP folder, as saved
+    assert (folder / "full" / "epoch=0-step=4.ckpt").is_file()
+    for record in ranks:
+        assert record["num_applied"] == [8, 8]
+        for name, shard in record["shards"].items():
+            assert torch.equal(record["resumed_shards"][name], shard), name
+            assert torch.equal(record["from_full_shards"][name], shard), name
+
+
+def test_fsdp2_with_save_distributed_checkpoint_false_the_ckpt_holds_the_gathered_averages(
+    fsdp2_runs: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    folder, ranks = fsdp2_runs
+    saved = torch.load(folder / "full" / "epoch=0-step=4.ckpt", weights_only=True)[EMA_KEY]
+    expected = ranks[0]["saved"][4]  # the whole run's, gathered by the run itself at the same step
+    assert set(saved) == set(expected)
+    for name, tensor in expected.items():
+        assert not hasattr(saved[name], "full_tensor"), name  # a plain tensor, loadable anywhere
+        assert torch.equal(saved[name].double(), tensor), name
+
+
+def test_fsdp2_dcp_folder_holds_the_averages_the_command_reads(
+    fsdp2_runs: tuple[Path, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    """The strategy's DCP folder holds the averages under the top-level key ema, beside state_dict:
+    ``--state-dict-key ema`` averages them."""
+    folder, ranks = fsdp2_runs
+    saved = ranks[0]["saved"]  # the whole EMA at each save, gathered by the run itself
+    done = command_average(folder / "whole", tmp_path / "out.safetensors", "--state-dict-key", "ema")
+    assert done.returncode == 0, done.stderr
+    expected = float64_reference([saved[4], saved[8]], [4, 8], 0.5)
+    got = load_file(str(tmp_path / "out.safetensors"))
+    assert set(got) == set(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name].double(), tensor, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="dcp_folder's opener takes --state-dict-key alone, not --submodel (helper F's file): "
+    "drop this mark when it reads options.state_dict_key or options.submodel as torch_file does",
+)
+def test_fsdp2_submodel_ema_reads_the_averages_in_the_dcp_folders(
+    fsdp2_runs: tuple[Path, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    folder, ranks = fsdp2_runs
+    saved = ranks[0]["saved"]
+    done = command_average(folder / "whole", tmp_path / "out.safetensors", "--submodel", "ema")
+    assert done.returncode == 0, done.stderr
+    expected = float64_reference([saved[4], saved[8]], [4, 8], 0.5)
+    got = load_file(str(tmp_path / "out.safetensors"))
+    assert set(got) == set(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name].double(), tensor, rtol=1e-6, atol=1e-7)
 
 
 def test_validate_with_ckpt_path_evaluates_the_ema_saved_in_it(tmp_path: Path) -> None:

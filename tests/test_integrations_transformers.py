@@ -406,3 +406,50 @@ def test_peft_lora_keeps_and_saves_averages_of_the_adapter_alone(tmp_path: Path)
     assert resumed.moving_average is not None
     for name, tensor in resumed.moving_average.averages().items():
         assert torch.equal(tensor, averages[name]), name
+
+
+FSDP2_SCRIPT = """
+import sys
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from transformers import TrainerControl, TrainerState, TrainingArguments
+from ema_average.errors import ConfigurationError
+from ema_average.integrations.transformers import EMACallback
+
+dist.init_process_group("gloo", rank=0, world_size=1)
+model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+fully_shard(model)
+args = TrainingArguments(sys.argv[1], use_cpu=True, report_to=[])
+try:
+    EMACallback(decay=0.9).on_train_begin(args, TrainerState(), TrainerControl(), model=model)
+    print("averaged")
+except ConfigurationError as exc:
+    print(exc)
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp2_sharded_parameters_are_refused_when_training_starts(tmp_path: Path) -> None:
+    """FSDP2's DTensors (fully_shard on a real one-rank gloo group): the Trainer runs FSDP2 only on
+    accelerators (accelerate drops the plugin on the CPU), where its ema/ save is untested, so one line."""
+    script = tmp_path / "fsdp2.py"
+    script.write_text(FSDP2_SCRIPT)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1:] == [
+        "parameter '0.weight' is sharded (a DTensor: FSDP2 or tensor parallel): the Hugging Face EMA callback "
+        "does not average sharded parameters (accelerate runs FSDP2 on accelerators only, where its ema/ "
+        "save is untested); use Lightning's EMA callback, ExponentialMovingAverage(model) in the loop, or DDP"
+    ]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from ema_average.errors import AverageStateError, ConfigurationError
-from ema_average.moving_average import ExponentialMovingAverage, is_dtensor
+from ema_average.moving_average import ExponentialMovingAverage, is_dtensor, local_part
+from ema_average.moving_average.parameters import fsdp_modules
 
 __all__ = ["EVALUATE_CHOICES", "EmaTracker", "average_model_state", "unwrap_model"]
 
@@ -40,19 +41,20 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _refuse_unsupported(model: torch.nn.Module) -> None:
+def _refuse_unsupported(model: torch.nn.Module, dtensor_refusal: str | None) -> None:
     """Refuse, before the first step, parameters the callbacks cannot average and save correctly.
 
     ZeRO-3 partitions parameters and gathers them only inside forward: an average of the empty placeholders
-    would be a silent wrong EMA; FSDP (the first) flattens them into shards named for none of them. Sharded DTensor parameters (FSDP2, tensor parallel) the engine averages, but
-    the callbacks' saves and resumes of them are not written yet.
+    would be a silent wrong EMA; FSDP (the first) flattens them into shards named for none of them. Sharded
+    DTensor parameters (FSDP2, tensor parallel) the engine averages shard by shard; a callback that cannot
+    save such averages passes ``dtensor_refusal``, the reason it gives.
     """
     fsdp1 = getattr(sys.modules.get("torch.distributed.fsdp"), "FullyShardedDataParallel", None)
     if fsdp1 is not None and any(isinstance(m, fsdp1) for m in model.modules()):
         raise ConfigurationError(
             "the model is wrapped in FSDP (FullyShardedDataParallel), whose flat parameters are not the "
-            "model's: the EMA callbacks cannot average them; use FSDP2 (fully_shard) with "
-            "ExponentialMovingAverage(model) in the loop, or DDP"
+            "model's: the EMA callbacks cannot average them; use FSDP2 (fully_shard) under Lightning, DDP, "
+            "or ExponentialMovingAverage(model) in the loop"
         )
     for name, param in model.named_parameters():
         if hasattr(param, "ds_id") or hasattr(param, "ds_status"):
@@ -60,11 +62,9 @@ def _refuse_unsupported(model: torch.nn.Module) -> None:
                 f"parameter {name!r} is partitioned by DeepSpeed ZeRO-3 (empty outside forward): the EMA "
                 "callback cannot average it; use ZeRO stage 1 or 2, or DDP"
             )
-        if is_dtensor(param):
+        if dtensor_refusal is not None and is_dtensor(param):
             raise ConfigurationError(
-                f"parameter {name!r} is sharded (a DTensor: FSDP2 or tensor parallel): the EMA callbacks do "
-                "not save such averages yet; use ExponentialMovingAverage(model) in the loop "
-                "(docs/sharded-training.md)"
+                f"parameter {name!r} is sharded (a DTensor: FSDP2 or tensor parallel): {dtensor_refusal}"
             )
 
 
@@ -96,6 +96,7 @@ class EmaTracker:
         device: torch.device | str | None,
         every: int,
         evaluate: str,
+        dtensor_refusal: str | None = None,
     ) -> None:
         self.rule = ExponentialMovingAverage.make_rule(
             decay=decay, numerator=numerator, denominator=denominator
@@ -109,11 +110,13 @@ class EmaTracker:
         self.device = device
         self.every = every
         self.evaluate = evaluate
+        self.dtensor_refusal = dtensor_refusal
         self.average: ExponentialMovingAverage | None = None
         self.model: torch.nn.Module | None = None
         self.tracked: list[tuple[str, torch.nn.Parameter]] = []  # the parameters averaged, by name
         self.last_step = 0  # the global step of the last update (or of the start)
         self.swapped = False  # the averages are in the model, the training weights kept aside
+        self._fsdp: list[torch.nn.Module] = []  # FSDP2 modules, resharded around a swap
         self._pending: dict[str, Any] | None = None
 
     # --- building ---------------------------------------------------------------------------------
@@ -128,7 +131,7 @@ class EmaTracker:
         model = unwrap_model(model)
         went_back = training and global_step < self.last_step
         if self.average is None or self.model is not model or went_back:
-            _refuse_unsupported(model)
+            _refuse_unsupported(model, self.dtensor_refusal)
             self.swap_out()  # never leave the averages in a model this tracker stops following
             rule = self.rule
             self.tracked = _averaged_parameters(model)
@@ -136,6 +139,7 @@ class EmaTracker:
                 self.tracked, rule.decay, rule.numerator, rule.denominator, device=self.device
             )
             self.model = model
+            self._fsdp = fsdp_modules(model)
             self.last_step = global_step
         if self._pending is not None:
             pending, self._pending = self._pending, None
@@ -167,6 +171,7 @@ class EmaTracker:
         """Put the averages into the model (training weights kept); whether they were put in."""
         if self.average is None or self.evaluate == "raw" or self.swapped:
             return False
+        self._reshard()
         self.average.assign_average_value()
         self.swapped = True
         return True
@@ -177,6 +182,17 @@ class EmaTracker:
             assert self.average is not None
             self.average.restore()
             self.swapped = False
+            self._reshard()
+
+    def _reshard(self) -> None:
+        """Drop FSDP2's gathered weights (local, no communication), as the engine does for a model given whole.
+
+        The averages cover the trainable parameters only, so the engine is given them by name and does not
+        know the modules: after a forward FSDP2's root keeps its gathered weights, and a forward after a swap
+        would run on them rather than on the shards just swapped.
+        """
+        for module in self._fsdp:
+            module.reshard()  # type: ignore[operator]
 
     # --- saving and resuming ----------------------------------------------------------------------
 
@@ -210,7 +226,8 @@ class EmaTracker:
 
     def _load(self, pending: dict[str, Any]) -> None:
         assert self.average is not None
-        names = list(self.average.averages())
+        live = self.average.averages()
+        names = list(live)
         averages = pending["averages"]
         absent = [n for n in names if n not in averages]
         if absent:
@@ -222,7 +239,7 @@ class EmaTracker:
             "method": pending["method"],
             "settings": pending["settings"],
             "num_applied": pending["num_applied"],
-            "averages": {n: averages[n] for n in names},
+            "averages": {n: _laid_out_as(live[n], averages[n]) for n in names},
         }
         try:
             self.average.load_state_dict(state)
@@ -247,6 +264,23 @@ def average_model_state(
         name = by_identity.get(id(value))
         state[key] = averages[name] if name is not None else value.detach()
     return state
+
+
+def _laid_out_as(live: torch.Tensor, saved: torch.Tensor) -> torch.Tensor:
+    """A whole saved average of a sharded one as this rank's shard alone (a DTensor of ``live``'s layout,
+    cut locally with no communication), so that resuming holds one whole tensor at a time, not the model."""
+    if not is_dtensor(live) or not isinstance(saved, torch.Tensor) or is_dtensor(saved):
+        return saved  # checked, and loaded or refused, by the engine's load_state_dict
+    if tuple(saved.shape) != tuple(live.shape):
+        return saved  # the engine names the mismatch
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    mesh, placements = live.device_mesh, live.placements  # type: ignore[attr-defined]
+    shard = distribute_tensor(saved.to(live.device), mesh, placements, src_data_rank=None)
+    local = local_part(shard).clone()  # not a view that keeps the whole tensor alive
+    return DTensor.from_local(
+        local, mesh, placements, run_check=False, shape=live.shape, stride=live.stride()
+    )
 
 
 def _saved_step(where: str, value: Any) -> int:

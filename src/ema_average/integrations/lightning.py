@@ -7,27 +7,40 @@ metric of the raw weights, its name suffixed ``_raw``. The ``.ckpt`` holds the a
 ``ema`` (the model's ``state_dict`` with float32 averages for its parameters, so
 ``model.load_state_dict(ckpt["ema"])`` and ``ema-average RUN --submodel ema`` read it) and the callback's counter in its own state: ``trainer.fit(ckpt_path=...)`` resumes both.
 
-Under DDP each rank keeps its own average (equal across ranks: DDP keeps the weights equal). Sharded
-parameters (DeepSpeed ZeRO-3, FSDP2's DTensors) are refused when training starts, with one line.
+Under DDP each rank keeps its own average (equal across ranks: DDP keeps the weights equal). Under
+``ModelParallelStrategy`` (FSDP2's ``fully_shard`` and tensor parallel in ``configure_model``) each rank keeps
+the float32 averages of its own shards, updated with no collective. Its checkpoint folder (a DCP save, the
+strategy's default) then holds them sharded, as DTensors under the top-level key ``ema`` beside
+``state_dict`` (``--state-dict-key ema`` reads them; Lightning's ``consolidate_checkpoint`` gives a ``.ckpt``
+whose ``ema`` is the whole averaged model); with ``save_distributed_checkpoint=False`` they are gathered
+into the one ``.ckpt`` as the weights are. DeepSpeed ZeRO-3 and FSDP's flat parameters are refused when
+training starts, with one line.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
 
+if TYPE_CHECKING:
+    from ema_average.checkpoints.dcp_folder import DcpCheckpoint
+
 from ema_average.integrations import EmaTracker, average_model_state
-from ema_average.moving_average import ExponentialMovingAverage
+from ema_average.moving_average import ExponentialMovingAverage, is_dtensor
 
 __all__ = ["EMA_KEY", "EMACallback"]
 
 # The averaged model's top-level key in the .ckpt: a name checkpoints/keys.py knows as an average's, and the
 # one --submodel ema names in the Hugging Face callback's folders.
 EMA_KEY = "ema"
+# What ModelParallelStrategy writes beside the DCP files of a sharded save (lightning.fabric's
+# _METADATA_FILENAME): every key of the checkpoint that is neither weights nor optimizer state.
+_SHARDED_SAVE_META = "meta.pt"
 
 
 class EMACallback(pl.Callback):
@@ -63,6 +76,11 @@ class EMACallback(pl.Callback):
         return self._tracker.average
 
     # --- building and updating ----------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Under a strategy that saves sharded, have its saves hold the sharded averages too."""
+        if _saves_shards(trainer.strategy):
+            _save_averages_with_the_shards(trainer.strategy)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Build the average once the strategy has placed the model and restored the loops."""
@@ -148,13 +166,20 @@ class EMACallback(pl.Callback):
             return
         if not self._tracker.swapped:
             self._tracker.step(trainer.global_step)  # a checkpoint saved before our batch-end hook ran
-        checkpoint[EMA_KEY] = average_model_state(pl_module, self._tracker.average.averages())
+        averaged = average_model_state(pl_module, self._tracker.average.averages())
+        if not _saves_shards(trainer.strategy) and any(is_dtensor(t) for t in averaged.values()):
+            averaged = _gathered(averaged, keep=trainer.is_global_zero)  # the one file the strategy writes
+        checkpoint[EMA_KEY] = averaged
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        where = str(getattr(trainer, "ckpt_path", None) or "the checkpoint")
-        self._loaded = (checkpoint.get(EMA_KEY) or {}, where)
+        path = getattr(trainer, "ckpt_path", None)
+        where = str(path or "the checkpoint")
+        if path and _is_sharded_save(Path(path)):
+            self._loaded = (ShardedAverages(Path(path)), where)
+        else:
+            self._loaded = (checkpoint.get(EMA_KEY) or {}, where)
 
     def state_dict(self) -> dict[str, Any]:
         return self._tracker.state()
@@ -163,6 +188,101 @@ class EMACallback(pl.Callback):
         averages, where = self._loaded
         self._tracker.load(state_dict, averages, where)
         self._loaded = ({}, "the checkpoint")
+
+
+def _saves_shards(strategy: pl.strategies.Strategy) -> bool:
+    """Whether the strategy writes a DCP folder (``ModelParallelStrategy``'s default), where each rank saves
+    its own shards; other strategies write one file from rank 0."""
+    return isinstance(strategy, pl.strategies.ModelParallelStrategy) and bool(
+        getattr(strategy, "_save_distributed_checkpoint", False)
+    )
+
+
+def _is_sharded_save(path: Path) -> bool:
+    return path.is_dir() and (path / _SHARDED_SAVE_META).is_file()
+
+
+def _gathered(averaged: dict[str, torch.Tensor], *, keep: bool) -> dict[str, torch.Tensor]:
+    """Whole tensors on the CPU for a strategy that writes one file from rank 0, as it gathers the weights.
+
+    Every rank takes part in each gather (a collective); only the rank that keeps them holds the whole
+    model, one tensor more at a time on the others.
+    """
+    whole = {}
+    for name, tensor in averaged.items():
+        value = tensor.full_tensor().cpu() if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
+        if keep:
+            whole[name] = value
+    return whole
+
+
+def _save_averages_with_the_shards(strategy: pl.strategies.Strategy) -> None:
+    """Make ``strategy.save_checkpoint`` write the averages into its DCP save, under the top-level ``ema``.
+
+    ``ModelParallelStrategy`` saves only ``state_dict`` and the optimizer states with DCP and pickles every
+    other key into ``meta.pt`` on rank 0, which would keep rank 0's shards alone. This does what its sharded
+    save does (lightning 2.6, ``ModelParallelStrategy.save_checkpoint``) with ``ema`` among the DCP keys;
+    every other save goes to the strategy's own method.
+    """
+    original = strategy.save_checkpoint
+    if getattr(original, "ema_average_saves_shards", False):
+        return
+
+    def save_checkpoint(checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        if EMA_KEY not in checkpoint or storage_options is not None or not _saves_shards(strategy):
+            original(checkpoint, filepath, storage_options=storage_options)
+            return
+        from torch.distributed.checkpoint import save
+
+        path = Path(strategy.broadcast(filepath))
+        if path.is_file():
+            path.unlink()
+        path.mkdir(parents=True, exist_ok=True)
+        optimizers = checkpoint.pop("optimizer_states", [])
+        state = {
+            "state_dict": checkpoint.pop("state_dict"),
+            **{f"optimizer_{i}": optimizer for i, optimizer in enumerate(optimizers)},
+            EMA_KEY: checkpoint.pop(EMA_KEY),
+        }
+        save(state, checkpoint_id=path)
+        if strategy.global_rank == 0:
+            torch.save(checkpoint, path / _SHARDED_SAVE_META)
+
+    save_checkpoint.ema_average_saves_shards = True  # type: ignore[attr-defined]
+    strategy.save_checkpoint = save_checkpoint  # type: ignore[method-assign]
+
+
+class ShardedAverages(Mapping[str, torch.Tensor]):
+    """The averages in a sharded save's ``ema``, read one whole tensor at a time when asked for.
+
+    Read through the project's DCP reader (its ``.metadata`` checked, never unpickled with plain pickle);
+    the tracker keeps only this rank's shard of each. Every rank reads the same names in the same order.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._checkpoint: DcpCheckpoint | None = None
+
+    def _opened(self) -> DcpCheckpoint:
+        if self._checkpoint is None:
+            from ema_average.checkpoints.dcp_folder import DcpCheckpoint
+
+            self._checkpoint = DcpCheckpoint(self.folder, state_dict_key=EMA_KEY)
+        return self._checkpoint
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._opened().specs()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self:
+            raise KeyError(name)
+        return self._opened().read(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._opened().specs())
+
+    def __len__(self) -> int:
+        return len(self._opened().specs())
 
 
 @contextmanager

@@ -13,7 +13,9 @@ averages for its parameters, tied names once, as ``save_pretrained`` writes them
 
 Under DDP each rank keeps its own average (equal across ranks) and rank 0 writes ``ema/``. DeepSpeed ZeRO
 1-2 keep whole parameters on every rank and work as DDP does; ZeRO-3 (parameters empty outside forward) is
-refused when training starts.
+refused when training starts. So are FSDP2's sharded (DTensor) parameters: the Trainer's FSDP2 runs through
+accelerate on accelerators only (on the CPU accelerate drops the FSDP plugin and wraps the model in DDP), so
+the gathering save of ``ema/`` it would need cannot be tested here; the Lightning callback keeps them.
 """
 
 from __future__ import annotations
@@ -34,6 +36,13 @@ from ema_average.output import SafetensorsWriter, TensorEntry
 from ema_average.safetensors_format import TensorSpec
 
 __all__ = ["EMA_FOLDER", "STATE_METADATA_KEY", "EMACallback"]
+
+# Why FSDP2's DTensor parameters are refused at the start of training (see the module's docstring).
+DTENSOR_REFUSAL = (
+    "the Hugging Face EMA callback does not average sharded parameters (accelerate runs FSDP2 on "
+    "accelerators only, where its ema/ save is untested); use Lightning's EMA callback, "
+    "ExponentialMovingAverage(model) in the loop, or DDP"
+)
 
 EMA_FOLDER = "ema"  # checkpoint-N/ema/
 WEIGHTS_NAME = "model.safetensors"
@@ -69,7 +78,13 @@ class EMACallback(TrainerCallback):
                 "training give both"
             )
         self._tracker = EmaTracker(
-            decay, numerator, denominator, device=device, every=every, evaluate=evaluate
+            decay,
+            numerator,
+            denominator,
+            device=device,
+            every=every,
+            evaluate=evaluate,
+            dtensor_refusal=DTENSOR_REFUSAL,
         )
 
     @property
