@@ -521,8 +521,9 @@ def test_zero_based_counts_still_add_one(tmp_path: Path) -> None:
 def test_torchtnt_fit_folders_are_read_at_their_training_step(tmp_path: Path) -> None:
     """Reproduced from torchtnt's ``DistributedCheckpointSaver`` (docs/trainer-layouts.md, section 2): the
     ``fit`` entry point names its DCP folders ``epoch_{E}_train_step_{N}_eval_step_{M}`` (N: training steps,
-    M: evaluation steps) and saves ``{"app_state": {module, optimizer, train_progress}}``. The step is N
-    (the name's last number, M, was taken)."""
+    M: evaluation steps) and saves ``{"app_state": {module, optimizer, train_progress}}``. The step is N:
+    from ``train_progress`` inside (a counter in the save wins over its name), and from the name too when
+    asked (the name's last number, M, was once taken)."""
     import warnings
 
     import torch.distributed.checkpoint as dcp
@@ -541,11 +542,14 @@ def test_torchtnt_fit_folders_are_read_at_their_training_step(tmp_path: Path) ->
             warnings.simplefilter("ignore")
             dcp.save({"app_state": app_state}, checkpoint_id=str(folder))
     run = find_run(tmp_path / "run")
-    assert [(c.step, c.step_origin) for c in run.checkpoints] == [
+    inside = "metadata:app_state.train_progress.num_steps_completed"
+    assert [(c.step, c.step_origin) for c in run.checkpoints] == [(4, inside), (8, inside)]
+    assert_matches_reference(run.checkpoints, states)
+    by_name = find_run(tmp_path / "run", steps_from="filename")
+    assert [(c.step, c.step_origin) for c in by_name.checkpoints] == [
         (4, "filename:train_step_N"),
         (8, "filename:train_step_N"),
     ]
-    assert_matches_reference(run.checkpoints, states)
 
 
 # Selection before comparison (issue 17, item 1) --------------------------------------------------------
