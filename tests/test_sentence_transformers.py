@@ -219,3 +219,16 @@ def test_a_module_path_outside_the_model_is_refused(run: Path, tmp_path: Path, p
     assert f"modules.json: lists module path {path!r}, not a folder inside the model" in result.output
     assert "Traceback" not in result.output
     assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
+
+
+def test_max_shard_size_keeps_each_module_in_the_file_it_loads_from(run: Path, tmp_path: Path) -> None:
+    """Dense loads one model.safetensors, never an index: a module saved whole stays whole."""
+    from sentence_transformers import SentenceTransformer
+
+    out = tmp_path / "avg"
+    cli(run, "-o", f"{out}/", "--decay", str(DECAY), "--max-shard-size", "256")
+    assert sorted(p.name for p in (out / "2_Dense").glob("*.safetensors")) == ["model.safetensors"]
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+    reference, _ = reference_model(run, tmp_path)
+    got = SentenceTransformer(str(out), device="cpu").encode(SENTENCES, convert_to_tensor=True)
+    torch.testing.assert_close(got, reference.encode(SENTENCES, convert_to_tensor=True), rtol=1e-5, atol=1e-6)

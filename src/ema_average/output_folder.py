@@ -107,7 +107,8 @@ class OutputFolder:
         """The writer of this folder at ``output``, its side files already in; ``max_shard_size`` is
         ``--max-shard-size`` (None: each weights file sharded as its input was)."""
         weights = [
-            replace(w, max_shard_size=max_shard_size or w.max_shard_size or _ONE_FILE) for w in self.weights
+            replace(w, max_shard_size=(max_shard_size or w.max_shard_size) if w.shardable else _ONE_FILE)
+            for w in self.weights
         ]
         writer = ShardedWriter(
             output,
@@ -182,12 +183,17 @@ def _side_files(folder: Path, names: Sequence[str], unit: Path, into: str = "") 
 
 def _modules_folder(saved: SavedModules, unit: Path) -> OutputFolder:
     """A sentence-transformers model: each module's weights back in its sub-folder (its tensors are named
-    ``FOLDER/NAME`` in the checkpoint), each module's configs beside them, ``modules.json`` on top."""
+    ``FOLDER/NAME`` in the checkpoint), each module's configs beside them, ``modules.json`` on top. Only a
+    module saved in shards is written in shards (``--max-shard-size`` sets their size): the library loads
+    other modules (``Dense``, ``StaticEmbedding``) from one file."""
     weights, side = [], {}
     for module in saved.modules:
         if module.weights_name is not None:
             prefix = f"{module.folder}/" if module.folder else ""
-            weights.append(WeightsFile(module.weights_name, module.folder, prefix, module.shard_bytes))
+            sharded = module.shard_bytes is not None  # else its loader may read one file only (Dense)
+            weights.append(
+                WeightsFile(module.weights_name, module.folder, prefix, module.shard_bytes, sharded)
+            )
         names = _side_names(module.weights_name or "", SENTENCE_TRANSFORMERS_FILES)
         side.update(_side_files(saved.folder / module.folder, names, unit, module.folder))
     folders = tuple(m.folder for m in saved.modules if m.folder)

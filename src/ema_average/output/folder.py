@@ -39,12 +39,14 @@ class WeightsFile:
     output tensors it holds: those named ``prefix + NAME``, stored as ``NAME`` (a sentence-transformers
     module's ``2_Dense/linear.weight`` is ``2_Dense/model.safetensors``'s ``linear.weight``). A
     ``.safetensors`` name is split into shards of at most ``max_shard_size`` bytes (the writer's when
-    None) behind an index; any other name is one ``torch.save`` file of a plain state dict."""
+    None) behind an index; any other name is one ``torch.save`` file of a plain state dict. A file whose
+    loader reads no index (a sentence-transformers ``Dense``) is not ``shardable``: always one file."""
 
     name: str = "model.safetensors"
     folder: str = ""
     prefix: str = ""
     max_shard_size: int | None = None
+    shardable: bool = True
 
     @property
     def is_torch(self) -> bool:
