@@ -2,13 +2,13 @@
 
 discover -> plan -> stream chunks of tensor bytes, each folded over every checkpoint while in cache, into
 one output per average -> commit. Knows nothing of the command line: progress goes out through a callback.
+Where the outputs go and the checks on them before any work are in :mod:`ema_average.output_plan`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import resource
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -21,7 +21,6 @@ from ema_average import streaming
 from ema_average.checkpoints import Checkpoint, Run, find_run
 from ema_average.checkpoints.discover import StepsFrom
 from ema_average.errors import (
-    CheckpointError,
     ConfigurationError,
     DeviceError,
     NoCheckpointsError,
@@ -33,15 +32,22 @@ from ema_average.output import (
     ShardedWriter,
     TensorEntry,
     commit_together,
-    name_problem,
     remove_stale_temporaries,
 )
-from ema_average.output_folder import SIDE_FILES, OutputFolder, is_folder, plan_folder
+from ema_average.output_folder import SIDE_FILES, OutputFolder
+from ema_average.output_plan import (
+    check_names,
+    check_not_an_input,
+    check_sizes,
+    output_folder,
+    output_paths,
+)
+from ema_average.output_plan import default_output as default_output  # re-exported: watch, tests
+from ema_average.output_plan import labelled as labelled  # re-exported: tests
 from ema_average.plan import (
     AverageSettings,
     CheckpointSelection,
     Chunk,
-    OutputTensor,
     Plan,
     PlannedAverage,
     TensorSelection,
@@ -55,7 +61,6 @@ from ema_average.plan import (
 )
 from ema_average.resume import Resumed, check_resumable, left_out, open_resumed, output_metadata
 from ema_average.safetensors_format import TensorSpec
-from ema_average.sizes import physical_memory
 
 Progress = Callable[[int], None]  # bytes just processed
 
@@ -197,12 +202,6 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def default_output(checkpoint_dir: Path, *, folder: bool = False) -> Path:
-    """Beside the run's folder, never inside it, where a later run would find it as an input."""
-    run = checkpoint_dir.resolve()
-    return run.parent / (f"{run.name}-ema" if folder else f"{run.name}-ema.safetensors")
-
-
 def prepare(options: RunOptions, *, dry_run: bool = False, only: set[Path] | None = None) -> PreparedRun:
     """Find the run, plan the work and check device and outputs: every input error surfaces here.
 
@@ -222,7 +221,7 @@ def prepare(options: RunOptions, *, dry_run: bool = False, only: set[Path] | Non
     if options.threads is not None and options.threads < 1:
         raise ConfigurationError(f"--threads must be at least 1, got {options.threads}")
     device = resolve_device(options.device)
-    outputs = _output_paths(options, labels)
+    outputs = output_paths(options, labels)
     run = find_run(
         options.checkpoint_dir,
         state_dict_key=options.state_dict_key,
@@ -246,12 +245,12 @@ def prepare(options: RunOptions, *, dry_run: bool = False, only: set[Path] | Non
         run.notices += older
         checkpoints = [c for c in checkpoints if (c.step or 0) > resumed.progress.last_step]
     for output in outputs:
-        _check_output_is_not_an_input(output, run.units)
+        check_not_an_input(output, run.units)
     threads = options.threads or streaming.default_threads(device)
     plan = make_plan(run, checkpoints, resumed, options, labels, device)
     first = checkpoints[0] if checkpoints else run.checkpoints[-1]
-    _check_names(plan.outputs, first)
-    _check_sizes(plan, first, outputs[0], threads)
+    check_names(plan.outputs, first)
+    check_sizes(plan, first, outputs[0], threads)
     continuing = options.resume is not None and outputs[0].resolve() == options.resume.resolve()
     for output in outputs:
         if output.exists() and not (options.overwrite or continuing):
@@ -259,107 +258,10 @@ def prepare(options: RunOptions, *, dry_run: bool = False, only: set[Path] | Non
                 raise OutputError(f"{output}: already exists; pass --overwrite to replace it")
             plan.notes.append(f"{output} already exists: a real run needs --overwrite")
     may_replace = options.overwrite or continuing
-    folder = _output_folder(outputs, checkpoints)
+    folder = output_folder(outputs, checkpoints)
     return PreparedRun(
         options, run, checkpoints, plan, outputs, device, threads, resumed, may_replace, older, folder
     )
-
-
-def _output_paths(options: RunOptions, labels: list[str]) -> list[Path]:
-    """The outputs: .safetensors files, or folders that ``from_pretrained`` loads (``-o`` naming anything
-    else, or ``--max-shard-size``); with several averages, each named for its label
-    (``out.safetensors`` -> ``out-decay0.999.safetensors``, ``out/`` -> ``out-decay0.999/``)."""
-    sharded = options.max_shard_size is not None
-    output = options.output or options.resume or default_output(options.checkpoint_dir, folder=sharded)
-    if sharded and not is_folder(output):
-        raise ConfigurationError(
-            f"--max-shard-size writes a folder of shards and an index: give -o FOLDER, not {output.name}"
-        )
-    folder = is_folder(output)
-    if folder and output.name in ("", ".."):
-        raise ConfigurationError(f"-o {output}: name the output folder (e.g. -o run-ema/)")
-    if folder and options.resume is not None:
-        raise ConfigurationError(
-            f"--resume continues a single .safetensors file; {output.name} would be a folder "
-            "(give -o OUT.safetensors, and no --max-shard-size)"
-        )
-    outputs = [output] if len(labels) == 1 else [labelled(output, label) for label in labels]
-    for path in outputs:
-        if not folder and path.is_dir():
-            raise OutputError(f"{path}: is a folder; give a file name ending .safetensors")
-    return outputs
-
-
-def _output_folder(outputs: list[Path], checkpoints: list[Checkpoint]) -> OutputFolder | None:
-    """For folder outputs, what each holds besides the averages: the input's weights name and the latest
-    checkpoint's side files (checked now, before any work); None for .safetensors files."""
-    if not is_folder(outputs[0]):
-        return None
-    return plan_folder(checkpoints[-1]) if checkpoints else OutputFolder()
-
-
-def labelled(output: Path, label: str) -> Path:
-    """``output`` with an average's label before its suffix: where that average of several is written."""
-    if output.suffix == ".safetensors":
-        return output.with_name(f"{output.stem}-{label}.safetensors")
-    return output.with_name(f"{output.name}-{label}")
-
-
-def _check_output_is_not_an_input(output: Path, units: list[Path]) -> None:
-    """Writing over a checkpoint (``-o`` naming one, with ``--overwrite``) would destroy the user's data.
-
-    Every candidate counts, including those discovery skipped (copies such as checkpoint_last.pt).
-    """
-    target = output.resolve()
-    for path in units:
-        unit = path.resolve()
-        if target == unit or unit in target.parents or target in unit.parents:
-            raise OutputError(
-                f"{output}: is (or is inside, or holds) the checkpoint {path}; write the average somewhere else"
-            )
-
-
-def _check_names(outputs: list[OutputTensor], first: Checkpoint) -> None:
-    """Names safetensors cannot store are refused now, not found out after the work."""
-    for t in outputs:
-        problem = name_problem(t.name)
-        if problem is not None:
-            raise CheckpointError(
-                first.path, f"tensor {t.name!r} cannot be written to safetensors: {problem}"
-            )
-
-
-def _check_sizes(plan: Plan, first: Checkpoint, output: Path, threads: int) -> None:
-    """A tensor that cannot fit is refused now, naming it, rather than failing midway: chunks bound the
-    memory, but a tensor kept whole (sources that read only whole tensors) needs it once per worker, and
-    every tensor needs its room on disk (a sparse file of a few KB can claim terabytes)."""
-    largest = max(plan.outputs, key=lambda t: t.spec.numel * t.out_dtype.itemsize)
-    needed = largest.spec.numel * largest.out_dtype.itemsize
-    folder = _existing_parent(output)
-    with contextlib.suppress(OSError):
-        free = shutil.disk_usage(folder).free
-        if needed > free:
-            raise CheckpointError(
-                first.path,
-                f"tensor {largest.input_name!r} ({list(largest.spec.shape)}) needs {needed} bytes of output, "
-                f"more than the {free} bytes free in {folder}",
-            )
-    whole = max((c.numel * 3 * 8 for c in plan.chunks), default=0) * threads  # staging, shadow, scratch
-    total = physical_memory()
-    if total is not None and whole > total:
-        chunk = max(plan.chunks, key=lambda c: c.numel)
-        raise CheckpointError(
-            first.path,
-            f"tensor {chunk.pieces[0].input_name!r} is read whole by this layout and needs about {whole} bytes of "
-            f"working memory on {threads} thread(s), more than this machine's {total}",
-        )
-
-
-def _existing_parent(path: Path) -> Path:
-    folder = path.resolve().parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    return folder
 
 
 def make_plan(
