@@ -401,6 +401,21 @@ def signalled_child(
         timer.cancel()
 
 
+@contextlib.contextmanager
+def interrupts_raise() -> Iterator[None]:
+    """For a test that signals its own process: within the block Ctrl-C raises ``KeyboardInterrupt`` and
+    SIGTERM is at its default, as in a Python started from a terminal, even when the launcher of the test
+    run ignored them (Python then keeps SIGINT ignored); the launcher's dispositions come back after."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def signal_when(proc: subprocess.Popen, sig: int, ready: Callable[[], bool]) -> None:
     """Send ``sig`` at a moment ``ready()`` holds, with no race: the child is stopped (SIGSTOP) while
     ``ready`` looks at it, and the signal is pending before it runs another instruction. Fails if the

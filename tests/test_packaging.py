@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import signalled_child
+from helpers import interrupts_raise, signalled_child
 
 ROOT = Path(__file__).resolve().parents[1]
 EXE = str(Path(sys.executable).parent / "ema-average")
@@ -63,6 +63,37 @@ def test_version_and_help_answer_without_importing_torch(flag: str, answer: str)
     modules = imported_modules(result.stderr)
     assert {"ema_average.__main__", "ema_average.cli"} <= modules  # the list is real and complete
     assert sorted(m for m in modules if m.split(".")[0] == "torch") == []
+
+
+def imports_of(source: Path) -> set[str]:
+    """The modules a source file imports (absolute, or relative to the ``ema_average`` package), anywhere in it."""
+    import ast
+
+    package = ".".join(source.relative_to(ROOT / "src").parent.parts)
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(source.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join([*package.split(".")[: len(package.split(".")) - node.level + 1], base])
+            names.update([base.rstrip("."), *(f"{base.rstrip('.')}.{alias.name}" for alias in node.names)])
+    return names
+
+
+def test_only_the_entry_point_imports_the_command_line() -> None:
+    # Imports flow one way: cli* -> watch/pipeline/...; a module below the command that imported it would
+    # pull typer and rich into the library and tie the engine to the command's options.
+    package = ROOT / "src" / "ema_average"
+    command = {f"ema_average.{p.stem}" for p in package.glob("cli*.py")}
+    assert {"ema_average.cli", "ema_average.cli_options", "ema_average.cli_report"} <= command
+    importers = {
+        str(source.relative_to(package))
+        for source in package.rglob("*.py")
+        if not source.name.startswith("cli") and imports_of(source) & command
+    }
+    assert importers == {"__main__.py"}
 
 
 def test_python_dash_m_runs_the_command() -> None:
@@ -240,3 +271,18 @@ def test_a_signalled_child_starts_with_default_dispositions() -> None:
             signal.signal(sig, handler)
     assert inherited == "ignored ignored\n"  # what a plain child of such a launcher gets
     assert given == "raises default\n"  # Ctrl-C raises KeyboardInterrupt, SIGTERM ends it
+
+
+def test_a_test_that_signals_itself_gets_ctrl_c_raising() -> None:
+    # The same launcher leaves the test run itself with Ctrl-C ignored (Python keeps an inherited SIG_IGN):
+    # a test that signals its own process does so inside interrupts_raise, which gives the launcher's back.
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(KeyboardInterrupt), interrupts_raise():
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+            signal.raise_signal(signal.SIGINT)
+        restored = [signal.getsignal(sig) for sig in saved]
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert restored == [signal.SIG_IGN, signal.SIG_IGN]
