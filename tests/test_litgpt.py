@@ -191,3 +191,30 @@ def test_torch_file_writer_refuses_what_was_not_planned_and_an_unfinished_file(t
         writer.commit()
     writer.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_lora_run_gives_the_adapter_file_merge_lora_reads(tmp_path: Path) -> None:
+    """finetune/lora.py's ``save_lora_checkpoint``: ``step-00000N/lit_model.pth.lora`` = ``torch.save({"model":
+    lora weights})``, with ``hyperparameters.yaml`` (merge_lora reads the LoRA settings there) beside it."""
+    out = tmp_path / "out"
+    states = []
+    for step in STEPS:
+        folder = out / f"step-{step:06d}"
+        folder.mkdir(parents=True)
+        g = torch.Generator().manual_seed(step)
+        lora = {"transformer.h.0.attn.qkv.lora_A": torch.randn(4, 16, generator=g)}
+        lora["transformer.h.0.attn.qkv.lora_B"] = torch.randn(48, 4, generator=g)
+        torch.save({"model": lora}, folder / "lit_model.pth.lora")
+        (folder / "model_config.yaml").write_text(yaml.dump(CONFIG))
+        (folder / "hyperparameters.yaml").write_text(yaml.dump({"lora_r": 4, "step": step}))
+        states.append(lora)
+    avg = tmp_path / "avg"
+    cli(out, "-o", f"{avg}/", "--decay", str(DECAY))
+    names = {"lit_model.pth.lora", "model_config.yaml", "hyperparameters.yaml", "ema_average.json"}
+    assert {p.name for p in avg.iterdir()} == names
+    latest = out / "step-000006"
+    for side in ["model_config.yaml", "hyperparameters.yaml"]:
+        assert (avg / side).read_bytes() == (latest / side).read_bytes()
+    loaded = torch.load(avg / "lit_model.pth.lora", weights_only=True)
+    for name, tensor in ema64(states).items():
+        torch.testing.assert_close(loaded[name].double(), tensor, rtol=2e-6, atol=2e-7, msg=name)
