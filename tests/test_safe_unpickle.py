@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
+import functools
+import operator
+import os
 from pathlib import Path
 
 import pytest
@@ -22,6 +26,45 @@ class Harmless:
         self.value = 3
 
 
+class Adds:
+    """Unpickled, this calls ``operator.add``: a standard-library callable, refused; harmless if run."""
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (operator.add, (1, 2))
+
+
+class TrainerState:
+    """A trainer's own object; unpickling it for real (its ``__setstate__``) writes a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+        self.history = torch.ones(3)  # a tensor inside an object: no weight
+
+    def __setstate__(self, state: dict) -> None:
+        Path(state["marker"]).touch()
+        self.__dict__.update(state)
+
+
+class Launcher:
+    def run(self, marker: str) -> None:
+        Path(marker).touch()
+
+
+class CallsAMethod:
+    """Unpickled, this calls ``Launcher().run(marker)``: a bound method pickles as getattr(obj, "run")."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (Launcher().run, (str(self.marker),))
+
+
+class GetattrOnAType:
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (getattr, (collections.OrderedDict, "fromkeys"))
+
+
 @pytest.mark.parametrize("zip_format", [True, False])
 def test_malicious_pickle_never_runs(tmp_path: Path, zip_format: bool) -> None:
     marker = tmp_path / "pwned"
@@ -38,17 +81,78 @@ def test_malicious_pickle_never_runs(tmp_path: Path, zip_format: bool) -> None:
 
 def test_refusal_names_the_global(tmp_path: Path) -> None:
     path = tmp_path / "custom.pt"
-    torch.save({"model": {"w": torch.zeros(2)}, "extra": Harmless()}, path)
-    with pytest.raises(UnsafeCheckpointError, match="Harmless"):
+    torch.save({"model": {"w": torch.zeros(2)}, "extra": Adds()}, path)
+    with pytest.raises(UnsafeCheckpointError, match=r"needs arbitrary unpickling \(_operator\.add\)"):
         TorchCheckpoint(path)
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_a_trainers_object_loads_as_a_placeholder_named_in_the_plan(tmp_path: Path, zip_format: bool) -> None:
+    path, marker = tmp_path / "custom.pt", tmp_path / "ran"
+    state = {"model": {"w": torch.arange(3.0)}, "extra": TrainerState(marker), "step": 4}
+    torch.save(state, path, _use_new_zipfile_serialization=zip_format)
+    for trust_pickle in (False, True):  # the safe load reads it: no full unpickling, even when trusted
+        ckpt = TorchCheckpoint(path, trust_pickle=trust_pickle)
+        assert ckpt.tensor_names() == ["w"]  # the tensor inside the object is no weight
+        assert ckpt.read("w").tolist() == [0.0, 1.0, 2.0]
+        described = ckpt.choices[0].describe()
+        assert described == f"read model; not averaged: extra: {__name__}.TrainerState object (not read)"
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # the control: unpickling it for real runs its code
+    assert marker.exists()
 
 
 def test_trust_pickle_opts_in_with_a_warning(tmp_path: Path) -> None:
     path = tmp_path / "custom.pt"
-    torch.save({"model": {"w": torch.arange(3.0)}, "extra": Harmless()}, path)
+    torch.save({"model": {"w": torch.arange(3.0)}, "extra": Adds()}, path)
     with pytest.warns(UserWarning, match="full unpickling"):
         ckpt = TorchCheckpoint(path, trust_pickle=True)
     assert ckpt.read("w").tolist() == [0.0, 1.0, 2.0]
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+@pytest.mark.parametrize("payload", ["method", "partial", "in-object", "getattr-on-a-type", "torch.load"])
+def test_payloads_beside_placeholders_never_run(tmp_path: Path, zip_format: bool, payload: str) -> None:
+    marker = tmp_path / "pwned"
+    made = {
+        "method": lambda: CallsAMethod(marker),
+        "partial": lambda: functools.partial(os.system, f"touch {marker}"),
+        "in-object": lambda: (Harmless(), TrainerState.__new__(TrainerState)),
+        "getattr-on-a-type": GetattrOnAType,
+        "torch.load": lambda: functools.partial(torch.load, str(marker)),
+    }[payload]()
+    if payload == "in-object":  # a payload inside a trainer's object's state
+        made[1].__dict__.update(marker=str(marker), hook=WritesMarker(marker))
+    path = tmp_path / "evil.pt"
+    torch.save(
+        {"model": {"w": torch.zeros(2)}, "extra": made}, path, _use_new_zipfile_serialization=zip_format
+    )
+    if marker.exists():
+        marker.unlink()
+    with pytest.raises(
+        UnsafeCheckpointError, match=r"evil\.pt: (needs arbitrary unpickling|pickles an object)"
+    ):
+        TorchCheckpoint(path)
+    assert not marker.exists()
+
+
+def test_getattr_chains_on_placeholders_stay_short() -> None:
+    from ema_average.checkpoints import placeholders
+
+    value: object = placeholders.placeholder_class("trainer.pkg.Thing")
+    for _ in range(10_000):
+        value = placeholders.inert_getattr(value, "a" * 1000)
+    assert len(repr(value)) < 300
+    with pytest.raises(placeholders.RefusedCall):
+        placeholders.inert_getattr(collections.OrderedDict(), "popitem")
+
+
+def test_kinds_of_placeholders_in_a_file_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(safe_unpickle, "MAX_PLACEHOLDERS", 1)
+    path = tmp_path / "many.pt"
+    torch.save({"model": {"w": torch.zeros(2)}, "a": Harmless(), "b": Launcher()}, path)
+    with pytest.raises(CheckpointError, match=r"many\.pt: names more than 1 kinds of pickled objects"):
+        TorchCheckpoint(path)
 
 
 def test_pure_data_objects_load_without_opt_in(tmp_path: Path) -> None:
@@ -105,7 +209,7 @@ def test_stand_ins_for_a_legacy_file_are_bounded(tmp_path: Path, monkeypatch: py
     path = tmp_path / "old.pt"
     extra = {"a": argparse.Namespace(x=1), "b": datetime.timedelta(days=1)}
     torch.save({"model": {"w": torch.zeros(2)}, **extra}, path, _use_new_zipfile_serialization=False)
-    with pytest.raises(CheckpointError, match=r"old\.pt: names more than 1 kinds of plain-data objects"):
+    with pytest.raises(CheckpointError, match=r"old\.pt: names more than 1 kinds of pickled objects"):
         TorchCheckpoint(path)
 
 

@@ -50,6 +50,10 @@ class UnsafeCheckpointError(CheckpointError):
     """A torch file needs arbitrary unpickling, which is refused unless the user opts in."""
 
 
+class MissingPackageError(CheckpointError):
+    """Full unpickling (--trust-pickle) needs a trainer's package that is not installed: not damage."""
+
+
 class CheckpointMismatchError(CheckpointError, ValueError):
     """Checkpoints of one run disagree on tensor names, shapes or dtypes, or on their steps."""
 

@@ -5,8 +5,11 @@ beside the weights (fairseq's ``argparse.Namespace`` and omegaconf ``cfg``, nump
 ``datetime`` stamps, ``torch.__version__``), which ``weights_only`` refuses. For a short list of such
 pure-data names we hand the unpickler an inert stand-in class of our own under that name: it records
 nothing and calls nothing, so the file's tensors load and no code the file names is ever imported or
-run. Any other global is refused with the names listed, unless the user opts in with ``--trust-pickle``
-(a full, unsafe ``torch.load``, with a warning).
+run. A trainer's own objects (mmengine's ``HistoryBuffer``, a pickled model) load the same way as
+placeholders that record their class's name (:mod:`ema_average.checkpoints.placeholders`). Callables of
+the standard library and of torch are refused with the names listed; ``--trust-pickle`` then opts in to
+a full, unsafe ``torch.load``, with a warning, but only where the safe load refused the file or found
+its weights in a pickled object; a package that full unpickling needs and that is missing is named.
 
 DCP ``.metadata`` files are plain pickles of torch's own metadata dataclasses; they are read with
 :class:`DcpMetadataUnpickler`, which resolves only those classes and torch's dtype/layout constants.
@@ -31,7 +34,19 @@ import torch
 
 from ema_average._torch_compat import layout_unpickler
 from ema_average.checkpoints.base import damage_of, require_regular_file
-from ema_average.errors import CheckpointError, TrustPickleWarning, UnsafeCheckpointError
+from ema_average.checkpoints.placeholders import (
+    MAX_PLACEHOLDERS,
+    RefusedCall,
+    inert_getattr,
+    may_stand_in,
+    placeholder_class,
+)
+from ema_average.errors import (
+    CheckpointError,
+    MissingPackageError,
+    TrustPickleWarning,
+    UnsafeCheckpointError,
+)
 
 # Pure data seen in real checkpoints; never imported, only stood in for. An enum member pickles under
 # its own class's name, so an enum is added here by its full name once a trainer is known to save one.
@@ -64,6 +79,13 @@ _DATA_ONLY_NAMES = {
 
 # A legacy (non-zip) file's globals are only learnt one refusal at a time; each retry adds a stand-in.
 MAX_STAND_INS = 64
+
+# torch's weights_only refusals of a pickle's structure (an object that is a dict or list subclass, a
+# call of something that is no global): the file needs more than data, which is no damage.
+_REFUSED_STRUCTURE = re.compile(
+    r"(Can only (?:build|create new object|append|extend|SETITEMS?)\b[^\n]*"
+    r"|Trying to call reduce for unrecognized function[^\n]*)"
+)
 
 # How weights_only names a global it refuses (torch 2.x messages); builtins are shown without "builtins.".
 _REFUSED_GLOBAL = re.compile(
@@ -110,6 +132,19 @@ def is_data_only(name: str) -> bool:
     return name in _DATA_ONLY_NAMES or name.startswith(_DATA_ONLY_PREFIXES)
 
 
+def stand_in_for(name: str) -> Any | None:
+    """What the unpickler gets for the global ``name`` instead of the real thing, or ``None`` where the
+    name is refused: an inert dict for pure data, a placeholder for a trainer's object, ``getattr``
+    only on placeholders."""
+    if is_data_only(name):
+        return InertStandIn
+    if name == "builtins.getattr":
+        return inert_getattr
+    if may_stand_in(name):
+        return placeholder_class(name)
+    return None
+
+
 def load_torch_file(path: Path, *, trust_pickle: bool = False) -> tuple[Any, bool]:
     """The unpickled object and whether it is memory-mapped (lazy); never runs code from the file.
 
@@ -123,7 +158,7 @@ def load_torch_file(path: Path, *, trust_pickle: bool = False) -> tuple[Any, boo
     mmap = zipfile.is_zipfile(path)
     if mmap:
         check_zip_members(path, size)  # a record past the end of a mapped file is a SIGBUS, not an error
-    return _load(path, trust_pickle, mmap=mmap), mmap
+    return _load(path, trust_pickle, mmap=mmap)[0], mmap
 
 
 @dataclass(frozen=True)
@@ -152,31 +187,34 @@ class TorchFile:
     lazy: bool
     members: dict[int, ZipMember]
     mapped_because: str | None = None
+    trusted: bool = False  # fully unpickled (--trust-pickle): real objects, the file's code run
 
 
 _DATA_MEMBER = re.compile(r"[^/]+/data/[^/]+")
 
 
 def open_torch_file(
-    path: Path, *, trust_pickle: bool = False, mapped_because: str | None = None
+    path: Path, *, trust_pickle: bool = False, mapped_because: str | None = None, full: bool = False
 ) -> TorchFile:
     """``path`` unpickled for reading its tensors later with ``pread``; never runs code from the file.
 
     The pickle goes through ``weights_only`` (or the user's ``--trust-pickle``) as in
     :func:`load_torch_file`; zip files are loaded with ``map_location="meta"``, so nothing of the tensor
     data is read or mapped (a file cut short later cannot SIGBUS). The legacy format is loaded whole.
-    ``mapped_because``: map a zip file instead, for that reason.
+    ``mapped_because``: map a zip file instead, for that reason. ``full``: unpickle fully at once
+    (``--trust-pickle``, where the safe load found the weights in a pickled object).
     """
     planned = require_regular_file(path)
     damage = damage_of(path)
     if damage is not None:
         raise CheckpointError(path, damage)
     if not zipfile.is_zipfile(path):
-        return TorchFile(_load(path, trust_pickle, mmap=False), planned, lazy=False, members={})
+        obj, trusted = _load(path, trust_pickle, mmap=False, full=full)
+        return TorchFile(obj, planned, lazy=False, members={}, trusted=trusted)
     members = zip_members(path, planned.st_size)
     if mapped_because is not None:
-        obj = _load(path, trust_pickle, mmap=True)
-        return TorchFile(obj, planned, lazy=False, members={}, mapped_because=mapped_because)
+        obj, trusted = _load(path, trust_pickle, mmap=True, full=full)
+        return TorchFile(obj, planned, False, {}, mapped_because=mapped_because, trusted=trusted)
     data = {m.data_offset: m for m in members if _DATA_MEMBER.fullmatch(m.name)}
     compressed = next((m for m in data.values() if not m.stored), None)
     if compressed is not None:
@@ -186,29 +224,38 @@ def open_torch_file(
         )
     if _big_endian(path, members):  # torch's meta loading swaps the (absent) bytes of meta storages: a crash
         return open_torch_file(
-            path, trust_pickle=trust_pickle, mapped_because="big-endian, swapped as loaded"
+            path, trust_pickle=trust_pickle, mapped_because="big-endian, swapped as loaded", full=full
         )
     try:
-        obj = _load(path, trust_pickle, mmap=False, meta=True)
-    except UnsafeCheckpointError:
+        obj, trusted = _load(path, trust_pickle, mmap=False, meta=True, full=full)
+    except (UnsafeCheckpointError, MissingPackageError):
         raise
     except CheckpointError as exc:  # a tensor the meta device cannot hold (quantized, nested)
         because = f"the meta device cannot hold its tensors ({first_line(exc.__cause__ or exc)})"
-        return open_torch_file(path, trust_pickle=trust_pickle, mapped_because=because)
-    return TorchFile(obj, planned, lazy=True, members=data)
+        return open_torch_file(path, trust_pickle=trust_pickle, mapped_because=because, full=full)
+    return TorchFile(obj, planned, lazy=True, members=data, trusted=trusted)
 
 
-def _load(path: Path, trust_pickle: bool, *, mmap: bool, meta: bool = False) -> Any:
-    """The object unpickled with ``weights_only`` and stand-ins, or fully where the user trusts it."""
-    if trust_pickle:
-        warnings.warn(
-            f"{path}: loading with full unpickling (--trust-pickle): this runs any code the file holds",
-            TrustPickleWarning,
-            stacklevel=3,
-        )
-        return _torch_load(path, mmap=mmap, weights_only=False, meta=meta)
-    stand_ins = _zip_stand_ins(path) if zipfile.is_zipfile(path) else set()
-    return _load_with_stand_ins(path, mmap, stand_ins, meta=meta)
+def _load(
+    path: Path, trust_pickle: bool, *, mmap: bool, meta: bool = False, full: bool = False
+) -> tuple[Any, bool]:
+    """The object unpickled with ``weights_only`` and stand-ins, and ``False``; or, where that refuses
+    the file (or ``full`` asks) and the user trusts it, fully unpickled, and ``True``."""
+    if not full:
+        try:
+            stand_ins = _zip_stand_ins(path) if zipfile.is_zipfile(path) else {}
+            return _load_with_stand_ins(path, mmap, stand_ins, meta=meta), False
+        except UnsafeCheckpointError:
+            if not trust_pickle:
+                raise
+    if not trust_pickle:
+        raise ValueError("full unpickling is only for --trust-pickle")
+    warnings.warn(
+        f"{path}: loading with full unpickling (--trust-pickle): this runs any code the file holds",
+        TrustPickleWarning,
+        stacklevel=3,
+    )
+    return _torch_load(path, mmap=mmap, weights_only=False, meta=meta), True
 
 
 def _big_endian(path: Path, members: list[ZipMember]) -> bool:
@@ -226,43 +273,49 @@ def _big_endian(path: Path, members: list[ZipMember]) -> bool:
     return order == b"big"
 
 
-def _zip_stand_ins(path: Path) -> set[str]:
-    """The zip format's globals, listed without unpickling: stand-ins for data, a refusal for the rest."""
+def _zip_stand_ins(path: Path) -> dict[str, Any]:
+    """The zip format's globals, listed without unpickling: stand-ins for data and a trainer's objects,
+    a refusal for the rest."""
     try:
         with _ALLOWED_GLOBALS:  # the listing leaves out what is allowed now, stand-ins of a load under way
             unsafe = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     except Exception as exc:  # a damaged archive
         raise _damaged(path, exc) from exc
-    refused = [name for name in unsafe if not is_data_only(name)]
+    stand_ins = {name: stand_in_for(name) for name in unsafe}
+    refused = [name for name, stand_in in stand_ins.items() if stand_in is None]
     if refused:
         raise _refusal(path, refused)
-    return set(unsafe)
+    if len(stand_ins) > MAX_PLACEHOLDERS:
+        raise CheckpointError(path, f"names more than {MAX_PLACEHOLDERS} kinds of pickled objects; refused")
+    return stand_ins
 
 
-def _load_with_stand_ins(path: Path, mmap: bool, stand_ins: set[str], *, meta: bool = False) -> Any:
-    """``weights_only`` load, adding a stand-in for each data-only global it refuses (legacy files)."""
+def _load_with_stand_ins(path: Path, mmap: bool, stand_ins: dict[str, Any], *, meta: bool = False) -> Any:
+    """``weights_only`` load, adding a stand-in for each global it refuses that may have one (legacy
+    files)."""
     for _ in range(MAX_STAND_INS + 1):
         try:
             return _load_allowing(path, mmap, stand_ins, meta=meta)
+        except RefusedCall as exc:  # getattr on a real object
+            raise _refusal(path, [exc.name]) from None
         except pickle.UnpicklingError as exc:
             named = refused_globals(str(exc))
-            if not named:  # not a refusal: the pickle itself is broken
-                raise _damaged(path, exc) from exc
-            unsafe = [name for name in named if not is_data_only(name) or name in stand_ins]
+            if not named:  # not a refusal of a name: the pickle's structure, or the pickle is broken
+                raise _structure_refusal(path, exc) from exc
+            found = {name: stand_in_for(name) for name in named}
+            unsafe = [name for name, stand_in in found.items() if stand_in is None or name in stand_ins]
             if unsafe:
                 raise _refusal(path, unsafe) from exc
-            stand_ins.update(named)
-    raise CheckpointError(path, f"names more than {MAX_STAND_INS} kinds of plain-data objects; refused")
+            stand_ins.update(found)
+    raise CheckpointError(path, f"names more than {MAX_STAND_INS} kinds of pickled objects; refused")
 
 
-def _load_allowing(path: Path, mmap: bool, stand_ins: set[str], *, meta: bool = False) -> Any:
+def _load_allowing(path: Path, mmap: bool, stand_ins: dict[str, Any], *, meta: bool = False) -> Any:
     """A ``weights_only`` load with ``stand_ins`` allowed, one such load at a time: also one that needs
     none, which could otherwise resolve a name while another load's stand-in is allowed and build it after
     that was removed (a false "damaged")."""
-    with (
-        _ALLOWED_GLOBALS,
-        torch.serialization.safe_globals([(InertStandIn, name) for name in sorted(stand_ins)]),
-    ):
+    allowed = [(stand_in, name) for name, stand_in in sorted(stand_ins.items())]
+    with _ALLOWED_GLOBALS, torch.serialization.safe_globals(allowed):
         return _torch_load(path, mmap=mmap, weights_only=True, meta=meta)
 
 
@@ -280,12 +333,35 @@ def _torch_load(path: Path, *, mmap: bool, weights_only: bool, meta: bool = Fals
     bytes start in the file (nothing of the data is read)."""
     try:
         return torch.load(path, map_location="meta" if meta else "cpu", mmap=mmap, weights_only=weights_only)
+    except RefusedCall:
+        raise  # a call we never make: refused by the caller
     except pickle.UnpicklingError as exc:
         if weights_only:
             raise  # sorted into refusal or damage by the caller
         raise _damaged(path, exc) from exc
+    except (ImportError, AttributeError) as exc:
+        if weights_only:
+            raise _damaged(path, exc) from exc
+        raise _missing_package(path, exc) from exc
     except Exception as exc:  # torch raises many kinds for a damaged or foreign file
         raise _damaged(path, exc) from exc
+
+
+def _missing_package(path: Path, exc: ImportError | AttributeError) -> MissingPackageError:
+    """Full unpickling needed a class that is not installed (``No module named 'mmengine'``, ``Can't get
+    attribute 'X' on <module 'm'>``): the trainer's package, named, never "damaged"."""
+    if isinstance(exc, ImportError):
+        missing = f"module {exc.name!r}" if exc.name else first_line(exc)
+        return MissingPackageError(
+            path,
+            f"pickles objects of {missing}, which is not installed here: the trainer's package is "
+            "needed to unpickle them (--trust-pickle)",
+        )
+    return MissingPackageError(
+        path,
+        f"pickles an object whose class the installed package lacks ({first_line(exc)}): the trainer's "
+        "own version of its package is needed to unpickle it (--trust-pickle)",
+    )
 
 
 def check_zip_members(path: Path, size: int) -> None:
@@ -330,6 +406,19 @@ def _truncated(path: Path, member: str, size: int) -> CheckpointError:
 
 def _damaged(path: Path, exc: BaseException) -> CheckpointError:
     return CheckpointError(path, f"is damaged or not a torch file ({first_line(exc)})")
+
+
+def _structure_refusal(path: Path, exc: BaseException) -> CheckpointError:
+    """torch refused how the pickle builds an object (a dict subclass filled item by item): a refusal
+    naming it; any other unpickling error is damage."""
+    found = _REFUSED_STRUCTURE.search(str(exc))
+    if found is None:
+        return _damaged(path, exc)
+    return UnsafeCheckpointError(
+        path,
+        f"pickles an object that cannot be rebuilt without its own code ({found.group(1)[:150]}); "
+        "refused. If you trust this file, pass --trust-pickle",
+    )
 
 
 def _refusal(path: Path, names: list[str]) -> UnsafeCheckpointError:

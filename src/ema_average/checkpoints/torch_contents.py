@@ -17,7 +17,8 @@ import torch
 from ema_average.checkpoints.base import ModelChoice
 from ema_average.checkpoints.contents import KeyPath, Kind, Part, described, mirrors, split, structure_of
 from ema_average.checkpoints.keys import STATE_DICT_KEYS
-from ema_average.errors import CheckpointError
+from ema_average.checkpoints.placeholders import Placeholder, described_objects, placeholders_in
+from ema_average.errors import CheckpointError, UnsafeCheckpointError
 
 # Bounds on walking a nested state dict: a few hundred bytes of pickle can describe a loop, or a DAG
 # of shared dicts with 2**40 paths through it.
@@ -220,9 +221,48 @@ def _composer_candidates(obj: Mapping[str, Any]) -> list[_Candidate]:
     return [model]
 
 
+class NeedsFullUnpickling(Exception):
+    """The weights are a pickled model object and the user trusts the file (``--trust-pickle``): it is
+    unpickled again, fully, so that the model's own class gives its state dict."""
+
+
+def as_mapping(path: Path, obj: Any, *, trust_pickle: bool, trusted: bool) -> Mapping[Any, Any]:
+    """The loaded object as a dict to look for weights in. Where the file was fully unpickled
+    (``trusted``), a pickled ``nn.Module`` (the object, or a top-level value such as ultralytics'
+    ``ema``) is replaced by its ``state_dict()``: only its own class knows which tensors that holds."""
+    if trusted and isinstance(obj, torch.nn.Module):
+        return obj.state_dict()
+    if trusted and isinstance(obj, Mapping):
+        return {k: v.state_dict() if isinstance(v, torch.nn.Module) else v for k, v in obj.items()}
+    if isinstance(obj, Mapping):
+        return obj
+    if isinstance(obj, Placeholder) and obj.module_like:
+        raise _pickled_model(path, {"": obj}, trust_pickle)
+    shown = f"pickled {obj.pickled_name} object" if isinstance(obj, Placeholder) else type(obj).__name__
+    raise CheckpointError(path, f"holds a {shown}, not a state dict (a whole pickled model?)")
+
+
+def _pickled_model(
+    path: Path, models: Mapping[str, Placeholder], trust_pickle: bool
+) -> UnsafeCheckpointError | NeedsFullUnpickling:
+    """The weights are pickled model objects (their class's code gives their state dict): refused in one
+    line naming them, or unpickled again fully where the user trusts the file."""
+    if trust_pickle:
+        return NeedsFullUnpickling()
+    shown = ", ".join(f"{k}: {p.pickled_name}" if k else p.pickled_name for k, p in models.items())
+    package = next(iter(models.values())).pickled_name.partition(".")[0]
+    return UnsafeCheckpointError(
+        path,
+        f"its weights are a pickled model object ({shown}), not a state dict: only its class's code "
+        f"gives them. With --trust-pickle and {package!r} importable, its state dict is read",
+    )
+
+
 def find_state_dict(
-    path: Path, obj: Mapping[str, Any], key: str | None
+    path: Path, obj: Mapping[str, Any], key: str | None, *, trust_pickle: bool = False
 ) -> tuple[dict[str, torch.Tensor], str | None, ModelChoice | None]:
+    """The weights ``obj`` holds (under ``key`` where given), the key that held them, and the choice
+    among the state dicts found, with what else the file holds (pickled objects included)."""
     if key is None and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return _flatten(path, obj), None, None
     candidates, beside = _candidates(path, obj)
@@ -231,16 +271,21 @@ def find_state_dict(
         return _by_dotted_key(path, obj, key), key, None
     if chosen is None and candidates:
         chosen = candidates[0]
+    objects = placeholders_in(obj)
     if chosen is None:
+        models = {k: held[0] for k, held in objects.items() if len(held) == 1 and held[0].module_like}
+        if models:
+            raise _pickled_model(path, models, trust_pickle)
         keys = ", ".join(_short_repr(k) for k in list(obj)[:8])
-        held = f"; it holds {described(beside)}" if beside else ""
+        held = "; ".join(text for text in (described(beside), described_objects(objects)) if text)
+        held = f"; it holds {held}" if held else ""
         raise CheckpointError(
             path,
             f"no state dict found (top-level keys: {keys}{held}); "
             "name the key holding the weights with --state-dict-key",
         )
     tensors = _flatten(path, chosen.value)
-    return tensors, chosen.key, _choice(path, chosen, candidates, tensors, beside)
+    return tensors, chosen.key, _choice(path, chosen, candidates, tensors, beside, objects)
 
 
 def _choice(
@@ -249,16 +294,18 @@ def _choice(
     candidates: list[_Candidate],
     tensors: dict[str, torch.Tensor],
     beside: list[Part[torch.Tensor]],
+    objects: dict[str, list[Placeholder]],
 ) -> ModelChoice | None:
     """The other state dicts of the same model (same names: an average, not an optimizer's state), and
-    what else the file holds that is not averaged."""
+    what else the file holds that is not averaged (pickled objects: loaded as placeholders, not read)."""
     others = {}
     for c in candidates:
         if c is not chosen and mirrors(_flatten(path, c.value), tensors):
             others[c.key] = f"--state-dict-key {c.key}"
-    if not others and not chosen.ema and not beside:
+    if not others and not chosen.ema and not beside and not objects:
         return None
-    return ModelChoice(chosen.key, others, average=chosen.ema, beside=described(beside))
+    held = "; ".join(text for text in (described(beside), described_objects(objects)) if text)
+    return ModelChoice(chosen.key, others, average=chosen.ema, beside=held)
 
 
 def _by_dotted_key(path: Path, obj: Mapping[str, Any], key: str) -> dict[str, torch.Tensor]:

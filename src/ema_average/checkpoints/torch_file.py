@@ -39,8 +39,8 @@ from ema_average.checkpoints.stored import Stored as _Stored
 from ema_average.checkpoints.stored import file_offset as _file_offset
 from ema_average.checkpoints.stored import fill
 from ema_average.checkpoints.stored import stored as _stored
+from ema_average.checkpoints.torch_contents import NeedsFullUnpickling, as_mapping, find_state_dict
 from ema_average.checkpoints.torch_contents import checked_name as checked_name  # dcp, deepspeed use it
-from ema_average.checkpoints.torch_contents import find_state_dict
 from ema_average.errors import CheckpointError
 from ema_average.safetensors_format import DTYPE_NAMES
 
@@ -62,16 +62,21 @@ class TorchCheckpoint(Checkpoint):
         self._file: PreadFile | None = None
         self._mapped_because: str | None = None
         self._step: StepInfo | None = None
+        self._full = False  # fully unpickled: the weights are a pickled model (--trust-pickle)
         self._open()
         if self._raw_is_lightning:
             self.layout = "lightning"
 
     def _open(self, mapped_because: str | None = None) -> None:
-        contents = open_torch_file(self.path, trust_pickle=self._trust_pickle, mapped_because=mapped_because)
+        contents = self._unpickled(mapped_because)
         try:
             self._take(contents)
         except _NotLaidOut as exc:  # repacked by another zip tool: torch's own offsets do not hold
             self._open(f"its zip is not laid out as torch.save writes it ({exc})")
+            return
+        except NeedsFullUnpickling:  # the weights are a pickled model, and the user trusts the file
+            self._full = True
+            self._open(mapped_because)
             return
         self._mapped_because = contents.mapped_because
         if contents.mapped_because is not None:
@@ -80,17 +85,20 @@ class TorchCheckpoint(Checkpoint):
             self.lazy = False
             self.notes.append("legacy (non-zip) torch format: loaded whole, not lazily")
 
+    def _unpickled(self, mapped_because: str | None) -> TorchFile:
+        return open_torch_file(
+            self.path, trust_pickle=self._trust_pickle, mapped_because=mapped_because, full=self._full
+        )
+
     def _take(self, contents: TorchFile) -> None:
         """The state dict and step of ``contents``; where each tensor lies in the file (zip files)."""
-        obj = contents.obj
-        if not isinstance(obj, Mapping):
-            raise CheckpointError(
-                self.path, f"holds a {type(obj).__name__}, not a state dict (a whole pickled model?)"
-            )
+        obj = as_mapping(self.path, contents.obj, trust_pickle=self._trust_pickle, trusted=contents.trusted)
         self._file = PreadFile(self.path, contents.planned) if contents.lazy else None
         self._raw_is_lightning = "pytorch-lightning_version" in obj
         self._step = _find_step(self.path, obj, lambda t: self._materialised(t, contents.members))
-        tensors, self._key, choice = find_state_dict(self.path, obj, self._state_dict_key)
+        tensors, self._key, choice = find_state_dict(
+            self.path, obj, self._state_dict_key, trust_pickle=self._trust_pickle
+        )
         self.choices = [choice] if choice is not None else []
         for name, tensor in tensors.items():
             problem = tensor_problem(tensor, in_file=contents.lazy and _file_offset(tensor) is not None)
@@ -120,10 +128,7 @@ class TorchCheckpoint(Checkpoint):
     def _state(self) -> dict[str, torch.Tensor]:
         """A legacy or mapped file's tensors, loaded again after :meth:`close`."""
         if self._tensors is None:
-            again = open_torch_file(
-                self.path, trust_pickle=self._trust_pickle, mapped_because=self._mapped_because
-            )
-            self._take(again)
+            self._take(self._unpickled(self._mapped_because))
         assert self._tensors is not None
         return self._tensors
 
