@@ -425,3 +425,75 @@ def test_side_file_larger_than_the_cap_is_refused(tmp_path: Path, monkeypatch: p
     write_hf_like_run(tmp_path / "run", {"config.json": b"{}", "vocab.txt": b"x" * 2048})
     monkeypatch.setattr(output_folder, "MAX_SIDE_FILE_BYTES", 1024)
     assert_refused(tmp_path, r"vocab\.txt: is larger than")
+
+
+# --- Several weights files (sentence-transformers modules, litgpt) -----------------------------------
+
+
+def test_a_folder_of_several_weights_files_routes_each_tensor_by_its_prefix(tmp_path: Path) -> None:
+    from ema_average.output import ShardedWriter, TensorEntry, TensorSpec
+    from ema_average.output.folder import WeightsFile
+
+    tensors = {
+        "emb.weight": torch.randn(6, 4),
+        "2_Dense/linear.weight": torch.randn(2, 4),
+        "2_Dense/b": torch.ones(2),
+    }
+    entries = [TensorEntry(n, TensorSpec(tuple(t.shape), t.dtype)) for n, t in tensors.items()]
+    layout = [WeightsFile(), WeightsFile(folder="2_Dense", prefix="2_Dense/")]
+    meta = {"ema_average_version": "test"}
+    for overwrite in (False, True):  # the second replaces the first: its sub-folders are ours
+        writer = ShardedWriter(
+            tmp_path / "out",
+            entries,
+            meta,
+            overwrite=overwrite,
+            max_shard_size=2**30,
+            weights=layout,
+            folders=["3_Normalize"],
+            side_files=["1_Pooling/config.json"],  # declared up front, as a replacing writer must
+        )
+        for name, tensor in tensors.items():
+            writer.write(name, tensor * (2 if overwrite else 1))
+        writer.add_file("1_Pooling/config.json", b"{}")
+        writer.commit()
+    out = tmp_path / "out"
+    assert load_file(str(out / "model.safetensors")).keys() == {"emb.weight"}
+    dense = load_file(str(out / "2_Dense" / "model.safetensors"))
+    assert torch.equal(dense["linear.weight"], tensors["2_Dense/linear.weight"] * 2) and set(dense) == {
+        "linear.weight",
+        "b",
+    }
+    assert (out / "1_Pooling" / "config.json").read_bytes() == b"{}" and (out / "3_Normalize").is_dir()
+    assert {p.name for p in tmp_path.iterdir()} == {"out"}  # no staging folder left
+
+
+def test_a_folder_output_keeps_every_name_inside_it(tmp_path: Path) -> None:
+    from ema_average.output import ShardedWriter, TensorEntry, TensorSpec
+    from ema_average.output.folder import WeightsFile
+
+    entries = [TensorEntry("2_Dense/w", TensorSpec((2,), torch.float32))]
+    with pytest.raises(OutputError, match="tensor '2_Dense/w' belongs to none of the output's weights files"):
+        ShardedWriter(
+            tmp_path / "o",
+            entries,
+            None,
+            overwrite=False,
+            max_shard_size=64,
+            weights=[WeightsFile(folder="x", prefix="x/")],
+        )
+    with pytest.raises(OutputError, match="not a plain relative name"):
+        ShardedWriter(
+            tmp_path / "o",
+            entries,
+            None,
+            overwrite=False,
+            max_shard_size=64,
+            weights=[WeightsFile(folder="../up")],
+        )
+    writer = ShardedWriter(tmp_path / "o", entries, None, overwrite=False, max_shard_size=64)
+    for name in ["../escape.json", "a/../../b.json", ".hidden/config.json", "sub/model.safetensors"]:
+        with pytest.raises(OutputError, match="cannot be a side file"):
+            writer.add_file(name, b"{}")
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []

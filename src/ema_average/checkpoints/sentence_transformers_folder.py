@@ -84,6 +84,16 @@ def module_folders(path: Path) -> list[str]:
     return folders
 
 
+def own_folders(path: Path) -> list[str]:
+    """The sub-folders of ``path`` that hold its modules: part of this checkpoint, not other checkpoints for
+    discovery to find (a hook for discovery's search); none when ``modules.json`` cannot be read (opening
+    the checkpoint says why)."""
+    try:
+        return sorted({folder.split("/")[0] for folder in module_folders(path) if folder})
+    except CheckpointError:
+        return []
+
+
 def _inside(folder: str) -> bool:
     """A relative path of plain names: no ``..``, nothing absolute, nothing hidden."""
     parts = [p for p in folder.split("/") if p]
