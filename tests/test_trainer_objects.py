@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -440,3 +441,60 @@ def test_ultralytics_with_trust_pickle_and_no_package_names_it(
     assert result.returncode == 1
     assert "module 'ultralytics', which is not installed here" in result.stderr
     assert "damaged" not in result.stderr
+
+
+# utils/torch_utils.py strip_optimizer, as final_eval runs it on last.pt and best.pt when training ends
+ULTRALYTICS_STRIP = """
+import shutil, sys
+from pathlib import Path
+import torch
+wdir = Path(sys.argv[1])
+for name in ("last.pt", "best.pt"):
+    x = torch.load(wdir / name, weights_only=False)
+    if x.get("ema"):
+        x["model"] = x["ema"]
+    if hasattr(x["model"], "args"):
+        x["model"].args = dict(x["model"].args)
+    x["model"].half()
+    for p in x["model"].parameters():
+        p.requires_grad = False
+    for k in "optimizer", "best_fitness", "stopper", "ema", "updates", "scaler":
+        x[k] = None
+    x["epoch"] = -1
+    x["train_args"] = {k: v for k, v in x["train_args"].items() if k in ("model", "epochs")}
+    metadata = {"date": "2026-01-01T01:00:00+00:00", "version": "8.4.190", "license": "AGPL-3.0", "docs": ""}
+    torch.save({**metadata, **x}, wdir / name)
+"""
+
+READ_STRIPPED = """
+import sys
+from pathlib import Path
+import torch
+from ema_average.checkpoints import TorchCheckpoint
+wdir = Path(sys.argv[1])
+last = TorchCheckpoint(wdir / "last.pt", trust_pickle=True)
+epoch = TorchCheckpoint(wdir / "epoch3.pt", trust_pickle=True)
+assert last.metadata_step() is None, last.metadata_step()
+assert last.final_copy == "a final copy of the weights (epoch -1: ultralytics' strip_optimizer)", last.final_copy
+assert last.state_dict_key == "model" and epoch.state_dict_key == "ema"
+assert sorted(last.specs()) == sorted(epoch.specs())
+assert all(torch.equal(last.read(n), epoch.read(n)) for n in epoch.specs())
+"""
+
+
+def test_ultralytics_stripped_final_copies_have_no_step(
+    ultralytics_run: tuple[Path, Path, dict], tmp_path: Path
+) -> None:
+    # last.pt after final_eval: the EMA as model, epoch -1. Read, with no step and said to be a final copy
+    # (skipping it as a copy is discovery's part).
+    weights, package, _ = ultralytics_run
+    finished = tmp_path / "weights"
+    shutil.copytree(weights, finished)
+    result = run_with(package, ULTRALYTICS_STRIP, finished)
+    assert result.returncode == 0, result.stderr
+    with pytest.raises(
+        UnsafeCheckpointError, match=r"pickled model object \(model: ultralytics\.nn\.tasks\."
+    ):
+        TorchCheckpoint(finished / "last.pt")
+    result = run_with(package, READ_STRIPPED, finished)
+    assert result.returncode == 0, result.stderr

@@ -63,6 +63,7 @@ class TorchCheckpoint(Checkpoint):
         self._mapped_because: str | None = None
         self._step: StepInfo | None = None
         self._full = False  # fully unpickled: the weights are a pickled model (--trust-pickle)
+        self.final_copy: str | None = None  # a final copy of the weights, no step of the run
         self._open()
         if self._raw_is_lightning:
             self.layout = "lightning"
@@ -95,6 +96,7 @@ class TorchCheckpoint(Checkpoint):
         obj = as_mapping(self.path, contents.obj, trust_pickle=self._trust_pickle, trusted=contents.trusted)
         self._file = PreadFile(self.path, contents.planned) if contents.lazy else None
         self._raw_is_lightning = "pytorch-lightning_version" in obj
+        self.final_copy = final_copy(obj)
         self._step = _find_step(self.path, obj, lambda t: self._materialised(t, contents.members))
         tensors, self._key, choice = find_state_dict(
             self.path, obj, self._state_dict_key, trust_pickle=self._trust_pickle
@@ -230,7 +232,18 @@ def _find_step(path: Path, obj: Mapping[str, Any], read: Materialise) -> StepInf
         step = _step_value(path, _nested(obj, keys), source, read)
         if step is not None:
             return StepInfo(step, source)
-    return _epoch_count(path, obj, read)
+    return None if final_copy(obj) else _epoch_count(path, obj, read)
+
+
+def final_copy(obj: Mapping[str, Any]) -> str | None:
+    """Why the file is a final copy of the run's weights rather than a step of it, or ``None``.
+
+    ultralytics' ``strip_optimizer`` rewrites ``last.pt`` and ``best.pt`` at the end of training with the
+    EMA as ``model``, no optimizer, and ``epoch`` -1: no step, a copy of an epoch's weights."""
+    epoch = obj.get("epoch")
+    if isinstance(epoch, int) and epoch == -1 and obj.get("optimizer") is None and "train_args" in obj:
+        return "a final copy of the weights (epoch -1: ultralytics' strip_optimizer)"
+    return None
 
 
 def _nested(obj: Mapping[str, Any], keys: tuple[str, ...]) -> Any:
