@@ -232,3 +232,24 @@ def test_max_shard_size_keeps_each_module_in_the_file_it_loads_from(run: Path, t
     reference, _ = reference_model(run, tmp_path)
     got = SentenceTransformer(str(out), device="cpu").encode(SENTENCES, convert_to_tensor=True)
     torch.testing.assert_close(got, reference.encode(SENTENCES, convert_to_tensor=True), rtol=1e-5, atol=1e-6)
+
+
+def test_a_dense_saved_as_pytorch_model_bin_comes_back_as_safetensors(run: Path, tmp_path: Path) -> None:
+    """sentence-transformers before 3 saved a Dense layer with ``torch.save(state_dict, pytorch_model.bin)``."""
+    from sentence_transformers import SentenceTransformer
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    for step in STEPS:
+        dense = copy / f"checkpoint-{step}" / "2_Dense"
+        torch.save(load_file(str(dense / "model.safetensors")), dense / "pytorch_model.bin")
+        (dense / "model.safetensors").unlink()
+    out = tmp_path / "avg"
+    cli(copy, "-o", f"{out}/", "--decay", str(DECAY))
+    assert sorted(p.name for p in (out / "2_Dense").iterdir()) == ["config.json", "model.safetensors"]
+    reference, expected = reference_model(run, tmp_path)
+    written = module_tensors(out)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(written[name].double(), tensor, rtol=2e-6, atol=2e-7, msg=name)
+    got = SentenceTransformer(str(out), device="cpu").encode(SENTENCES, convert_to_tensor=True)
+    torch.testing.assert_close(got, reference.encode(SENTENCES, convert_to_tensor=True), rtol=1e-5, atol=1e-6)
