@@ -413,6 +413,8 @@ def test_ultralytics_without_trust_pickle_is_one_line(ultralytics_run: tuple[Pat
     )
     assert "With --trust-pickle and 'ultralytics' importable, its state dict is read" in result.stderr
     assert not (weights.parent / "never.safetensors").exists()
+    with pytest.raises(UnsafeCheckpointError, match=r"pickled model object \(ema: ultralytics\.nn\.tasks\."):
+        TorchCheckpoint(weights / "epoch0.pt", state_dict_key="ema")  # also when asked for by name
 
 
 def test_ultralytics_with_trust_pickle_averages_the_ema_module(

@@ -258,6 +258,10 @@ def _pickled_model(
     )
 
 
+def _any_model(held: list[Placeholder]) -> bool:
+    return any(p.module_like for p in held)
+
+
 def find_state_dict(
     path: Path, obj: Mapping[str, Any], key: str | None, *, trust_pickle: bool = False
 ) -> tuple[dict[str, torch.Tensor], str | None, ModelChoice | None]:
@@ -268,12 +272,17 @@ def find_state_dict(
     candidates, beside = _candidates(path, obj)
     chosen = next((c for c in candidates if c.key == key), None) if key is not None else None
     if key is not None and chosen is None:
+        held = obj.get(key)
+        if isinstance(held, Placeholder) and held.module_like:  # --submodel ema, ultralytics
+            raise _pickled_model(path, {key: held}, trust_pickle)
         return _by_dotted_key(path, obj, key), key, None
     if chosen is None and candidates:
         chosen = candidates[0]
     objects = placeholders_in(obj)
     if chosen is None:
-        models = {k: held[0] for k, held in objects.items() if len(held) == 1 and held[0].module_like}
+        models = {
+            k: next(p for p in held if p.module_like) for k, held in objects.items() if _any_model(held)
+        }
         if models:
             raise _pickled_model(path, models, trust_pickle)
         keys = ", ".join(_short_repr(k) for k in list(obj)[:8])
