@@ -34,7 +34,7 @@ from ema_average.output import (
     commit_together,
     remove_stale_temporaries,
 )
-from ema_average.output_folder import SIDE_FILES, OutputFolder
+from ema_average.output_folder import OutputFolder
 from ema_average.output_plan import (
     check_names,
     check_not_an_input,
@@ -408,22 +408,14 @@ def _open_writer(
     folder = prepared.folder
     if folder is None:
         return SafetensorsWriter(output, entries, metadata, overwrite=prepared.may_replace)
-    writer = ShardedWriter(
+    return folder.open_writer(
         output,
         entries,
         metadata,
         overwrite=prepared.may_replace,
-        max_shard_size=folder.max_shard_size(options.max_shard_size),
-        weights_name=folder.weights_name,
-        side_files=SIDE_FILES,  # any of them may be in an earlier output this replaces
+        max_shard_size=options.max_shard_size,
+        side_files=side_files,
     )
-    try:
-        for name, data in side_files.items():
-            writer.add_file(name, data)
-    except BaseException:
-        writer.abort()
-        raise
-    return writer
 
 
 def run_metadata(prepared: PreparedRun, settings: AverageSettings) -> dict[str, str]:
