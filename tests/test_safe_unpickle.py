@@ -325,3 +325,13 @@ def test_loads_from_several_threads_keep_their_stand_ins(tmp_path: Path) -> None
     assert results == [[0.0, 1.0]] * len(paths)
     left = [g for g in torch.serialization.get_safe_globals() if isinstance(g, tuple)]
     assert [g for g in left if g[0] is safe_unpickle.InertStandIn] == []  # no stand-in stays allowed
+
+
+def test_trust_pickle_still_reads_what_only_full_unpickling_reads(tmp_path: Path) -> None:
+    # weights_only cannot read pickle protocol 4; --trust-pickle tries the safe load first, then falls back.
+    path = tmp_path / "p4.pt"
+    torch.save({"model": {"w": torch.arange(3.0)}}, path, pickle_protocol=4)
+    with pytest.raises(CheckpointError):
+        TorchCheckpoint(path)
+    with pytest.warns(UserWarning, match="full unpickling"):
+        assert TorchCheckpoint(path, trust_pickle=True).read("w").tolist() == [0.0, 1.0, 2.0]

@@ -239,13 +239,14 @@ def open_torch_file(
 def _load(
     path: Path, trust_pickle: bool, *, mmap: bool, meta: bool = False, full: bool = False
 ) -> tuple[Any, bool]:
-    """The object unpickled with ``weights_only`` and stand-ins, and ``False``; or, where that refuses
-    the file (or ``full`` asks) and the user trusts it, fully unpickled, and ``True``."""
+    """The object unpickled with ``weights_only`` and stand-ins, and ``False``; or, where that fails
+    (a refusal; a pickle it cannot read, such as protocol 4) or ``full`` asks, and the user trusts the
+    file, fully unpickled, and ``True``."""
     if not full:
         try:
             stand_ins = _zip_stand_ins(path) if zipfile.is_zipfile(path) else {}
             return _load_with_stand_ins(path, mmap, stand_ins, meta=meta), False
-        except UnsafeCheckpointError:
+        except CheckpointError:
             if not trust_pickle:
                 raise
     if not trust_pickle:
