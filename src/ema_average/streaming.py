@@ -263,36 +263,56 @@ class ChunkStream:
         return read
 
     def _process(self, chunk: Chunk, worker: _Worker) -> int:
+        """One chunk: every source folded into every average's shadows while they sit in cache, the
+        result checked, rounded to the output dtype and written. Returns the bytes read."""
         if not chunk.averaged:
             return self._copy(chunk, worker)
-        numel, wide = chunk.numel, chunk.shadow_dtype
-        shadows = [_view(buffer, wide, numel) for buffer in worker.shadows]
+        shadows = [_view(buffer, chunk.shadow_dtype, chunk.numel) for buffer in worker.shadows]
         for k, source in enumerate(self.sources):
-            dtype = chunk.first_dtype if k == 0 else chunk.dtype
-            if k == 0 and self._starts_in_place(dtype, wide, worker):
-                source.read(chunk, shadows[0])  # the first values are the average: no staging copy
-                for shadow in shadows[1:]:
-                    shadow.copy_(shadows[0])
-                continue
-            values = worker.to_device(k, source.read(chunk, worker.staging(k, dtype, numel)))
-            if k and values.dtype != wide:  # converted once per source, for every average
-                values = _view(worker.scratch, wide, numel).copy_(values)
-            for fold, shadow in zip(self.folds, shadows, strict=True):
-                decay = fold.decays[k]
-                if decay is None:
-                    shadow.copy_(values)
-                else:
-                    ema_update_([shadow], [values], decay)
+            if k == 0 and self._starts_in_place(chunk.first_dtype, chunk.shadow_dtype, worker):
+                _read_in_place(source, chunk, shadows)
+            else:
+                self._fold(k, self._values(k, source, chunk, worker), shadows)
+        self._check_finite(chunk, shadows, worker)
+        for fold, shadow in zip(self.folds, shadows, strict=True):
+            _write(fold.sink, chunk, worker.to_host(self._rounded(chunk, shadow, worker)))
+        return chunk.bytes_read(len(self.sources))
+
+    def _values(self, k: int, source: _Source, chunk: Chunk, worker: _Worker) -> torch.Tensor:
+        """Source ``k``'s values of the chunk where the shadows are: read into a host staging buffer,
+        staged to the device, and (past the first source) widened to the shadows' dtype once here rather
+        than by each average's update."""
+        numel, wide = chunk.numel, chunk.shadow_dtype
+        values = worker.to_device(k, source.read(chunk, worker.staging(k, _read_dtype(chunk, k), numel)))
+        if k and values.dtype != wide:
+            values = _view(worker.scratch, wide, numel).copy_(values)
+        return values
+
+    def _fold(self, k: int, values: torch.Tensor, shadows: list[torch.Tensor]) -> None:
+        """Source ``k``'s values into every average: copied where the average starts with this source
+        (its decay is None), else one update with the engine's kernel and the plan's decay."""
+        for fold, shadow in zip(self.folds, shadows, strict=True):
+            decay = fold.decays[k]
+            if decay is None:
+                shadow.copy_(values)
+            else:
+                ema_update_([shadow], [values], decay)
+
+    def _check_finite(self, chunk: Chunk, shadows: list[torch.Tensor], worker: _Worker) -> None:
+        """Unless --allow-nonfinite: the finished shadows hold no NaN or Inf (one cheap pass each, in
+        cache); where one does, the chunk is read again to name the source and tensor that brought it."""
         if self.check_finite and not all(_finite(shadow) for shadow in shadows):
             raise self._nonfinite(chunk, worker)
-        for fold, shadow in zip(self.folds, shadows, strict=True):
-            converted = shadow
-            if chunk.out_dtype != wide:
-                converted = _view(worker.out, chunk.out_dtype, numel).copy_(shadow)
-                if self.check_finite and not _finite(converted):  # what is written, after the rounding
-                    raise out_of_range(chunk, shadow, converted)
-            _write(fold.sink, chunk, worker.to_host(converted))
-        return chunk.bytes_read(len(self.sources))
+
+    def _rounded(self, chunk: Chunk, shadow: torch.Tensor, worker: _Worker) -> torch.Tensor:
+        """The shadow in the output dtype (the worker's output buffer where it differs), checked again
+        after the rounding: a finite float32 average may still be beyond what bf16 or fp16 can hold."""
+        if chunk.out_dtype == chunk.shadow_dtype:
+            return shadow
+        converted = _view(worker.out, chunk.out_dtype, chunk.numel).copy_(shadow)
+        if self.check_finite and not _finite(converted):
+            raise out_of_range(chunk, shadow, converted)
+        return converted
 
     def _starts_in_place(self, dtype: torch.dtype, wide: torch.dtype, worker: _Worker) -> bool:
         """Whether the first source can be read straight into the shadows: it starts every average (its
@@ -310,8 +330,7 @@ class ChunkStream:
         """Name the first source and tensor that brought NaN/Inf into this chunk: looked for only after the
         cheap check of the finished chunk failed, by reading the chunk again."""
         for k, source in enumerate(self.sources):
-            dtype = chunk.first_dtype if k == 0 else chunk.dtype
-            name = source.nonfinite(chunk, _view(worker.host[0], dtype, chunk.numel))
+            name = source.nonfinite(chunk, _view(worker.host[0], _read_dtype(chunk, k), chunk.numel))
             if name is not None:
                 return NonFiniteError(
                     source.checkpoint.path,
@@ -322,6 +341,20 @@ class ChunkStream:
             self.sources[-1].checkpoint.path,
             "the average overflowed to Inf; refused. --allow-nonfinite keeps it anyway",
         )
+
+
+def _read_dtype(chunk: Chunk, k: int) -> torch.dtype:
+    """The dtype source ``k`` is saved in: the checkpoints', but an earlier average being resumed (the
+    first source) keeps its own."""
+    return chunk.first_dtype if k == 0 else chunk.dtype
+
+
+def _read_in_place(source: _Source, chunk: Chunk, shadows: list[torch.Tensor]) -> None:
+    """The first source read straight into the first shadow (its values start every average: no staging
+    buffer, no copy from it), then copied to the other averages' shadows."""
+    source.read(chunk, shadows[0])
+    for shadow in shadows[1:]:
+        shadow.copy_(shadows[0])
 
 
 def out_of_range(chunk: Chunk, shadow: torch.Tensor, converted: torch.Tensor) -> OutputRangeError:
