@@ -8,17 +8,16 @@ nothing and calls nothing, so the file's tensors load and no code the file names
 run. A trainer's own objects (mmengine's ``HistoryBuffer``, a pickled model) load the same way as
 placeholders that record their class's name (:mod:`ema_average.checkpoints.placeholders`). Callables of
 the standard library and of torch are refused with the names listed; ``--trust-pickle`` then opts in to
-a full, unsafe ``torch.load``, with a warning, but only where the safe load refused the file or found
-its weights in a pickled object; a package that full unpickling needs and that is missing is named.
+a full, unsafe ``torch.load``, with a warning, but only where the safe load failed (a refusal, a pickle
+it cannot read) or found the weights in a pickled model; a package that full unpickling needs and that
+is missing is named.
 
-DCP ``.metadata`` files are plain pickles of torch's own metadata dataclasses; they are read with
-:class:`DcpMetadataUnpickler`, which resolves only those classes and torch's dtype/layout constants.
+DCP ``.metadata`` files are plain pickles of torch's own metadata dataclasses; they are read by
+:mod:`ema_average.checkpoints.dcp_metadata`, which resolves only those classes and torch's constants.
 """
 
 from __future__ import annotations
 
-import collections
-import functools
 import os
 import pickle
 import re
@@ -27,12 +26,11 @@ import threading
 import warnings
 import zipfile
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from ema_average._torch_compat import layout_unpickler
 from ema_average.checkpoints.base import damage_of, require_regular_file
 from ema_average.checkpoints.placeholders import (
     MAX_PLACEHOLDERS,
@@ -285,7 +283,7 @@ def _zip_stand_ins(path: Path) -> dict[str, Any]:
     stand_ins = {name: stand_in_for(name) for name in unsafe}
     refused = [name for name, stand_in in stand_ins.items() if stand_in is None]
     if refused:
-        raise _refusal(path, refused)
+        raise unsafe_refusal(path, refused)
     if len(stand_ins) > MAX_PLACEHOLDERS:
         raise CheckpointError(path, f"names more than {MAX_PLACEHOLDERS} kinds of pickled objects; refused")
     return stand_ins
@@ -298,7 +296,7 @@ def _load_with_stand_ins(path: Path, mmap: bool, stand_ins: dict[str, Any], *, m
         try:
             return _load_allowing(path, mmap, stand_ins, meta=meta)
         except RefusedCall as exc:  # getattr on a real object
-            raise _refusal(path, [exc.name]) from None
+            raise unsafe_refusal(path, [exc.name]) from None
         except pickle.UnpicklingError as exc:
             named = refused_globals(str(exc))
             if not named:  # not a refusal of a name: the pickle's structure, or the pickle is broken
@@ -306,7 +304,7 @@ def _load_with_stand_ins(path: Path, mmap: bool, stand_ins: dict[str, Any], *, m
             found = {name: stand_in_for(name) for name in named}
             unsafe = [name for name, stand_in in found.items() if stand_in is None or name in stand_ins]
             if unsafe:
-                raise _refusal(path, unsafe) from exc
+                raise unsafe_refusal(path, unsafe) from exc
             stand_ins.update(found)
     raise CheckpointError(path, f"names more than {MAX_STAND_INS} kinds of pickled objects; refused")
 
@@ -422,7 +420,7 @@ def _structure_refusal(path: Path, exc: BaseException) -> CheckpointError:
     )
 
 
-def _refusal(path: Path, names: list[str]) -> UnsafeCheckpointError:
+def unsafe_refusal(path: Path, names: list[str]) -> UnsafeCheckpointError:
     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     return UnsafeCheckpointError(
         path,
@@ -437,113 +435,11 @@ def first_line(exc: BaseException) -> str:
     return line if len(line) <= 200 else line[:197] + "..."
 
 
-# DCP .metadata ---------------------------------------------------------------------------------------
+def __getattr__(name: str) -> Any:
+    """``load_dcp_metadata`` lives in :mod:`ema_average.checkpoints.dcp_metadata` now (imported from
+    here by ``dcp_folder``; not imported at the top, which would be circular)."""
+    if name == "load_dcp_metadata":
+        from ema_average.checkpoints.dcp_metadata import load_dcp_metadata
 
-_DCP_CLASSES = {
-    "torch.distributed.checkpoint.metadata": (
-        "Metadata",
-        "TensorStorageMetadata",
-        "BytesStorageMetadata",
-        "ChunkStorageMetadata",
-        "TensorProperties",
-        "MetadataIndex",
-        "StorageMeta",
-        "_MEM_FORMAT_ENCODING",
-    ),
-    "torch.distributed.checkpoint.filesystem": ("_StorageInfo", "_StoragePrefix"),
-    # Where older torch (before 2.2) defined TensorProperties; same fields and state.
-    "torch.distributed._shard.sharded_tensor.metadata": ("TensorProperties", "MEM_FORMAT_ENCODING"),
-}
-
-# StorageMeta.checkpoint_id is the path the checkpoint was saved to: rebuilt as a pure path (no I/O).
-_PATH_CLASSES: dict[str, type] = {
-    f"{module}.{kind}{flavour}": pure
-    for module in ("pathlib", "pathlib._local")
-    for flavour, pure in (("PosixPath", PurePosixPath), ("WindowsPath", PureWindowsPath))
-    for kind in ("", "Pure")
-}
-
-
-class RefusedGlobal(pickle.UnpicklingError):
-    """A DCP ``.metadata`` names a global outside the allow-list."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        self.name = name
-
-
-class DcpMetadataUnpickler(pickle.Unpickler):
-    """Resolves only what torch's DCP ``Metadata`` is made of; any other global is refused.
-
-    Allowed: the DCP metadata dataclasses and their memory-format enum, ``torch.Size``, the
-    ``torch.dtype``/``torch.layout``/``torch.memory_format`` constants (pickled as ``torch.float32``...),
-    ``torch.serialization._get_layout`` (how a layout pickles), ``collections.OrderedDict`` and pure
-    paths. All of them only build data; none touches files or runs other code.
-    """
-
-    def find_class(self, module: str, name: str) -> Any:
-        found = dcp_metadata_global(module, name)
-        if found is None:
-            raise RefusedGlobal(f"{module}.{name}")
-        return found
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise pickle.UnpicklingError("persistent ids are not allowed in DCP metadata")
-
-
-# Trainers that copy DCP's pure-data classes into their own package, with the same name and fields, read
-# as DCP's own: olmo-core's filesystem writer pickles its own _StorageInfo and _StoragePrefix.
-_LOOK_ALIKES = {
-    f"olmo_core.distributed.checkpoint.filesystem.{name}": f"torch.distributed.checkpoint.filesystem.{name}"
-    for name in ("_StorageInfo", "_StoragePrefix")
-}
-
-
-def dcp_metadata_global(module: str, name: str) -> Any | None:
-    """The object DCP metadata may name as ``module.name``, or ``None`` where it is not allowed."""
-    module, _, name = _LOOK_ALIKES.get(f"{module}.{name}", f"{module}.{name}").rpartition(".")
-    if module == "torch" and name.isidentifier():
-        value = getattr(torch, name, None)
-        if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)) or value is torch.Size:
-            return value
-        return None
-    return _dcp_allowed().get(f"{module}.{name}")
-
-
-@functools.cache
-def _dcp_allowed() -> dict[str, Any]:
-    import importlib
-
-    allowed: dict[str, Any] = dict(_PATH_CLASSES)
-    allowed["collections.OrderedDict"] = collections.OrderedDict
-    allowed["torch.serialization._get_layout"] = layout_unpickler()
-    for module_name, names in _DCP_CLASSES.items():
-        module = importlib.import_module(module_name)
-        for name in names:
-            allowed[f"{module_name}.{name}"] = getattr(module, name)
-    return allowed
-
-
-def load_dcp_metadata(path: Path, *, trust_pickle: bool = False) -> Any:
-    """The unpickled DCP ``.metadata`` at ``path``, built only from allow-listed data classes.
-
-    torch's own ``FileSystemReader.read_metadata`` uses plain ``pickle.load``, which runs whatever the
-    file names; ``trust_pickle`` opts in to that (with a warning), as for torch files.
-    """
-    require_regular_file(path)
-    damage = damage_of(path)
-    if damage is not None:
-        raise CheckpointError(path, damage)
-    if trust_pickle:
-        warnings.warn(
-            f"{path}: loading with full unpickling (--trust-pickle): this runs any code the file holds",
-            TrustPickleWarning,
-            stacklevel=2,
-        )
-    try:
-        with open(path, "rb") as f:
-            return pickle.load(f) if trust_pickle else DcpMetadataUnpickler(f).load()
-    except RefusedGlobal as exc:
-        raise _refusal(path, [exc.name]) from exc
-    except Exception as exc:  # truncated, garbage, or objects that do not fit their classes
-        raise CheckpointError(path, f"is damaged or not DCP metadata ({first_line(exc)})") from exc
+        return load_dcp_metadata
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

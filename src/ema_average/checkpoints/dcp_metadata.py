@@ -1,0 +1,132 @@
+"""DCP ``.metadata`` files, unpickled without running code from them: only torch's own metadata classes.
+
+torch's ``FileSystemReader.read_metadata`` uses plain ``pickle.load``, which runs whatever the file names.
+:class:`DcpMetadataUnpickler` resolves only the pure-data classes DCP's ``Metadata`` is made of (and
+look-alike copies of them, such as olmo-core's ``_StorageInfo``) and torch's dtype/layout constants.
+Split from :mod:`ema_average.checkpoints.safe_unpickle`, which holds the policy for torch files.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import pickle
+import warnings
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
+
+import torch
+
+from ema_average._torch_compat import layout_unpickler
+from ema_average.checkpoints.base import damage_of, require_regular_file
+from ema_average.checkpoints.safe_unpickle import first_line, unsafe_refusal
+from ema_average.errors import CheckpointError, TrustPickleWarning
+
+_DCP_CLASSES = {
+    "torch.distributed.checkpoint.metadata": (
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    ),
+    "torch.distributed.checkpoint.filesystem": ("_StorageInfo", "_StoragePrefix"),
+    # Where older torch (before 2.2) defined TensorProperties; same fields and state.
+    "torch.distributed._shard.sharded_tensor.metadata": ("TensorProperties", "MEM_FORMAT_ENCODING"),
+}
+
+# StorageMeta.checkpoint_id is the path the checkpoint was saved to: rebuilt as a pure path (no I/O).
+_PATH_CLASSES: dict[str, type] = {
+    f"{module}.{kind}{flavour}": pure
+    for module in ("pathlib", "pathlib._local")
+    for flavour, pure in (("PosixPath", PurePosixPath), ("WindowsPath", PureWindowsPath))
+    for kind in ("", "Pure")
+}
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """A DCP ``.metadata`` names a global outside the allow-list."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+class DcpMetadataUnpickler(pickle.Unpickler):
+    """Resolves only what torch's DCP ``Metadata`` is made of; any other global is refused.
+
+    Allowed: the DCP metadata dataclasses and their memory-format enum, ``torch.Size``, the
+    ``torch.dtype``/``torch.layout``/``torch.memory_format`` constants (pickled as ``torch.float32``...),
+    ``torch.serialization._get_layout`` (how a layout pickles), ``collections.OrderedDict`` and pure
+    paths. All of them only build data; none touches files or runs other code.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = dcp_metadata_global(module, name)
+        if found is None:
+            raise RefusedGlobal(f"{module}.{name}")
+        return found
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("persistent ids are not allowed in DCP metadata")
+
+
+# Trainers that copy DCP's pure-data classes into their own package, with the same name and fields, read
+# as DCP's own: olmo-core's filesystem writer pickles its own _StorageInfo and _StoragePrefix.
+_LOOK_ALIKES = {
+    f"olmo_core.distributed.checkpoint.filesystem.{name}": f"torch.distributed.checkpoint.filesystem.{name}"
+    for name in ("_StorageInfo", "_StoragePrefix")
+}
+
+
+def dcp_metadata_global(module: str, name: str) -> Any | None:
+    """The object DCP metadata may name as ``module.name``, or ``None`` where it is not allowed."""
+    module, _, name = _LOOK_ALIKES.get(f"{module}.{name}", f"{module}.{name}").rpartition(".")
+    if module == "torch" and name.isidentifier():
+        value = getattr(torch, name, None)
+        if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)) or value is torch.Size:
+            return value
+        return None
+    return _dcp_allowed().get(f"{module}.{name}")
+
+
+@functools.cache
+def _dcp_allowed() -> dict[str, Any]:
+    import importlib
+
+    allowed: dict[str, Any] = dict(_PATH_CLASSES)
+    allowed["collections.OrderedDict"] = collections.OrderedDict
+    allowed["torch.serialization._get_layout"] = layout_unpickler()
+    for module_name, names in _DCP_CLASSES.items():
+        module = importlib.import_module(module_name)
+        for name in names:
+            allowed[f"{module_name}.{name}"] = getattr(module, name)
+    return allowed
+
+
+def load_dcp_metadata(path: Path, *, trust_pickle: bool = False) -> Any:
+    """The unpickled DCP ``.metadata`` at ``path``, built only from allow-listed data classes.
+
+    torch's own ``FileSystemReader.read_metadata`` uses plain ``pickle.load``, which runs whatever the
+    file names; ``trust_pickle`` opts in to that (with a warning), as for torch files.
+    """
+    require_regular_file(path)
+    damage = damage_of(path)
+    if damage is not None:
+        raise CheckpointError(path, damage)
+    if trust_pickle:
+        warnings.warn(
+            f"{path}: loading with full unpickling (--trust-pickle): this runs any code the file holds",
+            TrustPickleWarning,
+            stacklevel=2,
+        )
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f) if trust_pickle else DcpMetadataUnpickler(f).load()
+    except RefusedGlobal as exc:
+        raise unsafe_refusal(path, [exc.name]) from exc
+    except Exception as exc:  # truncated, garbage, or objects that do not fit their classes
+        raise CheckpointError(path, f"is damaged or not DCP metadata ({first_line(exc)})") from exc
