@@ -99,7 +99,7 @@ for it in range(12):
     loss.backward()
     optimizer.step()
     scheduler.step()
-    loss_buffer.update(float(loss))
+    loss_buffer.update(loss.item())
     lr_buffer.update(scheduler.get_last_lr()[0])
     if (it + 1) % 4:
         continue

@@ -27,6 +27,9 @@ MAX_NAME = 200
 # How many kinds of objects one file may name (each gets a class of its own while it is loaded).
 MAX_PLACEHOLDERS = 1024
 
+# How many placeholders under one key are looked at to name them in the plan.
+LISTED = 64
+
 
 class RefusedCall(Exception):
     """A call the pickle asks for that we never make (``getattr`` on a real object): the file is refused.
@@ -116,7 +119,7 @@ def _torch_module_class(module: str, attribute: str) -> bool:
     return isinstance(found, type) and issubclass(found, torch.nn.Module)
 
 
-def placeholders_in(obj: Any, limit: int = 64) -> dict[str, list[Placeholder]]:
+def placeholders_in(obj: Any, limit: int = LISTED) -> dict[str, list[Placeholder]]:
     """The placeholders a loaded object holds, by the top-level key they sit under (``""``: the object
     itself); at most ``limit`` per key, each container visited once."""
     found: dict[str, list[Placeholder]] = {}
@@ -132,7 +135,7 @@ def placeholders_in(obj: Any, limit: int = 64) -> dict[str, list[Placeholder]]:
                     held.append(value)
             elif isinstance(value, dict | list | tuple) and id(value) not in seen:
                 seen.add(id(value))
-                stack.extend(value.values() if isinstance(value, dict) else value)
+                stack.extend(reversed(list(value.values() if isinstance(value, dict) else value)))
     return found
 
 
@@ -141,6 +144,9 @@ def described_objects(found: dict[str, list[Placeholder]]) -> str:
     texts = []
     for key, held in found.items():
         kinds = list(dict.fromkeys(p.pickled_name for p in held))
-        shown = ", ".join(kinds[:3]) + (f" and {len(kinds) - 3} more" if len(kinds) > 3 else "")
+        more = (
+            "" if len(kinds) <= 3 else " and more" if len(held) >= LISTED else f" and {len(kinds) - 3} more"
+        )
+        shown = ", ".join(kinds[:3]) + more
         texts.append(f"{key or 'the top level'}: {shown} object{'s' if len(held) > 1 else ''} (not read)")
     return "; ".join(texts)
