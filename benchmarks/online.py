@@ -1,12 +1,16 @@
 """Time one online ``apply()`` against the ways users do it today and against the hardware floors.
 
 Prints a table: median milliseconds of one update and the ratio to ``torch._foreach_lerp_`` over the same
-tensors (the multi-tensor floor), for two mixes of tensor sizes, fp32 and bf16 parameters; then the fp32
+tensors in float32 (the multi-tensor floor; for bf16 parameters over fp32 copies made beforehand), timed in the
+same round-robin as the methods, for two mixes of tensor sizes, fp32 and bf16 parameters; then the fp32
 mixes sharded by FSDP2 over ``--ranks`` CPU processes (gloo), where each rank's ``apply()`` on its local
 shards is timed against ``_foreach_lerp_`` over those very local tensors. Then, each in a child process,
 the extra memory one bf16 update needs beyond model + shadows.
 
-    python benchmarks/online.py [--scale 1.0] [--repeats 25] [--device cpu] [--ranks 2]
+    python benchmarks/online.py [--scale 1.0] [--repeats 25] [--device cpu] [--ranks 2] [--threads N]
+
+On a machine shared with other work, ``--threads 1``: a two-thread OpenMP region there waits a scheduler slice
+for its second thread, which times the machine's load rather than the update.
 """
 
 from __future__ import annotations
@@ -77,12 +81,13 @@ def methods(params: list[torch.nn.Parameter]) -> dict[str, Callable[[], None]]:
     except ImportError:
         pass
 
+    floor_shadows = [p.detach().to(torch.float32, copy=True) for p in params]  # never the parameter itself
+    # the floor for bf16 parameters: over fp32 copies of them, made once, outside the timing
+    plain = [p.detach().float() for p in params]
+    found["_foreach_lerp_ (multi-tensor floor)"] = lambda: torch._foreach_lerp_(
+        floor_shadows, plain, 1 - DECAY
+    )
     if params[0].dtype == torch.float32:
-        floor_shadows = [p.detach().clone() for p in params]
-        plain = [p.detach() for p in params]
-        found["_foreach_lerp_ (multi-tensor floor)"] = lambda: torch._foreach_lerp_(
-            floor_shadows, plain, 1 - DECAY
-        )
         n = sum(p.numel() for p in params)
         flat_shadow = torch.zeros(n, device=params[0].device)
         flat_value = torch.randn(n, device=params[0].device)
@@ -183,12 +188,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=25)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--ranks", type=int, default=2, help="FSDP2 ranks for the sharded rows (0: none)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--memory-child", nargs=3, metavar=("TOTAL", "COUNT", "HOW"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         total, count, how = args.memory_child
         print(memory_child(int(total), int(count), how))
         return
+    if args.threads:
+        torch.set_num_threads(args.threads)
     large = (int(50_000_000 * args.scale), 200)
     small = (int(20_000_000 * args.scale), 5_000)
     console = Console(width=120)
@@ -203,18 +211,20 @@ def main() -> None:
         for total, count in (large, small):
             rows += sharded_rows(total, count, args.ranks, args.repeats)
 
-    floors = {mix.rsplit(", ", 1)[0]: ms for mix, method, ms in rows if method.startswith("_foreach_lerp_")}
+    floors = {mix: ms for mix, method, ms in rows if method.startswith("_foreach_lerp_")}  # each round's own
     fp32_apply = {
         mix.rsplit(", ", 1)[0]: ms
         for mix, method, ms in rows
         if method.startswith("ema") and "float32" in mix
     }
-    table = Table(title="One EMA update: median ms (ratio to _foreach_lerp_ on fp32 of the same mix)")
+    table = Table(
+        title="One EMA update: median ms (ratio to _foreach_lerp_ on fp32 copies timed in the same round)"
+    )
     for col in ("mix", "method", "median ms", "x floor", "x ema fp32"):
         table.add_column(col, justify="right" if col != "method" and col != "mix" else "left")
     for mix, method, ms in rows:
         key = mix.rsplit(", ", 1)[0]
-        table.add_row(mix, method, f"{ms:.1f}", f"{ms / floors[key]:.2f}", f"{ms / fp32_apply[key]:.2f}")
+        table.add_row(mix, method, f"{ms:.1f}", f"{ms / floors[mix]:.2f}", f"{ms / fp32_apply[key]:.2f}")
     console.print(table)
 
     if args.device == "cpu":
