@@ -19,7 +19,7 @@ import torch
 
 from ema_average import streaming
 from ema_average.checkpoints import Checkpoint, Run, find_run
-from ema_average.checkpoints.discover import StepsFrom
+from ema_average.checkpoints.run_steps import StepsFrom
 from ema_average.errors import (
     ConfigurationError,
     DeviceError,

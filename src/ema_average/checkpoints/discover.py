@@ -12,27 +12,18 @@ pipeline's ``unet/``, litgpt's ``final/``) is skipped with a notice.
 from __future__ import annotations
 
 import fnmatch
-import itertools
 import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 
-from ema_average.checkpoints.base import Checkpoint, OpenOptions, StepInfo, TensorSpec
-from ema_average.checkpoints.layouts import layout_of, looked_for, models_in, open_leaf, side_step_problem
-from ema_average.checkpoints.steps import (
-    PATTERN_NAMES,
-    checked_step,
-    first_count,
-    names_a_step,
-    stem_of,
-    step_from_name,
-    step_of_count,
-)
+from ema_average.checkpoints.base import Checkpoint, OpenOptions, TensorSpec
+from ema_average.checkpoints.layouts import layout_of, looked_for, models_in, open_leaf
+from ema_average.checkpoints.run_steps import StepsFrom, note_unread_step, real_steps, step_of
+from ema_average.checkpoints.steps import names_a_step, stem_of, step_from_name
 from ema_average.checkpoints.unit_folder import open_unit
 from ema_average.errors import (
     CheckpointError,
@@ -42,7 +33,6 @@ from ema_average.errors import (
 )
 from ema_average.safetensors_format import shape_problem
 
-StepsFrom = Literal["auto", "metadata", "filename"]  # options.STEPS_FROM, as a type
 Keeps = Callable[[str], bool]  # a tensor selection: whether a tensor (by its saved name) is averaged
 
 
@@ -107,8 +97,9 @@ def find_run(
     ``submodel`` picks one model of units that hold several (``unet_ema``, ``adapter_model``, ``fp32``).
     ``step_every`` turns steps that count saves or epochs (flagged by the layouts) into training steps:
     ``(count + 1) * step_every`` where the first save counts 0 (an index, a save count), ``count *
-    step_every`` where it counts 1 (epochs completed: open_clip, mmengine); ``steps`` gives every checkpoint's step outright, oldest first. ``globs`` keeps only the units
-    whose name (or path below ``path``) matches one of them, e.g. ``checkpoint_*_*.pt``. ``keeps`` is the
+    step_every`` where it counts 1 (epochs completed: open_clip, mmengine); ``steps`` gives every
+    checkpoint's step outright, oldest first. ``globs`` keeps only the units whose name (or path below
+    ``path``) matches one of them, e.g. ``checkpoint_*_*.pt``. ``keeps`` is the
     tensor selection (``--include``/``--exclude``): checkpoints are compared, and copies told apart, on the
     tensors it keeps only, so files that differ in excluded tensors (an optimizer's) make one run.
 
@@ -141,16 +132,16 @@ def find_run(
             continue
         _check_holds_weights(ckpt)
         _check_submodel(ckpt, submodel)
-        info = _step_of(ckpt, steps_from)
+        info = step_of(ckpt, steps_from)
         ckpt.step, ckpt.step_origin, ckpt.step_is_counter = info.step, info.origin, info.counter
-        _note_unread_step(ckpt, steps_from)
+        note_unread_step(ckpt, steps_from)
         checkpoints.append(ckpt)
     if not checkpoints:
         where = f" named {' or '.join(globs)}" if globs else ""
         raise NoCheckpointsError(root, f"no checkpoints{where} found; looked for {looked_for()}")
     checkpoints = _drop_copies(checkpoints, notices, keeps)
     checkpoints.sort(key=lambda c: c.step if c.step is not None else -1)
-    _real_steps(root, checkpoints, step_every, steps, notices)
+    real_steps(root, checkpoints, step_every, steps, notices)
     validate_run(checkpoints, keeps)
     _note_models(checkpoints, notices)
     return Run(root, checkpoints, notices, units)
@@ -352,86 +343,6 @@ def _check_submodel(ckpt: Checkpoint, submodel: str | None) -> None:
     models = [m for m in [*ckpt.model.split("/")[:1], *ckpt.other_models] if m]
     listed = f"; its models: {', '.join(models)}" if models else "; it holds one model"
     raise CheckpointError(ckpt.path, f"has no model {submodel!r} (--submodel){listed}")
-
-
-def _step_of(ckpt: Checkpoint, steps_from: StepsFrom) -> StepInfo:
-    """The checkpoint's own record first, then its name. A count of saves or epochs gives way to a real
-    step in the name, unless the name only repeats it (timm's ``checkpoint-3`` holding ``epoch`` 3)."""
-    sources: dict[str, Callable[[], StepInfo | None]] = {
-        "metadata": ckpt.metadata_step,
-        "filename": ckpt.name_step,
-    }
-    if steps_from != "auto":
-        info = sources[steps_from]()
-    else:
-        meta, name = ckpt.metadata_step(), ckpt.name_step()
-        info = meta
-        if meta is None or (
-            meta.counter and name is not None and not name.counter and name.step != meta.step
-        ):
-            info = name
-    if info is not None:
-        return info
-    where = {
-        "auto": "in its contents or its name",
-        "metadata": "in its contents (--steps-from metadata)",
-        "filename": f"in its name (--steps-from filename; patterns {', '.join(PATTERN_NAMES)})",
-    }[steps_from]
-    raise CheckpointError(ckpt.path, f"no training step found {where}")
-
-
-def _note_unread_step(ckpt: Checkpoint, steps_from: StepsFrom) -> None:
-    """A step taken from the name while the trainer's own record was there but unusable is said in the
-    plan (a ``trainer_state.json`` that is not an object was once ignored silently)."""
-    if steps_from != "auto" or not ckpt.step_origin.startswith("filename:") or not ckpt.path.is_dir():
-        return
-    problem = side_step_problem(ckpt.path)
-    if problem is not None:
-        ckpt.notes.append(f"{problem}: step {ckpt.step} taken from the name ({ckpt.step_origin})")
-
-
-def _real_steps(
-    root: Path,
-    checkpoints: list[Checkpoint],
-    step_every: int | None,
-    steps: Sequence[int] | None,
-    notices: list[str],
-) -> None:
-    """Counts of saves or epochs made steps (``step_every``), or every step given (``steps``); a count
-    left as it is gets a notice saying how to give the steps."""
-    counted = [c for c in checkpoints if c.step_is_counter]
-    if steps is not None:
-        _given_steps(root, checkpoints, steps)
-    elif step_every is not None:
-        if not counted:
-            source = checkpoints[0].step_origin
-            raise ConfigurationError(
-                f"{root}: --step-every applies to checkpoints numbered by a count of saves or epochs; "
-                f"these record their training steps ({source})"
-            )
-        for ckpt in counted:
-            assert ckpt.step is not None
-            ckpt.step, ckpt.step_origin = step_of_count(ckpt.path, ckpt.step, ckpt.step_origin, step_every)
-            ckpt.step_is_counter = False
-        checkpoints.sort(key=lambda c: c.step if c.step is not None else -1)
-    elif counted:
-        first = first_count(counted[0].step_origin)
-        notices.append(
-            f"the steps of {len(counted)} checkpoint(s) count saves or epochs, not training steps "
-            f"({counted[0].step_origin}); give the training steps between saves with --step-every N "
-            f"(step = {'count' if first else '(count + 1)'} x N, the first save counted {first}), "
-            "or each checkpoint's step with --steps"
-        )
-
-
-def _given_steps(root: Path, checkpoints: list[Checkpoint], steps: Sequence[int]) -> None:
-    if len(steps) != len(checkpoints):
-        raise ConfigurationError(f"{root}: {len(steps)} steps given for {len(checkpoints)} checkpoints")
-    if any(b <= a for a, b in itertools.pairwise(steps)):
-        raise ConfigurationError(f"{root}: the steps given must increase, got {list(steps)[:8]}")
-    for ckpt, step in zip(checkpoints, steps, strict=True):
-        ckpt.step = checked_step(ckpt.path, step, "given")
-        ckpt.step_origin, ckpt.step_is_counter = "given", False
 
 
 def _note_models(checkpoints: list[Checkpoint], notices: list[str]) -> None:
