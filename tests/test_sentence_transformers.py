@@ -145,6 +145,8 @@ def test_every_module_is_read_as_one_checkpoint(run: Path) -> None:
     assert latest.layout == "sentence-transformers"
     assert set(latest.specs()) == set(module_tensors(run / "checkpoint-6"))
     assert "2_Dense/linear.weight" in latest.specs() and "embeddings.word_embeddings.weight" in latest.specs()
+    assert latest.other_models == {}  # its module folders are its own, not other models of the step
+    assert not any("2_Dense" in notice for notice in found.notices)
     for ckpt in found.checkpoints:
         ckpt.close()
 

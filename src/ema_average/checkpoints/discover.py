@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ema_average.checkpoints.base import Checkpoint, OpenOptions, TensorSpec
-from ema_average.checkpoints.layouts import layout_of, looked_for, models_in, open_leaf
+from ema_average.checkpoints.layouts import layout_of, looked_for, models_in, open_leaf, own_folders
 from ema_average.checkpoints.run_steps import StepsFrom, note_unread_step, real_steps, step_of
 from ema_average.checkpoints.steps import names_a_step, stem_of, step_from_name
 from ema_average.checkpoints.unit_folder import open_unit
@@ -206,9 +206,11 @@ def _search(here: Path, found: list[Path]) -> list[Path]:
     """Add what ``here`` holds to ``found``; its sub-folders to search next, last first."""
     with os.scandir(here) as listing:
         entries = sorted((e for e in listing if not e.name.startswith(".")), key=lambda e: e.name)
-    claimed = layout_of(here, "folder") is not None
+    layout = layout_of(here, "folder")
+    claimed = layout is not None
     if claimed:
-        found.append(here)  # its files are its own; its sub-folders may hold more
+        found.append(here)  # its files are its own; its sub-folders may hold more, unless they are its own
+    own = set(own_folders(layout, here)) if layout is not None else set()
     folders = {e.name for e in entries if _is_folder(e)}
     if not claimed:
         found += [
@@ -216,7 +218,7 @@ def _search(here: Path, found: list[Path]) -> list[Path]:
             for e in entries
             if e.name not in folders and not is_rank_state(here / e.name) and layout_of(here / e.name, "file")
         ]
-    return [here / e.name for e in reversed(entries) if e.name in folders and not e.is_symlink()]
+    return [here / e.name for e in reversed(entries) if e.name in folders - own and not e.is_symlink()]
 
 
 # A file named for a process rank and nothing else (olmo-core's ``stepN/train/rank0.pt``): one rank's trainer

@@ -19,6 +19,7 @@ Models = Callable[[Path], list[tuple[str, Path]]]
 SideStep = Callable[[Path], StepInfo | None]
 SideStepProblem = Callable[[Path], str | None]
 OwnModel = Callable[[Path, set[str]], SavedModel | None]
+OwnFolders = Callable[[Path], list[str]]
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,9 @@ class FolderLayout(Layout):
     - ``name_step(folder)``: the step a folder's name carries where the layout knows its naming (a count of
       saves rather than steps); discovery falls back to the name patterns of ``steps.py``;
     - ``own_model(folder, names)``: the folder's own save as its library loads it, where the weights read
-      from another layout inside it (tensor ``names``) are that model: what a folder output copies.
+      from another layout inside it (tensor ``names``) are that model: what a folder output copies;
+    - ``own_folders(folder)``: the sub-folders that are part of the checkpoint (a sentence-transformers
+      model's module folders): discovery does not search them for more models.
     """
 
     models: Models | None = None
@@ -41,3 +44,4 @@ class FolderLayout(Layout):
     side_step_problem: SideStepProblem | None = None
     name_step: SideStep | None = None
     own_model: OwnModel | None = None
+    own_folders: OwnFolders | None = None

@@ -77,6 +77,13 @@ def own_model(folder: Path, names: set[str]) -> SavedModel | None:
     return next((saved for hook in _hooks("own_model") if (saved := hook(folder, names)) is not None), None)
 
 
+def own_folders(layout: Layout, folder: Path) -> list[str]:
+    """The sub-folders of ``folder`` that are part of the checkpoint ``layout`` claimed there (a
+    sentence-transformers model's module folders): discovery does not search them for more models."""
+    hook = getattr(layout, "own_folders", None)
+    return hook(folder) if hook is not None else []
+
+
 def layout_of(path: Path, unit: str) -> Layout | None:
     """The first layout of that kind (``"file"`` or ``"folder"``) that claims ``path``."""
     return next((layout for layout in LAYOUTS if layout.unit == unit and layout.claims(path)), None)

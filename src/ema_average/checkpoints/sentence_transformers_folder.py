@@ -18,13 +18,13 @@ import torch
 
 from ema_average.checkpoints.base import (
     Checkpoint,
-    Layout,
     OpenOptions,
     SavedModel,
     StepInfo,
     TensorSpec,
     require_regular_file,
 )
+from ema_average.checkpoints.folder_layout import FolderLayout
 from ema_average.checkpoints.hf_folder import (
     HfFolderCheckpoint,
     folder_name_step,
@@ -202,10 +202,11 @@ def _open(path: Path, options: OpenOptions) -> Checkpoint:
     return SentenceTransformersCheckpoint(path, trust_pickle=options.trust_pickle)
 
 
-LAYOUT = Layout(
+LAYOUT = FolderLayout(
     "sentence-transformers",
     "folder",
     "sentence-transformers folders (modules.json, each module's weights in its folder: 2_Dense/model.safetensors)",
     is_sentence_transformers_folder,
     _open,
+    own_folders=own_folders,
 )
