@@ -653,7 +653,12 @@ def test_fsdp2_dcp_folder_holds_the_averages_the_command_reads(
 ) -> None:
     """The strategy's DCP folder holds the averages under the top-level key ema, beside state_dict:
     ``--state-dict-key ema`` averages them."""
+    from torch.distributed.checkpoint import FileSystemReader
+
     folder, ranks = fsdp2_runs
+    metadata = FileSystemReader(str(folder / "whole" / "epoch=1-step=8.ckpt")).read_metadata()
+    files = {(tuple(i.offset), metadata.storage_data[i].relative_path) for i in metadata.storage_data if i.fqn == "ema.net.0.weight"}  # fmt: skip
+    assert files == {((0, 0), "__0_0.distcp"), ((4, 0), "__1_0.distcp")}  # each rank wrote its own rows
     saved = ranks[0]["saved"]  # the whole EMA at each save, gathered by the run itself
     done = command_average(folder / "whole", tmp_path / "out.safetensors", "--state-dict-key", "ema")
     assert done.returncode == 0, done.stderr
