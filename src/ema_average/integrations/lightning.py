@@ -177,7 +177,7 @@ class EMACallback(pl.Callback):
         path = getattr(trainer, "ckpt_path", None)
         where = str(path or "the checkpoint")
         if path and _is_sharded_save(Path(path)):
-            self._loaded = (ShardedAverages(Path(path)), where)
+            self._loaded = (_ShardedAverages(Path(path)), where)
         else:
             self._loaded = (checkpoint.get(EMA_KEY) or {}, where)
 
@@ -252,7 +252,7 @@ def _save_averages_with_the_shards(strategy: pl.strategies.Strategy) -> None:
     strategy.save_checkpoint = save_checkpoint  # type: ignore[method-assign]
 
 
-class ShardedAverages(Mapping[str, torch.Tensor]):
+class _ShardedAverages(Mapping[str, torch.Tensor]):
     """The averages in a sharded save's ``ema``, read one whole tensor at a time when asked for.
 
     Read through the project's DCP reader (its ``.metadata`` checked, never unpickled with plain pickle);
