@@ -500,3 +500,21 @@ def test_ultralytics_stripped_final_copies_have_no_step(
         TorchCheckpoint(finished / "last.pt")
     result = run_with(package, READ_STRIPPED, finished)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_finished_ultralytics_run_skips_its_final_copies(
+    ultralytics_run: tuple[Path, Path, dict], tmp_path: Path
+) -> None:
+    # After final_eval, last.pt and best.pt hold epoch -1 and no step: skipped with a notice (not "no training
+    # step found"); the epoch files are averaged as before.
+    weights, package, states = ultralytics_run
+    finished = tmp_path / "weights"
+    shutil.copytree(weights, finished)
+    assert run_with(package, ULTRALYTICS_STRIP, finished).returncode == 0
+    out = tmp_path / "ema.safetensors"
+    result = run_with(package, EXE, finished, "-o", out, "--decay", "0.9", "--trust-pickle")
+    assert result.returncode == 0, result.stderr
+    assert_is_reference(out, states, 0.9)
+    told = " ".join((result.stdout + result.stderr).split())
+    for name in ("last.pt", "best.pt"):
+        assert f"{name}: a final copy of the weights (epoch -1: ultralytics' strip_optimizer)" in told

@@ -103,6 +103,7 @@ class Checkpoint(ABC):
         self.step: int | None = None
         self.step_origin = ""
         self.step_is_counter = False  # the step counts saves or epochs (see StepInfo.counter)
+        self.final_copy: str | None = None  # why it is a final copy of the weights, not a step of the run
         self.notes: list[str] = []
         self.choices: list[ModelChoice] = []  # outermost first, where a unit holds several models
 

@@ -130,6 +130,11 @@ def find_run(
             units.remove(unit.path)
             ckpt.close()
             continue
+        if _is_final_copy(ckpt):
+            notices.append(f"skipped {unit.path}: {ckpt.final_copy}")
+            units.remove(unit.path)
+            ckpt.close()
+            continue
         _check_holds_weights(ckpt)
         _check_submodel(ckpt, submodel)
         info = step_of(ckpt, steps_from)
@@ -387,8 +392,9 @@ def _drop_copies(checkpoints: list[Checkpoint], notices: list[str], keeps: Keeps
             raise CheckpointMismatchError(
                 ckpt.path, f"has step {ckpt.step}, as does {kept.path}, but different weights"
             )
-        # Keep the one whose name says its step (checkpoint_3_1200.pt over checkpoint_last.pt).
-        if _named_for_step(ckpt) and not _named_for_step(kept):
+        # Keep the one whose name says its step (checkpoint_3_1200.pt over checkpoint_last.pt), else one
+        # whose name holds a number (ultralytics' epoch3.pt over best.pt).
+        if _name_rank(ckpt) > _name_rank(kept):
             kept, ckpt = ckpt, kept
             by_step[kept.step] = kept  # type: ignore[index]
         notices.append(f"skipped {ckpt.path}: same step ({ckpt.step}) and weights as {kept.path}")
@@ -396,9 +402,16 @@ def _drop_copies(checkpoints: list[Checkpoint], notices: list[str], keeps: Keeps
     return list(by_step.values())
 
 
-def _named_for_step(ckpt: Checkpoint) -> bool:
+def _is_final_copy(ckpt: Checkpoint) -> bool:
+    """A file that says it is a final copy of the run's weights (ultralytics' stripped ``last.pt``) and
+    carries no step: skipped with a notice, as a final model beside the step folders is."""
+    return ckpt.final_copy is not None and ckpt.metadata_step() is None and ckpt.name_step() is None
+
+
+def _name_rank(ckpt: Checkpoint) -> int:
+    """2: the name says the file's step; 1: it holds another number (an epoch); 0: none (last, best)."""
     info = ckpt.name_step()
-    return info is not None and info.step == ckpt.step
+    return 0 if info is None else 2 if info.step == ckpt.step else 1
 
 
 def validate_run(checkpoints: list[Checkpoint], keeps: Keeps | None = None) -> None:

@@ -63,7 +63,6 @@ class TorchCheckpoint(Checkpoint):
         self._mapped_because: str | None = None
         self._step: StepInfo | None = None
         self._full = False  # fully unpickled: the weights are a pickled model (--trust-pickle)
-        self.final_copy: str | None = None  # a final copy of the weights, no step of the run
         self._open()
         if self._raw_is_lightning:
             self.layout = "lightning"
