@@ -35,7 +35,7 @@ from ema_average.output import (
     remove_stale_temporaries,
 )
 from ema_average.safetensors_format import TensorSpec
-from helpers import default_signals
+from helpers import default_signals, interrupts_raise
 
 META = {"ema_average_version": "test", "k": "v"}  # the marker that makes a folder ours to replace
 
@@ -93,10 +93,15 @@ def locked_by(pid: int) -> str:
 
 def start_child(code: str, *args: str) -> subprocess.Popen[str]:
     """A separate Python process running ``code`` (default signal dispositions); returns once it prints
-    'ready', and is killed if it never does. Its ``time.sleep(120)`` ends it should a test fail before
+    'ready', and is killed if it never does. It then blocks reading its stdin, a pipe this process holds,
+    so it ends when the test run does, however slow the machine, should a test fail before
     :func:`kill_hard`."""
     child = subprocess.Popen(
-        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True, preexec_fn=default_signals
+        [sys.executable, "-c", code, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=default_signals,
     )
     assert child.stdout is not None
     try:
@@ -110,8 +115,9 @@ def start_child(code: str, *args: str) -> subprocess.Popen[str]:
 def kill_hard(child: subprocess.Popen[str]) -> None:
     child.send_signal(signal.SIGKILL)
     child.wait(timeout=30)
-    assert child.stdout is not None
+    assert child.stdout is not None and child.stdin is not None
     child.stdout.close()
+    child.stdin.close()
 
 
 # --- One file ---------------------------------------------------------------------------------------
@@ -292,14 +298,12 @@ def test_a_signal_while_outputs_are_named_waits_until_all_are(
         raise KeyboardInterrupt  # as the command's SIGTERM handler does
 
     monkeypatch.setattr(SafetensorsWriter, "publish", publish_then_signal)
-    before = signal.signal(signal.SIGTERM, terminate)
-    try:
+    with interrupts_raise():  # whatever the launcher of the test run ignored
+        signal.signal(signal.SIGTERM, terminate)
         with pytest.raises(KeyboardInterrupt):
             commit_together(writers)
         assert signal.getsignal(signal.SIGTERM) is terminate  # handlers as they were
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    finally:
-        signal.signal(signal.SIGTERM, before)
     assert sent == [tmp_path / "a.safetensors"]
     for writer in writers:  # the interrupt came only once both were named
         assert load_file(str(writer.path)).keys() == ts.keys()
@@ -316,11 +320,8 @@ def test_naming_held_signals_ignored_by_then_are_dropped(
         signal.raise_signal(signal.SIGINT)
 
     monkeypatch.setattr(SafetensorsWriter, "publish", publish_then_signal)
-    before = signal.getsignal(signal.SIGINT)
-    try:  # before_naming as the command's: Ctrl-C ignored from there on
+    with interrupts_raise():  # before_naming as the command's: Ctrl-C ignored from there on
         commit_together(writers, before_naming=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-    finally:
-        signal.signal(signal.SIGINT, before)
     assert all(writer.path.exists() for writer in writers)
 
 
@@ -377,8 +378,8 @@ def test_two_spellings_of_one_output_share_its_lock(tmp_path: Path) -> None:
 def test_the_lock_of_a_killed_run_is_free_and_leaves_nothing(tmp_path: Path) -> None:
     out = tmp_path / "out.safetensors"
     child = start_child(
-        "import sys, time; from pathlib import Path; from ema_average.output import OutputLock\n"
-        "lock = OutputLock(Path(sys.argv[1])); print('ready', flush=True); time.sleep(120)",
+        "import sys; from pathlib import Path; from ema_average.output import OutputLock\n"
+        "lock = OutputLock(Path(sys.argv[1])); print('ready', flush=True); sys.stdin.read()",
         str(out),
     )
     try:
@@ -445,8 +446,8 @@ def test_whatever_squats_the_lock_file_is_named_not_guessed(tmp_path: Path, kind
         problem = f"belongs to user 65534, not to this one ({os.geteuid()})"
     else:  # a process of this user that flocks the file: named by its PID
         child = start_child(
-            "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)\n"
-            "fcntl.flock(fd, fcntl.LOCK_EX); print('ready', flush=True); time.sleep(120)",
+            "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('ready', flush=True); sys.stdin.read()",
             str(lock_file),
         )
         try:
@@ -724,12 +725,12 @@ def test_too_low_a_ulimit_n_is_refused_before_anything_is_written(tmp_path: Path
 
 def test_a_killed_fresh_run_leaves_no_output_folder(tmp_path: Path) -> None:
     child = start_child(
-        "import sys, time, torch; from pathlib import Path\n"
+        "import sys, torch; from pathlib import Path\n"
         "from ema_average.output import ShardedWriter, TensorEntry, TensorSpec\n"
         "listed = [TensorEntry(f't{i}', TensorSpec((256,), torch.float32)) for i in range(4)]\n"
         "w = ShardedWriter(Path(sys.argv[1]), listed, None, overwrite=False, max_shard_size=2048)\n"
         "w.write('t0', torch.zeros(256)); w.add_file('config.json', b'{}')\n"
-        "print('ready', flush=True); time.sleep(120)",
+        "print('ready', flush=True); sys.stdin.read()",
         str(tmp_path / "out"),
     )
     staging = tmp_path / f".out.ema-average-{child.pid}.tmp"
