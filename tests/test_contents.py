@@ -128,6 +128,25 @@ def test_torchtitan_model_only_save_is_the_same_model() -> None:
     assert split_dcp(model) == [("", "model", sorted(model))]
 
 
+def test_lightning_sharded_save_numbers_its_optimizers() -> None:
+    # ModelParallelStrategy's DCP folder (lightning/pytorch/strategies/model_parallel.py save_checkpoint):
+    # the module under state_dict, each optimizer under optimizer_<i>, the EMA callback's averages under ema.
+    model = ["layer.weight", "layer.bias", "head.weight"]
+    names = [
+        *(f"state_dict.{m}" for m in model),
+        *(f"optimizer_0.state.{m}.momentum_buffer" for m in model),
+        *(f"optimizer_1.state.{m}.exp_avg" for m in model),
+        *(f"ema.{m}" for m in model),
+    ]
+    parts = split_dcp(names)
+    assert parts[0] == ("state_dict", "model", sorted(model))
+    assert [(key, kind) for key, kind, _ in parts[1:]] == [
+        ("ema", "average"),
+        ("optimizer_0", "optimizer"),
+        ("optimizer_1", "optimizer"),
+    ]
+
+
 def test_torchtnt_app_state_is_looked_through() -> None:
     names = [
         "app_state.module.fc.weight",

@@ -181,8 +181,12 @@ OPTIMIZER_MOMENTS = (
 
 
 def kind_of_key(key: str) -> str | None:
-    """What a container named ``key`` holds, where its name says (``None``: nothing said)."""
+    """What a container named ``key`` holds, where its name says (``None``: nothing said). A number after
+    the name counts one of several (Lightning's sharded save: ``optimizer_0``, ``optimizer_1``)."""
     lower = key.lower().replace("-", "_")
+    name, _, number = lower.rpartition("_")
+    if name and number.isdigit():
+        lower = name
     if lower in OPTIMIZER_KEYS:
         return "optimizer"
     if lower in SCHEDULER_KEYS:
