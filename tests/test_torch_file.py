@@ -87,6 +87,33 @@ def test_tied_weights_are_reported(tmp_path: Path) -> None:
     assert ckpt.aliases() == {"lm_head.weight": "embed.weight"}
 
 
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy"])
+def test_one_storage_named_thousands_of_times_is_refused(tmp_path: Path, zipped: bool) -> None:
+    # 64 KiB of storage named 600 times (aliases and overlapping slices): 38 MB of tensors to average and
+    # write from a file of 70 KB. Refused at opening, the figures named; nothing is read.
+    base = torch.randn(1 << 14)
+    state = {**{f"w{i}": base for i in range(300)}, **{f"v{i}": base[i:] for i in range(300)}}
+    torch.save(state, tmp_path / "many.pt", _use_new_zipfile_serialization=zipped)
+    named = 300 * base.nbytes + sum(base[i:].nbytes for i in range(300))
+    with pytest.raises(CheckpointError) as refused:
+        TorchCheckpoint(tmp_path / "many.pt")
+    assert str(refused.value) == (
+        f"{tmp_path / 'many.pt'}: names {named} bytes of tensors over only {base.nbytes} bytes of storage "
+        "(one storage viewed under many names); more than 64 times over is refused: the output would be as large"
+    )
+
+
+def test_a_block_shared_by_every_layer_is_read(tmp_path: Path) -> None:
+    # nn.ModuleList([block] * 24): the state dict names the block's tensors 24 times, all tied.
+    block = torch.nn.Linear(8, 8)
+    model = torch.nn.ModuleList([block] * 24)
+    torch.save(model.state_dict(), tmp_path / "shared.pt")
+    ckpt = TorchCheckpoint(tmp_path / "shared.pt")
+    assert len(ckpt.specs()) == 48
+    assert ckpt.aliases() == {f"{i}.{p}": f"0.{p}" for i in range(1, 24) for p in ("weight", "bias")}
+    assert torch.equal(ckpt.read("23.weight"), block.weight.detach())
+
+
 def test_legacy_format_is_read_but_not_lazily(tmp_path: Path) -> None:
     torch.save({"model": make_state(4), "step": 4}, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
     ckpt = TorchCheckpoint(tmp_path / "old.pt")

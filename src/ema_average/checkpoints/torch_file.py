@@ -105,6 +105,9 @@ class TorchCheckpoint(Checkpoint):
             problem = tensor_problem(tensor, in_file=contents.lazy and _file_offset(tensor) is not None)
             if problem is not None:
                 raise CheckpointError(self.path, f"tensor {name!r} {problem}")
+        problem = named_bytes_problem(tensors, contents.members if contents.lazy else None)
+        if problem is not None:
+            raise CheckpointError(self.path, problem)
         if contents.lazy:
             self._stored = {
                 name: _stored(self.path, name, t, contents.members) for name, t in tensors.items()
@@ -321,6 +324,39 @@ def _extent_problem(tensor: torch.Tensor) -> str | None:
     return (
         f"has {tensor.numel()} elements ({needed} bytes) over only {max(available, 0)} bytes of storage "
         "(an expanded or broadcast view); it would be materialised at full size, so it is refused"
+    )
+
+
+# How many times over a file's tensors may name the bytes they are stored in. Tied weights name one storage
+# twice, a block repeated through ``nn.ModuleList([block] * n)`` n times; a hostile file can name one
+# storage thousands of times (or as thousands of overlapping slices), each written out at full size.
+MAX_NAMED_PER_STORED = 64
+
+
+def named_bytes_problem(
+    tensors: Mapping[str, torch.Tensor], members: Mapping[int, ZipMember] | None
+) -> str | None:
+    """Why the tensors name too many bytes for the storage they view, or ``None``. ``members``: the zip
+    members a lazily read file's storages lie in (their real size: a pickle may declare any storage size);
+    ``None`` for loaded tensors, whose storages are in memory."""
+    stored: dict[Hashable, int] = {}
+    named = 0
+    for tensor in tensors.values():
+        if not tensor.numel():
+            continue
+        named += tensor.numel() * tensor.element_size()
+        offset = _file_offset(tensor) if members is not None else None
+        if offset is not None and members is not None and offset in members:
+            stored[("file", offset)] = members[offset].size
+        else:
+            storage = tensor.untyped_storage()
+            stored[("memory", storage.data_ptr())] = storage.nbytes()
+    total = sum(stored.values())
+    if named <= MAX_NAMED_PER_STORED * max(total, 1):
+        return None
+    return (
+        f"names {named} bytes of tensors over only {total} bytes of storage (one storage viewed under many "
+        f"names); more than {MAX_NAMED_PER_STORED} times over is refused: the output would be as large"
     )
 
 
