@@ -669,11 +669,6 @@ def test_fsdp2_dcp_folder_holds_the_averages_the_command_reads(
         torch.testing.assert_close(got[name].double(), tensor, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dcp_folder's opener takes --state-dict-key alone, not --submodel (helper F's file): "
-    "drop this mark when it reads options.state_dict_key or options.submodel as torch_file does",
-)
 def test_fsdp2_submodel_ema_reads_the_averages_in_the_dcp_folders(
     fsdp2_runs: tuple[Path, list[dict[str, Any]]], tmp_path: Path
 ) -> None:

@@ -43,14 +43,10 @@ from ema_average.checkpoints.base import (
     require_regular_file,
 )
 from ema_average.checkpoints.contents import KeyPath, described, split
+from ema_average.checkpoints.dcp_metadata import load_dcp_metadata
 from ema_average.checkpoints.keys import NESTED_STEP_KEYS, STEP_KEYS
-from ema_average.checkpoints.safe_unpickle import (
-    _ALLOWED_GLOBALS,
-    first_line,
-    load_dcp_metadata,
-    refused_globals,
-)
-from ema_average.checkpoints.torch_file import _nested, _step_value, checked_name, dtype_problem
+from ema_average.checkpoints.safe_unpickle import ALLOWED_GLOBALS_LOCK, first_line, refused_globals
+from ema_average.checkpoints.torch_file import checked_name, dtype_problem, nested_value, step_value
 from ema_average.errors import CheckpointError
 from ema_average.safetensors_format import DTYPE_NAMES, shape_problem
 
@@ -95,6 +91,7 @@ class DcpCheckpoint(Checkpoint):
         if state_dict_key is not None:
             prefix = _model_prefix(path, tensors, state_dict_key)
             self._fqns = {fqn[len(prefix) :]: fqn for fqn in tensors if fqn.startswith(prefix)}
+            self.choices = [ModelChoice(state_dict_key)]  # what --submodel KEY is checked against
         else:
             self._fqns = self._model(tensors)
         self._specs = {name: tensors[fqn] for name, fqn in self._fqns.items()}
@@ -183,7 +180,7 @@ class DcpCheckpoint(Checkpoint):
         (as torch files are searched): it wins over the folder's name."""
         for source in self._step_sources:
             where = "metadata:" + ".".join(source.keys)
-            step = _step_value(self.path, self._step_candidate(source), where, lambda t: t)
+            step = step_value(self.path, self._step_candidate(source), where, lambda t: t)
             if step is not None:
                 return StepInfo(step, where)
         return None
@@ -204,7 +201,7 @@ class DcpCheckpoint(Checkpoint):
                 f"{MAX_STEP_ITEM_BYTES}; refused",
             )
         value = _unpickle_step_item(self.path / info.relative_path, source.fqn, info.offset, info.length)
-        return _nested(value, source.inner) if source.inner else value
+        return nested_value(value, source.inner) if source.inner else value
 
 
 def _byte_items(metadata: Any, md: ModuleType) -> set[str]:
@@ -239,7 +236,7 @@ def _unpickle_step_item(data_file: Path, fqn: str, offset: int, length: int) -> 
         f.seek(offset)
         data = f.read(length)
     try:
-        with _ALLOWED_GLOBALS:  # no other load's stand-ins are allowed while this one unpickles
+        with ALLOWED_GLOBALS_LOCK:  # no other load's stand-ins are allowed while this one unpickles
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         named = refused_globals(str(exc))
@@ -480,7 +477,10 @@ def _model_prefix(path: Path, tensors: dict[str, Any], key: str) -> str:
 
 
 def _open(path: Path, options: OpenOptions) -> Checkpoint:
-    return DcpCheckpoint(path, state_dict_key=options.state_dict_key, trust_pickle=options.trust_pickle)
+    """``--submodel KEY`` reads the tensors under ``KEY.`` as ``--state-dict-key`` does (the EMA callback's
+    ``ema`` beside Lightning's sharded ``state_dict``), as for torch files."""
+    key = options.state_dict_key or options.submodel
+    return DcpCheckpoint(path, state_dict_key=key, trust_pickle=options.trust_pickle)
 
 
 LAYOUT = Layout("dcp", "folder", "DCP folders (.metadata + *.distcp)", is_dcp_folder, _open)

@@ -122,7 +122,7 @@ class InertStandIn(dict):
 # torch keeps the globals a weights_only load allows in one process-wide set, which its safe_globals()
 # adds to on entry and removes from on exit: two threads loading at once (the reader pool, two ranks'
 # files) removed each other's stand-ins mid-load, a false "needs arbitrary unpickling" now and then.
-_ALLOWED_GLOBALS = threading.Lock()
+ALLOWED_GLOBALS_LOCK = threading.Lock()
 
 
 def is_data_only(name: str) -> bool:
@@ -276,7 +276,9 @@ def _zip_stand_ins(path: Path) -> dict[str, Any]:
     """The zip format's globals, listed without unpickling: stand-ins for data and a trainer's objects,
     a refusal for the rest."""
     try:
-        with _ALLOWED_GLOBALS:  # the listing leaves out what is allowed now, stand-ins of a load under way
+        with (
+            ALLOWED_GLOBALS_LOCK
+        ):  # the listing leaves out what is allowed now, stand-ins of a load under way
             unsafe = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     except Exception as exc:  # a damaged archive
         raise _damaged(path, exc) from exc
@@ -314,7 +316,7 @@ def _load_allowing(path: Path, mmap: bool, stand_ins: dict[str, Any], *, meta: b
     none, which could otherwise resolve a name while another load's stand-in is allowed and build it after
     that was removed (a false "damaged")."""
     allowed = [(stand_in, name) for name, stand_in in sorted(stand_ins.items())]
-    with _ALLOWED_GLOBALS, torch.serialization.safe_globals(allowed):
+    with ALLOWED_GLOBALS_LOCK, torch.serialization.safe_globals(allowed):
         return _torch_load(path, mmap=mmap, weights_only=True, meta=meta)
 
 
@@ -433,13 +435,3 @@ def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     line = text.splitlines()[0] if text else type(exc).__name__
     return line if len(line) <= 200 else line[:197] + "..."
-
-
-def __getattr__(name: str) -> Any:
-    """``load_dcp_metadata`` lives in :mod:`ema_average.checkpoints.dcp_metadata` now (imported from
-    here by ``dcp_folder``; not imported at the top, which would be circular)."""
-    if name == "load_dcp_metadata":
-        from ema_average.checkpoints.dcp_metadata import load_dcp_metadata
-
-        return load_dcp_metadata
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -203,7 +203,7 @@ def first_names(identities: Mapping[str, Hashable]) -> dict[str, str]:
 Materialise = Callable[[torch.Tensor], torch.Tensor]  # a file's tensor, its values read
 
 
-def _step_value(path: Path, value: Any, where: str, read: Materialise) -> int | None:
+def step_value(path: Path, value: Any, where: str, read: Materialise) -> int | None:
     """The step ``value`` holds, checked; ``None`` where it is no step (absent, a flag, a float, a container)."""
     if value is None or isinstance(value, bool):
         return None
@@ -217,13 +217,13 @@ def _step_value(path: Path, value: Any, where: str, read: Materialise) -> int | 
 def _find_step(path: Path, obj: Mapping[str, Any], read: Materialise) -> StepInfo | None:
     """The step the saved dict records, trying each trainer's key in turn; ``read`` gives a tensor's value."""
     for key in STEP_KEYS:
-        step = _step_value(path, obj.get(key), f"metadata:{key}", read)
+        step = step_value(path, obj.get(key), f"metadata:{key}", read)
         if step is not None:
             return StepInfo(step, f"metadata:{key}")
     history = obj.get("optimizer_history")  # fairseq
     if isinstance(history, list) and history and isinstance(history[-1], Mapping):
         source = "metadata:optimizer_history[-1].num_updates"
-        step = _step_value(path, history[-1].get("num_updates"), source, read)
+        step = step_value(path, history[-1].get("num_updates"), source, read)
         if step is not None:
             return StepInfo(step, source)
     composer = _composer_step(path, obj, read)
@@ -231,7 +231,7 @@ def _find_step(path: Path, obj: Mapping[str, Any], read: Materialise) -> StepInf
         return composer
     for keys in NESTED_STEP_KEYS:  # trainer-state containers: ignite, mmengine, torchtnt, litgpt...
         source = "metadata:" + ".".join(keys)
-        step = _step_value(path, _nested(obj, keys), source, read)
+        step = step_value(path, nested_value(obj, keys), source, read)
         if step is not None:
             return StepInfo(step, source)
     return None if final_copy(obj) else _epoch_count(path, obj, read)
@@ -248,7 +248,7 @@ def final_copy(obj: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _nested(obj: Mapping[str, Any], keys: tuple[str, ...]) -> Any:
+def nested_value(obj: Mapping[str, Any], keys: tuple[str, ...]) -> Any:
     """The value at ``keys`` down nested mappings; ``None`` where the path is not there."""
     value: Any = obj
     for key in keys:
@@ -264,7 +264,7 @@ def _epoch_count(path: Path, obj: Mapping[str, Any], read: Materialise) -> StepI
         if not all(key in obj for key in beside):
             continue
         source = "metadata:" + ".".join(keys)
-        step = _step_value(path, _nested(obj, keys), source, read)
+        step = step_value(path, nested_value(obj, keys), source, read)
         if step is not None:
             return StepInfo(step, source + (COUNTED_FROM_1 if first == 1 else ""), counter=True)
     return None
@@ -281,7 +281,7 @@ def _composer_step(path: Path, obj: Mapping[str, Any], read: Materialise) -> Ste
     if not isinstance(record, Mapping):
         return None
     source = "metadata:state.timestamp.batch"
-    step = _step_value(path, record.get("batch"), source, read)
+    step = step_value(path, record.get("batch"), source, read)
     return StepInfo(step, source) if step is not None else None
 
 
