@@ -472,3 +472,18 @@ def bounded_python_work(lines: int) -> Iterator[None]:
         yield
     finally:
         sys.settrace(previous)
+
+
+@contextlib.contextmanager
+def hf_offline(monkeypatch: Any) -> Iterator[None]:
+    """No network for the Hugging Face libraries, and their notices not ours to see. huggingface_hub reads
+    the variables once, when first imported: its constant is set too."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    with contextlib.suppress(ImportError):
+        from huggingface_hub import constants
+
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield

@@ -353,22 +353,28 @@ DDP_SCRIPT = textwrap.dedent(
 
 def test_ddp_two_gloo_ranks_keep_equal_averages(tmp_path: Path) -> None:
     """Lightning's own DDP launcher (it starts rank 1 by running the script again) on two CPU processes."""
-    script = tmp_path / "ddp_ema.py"
-    script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "PL_DISABLE_FORK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_lightning_script(tmp_path, "ddp_ema.py", DDP_SCRIPT)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["num_applied"] == ranks[1]["num_applied"] == 4
     assert ranks[0]["gap"] < 1e-6 and ranks[1]["gap"] < 1e-6  # each rank: the float64 reference
     assert ranks[0]["averages"] == ranks[1]["averages"]  # equal across ranks, exactly
+
+
+def run_lightning_script(folder: Path, name: str, source: str) -> None:
+    """``source`` run as ``folder/name`` on Lightning's own launcher (it starts rank 1 by running the script
+    again, so no fork), on a free port; its output goes to ``folder``."""
+    script = folder / name
+    script.write_text(source)
+    env = {**os.environ, "PL_DISABLE_FORK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    done = subprocess.run(
+        [sys.executable, str(script), str(folder)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=folder,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def _free_port() -> int:
@@ -563,18 +569,7 @@ def fsdp2_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dic
     """Lightning's ModelParallelStrategy (fully_shard in configure_model) on two gloo CPU ranks: a run with
     the callback (validating each epoch), the same without it, and one stopped after epoch 0 and resumed."""
     folder = tmp_path_factory.mktemp("fsdp2")
-    script = folder / "fsdp2_ema.py"
-    script.write_text(FSDP2_SCRIPT)
-    env = {**os.environ, "PL_DISABLE_FORK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    done = subprocess.run(
-        [sys.executable, str(script), str(folder)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        cwd=folder,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_lightning_script(folder, "fsdp2_ema.py", FSDP2_SCRIPT)
     return folder, [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
 

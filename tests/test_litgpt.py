@@ -27,6 +27,7 @@ from ema_average.cli import app
 from ema_average.errors import OutputError
 from ema_average.output.torch_file import TorchFileWriter
 from ema_average.safetensors_format import TensorEntry, TensorSpec
+from helpers import float64_reference
 
 STEPS = [2, 4, 6]
 DECAY = 0.9
@@ -90,12 +91,8 @@ def write_litgpt_run(out: Path, *, configs_in_steps: bool = True) -> list[dict[s
 
 
 def ema64(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """docs/command.md's rule in float64, one update per checkpoint: d = min(decay, (1 + step) / (10 + step))."""
-    average = {name: t.double() for name, t in states[0].items()}
-    for state, step in zip(states[1:], STEPS[1:], strict=True):
-        d = min(DECAY, (1 + step) / (10 + step))
-        average = {name: d * average[name] + (1 - d) * state[name].double() for name in average}
-    return average
+    """docs/command.md's rule in float64, one update per checkpoint (helpers.float64_reference)."""
+    return float64_reference(states, STEPS, DECAY)
 
 
 def cli(*args: str | Path) -> str:

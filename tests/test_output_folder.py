@@ -6,10 +6,8 @@ averages loaded back with the real consumers, against an independent float64 ave
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from ema_average.cli import app
 from ema_average.errors import CheckpointError, ConfigurationError, OutputError
 from ema_average.pipeline import RunOptions, average_checkpoints, prepare
 from ema_average.plan import AverageSettings
-from helpers import tiny_gpt2, tiny_unet
+from helpers import hf_offline, tiny_gpt2, tiny_unet
 
 VOCAB = 12  # the tiny tokenizer's words
 
@@ -36,14 +34,7 @@ TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json"}
 def _offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """No test here may reach the network, and the producers' notices are not ours to see; for this test
     only. huggingface_hub reads the variables once, when first imported: its constant is set too."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    with contextlib.suppress(ImportError):
-        from huggingface_hub import constants
-
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with hf_offline(monkeypatch):
         yield
 
 

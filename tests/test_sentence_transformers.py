@@ -8,7 +8,6 @@ with ``SentenceTransformer(DIR)``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import warnings
@@ -22,6 +21,7 @@ from typer.testing import CliRunner
 
 from ema_average.checkpoints import find_run
 from ema_average.cli import app
+from helpers import float64_reference, hf_offline
 
 STEPS = [2, 4, 6]
 DECAY = 0.9
@@ -33,14 +33,7 @@ MODULE_WEIGHTS = {"": "model.safetensors", "2_Dense/": "2_Dense/model.safetensor
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """No network; the libraries' notices are not ours to see."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    with contextlib.suppress(ImportError):
-        from huggingface_hub import constants
-
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with hf_offline(monkeypatch):
         yield
 
 
@@ -110,12 +103,8 @@ def module_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 def ema64(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """docs/command.md's rule in float64, one update per checkpoint: d = min(decay, (1 + step) / (10 + step))."""
-    average = {name: t.double() for name, t in states[0].items()}
-    for state, step in zip(states[1:], STEPS[1:], strict=True):
-        d = min(DECAY, (1 + step) / (10 + step))
-        average = {name: d * average[name] + (1 - d) * state[name].double() for name in average}
-    return average
+    """docs/command.md's rule in float64, one update per checkpoint (helpers.float64_reference)."""
+    return float64_reference(states, STEPS, DECAY)
 
 
 def reference_model(run: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
