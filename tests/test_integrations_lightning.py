@@ -654,22 +654,24 @@ def test_fsdp2_dcp_folder_holds_the_averages_the_command_reads(
     metadata = FileSystemReader(str(folder / "whole" / "epoch=1-step=8.ckpt")).read_metadata()
     files = {(tuple(i.offset), metadata.storage_data[i].relative_path) for i in metadata.storage_data if i.fqn == "ema.net.0.weight"}  # fmt: skip
     assert files == {((0, 0), "__0_0.distcp"), ((4, 0), "__1_0.distcp")}  # each rank wrote its own rows
-    saved = ranks[0]["saved"]  # the whole EMA at each save, gathered by the run itself
-    done = command_average(folder / "whole", tmp_path / "out.safetensors", "--state-dict-key", "ema")
-    assert done.returncode == 0, done.stderr
-    expected = float64_reference([saved[4], saved[8]], [4, 8], 0.5)
-    got = load_file(str(tmp_path / "out.safetensors"))
-    assert set(got) == set(expected)
-    for name, tensor in expected.items():
-        torch.testing.assert_close(got[name].double(), tensor, rtol=1e-6, atol=1e-7)
+    assert_command_reads_the_averages(
+        folder / "whole", ranks[0]["saved"], tmp_path, "--state-dict-key", "ema"
+    )
 
 
 def test_fsdp2_submodel_ema_reads_the_averages_in_the_dcp_folders(
     fsdp2_runs: tuple[Path, list[dict[str, Any]]], tmp_path: Path
 ) -> None:
     folder, ranks = fsdp2_runs
-    saved = ranks[0]["saved"]
-    done = command_average(folder / "whole", tmp_path / "out.safetensors", "--submodel", "ema")
+    assert_command_reads_the_averages(folder / "whole", ranks[0]["saved"], tmp_path, "--submodel", "ema")
+
+
+def assert_command_reads_the_averages(
+    run: Path, saved: dict[int, dict[str, torch.Tensor]], tmp_path: Path, *flags: str
+) -> None:
+    """``ema-average RUN FLAGS`` over the FSDP2 run's two saves equals the float64 reference of the whole
+    EMAs the run gathered at each save (``saved``)."""
+    done = command_average(run, tmp_path / "out.safetensors", *flags)
     assert done.returncode == 0, done.stderr
     expected = float64_reference([saved[4], saved[8]], [4, 8], 0.5)
     got = load_file(str(tmp_path / "out.safetensors"))
