@@ -244,3 +244,19 @@ def test_a_dense_saved_as_pytorch_model_bin_comes_back_as_safetensors(run: Path,
         torch.testing.assert_close(written[name].double(), tensor, rtol=2e-6, atol=2e-7, msg=name)
     got = SentenceTransformer(str(out), device="cpu").encode(SENTENCES, convert_to_tensor=True)
     torch.testing.assert_close(got, reference.encode(SENTENCES, convert_to_tensor=True), rtol=1e-5, atol=1e-6)
+
+
+def test_an_output_inside_the_run_is_never_read_back(run: Path, tmp_path: Path) -> None:
+    """A sentence-transformers folder output in the run folder, named for a step, is the tool's own."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    inside = copy / "checkpoint-99"
+    cli(copy, "-o", f"{inside}/", "--decay", str(DECAY))
+    again = tmp_path / "again.safetensors"
+    shown = " ".join(cli(copy, "-o", again, "--decay", str(DECAY)).split())
+    assert f"note: skipped {inside}: written by ema-average itself" in shown
+    expected = ema64([module_tensors(run / f"checkpoint-{s}") for s in STEPS])
+    got = load_file(str(again))
+    assert set(got) == set(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name].double(), tensor, rtol=2e-6, atol=2e-7, msg=name)
