@@ -14,6 +14,9 @@ hand in a separate environment (torch 2.13, litgpt 0.5.13): ``GPT(Config.from_fi
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import zipfile
 from pathlib import Path
@@ -240,3 +243,43 @@ def test_an_output_inside_the_run_is_never_read_back(tmp_path: Path, lora: bool)
     assert set(got) == set(expected)
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name].double(), tensor, rtol=2e-6, atol=2e-7, msg=name)
+
+
+def replace_refused(out: Path, avg: Path) -> str:
+    """``-o avg/ --overwrite`` in a child: refused in one line, ``avg`` left as it was. A child that blocks
+    (opening a FIFO waits for a writer) is let go by opening the FIFO's other end, and the test fails."""
+    before = sorted(p.name for p in avg.iterdir())
+    exe = Path(sys.executable).parent / "ema-average"
+    child = subprocess.Popen(
+        [exe, out, "-o", f"{avg}/", "--overwrite"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        _, stderr = child.communicate(timeout=120)  # only ends a hang: a refusal opens nothing that blocks
+    except subprocess.TimeoutExpired:
+        os.close(os.open(avg / "ema_average.json", os.O_WRONLY | os.O_NONBLOCK))
+        child.communicate()
+        pytest.fail("the run blocked opening ema_average.json (a FIFO) instead of refusing the folder")
+    lines = stderr.strip().splitlines()
+    assert child.returncode == 1 and len(lines) == 1, stderr
+    assert sorted(p.name for p in avg.iterdir()) == before
+    return lines[0]
+
+
+def test_a_fifo_marker_in_the_folder_to_replace_is_refused_without_blocking(tmp_path: Path) -> None:
+    write_litgpt_run(tmp_path / "out")
+    avg = tmp_path / "avg"
+    cli(tmp_path / "out", "-o", f"{avg}/", "--method", "uniform")
+    (avg / "ema_average.json").unlink()
+    os.mkfifo(avg / "ema_average.json")
+    line = replace_refused(tmp_path / "out", avg)
+    assert f"{avg}: is not an ema-average output (ema_average.json is not a plain file)" in line
+
+
+def test_a_deeply_nested_marker_in_the_folder_to_replace_is_one_line(tmp_path: Path) -> None:
+    write_litgpt_run(tmp_path / "out")
+    avg = tmp_path / "avg"
+    cli(tmp_path / "out", "-o", f"{avg}/", "--method", "uniform")
+    (avg / "ema_average.json").write_text('{"metadata": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    line = replace_refused(tmp_path / "out", avg)
+    assert f"{avg}: is not an ema-average output (it holds ema_average.json)" in line
+    assert "RecursionError" not in line

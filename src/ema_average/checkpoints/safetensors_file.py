@@ -130,7 +130,7 @@ def read_json_file(path: Path, limit: int = MAX_JSON_BYTES) -> object:
     try:
         return json.loads(data)
     except RecursionError:
-        raise CheckpointError(path, "is JSON nested too deeply to read; refused") from None
+        raise CheckpointError(path, "is not valid JSON (nested too deeply to read)") from None
     except ValueError as exc:
         raise CheckpointError(path, f"is not valid JSON ({str(exc)[:80]})") from None
 

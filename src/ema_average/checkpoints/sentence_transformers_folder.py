@@ -84,7 +84,9 @@ def _listed_paths(listing: Path) -> list[object]:
         modules = json.loads(listing.read_bytes())
     except OSError as exc:
         raise CheckpointError(listing, f"cannot be read ({exc.strerror or exc})") from exc
-    except (ValueError, RecursionError) as exc:
+    except RecursionError:
+        raise CheckpointError(listing, "is not valid JSON (nested too deeply to read)") from None
+    except ValueError as exc:
         raise CheckpointError(listing, f"is not valid JSON ({str(exc)[:80]})") from None
     if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
         raise CheckpointError(listing, "is not a list of modules (objects with a 'path')")
