@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from ema_average.checkpoints import find_run
 from ema_average.errors import CheckpointError, NoCheckpointsError
@@ -208,3 +208,17 @@ def test_the_command_prints_that_note(tmp_path: Path) -> None:
         "note: checkpoint-3: trainer_state.json is not a JSON object (it is an array), so its global_step was "
         "not read: step 3 taken from the name (filename:checkpoint-N)"
     ) in result.stdout.splitlines()
+
+
+@pytest.mark.parametrize("file", ["model.safetensors.index.json", "trainer_state.json"])
+def test_json_nested_too_deeply_is_one_error(tmp_path: Path, file: str) -> None:
+    for step in (1, 2):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        save_file({"w": torch.ones(2) * step}, str(folder / "model-1.safetensors"))
+        index = {"weight_map": {"w": "model-1.safetensors"}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path / "checkpoint-2" / file).write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(CheckpointError, match=r"is not valid JSON \(nested too deeply to read\)") as caught:
+        find_run(tmp_path)
+    assert str(tmp_path / "checkpoint-2" / file) in str(caught.value)

@@ -14,6 +14,9 @@ hand in a separate environment (torch 2.13, litgpt 0.5.13): ``GPT(Config.from_fi
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import zipfile
 from pathlib import Path
@@ -21,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from ema_average.cli import app
@@ -190,10 +194,9 @@ def test_torch_file_writer_refuses_what_was_not_planned_and_an_unfinished_file(t
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_lora_run_gives_the_adapter_file_merge_lora_reads(tmp_path: Path) -> None:
+def write_lora_run(out: Path) -> list[dict[str, torch.Tensor]]:
     """finetune/lora.py's ``save_lora_checkpoint``: ``step-00000N/lit_model.pth.lora`` = ``torch.save({"model":
     lora weights})``, with ``hyperparameters.yaml`` (merge_lora reads the LoRA settings there) beside it."""
-    out = tmp_path / "out"
     states = []
     for step in STEPS:
         folder = out / f"step-{step:06d}"
@@ -205,6 +208,12 @@ def test_a_lora_run_gives_the_adapter_file_merge_lora_reads(tmp_path: Path) -> N
         (folder / "model_config.yaml").write_text(yaml.dump(CONFIG))
         (folder / "hyperparameters.yaml").write_text(yaml.dump({"lora_r": 4, "step": step}))
         states.append(lora)
+    return states
+
+
+def test_a_lora_run_gives_the_adapter_file_merge_lora_reads(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    states = write_lora_run(out)
     avg = tmp_path / "avg"
     cli(out, "-o", f"{avg}/", "--decay", str(DECAY))
     names = {"lit_model.pth.lora", "model_config.yaml", "hyperparameters.yaml", "ema_average.json"}
@@ -215,3 +224,62 @@ def test_a_lora_run_gives_the_adapter_file_merge_lora_reads(tmp_path: Path) -> N
     loaded = torch.load(avg / "lit_model.pth.lora", weights_only=True)
     for name, tensor in ema64(states).items():
         torch.testing.assert_close(loaded[name].double(), tensor, rtol=2e-6, atol=2e-7, msg=name)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["lit_model.pth", "lit_model.pth.lora"])
+def test_an_output_inside_the_run_is_never_read_back(tmp_path: Path, lora: bool) -> None:
+    """A litgpt folder output carries no safetensors metadata: its ``ema_average.json`` marks it. Named for
+    a step (step-00000099-avg) it was averaged in at step 99."""
+    out = tmp_path / "out"
+    states = write_lora_run(out) if lora else write_litgpt_run(out)
+    inside = out / "step-00000099-avg"
+    cli(out, "-o", f"{inside}/", "--decay", str(DECAY))
+    again = tmp_path / "again.safetensors"
+    shown = " ".join(cli(out, "-o", again, "--decay", str(DECAY)).split())
+    assert f"note: skipped {inside}: written by ema-average itself" in shown
+    assert "step-00000099-avg │" not in shown  # not a row of the plan
+    got = load_file(str(again))
+    expected = ema64(states)
+    assert set(got) == set(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name].double(), tensor, rtol=2e-6, atol=2e-7, msg=name)
+
+
+def replace_refused(out: Path, avg: Path) -> str:
+    """``-o avg/ --overwrite`` in a child: refused in one line, ``avg`` left as it was. A child that blocks
+    (opening a FIFO waits for a writer) is let go by opening the FIFO's other end, and the test fails."""
+    before = sorted(p.name for p in avg.iterdir())
+    exe = Path(sys.executable).parent / "ema-average"
+    child = subprocess.Popen(
+        [exe, out, "-o", f"{avg}/", "--overwrite"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        _, stderr = child.communicate(timeout=120)  # only ends a hang: a refusal opens nothing that blocks
+    except subprocess.TimeoutExpired:
+        os.close(os.open(avg / "ema_average.json", os.O_WRONLY | os.O_NONBLOCK))
+        child.communicate()
+        pytest.fail("the run blocked opening ema_average.json (a FIFO) instead of refusing the folder")
+    lines = stderr.strip().splitlines()
+    assert child.returncode == 1 and len(lines) == 1, stderr
+    assert sorted(p.name for p in avg.iterdir()) == before
+    return lines[0]
+
+
+def test_a_fifo_marker_in_the_folder_to_replace_is_refused_without_blocking(tmp_path: Path) -> None:
+    write_litgpt_run(tmp_path / "out")
+    avg = tmp_path / "avg"
+    cli(tmp_path / "out", "-o", f"{avg}/", "--method", "uniform")
+    (avg / "ema_average.json").unlink()
+    os.mkfifo(avg / "ema_average.json")
+    line = replace_refused(tmp_path / "out", avg)
+    assert f"{avg}: is not an ema-average output (ema_average.json is not a plain file)" in line
+
+
+def test_a_deeply_nested_marker_in_the_folder_to_replace_is_one_line(tmp_path: Path) -> None:
+    write_litgpt_run(tmp_path / "out")
+    avg = tmp_path / "avg"
+    cli(tmp_path / "out", "-o", f"{avg}/", "--method", "uniform")
+    (avg / "ema_average.json").write_text('{"metadata": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    line = replace_refused(tmp_path / "out", avg)
+    assert f"{avg}: is not an ema-average output (it holds ema_average.json)" in line
+    assert "RecursionError" not in line

@@ -488,3 +488,15 @@ def test_a_folder_output_keeps_every_name_inside_it(tmp_path: Path) -> None:
             writer.add_file(name, b"{}")
     writer.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_inside_the_run_is_never_read_back(tmp_path: Path) -> None:
+    """A transformers folder output (weights, config, tokenizer) named for a step of the run, inside it
+    (a sharded one: test_discover)."""
+    states = write_hf_like_run(tmp_path / "run", {"config.json": b"{}", "tokenizer.json": b"{}"})
+    inside = tmp_path / "run" / "checkpoint-99"
+    cli(tmp_path / "run", "-o", f"{inside}/", "--method", "uniform")
+    assert files(inside) == {"model.safetensors", "config.json", "tokenizer.json"}
+    shown = " ".join(cli(tmp_path / "run", "-o", tmp_path / "again", "--method", "uniform").split())
+    assert f"note: skipped {inside}: written by ema-average itself" in shown
+    assert_close(saved_weights(tmp_path / "again"), mean64(states))

@@ -244,3 +244,79 @@ def test_a_dense_saved_as_pytorch_model_bin_comes_back_as_safetensors(run: Path,
         torch.testing.assert_close(written[name].double(), tensor, rtol=2e-6, atol=2e-7, msg=name)
     got = SentenceTransformer(str(out), device="cpu").encode(SENTENCES, convert_to_tensor=True)
     torch.testing.assert_close(got, reference.encode(SENTENCES, convert_to_tensor=True), rtol=1e-5, atol=1e-6)
+
+
+def test_an_output_inside_the_run_is_never_read_back(run: Path, tmp_path: Path) -> None:
+    """A sentence-transformers folder output in the run folder, named for a step, is the tool's own."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    inside = copy / "checkpoint-99"
+    cli(copy, "-o", f"{inside}/", "--decay", str(DECAY))
+    again = tmp_path / "again.safetensors"
+    shown = " ".join(cli(copy, "-o", again, "--decay", str(DECAY)).split())
+    assert f"note: skipped {inside}: written by ema-average itself" in shown
+    expected = ema64([module_tensors(run / f"checkpoint-{s}") for s in STEPS])
+    got = load_file(str(again))
+    assert set(got) == set(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name].double(), tensor, rtol=2e-6, atol=2e-7, msg=name)
+
+
+def refused(copy: Path, tmp_path: Path, *args: str) -> str:
+    """The command over ``copy``: refused in one error line, nothing written, every input as it was."""
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    result = CliRunner().invoke(app, [str(copy), "-o", f"{tmp_path / 'avg'}/", *args])
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "avg").exists()
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    return " ".join(result.output.split())
+
+
+def test_a_top_tensor_named_into_another_modules_folder_is_refused(run: Path, tmp_path: Path) -> None:
+    """A top-level tensor named ``2_Dense/extra`` would be written into (and read back from) the Dense's file."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    for step in STEPS:
+        top = copy / f"checkpoint-{step}" / "model.safetensors"
+        save_file(load_file(str(top)) | {"2_Dense/extra": torch.ones(3)}, str(top))
+    shown = refused(copy, tmp_path)
+    assert (
+        f"{copy / 'checkpoint-2'}: tensor '2_Dense/extra' is named '2_Dense/extra', inside module '2_Dense'"
+        in shown
+    )
+
+
+def test_a_module_path_through_a_link_out_of_the_model_is_refused(run: Path, tmp_path: Path) -> None:
+    """``sub/3_Dense`` where ``sub`` links to a folder outside the run: only the last part was checked."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    for step in STEPS:
+        checkpoint = copy / f"checkpoint-{step}"
+        outside = tmp_path / f"outside-{step}"
+        outside.mkdir()
+        (checkpoint / "2_Dense").rename(outside / "3_Dense")
+        (checkpoint / "sub").symlink_to(outside, target_is_directory=True)
+        listing = checkpoint / "modules.json"
+        listing.write_text(listing.read_text().replace('"2_Dense"', '"sub/3_Dense"'))
+    shown = refused(copy, tmp_path)
+    listing = copy / "checkpoint-2" / "modules.json"
+    assert (
+        f"{listing}: lists module path 'sub/3_Dense', which resolves to {tmp_path / 'outside-2' / '3_Dense'}"
+        in shown
+    )
+    assert "outside the model" in shown
+
+
+def test_a_module_path_with_an_empty_part_is_refused_naming_modules_json(run: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    for step in STEPS:
+        checkpoint = copy / f"checkpoint-{step}"
+        (checkpoint / "a").mkdir()
+        (checkpoint / "2_Dense").rename(checkpoint / "a" / "b")
+        listing = checkpoint / "modules.json"
+        listing.write_text(listing.read_text().replace('"2_Dense"', '"a//b"'))
+    shown = refused(copy, tmp_path)
+    assert f"{copy / 'checkpoint-2' / 'modules.json'}: lists module path 'a//b', with an empty part" in shown

@@ -123,6 +123,12 @@ class Checkpoint(ABC):
         (torch files, DCP, DeepSpeed)."""
         return None
 
+    @property
+    def written_by_this_tool(self) -> bool:
+        """An output of this tool (its marker found in the unit's own files): never read as an input.
+        Discovery also takes any unit in a folder holding the tool's ``ema_average.json`` mark as one."""
+        return False
+
     @abstractmethod
     def specs(self) -> dict[str, TensorSpec]:
         """Every tensor of the model state by name, in saved order."""

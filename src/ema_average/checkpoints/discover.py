@@ -316,9 +316,12 @@ def _open(unit: Unit, options: OpenOptions) -> Checkpoint:
 
 
 def _written_by_this_tool(ckpt: Checkpoint) -> bool:
-    """An output of this tool (a file, or a folder of shards, its metadata marked): never an input. The
-    layouts that can be one say so with a ``written_by_this_tool`` property."""
-    return getattr(ckpt, "written_by_this_tool", False) is True
+    """An output of this tool, in any layout it writes: never an input. A file or folder of safetensors
+    whose metadata is marked says so itself (``Checkpoint.written_by_this_tool``); a folder output holding
+    torch weights (litgpt's ``lit_model.pth``) by the marker file beside them, whichever layout reads it."""
+    from ema_average.checkpoints.safetensors_file import in_marked_folder  # here: this function's own
+
+    return ckpt.written_by_this_tool or in_marked_folder(ckpt.path)
 
 
 def _check_holds_weights(ckpt: Checkpoint) -> None:

@@ -245,7 +245,9 @@ def _read_json(path: Path) -> object:
         raise
     except OSError as exc:
         raise CheckpointError(path, f"cannot be read ({exc.strerror or exc})") from exc
-    except (ValueError, RecursionError) as exc:
+    except RecursionError:
+        raise CheckpointError(path, "is not valid JSON (nested too deeply to read)") from None
+    except ValueError as exc:
         raise CheckpointError(path, f"is not valid JSON ({str(exc)[:80]})") from None
 
 

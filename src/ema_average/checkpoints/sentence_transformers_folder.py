@@ -11,6 +11,7 @@ together, and written back where they came from (``output_folder``).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,21 @@ def is_sentence_transformers_folder(path: Path) -> bool:
 def module_folders(path: Path) -> list[str]:
     """The folders ``modules.json`` lists, in its order, each checked to be a plain path inside ``path``."""
     listing = path / MODULES_FILE
+    folders = []
+    for folder in _listed_paths(listing):
+        if not isinstance(folder, str) or not _inside(folder):
+            raise CheckpointError(listing, f"lists module path {folder!r}, not a folder inside the model")
+        folder = folder.strip("/")
+        if "" in folder.split("/") and folder:
+            raise CheckpointError(listing, f"lists module path {folder!r}, with an empty part between '/'")
+        if folder in folders:
+            raise CheckpointError(listing, f"lists module path {folder!r} twice")
+        folders.append(folder)
+    return folders
+
+
+def _listed_paths(listing: Path) -> list[object]:
+    """Each module's ``path`` as ``modules.json`` gives it, unchecked."""
     info = require_regular_file(listing)
     if info.st_size > _MAX_MODULES_BYTES:
         raise CheckpointError(listing, f"is larger than {_MAX_MODULES_BYTES} bytes; not a modules list")
@@ -68,30 +84,31 @@ def module_folders(path: Path) -> list[str]:
         modules = json.loads(listing.read_bytes())
     except OSError as exc:
         raise CheckpointError(listing, f"cannot be read ({exc.strerror or exc})") from exc
-    except (ValueError, RecursionError) as exc:
+    except RecursionError:
+        raise CheckpointError(listing, "is not valid JSON (nested too deeply to read)") from None
+    except ValueError as exc:
         raise CheckpointError(listing, f"is not valid JSON ({str(exc)[:80]})") from None
     if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
         raise CheckpointError(listing, "is not a list of modules (objects with a 'path')")
-    folders = []
-    for module in modules:
-        folder = module.get("path")
-        if not isinstance(folder, str) or not _inside(folder):
-            raise CheckpointError(listing, f"lists module path {folder!r}, not a folder inside the model")
-        folder = folder.strip("/")
-        if folder in folders:
-            raise CheckpointError(listing, f"lists module path {folder!r} twice")
-        folders.append(folder)
-    return folders
+    return [module.get("path") for module in modules]
 
 
 def own_folders(path: Path) -> list[str]:
     """The sub-folders of ``path`` that hold its modules: part of this checkpoint, not other checkpoints for
-    discovery to find (a hook for discovery's search); none when ``modules.json`` cannot be read (opening
-    the checkpoint says why)."""
+    discovery to find (a hook for discovery's search). Taken from the paths as listed, even ones that opening
+    the checkpoint refuses (it says why); none when ``modules.json`` cannot be read."""
     try:
-        return sorted({folder.split("/")[0] for folder in module_folders(path) if folder})
+        listed = _listed_paths(path / MODULES_FILE)
     except CheckpointError:
         return []
+    firsts = {folder.strip("/").split("/")[0] for folder in listed if isinstance(folder, str)}
+    return sorted(f for f in firsts if f and f not in (".", "..") and not f.startswith("."))
+
+
+def _owning_folder(full: str, folders: list[str]) -> str:
+    """The module a tensor named ``full`` is written back to: the longest folder it starts with (as the
+    folder output routes it), else the top (``""``)."""
+    return max((f for f in folders if f and full.startswith(f + "/")), key=len, default="")
 
 
 def _inside(folder: str) -> bool:
@@ -111,8 +128,9 @@ class SentenceTransformersCheckpoint(Checkpoint):
         self._owner: dict[str, tuple[HfFolderCheckpoint, str]] = {}
         self._specs: dict[str, TensorSpec] = {}
         try:
-            for folder in module_folders(path):
-                self._add_module(folder, trust_pickle)
+            folders = module_folders(path)
+            for folder in folders:
+                self._add_module(folder, folders, trust_pickle)
         except BaseException:
             self.close()
             raise
@@ -121,10 +139,16 @@ class SentenceTransformersCheckpoint(Checkpoint):
         parts = [part for _, part in self._modules if part is not None]
         self.lazy = all(part.lazy for part in parts)  # type: ignore[misc]
 
-    def _add_module(self, folder: str, trust_pickle: bool) -> None:
+    def _add_module(self, folder: str, folders: list[str], trust_pickle: bool) -> None:
         where = self.path / folder
         if where.is_symlink() or (where.exists() and not where.is_dir()):
             raise CheckpointError(where, "is a module's path but not a folder inside the model; refused")
+        real, root = Path(os.path.realpath(where)), Path(os.path.realpath(self.path))
+        if not real.is_relative_to(root):  # a link on the way (sub/ of sub/3_Dense) leads out
+            raise CheckpointError(
+                self.path / MODULES_FILE,
+                f"lists module path {folder!r}, which resolves to {real}, outside the model; refused",
+            )
         part = (
             HfFolderCheckpoint(where, trust_pickle=trust_pickle)
             if where.is_dir() and weight_sets(where)
@@ -136,6 +160,12 @@ class SentenceTransformersCheckpoint(Checkpoint):
         prefix = f"{folder}/" if folder else ""
         for name, spec in part.specs().items():
             full = prefix + name
+            owner = _owning_folder(full, folders)
+            if owner != folder:  # it would be written back into (and read back from) that module's file
+                raise CheckpointError(
+                    where,
+                    f"tensor {name!r} is named {full!r}, inside module {owner!r}'s folder; refused",
+                )
             if full in self._specs:
                 raise CheckpointError(where, f"tensor {name!r} is named {full!r}, as another module's is")
             self._owner[full] = (part, name)

@@ -13,13 +13,14 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ema_average.checkpoints.safetensors_file import TOOL_MARKER_KEY
+from ema_average.checkpoints.safetensors_file import MARKER_FILE, TOOL_MARKER_KEY, marked_json
 from ema_average.errors import CheckpointError, OutputError
 from ema_average.output import fs
 from ema_average.output.file import SafetensorsWriter, check_entries, check_metadata
@@ -27,10 +28,6 @@ from ema_average.output.lock import writer_lock
 from ema_average.output.pool import OpenFiles, shard_files_limit
 from ema_average.output.torch_file import TorchFileWriter
 from ema_average.safetensors_format import TensorEntry, read_header, safetensors_order
-
-_MAX_INDEX_BYTES = 100_000_000
-# Beside torch weights files, which carry no metadata: the run's metadata, and the mark of an output of ours.
-MARKER_FILE = "ema_average.json"
 
 
 @dataclass(frozen=True)
@@ -416,21 +413,13 @@ def _not_an_output(
 
 
 def _marked(path: Path) -> bool:
-    """A weights file, index or ``MARKER_FILE`` this tool wrote: its metadata carries the tool's marker key."""
+    """A weights file, index or ``MARKER_FILE`` this tool wrote: its metadata carries the tool's marker key.
+    Only a regular file is opened (a FIFO named ``ema_average.json`` would block the run)."""
     if path.name.endswith(".safetensors.index.json") or path.name == MARKER_FILE:
-        try:
-            with open(path, "rb") as f:
-                index = json.loads(f.read(_MAX_INDEX_BYTES))
-        except (OSError, ValueError):
-            return False
-        return (
-            isinstance(index, dict)
-            and isinstance(index.get("metadata"), dict)
-            and TOOL_MARKER_KEY in index["metadata"]
-        )
+        return marked_json(path)
     if path.name.endswith(".safetensors"):
         try:
-            return TOOL_MARKER_KEY in read_header(path).metadata
-        except CheckpointError:
+            return stat.S_ISREG(os.lstat(path).st_mode) and TOOL_MARKER_KEY in read_header(path).metadata
+        except (OSError, CheckpointError):
             return False
     return False
