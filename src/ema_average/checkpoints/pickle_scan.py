@@ -150,10 +150,7 @@ def scan_pickle(
                     )
                 exact(n)
                 stack.append(_SCALAR)
-            elif op == ord("U"):  # SHORT_BINSTRING
-                exact(exact(1)[0])
-                stack.append(_SCALAR)
-            elif op == 0x8A:  # LONG1
+            elif op in (ord("U"), 0x8A):  # SHORT_BINSTRING, LONG1
                 exact(exact(1)[0])
                 stack.append(_SCALAR)
             elif op == ord("("):  # MARK
@@ -201,7 +198,7 @@ def scan_pickle(
                 memo[index] = stack[-1]
             else:
                 raise _unreadable(op)
-    except (IndexError, AttributeError, TypeError) as exc:  # an empty stack, a mark where a value should be
+    except (IndexError, AttributeError, TypeError):  # an empty stack, a mark where a value should be
         raise PickleRefused("is damaged or not a torch file (its pickle is malformed)") from None
     except (UnicodeDecodeError, ValueError) as exc:
         if isinstance(exc, PickleRefused):

@@ -36,7 +36,6 @@ from torch import _weights_only_unpickler
 
 from ema_average.checkpoints.base import damage_of, require_regular_file
 from ema_average.checkpoints.pickle_scan import PickleRefused, scan_pickle
-from ema_average.checkpoints.tensor_state import without_tensor_state
 from ema_average.checkpoints.placeholders import (
     MAX_PLACEHOLDERS,
     RefusedCall,
@@ -44,6 +43,7 @@ from ema_average.checkpoints.placeholders import (
     may_stand_in,
     placeholder_class,
 )
+from ema_average.checkpoints.tensor_state import without_tensor_state
 from ema_average.errors import (
     CheckpointError,
     MissingPackageError,
