@@ -309,6 +309,11 @@ def quint8(old: torch.Tensor) -> torch.Tensor:
         return torch.quantize_per_tensor(old.float(), 0.1, 0, torch.quint8)
 
 
+def _with_numel(tensor: torch.Tensor, value: Any) -> torch.Tensor:
+    tensor.numel = value  # type: ignore[method-assign]
+    return tensor
+
+
 FLAT2 = ("optimizer_state_dict", "single_partition_of_fp32_groups", 0)
 FLAT3 = ("optimizer_state_dict", "fp32_flat_groups", 0)
 FP32 = ("--submodel", "fp32")
@@ -449,6 +454,18 @@ HOSTILE = {
         "3:bf16-w2",
         edited(MODEL_Z3, setting("frozen_param_shapes", "frozen.weight", value=(7, 8))),
         "'frozen.weight'",
+    ),
+    # a tensor's methods rewritten by its pickled state (issue 24): its size comes from its shape
+    "zero2-partition-numel-rewritten": Hostile(
+        "2:fp32-w1",
+        edited(OPTIM, setting(*FLAT2, value=lambda t: _with_numel(t.clone(), complex))),
+        "replaces its own 'numel'",
+        FP32,
+    ),
+    "zero3-flat-group-numel-rewritten": Hostile(
+        "3:fp32-w1",
+        edited(OPTIM, setting(*FLAT3, value=lambda t: _with_numel(t.clone(), complex))),
+        "replaces its own 'numel'",
     ),
     "zero3-param-shape-beyond-torch": Hostile(
         "3:fp32-w1", edited(MODEL_Z3, setting("param_shapes", 0, "inp.bias", value=(2**63, 0))), "'inp.bias'"

@@ -205,7 +205,7 @@ def test_legacy_fairseq_checkpoint_with_a_payload_is_refused(tmp_path: Path) -> 
 
 
 def test_stand_ins_for_a_legacy_file_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(safe_unpickle, "MAX_STAND_INS", 1)
+    monkeypatch.setattr(safe_unpickle, "MAX_PLACEHOLDERS", 1)
     path = tmp_path / "old.pt"
     extra = {"a": argparse.Namespace(x=1), "b": datetime.timedelta(days=1)}
     torch.save({"model": {"w": torch.zeros(2)}, **extra}, path, _use_new_zipfile_serialization=False)

@@ -72,6 +72,7 @@ from ema_average.checkpoints.deepspeed_zero import (
 from ema_average.checkpoints.safe_unpickle import open_torch_file
 from ema_average.checkpoints.steps import checked_step
 from ema_average.checkpoints.stored import file_offset
+from ema_average.checkpoints.tensor_state import numel_of
 from ema_average.checkpoints.torch_file import checked_name
 from ema_average.errors import CheckpointError
 
@@ -331,7 +332,7 @@ def _global_steps(main: Opened) -> StepInfo | None:
     value = main.obj.get("global_steps")
     if value is None or isinstance(value, bool):
         return None
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and file_offset(value) is not None:
+    if isinstance(value, torch.Tensor) and numel_of(value) == 1 and file_offset(value) is not None:
         value = main.held("global_steps", value).read_range_into(0, torch.empty(1, dtype=value.dtype))
     return StepInfo(checked_step(main.path, value, "metadata:global_steps"), "metadata:global_steps")
 

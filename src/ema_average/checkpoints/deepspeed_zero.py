@@ -21,6 +21,7 @@ import torch
 from ema_average.checkpoints.base import PreadFile
 from ema_average.checkpoints.safe_unpickle import TorchFile
 from ema_average.checkpoints.stored import NotLaidOut, Stored, file_offset, fill, stored
+from ema_average.checkpoints.tensor_state import numel_of
 from ema_average.checkpoints.torch_file import checked_name, first_names, storage_aliases, tensor_problem
 from ema_average.errors import CheckpointError
 
@@ -50,7 +51,8 @@ class Held:
         return self.tensor.dtype
 
     def numel(self) -> int:
-        return self.tensor.numel()
+        """From the shape, never the tensor's own ``numel`` (see :mod:`tensor_state`)."""
+        return numel_of(self.tensor)
 
     def read_range_into(self, start: int, out: torch.Tensor) -> torch.Tensor:
         """Elements ``start ..`` of the tensor (flattened) into ``out`` (1-d, of its dtype)."""

@@ -18,6 +18,7 @@ DCP ``.metadata`` files are plain pickles of torch's own metadata dataclasses; t
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import re
@@ -25,13 +26,16 @@ import struct
 import threading
 import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import _weights_only_unpickler
 
 from ema_average.checkpoints.base import damage_of, require_regular_file
+from ema_average.checkpoints.pickle_scan import PickleRefused, scan_pickle
 from ema_average.checkpoints.placeholders import (
     MAX_PLACEHOLDERS,
     RefusedCall,
@@ -39,6 +43,7 @@ from ema_average.checkpoints.placeholders import (
     may_stand_in,
     placeholder_class,
 )
+from ema_average.checkpoints.tensor_state import without_tensor_state
 from ema_average.errors import (
     CheckpointError,
     MissingPackageError,
@@ -75,9 +80,6 @@ _DATA_ONLY_NAMES = {
     "composer.core.time.TimeUnit",
 }
 
-# A legacy (non-zip) file's globals are only learnt one refusal at a time; each retry adds a stand-in.
-MAX_STAND_INS = 64
-
 # torch's weights_only refusals of a pickle's structure (an object that is a dict or list subclass, a
 # call of something that is no global): the file needs more than data, which is no damage.
 _REFUSED_STRUCTURE = re.compile(
@@ -92,6 +94,7 @@ _REFUSED_GLOBAL = re.compile(
 
 _ZIP_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, (skipped), name length, extra length
 _ZIP_LOCAL_SIGNATURE = b"PK\x03\x04"
+_DATA_PICKLE = re.compile(r"[^/]+/data\.pkl")
 
 
 class InertStandIn(dict):
@@ -214,12 +217,6 @@ def open_torch_file(
         obj, trusted = _load(path, trust_pickle, mmap=True, full=full)
         return TorchFile(obj, planned, False, {}, mapped_because=mapped_because, trusted=trusted)
     data = {m.data_offset: m for m in members if _DATA_MEMBER.fullmatch(m.name)}
-    compressed = next((m for m in data.values() if not m.stored), None)
-    if compressed is not None:
-        raise CheckpointError(
-            path,
-            f"has compressed tensor data (zip member {compressed.name!r}), which torch.save never writes",
-        )
     if _big_endian(path, members):  # torch's meta loading swaps the (absent) bytes of meta storages: a crash
         return open_torch_file(
             path, trust_pickle=trust_pickle, mapped_because="big-endian, swapped as loaded", full=full
@@ -242,8 +239,8 @@ def _load(
     file, fully unpickled, and ``True``."""
     if not full:
         try:
-            stand_ins = _zip_stand_ins(path) if zipfile.is_zipfile(path) else {}
-            return _load_with_stand_ins(path, mmap, stand_ins, meta=meta), False
+            obj = _load_with_stand_ins(path, mmap, _scanned_stand_ins(path), meta=meta)
+            return without_tensor_state(path, obj), False
         except CheckpointError:
             if not trust_pickle:
                 raise
@@ -254,7 +251,7 @@ def _load(
         TrustPickleWarning,
         stacklevel=3,
     )
-    return _torch_load(path, mmap=mmap, weights_only=False, meta=meta), True
+    return without_tensor_state(path, _torch_load(path, mmap=mmap, weights_only=False, meta=meta)), True
 
 
 def _big_endian(path: Path, members: list[ZipMember]) -> bool:
@@ -272,43 +269,60 @@ def _big_endian(path: Path, members: list[ZipMember]) -> bool:
     return order == b"big"
 
 
-def _zip_stand_ins(path: Path) -> dict[str, Any]:
-    """The zip format's globals, listed without unpickling: stand-ins for data and a trainer's objects,
-    a refusal for the rest."""
+def _scanned_stand_ins(path: Path) -> dict[str, Any]:
+    """The file's globals, listed in one pass over its pickle without building anything: stand-ins for
+    data and a trainer's objects, a refusal for the rest. The pass also refuses, before the load, what
+    would cost more than the file (past 1,024 kinds of objects, a dict key that expands exponentially)
+    and what the safe reader cannot read (a newer pickle protocol: not damage)."""
+    with ALLOWED_GLOBALS_LOCK:  # the allowed names, less the stand-ins of a load under way
+        allowed = set(_weights_only_unpickler._get_allowed_globals())
+        allowed |= set(_weights_only_unpickler._get_user_allowed_globals())
     try:
-        with (
-            ALLOWED_GLOBALS_LOCK
-        ):  # the listing leaves out what is allowed now, stand-ins of a load under way
-            unsafe = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception as exc:  # a damaged archive
-        raise _damaged(path, exc) from exc
-    stand_ins = {name: stand_in_for(name) for name in unsafe}
+        names = _pickle_globals(path, allowed.__contains__)
+    except PickleRefused as exc:
+        error = UnsafeCheckpointError if exc.unsafe else CheckpointError
+        raise error(path, str(exc)) from None
+    stand_ins = {name: stand_in_for(name) for name in names}
     refused = [name for name, stand_in in stand_ins.items() if stand_in is None]
     if refused:
         raise unsafe_refusal(path, refused)
-    if len(stand_ins) > MAX_PLACEHOLDERS:
-        raise CheckpointError(path, f"names more than {MAX_PLACEHOLDERS} kinds of pickled objects; refused")
     return stand_ins
 
 
+def _pickle_globals(path: Path, is_allowed: Callable[[str], bool]) -> list[str]:
+    """The globals the file's pickle names that ``is_allowed`` does not allow. A zip's ``data.pkl`` is
+    read as stored (a compressed member is refused by :func:`zip_members`); a legacy file holds four
+    pickles in a row (magic number, protocol, system info, the object), then the storages."""
+    size = path.stat().st_size
+    if zipfile.is_zipfile(path):
+        record = next((m for m in zip_members(path, size) if _DATA_PICKLE.fullmatch(m.name)), None)
+        if record is None:
+            raise CheckpointError(path, "is damaged or not a torch file (its zip holds no data.pkl)")
+        with open(path, "rb") as f:
+            f.seek(record.data_offset)
+            data = io.BytesIO(f.read(record.size))
+        return scan_pickle(data, record.size, is_allowed=is_allowed, max_kinds=MAX_PLACEHOLDERS).globals
+    names: list[str] = []
+    with open(path, "rb") as f:
+        for _ in range(4):
+            left = MAX_PLACEHOLDERS - len(names)
+            found = scan_pickle(f, size - f.tell(), is_allowed=is_allowed, max_kinds=left).globals
+            names.extend(name for name in found if name not in names)
+    return names
+
+
 def _load_with_stand_ins(path: Path, mmap: bool, stand_ins: dict[str, Any], *, meta: bool = False) -> Any:
-    """``weights_only`` load, adding a stand-in for each global it refuses that may have one (legacy
-    files)."""
-    for _ in range(MAX_STAND_INS + 1):
-        try:
-            return _load_allowing(path, mmap, stand_ins, meta=meta)
-        except RefusedCall as exc:  # getattr on a real object
-            raise unsafe_refusal(path, [exc.name]) from None
-        except pickle.UnpicklingError as exc:
-            named = refused_globals(str(exc))
-            if not named:  # not a refusal of a name: the pickle's structure, or the pickle is broken
-                raise _structure_refusal(path, exc) from exc
-            found = {name: stand_in_for(name) for name in named}
-            unsafe = [name for name, stand_in in found.items() if stand_in is None or name in stand_ins]
-            if unsafe:
-                raise unsafe_refusal(path, unsafe) from exc
-            stand_ins.update(found)
-    raise CheckpointError(path, f"names more than {MAX_STAND_INS} kinds of pickled objects; refused")
+    """One ``weights_only`` load with the stand-ins the scan of the pickle found (zip and legacy files
+    alike: never a load per name refused). A name it still refuses is refused, never called damage."""
+    try:
+        return _load_allowing(path, mmap, stand_ins, meta=meta)
+    except RefusedCall as exc:  # getattr on a real object
+        raise unsafe_refusal(path, [exc.name]) from None
+    except pickle.UnpicklingError as exc:
+        named = refused_globals(str(exc))
+        if named:
+            raise unsafe_refusal(path, named) from exc
+        raise _structure_refusal(path, exc) from exc  # the pickle's structure, or the pickle is broken
 
 
 def _load_allowing(path: Path, mmap: bool, stand_ins: dict[str, Any], *, meta: bool = False) -> Any:
@@ -394,9 +408,20 @@ def zip_members(path: Path, size: int) -> list[ZipMember]:
             start = info.header_offset + _ZIP_LOCAL_HEADER.size + name_len + extra_len
             if start + info.compress_size > size:
                 raise _truncated(path, info.filename, size)
-            stored = info.compress_type == zipfile.ZIP_STORED
-            members.append(ZipMember(info.filename, start, info.compress_size, stored))
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise _compressed(path, info)
+            members.append(ZipMember(info.filename, start, info.compress_size, True))
     return members
+
+
+def _compressed(path: Path, info: zipfile.ZipInfo) -> CheckpointError:
+    """torch.save stores every member as it is; a compressed one would be inflated to any size (a few KB
+    of deflate make hundreds of MB): what is read of a torch zip is its bytes on disk, at most."""
+    return CheckpointError(
+        path,
+        f"has a compressed zip member {info.filename!r} ({info.compress_size} bytes inflating to "
+        f"{info.file_size}), which torch.save never writes; refused (a torch zip is read as stored)",
+    )
 
 
 def _truncated(path: Path, member: str, size: int) -> CheckpointError:

@@ -17,6 +17,7 @@ import torch
 
 from ema_average.checkpoints.base import PreadFile
 from ema_average.checkpoints.safe_unpickle import ZipMember
+from ema_average.checkpoints.tensor_state import layout_of
 from ema_average.errors import CheckpointError
 
 
@@ -50,22 +51,22 @@ def file_offset(tensor: torch.Tensor) -> int | None:
     other tensor (one saved on the meta device, sparse or nested ones, tensors in memory)."""
     if tensor.device.type != "meta" or tensor.layout != torch.strided or tensor.is_nested:
         return None
-    offset = getattr(tensor.untyped_storage(), "_checkpoint_offset", None)
+    offset = getattr(torch.Tensor.untyped_storage(tensor), "_checkpoint_offset", None)
     return offset if isinstance(offset, int) else None
 
 
 def stored(path: Path, name: str, tensor: torch.Tensor, members: dict[int, ZipMember]) -> Stored:
     """Where ``tensor`` (unpickled onto the meta device) lies in the file, checked to lie within its own
     zip member: a damaged pickle could point anywhere."""
-    shape, stride, offset = tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset()
-    contiguous = tensor.is_contiguous()
-    if tensor.numel() == 0:
+    shape, stride, offset = layout_of(tensor)  # torch's own methods: a file cannot rewrite them
+    contiguous = torch.Tensor.is_contiguous(tensor)
+    if math.prod(shape) == 0:
         return Stored(0, shape, stride, offset, tensor.dtype, contiguous)
     member = members.get(file_offset(tensor))  # type: ignore[arg-type]
     if member is None:
         raise NotLaidOut(f"no tensor data starts at byte {file_offset(tensor)}, where {name!r} would")
     last = offset + sum((size - 1) * step for size, step in zip(shape, stride, strict=True))
-    reach = (last + 1) * tensor.element_size()
+    reach = (last + 1) * tensor.dtype.itemsize
     if reach > member.size:
         raise CheckpointError(
             path,

@@ -39,6 +39,7 @@ from ema_average.checkpoints.stored import Stored as _Stored
 from ema_average.checkpoints.stored import file_offset as _file_offset
 from ema_average.checkpoints.stored import fill
 from ema_average.checkpoints.stored import stored as _stored
+from ema_average.checkpoints.tensor_state import layout_of, numel_of
 from ema_average.checkpoints.torch_contents import NeedsFullUnpickling, as_mapping, find_state_dict
 from ema_average.checkpoints.torch_contents import checked_name as checked_name  # dcp, deepspeed use it
 from ema_average.errors import CheckpointError
@@ -118,7 +119,7 @@ class TorchCheckpoint(Checkpoint):
 
     def _materialised(self, tensor: torch.Tensor, members: dict[int, ZipMember]) -> torch.Tensor:
         """A one-element tensor of the file (a step) with its value read, for the step finders."""
-        if self._file is None or tensor.numel() != 1 or _file_offset(tensor) is None:
+        if self._file is None or numel_of(tensor) != 1 or _file_offset(tensor) is None:
             return tensor
         if tensor_problem(tensor, in_file=True) is not None:
             return tensor  # refused as a step by checked_step
@@ -181,9 +182,9 @@ def storage_aliases(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
     """Tied weights: names whose tensor is the same view of the same storage as an earlier name's."""
     return first_names(
         {
-            name: (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            name: (torch.Tensor.untyped_storage(t).data_ptr(), *layout_of(t), t.dtype)
             for name, t in tensors.items()
-            if t.numel()
+            if numel_of(t)
         }
     )
 
@@ -209,7 +210,7 @@ def step_value(path: Path, value: Any, where: str, read: Materialise) -> int | N
         return None
     if isinstance(value, (int, str)):
         return checked_step(path, value, where)
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+    if isinstance(value, torch.Tensor) and numel_of(value) == 1 and not value.dtype.is_floating_point:
         return checked_step(path, read(value), where)  # refuses complex, bool, meta and out-of-range values
     return None
 
@@ -313,16 +314,19 @@ def dtype_problem(dtype: torch.dtype) -> str | None:
 
 
 def _extent_problem(tensor: torch.Tensor) -> str | None:
-    """A view wider than its storage (a broadcast, stride 0): a few bytes of file, any size of output."""
-    if tensor.numel() == 0:
+    """A view wider than its storage (a broadcast, stride 0): a few bytes of file, any size of output.
+    Sizes from the shape and the dtype, never from the tensor's methods."""
+    numel = numel_of(tensor)
+    if numel == 0:
         return None
-    itemsize = tensor.element_size()
-    needed = tensor.numel() * itemsize
-    available = tensor.untyped_storage().nbytes() - tensor.storage_offset() * itemsize
+    itemsize = tensor.dtype.itemsize
+    needed = numel * itemsize
+    offset = layout_of(tensor)[2]
+    available = torch.Tensor.untyped_storage(tensor).nbytes() - offset * itemsize
     if needed <= available:
         return None
     return (
-        f"has {tensor.numel()} elements ({needed} bytes) over only {max(available, 0)} bytes of storage "
+        f"has {numel} elements ({needed} bytes) over only {max(available, 0)} bytes of storage "
         "(an expanded or broadcast view); it would be materialised at full size, so it is refused"
     )
 
@@ -342,14 +346,15 @@ def named_bytes_problem(
     stored: dict[Hashable, int] = {}
     named = 0
     for tensor in tensors.values():
-        if not tensor.numel():
+        numel = numel_of(tensor)
+        if not numel:
             continue
-        named += tensor.numel() * tensor.element_size()
+        named += numel * tensor.dtype.itemsize
         offset = _file_offset(tensor) if members is not None else None
         if offset is not None and members is not None and offset in members:
             stored[("file", offset)] = members[offset].size
         else:
-            storage = tensor.untyped_storage()
+            storage = torch.Tensor.untyped_storage(tensor)
             stored[("memory", storage.data_ptr())] = storage.nbytes()
     total = sum(stored.values())
     if named <= MAX_NAMED_PER_STORED * max(total, 1):
