@@ -295,7 +295,7 @@ def test_an_interrupt_during_a_read_stays_an_interrupt(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """DCP wraps a Ctrl-C landing inside its read too; it must come out as the KeyboardInterrupt it was."""
-    from torch.distributed.checkpoint.filesystem import FileSystemReader
+    from ema_average.checkpoints import dcp_reading
 
     save_dcp(tmp_path, dict(make_state(1)))
     ckpt = DcpCheckpoint(tmp_path)
@@ -303,7 +303,7 @@ def test_an_interrupt_during_a_read_stays_an_interrupt(
     def interrupted(*args: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(FileSystemReader, "_slice_file", interrupted)
+    monkeypatch.setattr(dcp_reading, "check_stored", interrupted)  # inside DCP's read_data call
     with pytest.raises(KeyboardInterrupt):
         ckpt.read("encoder.weight")
 

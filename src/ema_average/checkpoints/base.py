@@ -8,7 +8,8 @@ import stat
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -208,7 +209,8 @@ class PreadFile:
     from one process-wide pool of a bounded size (a run of 1,100 checkpoints fits ``ulimit -n 1024``); a
     file whose descriptor was handed back is reopened on its next read. Every read checks that the file is
     still the one planned (device, inode, size, modification time), so a file replaced or rewritten since
-    its header was read is refused rather than read at stale offsets.
+    its header was read is refused rather than read at stale offsets. The change time is compared too: a
+    rewrite that restores the size and the modification time (``os.utime``) still moves ``st_ctime_ns``.
     """
 
     def __init__(self, path: Path, planned: os.stat_result) -> None:
@@ -224,9 +226,7 @@ class PreadFile:
         if size == 0:
             return out
         view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-        fd = DESCRIPTORS.acquire(self)
-        try:
-            self._check_unchanged(fd, name, offset + size)
+        with self.opened(name, offset + size) as fd:
             done = 0
             while done < size:  # pread may return short counts on large reads
                 try:
@@ -238,15 +238,25 @@ class PreadFile:
                 if n == 0:
                     raise CheckpointError(self.path, f"file ends inside tensor {name!r} (truncated?)")
                 done += n
+        return out
+
+    @contextmanager
+    def opened(self, name: str, end: int) -> Iterator[int]:
+        """A descriptor of the file, checked to be the one planned and to reach byte ``end``, held open
+        while the caller reads through it (a reader that is not ``read_into``: DCP's ``torch.load``)."""
+        fd = DESCRIPTORS.acquire(self)
+        try:
+            self._check_unchanged(fd, name, end)
+            yield fd
         finally:
             DESCRIPTORS.release(self)
-        return out
 
     def _check_unchanged(self, fd: int, name: str, end: int) -> None:
         """Refuse to read a file that is no longer the one planned (the header's offsets no longer hold)."""
         now = os.fstat(fd)
         was = self.planned
-        if (now.st_dev, now.st_ino) != (was.st_dev, was.st_ino):
+        if (now.st_dev, now.st_ino) != (was.st_dev, was.st_ino) or now.st_nlink < was.st_nlink:
+            # another inode under the name, or the planned one unlinked (replaced while held open)
             raise CheckpointError(self.path, "was replaced by another file since it was planned; refused")
         if now.st_size < end:
             raise CheckpointError(
@@ -254,7 +264,7 @@ class PreadFile:
                 f"file ends inside tensor {name!r} (truncated? {was.st_size} bytes when planned, "
                 f"{now.st_size} now)",
             )
-        if (now.st_size, now.st_mtime_ns) != (was.st_size, was.st_mtime_ns):
+        if changed_since(now, was):
             raise CheckpointError(
                 self.path,
                 f"was modified since it was planned ({was.st_size} -> {now.st_size} bytes); refused",
@@ -262,6 +272,16 @@ class PreadFile:
 
     def close(self) -> None:
         DESCRIPTORS.close(self)
+
+
+def changed_since(now: os.stat_result, planned: os.stat_result) -> bool:
+    """Whether the same file (device and inode already compared) was written to since ``planned``: its
+    size, modification time or change time moved (``st_ctime_ns`` cannot be set back by the writer)."""
+    return (now.st_size, now.st_mtime_ns, now.st_ctime_ns) != (
+        planned.st_size,
+        planned.st_mtime_ns,
+        planned.st_ctime_ns,
+    )
 
 
 class _DescriptorPool:

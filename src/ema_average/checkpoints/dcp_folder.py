@@ -21,9 +21,8 @@ tensors it claims fit in the files) before DCP is handed it by :class:`CheckedMe
 
 from __future__ import annotations
 
-import functools
-import io
 import math
+import os
 import pickle
 import warnings
 from pathlib import Path
@@ -38,14 +37,16 @@ from ema_average.checkpoints.base import (
     Layout,
     ModelChoice,
     OpenOptions,
+    PreadFile,
     StepInfo,
     TensorSpec,
     require_regular_file,
 )
 from ema_average.checkpoints.contents import KeyPath, described, split
 from ema_average.checkpoints.dcp_metadata import load_dcp_metadata
+from ema_average.checkpoints.dcp_reading import read_byte_item, reader_type
 from ema_average.checkpoints.keys import NESTED_STEP_KEYS, STEP_KEYS
-from ema_average.checkpoints.safe_unpickle import ALLOWED_GLOBALS_LOCK, first_line, refused_globals
+from ema_average.checkpoints.safe_unpickle import first_line, refused_globals
 from ema_average.checkpoints.torch_file import checked_name, dtype_problem, nested_value, step_value
 from ema_average.errors import CheckpointError
 from ema_average.safetensors_format import DTYPE_NAMES, shape_problem
@@ -82,7 +83,10 @@ class DcpCheckpoint(Checkpoint):
         self._dcp = _import_dcp(path)
         self._metadata = load_dcp_metadata(path / ".metadata", trust_pickle=trust_pickle)
         entries = _tensor_entries(path, self._metadata, self._dcp.metadata)
-        _check_storage(path, self._metadata, entries)
+        self._files = {  # the data files as planned: every read checks it reads these very files
+            relative: PreadFile(file, planned)
+            for relative, (file, planned) in _check_storage(path, self._metadata, entries).items()
+        }
         self._chunked = {fqn for fqn, entry in entries.items() if len(entry.chunks) > 1}
         tensors = {fqn: TensorSpec(tuple(e.size), e.properties.dtype) for fqn, e in entries.items()}
         self._step_sources = _step_sources(tensors, _byte_items(self._metadata, self._dcp.metadata))
@@ -133,7 +137,7 @@ class DcpCheckpoint(Checkpoint):
     def _load(self, fqn: str, out: torch.Tensor) -> torch.Tensor:
         if fqn in self._chunked:
             out.zero_()  # chunks that overlap would leave gaps: zeros there, never stale memory
-        reader = _reader_type()(self.path, self._metadata)
+        reader = reader_type()(self.path, self._metadata, self._files)
         try:
             with warnings.catch_warnings():  # "no process group: loading as a single process" is expected
                 warnings.simplefilter("ignore")
@@ -154,6 +158,10 @@ class DcpCheckpoint(Checkpoint):
         files = sorted({self._storage(fqn, chunk).relative_path for chunk in self._entry(fqn).chunks})
         where = self.path / files[0] if len(files) == 1 else self.path
         return CheckpointError(where, f"cannot read tensor {fqn!r}: damaged DCP data ({_problem(cause)})")
+
+    def close(self) -> None:
+        for file in self._files.values():
+            file.close()  # reopened by the next read
 
     def _entry(self, fqn: str) -> Any:
         return self._metadata.state_dict_metadata[fqn]
@@ -200,7 +208,7 @@ class DcpCheckpoint(Checkpoint):
                 f"byte item {source.fqn!r} is {info.length} bytes, more than a step counter's "
                 f"{MAX_STEP_ITEM_BYTES}; refused",
             )
-        value = _unpickle_step_item(self.path / info.relative_path, source.fqn, info.offset, info.length)
+        value = read_byte_item(self._files[info.relative_path], source.fqn, info.offset, info.length)
         return nested_value(value, source.inner) if source.inner else value
 
 
@@ -227,26 +235,6 @@ def _step_sources(tensors: dict[str, TensorSpec], byte_items: set[str]) -> list[
             if outer in byte_items:
                 sources.append(StepSource(outer, keys, is_bytes=True, inner=keys[depth:]))
     return sources
-
-
-def _unpickle_step_item(data_file: Path, fqn: str, offset: int, length: int) -> Any:
-    """A byte item's object, unpickled with ``weights_only`` (plain data and tensors; no code runs),
-    from its ``length`` bytes (bounded by the caller) at ``offset`` of its data file."""
-    with open(data_file, "rb") as f:
-        f.seek(offset)
-        data = f.read(length)
-    try:
-        with ALLOWED_GLOBALS_LOCK:  # no other load's stand-ins are allowed while this one unpickles
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        named = refused_globals(str(exc))
-        if named:
-            problem = f"names {', '.join(named[:3])}, not a step counter; refused"
-        else:
-            problem = f"is damaged ({first_line(exc)})"
-    except Exception as exc:  # torch raises many kinds for bytes that are not a torch.save archive
-        problem = f"is damaged ({first_line(exc)})"
-    raise CheckpointError(data_file, f"byte item {fqn!r} {problem}")
 
 
 def _import_dcp(path: Path) -> ModuleType:
@@ -352,8 +340,11 @@ def _check_tensor_entry(path: Path, fqn: str, item: Any, md: ModuleType) -> None
         raise _damaged(path, f"the chunks of tensor {fqn!r} do not cover its shape {list(shape)}")
 
 
-def _check_storage(path: Path, metadata: Any, entries: dict[str, Any]) -> None:
-    """Every data file is a regular file in the folder; every chunk's bytes lie within its file.
+def _check_storage(
+    path: Path, metadata: Any, entries: dict[str, Any]
+) -> dict[str, tuple[Path, os.stat_result]]:
+    """Every data file is a regular file in the folder; every chunk's bytes lie within its file. Returns
+    each data file as the metadata names it, with its resolved path and its stat as planned.
 
     A DCP whose tensors claim more bytes than its data files hold (a 3 KB file claiming a 4 TB tensor)
     is refused here, before anything is allocated.
@@ -364,14 +355,14 @@ def _check_storage(path: Path, metadata: Any, entries: dict[str, Any]) -> None:
     if not isinstance(storage, dict):
         raise _damaged(path, "it has no storage_data")
     folder = path.resolve()
-    file_sizes: dict[str, int] = {}
+    files: dict[str, tuple[Path, os.stat_result]] = {}
     storage_info = dcp_storage_info_class()
     for info in storage.values():
         if not isinstance(info, storage_info):
             raise _damaged(path, "a storage_data entry is not a _StorageInfo")
-        _check_storage_info(path, folder, info, file_sizes)
+        _check_storage_info(path, folder, info, files)
     claimed = sum(math.prod(entry.size) * entry.properties.dtype.itemsize for entry in entries.values())
-    held = sum(file_sizes.values())
+    held = sum(planned.st_size for _, planned in files.values())
     if claimed > held:
         raise CheckpointError(
             path, f"claims {claimed} bytes of tensors, but its data files hold only {held} bytes; refused"
@@ -386,9 +377,12 @@ def _check_storage(path: Path, metadata: Any, entries: dict[str, Any]) -> None:
                 raise _damaged(
                     path, f"a chunk of tensor {fqn!r} is larger than the {info.length} bytes stored"
                 )
+    return files
 
 
-def _check_storage_info(path: Path, folder: Path, info: Any, file_sizes: dict[str, int]) -> None:
+def _check_storage_info(
+    path: Path, folder: Path, info: Any, files: dict[str, tuple[Path, os.stat_result]]
+) -> None:
     """One storage entry: plain bytes (no transforms) at an offset within a data file of the folder."""
     # Refused rather than handled: with stream transforms (e.g. zstd compression) the stored bytes no
     # longer bound a tensor's size, and this tool reads only what DCP writes by default.
@@ -402,52 +396,23 @@ def _check_storage_info(path: Path, folder: Path, info: Any, file_sizes: dict[st
         raise _damaged(path, f"a storage entry of {relative!r} has offset {offset!r}, length {length!r}")
     if not isinstance(relative, str):
         raise _damaged(path, "a storage entry names no file")
-    if relative not in file_sizes:
-        file_sizes[relative] = _data_file_size(path, folder, relative)
-    if offset + length > file_sizes[relative]:
+    if relative not in files:
+        files[relative] = _data_file(path, folder, relative)
+    if offset + length > files[relative][1].st_size:
         raise CheckpointError(
             path, f"is truncated: {relative!r} ends before byte {offset + length} that the metadata points at"
         )
 
 
-def _data_file_size(path: Path, folder: Path, relative: str) -> int:
-    """Size of a data file the metadata names, which must be a regular file inside ``folder``."""
+def _data_file(path: Path, folder: Path, relative: str) -> tuple[Path, os.stat_result]:
+    """A data file the metadata names, which must be a regular file inside ``folder``, and its stat."""
     try:
         resolved = (folder / relative).resolve()
     except (OSError, ValueError, RuntimeError) as exc:
         raise _damaged(path, f"data file {relative!r} cannot be resolved ({exc})") from exc
     if resolved == folder or not resolved.is_relative_to(folder):
         raise CheckpointError(path, f"names data file {relative!r}, outside the checkpoint folder; refused")
-    return require_regular_file(resolved).st_size
-
-
-@functools.cache
-def _reader_type() -> type:
-    """:class:`CheckedMetadataReader`, defined on first use (importing DCP is slow, and may fail)."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
-    from torch.distributed.checkpoint.planner import LoadItemType
-
-    class CheckedMetadataReader(FileSystemReader):
-        """A FileSystemReader handed our checked metadata: it never unpickles ``.metadata`` itself."""
-
-        def __init__(self, path: Path, metadata: Any) -> None:
-            super().__init__(str(path))
-            self._checked_metadata = metadata
-
-        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            metadata = self._checked_metadata
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
-
-        def read_data(self, plan: Any, planner: Any) -> Any:
-            if any(item.type == LoadItemType.BYTE_IO for item in plan.items):  # unpickled unchecked by DCP
-                raise CheckpointError(self.path, "a read asks for pickled objects; refused")
-            return super().read_data(plan, planner)
-
-    return CheckedMetadataReader
+    return resolved, require_regular_file(resolved)
 
 
 def _nesting(metadata: Any, leaves: dict[str, TensorSpec]) -> dict[str, KeyPath] | None:
