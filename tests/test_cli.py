@@ -446,3 +446,26 @@ def test_float8_outputs_equal_the_float64_reference_rounded(tmp_path: Path) -> N
     for name, dtype in kinds.items():
         assert out[name].dtype == dtype
         assert torch.equal(out[name].view(torch.uint8), reference[name].to(dtype).view(torch.uint8)), name
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--set", "decay=\u0661"],  # an Arabic-Indic one: float() reads it as 1.0
+        ["--decay", "0.9,\u0661"],
+        ["--steps", "\u0661\u0660,20"],
+        ["--max-shard-size", "\u0665GB"],
+    ],
+)
+def test_numbers_on_the_command_line_are_ascii(tmp_path: Path, args: list[str]) -> None:
+    """Python's int() and float() read any Unicode digit; the command line reads ASCII ones (issue 24), as
+    click's own INTEGER and FLOAT options (--last, --numerator, --threads) already did."""
+    from typer.testing import CliRunner
+
+    from ema_average.cli import app
+
+    write_safetensors_run(tmp_path / "run", STEPS)
+    result = CliRunner().invoke(app, [str(tmp_path / "run"), "--dry-run", *args])
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{args[-2]}'" in " ".join(result.output.replace("│", " ").split())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
