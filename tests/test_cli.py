@@ -357,7 +357,7 @@ def test_an_output_dtype_that_cannot_hold_the_average_is_refused(
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"ema-average: error: tensor 'w' averages to 3.4e+38, beyond what {dtype} holds ({limit}): it would be "
-        "written as Inf; refused. --dtype float32 keeps it; --allow-nonfinite writes Inf anyway"
+        "written as Inf; refused. --dtype float32 keeps it; --allow-nonfinite writes it anyway"
     ]
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
@@ -426,3 +426,46 @@ def test_help_shows_the_defaults_the_rules_declare() -> None:
     shown = " ".join(result.stdout.replace("│", " ").split())
     for text in ("[default: 0.9999]", "[default: 0.05]", "[default: 10.0]", "--set NAME=VALUE[,VALUE...]"):
         assert text in shown, text
+
+
+# --- issue 24 -----------------------------------------------------------------------------------------------
+
+
+def test_float8_outputs_equal_the_float64_reference_rounded(tmp_path: Path) -> None:
+    """Any float8 output failed with "aminmax_cpu not implemented for Float8_e4m3fn", naming no file."""
+    g = torch.Generator().manual_seed(24)
+    kinds = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+    states = [{n: (torch.randn(300, generator=g) * 50).to(d) for n, d in kinds.items()} for _ in STEPS]
+    (tmp_path / "run").mkdir()
+    for step, state in zip(STEPS, states, strict=True):
+        save_file(state, str(tmp_path / "run" / f"s{step}.safetensors"), {"step": str(step)})
+    result = run(tmp_path / "run", "-o", tmp_path / "o.safetensors", "--decay", "0.9", "-q")
+    assert result.returncode == 0, result.stderr
+    out = load_file(str(tmp_path / "o.safetensors"))
+    reference = float64_reference([{n: t.double() for n, t in s.items()} for s in states], STEPS, 0.9)
+    for name, dtype in kinds.items():
+        assert out[name].dtype == dtype
+        assert torch.equal(out[name].view(torch.uint8), reference[name].to(dtype).view(torch.uint8)), name
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--set", "decay=\u0661"],  # an Arabic-Indic one: float() reads it as 1.0
+        ["--decay", "0.9,\u0661"],
+        ["--steps", "\u0661\u0660,20"],
+        ["--max-shard-size", "\u0665GB"],
+    ],
+)
+def test_numbers_on_the_command_line_are_ascii(tmp_path: Path, args: list[str]) -> None:
+    """Python's int() and float() read any Unicode digit; the command line reads ASCII ones (issue 24), as
+    click's own INTEGER and FLOAT options (--last, --numerator, --threads) already did."""
+    from typer.testing import CliRunner
+
+    from ema_average.cli import app
+
+    write_safetensors_run(tmp_path / "run", STEPS)
+    result = CliRunner().invoke(app, [str(tmp_path / "run"), "--dry-run", *args])
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{args[-2]}'" in " ".join(result.output.replace("│", " ").split())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

@@ -282,6 +282,31 @@ def stride_zero(n: int) -> dict:
     return {"w": torch.zeros(1).expand(n)}
 
 
+# --- issue 24 (round 3) -----------------------------------------------------------------------------------
+
+
+def float8_beyond_range(run: Path, tmp: Path) -> tuple[list[str], Path]:
+    """Float8 checkpoints resumed from a float32 average of 1e6: the output (as-input: float8_e4m3fn, which
+    saturates at 448) cannot hold what the average is."""
+    from torch import nn
+
+    from ema_average import ExponentialMovingAverage
+    from ema_average.sharded_export import save_safetensors
+
+    run.mkdir(parents=True)
+    for step in (20, 30):
+        values = torch.tensor([1.0, 2.0]).to(torch.float8_e4m3fn)
+        save_file({"w": values}, str(run / f"s_{step}.safetensors"), {"step": str(step)})
+    average = ExponentialMovingAverage({"w": nn.Parameter(torch.tensor([1.0, 1e6]))}, decay=0.9)
+    save_safetensors(average, tmp / "earlier.safetensors", step=10)
+    return ["--resume", str(tmp / "earlier.safetensors"), "--schedule", "step", "--decay", "0.9"], Path("'w'")
+
+
+ISSUE_24: dict[str, Case] = {
+    "float8-beyond-range": Case(float8_beyond_range, "beyond what float8_e4m3fn holds (448)"),
+}
+
+
 CASES: dict[str, Case] = {
     # code execution
     "pt-zip-payload": Case(torch_payload(True), "--trust-pickle"),
@@ -338,6 +363,7 @@ CASES: dict[str, Case] = {
     "denominator-inf": Case(option("--denominator", "--denominator", "inf", "--schedule", "step"), "inf", 2),
     "watch-poll-negative": Case(option("--poll", "--watch", "--poll", "-1"), "-1", 2),
     "watch-poll-nan": Case(option("--poll", "--watch", "--poll", "nan"), "nan", 2),
+    **ISSUE_24,
 }
 
 

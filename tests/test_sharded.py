@@ -620,6 +620,37 @@ def test_export_refuses_finite_averages_the_dtype_cannot_hold(
     assert written["inf"][0].item() == float("inf") and written["inf"][1].isnan()
 
 
+@pytest.mark.parametrize(
+    ("dtype", "limit", "as_"), [(torch.float8_e4m3fn, "448", "448"), (torch.float8_e5m2, "57344", "Inf")]
+)
+def test_export_writes_float8_and_refuses_what_it_cannot_hold(
+    tmp_path: Path, dtype: torch.dtype, limit: str, as_: str
+) -> None:
+    """save_safetensors(dtype=float8) failed with "aminmax_cpu not implemented for Float8_e4m3fn" (issue 24);
+    float8_e4m3fn saturates (1e5 would be written as 448), so the range is checked before the rounding."""
+    from safetensors.torch import load_file
+
+    from ema_average import OutputRangeError
+    from ema_average.sharded_export import save_safetensors
+
+    values = torch.randn(200, generator=torch.Generator().manual_seed(24), dtype=torch.float64) * 100
+    average = ExponentialMovingAverage({"w": nn.Parameter(values.float())}, decay=DECAY)
+    save_safetensors(average, tmp_path / "ema.safetensors", step=1, dtype=dtype)
+    written = load_file(tmp_path / "ema.safetensors")["w"]
+    assert written.dtype == dtype and torch.equal(
+        written.view(torch.uint8), values.to(dtype).view(torch.uint8)
+    )
+
+    big = ExponentialMovingAverage({"w": nn.Parameter(torch.tensor([1.0, -1e5]))}, decay=DECAY)
+    name = str(dtype).removeprefix("torch.")
+    expected = (
+        f"tensor 'w' averages to 1e+05, beyond what {name} holds ({limit}): it would be written as {as_}"
+    )
+    with pytest.raises(OutputRangeError, match=re.escape(expected)):
+        save_safetensors(big, tmp_path / "big.safetensors", step=1, dtype=dtype)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ema.safetensors"]
+
+
 # --- averages in host memory of CUDA values ---------------------------------------------------------------
 
 

@@ -57,12 +57,21 @@ class Steps(tuple):
     """A comma list of whole training steps (``--steps 500,1000``)."""
 
 
+def ascii_number(kind: type[int] | type[float], text: str) -> int | float:
+    """``int(text)`` or ``float(text)`` for ASCII text only: Python's own read any Unicode digit (an
+    Arabic-Indic one as 1, say), and a number on the command line is written in ASCII. Raises ValueError
+    otherwise. (click's own INTEGER and FLOAT options already refuse them.)"""
+    if not text.isascii():
+        raise ValueError(f"{text!r} is not a number written in ASCII digits")
+    return kind(text)
+
+
 def _numbers(text: str) -> Numbers:
     """``0.999,0.9999``; parsed where typer parses options, so a bad list is a usage error (exit 2)."""
     values = []
     for item in text.split(","):
         try:
-            values.append(float(item.strip()))
+            values.append(float(ascii_number(float, item.strip())))
         except ValueError:
             raise typer.BadParameter(f"{item.strip()!r} is not a number (give e.g. 0.999,0.9999)") from None
     return Numbers(values)
@@ -87,7 +96,7 @@ def _assignment(text: str) -> Assignment:
 
 def _steps(text: str) -> Steps:
     try:
-        return Steps(int(part) for part in text.split(","))
+        return Steps(int(ascii_number(int, part)) for part in text.split(","))
     except ValueError:
         raise typer.BadParameter(f"takes whole numbers separated by commas, got {text!r}") from None
 

@@ -57,9 +57,8 @@ def save_safetensors(
         whole = _whole(averages[entry.name])  # a collective for a DTensor: every rank, same order
         if writer is not None and failure is None:
             try:
-                rounded = whole.to(entry.dtype)
-                check_fits(entry.name, whole, rounded)  # what is written, after its final rounding
-                writer.write(entry.name, rounded)
+                check_fits(entry.name, whole, entry.dtype)  # before the rounding that would hide it
+                writer.write(entry.name, whole.to(entry.dtype))
             except Exception as exc:  # keep gathering with the others, or they would wait forever
                 failure = exc
         del whole

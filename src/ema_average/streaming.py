@@ -32,6 +32,7 @@ import torch
 from ema_average.checkpoints import Checkpoint
 from ema_average.errors import NonFiniteError, OutputRangeError
 from ema_average.moving_average import ema_update_
+from ema_average.moving_average.fits import fits, largest_beyond, range_message
 from ema_average.plan import Chunk
 
 Progress = Callable[[int], None]  # bytes just processed
@@ -305,14 +306,14 @@ class ChunkStream:
             raise self._nonfinite(chunk, worker)
 
     def _rounded(self, chunk: Chunk, shadow: torch.Tensor, worker: _Worker) -> torch.Tensor:
-        """The shadow in the output dtype (the worker's output buffer where it differs), checked again
-        after the rounding: a finite float32 average may still be beyond what bf16 or fp16 can hold."""
+        """The shadow in the output dtype (the worker's output buffer where it differs), checked against
+        that dtype's range first: a finite float32 average may still be beyond what bf16, fp16 or float8
+        can hold (float8_e4m3fn would saturate it to 448, which no check of the rounded values would see)."""
         if chunk.out_dtype == chunk.shadow_dtype:
             return shadow
-        converted = _view(worker.out, chunk.out_dtype, chunk.numel).copy_(shadow)
-        if self.check_finite and not _finite(converted):
-            raise out_of_range(chunk, shadow, converted)
-        return converted
+        if self.check_finite and not fits(shadow, chunk.out_dtype):  # the shadow is finite: checked before
+            raise out_of_range(chunk, shadow)
+        return _view(worker.out, chunk.out_dtype, chunk.numel).copy_(shadow)
 
     def _starts_in_place(self, dtype: torch.dtype, wide: torch.dtype, worker: _Worker) -> bool:
         """Whether the first source can be read straight into the shadows: it starts every average (its
@@ -357,17 +358,14 @@ def _read_in_place(source: _Source, chunk: Chunk, shadows: list[torch.Tensor]) -
         shadow.copy_(shadows[0])
 
 
-def out_of_range(chunk: Chunk, shadow: torch.Tensor, converted: torch.Tensor) -> OutputRangeError:
-    """Name the first tensor of a finite chunk that the output dtype rounds to Inf, and by how much."""
+def out_of_range(chunk: Chunk, shadow: torch.Tensor) -> OutputRangeError:
+    """Name the first tensor of a finite chunk that the output dtype cannot hold, and by how much."""
     for piece in chunk.pieces:
-        part = slice(piece.offset, piece.offset + piece.count)
-        if not _finite(converted[part]):
-            largest = float(shadow[part].abs().max())
-            limit = torch.finfo(chunk.out_dtype).max
+        largest = largest_beyond(shadow[piece.offset : piece.offset + piece.count], chunk.out_dtype)
+        if largest is not None:
             return OutputRangeError(
-                f"tensor {piece.names[0]!r} averages to {largest:.4g}, beyond what "
-                f"{str(chunk.out_dtype).removeprefix('torch.')} holds ({limit:g}): it would be written as Inf; "
-                "refused. --dtype float32 keeps it; --allow-nonfinite writes Inf anyway"
+                f"{range_message(piece.names[0], largest, chunk.out_dtype)}. --dtype float32 keeps it; "
+                "--allow-nonfinite writes it anyway"
             )
     raise AssertionError("out_of_range called on a chunk that fits")  # the caller checked the whole chunk
 
