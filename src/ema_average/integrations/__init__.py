@@ -11,8 +11,9 @@ parameters are not there between steps (DeepSpeed ZeRO-3).
 
 from __future__ import annotations
 
+import hashlib
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,7 +22,14 @@ from ema_average.errors import AverageStateError, ConfigurationError
 from ema_average.moving_average import ExponentialMovingAverage, is_dtensor, local_part
 from ema_average.moving_average.parameters import fsdp_modules
 
-__all__ = ["EVALUATE_CHOICES", "EmaTracker", "average_model_state", "unwrap_model"]
+__all__ = [
+    "EVALUATE_CHOICES",
+    "EmaTracker",
+    "average_model_state",
+    "averaged_parameters",
+    "unwrap_model",
+    "weights_digest",
+]
 
 # What validation and test run on: the averages (swapped in), the training weights, or both (the raw
 # weights' metrics logged under their own names).
@@ -68,7 +76,7 @@ def _refuse_unsupported(model: torch.nn.Module, dtensor_refusal: str | None) -> 
             )
 
 
-def _averaged_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+def averaged_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     """The parameters the optimizer moves (all of them if none is trainable, as for a model only evaluated).
 
     A frozen parameter's average is the parameter itself, bit for bit (``lerp`` of equal values), so it is
@@ -78,6 +86,21 @@ def _averaged_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Par
     named = list(model.named_parameters())
     trainable = [(name, p) for name, p in named if p.requires_grad]
     return trainable or named
+
+
+def weights_digest(named: Sequence[tuple[str, torch.Tensor]]) -> str:
+    """A SHA-256 of the named tensors' names, dtypes, shapes and raw bytes (this rank's part of a DTensor).
+
+    Recorded beside a saved EMA with the training weights it was saved with, and compared on resume with
+    the weights the trainer has just restored: the EMA continued is the one of exactly those weights,
+    whatever folder they were found in, never another run's.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in named:
+        value = local_part(tensor).detach()
+        digest.update(f"{name}|{str(value.dtype).removeprefix('torch.')}|{tuple(value.shape)}\n".encode())
+        digest.update(value.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 class EmaTracker:
@@ -134,7 +157,7 @@ class EmaTracker:
             _refuse_unsupported(model, self.dtensor_refusal)
             self.swap_out()  # never leave the averages in a model this tracker stops following
             rule = self.rule
-            self.tracked = _averaged_parameters(model)
+            self.tracked = averaged_parameters(model)
             self.average = ExponentialMovingAverage(
                 self.tracked, rule.decay, rule.numerator, rule.denominator, device=self.device
             )
