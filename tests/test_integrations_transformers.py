@@ -5,6 +5,7 @@ checkpoint ends with the uninterrupted run's EMA, bit for bit."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -259,6 +260,13 @@ def test_the_saved_counter_is_in_the_weights_metadata(tmp_path: Path) -> None:
     train(tmp_path, [EMACallback(decay=DECAY)], max_steps=3, save_strategy="steps", save_steps=3)
     with safe_open(str(tmp_path / "checkpoint-3" / "ema" / "model.safetensors"), framework="pt") as f:
         record = json.loads(f.metadata()[STATE_METADATA_KEY])
+    raw = load_file(str(tmp_path / "checkpoint-3" / "model.safetensors"))
+    digest = hashlib.sha256()  # the training weights saved beside, as the record says it digests them
+    for name in [n for n, _ in tiny_gpt2().named_parameters()]:
+        tensor = raw[name]
+        digest.update(f"{name}|{str(tensor.dtype).removeprefix('torch.')}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    assert record.pop("weights_sha256") == digest.hexdigest()
     assert record == {
         "method": "exponential",
         "settings": {"decay": DECAY, "numerator": 1.0, "denominator": 10.0},

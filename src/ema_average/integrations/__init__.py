@@ -11,8 +11,9 @@ parameters are not there between steps (DeepSpeed ZeRO-3).
 
 from __future__ import annotations
 
+import hashlib
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,7 +22,14 @@ from ema_average.errors import AverageStateError, ConfigurationError
 from ema_average.moving_average import ExponentialMovingAverage, is_dtensor, local_part
 from ema_average.moving_average.parameters import fsdp_modules
 
-__all__ = ["EVALUATE_CHOICES", "EmaTracker", "average_model_state", "unwrap_model"]
+__all__ = [
+    "EVALUATE_CHOICES",
+    "EmaTracker",
+    "average_model_state",
+    "averaged_parameters",
+    "unwrap_model",
+    "weights_digest",
+]
 
 # What validation and test run on: the averages (swapped in), the training weights, or both (the raw
 # weights' metrics logged under their own names).
@@ -68,7 +76,7 @@ def _refuse_unsupported(model: torch.nn.Module, dtensor_refusal: str | None) -> 
             )
 
 
-def _averaged_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+def averaged_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     """The parameters the optimizer moves (all of them if none is trainable, as for a model only evaluated).
 
     A frozen parameter's average is the parameter itself, bit for bit (``lerp`` of equal values), so it is
@@ -78,6 +86,21 @@ def _averaged_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Par
     named = list(model.named_parameters())
     trainable = [(name, p) for name, p in named if p.requires_grad]
     return trainable or named
+
+
+def weights_digest(named: Sequence[tuple[str, torch.Tensor]]) -> str:
+    """A SHA-256 of the named tensors' names, dtypes, shapes and raw bytes (this rank's part of a DTensor).
+
+    Recorded beside a saved EMA with the training weights it was saved with, and compared on resume with
+    the weights the trainer has just restored: the EMA continued is the one of exactly those weights,
+    whatever folder they were found in, never another run's.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in named:
+        value = local_part(tensor).detach()
+        digest.update(f"{name}|{str(value.dtype).removeprefix('torch.')}|{tuple(value.shape)}\n".encode())
+        digest.update(value.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 class EmaTracker:
@@ -134,7 +157,7 @@ class EmaTracker:
             _refuse_unsupported(model, self.dtensor_refusal)
             self.swap_out()  # never leave the averages in a model this tracker stops following
             rule = self.rule
-            self.tracked = _averaged_parameters(model)
+            self.tracked = averaged_parameters(model)
             self.average = ExponentialMovingAverage(
                 self.tracked, rule.decay, rule.numerator, rule.denominator, device=self.device
             )
@@ -143,7 +166,7 @@ class EmaTracker:
             self.last_step = global_step
         if self._pending is not None:
             pending, self._pending = self._pending, None
-            self._load(pending)
+            self._load(pending, global_step, training=training)
         return self.average
 
     # --- updating ---------------------------------------------------------------------------------
@@ -207,45 +230,109 @@ class EmaTracker:
             "last_step": self.last_step,
         }
 
-    def load(self, state: Mapping[str, Any], averages: Mapping[str, torch.Tensor], where: str) -> None:
-        """Resume from a checkpoint's saved state and averages, at the next :meth:`start`."""
+    def load(self, state: object, averages: object, where: str) -> None:
+        """Resume from a checkpoint's saved state and averages, at the next :meth:`start`.
+
+        The record is untrusted input, checked as ``load_state_dict`` checks a state: anything but the
+        mapping :meth:`state` writes (empty, ``null``, a list) is refused with one line naming ``where``,
+        never taken as "no average" (that would throw the saved one away and start anew).
+        """
+        if not isinstance(state, Mapping):
+            raise AverageStateError(
+                f"{where}: the EMA callback's saved state must be the mapping it writes, got "
+                f"{type(state).__name__} {_shown(state)}"
+            )
         if not state:
-            return
+            raise AverageStateError(
+                f"{where}: the EMA callback's saved state is empty: the checkpoint holds no average to "
+                "continue; resume from a checkpoint saved with the callback, or start a new run from these "
+                "weights"
+            )
         missing = [k for k in STATE_KEYS if k not in state]
         if missing:
             raise AverageStateError(f"{where}: the EMA callback's saved state lacks {', '.join(missing)}")
-        pending = {
+        if not isinstance(averages, Mapping):
+            raise AverageStateError(
+                f"{where}: the EMA callback's saved averages must be a mapping of tensors, got "
+                f"{type(averages).__name__}"
+            )
+        last_step = _saved_step(where, state["last_step"])
+        num_applied = state["num_applied"]
+        if isinstance(num_applied, int) and not isinstance(num_applied, bool) and num_applied > last_step:
+            raise AverageStateError(
+                f"{where}: the EMA callback's saved state counts {num_applied} updates by step {last_step}: "
+                "at most one update a step; the record is inconsistent"
+            )
+        self._pending = {
             "method": state["method"],
             "settings": state["settings"],
-            "num_applied": state["num_applied"],  # checked by the engine's load_state_dict
-            "last_step": _saved_step(where, state["last_step"]),
-            "averages": dict(averages),
+            "num_applied": num_applied,  # checked by the engine's load_state_dict
+            "last_step": last_step,
+            "averages": averages,
             "where": where,
-        }
-        self._pending = pending  # loaded by start(), once the trainer has placed the model it belongs to
+        }  # loaded by start(), once the trainer has placed the model it belongs to
 
-    def _load(self, pending: dict[str, Any]) -> None:
+    def _load(self, pending: dict[str, Any], global_step: int, *, training: bool) -> None:
+        """Load a checked record into the average: all of it, or a one-line refusal naming the file."""
         assert self.average is not None
+        where = pending["where"]
+        if training and pending["last_step"] > global_step:
+            raise AverageStateError(
+                f"{where}: the EMA callback's last update is at step {pending['last_step']}, after the "
+                f"trainer's step {global_step} restored from the same checkpoint: the record is not this "
+                "checkpoint's (continuing it would skip every update up to that step)"
+            )
         live = self.average.averages()
         names = list(live)
         averages = pending["averages"]
         absent = [n for n in names if n not in averages]
         if absent:
             raise AverageStateError(
-                f"{pending['where']}: holds no EMA of parameter {absent[0]!r} ({len(absent)} missing); "
+                f"{where}: holds no EMA of parameter {absent[0]!r} ({len(absent)} missing); "
                 "was it saved from another model?"
             )
+        self._check_settings(pending["method"], pending["settings"], where)
+        chosen = {}
+        for name in names:
+            saved = averages[name]
+            if isinstance(saved, torch.Tensor) and saved.is_floating_point() and not _finite(saved):
+                raise AverageStateError(
+                    f"{where}: the saved EMA of parameter {name!r} holds NaN or infinite values; "
+                    "continuing it would carry them into every later save"
+                )
+            chosen[name] = _laid_out_as(live[name], saved)
         state = {
             "method": pending["method"],
             "settings": pending["settings"],
             "num_applied": pending["num_applied"],
-            "averages": {n: _laid_out_as(live[n], averages[n]) for n in names},
+            "averages": chosen,
         }
         try:
-            self.average.load_state_dict(state)
+            self.average.load_state_dict(state, settings="state")  # the settings checked just above
         except AverageStateError as exc:
-            raise AverageStateError(f"{pending['where']}: {exc}") from None
+            raise AverageStateError(f"{where}: {exc}") from None
         self.last_step = pending["last_step"]
+
+    def _check_settings(self, method: object, settings: object, where: str) -> None:
+        """The saved rule is this callback's, or a refusal whose advice a callback's user can follow."""
+        assert self.average is not None
+        name = self.average.registered_name
+        if method != name:
+            raise AverageStateError(f"{where}: the saved average is {method!r}, this callback keeps {name!r}")
+        try:
+            saved = type(self.average).make_rule(**settings) if isinstance(settings, Mapping) else None
+        except (ConfigurationError, TypeError, ValueError):
+            saved = None
+        if saved is None:
+            raise AverageStateError(
+                f"{where}: the saved settings {_shown(settings)} are not an {name} average's"
+            )
+        if saved != self.rule:
+            raise AverageStateError(
+                f"{where}: the EMA was saved with {_settings_text(saved.settings())}, this callback has "
+                f"{_settings_text(self.rule.settings())}; build EMACallback({_settings_text(saved.settings())}) "
+                "to continue it"
+            )
 
 
 def average_model_state(
@@ -292,3 +379,18 @@ def _saved_step(where: str, value: Any) -> int:
             f"{where}: the EMA callback's saved last_step must be a whole number >= 0, got {value!r}"
         )
     return value
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    """Whether every value of a saved average (this rank's part of a DTensor) is finite."""
+    return bool(torch.isfinite(local_part(tensor)).all())
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    """A short repr of an untrusted value for a one-line message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _settings_text(settings: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in settings.items())

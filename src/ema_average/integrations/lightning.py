@@ -30,6 +30,7 @@ import torch
 if TYPE_CHECKING:
     from ema_average.checkpoints.dcp_folder import DcpCheckpoint
 
+from ema_average.errors import CheckpointError
 from ema_average.integrations import EmaTracker, average_model_state
 from ema_average.moving_average import ExponentialMovingAverage, is_dtensor
 
@@ -69,6 +70,7 @@ class EMACallback(pl.Callback):
         )
         self.raw_suffix = raw_suffix
         self._loaded: tuple[Mapping[str, torch.Tensor], str] = ({}, "the checkpoint")
+        self._unanswered: str | None = None  # a checkpoint restored that held no state of this callback
 
     @property
     def moving_average(self) -> ExponentialMovingAverage | None:
@@ -79,12 +81,33 @@ class EMACallback(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Under a strategy that saves sharded, have its saves hold the sharded averages too."""
+        self._unanswered = None
         if _saves_shards(trainer.strategy):
             _save_averages_with_the_shards(trainer.strategy)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Build the average once the strategy has placed the model and restored the loops."""
+        self._refuse_a_checkpoint_without_state()
         self._tracker.start(pl_module, trainer.global_step, training=True)
+
+    def _refuse_a_checkpoint_without_state(self) -> None:
+        """A checkpoint saved without this callback holds no average to continue: refused, as the Hugging
+        Face callback refuses one, rather than silently starting a new EMA at the restored step."""
+        if self._unanswered is None:
+            return
+        where, self._unanswered = self._unanswered, None
+        if self._loaded[0]:  # Lightning skips an empty state: the averages are there, their counter is not
+            raise CheckpointError(
+                where,
+                f"holds the EMA under {EMA_KEY!r} but the EMA callback's saved state is empty or absent: "
+                "the average cannot be continued without its update count; resume from a checkpoint the "
+                "callback saved whole",
+            )
+        raise CheckpointError(
+            where,
+            "holds no state of the EMA callback: it cannot continue an average it did not save (was "
+            "the run started without it?); fit from these weights without ckpt_path to start a new EMA",
+        )
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -94,6 +117,7 @@ class EMACallback(pl.Callback):
     # --- evaluation on the averages -----------------------------------------------------------------
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._refuse_a_checkpoint_without_state()
         self._tracker.start(pl_module, trainer.global_step, training=False)
         self._tracker.swap_in()
 
@@ -176,16 +200,18 @@ class EMACallback(pl.Callback):
     ) -> None:
         path = getattr(trainer, "ckpt_path", None)
         where = str(path or "the checkpoint")
+        self._unanswered = where  # until load_state_dict receives this callback's state
         if path and _is_sharded_save(Path(path)):
             self._loaded = (_ShardedAverages(Path(path)), where)
         else:
-            self._loaded = (checkpoint.get(EMA_KEY) or {}, where)
+            self._loaded = (checkpoint.get(EMA_KEY, {}), where)
 
     def state_dict(self) -> dict[str, Any]:
         return self._tracker.state()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         averages, where = self._loaded
+        self._unanswered = None
         self._tracker.load(state_dict, averages, where)
         self._loaded = ({}, "the checkpoint")
 

@@ -23,14 +23,22 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ema_average.errors import CheckpointError, ConfigurationError
-from ema_average.integrations import EmaTracker, average_model_state, unwrap_model
+from ema_average.integrations import (
+    EmaTracker,
+    average_model_state,
+    averaged_parameters,
+    unwrap_model,
+    weights_digest,
+)
 from ema_average.moving_average import ExponentialMovingAverage
 from ema_average.output import SafetensorsWriter, TensorEntry
 from ema_average.safetensors_format import TensorSpec
@@ -47,6 +55,12 @@ DTENSOR_REFUSAL = (
 EMA_FOLDER = "ema"  # checkpoint-N/ema/
 WEIGHTS_NAME = "model.safetensors"
 STATE_METADATA_KEY = "ema_average.callback"  # the callback's counter, in the weights file's metadata
+# In that record: the SHA-256 of the training weights saved beside the EMA (see weights_digest), compared on
+# resume with the weights the Trainer restored.
+DIGEST_KEY = "weights_sha256"
+# The compatibility seam with transformers' internals: Trainer.train (and _inner_training_loop, 4.x-5.x)
+# hold the checkpoint being resumed, ``True`` resolved to a path, in this local.
+_RESUME_LOCAL = "resume_from_checkpoint"
 _CHECKPOINT_PREFIX = "checkpoint"  # transformers' PREFIX_CHECKPOINT_DIR
 
 
@@ -111,7 +125,7 @@ class EMACallback(TrainerCallback):
         self._tracker.swap_out()
         self._tracker.average = None
         if state.global_step > 0:
-            self._resume(_resumed_folder(args, state))
+            self._resume(unwrap_model(model), args, state.global_step)
         self._tracker.start(model, state.global_step, training=True)
 
     def on_step_end(
@@ -169,37 +183,104 @@ class EMACallback(TrainerCallback):
         folder = Path(args.output_dir) / f"{_CHECKPOINT_PREFIX}-{state.global_step}"
         save_ema_folder(unwrap_model(model or tracker.model), tracker, folder / EMA_FOLDER)
 
-    def _resume(self, checkpoint: Path) -> None:
-        path = checkpoint / EMA_FOLDER / WEIGHTS_NAME
-        if not path.is_file():
+    def _resume(self, model: torch.nn.Module, args: TrainingArguments, global_step: int) -> None:
+        """Continue the EMA saved beside exactly the weights the Trainer has just restored.
+
+        The Trainer does not say which folder it resumed from; the one it was given (read through
+        :func:`trainer_resume_folder`), ``args.resume_from_checkpoint`` and ``output_dir/checkpoint-N`` are
+        looked in, and an EMA is taken only if the digest of the training weights recorded beside it is
+        that of the weights now in the model: another run's ``checkpoint-N`` is refused, never continued.
+        """
+        restored = weights_digest(averaged_parameters(model))
+        resumed = trainer_resume_folder()
+        other: Path | None = None
+        for folder in _candidate_folders(resumed, args, global_step):
+            path = folder / EMA_FOLDER / WEIGHTS_NAME
+            if not path.is_file():
+                continue
+            record = _read_record(path)
+            saved = record.get(DIGEST_KEY) if isinstance(record, Mapping) else None
+            if saved == restored or (saved is None and resumed is not None and folder == resumed):
+                self._tracker.load(record, _read_averages(path), str(path))
+                return
+            other = other or path
+        if other is not None:
             raise CheckpointError(
-                checkpoint,
-                f"holds no {EMA_FOLDER}/{WEIGHTS_NAME}: the EMA callback cannot continue an average it did "
-                "not save (was the run started without it?)",
+                other,
+                "holds the EMA of other training weights than those the Trainer resumed (another run's "
+                "checkpoint?): it is not continued; resume from the checkpoint folder the EMA callback saved "
+                "with these weights",
             )
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                recorded = (f.metadata() or {}).get(STATE_METADATA_KEY)
-                if recorded is None:
-                    raise CheckpointError(
-                        path, f"has no {STATE_METADATA_KEY!r} record: not saved by the EMA callback"
-                    )
-                averages = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - no __iter__
-            state = json.loads(recorded)
-        except (OSError, ValueError, RuntimeError) as exc:  # safetensors' own errors are of these kinds
-            raise CheckpointError(path, f"cannot be read as the EMA callback's save ({exc})") from None
-        self._tracker.load(state, averages, str(path))
+        raise CheckpointError(
+            resumed or Path(args.output_dir) / f"{_CHECKPOINT_PREFIX}-{global_step}",
+            f"holds no {EMA_FOLDER}/{WEIGHTS_NAME}: the EMA callback cannot continue an average it did "
+            "not save (was the run started without it?); train from these weights without "
+            "resume_from_checkpoint to start a new EMA",
+        )
 
 
-def _resumed_folder(args: TrainingArguments, state: TrainerState) -> Path:
-    """The checkpoint the Trainer resumed from: the one named in the arguments, or ``checkpoint-N`` of
-    ``output_dir`` (``resume_from_checkpoint=True`` picks the last one, which is step N's)."""
+def trainer_resume_folder() -> Path | None:
+    """The checkpoint ``Trainer.train(resume_from_checkpoint=...)`` is resuming, read from its frame.
+
+    The compatibility seam with transformers' internals: the Trainer passes the folder to no callback, and
+    keeps it (``True`` already resolved to the last checkpoint) in the local ``resume_from_checkpoint`` of
+    the methods that run training. ``None`` when no frame of a running ``Trainer`` holds it; then the
+    weights digest still refuses any other run's EMA. ``test_the_resume_seam_finds_the_folder_the_trainer_
+    resumed`` fails loudly if transformers changes this.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if isinstance(frame.f_locals.get("self"), Trainer):
+            value = frame.f_locals.get(_RESUME_LOCAL)
+            if isinstance(value, str | os.PathLike) and str(value):
+                return Path(value)
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
+
+
+def _candidate_folders(resumed: Path | None, args: TrainingArguments, global_step: int) -> list[Path]:
+    """Where the resumed checkpoint's ``ema/`` may be, the folder the Trainer resumed first."""
     named = args.resume_from_checkpoint
-    if isinstance(named, str) and named and Path(named).name == f"{_CHECKPOINT_PREFIX}-{state.global_step}":
-        return Path(named)
-    return Path(args.output_dir) / f"{_CHECKPOINT_PREFIX}-{state.global_step}"
+    found = [
+        resumed,
+        Path(named) if isinstance(named, str) and named else None,
+        Path(args.output_dir) / f"{_CHECKPOINT_PREFIX}-{global_step}",
+    ]
+    unique: list[Path] = []
+    for folder in found:
+        if folder is not None and all(not _same(folder, seen) for seen in unique):
+            unique.append(folder)
+    return unique
+
+
+def _same(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve()
+
+
+def _read_record(path: Path) -> object:
+    """The callback's record in ``path``'s metadata, parsed from JSON (any JSON: checked by the tracker)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            recorded = (f.metadata() or {}).get(STATE_METADATA_KEY)
+        if recorded is None:
+            raise CheckpointError(
+                path, f"has no {STATE_METADATA_KEY!r} record: not saved by the EMA callback"
+            )
+        return json.loads(recorded)
+    except (OSError, ValueError, RuntimeError) as exc:  # safetensors' own errors are of these kinds
+        raise CheckpointError(path, f"cannot be read as the EMA callback's save ({exc})") from None
+
+
+def _read_averages(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - no __iter__
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(path, f"cannot be read as the EMA callback's save ({exc})") from None
 
 
 def save_ema_folder(model: torch.nn.Module, tracker: EmaTracker, folder: Path) -> Path:
@@ -215,7 +296,8 @@ def save_ema_folder(model: torch.nn.Module, tracker: EmaTracker, folder: Path) -
     peft = hasattr(model, "peft_config")
     state = dict(averages) if peft else _untied(model, average_model_state(model, averages))
     entries = [TensorEntry(name, TensorSpec(tuple(t.shape), t.dtype)) for name, t in state.items()]
-    metadata = {"format": "pt", STATE_METADATA_KEY: json.dumps(tracker.state())}
+    record = {**tracker.state(), DIGEST_KEY: weights_digest(tracker.tracked)}  # the raw weights: swapped out
+    metadata = {"format": "pt", STATE_METADATA_KEY: json.dumps(record)}
     aside = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     shutil.rmtree(aside, ignore_errors=True)
     aside.mkdir(parents=True)
