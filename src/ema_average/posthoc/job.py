@@ -152,7 +152,7 @@ def _plan(
         worst = max(r.amplification for r in solved)
         notes.append(
             f"the snapshots are stored as {', '.join(narrow)}: each value carries its rounding (bfloat16 "
-            f"2^-9, float16 2^-11 relative), which the coefficients can multiply by up to {worst:.3g}"
+            f"2^-8, float16 2^-11 relative), which the coefficients can multiply by up to {worst:.3g}"
         )
     steps = [s.step or 0 for s in sources]
     return Plan(steps, averages, outputs, chunks, notes)
