@@ -58,6 +58,8 @@ def average(
     numerator: opt.Numerator = None,
     denominator: opt.Denominator = None,
     set_: opt.SetAssignments = None,
+    at_step: opt.AtStep = None,
+    snapshot_sigma_rel: opt.SnapshotSigmaRel = None,
     resume: opt.Resume = None,
     watch: opt.Watch = False,
     poll: opt.Poll = 30.0,
@@ -79,12 +81,17 @@ def average(
         _only_our_warnings()
     try:
         from ema_average.pipeline import RunOptions, prepare
-        from ema_average.plan import CheckpointSelection, TensorSelection, settings_sweep
+        from ema_average.plan import AverageSettings, CheckpointSelection, TensorSelection, settings_sweep
 
         flags = {"decay": decay, "half_life": half_life, "gamma": gamma, "sigma_rel": sigma_rel}
         flags |= {"numerator": opt.one(numerator), "denominator": opt.one(denominator)}
         given = opt.settings_given(flags, set_ or [])
-        settings = settings_sweep(given, method=method, schedule=schedule.value)
+        posthoc = method == "posthoc"
+        if not posthoc and (at_step is not None or snapshot_sigma_rel is not None):
+            raise ConfigurationError("--at-step and --snapshot-sigma-rel apply to --method posthoc only")
+        settings = (
+            [AverageSettings()] if posthoc else settings_sweep(given, method=method, schedule=schedule.value)
+        )
         options = RunOptions(
             checkpoint_dir=checkpoint_dir,
             output=output,
@@ -106,6 +113,9 @@ def average(
             resume=resume,
             allow_nonfinite=allow_nonfinite,
         )
+        if posthoc:
+            _posthoc(options, given, at_step, snapshot_sigma_rel, watch=watch, dry_run=dry_run, quiet=quiet)
+            return
         if _launched():
             _run_on_ranks(options, watch=watch, dry_run=dry_run, quiet=quiet)
             return
@@ -119,6 +129,36 @@ def average(
         if _speaks():  # a Ctrl-C, also one that a library's import or a class definition wrapped
             err.print("ema-average: interrupted; no output written")
         raise typer.Exit(130) from None
+
+
+def _posthoc(
+    options: RunOptions,
+    given: dict[str, list[float]],
+    at_step: int | None,
+    snapshot_sigma_rel: tuple[float, ...] | None,
+    *,
+    watch: bool,
+    dry_run: bool,
+    quiet: bool,
+) -> None:
+    """--method posthoc: the power EMAs named by --sigma-rel or --gamma, reconstructed from snapshots."""
+    from ema_average.posthoc.job import Targets, prepare
+    from ema_average.posthoc.report import run_prepared
+
+    other = sorted(set(given) - {"sigma_rel", "gamma"})
+    if other or watch or _launched():
+        what = ", ".join(f"--{name.replace('_', '-')}" for name in other) or (
+            "--watch" if watch else "torchrun"
+        )
+        raise ConfigurationError(f"{what} does not apply to --method posthoc")
+    sigma, gamma = given.get("sigma_rel"), given.get("gamma")
+    targets = Targets(
+        tuple(sigma) if sigma else None,
+        tuple(gamma) if gamma else None,
+        at_step,
+        tuple(snapshot_sigma_rel) if snapshot_sigma_rel is not None else None,
+    )
+    run_prepared(prepare(options, targets, dry_run=dry_run), dry_run=dry_run, speak=not quiet)
 
 
 def _describe(exc: BaseException) -> str:

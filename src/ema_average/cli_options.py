@@ -221,7 +221,8 @@ Method = Annotated[
     typer.Option(
         help="A registered moving average: exponential (EMA), uniform (mean of the checkpoints), power "
         "(EDM2 power-function EMA), one added with @MovingAverage.register, or one another installed package "
-        "declares (entry-point group ema_average.averages); its settings by --set NAME=VALUE.",
+        "declares (entry-point group ema_average.averages); its settings by --set NAME=VALUE. posthoc: CKPT_DIR "
+        "holds post-hoc EMA snapshots; --sigma-rel (or --gamma) names the power EMAs to reconstruct from them.",
         rich_help_panel=_AVERAGE,
     ),
 ]
@@ -261,6 +262,24 @@ SetAssignments = Annotated[
         metavar="NAME=VALUE[,VALUE...]",
         help="Any setting the --method's rule declares, by name (e.g. --set decay=0.999, or a setting of an "
         "average another package adds); repeatable; a comma list where the setting takes one.",
+        rich_help_panel=_AVERAGE,
+    ),
+]
+AtStep = Annotated[
+    int | None,
+    typer.Option(
+        help="--method posthoc: the training step to reconstruct the EMAs at, from the snapshots at or before "
+        "it. Default: the last snapshot's.",
+        rich_help_panel=_AVERAGE,
+    ),
+]
+SnapshotSigmaRel = Annotated[
+    Numbers | None,
+    typer.Option(
+        parser=_numbers,
+        metavar=_LIST,
+        help="--method posthoc over ema-pytorch PostHocEMA snapshots (N.STEP.pt): the sigma_rel of each "
+        "profile, in its index order (their files do not record them), e.g. 0.05,0.28.",
         rich_help_panel=_AVERAGE,
     ),
 ]

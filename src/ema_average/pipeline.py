@@ -367,7 +367,8 @@ def stream_chunks(
             for writer in writers:
                 writer.write(t.name, torch.empty(t.spec.shape, dtype=t.out_dtype))
     folds = [
-        streaming.Fold(average.decays, writer) for average, writer in zip(plan.averages, writers, strict=True)
+        streaming.Fold(average.decays, writer, average.weights if average.sums else None)
+        for average, writer in zip(plan.averages, writers, strict=True)
     ]
     stream = streaming.ChunkStream(
         prepared.sources,
@@ -404,7 +405,7 @@ def _open_writer(
 ) -> SafetensorsWriter | ShardedWriter:
     options = prepared.options
     entries = output_entries(prepared.plan)
-    metadata = run_metadata(prepared, average.settings)
+    metadata = {**run_metadata(prepared, average.settings), **average.metadata}
     folder = prepared.folder
     if folder is None:
         return SafetensorsWriter(output, entries, metadata, overwrite=prepared.may_replace)

@@ -232,12 +232,18 @@ class OutputTensor:
 @dataclass(frozen=True)
 class PlannedAverage:
     """One average the run computes: its settings, the decay each source's update gets, each source's
-    weight in the result, and the label that names its output when a run computes several."""
+    weight in the result, and the label that names its output when a run computes several.
+
+    ``sums``: the weights are the coefficients of a plain weighted sum of the sources (post-hoc EMA, whose
+    coefficients may be negative), streamed as such rather than as the chain of ``decays``; ``metadata``
+    is what its output records besides the settings (how the sum was solved)."""
 
     settings: AverageSettings
     decays: list[float | None]
     weights: list[float]
     label: str = ""
+    sums: bool = False
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

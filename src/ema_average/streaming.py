@@ -75,10 +75,15 @@ class RangeSink(Protocol):
 
 @dataclass
 class Fold:
-    """One average computed in the pass: the decay each source's update gets (the plan's), and its output."""
+    """One average computed in the pass: the decay each source's update gets (the plan's), and its output.
+
+    With ``weights`` it is a plain weighted sum instead, ``sum_k weights[k] * value_k`` (post-hoc EMA's
+    coefficients, which may be negative: no chain of decays in [0, 1] gives them), and ``decays`` is unused.
+    """
 
     decays: Sequence[float | None]
     sink: RangeSink
+    weights: Sequence[float] | None = None
 
 
 class _Source:
@@ -293,6 +298,9 @@ class ChunkStream:
         """Source ``k``'s values into every average: copied where the average starts with this source
         (its decay is None), else one update with the engine's kernel and the plan's decay."""
         for fold, shadow in zip(self.folds, shadows, strict=True):
+            if fold.weights is not None:
+                _accumulate(shadow, values, fold.weights[k], first=k == 0)
+                continue
             decay = fold.decays[k]
             if decay is None:
                 shadow.copy_(values)
@@ -318,7 +326,11 @@ class ChunkStream:
     def _starts_in_place(self, dtype: torch.dtype, wide: torch.dtype, worker: _Worker) -> bool:
         """Whether the first source can be read straight into the shadows: it starts every average (its
         decay is None), is read on the host, and is saved in the shadows' dtype."""
-        return worker.on_host and dtype == wide and all(fold.decays[0] is None for fold in self.folds)
+        return (
+            worker.on_host
+            and dtype == wide
+            and all(fold.decays[0] is None and fold.weights is None for fold in self.folds)
+        )
 
     def _copy(self, chunk: Chunk, worker: _Worker) -> int:
         """A chunk of integer tensors: read from the latest checkpoint, written to every output as it is."""
@@ -348,6 +360,15 @@ def _read_dtype(chunk: Chunk, k: int) -> torch.dtype:
     """The dtype source ``k`` is saved in: the checkpoints', but an earlier average being resumed (the
     first source) keeps its own."""
     return chunk.first_dtype if k == 0 else chunk.dtype
+
+
+def _accumulate(shadow: torch.Tensor, values: torch.Tensor, weight: float, *, first: bool) -> None:
+    """One term of a weighted sum, in the shadow's dtype: the first source's values are widened exactly
+    before they are scaled (a float16 product would round), later ones arrive widened."""
+    if first:
+        shadow.copy_(values).mul_(weight)
+    else:
+        shadow.add_(values, alpha=weight)
 
 
 def _read_in_place(source: _Source, chunk: Chunk, shadows: list[torch.Tensor]) -> None:
