@@ -24,7 +24,7 @@ from ema_average.checkpoints.base import Checkpoint, OpenOptions, TensorSpec
 from ema_average.checkpoints.layouts import layout_of, looked_for, models_in, open_leaf, own_folders
 from ema_average.checkpoints.renamed import stripped_of, with_model_names
 from ema_average.checkpoints.run_steps import StepsFrom, note_unread_step, real_steps, step_of
-from ema_average.checkpoints.steps import names_a_step, stem_of, step_from_name
+from ema_average.checkpoints.steps import names_a_step, natural_key, stem_of, step_from_name
 from ema_average.checkpoints.unit_folder import open_unit
 from ema_average.errors import (
     CheckpointError,
@@ -142,15 +142,25 @@ def find_run(
         _check_holds_weights(ckpt)
         _check_submodel(ckpt, submodel)
         ckpt = with_model_names(ckpt, strip_prefix)
-        info = step_of(ckpt, steps_from)
+        try:
+            info = step_of(ckpt, steps_from)
+        except CheckpointError:
+            if steps is None:
+                raise
+            checkpoints.append(ckpt)  # the user gives every step (--steps): none of its own needed
+            continue
         ckpt.step, ckpt.step_origin, ckpt.step_is_counter = info.step, info.origin, info.counter
         note_unread_step(ckpt, steps_from)
         checkpoints.append(ckpt)
     if not checkpoints:
         where = f" named {' or '.join(globs)}" if globs else ""
         raise NoCheckpointsError(root, f"no checkpoints{where} found; looked for {looked_for()}")
-    checkpoints = _drop_copies(checkpoints, notices, keeps)
-    checkpoints.sort(key=lambda c: c.step if c.step is not None else -1)
+    if all(c.step is not None for c in checkpoints):
+        checkpoints = _drop_copies(checkpoints, notices, keeps)
+        checkpoints.sort(key=lambda c: c.step if c.step is not None else -1)
+    else:  # --steps with checkpoints that state none: oldest first by name, as the steps are given
+        checkpoints.sort(key=lambda c: natural_key(c.path.name))
+        notices.append("the steps given (--steps) follow the checkpoints in the order of their names")
     real_steps(root, checkpoints, step_every, steps, notices)
     validate_run(checkpoints, keeps)
     _note_models(checkpoints, notices)
