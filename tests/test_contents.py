@@ -195,3 +195,58 @@ def test_a_bare_state_dict_is_all_model() -> None:
 def test_a_parameter_called_like_a_moment_without_its_parameter_is_a_weight() -> None:
     # ``sum`` is an Adagrad moment's name, but with no ``pool`` tensor beside it ``pool.sum`` is a weight.
     assert split_torch({"pool.sum": "T", "fc.weight": "T"}) == [("", "model", ["fc.weight", "pool.sum"])]
+
+
+# By shape (issue 25): leaves are the tensors' shapes here, ``shape_of`` gives them back.
+
+
+def split_shapes(obj: Mapping[str, Any]) -> list[tuple[str, str, list[str]]]:
+    def paths(node: Mapping[str, Any], path: KeyPath = ()) -> Iterator[tuple[KeyPath, tuple[int, ...]]]:
+        for key, value in node.items() if isinstance(node, Mapping) else enumerate(node):
+            if isinstance(value, Mapping | list):
+                yield from paths(value, (*path, str(key)))
+            else:
+                yield (*path, str(key)), value
+
+    parts = split(paths(obj), torch_structure(obj), shape_of=lambda shape: shape)
+    return [(p.key, p.kind, sorted(p.tensors)) for p in parts]
+
+
+GPT_SHAPES = {"wte.weight": (64, 16), "h.0.ln.weight": (16,), "h.0.ln.bias": (16,), "head.weight": (64, 16)}
+
+
+def test_a_metric_beside_a_state_dict_is_trainer_state() -> None:
+    # nanoGPT's ckpt.pt: best_val_loss, a 0-d tensor, sits beside model under no key anyone lists.
+    parts = split_shapes({"model": GPT_SHAPES, "best_val_loss": (), "cpu_rng": (5056,)})
+    assert parts == [
+        ("model", "model", sorted(GPT_SHAPES)),
+        ("best_val_loss", "trainer", ["best_val_loss"]),
+        ("cpu_rng", "trainer", ["cpu_rng"]),
+    ]
+
+
+def test_per_parameter_state_under_any_key_is_optimizer_state() -> None:
+    # fastai's opt.state: a list with one dict per parameter, moments of the parameter's shape.
+    opt = {"state": [{"grad_avg": s, "sqr_avg": s} for s in GPT_SHAPES.values()], "hypers": []}
+    parts = split_shapes({"model": GPT_SHAPES, "opt": opt})
+    assert [(key, kind) for key, kind, _ in parts] == [("model", "model"), ("opt", "optimizer")]
+
+
+def test_tensors_repeating_the_models_shapes_twice_are_optimizer_state() -> None:
+    moments = {name: {"m": shape, "v": shape} for name, shape in GPT_SHAPES.items()}
+    parts = split_shapes({"weights": GPT_SHAPES, "slots": moments})
+    assert [(key, kind) for key, kind, _ in parts] == [("weights", "model"), ("slots", "optimizer")]
+
+
+def test_two_state_dicts_of_one_model_are_no_optimizer() -> None:
+    # An encoder and a decoder twice as deep: the decoder repeats the encoder's shapes, and is a module.
+    encoder = {"down.0.w": (8, 8), "down.0.b": (8,)}
+    decoder = {f"up.{i}.{n}": s for i in range(4) for n, s in (("w", (8, 8)), ("b", (8,)))}
+    parts = split_shapes({"encoder": encoder, "decoder": decoder})
+    names = [*(f"encoder.{n}" for n in encoder), *(f"decoder.{n}" for n in decoder)]
+    assert parts == [("", "model", sorted(names))]
+
+
+def test_a_module_list_of_state_dicts_is_no_per_parameter_state() -> None:
+    parts = split_shapes({"models": [GPT_SHAPES, {"x.weight": (3, 3), "x.bias": (3,)}]})
+    assert [kind for _, kind, _ in parts] == ["model"]

@@ -138,3 +138,78 @@ def test_a_count_becomes_a_step_by_how_it_is_based(count: int, origin: str, step
 def test_a_count_past_int64_is_refused() -> None:
     with pytest.raises(CheckpointError, match=r"c\.pt: has step .*counted from 0"):
         step_of_count(Path("c.pt"), 2**62, "metadata:epoch", 4)
+
+
+# Steps from any record that states one, then names; --steps always usable (issue 25) -------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "record"),
+    [
+        ("optimizer_step", True),
+        ("trainIteration", True),
+        ("num_steps_completed", True),
+        ("max_steps", False),
+        ("warmup_steps", False),
+        ("num_train_steps", False),
+        ("save_steps", False),
+        ("epoch", False),
+    ],
+)
+def test_keys_that_name_a_step_record(key: str, record: bool) -> None:
+    from ema_average.checkpoints.steps import names_a_step_record
+
+    assert names_a_step_record(key) is record
+
+
+def _weights(seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return {"fc.weight": torch.randn(3, 2), "fc.bias": torch.randn(3)}
+
+
+def test_step_in_safetensors_metadata_under_any_step_key(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from ema_average.checkpoints import find_run
+
+    for i, step in enumerate((500, 1000)):
+        meta = {"optimizer_step": str(step), "max_steps": "5000", "run": "a"}
+        save_file(_weights(i), str(tmp_path / f"weights_{'ab'[i]}.safetensors"), metadata=meta)
+    run = find_run(tmp_path)
+    assert [(c.step, c.step_origin) for c in run.checkpoints] == [
+        (500, "metadata:optimizer_step"),
+        (1000, "metadata:optimizer_step"),
+    ]
+
+
+def test_step_in_a_json_record_beside_the_file(tmp_path: Path) -> None:
+    import json
+
+    from ema_average.checkpoints import find_run
+
+    for i, step in enumerate((30, 60)):
+        torch.save(_weights(i), tmp_path / f"snap_{'ab'[i]}.pt")
+        (tmp_path / f"snap_{'ab'[i]}.json").write_text(
+            json.dumps({"completed_steps": step, "total_steps": 90})
+        )
+    run = find_run(tmp_path)
+    assert [(c.path.name, c.step, c.step_origin) for c in run.checkpoints] == [
+        ("snap_a.pt", 30, "snap_a.json beside it:completed_steps"),
+        ("snap_b.pt", 60, "snap_b.json beside it:completed_steps"),
+    ]
+
+
+def test_given_steps_need_no_step_in_the_names(tmp_path: Path) -> None:
+    from ema_average.checkpoints import find_run
+
+    for name in ("first", "second", "third"):
+        torch.save(_weights(len(name)), tmp_path / f"{name}.pt")
+    with pytest.raises(CheckpointError, match="no training step found"):
+        find_run(tmp_path)
+    run = find_run(tmp_path, steps=[100, 200, 300])
+    assert [(c.path.name, c.step, c.step_origin) for c in run.checkpoints] == [
+        ("first.pt", 100, "given"),
+        ("second.pt", 200, "given"),
+        ("third.pt", 300, "given"),
+    ]
+    assert "the steps given (--steps) follow the checkpoints in the order of their names" in run.notices

@@ -12,7 +12,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -233,6 +233,7 @@ def prepare(options: RunOptions, *, dry_run: bool = False, only: set[Path] | Non
         steps=options.steps,
         globs=options.globs,
         keeps=options.selection.keeps,
+        strip_prefix=options.selection.strip_prefix,
     )
     chosen = set(options.checkpoints.indices([c.step or 0 for c in run.checkpoints]))
     checkpoints = [c for i, c in enumerate(run.checkpoints) if i in chosen]
@@ -276,7 +277,8 @@ def make_plan(
     for ckpt in checkpoints:
         notes += [f"{ckpt.path.name}: {note}" for note in ckpt.notes]
     first = checkpoints[0] if checkpoints else run.checkpoints[-1]
-    outputs = output_tensors(first.specs(), first.aliases(), options.selection, options.dtype)
+    selection = replace(options.selection, strip_prefix="")  # stripped on reading (find_run)
+    outputs = output_tensors(first.specs(), first.aliases(), selection, options.dtype)
     steps = [c.step or 0 for c in checkpoints]
     first_specs = {}
     if resumed is not None:

@@ -17,7 +17,12 @@ have in common:
 - an average must mirror the model (most names shared, ``module.`` aside): a submodule that merely has
   ``ema`` in its name stays part of the model;
 - what is left is the model. A container that holds nothing but one unmarked container (``state_dict``,
-  ``app_state`` -> ``module``) is looked through, so the model's names are its own.
+  ``app_state`` -> ``module``) is looked through, so the model's names are its own;
+- where a container of the rest is a module's state dict (a flat dict of tensors), what sits beside it is
+  not the model, whatever its key: tensors beside it (a 0-d ``best_val_loss``, an RNG state) are trainer
+  state, and a sibling container that holds per-parameter state (tensors under parameter indexes, each
+  beside same-shaped companions: fastai's ``opt.state.N.{grad_avg, sqr_avg}``) or whose tensors repeat
+  the model's shapes more than once (moments of every parameter) is optimizer state.
 
 The tree is given as paths of keys from the root to each tensor: ``("state_dict", "encoder.weight")`` for a
 torch dict, ``("optimizer", "state", "encoder", "weight", "exp_avg")`` for a DCP name split at its dots.
@@ -25,6 +30,7 @@ torch dict, ``("optimizer", "state", "encoder", "weight", "exp_avg")`` for a DCP
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
@@ -63,11 +69,15 @@ class _Node(Generic[Leaf]):
         return not self.leaves and not self.children
 
 
+Shape = tuple[int, ...]
+
+
 def split(
     leaves: Iterable[tuple[KeyPath, Leaf]],
     structure: Mapping[KeyPath, Kind] | None = None,
     *,
     dotted: bool = False,
+    shape_of: Callable[[Leaf], Shape] | None = None,
 ) -> list[Part[Leaf]]:
     """The parts of one checkpoint: models first, then averages, optimizer, scheduler and trainer state.
 
@@ -75,11 +85,17 @@ def split(
     Two or more models come back where the unmarked rest is several copies of one model side by side
     (Lightning's ``current_model_state`` beside ``state_dict``): the caller chooses among them. ``dotted``
     says the paths are names split at their dots (DCP), where containers are the model's own modules and
-    two alike (``norm.weight``, ``output.weight``) are no copies.
+    two alike (``norm.weight``, ``output.weight``) are no copies. ``shape_of`` gives a leaf's shape, for the
+    rules by shape (a 0-d tensor is no weight beside a model; optimizer state mirrors the model's shapes).
     """
     through = (lambda key: key in CONTAINER_KEYS) if dotted else (lambda key: True)
     rest, parts = _take_marked(_tree(leaves, structure or {}), (), through)
-    parts = _models(rest, through, copies=not dotted) + parts
+    path: KeyPath = ()
+    if not dotted:  # torch form: a module's state dict is one flat dict of tensors
+        path, rest = _looked_through(rest, path, through)
+        rest, parts_beside = _beside_the_model(rest, path, shape_of)
+        parts += parts_beside
+    parts = _models(rest, path, through, copies=not dotted) + parts
     parts = _moments_apart(parts)
     parts = _averages_that_mirror(parts)
     return sorted((p for p in parts if p.tensors), key=lambda p: KINDS.index(p.kind))
@@ -138,13 +154,90 @@ def _take_marked(
     return rest, parts
 
 
-def _models(rest: _Node[Leaf], through: Callable[[str], bool], *, copies: bool) -> list[Part[Leaf]]:
+def _looked_through(
+    node: _Node[Leaf], path: KeyPath, through: Callable[[str], bool]
+) -> tuple[KeyPath, _Node[Leaf]]:
+    """Past containers that hold nothing but one container (``state_dict``, ``app_state`` -> ``module``)."""
+    while not node.leaves and len(node.children) == 1 and through(next(iter(node.children))):
+        ((key, child),) = node.children.items()
+        path, node = (*path, key), child
+    return path, node
+
+
+def _beside_the_model(
+    rest: _Node[Leaf], path: KeyPath, shape_of: Callable[[Leaf], Shape] | None
+) -> tuple[_Node[Leaf], list[Part[Leaf]]]:
+    """``rest`` without what sits beside a module's state dict in it, and the parts that makes: tensors
+    beside it (trainer state: a metric, an RNG state) and containers of optimizer state (by structure)."""
+    modules = [key for key, child in rest.children.items() if _is_state_dict(child)]
+    if not modules:
+        return rest, []
+    kept: _Node[Leaf] = _Node(children=dict(rest.children), structure=rest.structure)
+    parts = [Part(".".join((*path, name)), "trainer", {name: leaf}) for name, leaf in rest.leaves.items()]
+    model = max((rest.children[key] for key in modules), key=lambda node: len(node.leaves))
+    for key, child in rest.children.items():
+        if child is not model and _holds_optimizer_state(child, model, shape_of):
+            parts.append(Part(".".join((*path, key)), "optimizer", dict(child.items())))
+            del kept.children[key]
+    return kept, parts
+
+
+def _is_state_dict(node: _Node[Leaf]) -> bool:
+    """A module's state dict in torch form: tensors under their own names, no container between them."""
+    return len(node.leaves) >= 2 and not node.children
+
+
+def _holds_optimizer_state(
+    node: _Node[Leaf], model: _Node[Leaf], shape_of: Callable[[Leaf], Shape] | None
+) -> bool:
+    """Per-parameter state (tensors under parameter indexes, with same-shaped or moment companions), or
+    tensors that repeat the model's shapes more than once: an optimizer's, whatever it is called."""
+    if _per_parameter(node, shape_of):
+        return True
+    # a flat state dict repeating the model's shapes is another module (a decoder twice the encoder's depth)
+    return (
+        shape_of is not None and not _is_state_dict(node) and _mirrors_shapes(node, model, shape_of, times=2)
+    )
+
+
+def _per_parameter(node: _Node[Leaf], shape_of: Callable[[Leaf], Shape] | None) -> bool:
+    """Somewhere in ``node``, entries keyed by index (``state.0``, ``state.1``) each holding a few tensors
+    under undotted names, of which two share a shape or one is named as an optimizer moment."""
+    entries = node.children
+    indexed = bool(entries) and all(key.isdigit() and not e.children for key, e in entries.items())
+    if indexed and any(_companions(e, shape_of) for e in entries.values()):
+        return True
+    return any(_per_parameter(child, shape_of) for child in node.children.values())
+
+
+def _companions(entry: _Node[Leaf], shape_of: Callable[[Leaf], Shape] | None) -> bool:
+    names = list(entry.leaves)
+    if not names or any("." in name for name in names):
+        return False
+    if any(name in OPTIMIZER_MOMENTS for name in names):
+        return True
+    if shape_of is None:
+        return False
+    shapes = [shape_of(leaf) for leaf in entry.leaves.values() if shape_of(leaf)]
+    return len(shapes) != len(set(shapes))
+
+
+def _mirrors_shapes(
+    node: _Node[Leaf], model: _Node[Leaf], shape_of: Callable[[Leaf], Shape], *, times: int
+) -> bool:
+    """Whether every shape of the model's (non-scalar) tensors occurs at least ``times`` times as often
+    among ``node``'s tensors: a copy of the model repeated, as an optimizer's moments are."""
+    wanted = Counter(s for _, leaf in model.items() if (s := shape_of(leaf)))
+    held = Counter(s for _, leaf in node.items() if (s := shape_of(leaf)))
+    return bool(wanted) and all(held[s] >= times * n for s, n in wanted.items())
+
+
+def _models(
+    rest: _Node[Leaf], path: KeyPath, through: Callable[[str], bool], *, copies: bool
+) -> list[Part[Leaf]]:
     """The model: all that is not marked, as one part; or, where it is several copies of one model side by
     side (each a container, two of them sharing most names), one part each."""
-    path: KeyPath = ()
-    while not rest.leaves and len(rest.children) == 1 and through(next(iter(rest.children))):
-        ((key, child),) = rest.children.items()
-        path, rest = (*path, key), child
+    path, rest = _looked_through(rest, path, through)
     alike = [dict(child.items()) for child in rest.children.values()] if copies and not rest.leaves else []
     if any(mirrors(a, b) for i, a in enumerate(alike) for b in alike[i + 1 :]):
         return [_part(child, (*path, key), "model", through) for key, child in rest.children.items()]

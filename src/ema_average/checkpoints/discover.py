@@ -22,8 +22,9 @@ import torch
 
 from ema_average.checkpoints.base import Checkpoint, OpenOptions, TensorSpec
 from ema_average.checkpoints.layouts import layout_of, looked_for, models_in, open_leaf, own_folders
+from ema_average.checkpoints.renamed import stripped_of, with_model_names
 from ema_average.checkpoints.run_steps import StepsFrom, note_unread_step, real_steps, step_of
-from ema_average.checkpoints.steps import names_a_step, stem_of, step_from_name
+from ema_average.checkpoints.steps import names_a_step, natural_key, stem_of, step_from_name
 from ema_average.checkpoints.unit_folder import open_unit
 from ema_average.errors import (
     CheckpointError,
@@ -90,6 +91,7 @@ def find_run(
     steps: Sequence[int] | None = None,
     globs: Sequence[str] = (),
     keeps: Keeps | None = None,
+    strip_prefix: str = "",
 ) -> Run:
     """Find, open, step, de-duplicate and validate the checkpoints of the run under ``path``.
 
@@ -101,7 +103,9 @@ def find_run(
     checkpoint's step outright, oldest first. ``globs`` keeps only the units whose name (or path below
     ``path``) matches one of them, e.g. ``checkpoint_*_*.pt``. ``keeps`` is the
     tensor selection (``--include``/``--exclude``): checkpoints are compared, and copies told apart, on the
-    tensors it keeps only, so files that differ in excluded tensors (an optimizer's) make one run.
+    tensors it keeps only, so files that differ in excluded tensors (an optimizer's) make one run. Every
+    checkpoint is read under the names its model loads (``renamed.with_model_names``: wrapper prefixes
+    such as ``module.`` and ``_orig_mod.`` stripped, and ``strip_prefix``), which ``keeps`` then matches.
 
     Nothing is read beyond headers, pickled structure and step records, except the tensors of two
     checkpoints that claim the same step (to tell a copy, such as fairseq's checkpoint_last.pt, from
@@ -137,18 +141,30 @@ def find_run(
             continue
         _check_holds_weights(ckpt)
         _check_submodel(ckpt, submodel)
-        info = step_of(ckpt, steps_from)
+        ckpt = with_model_names(ckpt, strip_prefix)
+        try:
+            info = step_of(ckpt, steps_from)
+        except CheckpointError:
+            if steps is None:
+                raise
+            checkpoints.append(ckpt)  # the user gives every step (--steps): none of its own needed
+            continue
         ckpt.step, ckpt.step_origin, ckpt.step_is_counter = info.step, info.origin, info.counter
         note_unread_step(ckpt, steps_from)
         checkpoints.append(ckpt)
     if not checkpoints:
         where = f" named {' or '.join(globs)}" if globs else ""
         raise NoCheckpointsError(root, f"no checkpoints{where} found; looked for {looked_for()}")
-    checkpoints = _drop_copies(checkpoints, notices, keeps)
-    checkpoints.sort(key=lambda c: c.step if c.step is not None else -1)
+    if all(c.step is not None for c in checkpoints):
+        checkpoints = _drop_copies(checkpoints, notices, keeps)
+        checkpoints.sort(key=lambda c: c.step if c.step is not None else -1)
+    else:  # --steps with checkpoints that state none: oldest first by name, as the steps are given
+        checkpoints.sort(key=lambda c: natural_key(c.path.name))
+        notices.append("the steps given (--steps) follow the checkpoints in the order of their names")
     real_steps(root, checkpoints, step_every, steps, notices)
     validate_run(checkpoints, keeps)
     _note_models(checkpoints, notices)
+    _note_stripped(checkpoints, notices)
     return Run(root, checkpoints, notices, units)
 
 
@@ -366,6 +382,18 @@ def _note_models(checkpoints: list[Checkpoint], notices: list[str]) -> None:
         return
     for ckpt, text in described:
         ckpt.notes.append(text)
+
+
+def _note_stripped(checkpoints: list[Checkpoint], notices: list[str]) -> None:
+    """Which prefixes were stripped from the names read: once for the run when all agree."""
+    stripped = [stripped_of(c) for c in checkpoints]
+    if not any(stripped):
+        return
+    if len(set(stripped)) == 1:
+        notices.append(f"in each checkpoint: names read without the prefix {stripped[0]}")
+        return
+    for ckpt, text in zip(checkpoints, stripped, strict=True):
+        ckpt.notes.append(f"names read without the prefix {text}" if text else "names read as saved")
 
 
 def selected(ckpt: Checkpoint, keeps: Keeps | None) -> dict[str, TensorSpec]:

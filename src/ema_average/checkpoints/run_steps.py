@@ -6,13 +6,22 @@ which finds and checks the run.
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
 from ema_average.checkpoints.base import Checkpoint, StepInfo
+from ema_average.checkpoints.keys import STEP_KEYS
 from ema_average.checkpoints.layouts import side_step_problem
-from ema_average.checkpoints.steps import PATTERN_NAMES, checked_step, first_count, step_of_count
+from ema_average.checkpoints.steps import (
+    PATTERN_NAMES,
+    checked_step,
+    first_count,
+    stated_step,
+    stem_of,
+    step_of_count,
+)
 from ema_average.errors import CheckpointError, ConfigurationError
 
 StepsFrom = Literal["auto", "metadata", "filename"]  # options.STEPS_FROM, as a type
@@ -22,13 +31,13 @@ def step_of(ckpt: Checkpoint, steps_from: StepsFrom) -> StepInfo:
     """The checkpoint's own record first, then its name. A count of saves or epochs gives way to a real
     step in the name, unless the name only repeats it (timm's ``checkpoint-3`` holding ``epoch`` 3)."""
     sources: dict[str, Callable[[], StepInfo | None]] = {
-        "metadata": ckpt.metadata_step,
+        "metadata": lambda: ckpt.metadata_step() or json_step(ckpt.path),
         "filename": ckpt.name_step,
     }
     if steps_from != "auto":
         info = sources[steps_from]()
     else:
-        meta, name = ckpt.metadata_step(), ckpt.name_step()
+        meta, name = sources["metadata"](), ckpt.name_step()
         info = meta
         if meta is None or (
             meta.counter and name is not None and not name.counter and name.step != meta.step
@@ -42,6 +51,41 @@ def step_of(ckpt: Checkpoint, steps_from: StepsFrom) -> StepInfo:
         "filename": f"in its name (--steps-from filename; patterns {', '.join(PATTERN_NAMES)})",
     }[steps_from]
     raise CheckpointError(ckpt.path, f"no training step found {where}")
+
+
+# A JSON record beside a checkpoint is read when it is small: a step is a few bytes, not a dataset.
+_MAX_JSON_BYTES = 1 << 20
+
+
+def json_step(path: Path) -> StepInfo | None:
+    """A step stated in a JSON object beside the checkpoint: ``<name>.json`` for a file (``model_7.json``
+    beside ``model_7.safetensors``), any ``*.json`` directly in a folder; the listed keys first, then any
+    key that names a step record. None where there is none, or the records disagree."""
+    if path.is_dir():
+        files = sorted(p for p in path.glob("*.json") if p.is_file())
+    else:
+        files = [
+            p for p in (path.with_name(stem_of(path) + ".json"), path.with_suffix(".json")) if p.is_file()
+        ]
+    found = {info.step: info for file in dict.fromkeys(files) if (info := _json_file_step(file, path))}
+    return next(iter(found.values())) if len(found) == 1 else None
+
+
+def _json_file_step(file: Path, ckpt: Path) -> StepInfo | None:
+    try:
+        if file.stat().st_size > _MAX_JSON_BYTES:
+            return None
+        record = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    where = file.name if file.parent == ckpt else f"{file.name} beside it"
+    for key in STEP_KEYS:
+        value = record.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return StepInfo(checked_step(ckpt, value, f"{where}:{key}"), f"{where}:{key}")
+    return stated_step(ckpt, record, where)
 
 
 def note_unread_step(ckpt: Checkpoint, steps_from: StepsFrom) -> None:

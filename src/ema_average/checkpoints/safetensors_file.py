@@ -20,7 +20,7 @@ from ema_average.checkpoints.base import (
     require_regular_file,
 )
 from ema_average.checkpoints.keys import STEP_KEYS, is_side_file
-from ema_average.checkpoints.steps import checked_step
+from ema_average.checkpoints.steps import checked_step, stated_step
 from ema_average.errors import CheckpointError
 from ema_average.safetensors_format import DTYPE_NAMES, DTYPES, read_header
 
@@ -76,7 +76,7 @@ class SafetensorsCheckpoint(Checkpoint):
                 return StepInfo(
                     checked_step(self.path, self.metadata[key], f"metadata:{key}"), f"metadata:{key}"
                 )
-        return None
+        return stated_step(self.path, dict(self.metadata), "metadata")  # a key off the list
 
     def read(self, name: str) -> torch.Tensor:
         spec = self._specs[name]

@@ -58,6 +58,11 @@ def step_from_name(path: Path) -> StepInfo | None:
     return None
 
 
+def natural_key(name: str) -> list[tuple[int, int | str]]:
+    """A name as text and numbers, so that ``model_9`` sorts before ``model_10``."""
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name) if part]
+
+
 def first_count(origin: str) -> int:
     """The count a counted checkpoint's first save carries: 1 for epochs completed (open_clip, mmengine),
     0 for an index or a save count (timm, ultralytics, torchtune's ``epoch_0``, accelerate's ``checkpoint_0``)."""
@@ -81,6 +86,43 @@ def names_a_step(path: Path) -> bool:
 
 
 _DECIMAL = re.compile(r"^\s*(\d{1,19})\s*$", re.ASCII)
+
+# Words that make a key a step record (``optimizer_step``, ``trainIteration``, ``num_updates``), and words
+# that make it a setting or another count (``max_steps``, ``warmup_steps``, ``save_steps``, ``epoch``).
+_STEP_WORDS = {"step", "steps", "iteration", "iterations", "iter", "iters", "update", "updates"}
+_NOT_A_STEP = {
+    *("max", "total", "warmup", "warm", "save", "eval", "log", "logging", "every", "interval", "per"),
+    *("decay", "lr", "schedule", "scheduler", "accumulation", "accum", "gradient", "grad", "target"),
+    *("remaining", "cooldown", "print", "val", "validation", "test", "checkpoint", "ckpt", "sample"),
+    *("samples", "epoch", "epochs", "tokens", "time", "size", "limit", "patience", "delay", "start"),
+    *("stop", "first", "min", "until", "in", "since", "best", "last", "stage", "freq", "frequency"),
+}
+_WORD = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+", re.ASCII)
+
+
+def names_a_step_record(key: str) -> bool:
+    """Whether a metadata key says it records the training step reached (``optimizer_step``,
+    ``trainIteration``, ``completed_steps``), not a setting (``max_steps``) or another count."""
+    words = {w.lower() for w in _WORD.findall(key)}
+    if "num" in words and not words & {"completed", "done", "taken", "seen"}:
+        return False  # num_train_steps is a setting; num_steps_completed a record
+    return bool(words & _STEP_WORDS) and not words & _NOT_A_STEP
+
+
+def stated_step(path: Path, record: dict[str, object], where: str) -> StepInfo | None:
+    """The step a record states under a key that names one (any trainer's: the listed keys are tried
+    first by the layouts), where all such keys agree on a whole number; None otherwise."""
+    found: dict[int, str] = {}
+    for key, value in record.items():
+        if not isinstance(key, str) or not names_a_step_record(key):
+            continue
+        whole = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        if whole or (isinstance(value, str) and _DECIMAL.match(value)):
+            found.setdefault(checked_step(path, value, f"{where}:{key}"), key)
+    if len(found) != 1:
+        return None
+    ((step, key),) = found.items()
+    return StepInfo(step, f"{where}:{key}")
 
 
 def checked_step(path: Path, value: object, where: str) -> int:

@@ -151,7 +151,7 @@ def _candidates(path: Path, obj: Mapping[str, Any]) -> tuple[list[_Candidate], l
     if not found:
         walker = _Flattener(path, whole_file=True)
         walker.walk(obj)
-        parts = split(walker.paths, walker.structure)
+        parts = split(walker.paths, walker.structure, shape_of=lambda t: tuple(t.shape))
         _refuse_odd_names(path, walker.odd, parts)
         found = [
             _Candidate(p.key, p.tensors, p.kind == "average") for p in parts if p.kind in ("model", "average")

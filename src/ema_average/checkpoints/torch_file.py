@@ -33,7 +33,7 @@ from ema_average.checkpoints.keys import (
     is_side_file,
 )
 from ema_average.checkpoints.safe_unpickle import TorchFile, ZipMember, open_torch_file
-from ema_average.checkpoints.steps import checked_step
+from ema_average.checkpoints.steps import checked_step, stated_step
 from ema_average.checkpoints.stored import NotLaidOut as _NotLaidOut
 from ema_average.checkpoints.stored import Stored as _Stored
 from ema_average.checkpoints.stored import file_offset as _file_offset
@@ -235,7 +235,10 @@ def _find_step(path: Path, obj: Mapping[str, Any], read: Materialise) -> StepInf
         step = step_value(path, nested_value(obj, keys), source, read)
         if step is not None:
             return StepInfo(step, source)
-    return None if final_copy(obj) else _epoch_count(path, obj, read)
+    if final_copy(obj):
+        return None
+    plain = {k: v for k, v in obj.items() if isinstance(v, int | str)}  # a step key off the lists
+    return stated_step(path, plain, "metadata") or _epoch_count(path, obj, read)
 
 
 def final_copy(obj: Mapping[str, Any]) -> str | None:

@@ -1,0 +1,176 @@
+"""What a checkpoint holds, decided by shape (issue 25): the model inside a container beside a metric,
+wrapper prefixes that appear mid-run, optimizer state by its structure, whatever the trainer calls it.
+
+Producers: nanoGPT's ``train.py`` save and ``model.py`` GPT (reproduced from its source in
+``nanogpt_producer.py``: nanoGPT is scripts, not a package); fastai's ``Learner.save(..., with_opt=True)``
+(``fastai/learner.py`` ``save_model`` and ``fastai/optimizer.py`` ``Optimizer.state_dict``, reproduced below:
+fastai pulls in torchvision, which does not install beside this torch). Every output equals the float64
+reference of the producer's own weights and loads into the producer's model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from typer.testing import CliRunner
+
+from ema_average.checkpoints import find_run
+from ema_average.cli import app
+from helpers import float64_reference
+from nanogpt_producer import GPT, GPTConfig, write_nanogpt_run
+
+
+def average(run: Path, output: Path, *args: str) -> str:
+    """The command on ``run`` (decay 0.9) writing ``output``; its stderr (the plan and notices)."""
+    result = CliRunner().invoke(app, [str(run), "-o", str(output), "--decay", "0.9", *args])
+    assert result.exit_code == 0, result.output
+    return result.stderr + result.stdout
+
+
+def assert_reference(output: Path, states: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The output holds exactly the model's names, each the float64 reference of the saved weights."""
+    steps = sorted(states)
+    expected = float64_reference([states[s] for s in steps], steps, 0.9)
+    out = load_file(str(output))
+    assert set(out) == set(states[steps[0]])
+    for name, tensor in expected.items():
+        torch.testing.assert_close(out[name].double(), tensor, rtol=2e-6, atol=2e-7)
+    return out
+
+
+# nanoGPT: {model, optimizer, model_args, iter_num, best_val_loss (0-d), config}, compiled from mid-run ----
+
+
+@pytest.fixture(scope="module")
+def nanogpt_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, dict]]:
+    out = tmp_path_factory.mktemp("nanogpt") / "out"
+    states = write_nanogpt_run(out, evals=[2, 4, 6], compile_from=3)
+    return out, states
+
+
+def test_nanogpt_file_holds_a_metric_beside_a_compiled_model(nanogpt_run: tuple[Path, dict]) -> None:
+    out, _ = nanogpt_run
+    saved = torch.load(out / "iter_4" / "ckpt.pt", weights_only=True)
+    assert saved["best_val_loss"].dim() == 0
+    assert next(iter(saved["model"])).startswith("_orig_mod.")  # what the test relies on
+    assert not next(iter(torch.load(out / "iter_2" / "ckpt.pt", weights_only=True)["model"])).startswith("_")
+
+
+def test_nanogpt_run_averages_the_model_and_loads_into_gpt(
+    nanogpt_run: tuple[Path, dict], tmp_path: Path
+) -> None:
+    out, states = nanogpt_run
+    run = find_run(out)
+    assert [(c.step, c.step_origin) for c in run.checkpoints] == [(s, "metadata:iter_num") for s in (2, 4, 6)]
+    assert all("best_val_loss" not in name for c in run.checkpoints for name in c.specs())
+    text = average(out, tmp_path / "ema.safetensors", "--overwrite")
+    averaged = assert_reference(tmp_path / "ema.safetensors", states)
+    model = GPT(GPTConfig())
+    model.load_state_dict(averaged)  # strict: every name GPT has, none other
+    assert "best_val_loss" in text  # named as not averaged
+    assert "'_orig_mod.'" in text  # the plan says what was stripped
+
+
+# fastai: Learner.save(name, with_opt=True) = {'model': sd, 'opt': {'state': [...], 'hypers': [...]}} ----
+
+
+class FastaiAdam:
+    """fastai's ``Adam``: ``Optimizer(params, [weight_decay, partial(average_grad, dampening=True),
+    average_sqr_grad, step_stat, adam_step])``; per-parameter state ``{'grad_avg', 'sqr_avg', 'step'}``
+    (``do_wd`` False on norm and bias parameters: ``Learner.create_opt`` with ``wd_bn_bias=False``)."""
+
+    def __init__(self, params: list[nn.Parameter], norm_bias: set[int], lr: float = 1e-2) -> None:
+        self.params = params
+        self.hypers = [{"wd": 0.01, "sqr_mom": 0.99, "lr": lr, "mom": 0.9, "eps": 1e-5}]
+        self.state: dict[int, dict] = {
+            i: ({"do_wd": False} if i in norm_bias else {}) for i in range(len(params))
+        }
+
+    def step(self) -> None:
+        h = self.hypers[0]
+        for i, p in enumerate(self.params):
+            s = self.state[i]
+            grad_avg = s.get("grad_avg", torch.zeros_like(p)).mul_(h["mom"]).add_(p.grad, alpha=1 - h["mom"])
+            sqr_avg = (
+                s.get("sqr_avg", torch.zeros_like(p))
+                .mul_(h["sqr_mom"])
+                .addcmul_(p.grad, p.grad, value=1 - h["sqr_mom"])
+            )
+            s.update(grad_avg=grad_avg, sqr_avg=sqr_avg, step=s.get("step", 0) + 1)
+            debias1, debias2 = 1 - h["mom"] ** s["step"], 1 - h["sqr_mom"] ** s["step"]
+            with torch.no_grad():
+                p.addcdiv_(grad_avg, (sqr_avg / debias2).sqrt() + h["eps"], value=-h["lr"] / debias1)
+
+    def state_dict(self) -> dict:
+        """``Optimizer.state_dict``: ``{'state': [self.state[p] for p in params], 'hypers': self.hypers}``."""
+        return {"state": [self.state[i] for i in range(len(self.params))], "hypers": self.hypers}
+
+
+def fastai_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def write_fastai_run(models: Path, epochs: int) -> dict[int, dict[str, torch.Tensor]]:
+    """``SaveModelCallback(every_epoch=True, with_opt=True)``: ``learn.save(f'model_{epoch}', with_opt=True)``
+    -> ``save_model(file, model, opt)``: ``torch.save({'model': model.state_dict(), 'opt': opt.state_dict()},
+    models/model_{epoch}.pth)``."""
+    model = fastai_model()
+    norm_bias = {
+        i for i, (n, _) in enumerate(model.named_parameters()) if n.startswith("1.") or n.endswith("bias")
+    }
+    opt = FastaiAdam(list(model.parameters()), norm_bias)
+    models.mkdir(parents=True)
+    states = {}
+    for epoch in range(epochs):
+        for _ in range(3):
+            x = torch.randn(16, 6)
+            loss = model(x).pow(2).mean()
+            loss.backward()
+            opt.step()
+            model.zero_grad()
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, models / f"model_{epoch}.pth")
+        states[epoch] = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    return states
+
+
+def test_fastai_optimizer_state_is_not_averaged(tmp_path: Path) -> None:
+    states = write_fastai_run(tmp_path / "models", epochs=3)
+    run = find_run(tmp_path / "models")
+    assert [c.step for c in run.checkpoints] == [0, 1, 2]
+    assert set(run.checkpoints[0].specs()) == set(states[0])  # no grad_avg, no sqr_avg, no 'model.' prefix
+    text = average(tmp_path / "models", tmp_path / "ema.safetensors")
+    averaged = assert_reference(tmp_path / "ema.safetensors", states)
+    fastai_model().load_state_dict(averaged)
+    assert "optimizer state (opt)" in " ".join(text.split())
+
+
+# Names across a run: a DDP wrapper appears on resume; --strip-prefix applies to the names read -----------
+
+
+def test_ddp_prefix_appearing_on_resume_and_strip_prefix_on_input(tmp_path: Path) -> None:
+    """A LightningModule-like wrapper (``net.``) saved plainly, then resumed under DDP (``module.net.``):
+    one run, read under the names the bare module loads once ``--strip-prefix net.`` is given."""
+    torch.manual_seed(0)
+    states = {s: {"0.weight": torch.randn(4, 3), "0.bias": torch.randn(4)} for s in (10, 20, 30)}
+    run = tmp_path / "run"
+    run.mkdir()
+    for step, state in states.items():
+        prefix = "net." if step == 10 else "module.net."
+        model = {prefix + n: t for n, t in state.items()}
+        torch.save(
+            {"state_dict": model, "global_step": step, "val_loss": torch.tensor(0.5)}, run / f"s_{step}.pt"
+        )
+    found = find_run(run, strip_prefix="net.")
+    assert [sorted(c.specs()) for c in found.checkpoints] == [["0.bias", "0.weight"]] * 3
+    assert [c.notes for c in found.checkpoints][1:] == [
+        ["names read without the prefix 'module.' and 'net.'"]
+    ] * 2
+    text = average(run, tmp_path / "ema.safetensors", "--strip-prefix", "net.", "--include", "0.*")
+    averaged = assert_reference(tmp_path / "ema.safetensors", states)
+    nn.Sequential(nn.Linear(3, 4)).load_state_dict(averaged)
+    assert "val_loss" in text
