@@ -500,3 +500,59 @@ def test_an_output_inside_the_run_is_never_read_back(tmp_path: Path) -> None:
     shown = " ".join(cli(tmp_path / "run", "-o", tmp_path / "again", "--method", "uniform").split())
     assert f"note: skipped {inside}: written by ema-average itself" in shown
     assert_close(saved_weights(tmp_path / "again"), mean64(states))
+
+
+SPARSE = ["tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json"]
+_RSS_CHILD = """
+import resource, sys
+from pathlib import Path
+from ema_average.pipeline import RunOptions, average_checkpoints
+
+def peak() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+small, big, out = map(Path, sys.argv[1:])
+average_checkpoints(RunOptions(small, out / "small"))  # the same work with small side files: the baseline
+before = peak()
+average_checkpoints(RunOptions(big, out / "big"))
+print(before, peak())
+"""
+
+
+def sparse_side_files(folder: Path, names: list[str]) -> None:
+    """64 MiB side files (the cap each) that take a few KiB on disk."""
+    for name in names:
+        with open(folder / name, "wb") as f:
+            f.write(b'{"start": 1}')
+            f.truncate(output_folder.MAX_SIDE_FILE_BYTES)
+
+
+def test_side_files_are_copied_without_being_held_in_memory(tmp_path: Path) -> None:
+    """Three sparse 64 MiB side files: copied a block at a time, not all held at once (+192 MiB of peak)."""
+    import subprocess
+    import sys
+
+    write_hf_like_run(tmp_path / "small", {"config.json": b"{}"})
+    write_hf_like_run(tmp_path / "big", {"config.json": b"{}"})
+    sparse_side_files(tmp_path / "big" / "checkpoint-6", SPARSE[:3])
+    out = tmp_path / "outputs"
+    out.mkdir()
+    child = subprocess.run(
+        [sys.executable, "-c", _RSS_CHILD, tmp_path / "small", tmp_path / "big", out],
+        capture_output=True,
+        text=True,
+    )
+    assert child.returncode == 0, child.stderr
+    before, after = map(int, child.stdout.split())
+    copied = out / "big" / "tokenizer.json"
+    assert copied.stat().st_size == output_folder.MAX_SIDE_FILE_BYTES
+    with open(copied, "rb") as f:
+        assert f.read(12) == b'{"start": 1}'
+    assert after - before < 32 * 2**20, f"peak RSS grew by {(after - before) / 2**20:.0f} MiB"
+
+
+def test_side_files_larger_together_than_the_bound_are_refused(tmp_path: Path) -> None:
+    """Five sparse 64 MiB side files (320 MiB) pass the bound on all of them together (256 MiB)."""
+    write_hf_like_run(tmp_path / "run", {"config.json": b"{}"})
+    sparse_side_files(tmp_path / "run" / "checkpoint-6", SPARSE)
+    assert_refused(tmp_path, "holds side files larger than 256 MiB together; a folder output copies no more")
