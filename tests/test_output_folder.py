@@ -556,3 +556,41 @@ def test_side_files_larger_together_than_the_bound_are_refused(tmp_path: Path) -
     write_hf_like_run(tmp_path / "run", {"config.json": b"{}"})
     sparse_side_files(tmp_path / "run" / "checkpoint-6", SPARSE)
     assert_refused(tmp_path, "holds side files larger than 256 MiB together; a folder output copies no more")
+
+
+def _small_files() -> None:
+    """In the child: files of at most 64 KiB (as a nearly full disk allows), refused with EFBIG, not a signal."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2**16, 2**16))
+
+
+def test_a_folder_output_that_cannot_be_written_is_named_not_its_staging_file(tmp_path: Path) -> None:
+    """The error names the output the user gave (the staging folder is hidden and gone after the failure)."""
+    import subprocess
+    import sys
+
+    for step in STEPS:
+        folder = tmp_path / "run" / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        save_file({"w": torch.full((40_000,), float(step))}, str(folder / "model.safetensors"))
+    out = tmp_path / "avg"
+    exe = Path(sys.executable).parent / "ema-average"
+    child = subprocess.run(
+        [exe, tmp_path / "run", "-o", f"{out}/"], capture_output=True, text=True, preexec_fn=_small_files
+    )
+    lines = child.stderr.strip().splitlines()
+    assert child.returncode == 1 and len(lines) == 1, child.stderr
+    assert f"error: {out}: cannot write model.safetensors (File too large); nothing was replaced" in lines[0]
+    assert files(tmp_path) == {"run"}  # no output, no staging folder
+
+
+def test_a_full_disk_is_said_as_such() -> None:
+    import errno
+
+    from ema_average.output.folder import _reason
+
+    assert _reason(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) == "the disk is full"
+    assert _reason(OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))) == "the disk is full"

@@ -130,6 +130,9 @@ class ShardedWriter:
                 self.add_file(
                     MARKER_FILE, (json.dumps({"metadata": self._metadata}, indent=2) + "\n").encode()
                 )
+        except OSError as exc:
+            self.abort()
+            raise self._said_of_output(exc) from exc.__cause__ or exc
         except BaseException:
             self.abort()
             raise
@@ -199,12 +202,32 @@ class ShardedWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         writer, inner = self._shard(name)
-        writer.write(inner, tensor)
+        try:
+            writer.write(inner, tensor)
+        except OSError as exc:
+            raise self._said_of_output(exc) from exc.__cause__ or exc
 
     def write_range(self, name: str, start: int, tensor: torch.Tensor) -> None:
         """Elements ``start ..`` of tensor ``name``, into its shard (see ``SafetensorsWriter.write_range``)."""
         writer, inner = self._shard(name)
-        writer.write_range(inner, start, tensor)
+        try:
+            writer.write_range(inner, start, tensor)
+        except OSError as exc:
+            raise self._said_of_output(exc) from exc.__cause__ or exc
+
+    def _said_of_output(self, exc: OSError) -> OSError:
+        """A failure of a file in the hidden staging folder, said of the output the user named (a full
+        disk as such): the staging name means nothing to them and is gone once the run has failed."""
+        text = str(exc)
+        staging = str(self.staging)
+        if isinstance(exc, OutputError) and not text.startswith(staging):
+            return exc  # already said of the output (or of no file)
+        cause = exc if not isinstance(exc, OutputError) else exc.__cause__
+        inner = text[len(staging) :].lstrip("/").partition(": ")[0] if text.startswith(staging) else ""
+        what = f"cannot write {inner}" if inner else "cannot be written"
+        if isinstance(cause, OSError) and cause.errno is not None:
+            return OutputError(f"{self.path}: {what} ({_reason(cause)}); nothing was replaced")
+        return OutputError(f"{self.path}: {what}: {text.partition(': ')[2]}")
 
     def _shard(self, name: str) -> tuple[SafetensorsWriter | TorchFileWriter, str]:
         """The writer of the file that holds tensor ``name``, and the name it has there."""
@@ -251,15 +274,21 @@ class ShardedWriter:
         """Every file finished inside the hidden staging folder (the part a disk can fail); see
         :meth:`SafetensorsWriter.seal`."""
         with fs.or_abort(self.path, self.abort):
-            for writer in self.writers:
-                writer.commit()
-            for w, writers in self._indexes:  # a reader that finds the index finds every shard
-                _write_new_file(self.staging / _join(w.folder, f"{w.name}.index.json"), self._index(writers))
-            for folder in sorted(self._folders, reverse=True):
-                fs.fsync_folder(self.staging / folder)
-            assert self._staging_fd is not None
-            fs.fsync_folder_fd(self._staging_fd)
+            try:
+                self._seal()
+            except OutputError as exc:  # a file's own (a plain OSError: or_abort says it of the output)
+                raise self._said_of_output(exc) from exc.__cause__ or exc
         self._sealed = True
+
+    def _seal(self) -> None:
+        for writer in self.writers:
+            writer.commit()
+        for w, writers in self._indexes:  # a reader that finds the index finds every shard
+            _write_new_file(self.staging / _join(w.folder, f"{w.name}.index.json"), self._index(writers))
+        for folder in sorted(self._folders, reverse=True):
+            fs.fsync_folder(self.staging / folder)
+        assert self._staging_fd is not None
+        fs.fsync_folder_fd(self._staging_fd)
 
     def publish(self) -> None:
         """Switch the sealed staging folder in: the one step a reader can see."""
