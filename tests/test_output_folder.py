@@ -500,3 +500,97 @@ def test_an_output_inside_the_run_is_never_read_back(tmp_path: Path) -> None:
     shown = " ".join(cli(tmp_path / "run", "-o", tmp_path / "again", "--method", "uniform").split())
     assert f"note: skipped {inside}: written by ema-average itself" in shown
     assert_close(saved_weights(tmp_path / "again"), mean64(states))
+
+
+SPARSE = ["tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json"]
+_RSS_CHILD = """
+import resource, sys
+from pathlib import Path
+from ema_average.pipeline import RunOptions, average_checkpoints
+
+def peak() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+small, big, out = map(Path, sys.argv[1:])
+average_checkpoints(RunOptions(small, out / "small"))  # the same work with small side files: the baseline
+before = peak()
+average_checkpoints(RunOptions(big, out / "big"))
+print(before, peak())
+"""
+
+
+def sparse_side_files(folder: Path, names: list[str]) -> None:
+    """64 MiB side files (the cap each) that take a few KiB on disk."""
+    for name in names:
+        with open(folder / name, "wb") as f:
+            f.write(b'{"start": 1}')
+            f.truncate(output_folder.MAX_SIDE_FILE_BYTES)
+
+
+def test_side_files_are_copied_without_being_held_in_memory(tmp_path: Path) -> None:
+    """Three sparse 64 MiB side files: copied a block at a time, not all held at once (+192 MiB of peak)."""
+    import subprocess
+    import sys
+
+    write_hf_like_run(tmp_path / "small", {"config.json": b"{}"})
+    write_hf_like_run(tmp_path / "big", {"config.json": b"{}"})
+    sparse_side_files(tmp_path / "big" / "checkpoint-6", SPARSE[:3])
+    out = tmp_path / "outputs"
+    out.mkdir()
+    child = subprocess.run(
+        [sys.executable, "-c", _RSS_CHILD, tmp_path / "small", tmp_path / "big", out],
+        capture_output=True,
+        text=True,
+    )
+    assert child.returncode == 0, child.stderr
+    before, after = map(int, child.stdout.split())
+    copied = out / "big" / "tokenizer.json"
+    assert copied.stat().st_size == output_folder.MAX_SIDE_FILE_BYTES
+    with open(copied, "rb") as f:
+        assert f.read(12) == b'{"start": 1}'
+    assert after - before < 32 * 2**20, f"peak RSS grew by {(after - before) / 2**20:.0f} MiB"
+
+
+def test_side_files_larger_together_than_the_bound_are_refused(tmp_path: Path) -> None:
+    """Five sparse 64 MiB side files (320 MiB) pass the bound on all of them together (256 MiB)."""
+    write_hf_like_run(tmp_path / "run", {"config.json": b"{}"})
+    sparse_side_files(tmp_path / "run" / "checkpoint-6", SPARSE)
+    assert_refused(tmp_path, "holds side files larger than 256 MiB together; a folder output copies no more")
+
+
+def _small_files() -> None:
+    """In the child: files of at most 64 KiB (as a nearly full disk allows), refused with EFBIG, not a signal."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2**16, 2**16))
+
+
+def test_a_folder_output_that_cannot_be_written_is_named_not_its_staging_file(tmp_path: Path) -> None:
+    """The error names the output the user gave (the staging folder is hidden and gone after the failure)."""
+    import subprocess
+    import sys
+
+    for step in STEPS:
+        folder = tmp_path / "run" / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        save_file({"w": torch.full((40_000,), float(step))}, str(folder / "model.safetensors"))
+    out = tmp_path / "avg"
+    exe = Path(sys.executable).parent / "ema-average"
+    child = subprocess.run(
+        [exe, tmp_path / "run", "-o", f"{out}/"], capture_output=True, text=True, preexec_fn=_small_files
+    )
+    lines = child.stderr.strip().splitlines()
+    assert child.returncode == 1 and len(lines) == 1, child.stderr
+    assert f"error: {out}: cannot write model.safetensors (File too large); nothing was replaced" in lines[0]
+    assert files(tmp_path) == {"run"}  # no output, no staging folder
+
+
+def test_a_full_disk_is_said_as_such() -> None:
+    import errno
+
+    from ema_average.output.folder import _reason
+
+    assert _reason(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) == "the disk is full"
+    assert _reason(OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))) == "the disk is full"

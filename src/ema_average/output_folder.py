@@ -64,8 +64,32 @@ LITGPT_WEIGHTS = "lit_model.pth"  # and lit_model.pth.lora, .adapter, .adapter_v
 # adapter_config.json beside full weights, would try to load an adapter instead.
 _ONLY_WITH = {"adapter_config.json": "adapter_model.safetensors"}
 MAX_SIDE_FILE_BYTES = 64 * 2**20
+# All side files of one folder output together: what is copied (and written) per output is bounded by this,
+# whatever their sizes on disk (a sparse 64 MiB file takes a few KiB).
+MAX_SIDE_FILES_BYTES = 256 * 2**20
 DEFAULT_WEIGHTS_NAME = "model.safetensors"
 _ONE_FILE = 2**62  # a shard size no model reaches: the weights in one file
+
+
+@dataclass(frozen=True)
+class SideFile:
+    """A side file of a folder output: ``path``, a regular file inside the checkpoint ``unit``."""
+
+    path: Path
+    unit: Path
+
+    def copy_into(self, writer: ShardedWriter, name: str, room: int) -> int:
+        """Copy the file into ``writer`` as ``name``, streamed, checked again as it is opened; refused if it
+        is larger than ``room`` (what is left of ``MAX_SIDE_FILES_BYTES``). Returns its size."""
+        fd = _open_side_file(self.path, self.unit)
+        try:
+            size = os.fstat(fd).st_size
+            if size > room:
+                raise _too_large_together(self.path, self.unit)
+            writer.copy_file(name, fd, size, self.path)
+        finally:
+            os.close(fd)
+        return size
 
 
 @dataclass(frozen=True)
@@ -86,13 +110,13 @@ class OutputFolder:
         """``--max-shard-size`` when given, else the input's largest shard, else no sharding."""
         return asked or self.shard_bytes or _ONE_FILE
 
-    def read_side_files(self) -> dict[str, bytes]:
-        """Every side file's bytes, checked again as they are read (they may have changed since planning)."""
+    def read_side_files(self) -> dict[str, SideFile]:
+        """Every side file, to be copied into each output (checked again then: it may have changed since
+        planning); nothing of them is read here."""
         if not self.side_files:
             return {}
         assert self.unit is not None
-        unit = self.unit
-        return {name: read_side_file(path, unit) for name, path in self.side_files.items()}
+        return {name: SideFile(path, self.unit) for name, path in self.side_files.items()}
 
     def open_writer(
         self,
@@ -102,7 +126,7 @@ class OutputFolder:
         *,
         overwrite: bool,
         max_shard_size: int | None,
-        side_files: dict[str, bytes],
+        side_files: dict[str, SideFile],
     ) -> ShardedWriter:
         """The writer of this folder at ``output``, its side files already in; ``max_shard_size`` is
         ``--max-shard-size`` (None: each weights file sharded as its input was)."""
@@ -125,8 +149,9 @@ class OutputFolder:
             folders=self.folders,
         )
         try:
-            for name, data in side_files.items():
-                writer.add_file(name, data)
+            copied = 0
+            for name, side in side_files.items():
+                copied += side.copy_into(writer, name, MAX_SIDE_FILES_BYTES - copied)
         except BaseException:
             writer.abort()
             raise
@@ -155,7 +180,16 @@ def is_folder(output: Path) -> bool:
 
 def plan_folder(latest: Checkpoint) -> OutputFolder:
     """What a folder output of a run whose latest averaged checkpoint is ``latest`` holds; every side file
-    is checked now, so a bad one is refused before any work."""
+    is checked now (their sizes together too), so a bad one is refused before any work."""
+    folder = _plan_folder(latest)
+    if folder.unit is not None:
+        total = sum(os.stat(path).st_size for path in folder.side_files.values())
+        if total > MAX_SIDE_FILES_BYTES:
+            raise _too_large_together(folder.unit, folder.unit)
+    return folder
+
+
+def _plan_folder(latest: Checkpoint) -> OutputFolder:
     saved = latest.saved_model
     if isinstance(saved, SavedModules):
         return _modules_folder(saved, latest.path)
@@ -217,21 +251,6 @@ def _litgpt_folder(latest: Checkpoint) -> OutputFolder | None:
     return OutputFolder(leaf.path.name, None, side, unit, (WeightsFile(leaf.path.name),))
 
 
-def read_side_file(path: Path, unit: Path) -> bytes:
-    """A side file's bytes: a regular file inside ``unit`` of at most ``MAX_SIDE_FILE_BYTES``."""
-    fd = _open_side_file(path, unit)
-    try:
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(MAX_SIDE_FILE_BYTES + 1)
-    except OSError as exc:
-        raise CheckpointError(path, f"cannot be read ({exc.strerror or exc})") from exc
-    finally:
-        os.close(fd)
-    if len(data) > MAX_SIDE_FILE_BYTES:
-        raise _too_large(path)
-    return data
-
-
 def _open_side_file(path: Path, unit: Path) -> int:
     """An open descriptor of ``path``, refused unless it is (or links to) a regular file inside ``unit``
     of at most ``MAX_SIDE_FILE_BYTES``. Stat before open (opening a device can act), fstat after (the
@@ -265,4 +284,15 @@ def _check_regular(path: Path, info: os.stat_result) -> None:
 def _too_large(path: Path) -> CheckpointError:
     return CheckpointError(
         path, f"is larger than {MAX_SIDE_FILE_BYTES // 2**20} MiB, too large for a side file; refused"
+    )
+
+
+def _too_large_together(path: Path, unit: Path) -> CheckpointError:
+    """The side files of ``unit`` past ``MAX_SIDE_FILES_BYTES`` together (found at planning, or at ``path``
+    while copying, where they grew since)."""
+    limit = MAX_SIDE_FILES_BYTES // 2**20
+    where = "" if path == unit else f" (at {path.name})"
+    return CheckpointError(
+        unit,
+        f"holds side files larger than {limit} MiB together{where}; a folder output copies no more; refused",
     )

@@ -34,7 +34,7 @@ from ema_average.output import (
     commit_together,
     remove_stale_temporaries,
 )
-from ema_average.output_folder import OutputFolder
+from ema_average.output_folder import OutputFolder, SideFile
 from ema_average.output_plan import (
     check_names,
     check_not_an_input,
@@ -403,7 +403,7 @@ def output_entries(plan: Plan) -> list[TensorEntry]:
 
 
 def _open_writer(
-    prepared: PreparedRun, average: PlannedAverage, output: Path, side_files: dict[str, bytes]
+    prepared: PreparedRun, average: PlannedAverage, output: Path, side_files: dict[str, SideFile]
 ) -> SafetensorsWriter | ShardedWriter:
     options = prepared.options
     entries = output_entries(prepared.plan)

@@ -9,12 +9,13 @@ of this tool (never a user's), and the one rename that switches the folder in.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import shutil
 import stat
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,6 +130,9 @@ class ShardedWriter:
                 self.add_file(
                     MARKER_FILE, (json.dumps({"metadata": self._metadata}, indent=2) + "\n").encode()
                 )
+        except OSError as exc:
+            self.abort()
+            raise self._said_of_output(exc) from exc.__cause__ or exc
         except BaseException:
             self.abort()
             raise
@@ -198,12 +202,32 @@ class ShardedWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         writer, inner = self._shard(name)
-        writer.write(inner, tensor)
+        try:
+            writer.write(inner, tensor)
+        except OSError as exc:
+            raise self._said_of_output(exc) from exc.__cause__ or exc
 
     def write_range(self, name: str, start: int, tensor: torch.Tensor) -> None:
         """Elements ``start ..`` of tensor ``name``, into its shard (see ``SafetensorsWriter.write_range``)."""
         writer, inner = self._shard(name)
-        writer.write_range(inner, start, tensor)
+        try:
+            writer.write_range(inner, start, tensor)
+        except OSError as exc:
+            raise self._said_of_output(exc) from exc.__cause__ or exc
+
+    def _said_of_output(self, exc: OSError) -> OSError:
+        """A failure of a file in the hidden staging folder, said of the output the user named (a full
+        disk as such): the staging name means nothing to them and is gone once the run has failed."""
+        text = str(exc)
+        staging = str(self.staging)
+        if isinstance(exc, OutputError) and not text.startswith(staging):
+            return exc  # already said of the output (or of no file)
+        cause = exc if not isinstance(exc, OutputError) else exc.__cause__
+        inner = text[len(staging) :].lstrip("/").partition(": ")[0] if text.startswith(staging) else ""
+        what = f"cannot write {inner}" if inner else "cannot be written"
+        if isinstance(cause, OSError) and cause.errno is not None:
+            return OutputError(f"{self.path}: {what} ({_reason(cause)}); nothing was replaced")
+        return OutputError(f"{self.path}: {what}: {text.partition(': ')[2]}")
 
     def _shard(self, name: str) -> tuple[SafetensorsWriter | TorchFileWriter, str]:
         """The writer of the file that holds tensor ``name``, and the name it has there."""
@@ -215,6 +239,14 @@ class ShardedWriter:
     def add_file(self, name: str, data: bytes) -> None:
         """A small side file (a config, say) to appear in the output folder with the weights; ``name`` may
         be in a sub-folder (``1_Pooling/config.json``)."""
+        self._add(name, lambda path: _write_new_file(path, data))
+
+    def copy_file(self, name: str, source: int, size: int, origin: Path) -> None:
+        """A side file copied from the open descriptor ``source`` (its first ``size`` bytes; ``origin``
+        names it in errors), streamed a block at a time: never held whole in memory."""
+        self._add(name, lambda path: _copy_new_file(path, source, size, origin))
+
+    def _add(self, name: str, write: Callable[[Path], None]) -> None:
         reserved = {*(str(p.relative_to(self.path)) for p in self.paths), *self._added}
         parts = name.split("/")
         plain = all(_plain_name(p) and not p.startswith(".") for p in parts)
@@ -224,9 +256,9 @@ class ShardedWriter:
             if len(parts) > 1:
                 os.makedirs(self.staging / "/".join(parts[:-1]), exist_ok=True)
                 self._folders.add("/".join(parts[:-1]))
-            _write_new_file(self.staging / name, data)
+            write(self.staging / name)
         except OSError as exc:
-            raise OutputError(f"{self.path}: cannot write {name} ({exc.strerror})") from exc
+            raise OutputError(f"{self.path}: cannot write {name} ({_reason(exc)})") from exc
         self._added.append(name)
         self._side_files.add(name)
 
@@ -242,15 +274,21 @@ class ShardedWriter:
         """Every file finished inside the hidden staging folder (the part a disk can fail); see
         :meth:`SafetensorsWriter.seal`."""
         with fs.or_abort(self.path, self.abort):
-            for writer in self.writers:
-                writer.commit()
-            for w, writers in self._indexes:  # a reader that finds the index finds every shard
-                _write_new_file(self.staging / _join(w.folder, f"{w.name}.index.json"), self._index(writers))
-            for folder in sorted(self._folders, reverse=True):
-                fs.fsync_folder(self.staging / folder)
-            assert self._staging_fd is not None
-            fs.fsync_folder_fd(self._staging_fd)
+            try:
+                self._seal()
+            except OutputError as exc:  # a file's own (a plain OSError: or_abort says it of the output)
+                raise self._said_of_output(exc) from exc.__cause__ or exc
         self._sealed = True
+
+    def _seal(self) -> None:
+        for writer in self.writers:
+            writer.commit()
+        for w, writers in self._indexes:  # a reader that finds the index finds every shard
+            _write_new_file(self.staging / _join(w.folder, f"{w.name}.index.json"), self._index(writers))
+        for folder in sorted(self._folders, reverse=True):
+            fs.fsync_folder(self.staging / folder)
+        assert self._staging_fd is not None
+        fs.fsync_folder_fd(self._staging_fd)
 
     def publish(self) -> None:
         """Switch the sealed staging folder in: the one step a reader can see."""
@@ -372,6 +410,38 @@ def _write_new_file(path: Path, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_COPY_BLOCK = 2**20  # a side file is copied a block at a time: at most this much of it is in memory
+
+
+def _copy_new_file(path: Path, source: int, size: int, origin: Path) -> None:
+    """``path`` made new, holding the first ``size`` bytes of the open file ``source``; a source that is
+    shorter now than when it was checked is refused (it changed while being copied)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        offset = 0
+        while offset < size:
+            try:
+                block = os.pread(source, min(_COPY_BLOCK, size - offset), offset)
+            except OSError as exc:
+                raise CheckpointError(origin, f"cannot be read ({exc.strerror or exc})") from exc
+            if not block:
+                raise CheckpointError(origin, "changed while it was copied (it is shorter now); refused")
+            view = memoryview(block)
+            while view:
+                view = view[os.write(fd, view) :]
+            offset += len(block)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _reason(exc: OSError) -> str:
+    """Why a write failed, in the user's words: a full disk (or quota) said as such."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "the disk is full"
+    return exc.strerror or str(exc)
 
 
 def _not_an_output(
