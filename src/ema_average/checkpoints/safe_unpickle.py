@@ -457,6 +457,11 @@ def unsafe_refusal(path: Path, names: list[str]) -> UnsafeCheckpointError:
 
 
 def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``; of a ``weights_only`` failure, the reason torch gives (after
+    "WeightsUnpickler error:"), never its advice to load with ``weights_only=False``."""
     text = str(exc).strip()
+    reason = text.partition("WeightsUnpickler error:")[2].strip()
+    if reason:
+        text = reason
     line = text.splitlines()[0] if text else type(exc).__name__
     return line if len(line) <= 200 else line[:197] + "..."
