@@ -38,6 +38,7 @@ from ema_average.checkpoints.base import damage_of, require_regular_file
 from ema_average.checkpoints.pickle_scan import PickleRefused, scan_pickle
 from ema_average.checkpoints.placeholders import (
     MAX_PLACEHOLDERS,
+    Placeholder,
     RefusedCall,
     inert_getattr,
     may_stand_in,
@@ -323,6 +324,22 @@ def _load_with_stand_ins(path: Path, mmap: bool, stand_ins: dict[str, Any], *, m
         if named:
             raise unsafe_refusal(path, named) from exc
         raise _structure_refusal(path, exc) from exc  # the pickle's structure, or the pickle is broken
+    except UnsafeCheckpointError:
+        raise
+    except CheckpointError as exc:  # torch could not build something from what a placeholder stood in for
+        objects = [
+            name
+            for name, stand_in in stand_ins.items()
+            if isinstance(stand_in, type) and issubclass(stand_in, Placeholder)
+        ]
+        if not objects or exc.__cause__ is None:
+            raise
+        shown = ", ".join(objects[:3]) + (f" and {len(objects) - 3} more" if len(objects) > 3 else "")
+        raise UnsafeCheckpointError(
+            path,
+            f"pickles objects of {shown}, which only their own code can rebuild "
+            f"({first_line(exc.__cause__)}); refused. If you trust this file, pass --trust-pickle",
+        ) from exc
 
 
 def _load_allowing(path: Path, mmap: bool, stand_ins: dict[str, Any], *, meta: bool = False) -> Any:
