@@ -309,11 +309,20 @@ def torch_file(
     return build
 
 
-def numel_rewritten() -> dict:
-    """One float viewed as 2**26 whose numel() answers 0j: was a 256 MiB output from 2 KB."""
-    wide = torch.zeros(1).expand(2**26)
-    wide.numel = complex  # type: ignore[method-assign]
-    return {"model": {**make_state(3), "wide": wide}, "step": 3}
+def numel_rewritten(zip_format: bool) -> Callable[[Path, Path], tuple[list[str], Path]]:
+    """Every checkpoint holds one float viewed as 2**26 whose numel() answers 0j: was a 256 MiB output
+    from 2-4 KB of checkpoints, exit 0."""
+
+    def build(run: Path, tmp: Path) -> tuple[list[str], Path]:
+        run.mkdir(parents=True)
+        for step in (1, 2, 3):
+            wide = torch.zeros(1).expand(2**26)
+            wide.numel = complex  # type: ignore[method-assign]
+            state = {"model": {**make_state(step), "wide": wide}, "step": step}
+            torch.save(state, run / f"ckpt_{step}.pt", _use_new_zipfile_serialization=zip_format)
+        return [], run / "ckpt_1.pt"
+
+    return build
 
 
 def inflating() -> dict:
@@ -341,10 +350,8 @@ def plain() -> dict:
 
 
 READING_CASES: dict[str, Case] = {
-    "tensor-numel-rewritten-zip": Case(torch_file(numel_rewritten), "replaces its own 'numel'"),
-    "tensor-numel-rewritten-legacy": Case(
-        torch_file(numel_rewritten, zip_format=False), "replaces its own 'numel'"
-    ),
+    "tensor-numel-rewritten-zip": Case(numel_rewritten(True), "replaces its own 'numel'"),
+    "tensor-numel-rewritten-legacy": Case(numel_rewritten(False), "replaces its own 'numel'"),
     "pt-deflated-members": Case(torch_file(inflating, deflate=True), "compressed zip member"),
     "pt-tuple-dag-dict-key": Case(torch_file(dag_key), "would hash more than"),
     "pt-legacy-1025-kinds": Case(torch_file(many_kinds, zip_format=False), "more than 1024 kinds"),
