@@ -15,7 +15,9 @@ import pickle
 import resource
 import subprocess
 import sys
+import types
 import warnings
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -307,6 +309,82 @@ ISSUE_24: dict[str, Case] = {
 }
 
 
+# --- issue 24, torch-file reading: tensor state, compressed members, hash work, kinds, protocol -----------
+
+
+def torch_file(
+    obj: Callable[[], dict], *, zip_format: bool = True, deflate: bool = False, **save: object
+) -> Callable[[Path, Path], tuple[list[str], Path]]:
+    """Two good torch checkpoints, then ``obj()`` as step 3 (legacy, DEFLATE-compressed, other protocol)."""
+
+    def build(run: Path, tmp: Path) -> tuple[list[str], Path]:
+        run.mkdir(parents=True)
+        for step in (1, 2):
+            torch.save({"model": dict(make_state(step)), "step": step}, run / f"ckpt_{step}.pt")
+        path = run / "ckpt_3.pt"
+        torch.save(obj(), path, _use_new_zipfile_serialization=zip_format, **save)  # type: ignore[arg-type]
+        if deflate:
+            with zipfile.ZipFile(path) as archive:
+                records = [(info.filename, archive.read(info)) for info in archive.infolist()]
+            with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+                for name, data in records:
+                    archive.writestr(name, data)
+        return [], path
+
+    return build
+
+
+def numel_rewritten(zip_format: bool) -> Callable[[Path, Path], tuple[list[str], Path]]:
+    """Every checkpoint holds one float viewed as 2**26 whose numel() answers 0j: was a 256 MiB output
+    from 2-4 KB of checkpoints, exit 0."""
+
+    def build(run: Path, tmp: Path) -> tuple[list[str], Path]:
+        run.mkdir(parents=True)
+        for step in (1, 2, 3):
+            wide = torch.zeros(1).expand(2**26)
+            wide.numel = complex  # type: ignore[method-assign]
+            state = {"model": {**make_state(step), "wide": wide}, "step": step}
+            torch.save(state, run / f"ckpt_{step}.pt", _use_new_zipfile_serialization=zip_format)
+        return [], run / "ckpt_1.pt"
+
+    return build
+
+
+def inflating() -> dict:
+    return {"model": dict(make_state(3)), "step": 3, "pad": "0" * 2**24}  # 16 MiB, ~16 KB deflated
+
+
+def dag_key() -> dict:
+    node: tuple = (0,)
+    for _ in range(24):  # 2**25 elements hashed per use, from ~1 KB
+        node = (node, node)
+    return {"model": dict(make_state(3)), "step": 3, "extra": {node: 1}}
+
+
+def many_kinds() -> dict:
+    objects = []
+    for i in range(1025):
+        module = sys.modules.setdefault(f"hostile_kind_{i}", types.ModuleType(f"hostile_kind_{i}"))
+        module.Kind = type("Kind", (), {"__module__": module.__name__})  # type: ignore[attr-defined]
+        objects.append(module.Kind())  # type: ignore[attr-defined]
+    return {"model": dict(make_state(3)), "step": 3, "objects": objects}
+
+
+def plain() -> dict:
+    return {"model": dict(make_state(3)), "step": 3}
+
+
+READING_CASES: dict[str, Case] = {
+    "tensor-numel-rewritten-zip": Case(numel_rewritten(True), "replaces its own 'numel'"),
+    "tensor-numel-rewritten-legacy": Case(numel_rewritten(False), "replaces its own 'numel'"),
+    "pt-deflated-members": Case(torch_file(inflating, deflate=True), "compressed zip member"),
+    "pt-tuple-dag-dict-key": Case(torch_file(dag_key), "would hash more than"),
+    "pt-legacy-1025-kinds": Case(torch_file(many_kinds, zip_format=False), "more than 1024 kinds"),
+    "pt-zip-1025-kinds": Case(torch_file(many_kinds), "more than 1024 kinds"),
+    "pt-protocol-4": Case(torch_file(plain, pickle_protocol=4), "protocol 4"),
+}
+
+
 CASES: dict[str, Case] = {
     # code execution
     "pt-zip-payload": Case(torch_payload(True), "--trust-pickle"),
@@ -365,6 +443,9 @@ CASES: dict[str, Case] = {
     "watch-poll-nan": Case(option("--poll", "--watch", "--poll", "nan"), "nan", 2),
     **ISSUE_24,
 }
+
+
+CASES.update(READING_CASES)
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -8,6 +8,8 @@ import datetime
 import functools
 import operator
 import os
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -335,3 +337,22 @@ def test_trust_pickle_still_reads_what_only_full_unpickling_reads(tmp_path: Path
         TorchCheckpoint(path)
     with pytest.warns(UserWarning, match="full unpickling"):
         assert TorchCheckpoint(path, trust_pickle=True).read("w").tolist() == [0.0, 1.0, 2.0]
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_a_tensor_subclass_of_a_trainers_package_is_refused_naming_it_not_damaged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, zip_format: bool
+) -> None:
+    """bitsandbytes-style parameters: torch cannot rebuild a tensor as a placeholder class (issue 25)."""
+    module = types.ModuleType("fake_quantizer")
+    subclass = type("Params4bit", (torch.Tensor,), {"__module__": "fake_quantizer"})
+    module.Params4bit = subclass  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "fake_quantizer", module)
+    path = tmp_path / "sub.pt"
+    weight = torch.ones(4).as_subclass(subclass)
+    torch.save({"model": {"w": weight}, "step": 3}, path, _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(
+        UnsafeCheckpointError, match=r"sub\.pt: pickles objects of fake_quantizer\.Params4bit"
+    ) as caught:
+        TorchCheckpoint(path)
+    assert "damaged" not in str(caught.value) and "--trust-pickle" in str(caught.value)

@@ -494,10 +494,12 @@ def test_ultralytics_stripped_final_copies_have_no_step(
     shutil.copytree(weights, finished)
     result = run_with(package, ULTRALYTICS_STRIP, finished)
     assert result.returncode == 0, result.stderr
+    last = TorchCheckpoint(finished / "last.pt")  # opened as a final copy: its weights not looked for yet
+    assert last.final_copy is not None and last.metadata_step() is None
     with pytest.raises(
         UnsafeCheckpointError, match=r"pickled model object \(model: ultralytics\.nn\.tasks\."
     ):
-        TorchCheckpoint(finished / "last.pt")
+        last.specs()
     result = run_with(package, READ_STRIPPED, finished)
     assert result.returncode == 0, result.stderr
 
@@ -518,3 +520,22 @@ def test_a_finished_ultralytics_run_skips_its_final_copies(
     told = " ".join((result.stdout + result.stderr).split())
     for name in ("last.pt", "best.pt"):
         assert f"{name}: a final copy of the weights (epoch -1: ultralytics' strip_optimizer)" in told
+    # skipped before anything of them is unpickled fully (their code never runs), epoch files unpickled
+    unpickled = [line for line in result.stderr.splitlines() if "loading with full unpickling" in line]
+    assert any("epoch3.pt" in line for line in unpickled), result.stderr
+    assert not any("last.pt" in line or "best.pt" in line for line in unpickled), result.stderr
+
+
+def test_a_finished_ultralytics_run_without_trust_pickle_names_an_epoch_file(
+    ultralytics_run: tuple[Path, Path, dict], tmp_path: Path
+) -> None:
+    # The refusal names a file that would be read (an epoch file), never best.pt/last.pt, which are skipped.
+    weights, package, _ = ultralytics_run
+    finished = tmp_path / "weights"
+    shutil.copytree(weights, finished)
+    assert run_with(package, ULTRALYTICS_STRIP, finished).returncode == 0
+    result = run_with(package, EXE, finished, "-o", tmp_path / "ema.safetensors")
+    assert result.returncode == 1, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert "pickled model object" in line and "epoch" in line, result.stderr
+    assert "best.pt" not in line and "last.pt" not in line, result.stderr

@@ -220,7 +220,7 @@ def _unreadable(op: int) -> PickleRefused:
         )
     return PickleRefused(
         f"is pickled with protocol {info.proto} or later (opcode {info.name}), which the safe "
-        "reader (torch's weights_only, protocol 2 as torch.save writes) cannot read; not damaged, refused. "
+        "reader (torch's weights_only, protocol 2 as torch.save writes) cannot read; refused. "
         "If you trust this file, pass --trust-pickle",
         unsafe=True,
     )

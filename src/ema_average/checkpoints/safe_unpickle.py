@@ -38,6 +38,7 @@ from ema_average.checkpoints.base import damage_of, require_regular_file
 from ema_average.checkpoints.pickle_scan import PickleRefused, scan_pickle
 from ema_average.checkpoints.placeholders import (
     MAX_PLACEHOLDERS,
+    Placeholder,
     RefusedCall,
     inert_getattr,
     may_stand_in,
@@ -323,6 +324,22 @@ def _load_with_stand_ins(path: Path, mmap: bool, stand_ins: dict[str, Any], *, m
         if named:
             raise unsafe_refusal(path, named) from exc
         raise _structure_refusal(path, exc) from exc  # the pickle's structure, or the pickle is broken
+    except UnsafeCheckpointError:
+        raise
+    except CheckpointError as exc:  # torch could not build something from what a placeholder stood in for
+        objects = [
+            name
+            for name, stand_in in stand_ins.items()
+            if isinstance(stand_in, type) and issubclass(stand_in, Placeholder)
+        ]
+        if not objects or exc.__cause__ is None:
+            raise
+        shown = ", ".join(objects[:3]) + (f" and {len(objects) - 3} more" if len(objects) > 3 else "")
+        raise UnsafeCheckpointError(
+            path,
+            f"pickles objects of {shown}, which only their own code can rebuild "
+            f"({first_line(exc.__cause__)}); refused. If you trust this file, pass --trust-pickle",
+        ) from exc
 
 
 def _load_allowing(path: Path, mmap: bool, stand_ins: dict[str, Any], *, meta: bool = False) -> Any:
@@ -457,6 +474,11 @@ def unsafe_refusal(path: Path, names: list[str]) -> UnsafeCheckpointError:
 
 
 def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``; of a ``weights_only`` failure, the reason torch gives (after
+    "WeightsUnpickler error:"), never its advice to load with ``weights_only=False``."""
     text = str(exc).strip()
+    reason = text.partition("WeightsUnpickler error:")[2].strip()
+    if reason:
+        text = reason
     line = text.splitlines()[0] if text else type(exc).__name__
     return line if len(line) <= 200 else line[:197] + "..."

@@ -64,6 +64,8 @@ class TorchCheckpoint(Checkpoint):
         self._mapped_because: str | None = None
         self._step: StepInfo | None = None
         self._full = False  # fully unpickled: the weights are a pickled model (--trust-pickle)
+        self._weights_wanted = False  # a final copy's weights are looked for only when it is read
+        self._weights_found = False
         self._open()
         if self._raw_is_lightning:
             self.layout = "lightning"
@@ -80,11 +82,14 @@ class TorchCheckpoint(Checkpoint):
             self._open(mapped_because)
             return
         self._mapped_because = contents.mapped_because
+        note = None
         if contents.mapped_because is not None:
-            self.notes.append(f"read through a mapping of the file: {contents.mapped_because}")
+            note = f"read through a mapping of the file: {contents.mapped_because}"
         elif not contents.lazy:
             self.lazy = False
-            self.notes.append("legacy (non-zip) torch format: loaded whole, not lazily")
+            note = "legacy (non-zip) torch format: loaded whole, not lazily"
+        if note is not None and note not in self.notes:
+            self.notes.append(note)
 
     def _unpickled(self, mapped_because: str | None) -> TorchFile:
         return open_torch_file(
@@ -98,6 +103,10 @@ class TorchCheckpoint(Checkpoint):
         self._raw_is_lightning = "pytorch-lightning_version" in obj
         self.final_copy = final_copy(obj)
         self._step = _find_step(self.path, obj, lambda t: self._materialised(t, contents.members))
+        self._key = None
+        if self.final_copy is not None and self._step is None and not self._weights_wanted:
+            return  # skipped as a final copy before its weights (a pickled model) are unpickled fully
+        self._weights_found = True
         tensors, self._key, choice = find_state_dict(
             self.path, obj, self._state_dict_key, trust_pickle=self._trust_pickle
         )
@@ -125,9 +134,17 @@ class TorchCheckpoint(Checkpoint):
             return tensor  # refused as a step by checked_step
         return self._read_stored(_stored(self.path, "(step)", tensor, members), "(step)")
 
+    def _weights(self) -> None:
+        """A final copy read after all (named alone, or asked for): its weights looked for now; with
+        ``--trust-pickle`` that may unpickle it fully, which skipping it never does."""
+        if not self._weights_found:
+            self._weights_wanted = True
+            self._open(self._mapped_because)
+
     @property
     def state_dict_key(self) -> str | None:
         """Which key of the saved dict held the weights (``None``: the file is a bare state dict)."""
+        self._weights()
         return self._key
 
     def _state(self) -> dict[str, torch.Tensor]:
@@ -138,9 +155,11 @@ class TorchCheckpoint(Checkpoint):
         return self._tensors
 
     def specs(self) -> dict[str, TensorSpec]:
+        self._weights()
         return self._specs
 
     def read(self, name: str) -> torch.Tensor:
+        self._weights()
         if self._file is None:
             return self._state()[name]
         return self._read_stored(self._stored[name], name)
@@ -149,11 +168,13 @@ class TorchCheckpoint(Checkpoint):
         return self._fill(stored, name, 0, torch.empty(stored.shape, dtype=stored.dtype))
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        self._weights()
         if self._file is None:
             return out.copy_(self._state()[name])
         return self._fill(self._stored[name], name, 0, out)
 
     def read_range_into(self, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
+        self._weights()
         if self._file is None:
             return out.copy_(self._state()[name].reshape(-1)[start : start + out.numel()])
         return self._fill(self._stored[name], name, start, out)
@@ -167,6 +188,7 @@ class TorchCheckpoint(Checkpoint):
         return self._step
 
     def aliases(self) -> dict[str, str]:
+        self._weights()
         if self._file is None:
             return storage_aliases(self._state())
         return first_names({name: s.identity for name, s in self._stored.items() if s.numel})
