@@ -34,7 +34,6 @@ import torch
 from ema_average._torch_compat import dcp_storage_info_class
 from ema_average.checkpoints.base import (
     Checkpoint,
-    Layout,
     ModelChoice,
     OpenOptions,
     PreadFile,
@@ -42,9 +41,10 @@ from ema_average.checkpoints.base import (
     TensorSpec,
     require_regular_file,
 )
-from ema_average.checkpoints.contents import KeyPath, described, split
+from ema_average.checkpoints.contents import KeyPath, Part, described, split
 from ema_average.checkpoints.dcp_metadata import load_dcp_metadata
 from ema_average.checkpoints.dcp_reading import read_byte_item, reader_type
+from ema_average.checkpoints.folder_layout import FolderLayout
 from ema_average.checkpoints.keys import NESTED_STEP_KEYS, STEP_KEYS
 from ema_average.checkpoints.safe_unpickle import first_line, refused_globals
 from ema_average.checkpoints.torch_file import checked_name, dtype_problem, nested_value, step_value
@@ -91,7 +91,6 @@ class DcpCheckpoint(Checkpoint):
         tensors = {fqn: TensorSpec(tuple(e.size), e.properties.dtype) for fqn, e in entries.items()}
         self._step_sources = _step_sources(tensors, _byte_items(self._metadata, self._dcp.metadata))
         self._tensors = tensors
-        self._step_fqn = next((k for k in STEP_KEYS if k in tensors and _may_be_step(tensors[k])), None)
         if state_dict_key is not None:
             prefix = _model_prefix(path, tensors, state_dict_key)
             self._fqns = {fqn[len(prefix) :]: fqn for fqn in tensors if fqn.startswith(prefix)}
@@ -106,14 +105,8 @@ class DcpCheckpoint(Checkpoint):
 
     def _model(self, tensors: dict[str, TensorSpec]) -> dict[str, str]:
         """The model's names and their DCP keys, told apart from optimizer, scheduler, trainer state and
-        averages by :func:`contents.split`, over the nesting DCP recorded when it flattened the save
-        (``planner_data``), else over the keys split at their dots."""
-        leaves = {fqn: spec for fqn, spec in tensors.items() if fqn != self._step_fqn}
-        nesting = _nesting(self._metadata, leaves)
-        paths = (
-            ((nesting[fqn], fqn) for fqn in leaves) if nesting else ((tuple(f.split(".")), f) for f in leaves)
-        )
-        parts = split(paths, dotted=nesting is None)
+        averages by :func:`_parts`."""
+        parts = _parts(self._metadata, tensors)
         models = [p for p in parts if p.kind == "model"] or [p for p in parts if p.kind == "average"]
         if not models:
             raise CheckpointError(self.path, f"holds no model weights, only {described(parts)}")
@@ -210,6 +203,34 @@ class DcpCheckpoint(Checkpoint):
             )
         value = read_byte_item(self._files[info.relative_path], source.fqn, info.offset, info.length)
         return nested_value(value, source.inner) if source.inner else value
+
+
+def _parts(metadata: Any, tensors: dict[str, TensorSpec]) -> list[Part[str]]:
+    """What the save holds, by :func:`contents.split`, over the nesting DCP recorded when it flattened the
+    save (``planner_data``), else over the keys split at their dots; the step counter left out."""
+    step_fqn = next((k for k in STEP_KEYS if k in tensors and _may_be_step(tensors[k])), None)
+    leaves = {fqn: spec for fqn, spec in tensors.items() if fqn != step_fqn}
+    nesting = _nesting(metadata, leaves)
+    paths = ((nesting[fqn], fqn) for fqn in leaves) if nesting else ((tuple(f.split(".")), f) for f in leaves)
+    return split(paths, dotted=nesting is None)
+
+
+def side_folder(folder: Path) -> str | None:
+    """Why a DCP folder beside a step's model is a side folder rather than a model: it holds no model
+    weights, only optimizer (or scheduler, trainer) state, as accelerate's FSDP ``SHARDED_STATE_DICT``
+    save writes ``optimizer_0/`` beside ``pytorch_model_fsdp_0/``. Decided by what the save holds, read
+    from its metadata with the restricted unpickler; ``None`` where it holds a model, or where the folder
+    cannot be read (opening it as a model then says why)."""
+    try:
+        metadata = load_dcp_metadata(folder / ".metadata")
+        entries = _tensor_entries(folder, metadata, _import_dcp(folder).metadata)
+    except CheckpointError:
+        return None
+    tensors = {fqn: TensorSpec(tuple(e.size), e.properties.dtype) for fqn, e in entries.items()}
+    parts = _parts(metadata, tensors)
+    if not parts or any(p.kind in ("model", "average") for p in parts):
+        return None
+    return f"holds no model weights, only {described(parts)}"
 
 
 def _byte_items(metadata: Any, md: ModuleType) -> set[str]:
@@ -443,9 +464,16 @@ def _model_prefix(path: Path, tensors: dict[str, Any], key: str) -> str:
 
 def _open(path: Path, options: OpenOptions) -> Checkpoint:
     """``--submodel KEY`` reads the tensors under ``KEY.`` as ``--state-dict-key`` does (the EMA callback's
-    ``ema`` beside Lightning's sharded ``state_dict``), as for torch files."""
+    ``ema`` beside Lightning's sharded ``state_dict``), as for torch files; ``--submodel NAME`` naming
+    this folder itself (``pytorch_model_fsdp_0``, chosen among a step folder's models) reads it whole."""
+    if options.submodel is not None and options.submodel == path.name and options.state_dict_key is None:
+        ckpt = DcpCheckpoint(path, trust_pickle=options.trust_pickle)
+        ckpt.choices.insert(0, ModelChoice(path.name))  # what --submodel NAME is checked against
+        return ckpt
     key = options.state_dict_key or options.submodel
     return DcpCheckpoint(path, state_dict_key=key, trust_pickle=options.trust_pickle)
 
 
-LAYOUT = Layout("dcp", "folder", "DCP folders (.metadata + *.distcp)", is_dcp_folder, _open)
+LAYOUT = FolderLayout(
+    "dcp", "folder", "DCP folders (.metadata + *.distcp)", is_dcp_folder, _open, side_folder=side_folder
+)

@@ -1,8 +1,11 @@
-"""DCP ``.metadata`` files, unpickled without running code from them: only torch's own metadata classes.
+"""DCP ``.metadata`` files, unpickled without running code from them: only torch's own DCP classes.
 
 torch's ``FileSystemReader.read_metadata`` uses plain ``pickle.load``, which runs whatever the file names.
-:class:`DcpMetadataUnpickler` resolves only the pure-data classes DCP's ``Metadata`` is made of (and
-look-alike copies of them, such as olmo-core's ``_StorageInfo``) and torch's dtype/layout constants.
+:class:`DcpMetadataUnpickler` resolves only the pure-data classes of torch's DCP (``Metadata`` and what it
+is made of, and the planner's ``SavePlan``/``WriteItem``... that producers such as megatron-core's
+``torch_dist`` store beside it), look-alike copies of them (olmo-core's ``_StorageInfo``) and torch's
+dtype/layout constants. Before it runs, :mod:`ema_average.checkpoints.pickle_cost` bounds what hashing
+the file's objects costs (a 1.5 KB tuple DAG used as a dict key took 2^34 hashes).
 Split from :mod:`ema_average.checkpoints.safe_unpickle`, which holds the policy for torch files.
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import io
 import pickle
 import warnings
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -19,6 +23,7 @@ import torch
 
 from ema_average._torch_compat import layout_unpickler
 from ema_average.checkpoints.base import damage_of, require_regular_file
+from ema_average.checkpoints.pickle_cost import hashing_cost_problem
 from ema_average.checkpoints.safe_unpickle import first_line, unsafe_refusal
 from ema_average.errors import CheckpointError, TrustPickleWarning
 
@@ -34,6 +39,18 @@ _DCP_CLASSES = {
         "_MEM_FORMAT_ENCODING",
     ),
     "torch.distributed.checkpoint.filesystem": ("_StorageInfo", "_StoragePrefix"),
+    # The planner's dataclasses: megatron-core's torch_dist saves keep every rank's SavePlan in
+    # Metadata.all_local_plans (megatron/core/dist_checkpointing/strategies/state_dict_saver.py).
+    "torch.distributed.checkpoint.planner": (
+        "SavePlan",
+        "LoadPlan",
+        "WriteItem",
+        "ReadItem",
+        "WriteItemType",
+        "LoadItemType",
+        "TensorWriteData",
+        "BytesIOWriteData",
+    ),
     # Where older torch (before 2.2) defined TensorProperties; same fields and state.
     "torch.distributed._shard.sharded_tensor.metadata": ("TensorProperties", "MEM_FORMAT_ENCODING"),
 }
@@ -58,7 +75,7 @@ class RefusedGlobal(pickle.UnpicklingError):
 class DcpMetadataUnpickler(pickle.Unpickler):
     """Resolves only what torch's DCP ``Metadata`` is made of; any other global is refused.
 
-    Allowed: the DCP metadata dataclasses and their memory-format enum, ``torch.Size``, the
+    Allowed: the DCP metadata and planner dataclasses and their enums, ``torch.Size``, the
     ``torch.dtype``/``torch.layout``/``torch.memory_format`` constants (pickled as ``torch.float32``...),
     ``torch.serialization._get_layout`` (how a layout pickles), ``collections.OrderedDict`` and pure
     paths. All of them only build data; none touches files or runs other code.
@@ -103,7 +120,8 @@ def _dcp_allowed() -> dict[str, Any]:
     for module_name, names in _DCP_CLASSES.items():
         module = importlib.import_module(module_name)
         for name in names:
-            allowed[f"{module_name}.{name}"] = getattr(module, name)
+            if hasattr(module, name):  # a class another torch version lacks is simply not allowed
+                allowed[f"{module_name}.{name}"] = getattr(module, name)
     return allowed
 
 
@@ -111,22 +129,32 @@ def load_dcp_metadata(path: Path, *, trust_pickle: bool = False) -> Any:
     """The unpickled DCP ``.metadata`` at ``path``, built only from allow-listed data classes.
 
     torch's own ``FileSystemReader.read_metadata`` uses plain ``pickle.load``, which runs whatever the
-    file names; ``trust_pickle`` opts in to that (with a warning), as for torch files.
+    file names. ``trust_pickle`` opts in to that (with a warning naming the file) only where the
+    restricted load refused the file for a global it names: a file it reads is read by it, flag or not.
     """
     require_regular_file(path)
     damage = damage_of(path)
     if damage is not None:
         raise CheckpointError(path, damage)
-    if trust_pickle:
-        warnings.warn(
-            f"{path}: loading with full unpickling (--trust-pickle): this runs any code the file holds",
-            TrustPickleWarning,
-            stacklevel=2,
-        )
+    data = path.read_bytes()
+    problem = hashing_cost_problem(data)
+    if problem is not None:
+        raise CheckpointError(path, f"{problem}; refused")
     try:
-        with open(path, "rb") as f:
-            return pickle.load(f) if trust_pickle else DcpMetadataUnpickler(f).load()
+        return DcpMetadataUnpickler(io.BytesIO(data)).load()
     except RefusedGlobal as exc:
-        raise unsafe_refusal(path, [exc.name]) from exc
+        if not trust_pickle:
+            raise unsafe_refusal(path, [exc.name]) from exc
+        refused = exc.name
     except Exception as exc:  # truncated, garbage, or objects that do not fit their classes
+        raise CheckpointError(path, f"is damaged or not DCP metadata ({first_line(exc)})") from exc
+    warnings.warn(
+        f"{path}: loading with full unpickling (--trust-pickle): it names {refused}, which the safe "
+        "reader refuses; this runs any code the file holds",
+        TrustPickleWarning,
+        stacklevel=2,
+    )
+    try:
+        return pickle.loads(data)
+    except Exception as exc:
         raise CheckpointError(path, f"is damaged or not DCP metadata ({first_line(exc)})") from exc

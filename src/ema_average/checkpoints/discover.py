@@ -21,7 +21,14 @@ from pathlib import Path
 import torch
 
 from ema_average.checkpoints.base import Checkpoint, OpenOptions, TensorSpec
-from ema_average.checkpoints.layouts import layout_of, looked_for, models_in, open_leaf, own_folders
+from ema_average.checkpoints.layouts import (
+    layout_of,
+    looked_for,
+    models_in,
+    open_leaf,
+    own_folders,
+    side_folder,
+)
 from ema_average.checkpoints.renamed import stripped_of, with_model_names
 from ema_average.checkpoints.run_steps import StepsFrom, note_unread_step, real_steps, step_of
 from ema_average.checkpoints.steps import names_a_step, natural_key, stem_of, step_from_name
@@ -179,7 +186,7 @@ def scan(root: Path, globs: Sequence[str] = ()) -> Scan:
     notices: list[str] = []
     for model in _models(root, notices):
         owners.setdefault(_owner(root, model), []).append(model)
-    units = [Unit(path, models) for path, models in owners.items()]
+    units = _without_side_folders([Unit(path, models) for path, models in owners.items()], notices)
     if units and all(u.path == root for u in units):
         raise NoCheckpointsError(
             root,
@@ -197,6 +204,28 @@ def scan(root: Path, globs: Sequence[str] = ()) -> Scan:
             "or choose files by name (--glob)",
         )
     return Scan(sorted(units, key=lambda u: u.path), notices)
+
+
+def _without_side_folders(units: list[Unit], notices: list[str]) -> list[Unit]:
+    """Each step folder's models less the side folders beside them (an optimizer-only DCP folder, as a
+    layout's ``side_folder`` hook says), with one notice per name; a unit left with no model keeps them,
+    so that opening it says what it holds."""
+    skipped: dict[tuple[str, str], list[Path]] = {}
+    kept_units = []
+    for unit in units:
+        side = {
+            m: why for m in unit.models if m != unit.path and len(unit.models) > 1 and (why := side_folder(m))
+        }
+        kept = [m for m in unit.models if m not in side]
+        if side and kept:
+            for model, why in side.items():
+                skipped.setdefault((model.name, why), []).append(unit.path)
+            unit = Unit(unit.path, kept)
+        kept_units.append(unit)
+    for (name, why), owners in skipped.items():
+        where = owners[0].name if len(owners) == 1 else f"{len(owners)} checkpoints ({owners[0].name} ...)"
+        notices.append(f"skipped {name} in {where}: {why}")
+    return kept_units
 
 
 def _models(root: Path, notices: list[str]) -> list[Path]:

@@ -20,6 +20,7 @@ SideStep = Callable[[Path], StepInfo | None]
 SideStepProblem = Callable[[Path], str | None]
 OwnModel = Callable[[Path, set[str]], SavedModel | None]
 OwnFolders = Callable[[Path], list[str]]
+SideFolder = Callable[[Path], str | None]
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,10 @@ class FolderLayout(Layout):
     - ``own_model(folder, names)``: the folder's own save as its library loads it, where the weights read
       from another layout inside it (tensor ``names``) are that model: what a folder output copies;
     - ``own_folders(folder)``: the sub-folders that are part of the checkpoint (a sentence-transformers
-      model's module folders): discovery does not search them for more models.
+      model's module folders): discovery does not search them for more models;
+    - ``side_folder(folder)``: why a folder this layout claims, found beside other models in a step
+      folder, is a trainer's side folder and not a model (optimizer state only), or None: discovery
+      skips it with a notice, where another model remains.
     """
 
     models: Models | None = None
@@ -45,3 +49,4 @@ class FolderLayout(Layout):
     name_step: SideStep | None = None
     own_model: OwnModel | None = None
     own_folders: OwnFolders | None = None
+    side_folder: SideFolder | None = None

@@ -84,6 +84,14 @@ def own_folders(layout: Layout, folder: Path) -> list[str]:
     return hook(folder) if hook is not None else []
 
 
+def side_folder(folder: Path) -> str | None:
+    """Why ``folder``, a model found beside others in a step folder, is a trainer's side folder (optimizer
+    state only) rather than a model, as the layout that claims it says; None where it is a model."""
+    layout = layout_of(folder, "folder") if folder.is_dir() else None
+    hook = getattr(layout, "side_folder", None)
+    return hook(folder) if hook is not None else None
+
+
 def layout_of(path: Path, unit: str) -> Layout | None:
     """The first layout of that kind (``"file"`` or ``"folder"``) that claims ``path``."""
     return next((layout for layout in LAYOUTS if layout.unit == unit and layout.claims(path)), None)
