@@ -197,7 +197,9 @@ def test_run_killed_midway_leaves_nothing(tmp_path: Path, sig: signal.Signals) -
         stdout, stderr = proc.communicate(timeout=120)
     if sig == signal.SIGKILL:  # no cleanup can run: only the hidden lock file stays, the next run removes it
         assert proc.returncode == -signal.SIGKILL
-        assert [p.name for p in out_dir.iterdir()] == [f".ema.safetensors.ema-average-u{os.geteuid()}.lock"], stderr
+        assert [p.name for p in out_dir.iterdir()] == [
+            f".ema.safetensors.ema-average-u{os.geteuid()}.lock"
+        ], stderr
         again = run(tmp_path / "run", "-o", output, "-q")
         assert again.returncode == 0, again.stderr
         assert [p.name for p in out_dir.iterdir()] == ["ema.safetensors"]

@@ -86,7 +86,7 @@ def temp_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     return request.param
 
 
-OWN_LOCK = ".{}.ema-average-u%d.lock" % os.geteuid()  # this user's lock file of output {}
+OWN_LOCK = ".{}.ema-average-u" + str(os.geteuid()) + ".lock"  # this user's lock file of output {}
 
 
 def locked_by(pid: int) -> str:
