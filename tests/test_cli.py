@@ -197,7 +197,9 @@ def test_run_killed_midway_leaves_nothing(tmp_path: Path, sig: signal.Signals) -
         stdout, stderr = proc.communicate(timeout=120)
     if sig == signal.SIGKILL:  # no cleanup can run: only the hidden lock file stays, the next run removes it
         assert proc.returncode == -signal.SIGKILL
-        assert [p.name for p in out_dir.iterdir()] == [".ema.safetensors.ema-average.lock"], stderr
+        assert [p.name for p in out_dir.iterdir()] == [
+            f".ema.safetensors.ema-average-u{os.geteuid()}.lock"
+        ], stderr
         again = run(tmp_path / "run", "-o", output, "-q")
         assert again.returncode == 0, again.stderr
         assert [p.name for p in out_dir.iterdir()] == ["ema.safetensors"]
@@ -469,3 +471,23 @@ def test_numbers_on_the_command_line_are_ascii(tmp_path: Path, args: list[str]) 
     assert result.exit_code == 2, result.output
     assert f"Invalid value for '{args[-2]}'" in " ".join(result.output.replace("│", " ").split())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_plugin_that_exits_at_import_is_one_line_naming_it(tmp_path: Path) -> None:
+    """A declared average whose import raises SystemExit(3) ended the command with exit 3 and nothing said."""
+    plugin = tmp_path / "plugin"
+    info = plugin / "exiting_plugin-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: exiting-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[ema_average.averages]\nexiting = exiting_plugin:Average\n")
+    (plugin / "exiting_plugin.py").write_text("raise SystemExit(3)\n")
+    write_safetensors_run(tmp_path / "run", STEPS)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin), os.environ.get("PYTHONPATH", "")])}
+    command = [EXE, str(tmp_path / "run"), "--method", "exiting", "-o", str(tmp_path / "o.safetensors")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "ema-average: error: the average 'exiting' declared as 'exiting_plugin:Average' does not load: "
+        "its import raised SystemExit(3)"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plugin", "run"]

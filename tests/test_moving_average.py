@@ -16,6 +16,7 @@ from ema_average import (
     ExponentialMovingAverage,
     MovingAverage,
     ParameterError,
+    PluginError,
     UniformMovingAverage,
 )
 from ema_average.decay_rules import DecayRule
@@ -388,13 +389,13 @@ def test_declared_average_that_does_not_load_is_one_clear_error(
     _declare(tmp_path, missing="no_such_module_for_ema_average:Average", wrong="json:dumps")
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(
-        ConfigurationError,
+        PluginError,
         match=r"^the average 'missing' declared as 'no_such_module_for_ema_average:Average' does not load: "
         "ModuleNotFoundError",
     ):
         MovingAverage.by_name("missing")
     with pytest.raises(
-        ConfigurationError, match=r"^the average 'wrong' declared as 'json:dumps' is not a registered"
+        PluginError, match=r"^the average 'wrong' declared as 'json:dumps' is not a registered"
     ):
         MovingAverage.by_name("wrong")
     assert "wrong" not in MovingAverage._registry

@@ -86,9 +86,12 @@ def temp_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     return request.param
 
 
+OWN_LOCK = ".{}.ema-average-u" + str(os.geteuid()) + ".lock"  # this user's lock file of output {}
+
+
 def locked_by(pid: int) -> str:
     """The refusal of an output whose lock process ``pid`` holds."""
-    return rf"locked by process {pid} \(it holds .*\.ema-average\.lock\)"
+    return rf"locked by process {pid} \(it holds .*\.ema-average-u\d+\.lock\)"
 
 
 def start_child(code: str, *args: str) -> subprocess.Popen[str]:
@@ -347,7 +350,7 @@ def test_an_output_that_cannot_be_named_says_which_are_new(tmp_path: Path) -> No
 def test_a_second_lock_is_refused_until_the_first_is_released(tmp_path: Path) -> None:
     out = tmp_path / "out.safetensors"
     first = OutputLock(out)
-    lock_file = os.stat(tmp_path / ".out.safetensors.ema-average.lock")
+    lock_file = os.stat(tmp_path / OWN_LOCK.format("out.safetensors"))
     assert stat.S_IMODE(lock_file.st_mode) == 0o600 and lock_file.st_uid == os.geteuid()  # only ours
     with pytest.raises(OutputError, match=r"out\.safetensors: " + locked_by(os.getpid())):
         OutputLock(out)
@@ -429,7 +432,7 @@ def test_a_squatter_on_the_old_socket_name_blocks_nothing(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize("kind", ["symlink", "fifo", "other user", "held file"])
 def test_whatever_squats_the_lock_file_is_named_not_guessed(tmp_path: Path, kind: str) -> None:
-    out, lock_file = tmp_path / "out.safetensors", tmp_path / ".out.safetensors.ema-average.lock"
+    out, lock_file = tmp_path / "out.safetensors", tmp_path / OWN_LOCK.format("out.safetensors")
     victim = tmp_path / "victim"
     victim.write_bytes(b"data")
     if kind == "symlink":
@@ -443,7 +446,10 @@ def test_whatever_squats_the_lock_file_is_named_not_guessed(tmp_path: Path, kind
             pytest.skip("making a file another user owns needs root")
         lock_file.write_bytes(b"")
         os.chown(lock_file, 65534, 65534)
-        problem = f"belongs to user 65534, not to this one ({os.geteuid()})"
+        problem = (
+            f"belongs to user 65534, not to this one ({os.geteuid()}), though named for this user's runs; "
+            "remove it (its owner or root can)"
+        )
     else:  # a process of this user that flocks the file: named by its PID
         child = start_child(
             "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)\n"
@@ -468,7 +474,7 @@ def test_whatever_squats_the_lock_file_is_named_not_guessed(tmp_path: Path, kind
 
 
 def test_an_earlier_lock_file_of_ours_is_taken_and_made_private(tmp_path: Path) -> None:
-    lock_file = tmp_path / ".out.safetensors.ema-average.lock"
+    lock_file = tmp_path / OWN_LOCK.format("out.safetensors")
     lock_file.write_bytes(b"")
     lock_file.chmod(0o644)  # as an earlier version made it: anyone could open it to flock it
     with OutputLock(tmp_path / "out.safetensors"):
@@ -734,7 +740,7 @@ def test_a_killed_fresh_run_leaves_no_output_folder(tmp_path: Path) -> None:
         str(tmp_path / "out"),
     )
     staging = tmp_path / f".out.ema-average-{child.pid}.tmp"
-    lock_file = tmp_path / ".out.ema-average.lock"
+    lock_file = tmp_path / OWN_LOCK.format("out")
     assert remove_stale_temporaries(tmp_path) == []  # a live run's staging folder and lock are kept
     kill_hard(child)
     assert not (tmp_path / "out").exists()

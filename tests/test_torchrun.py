@@ -182,7 +182,7 @@ def test_rank_0_killed_leaves_no_output_and_the_next_run_clears_its_temporary(
     assert not (tmp_path / "out.safetensors").exists()
     left = [name for name in names(tmp_path) if name != "run"]
     # hidden, if any: the temporary, and the output's lock file (free once its holder died)
-    hidden = re.compile(r"\.out\.safetensors\.ema-average(-\d+\.tmp|\.lock)")
+    hidden = re.compile(r"\.out\.safetensors\.ema-average(-\d+\.tmp|-u\d+\.lock)")
     assert all(hidden.fullmatch(name) for name in left), left
     again = torchrun(2, run, "-o", tmp_path / "out.safetensors", "-q")
     assert again.returncode == 0, again.stderr

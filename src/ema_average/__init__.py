@@ -22,6 +22,7 @@ from ema_average.errors import (
     OutputError,
     OutputRangeError,
     ParameterError,
+    PluginError,
     TrustPickleWarning,
     UnsafeCheckpointError,
 )
@@ -94,6 +95,7 @@ __all__ = [
     "OutputError",
     "OutputRangeError",
     "ParameterError",
+    "PluginError",
     "PowerFunctionMovingAverage",
     "RunOptions",
     "Summary",

@@ -20,6 +20,11 @@ class ConfigurationError(EmaAverageError, ValueError):
     """A setting is out of range or settings contradict each other (decay, num_updates, options)."""
 
 
+class PluginError(EmaAverageError, ImportError):
+    """An average another installed package declares does not load, or is not a moving average: that
+    package's fault, not the command line's (exit 1, not 2)."""
+
+
 class ParameterError(EmaAverageError, ValueError):
     """The tensors handed to an average cannot be averaged (empty, duplicate names, not floating)."""
 

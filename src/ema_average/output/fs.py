@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import hashlib
 import os
 import re
 import shutil
@@ -35,10 +36,39 @@ _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 
 
+# The longest suffix a hidden name of an output gets: ".ema-average-" + a PID or UID (at most 10 digits) +
+# ".lock"; with the leading dot and the output's stem it stays within a file name's 255 bytes.
+NAME_MAX = 255
+_SUFFIX_ROOM = 32
+_DIGEST_CHARS = 16
+
+
+def hidden_stem(name: str) -> str:
+    """The part of an output's hidden names (``.STEM.ema-average...``) that stands for its name ``name``:
+    the name itself, or, where the name and the longest suffix would pass 255 bytes (an output name of
+    223 to 255 bytes), its start and a hash of the whole name, so every legal output name has a lock file
+    and a staging name (64 bits of SHA-256 tell two long names with one start apart)."""
+    room = NAME_MAX - 1 - _SUFFIX_ROOM
+    encoded = os.fsencode(name)
+    if len(encoded) <= room:
+        return name
+    digest = hashlib.sha256(encoded).hexdigest()[:_DIGEST_CHARS]
+    start = name
+    while len(os.fsencode(start)) > room - 1 - _DIGEST_CHARS:  # cut whole characters, not bytes
+        start = start[:-1]
+    return f"{start}~{digest}"
+
+
+def hidden_name(path: Path, suffix: str) -> Path:
+    """``path``'s hidden companion ``.STEM{suffix}`` in its folder (see ``hidden_stem``)."""
+    assert len(suffix.encode()) <= _SUFFIX_ROOM, suffix
+    return path.parent / f".{hidden_stem(path.name)}{suffix}"
+
+
 def temp_name(path: Path, pid: int) -> Path:
     """The hidden name of ``path``'s temporary file or staging folder while process ``pid`` writes it
     (``remove_stale_temporaries`` removes it once that process is gone)."""
-    return path.parent / f".{path.name}.ema-average-{pid}.tmp"
+    return hidden_name(path, f".ema-average-{pid}.tmp")
 
 
 def remove_path(path: Path) -> None:
@@ -206,7 +236,7 @@ def exchange(new: Path, old: Path) -> None:
     # No renameat2 here: old aside, new in, old to new's name. Between the first two renames the target
     # is missing; a run killed there leaves the old output at ``.FOLDER.ema-average-PID.old`` (never
     # removed automatically) and the target absent.
-    aside = old.parent / f".{old.name}.ema-average-{os.getpid()}.old"
+    aside = hidden_name(old, f".ema-average-{os.getpid()}.old")
     os.rename(old, aside)
     try:
         os.rename(new, old)

@@ -20,8 +20,9 @@ from types import TracebackType
 from ema_average.errors import OutputError
 from ema_average.output import fs
 
-# An output's lock file (see OutputLock): left behind only by a killed run, removed by the next.
-_LOCK_PATTERN = re.compile(r"^\..+\.ema-average\.lock$")
+# An output's lock files (see OutputLock), one per user: left behind only by a killed run, removed by the
+# next run of that user. Without "-uUID": an earlier version's, one for every user.
+_LOCK_PATTERN = re.compile(r"^\..+\.ema-average(?:-u\d+)?\.lock$")
 
 
 # --- One writer per output --------------------------------------------------------------------------
@@ -33,15 +34,23 @@ _held_guard = threading.Lock()
 class OutputLock:
     """The right to write one output, held by one run at a time: ``OutputLock(path)`` takes it or raises.
 
-    An ``flock`` on a hidden ``.NAME.ema-average.lock`` beside the output (in its folder's real path, so two
-    spellings of one output share it): the kernel frees it when its holder dies, however it dies, and
-    release removes the file (one left by a killed run is free, and the next run on that output takes it
-    and removes it). Only a run of this user can hold it: the file is created ``0600`` without following
-    a link, and used only if it is a regular file this user owns; anything else at that name (a link, a
-    FIFO, another user's file) is refused, saying what it is. So a local user who cannot write the output
-    cannot block it either (an abstract socket name, which anyone can bind, could); one who can write its
-    folder is named, not guessed at. A lock that is held names its holder's process where the kernel
-    says (``/proc/locks``).
+    An ``flock`` on a hidden ``.NAME.ema-average-uUID.lock`` beside the output (in its folder's real path,
+    so two spellings of one output share it; a long NAME is cut and hashed, see ``fs.hidden_stem``): the
+    kernel frees it when its holder dies, however it dies, and release removes the file (one left by a
+    killed run is free, and the next run of that user takes it and removes it). Only a run of this user
+    can hold it: the file is created ``0600`` without following a link, and used only if it is a regular
+    file this user owns; anything else at that name (a link, a FIFO, another user's file) is refused,
+    saying what it is. So a local user who cannot write the output cannot block it either (an abstract
+    socket name, which anyone can bind, could); one who can write its folder is named, not guessed at.
+
+    One file per user, because in a shared sticky folder (``/tmp``, mode 1777) no user can remove or open
+    another's 0600 file: a single name would let a killed run of one user block every other user's run
+    on that output for good. Runs of different users still exclude each other: having taken its own lock,
+    a run looks for the other users' lock files of this output (and an earlier version's
+    ``.NAME.ema-average.lock``) and refuses if the kernel lists one as held (``/proc/locks``); two that
+    start together may both refuse, never both proceed. One that is held names its holder's process where
+    the kernel says. A killed run's lock file of another user blocks nothing (and stays until its owner's
+    next run, or root, removes it); where ``/proc/locks`` cannot be read, it is named as what to remove.
 
     Writers take the lock themselves, unless the caller already holds it in this process (the pipeline
     holds it for its whole run); a forked child shares its parent's lock until it exits.
@@ -59,17 +68,23 @@ class OutputLock:
 
     def _flock(self) -> None:
         target = Path(os.path.realpath(self.path.parent)) / self.path.name
-        lock_file = target.parent / f".{target.name}.ema-average.lock"
+        lock_file = fs.hidden_name(target, f".ema-average-u{os.geteuid()}.lock")
         for _ in range(100):
             fd = _open_lock_file(self.path, lock_file)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = _flock_holder(fd)
+                listed = _listed_holder(os.fstat(fd))
                 os.close(fd)
-                by = f"process {holder}" if holder is not None else "another process"
-                raise OutputError(f"{self.path}: locked by {by} (it holds {lock_file})") from None
+                raise OutputError(f"{self.path}: locked by {_by(listed)} (it holds {lock_file})") from None
             if _same_file(fd, lock_file):  # else its holder removed it between our open and flock
+                try:
+                    _refuse_other_users_holders(self.path, target, lock_file)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        lock_file.unlink()
+                    os.close(fd)
+                    raise
                 self._fd, self._file = fd, lock_file
                 return
             os.close(fd)
@@ -110,7 +125,7 @@ def _open_lock_file(path: Path, lock_file: Path) -> int:
     if problem is not None:
         os.close(fd)
         raise OutputError(f"{path}: cannot take the output lock: {lock_file} {problem}")
-    if info.st_mode & 0o077:  # an earlier version's (0644): anyone could open it, and flock it
+    if info.st_mode & 0o077:  # made readable (an earlier version made 0644 ones): anyone could flock it
         os.fchmod(fd, 0o600)
     return fd
 
@@ -130,14 +145,51 @@ def _not_ours(info: os.stat_result) -> str | None:
     if not stat.S_ISREG(info.st_mode):
         return "is not a regular file; remove it"
     if info.st_uid != os.geteuid():
-        return f"belongs to user {info.st_uid}, not to this one ({os.geteuid()})"
+        return (
+            f"belongs to user {info.st_uid}, not to this one ({os.geteuid()}), though named for this "
+            "user's runs; remove it (its owner or root can)"
+        )
     return None
 
 
-def _flock_holder(fd: int) -> int | None:
-    """The process that holds an flock on ``fd``'s file, as the kernel lists it in ``/proc/locks`` (its
-    PID as this process sees it), or None where that is not known."""
-    info = os.fstat(fd)
+def _refuse_other_users_holders(path: Path, target: Path, own: Path) -> None:
+    """Refuse if another user's run (or an earlier version's) holds a lock file of this output, as the
+    kernel lists it; one of theirs that no process holds (a killed run's) is passed over."""
+    for other in _other_lock_files(target, own):
+        try:
+            info = os.lstat(other)
+        except OSError:
+            continue
+        if not stat.S_ISREG(info.st_mode):  # never a lock file of ours: no run holds it
+            continue
+        listed = _listed_holder(info)
+        if listed is None:
+            raise OutputError(
+                f"{path}: {other}, a lock file of user {info.st_uid}, may be held by a run of that user "
+                "(no /proc/locks to tell); if none is writing this output, remove it (its owner or root can)"
+            )
+        if listed[0]:
+            raise OutputError(f"{path}: locked by {_by(listed)} of user {info.st_uid} (it holds {other})")
+
+
+def _other_lock_files(target: Path, own: Path) -> list[Path]:
+    """Lock files of ``target`` other than ``own``: other users' and an earlier version's. In a folder this
+    user may write but not list, only the earlier version's name can be looked at."""
+    stem = re.escape(fs.hidden_stem(target.name))
+    pattern = re.compile(rf"^\.{stem}\.ema-average(?:-u\d+)?\.lock$")
+    legacy = target.parent / f".{target.name}.ema-average.lock"
+    try:
+        with os.scandir(target.parent) as entries:
+            names = [e.name for e in entries if e.name != own.name and pattern.match(e.name)]
+    except OSError:
+        return [legacy]
+    return [target.parent / name for name in names]
+
+
+def _listed_holder(info: os.stat_result) -> tuple[bool, int | None] | None:
+    """Whether the kernel lists an flock on the file ``info`` describes in ``/proc/locks``, and its
+    holder's PID as this process sees it (None where it is not known); None where ``/proc/locks`` cannot
+    be read. A holder in another PID namespace is not listed."""
     where = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
     try:
         with open("/proc/locks", encoding="ascii", errors="replace") as f:
@@ -146,9 +198,14 @@ def _flock_holder(fd: int) -> int | None:
         return None
     for line in lines:  # "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"; waiters have "->" in field 2
         fields = line.split()
-        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == where and fields[4].isdigit():
-            return int(fields[4]) or None
-    return None
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == where:
+            return True, (int(fields[4]) or None) if fields[4].isdigit() else None
+    return False, None
+
+
+def _by(listed: tuple[bool, int | None] | None) -> str:
+    holder = listed[1] if listed is not None else None
+    return f"process {holder}" if holder is not None else "another process"
 
 
 def _lock_key(path: Path) -> str:
