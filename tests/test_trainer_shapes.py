@@ -174,3 +174,33 @@ def test_ddp_prefix_appearing_on_resume_and_strip_prefix_on_input(tmp_path: Path
     averaged = assert_reference(tmp_path / "ema.safetensors", states)
     nn.Sequential(nn.Linear(3, 4)).load_state_dict(averaged)
     assert "val_loss" in text
+
+
+# Side files that are not the model: skipped with a notice, never fatal --------------------------------
+
+
+def test_side_files_beside_the_run_are_skipped_with_a_notice(tmp_path: Path) -> None:
+    """A loss function's state (``nn.CrossEntropyLoss(weight=...)``: one class-weight tensor) and an empty
+    state dict (a model-less callback's) saved beside the checkpoints, in the run folder and in a step
+    folder."""
+    torch.manual_seed(0)
+    states = {s: {"fc.weight": torch.randn(4, 3), "fc.bias": torch.randn(4)} for s in (100, 200, 300)}
+    run = tmp_path / "run"
+    for step, state in states.items():
+        (run / f"step_{step}").mkdir(parents=True)
+        torch.save(state, run / f"step_{step}" / "model.pt")
+        torch.save(nn.CrossEntropyLoss(weight=torch.rand(4)).state_dict(), run / f"step_{step}" / "loss.pt")
+    torch.save(nn.CrossEntropyLoss(weight=torch.rand(4)).state_dict(), run / "criterion.pt")
+    torch.save({}, run / "callback_state.pt")
+    found = find_run(run)
+    assert [(c.path.name, c.step) for c in found.checkpoints] == [(f"step_{s}", s) for s in states]
+    assert (
+        f"skipped {run / 'criterion.pt'}: no step, and its tensors (weight) are not the run's model"
+        in found.notices
+    )
+    assert any(n.startswith(f"skipped {run / 'callback_state.pt'}: no model weights") for n in found.notices)
+    assert all(c.model.startswith("model") for c in found.checkpoints)  # not the loss's weight
+    average(run, tmp_path / "ema.safetensors")
+    model = nn.Module()
+    model.fc = nn.Linear(3, 4)
+    model.load_state_dict(assert_reference(tmp_path / "ema.safetensors", states))

@@ -24,6 +24,7 @@ from ema_average.checkpoints.base import Checkpoint, OpenOptions, TensorSpec
 from ema_average.checkpoints.layouts import layout_of, looked_for, models_in, open_leaf, own_folders
 from ema_average.checkpoints.renamed import stripped_of, with_model_names
 from ema_average.checkpoints.run_steps import StepsFrom, note_unread_step, real_steps, step_of
+from ema_average.checkpoints.side_units import Deferred, side_units
 from ema_average.checkpoints.steps import names_a_step, natural_key, stem_of, step_from_name
 from ema_average.checkpoints.unit_folder import open_unit
 from ema_average.errors import (
@@ -31,6 +32,7 @@ from ema_average.errors import (
     CheckpointMismatchError,
     ConfigurationError,
     NoCheckpointsError,
+    NoWeightsError,
 )
 from ema_average.safetensors_format import shape_problem
 
@@ -125,10 +127,15 @@ def find_run(
     notices = list(found.notices)
     units = [unit.path for unit in found.units]
     checkpoints: list[Checkpoint] = []
+    deferred = Deferred()
     for unit in found.units:
         if only is not None and unit.path not in only:
             continue
-        ckpt = _open(unit, options)
+        try:
+            ckpt = _open(unit, options)
+        except NoWeightsError as exc:  # a side file beside the run's model, or the run's error
+            deferred.no_weights.append(exc)
+            continue
         if _written_by_this_tool(ckpt):
             notices.append(f"skipped {unit.path}: written by ema-average itself")
             units.remove(unit.path)
@@ -139,19 +146,26 @@ def find_run(
             units.remove(unit.path)
             ckpt.close()
             continue
-        _check_holds_weights(ckpt)
+        try:
+            _check_holds_weights(ckpt)
+        except NoWeightsError as exc:
+            deferred.no_weights.append(exc)
+            ckpt.close()
+            continue
         _check_submodel(ckpt, submodel)
         ckpt = with_model_names(ckpt, strip_prefix)
         try:
             info = step_of(ckpt, steps_from)
-        except CheckpointError:
+        except CheckpointError as exc:
             if steps is None:
-                raise
-            checkpoints.append(ckpt)  # the user gives every step (--steps): none of its own needed
+                deferred.no_step.append((ckpt, exc))  # a side file, or the run's error
+            else:
+                checkpoints.append(ckpt)  # the user gives every step (--steps): none of its own needed
             continue
         ckpt.step, ckpt.step_origin, ckpt.step_is_counter = info.step, info.origin, info.counter
         note_unread_step(ckpt, steps_from)
         checkpoints.append(ckpt)
+    checkpoints = side_units(checkpoints, deferred, notices)
     if not checkpoints:
         where = f" named {' or '.join(globs)}" if globs else ""
         raise NoCheckpointsError(root, f"no checkpoints{where} found; looked for {looked_for()}")
@@ -343,9 +357,7 @@ def _check_holds_weights(ckpt: Checkpoint) -> None:
     empty tensor (a model's empty buffer) is kept: it is copied as it is."""
     specs = ckpt.specs()
     if not specs:
-        raise CheckpointError(
-            ckpt.path, "holds no tensors (weights saved elsewhere, e.g. by DeepSpeed ZeRO-3?)"
-        )
+        raise NoWeightsError(ckpt.path, "holds no tensors (weights saved elsewhere, e.g. by DeepSpeed ZeRO-3?)")
     for name, spec in specs.items():
         problem = shape_problem(spec.shape, spec.dtype)
         if problem is not None:

@@ -24,7 +24,7 @@ from ema_average.checkpoints.base import (
 )
 from ema_average.checkpoints.keys import is_ema_name
 from ema_average.checkpoints.layouts import models_in, name_step, open_leaf, own_model, side_step
-from ema_average.errors import CheckpointError
+from ema_average.errors import CheckpointError, NoWeightsError
 
 # Which sub-model of a diffusers checkpoint is "the" model, when several are trained together.
 _PREFERRED = ("unet", "transformer", "prior", "decoder", "controlnet", "text_encoder")
@@ -45,12 +45,21 @@ def model_name(unit: Path, model: Path) -> str:
 def _order(unit: Path, models: list[Path]) -> list[Path]:
     """Raw weights before averages, the folder's own first, then the usual diffusers model, then by name."""
 
-    def rank(model: Path) -> tuple[bool, bool, int, str]:
+    def rank(model: Path) -> tuple[bool, bool, int, int, str]:
         name = model_name(unit, model)
         preferred = _PREFERRED.index(name) if name in _PREFERRED else len(_PREFERRED)
-        return (is_ema_name(name), model != unit, preferred, name)
+        return (is_ema_name(name), model != unit, preferred, -_file_size(model), name)
 
     return sorted(models, key=rank)
+
+
+def _file_size(model: Path) -> int:
+    """A loose weights file's size: of several files in a step folder the model is the largest (a loss
+    function's or a metric's state beside it is a few bytes); 0 for folders, which rank by name."""
+    try:
+        return model.stat().st_size if model.is_file() else 0
+    except OSError:
+        return 0
 
 
 @dataclass
@@ -75,8 +84,15 @@ class FolderUnit(Checkpoint):
         wanted = options.submodel
         candidates = [ordered[names.index(wanted)]] if wanted in names else ordered
         inner: Checkpoint | None = None
+        skipped: list[str] = []
         for model in candidates:
-            inner = open_leaf(model, options)
+            try:
+                inner = open_leaf(model, options)
+            except NoWeightsError as exc:  # an empty state dict beside the model: a side file
+                if model is candidates[-1]:
+                    raise
+                skipped.append(f"skipped {model.name}: no model weights ({exc.problem.split(';')[0]})")
+                continue
             reached = wanted is None or wanted in names or wanted in inner.model.split("/")
             if inner.specs() and reached:
                 break
@@ -89,7 +105,7 @@ class FolderUnit(Checkpoint):
         self.inner = inner
         self.layout = inner.layout  # type: ignore[misc]
         self.lazy = inner.lazy  # type: ignore[misc]
-        self.notes = list(inner.notes)
+        self.notes = [*inner.notes, *skipped]
         read = model_name(path, inner.path)
         others = {
             name: f"--submodel {name}" for m, name in zip(ordered, names, strict=True) if m != inner.path
