@@ -204,3 +204,74 @@ def test_side_files_beside_the_run_are_skipped_with_a_notice(tmp_path: Path) -> 
     model = nn.Module()
     model.fc = nn.Linear(3, 4)
     model.load_state_dict(assert_reference(tmp_path / "ema.safetensors", states))
+
+
+# EMA copies as sibling files: NeMo's exp_manager with EMA writes X.ckpt and X-EMA.ckpt ----------------
+
+
+def write_nemo_ema_run(folder: Path) -> Path:
+    """A real Lightning run with NeMo's EMA save followed from its source: ``NeMoModelCheckpoint.
+    _save_checkpoint`` (nemo/utils/callbacks/nemo_model_checkpoint.py) saves the checkpoint, then, inside
+    ``EMA.save_ema_model`` (nemo/collections/common/callbacks/ema.py: the averaged parameters swapped into
+    the module), saves it again to ``filepath.replace('.ckpt', '-EMA.ckpt')``. NeMo itself does not install
+    beside this torch."""
+    import lightning as L
+
+    class EMA(L.Callback):
+        def __init__(self, decay: float = 0.8) -> None:
+            self.decay, self.average = decay, None
+
+        def on_train_batch_end(self, trainer, module, *args) -> None:  # type: ignore[no-untyped-def]
+            params = [p.detach() for p in module.parameters()]
+            if self.average is None:
+                self.average = [p.clone() for p in params]
+            for a, p in zip(self.average, params, strict=True):
+                a.mul_(self.decay).add_(p, alpha=1 - self.decay)
+
+        def swap(self, module) -> None:  # type: ignore[no-untyped-def]
+            for a, p in zip(self.average, module.parameters(), strict=True):
+                tmp = p.detach().clone()
+                p.data.copy_(a)
+                a.copy_(tmp)
+
+    class NeMoModelCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
+        def _save_checkpoint(self, trainer, filepath: str) -> None:  # type: ignore[no-untyped-def]
+            super()._save_checkpoint(trainer, filepath)
+            ema = next(c for c in trainer.callbacks if isinstance(c, EMA))
+            ema.swap(trainer.lightning_module)  # with ema_callback.save_ema_model(trainer):
+            super()._save_checkpoint(
+                trainer, filepath.replace(self.FILE_EXTENSION, f"-EMA{self.FILE_EXTENSION}")
+            )
+            ema.swap(trainer.lightning_module)
+
+    from helpers import write_lightning_run
+
+    return write_lightning_run(folder, callbacks=[EMA()], checkpoint_class=NeMoModelCheckpoint)
+
+
+def test_nemo_ema_sibling_files_are_skipped_or_chosen(tmp_path: Path) -> None:
+    run = write_nemo_ema_run(tmp_path / "run")
+    raw = sorted(run.glob("*=?.ckpt")) + sorted(run.glob("*=??.ckpt"))
+    emas = [p.with_name(p.stem + "-EMA.ckpt") for p in raw]
+    assert all(p.is_file() for p in emas) and len(raw) == 3
+
+    def states(paths: list[Path]) -> dict[int, dict[str, torch.Tensor]]:
+        loaded = [torch.load(p, weights_only=True) for p in paths]
+        return {ckpt["global_step"]: ckpt["state_dict"] for ckpt in loaded}
+
+    found = find_run(run)
+    assert [c.path for c in found.checkpoints] == raw
+    assert (
+        f"skipped {emas[0]}: an average kept beside {raw[0].name} (the EMA); read the averages with --submodel ema"
+        in found.notices
+    )
+    text = average(run, tmp_path / "raw.safetensors")
+    assert_reference(tmp_path / "raw.safetensors", states(raw))
+    assert "--submodel ema" in text
+    assert [c.path for c in find_run(run, submodel="ema").checkpoints] == emas
+    average(run, tmp_path / "ema.safetensors", "--submodel", "ema")
+    assert_reference(tmp_path / "ema.safetensors", states(emas))
+    assert not torch.equal(
+        load_file(str(tmp_path / "ema.safetensors"))["net.0.weight"],
+        load_file(str(tmp_path / "raw.safetensors"))["net.0.weight"],
+    )

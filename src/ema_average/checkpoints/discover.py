@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 
 from ema_average.checkpoints.base import Checkpoint, OpenOptions, TensorSpec
+from ema_average.checkpoints.keys import is_ema_name
 from ema_average.checkpoints.layouts import layout_of, looked_for, models_in, open_leaf, own_folders
 from ema_average.checkpoints.renamed import stripped_of, with_model_names
 from ema_average.checkpoints.run_steps import StepsFrom, note_unread_step, real_steps, step_of
-from ema_average.checkpoints.side_units import Deferred, side_units
+from ema_average.checkpoints.side_units import Deferred, average_siblings, side_units
 from ema_average.checkpoints.steps import names_a_step, natural_key, stem_of, step_from_name
 from ema_average.checkpoints.unit_folder import open_unit
 from ema_average.errors import (
@@ -122,10 +123,15 @@ def find_run(
         )
     if step_every is not None and (type(step_every) is not int or step_every < 1):
         raise ConfigurationError(f"--step-every must be a whole number of steps >= 1, got {step_every!r}")
-    options = OpenOptions(state_dict_key=state_dict_key, trust_pickle=trust_pickle, submodel=submodel)
     found = scan(root, globs)
     notices = list(found.notices)
     units = [unit.path for unit in found.units]
+    averages, said = average_siblings(units, submodel is not None and is_ema_name(submodel))
+    if averages:  # the average is chosen among files, not inside one
+        found.units = [unit for unit in found.units if unit.path not in averages]
+        notices += said
+        submodel = None if is_ema_name(submodel or "") else submodel
+    options = OpenOptions(state_dict_key=state_dict_key, trust_pickle=trust_pickle, submodel=submodel)
     checkpoints: list[Checkpoint] = []
     deferred = Deferred()
     for unit in found.units:
@@ -357,7 +363,9 @@ def _check_holds_weights(ckpt: Checkpoint) -> None:
     empty tensor (a model's empty buffer) is kept: it is copied as it is."""
     specs = ckpt.specs()
     if not specs:
-        raise NoWeightsError(ckpt.path, "holds no tensors (weights saved elsewhere, e.g. by DeepSpeed ZeRO-3?)")
+        raise NoWeightsError(
+            ckpt.path, "holds no tensors (weights saved elsewhere, e.g. by DeepSpeed ZeRO-3?)"
+        )
     for name, spec in specs.items():
         problem = shape_problem(spec.shape, spec.dtype)
         if problem is not None:
