@@ -275,3 +275,92 @@ def test_nemo_ema_sibling_files_are_skipped_or_chosen(tmp_path: Path) -> None:
         load_file(str(tmp_path / "ema.safetensors"))["net.0.weight"],
         load_file(str(tmp_path / "raw.safetensors"))["net.0.weight"],
     )
+
+
+# Rank sub-folders: Megatron-LM's legacy save, iter_0000100/mp_rank_00/model_optim_rng.pt ---------------
+
+
+class MegatronLike(nn.Module):
+    """A few of megatron-core GPTModel's names (embedding.word_embeddings, decoder.layers.N.*,
+    decoder.final_layernorm, output_layer), for a test: megatron-core does not install beside this torch."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.embedding = nn.Module()
+        self.embedding.word_embeddings = nn.Embedding(16, width)
+        self.decoder = nn.Module()
+        self.decoder.layers = nn.ModuleList([nn.Linear(width, width) for _ in range(2)])
+        self.decoder.final_layernorm = nn.LayerNorm(width)
+        self.output_layer = nn.Linear(width, 16, bias=False)
+
+
+def write_megatron_run(run: Path, iterations: list[int], tp: int = 1) -> dict[int, dict[str, torch.Tensor]]:
+    """megatron/training/checkpointing.py, legacy (torch) format followed from its source: every rank saves
+    ``{args, checkpoint_version, iteration, model, optimizer, opt_param_scheduler, rng_state,
+    num_floating_point_operations_so_far}`` to ``iter_{:07d}/mp_rank_{tp:02d}/model_optim_rng.pt``, then rank
+    0 writes the tracker ``latest_checkpointed_iteration.txt``. Each TP rank here saves its own copy (the
+    test's ranks are not split)."""
+    import argparse
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = MegatronLike()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    args = argparse.Namespace(tensor_model_parallel_size=tp, pipeline_model_parallel_size=1, lr=1e-2)
+    states = {}
+    for iteration in range(max(iterations) + 1):
+        loss = sum(p.pow(2).sum() for p in model.parameters())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if iteration not in iterations:
+            continue
+        for rank in range(tp):
+            state = {
+                "args": args,
+                "checkpoint_version": 3.0,
+                "iteration": iteration,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "opt_param_scheduler": {"num_steps": iteration, "max_lr": 1e-2},
+                "rng_state": [
+                    {
+                        "random_rng_state": random.getstate(),
+                        "np_rng_state": np.random.get_state(),
+                        "torch_rng_state": torch.get_rng_state(),
+                        "rng_tracker_states": {},
+                    }
+                ],
+                "num_floating_point_operations_so_far": 1.0e9 * iteration,
+            }
+            folder = run / f"iter_{iteration:07d}" / f"mp_rank_{rank:02d}"
+            folder.mkdir(parents=True)
+            torch.save(state, folder / "model_optim_rng.pt")
+        (run / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+        states[iteration] = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    return states
+
+
+def test_megatron_legacy_rank_folder_is_read_as_its_step(tmp_path: Path) -> None:
+    run = tmp_path / "checkpoints"
+    states = write_megatron_run(run, [100, 200, 300])
+    found = find_run(run)
+    assert [(c.path.name, c.step, c.step_origin) for c in found.checkpoints] == [
+        (f"iter_{s:07d}", s, "metadata:iteration") for s in (100, 200, 300)
+    ]
+    average(run, tmp_path / "ema.safetensors")
+    MegatronLike().load_state_dict(assert_reference(tmp_path / "ema.safetensors", states))
+
+
+def test_megatron_tensor_parallel_ranks_are_refused_in_one_line_or_read_one_by_one(tmp_path: Path) -> None:
+    run = tmp_path / "checkpoints"
+    states = write_megatron_run(run, [100, 200], tp=2)
+    result = CliRunner().invoke(app, [str(run), "-o", str(tmp_path / "ema.safetensors")])
+    assert result.exit_code == 1
+    line = result.stderr.strip()
+    assert "\n" not in line and "holds 2 model-parallel ranks (mp_rank_00, mp_rank_01)" in line, line
+    assert "--submodel mp_rank_00" in line
+    average(run, tmp_path / "rank0.safetensors", "--submodel", "mp_rank_00")  # the hint works on this run
+    assert_reference(tmp_path / "rank0.safetensors", states)

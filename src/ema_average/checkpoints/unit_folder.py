@@ -9,7 +9,7 @@ groups such models under their step's folder; this reads one of them: the raw tr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from ema_average.checkpoints.base import (
 )
 from ema_average.checkpoints.keys import is_ema_name
 from ema_average.checkpoints.layouts import models_in, name_step, open_leaf, own_model, side_step
+from ema_average.checkpoints.run_folder import is_rank_folder
 from ema_average.errors import CheckpointError, NoWeightsError
 
 # Which sub-model of a diffusers checkpoint is "the" model, when several are trained together.
@@ -38,8 +39,9 @@ def model_name(unit: Path, model: Path) -> str:
     if model == unit:
         sets = models_in(unit)
         return sets[0][0] if sets else OWN
-    name = model.name
-    return name.split(".")[0] if model.is_file() else name
+    name = model.name.split(".")[0] if model.is_file() else model.name
+    inner = model.parent.relative_to(unit).parts if model.parent.is_relative_to(unit) else ()
+    return "/".join((*inner, name))  # a rank's model by its folder: mp_rank_00/model_optim_rng
 
 
 def _order(unit: Path, models: list[Path]) -> list[Path]:
@@ -51,6 +53,21 @@ def _order(unit: Path, models: list[Path]) -> list[Path]:
         return (is_ema_name(name), model != unit, preferred, -_file_size(model), name)
 
     return sorted(models, key=rank)
+
+
+def _refuse_ranks(path: Path, names: list[str], wanted: str | None) -> None:
+    """Several ranks' parts of one model-parallel save (``mp_rank_00/``, ``mp_rank_01/``): each holds a
+    shard of the model, whose merging only its layout knows (DeepSpeed's is read); refused in one line,
+    unless one rank is asked for (each rank's shard averages on its own)."""
+    ranks = sorted({n.partition("/")[0] for n in names if "/" in n and is_rank_folder(n.partition("/")[0])})
+    if len(ranks) < 2 or wanted in ranks:
+        return
+    shown = ", ".join(ranks[:4]) + (" ..." if len(ranks) > 4 else "")
+    raise CheckpointError(
+        path,
+        f"holds {len(ranks)} model-parallel ranks ({shown}), each a shard of the model: merging them needs "
+        f"the layout's split rules, which are not known here; average one rank's shard with --submodel {ranks[0]}",
+    )
 
 
 def _file_size(model: Path) -> int:
@@ -82,18 +99,20 @@ class FolderUnit(Checkpoint):
         ordered = _order(path, models)
         names = [model_name(path, m) for m in ordered]
         wanted = options.submodel
-        candidates = [ordered[names.index(wanted)]] if wanted in names else ordered
+        _refuse_ranks(path, names, wanted)
+        picked = [m for m, n in zip(ordered, names, strict=True) if wanted in (n, n.partition("/")[0])]
+        candidates = picked[:1] or ordered
         inner: Checkpoint | None = None
         skipped: list[str] = []
         for model in candidates:
             try:
-                inner = open_leaf(model, options)
+                inner = open_leaf(model, replace(options, submodel=None) if picked else options)
             except NoWeightsError as exc:  # an empty state dict beside the model: a side file
                 if model is candidates[-1]:
                     raise
                 skipped.append(f"skipped {model.name}: no model weights ({exc.problem.split(';')[0]})")
                 continue
-            reached = wanted is None or wanted in names or wanted in inner.model.split("/")
+            reached = wanted is None or bool(picked) or wanted in inner.model.split("/")
             if inner.specs() and reached:
                 break
             inner.close()  # empty (a ZeRO-3 model.safetensors), or not the one asked for: the next
