@@ -96,9 +96,14 @@ def write_fairseq_run(folder: Path, updates: list[int], epoch: int = 1) -> dict[
 
 
 def write_lightning_run(
-    folder: Path, max_steps: int = 12, every: int = 4, callbacks: Sequence[object] = ()
+    folder: Path,
+    max_steps: int = 12,
+    every: int = 4,
+    callbacks: Sequence[object] = (),
+    checkpoint_class: type | None = None,
 ) -> Path:
-    """A real Lightning Trainer with ModelCheckpoint saving every ``every`` steps, and ``callbacks``."""
+    """A real Lightning Trainer with ModelCheckpoint (or ``checkpoint_class``, a subclass) saving every
+    ``every`` steps, and ``callbacks``."""
     import lightning as L
 
     class Tiny(L.LightningModule):
@@ -117,7 +122,7 @@ def write_lightning_run(
 
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(64, 4), torch.randn(64, 1))
-    checkpoints = L.pytorch.callbacks.ModelCheckpoint(
+    checkpoints = (checkpoint_class or L.pytorch.callbacks.ModelCheckpoint)(
         dirpath=folder, every_n_train_steps=every, save_top_k=-1, filename="{epoch}-{step}"
     )
     trainer = L.Trainer(

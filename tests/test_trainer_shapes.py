@@ -174,3 +174,193 @@ def test_ddp_prefix_appearing_on_resume_and_strip_prefix_on_input(tmp_path: Path
     averaged = assert_reference(tmp_path / "ema.safetensors", states)
     nn.Sequential(nn.Linear(3, 4)).load_state_dict(averaged)
     assert "val_loss" in text
+
+
+# Side files that are not the model: skipped with a notice, never fatal --------------------------------
+
+
+def test_side_files_beside_the_run_are_skipped_with_a_notice(tmp_path: Path) -> None:
+    """A loss function's state (``nn.CrossEntropyLoss(weight=...)``: one class-weight tensor) and an empty
+    state dict (a model-less callback's) saved beside the checkpoints, in the run folder and in a step
+    folder."""
+    torch.manual_seed(0)
+    states = {s: {"fc.weight": torch.randn(4, 3), "fc.bias": torch.randn(4)} for s in (100, 200, 300)}
+    run = tmp_path / "run"
+    for step, state in states.items():
+        (run / f"step_{step}").mkdir(parents=True)
+        torch.save(state, run / f"step_{step}" / "model.pt")
+        torch.save(nn.CrossEntropyLoss(weight=torch.rand(4)).state_dict(), run / f"step_{step}" / "loss.pt")
+    torch.save(nn.CrossEntropyLoss(weight=torch.rand(4)).state_dict(), run / "criterion.pt")
+    torch.save({}, run / "callback_state.pt")
+    found = find_run(run)
+    assert [(c.path.name, c.step) for c in found.checkpoints] == [(f"step_{s}", s) for s in states]
+    assert (
+        f"skipped {run / 'criterion.pt'}: no step, and its tensors (weight) are not the run's model"
+        in found.notices
+    )
+    assert any(n.startswith(f"skipped {run / 'callback_state.pt'}: no model weights") for n in found.notices)
+    assert all(c.model.startswith("model") for c in found.checkpoints)  # not the loss's weight
+    average(run, tmp_path / "ema.safetensors")
+    model = nn.Module()
+    model.fc = nn.Linear(3, 4)
+    model.load_state_dict(assert_reference(tmp_path / "ema.safetensors", states))
+
+
+# EMA copies as sibling files: NeMo's exp_manager with EMA writes X.ckpt and X-EMA.ckpt ----------------
+
+
+def write_nemo_ema_run(folder: Path) -> Path:
+    """A real Lightning run with NeMo's EMA save followed from its source: ``NeMoModelCheckpoint.
+    _save_checkpoint`` (nemo/utils/callbacks/nemo_model_checkpoint.py) saves the checkpoint, then, inside
+    ``EMA.save_ema_model`` (nemo/collections/common/callbacks/ema.py: the averaged parameters swapped into
+    the module), saves it again to ``filepath.replace('.ckpt', '-EMA.ckpt')``. NeMo itself does not install
+    beside this torch."""
+    import lightning as L
+
+    class EMA(L.Callback):
+        def __init__(self, decay: float = 0.8) -> None:
+            self.decay, self.average = decay, None
+
+        def on_train_batch_end(self, trainer, module, *args) -> None:  # type: ignore[no-untyped-def]
+            params = [p.detach() for p in module.parameters()]
+            if self.average is None:
+                self.average = [p.clone() for p in params]
+            for a, p in zip(self.average, params, strict=True):
+                a.mul_(self.decay).add_(p, alpha=1 - self.decay)
+
+        def swap(self, module) -> None:  # type: ignore[no-untyped-def]
+            for a, p in zip(self.average, module.parameters(), strict=True):
+                tmp = p.detach().clone()
+                p.data.copy_(a)
+                a.copy_(tmp)
+
+    class NeMoModelCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
+        def _save_checkpoint(self, trainer, filepath: str) -> None:  # type: ignore[no-untyped-def]
+            super()._save_checkpoint(trainer, filepath)
+            ema = next(c for c in trainer.callbacks if isinstance(c, EMA))
+            ema.swap(trainer.lightning_module)  # with ema_callback.save_ema_model(trainer):
+            super()._save_checkpoint(
+                trainer, filepath.replace(self.FILE_EXTENSION, f"-EMA{self.FILE_EXTENSION}")
+            )
+            ema.swap(trainer.lightning_module)
+
+    from helpers import write_lightning_run
+
+    return write_lightning_run(folder, callbacks=[EMA()], checkpoint_class=NeMoModelCheckpoint)
+
+
+def test_nemo_ema_sibling_files_are_skipped_or_chosen(tmp_path: Path) -> None:
+    run = write_nemo_ema_run(tmp_path / "run")
+    raw = sorted(run.glob("*=?.ckpt")) + sorted(run.glob("*=??.ckpt"))
+    emas = [p.with_name(p.stem + "-EMA.ckpt") for p in raw]
+    assert all(p.is_file() for p in emas) and len(raw) == 3
+
+    def states(paths: list[Path]) -> dict[int, dict[str, torch.Tensor]]:
+        loaded = [torch.load(p, weights_only=True) for p in paths]
+        return {ckpt["global_step"]: ckpt["state_dict"] for ckpt in loaded}
+
+    found = find_run(run)
+    assert [c.path for c in found.checkpoints] == raw
+    assert (
+        f"skipped {emas[0]}: an average kept beside {raw[0].name} (the EMA); read the averages with --submodel ema"
+        in found.notices
+    )
+    text = average(run, tmp_path / "raw.safetensors")
+    assert_reference(tmp_path / "raw.safetensors", states(raw))
+    assert "--submodel ema" in text
+    assert [c.path for c in find_run(run, submodel="ema").checkpoints] == emas
+    average(run, tmp_path / "ema.safetensors", "--submodel", "ema")
+    assert_reference(tmp_path / "ema.safetensors", states(emas))
+    assert not torch.equal(
+        load_file(str(tmp_path / "ema.safetensors"))["net.0.weight"],
+        load_file(str(tmp_path / "raw.safetensors"))["net.0.weight"],
+    )
+
+
+# Rank sub-folders: Megatron-LM's legacy save, iter_0000100/mp_rank_00/model_optim_rng.pt ---------------
+
+
+class MegatronLike(nn.Module):
+    """A few of megatron-core GPTModel's names (embedding.word_embeddings, decoder.layers.N.*,
+    decoder.final_layernorm, output_layer), for a test: megatron-core does not install beside this torch."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.embedding = nn.Module()
+        self.embedding.word_embeddings = nn.Embedding(16, width)
+        self.decoder = nn.Module()
+        self.decoder.layers = nn.ModuleList([nn.Linear(width, width) for _ in range(2)])
+        self.decoder.final_layernorm = nn.LayerNorm(width)
+        self.output_layer = nn.Linear(width, 16, bias=False)
+
+
+def write_megatron_run(run: Path, iterations: list[int], tp: int = 1) -> dict[int, dict[str, torch.Tensor]]:
+    """megatron/training/checkpointing.py, legacy (torch) format followed from its source: every rank saves
+    ``{args, checkpoint_version, iteration, model, optimizer, opt_param_scheduler, rng_state,
+    num_floating_point_operations_so_far}`` to ``iter_{:07d}/mp_rank_{tp:02d}/model_optim_rng.pt``, then rank
+    0 writes the tracker ``latest_checkpointed_iteration.txt``. Each TP rank here saves its own copy (the
+    test's ranks are not split)."""
+    import argparse
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = MegatronLike()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    args = argparse.Namespace(tensor_model_parallel_size=tp, pipeline_model_parallel_size=1, lr=1e-2)
+    states = {}
+    for iteration in range(max(iterations) + 1):
+        loss = sum(p.pow(2).sum() for p in model.parameters())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if iteration not in iterations:
+            continue
+        for rank in range(tp):
+            state = {
+                "args": args,
+                "checkpoint_version": 3.0,
+                "iteration": iteration,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "opt_param_scheduler": {"num_steps": iteration, "max_lr": 1e-2},
+                "rng_state": [
+                    {
+                        "random_rng_state": random.getstate(),
+                        "np_rng_state": np.random.get_state(),
+                        "torch_rng_state": torch.get_rng_state(),
+                        "rng_tracker_states": {},
+                    }
+                ],
+                "num_floating_point_operations_so_far": 1.0e9 * iteration,
+            }
+            folder = run / f"iter_{iteration:07d}" / f"mp_rank_{rank:02d}"
+            folder.mkdir(parents=True)
+            torch.save(state, folder / "model_optim_rng.pt")
+        (run / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+        states[iteration] = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    return states
+
+
+def test_megatron_legacy_rank_folder_is_read_as_its_step(tmp_path: Path) -> None:
+    run = tmp_path / "checkpoints"
+    states = write_megatron_run(run, [100, 200, 300])
+    found = find_run(run)
+    assert [(c.path.name, c.step, c.step_origin) for c in found.checkpoints] == [
+        (f"iter_{s:07d}", s, "metadata:iteration") for s in (100, 200, 300)
+    ]
+    average(run, tmp_path / "ema.safetensors")
+    MegatronLike().load_state_dict(assert_reference(tmp_path / "ema.safetensors", states))
+
+
+def test_megatron_tensor_parallel_ranks_are_refused_in_one_line_or_read_one_by_one(tmp_path: Path) -> None:
+    run = tmp_path / "checkpoints"
+    states = write_megatron_run(run, [100, 200], tp=2)
+    result = CliRunner().invoke(app, [str(run), "-o", str(tmp_path / "ema.safetensors")])
+    assert result.exit_code == 1
+    line = result.stderr.strip()
+    assert "\n" not in line and "holds 2 model-parallel ranks (mp_rank_00, mp_rank_01)" in line, line
+    assert "--submodel mp_rank_00" in line
+    average(run, tmp_path / "rank0.safetensors", "--submodel", "mp_rank_00")  # the hint works on this run
+    assert_reference(tmp_path / "rank0.safetensors", states)

@@ -51,6 +51,11 @@ class NoCheckpointsError(CheckpointError, FileNotFoundError):
     """A directory holds no checkpoint this tool can read."""
 
 
+class NoWeightsError(CheckpointError):
+    """A file holds no model weights (an empty state dict, trainer state only): beside a run's model it is
+    a side file, skipped with a notice; alone it is the error."""
+
+
 class UnsafeCheckpointError(CheckpointError):
     """A torch file needs arbitrary unpickling, which is refused unless the user opts in."""
 

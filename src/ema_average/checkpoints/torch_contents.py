@@ -18,7 +18,7 @@ from ema_average.checkpoints.base import ModelChoice
 from ema_average.checkpoints.contents import KeyPath, Kind, Part, described, mirrors, split, structure_of
 from ema_average.checkpoints.keys import STATE_DICT_KEYS
 from ema_average.checkpoints.placeholders import Placeholder, described_objects, placeholders_in
-from ema_average.errors import CheckpointError, UnsafeCheckpointError
+from ema_average.errors import CheckpointError, NoWeightsError, UnsafeCheckpointError
 
 # Bounds on walking a nested state dict: a few hundred bytes of pickle can describe a loop, or a DAG
 # of shared dicts with 2**40 paths through it.
@@ -288,7 +288,7 @@ def find_state_dict(
         keys = ", ".join(_short_repr(k) for k in list(obj)[:8])
         held = "; ".join(text for text in (described(beside), described_objects(objects)) if text)
         held = f"; it holds {held}" if held else ""
-        raise CheckpointError(
+        raise NoWeightsError(
             path,
             f"no state dict found (top-level keys: {keys}{held}); "
             "name the key holding the weights with --state-dict-key",

@@ -9,7 +9,7 @@ groups such models under their step's folder; this reads one of them: the raw tr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,7 +24,8 @@ from ema_average.checkpoints.base import (
 )
 from ema_average.checkpoints.keys import is_ema_name
 from ema_average.checkpoints.layouts import models_in, name_step, open_leaf, own_model, side_step
-from ema_average.errors import CheckpointError
+from ema_average.checkpoints.run_folder import is_rank_folder
+from ema_average.errors import CheckpointError, NoWeightsError
 
 # Which sub-model of a diffusers checkpoint is "the" model, when several are trained together.
 _PREFERRED = ("unet", "transformer", "prior", "decoder", "controlnet", "text_encoder")
@@ -38,19 +39,44 @@ def model_name(unit: Path, model: Path) -> str:
     if model == unit:
         sets = models_in(unit)
         return sets[0][0] if sets else OWN
-    name = model.name
-    return name.split(".")[0] if model.is_file() else name
+    name = model.name.split(".")[0] if model.is_file() else model.name
+    inner = model.parent.relative_to(unit).parts if model.parent.is_relative_to(unit) else ()
+    return "/".join((*inner, name))  # a rank's model by its folder: mp_rank_00/model_optim_rng
 
 
 def _order(unit: Path, models: list[Path]) -> list[Path]:
     """Raw weights before averages, the folder's own first, then the usual diffusers model, then by name."""
 
-    def rank(model: Path) -> tuple[bool, bool, int, str]:
+    def rank(model: Path) -> tuple[bool, bool, int, int, str]:
         name = model_name(unit, model)
         preferred = _PREFERRED.index(name) if name in _PREFERRED else len(_PREFERRED)
-        return (is_ema_name(name), model != unit, preferred, name)
+        return (is_ema_name(name), model != unit, preferred, -_file_size(model), name)
 
     return sorted(models, key=rank)
+
+
+def _refuse_ranks(path: Path, names: list[str], wanted: str | None) -> None:
+    """Several ranks' parts of one model-parallel save (``mp_rank_00/``, ``mp_rank_01/``): each holds a
+    shard of the model, whose merging only its layout knows (DeepSpeed's is read); refused in one line,
+    unless one rank is asked for (each rank's shard averages on its own)."""
+    ranks = sorted({n.partition("/")[0] for n in names if "/" in n and is_rank_folder(n.partition("/")[0])})
+    if len(ranks) < 2 or wanted in ranks:
+        return
+    shown = ", ".join(ranks[:4]) + (" ..." if len(ranks) > 4 else "")
+    raise CheckpointError(
+        path,
+        f"holds {len(ranks)} model-parallel ranks ({shown}), each a shard of the model: merging them needs "
+        f"the layout's split rules, which are not known here; average one rank's shard with --submodel {ranks[0]}",
+    )
+
+
+def _file_size(model: Path) -> int:
+    """A loose weights file's size: of several files in a step folder the model is the largest (a loss
+    function's or a metric's state beside it is a few bytes); 0 for folders, which rank by name."""
+    try:
+        return model.stat().st_size if model.is_file() else 0
+    except OSError:
+        return 0
 
 
 @dataclass
@@ -73,11 +99,20 @@ class FolderUnit(Checkpoint):
         ordered = _order(path, models)
         names = [model_name(path, m) for m in ordered]
         wanted = options.submodel
-        candidates = [ordered[names.index(wanted)]] if wanted in names else ordered
+        _refuse_ranks(path, names, wanted)
+        picked = [m for m, n in zip(ordered, names, strict=True) if wanted in (n, n.partition("/")[0])]
+        candidates = picked[:1] or ordered
         inner: Checkpoint | None = None
+        skipped: list[str] = []
         for model in candidates:
-            inner = open_leaf(model, options)
-            reached = wanted is None or wanted in names or wanted in inner.model.split("/")
+            try:
+                inner = open_leaf(model, replace(options, submodel=None) if picked else options)
+            except NoWeightsError as exc:  # an empty state dict beside the model: a side file
+                if model is candidates[-1]:
+                    raise
+                skipped.append(f"skipped {model.name}: no model weights ({exc.problem.split(';')[0]})")
+                continue
+            reached = wanted is None or bool(picked) or wanted in inner.model.split("/")
             if inner.specs() and reached:
                 break
             inner.close()  # empty (a ZeRO-3 model.safetensors), or not the one asked for: the next
@@ -89,7 +124,7 @@ class FolderUnit(Checkpoint):
         self.inner = inner
         self.layout = inner.layout  # type: ignore[misc]
         self.lazy = inner.lazy  # type: ignore[misc]
-        self.notes = list(inner.notes)
+        self.notes = [*inner.notes, *skipped]
         read = model_name(path, inner.path)
         others = {
             name: f"--submodel {name}" for m, name in zip(ordered, names, strict=True) if m != inner.path
