@@ -129,7 +129,7 @@ class FolderUnit(Checkpoint):
         others = {
             name: f"--submodel {name}" for m, name in zip(ordered, names, strict=True) if m != inner.path
         }
-        self.choices = ([_FolderChoice(read, others)] if others else []) + inner.choices
+        self.choices = ([_FolderChoice(read, others)] if others or picked else []) + inner.choices
 
     @property
     def saved_model(self) -> SavedModel | None:
