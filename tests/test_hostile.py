@@ -448,6 +448,81 @@ CASES: dict[str, Case] = {
 CASES.update(READING_CASES)
 
 
+# --- DCP (issues 24, 25): compressed items, metadata that would hash forever -------------------------------
+
+
+def _dcp_run(run: Path) -> Path:
+    """Two DCP step folders of the usual small model; returns the second (the culprit's folder)."""
+    import torch.distributed.checkpoint as dcp
+
+    for step in (1, 2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.save(dict(make_state(step)), checkpoint_id=str(run / f"step_{step}"))
+    return run / "step_2"
+
+
+def dcp_deflated_item(run: Path, tmp: Path) -> tuple[list[str], Path]:
+    """step_2's ``encoder.bias`` item: the same values in a DEFLATE archive (torch never writes one; its
+    reader inflates it, so nothing bounds what such an item unpacks to). Averaged, exit 0, before."""
+    import io
+    import zipfile
+
+    folder = _dcp_run(run)
+    with open(folder / ".metadata", "rb") as f:
+        metadata = pickle.load(f)  # this test's own file
+    [info] = [i for k, i in metadata.storage_data.items() if k.fqn == "encoder.bias"]
+    data = folder / info.relative_path
+    archive, packed = io.BytesIO(data.read_bytes()[info.offset : info.offset + info.length]), io.BytesIO()
+    with zipfile.ZipFile(archive) as source, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as dest:
+        for member in source.infolist():
+            dest.writestr(member.filename, source.read(member))
+    info.offset, info.length = data.stat().st_size, len(packed.getvalue())
+    with open(data, "ab") as f:
+        f.write(packed.getvalue())
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    return [], data
+
+
+def dcp_metadata_planner_data(opcodes: bytes) -> Callable[[Path, Path], tuple[list[str], Path]]:
+    """step_2's ``.metadata`` (protocol 2: explicit memo indices, no frames) with ``planner_data`` built
+    by ``opcodes``."""
+
+    def build(run: Path, tmp: Path) -> tuple[list[str], Path]:
+        folder = _dcp_run(run)
+        with open(folder / ".metadata", "rb") as f:
+            metadata = pickle.load(f)
+        metadata.planner_data = "PLACEHOLDER"
+        placeholder = b"X\x0b\x00\x00\x00PLACEHOLDER"
+        (folder / ".metadata").write_bytes(pickle.dumps(metadata, protocol=2).replace(placeholder, opcodes))
+        return [], folder / ".metadata"
+
+    return build
+
+
+def _tuple_dag_key(depth: int) -> bytes:
+    """{t: 1} with t0 = (), t(k+1) = (tk, tk) through memo entries 100000+: 2^depth leaves to hash."""
+    get = [b"j" + (100_000 + k).to_bytes(4, "little") for k in range(depth + 2)]
+    put = [b"r" + (100_000 + k).to_bytes(4, "little") for k in range(depth + 2)]
+    out = b"})" + put[1] + b"0"
+    for level in range(1, depth + 1):
+        out += get[level] + get[level] + b"\x86" + put[level + 1] + b"0"
+    return out + get[depth + 1] + b"K\x01s"
+
+
+CASES.update(
+    {
+        "dcp-deflated-tensor-item": Case(dcp_deflated_item, "is a compressed archive"),
+        "dcp-metadata-tuple-dag-key": Case(
+            dcp_metadata_planner_data(_tuple_dag_key(34)), "shared tuples nested as keys"
+        ),
+        "dcp-metadata-deep-tuple-key": Case(
+            dcp_metadata_planner_data(b"})" + b"\x85" * 200_000 + b"K\x01s"), "nested 200000 deep"
+        ),
+    }
+)
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_hostile_input(tmp_path: Path, name: str) -> None:
     case = CASES[name]

@@ -14,9 +14,10 @@ to ``MAX_STEP_ITEM_BYTES``, with ``weights_only`` (no code of theirs runs), neve
 unpickle them with plain pickle).
 
 ``.metadata`` is a pickle. torch's reader would ``pickle.load`` it on every ``load`` call, running
-whatever it names; here it is read once, through the restricted unpickler of ``safe_unpickle``, and
+whatever it names; here it is read once, through the restricted unpickler of ``dcp_metadata``, and
 checked (every file it points at is a regular file inside the folder, every chunk fits in its file, the
-tensors it claims fit in the files) before DCP is handed it by :class:`CheckedMetadataReader`.
+tensors it claims fit in the files) before DCP is handed it, with the data files as planned, by
+:func:`ema_average.checkpoints.dcp_reading.reader_type` (which also reads each item only from them).
 """
 
 from __future__ import annotations

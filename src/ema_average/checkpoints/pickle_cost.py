@@ -19,7 +19,7 @@ from __future__ import annotations
 import gc
 import pickletools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 # Weight summed over everything hashed, per byte of pickle; a real DCP .metadata needs under 1 per byte
 # (measured on torch's and megatron-core's saves), an attack 10^7 per byte.
@@ -76,13 +76,14 @@ _LEAF = (1, 0)  # a constant (int, string, None, a global): weight 1, nothing in
 _FRESH = {"EMPTY_DICT", "EMPTY_LIST", "EMPTY_SET"}
 
 
-def hashing_cost_problem(data: bytes) -> str | None:
-    """Why loading the pickle ``data`` would hash too much (``None`` where it is within the bounds):
-    checked by walking its opcodes, before anything is built."""
+def hashing_cost_problem(data: BinaryIO, size: int) -> str | None:
+    """Why loading the pickle in ``data`` (``size`` bytes, read from where it stands) would hash too much
+    (``None`` where it is within the bounds): checked by walking its opcodes, before anything is built,
+    and without holding the file in memory (a sparse giant fails at its first byte)."""
     gc_was = gc.isenabled()
     gc.disable()  # hundreds of thousands of small lists, none of them cyclic
     try:
-        return _walk(data)
+        return _walk(data, size)
     except (ValueError, IndexError, KeyError) as exc:  # what the unpickler would fail on too
         return f"is damaged or not DCP metadata ({exc})"
     finally:
@@ -90,8 +91,8 @@ def hashing_cost_problem(data: bytes) -> str | None:
             gc.enable()
 
 
-def _walk(data: bytes) -> str | None:  # one loop over the opcodes, kept flat for speed
-    budget = HASH_WORK_FLOOR + HASH_WORK_PER_BYTE * len(data)
+def _walk(data: BinaryIO, size: int) -> str | None:  # one loop over the opcodes, kept flat for speed
+    budget = HASH_WORK_FLOOR + HASH_WORK_PER_BYTE * size
     cap = budget + 1  # weights saturate: a cycle (a list appended to itself) must not grow them forever
     stack: list = []  # [weight, depth] lists (objects that may grow in place) or the _LEAF tuple
     marks: list[int] = []
@@ -147,11 +148,11 @@ def _walk(data: bytes) -> str | None:  # one loop over the opcodes, kept flat fo
                 spent += sum(node[0] for node in hashed)
                 deepest = max(node[1] for node in hashed)
                 if deepest > MAX_HASHED_DEPTH:
-                    return f"hashes an object nested {deepest} deep (at most {MAX_HASHED_DEPTH})"
+                    return f"hashes an object nested {deepest} deep (at most {MAX_HASHED_DEPTH}); refused"
                 if spent > budget:
                     return (
                         f"would take more than {budget} steps to hash its objects "
-                        f"({HASH_WORK_PER_BYTE} per byte of its {len(data)}): shared tuples nested as keys"
+                        f"({HASH_WORK_PER_BYTE} per byte of its {size}): shared tuples nested as keys; refused"
                     )
         parts = pre[1:] + items if in_place else pre + items
         weight = 0
