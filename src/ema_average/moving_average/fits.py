@@ -43,7 +43,7 @@ def fits(values: torch.Tensor, dtype: torch.dtype) -> bool:
         return True
     if torch.finfo(dtype).max >= torch.finfo(values.dtype).max:
         return True
-    low, high = (float(v) for v in torch.aminmax(values))
+    low, high = torch.stack(torch.aminmax(values)).tolist()  # one read back (one sync on CUDA)
     if math.isfinite(low) and math.isfinite(high):
         return not _beyond(max(-low, high), dtype)
     return largest_beyond(values, dtype) is None
