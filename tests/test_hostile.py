@@ -544,3 +544,95 @@ def test_hostile_input(tmp_path: Path, name: str) -> None:
     assert case.expected in lines[0], lines[0]
     assert files_digest(tmp_path) == before  # nothing written, nothing changed, the previous output intact
     assert not (tmp_path / "pwned").exists()
+
+
+# --- issue 24: folder outputs, and the paths a sentence-transformers modules.json names ---------------------
+
+
+def st_run(edit: Callable[[Path, Path], Path]) -> Callable[[Path, Path], tuple[list[str], Path]]:
+    """Two sentence-transformers checkpoints (a top module and ``2_Dense``); ``edit(checkpoint-2, tmp)``
+    makes the second hostile and returns the file the error must name."""
+
+    def build(run: Path, tmp: Path) -> tuple[list[str], Path]:
+        for step in (1, 2):
+            checkpoint = run / f"checkpoint-{step}"
+            (checkpoint / "2_Dense").mkdir(parents=True)
+            save_file(dict(make_state(step)), str(checkpoint / "model.safetensors"))
+            save_file(
+                {"linear.weight": torch.full((2, 2), float(step))},
+                str(checkpoint / "2_Dense" / "model.safetensors"),
+            )
+            modules = [{"idx": 0, "name": "0", "path": ""}, {"idx": 1, "name": "1", "path": "2_Dense"}]
+            (checkpoint / "modules.json").write_text(json.dumps(modules))
+        return [], edit(run / "checkpoint-2", tmp)
+
+    return build
+
+
+def _module_path(checkpoint: Path, path: str) -> Path:
+    listing = checkpoint / "modules.json"
+    listing.write_text(listing.read_text().replace('"2_Dense"', json.dumps(path)))
+    return listing
+
+
+def st_link_out(checkpoint: Path, tmp: Path) -> Path:
+    (tmp / "outside").mkdir()
+    (checkpoint / "2_Dense").rename(tmp / "outside" / "3_Dense")
+    (checkpoint / "sub").symlink_to(tmp / "outside", target_is_directory=True)
+    return _module_path(checkpoint, "sub/3_Dense")
+
+
+def st_empty_part(checkpoint: Path, tmp: Path) -> Path:
+    (checkpoint / "a").mkdir()
+    (checkpoint / "2_Dense").rename(checkpoint / "a" / "b")
+    return _module_path(checkpoint, "a//b")
+
+
+def st_tensor_in_other_module(checkpoint: Path, tmp: Path) -> Path:
+    save_file(dict(make_state(2)) | {"2_Dense/extra": torch.ones(2)}, str(checkpoint / "model.safetensors"))
+    return checkpoint
+
+
+def folder_to_replace(marker: Callable[[Path], None]) -> Callable[[Path, Path], tuple[list[str], Path]]:
+    """A good run, and at ``-o avg/`` an earlier folder output whose ``ema_average.json`` ``marker`` makes."""
+
+    def build(run: Path, tmp: Path) -> tuple[list[str], Path]:
+        good_run(run)
+        avg = tmp / "avg"
+        avg.mkdir()
+        save_file(dict(make_state(1)), str(avg / "model.safetensors"), {"ema_average_version": "0"})
+        marker(avg / "ema_average.json")
+        return ["-o", f"{avg}/", "--overwrite"], avg
+
+    return build
+
+
+def sparse_side_files(run: Path, tmp: Path) -> tuple[list[str], Path]:
+    """Five side files of 64 MiB each (the cap for one), a few KiB on disk: 320 MiB to copy per output."""
+    for step in (1, 2):
+        (run / f"checkpoint-{step}").mkdir(parents=True)
+        save_file(dict(make_state(step)), str(run / f"checkpoint-{step}" / "model.safetensors"))
+    for name in ["tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json"]:
+        with open(run / "checkpoint-2" / name, "wb") as f:
+            f.truncate(64 * 2**20)
+    return ["-o", f"{tmp / 'avg'}/"], run / "checkpoint-2"
+
+
+OUTPUT_CASES: dict[str, Case] = {
+    "st-module-path-through-a-link-out": Case(st_run(st_link_out), "outside the model"),
+    "st-module-path-a//b": Case(st_run(st_empty_part), "with an empty part"),
+    "st-top-tensor-in-another-module": Case(st_run(st_tensor_in_other_module), "inside module '2_Dense'"),
+    "fifo-marker-in-folder-to-replace": Case(
+        folder_to_replace(os.mkfifo), "ema_average.json is not a plain file"
+    ),
+    "deep-marker-in-folder-to-replace": Case(
+        folder_to_replace(lambda p: p.write_text("[" * 100_000 + "]" * 100_000)), "it holds ema_average.json"
+    ),
+    "sparse-side-files-320-mib": Case(sparse_side_files, "larger than 256 MiB together"),
+}
+
+
+@pytest.mark.parametrize("name", list(OUTPUT_CASES))
+def test_hostile_folder_input(tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(CASES, name, OUTPUT_CASES[name])
+    test_hostile_input(tmp_path, name)

@@ -12,7 +12,8 @@ such name (torch files, DCP, DeepSpeed) give a bare ``model.safetensors``.
 
 Side files come from folders this tool does not trust: only names on an explicit allow-list, only regular
 files (a FIFO would block, a device be read forever), a link only when it resolves inside the checkpoint,
-at most ``MAX_SIDE_FILE_BYTES`` each, copied as bytes (never parsed, executed or unpickled).
+at most ``MAX_SIDE_FILE_BYTES`` each and ``MAX_SIDE_FILES_BYTES`` together (a sparse file is small on disk,
+not to copy), copied as bytes a block at a time (never held whole, parsed, executed or unpickled).
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ def plan_folder(latest: Checkpoint) -> OutputFolder:
     is checked now (their sizes together too), so a bad one is refused before any work."""
     folder = _plan_folder(latest)
     if folder.unit is not None:
-        total = sum(os.stat(path).st_size for path in folder.side_files.values())
+        total = sum(_size(path) for path in folder.side_files.values())
         if total > MAX_SIDE_FILES_BYTES:
             raise _too_large_together(folder.unit, folder.unit)
     return folder
@@ -285,6 +286,13 @@ def _too_large(path: Path) -> CheckpointError:
     return CheckpointError(
         path, f"is larger than {MAX_SIDE_FILE_BYTES // 2**20} MiB, too large for a side file; refused"
     )
+
+
+def _size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot be read ({exc.strerror or exc})") from exc
 
 
 def _too_large_together(path: Path, unit: Path) -> CheckpointError:

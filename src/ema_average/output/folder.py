@@ -18,6 +18,7 @@ import stat
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -132,7 +133,7 @@ class ShardedWriter:
                 )
         except OSError as exc:
             self.abort()
-            raise self._said_of_output(exc) from exc.__cause__ or exc
+            self._raise_of_output(exc)
         except BaseException:
             self.abort()
             raise
@@ -205,7 +206,7 @@ class ShardedWriter:
         try:
             writer.write(inner, tensor)
         except OSError as exc:
-            raise self._said_of_output(exc) from exc.__cause__ or exc
+            self._raise_of_output(exc)
 
     def write_range(self, name: str, start: int, tensor: torch.Tensor) -> None:
         """Elements ``start ..`` of tensor ``name``, into its shard (see ``SafetensorsWriter.write_range``)."""
@@ -213,21 +214,20 @@ class ShardedWriter:
         try:
             writer.write_range(inner, start, tensor)
         except OSError as exc:
-            raise self._said_of_output(exc) from exc.__cause__ or exc
+            self._raise_of_output(exc)
 
-    def _said_of_output(self, exc: OSError) -> OSError:
+    def _raise_of_output(self, exc: OSError) -> NoReturn:
         """A failure of a file in the hidden staging folder, said of the output the user named (a full
         disk as such): the staging name means nothing to them and is gone once the run has failed."""
-        text = str(exc)
-        staging = str(self.staging)
+        text, staging = str(exc), str(self.staging)
         if isinstance(exc, OutputError) and not text.startswith(staging):
-            return exc  # already said of the output (or of no file)
-        cause = exc if not isinstance(exc, OutputError) else exc.__cause__
+            raise exc  # already said of the output
+        cause = exc.__cause__ if isinstance(exc, OutputError) else exc
         inner = text[len(staging) :].lstrip("/").partition(": ")[0] if text.startswith(staging) else ""
         what = f"cannot write {inner}" if inner else "cannot be written"
         if isinstance(cause, OSError) and cause.errno is not None:
-            return OutputError(f"{self.path}: {what} ({_reason(cause)}); nothing was replaced")
-        return OutputError(f"{self.path}: {what}: {text.partition(': ')[2]}")
+            raise OutputError(f"{self.path}: {what} ({_reason(cause)}); nothing was replaced") from exc
+        raise OutputError(f"{self.path}: {what}: {text.partition(': ')[2]}") from exc
 
     def _shard(self, name: str) -> tuple[SafetensorsWriter | TorchFileWriter, str]:
         """The writer of the file that holds tensor ``name``, and the name it has there."""
@@ -277,7 +277,7 @@ class ShardedWriter:
             try:
                 self._seal()
             except OutputError as exc:  # a file's own (a plain OSError: or_abort says it of the output)
-                raise self._said_of_output(exc) from exc.__cause__ or exc
+                self._raise_of_output(exc)
         self._sealed = True
 
     def _seal(self) -> None:
