@@ -32,6 +32,7 @@ from torch._weights_only_unpickler import _read_global_instruction
 MAX_HASH_WORK_BASE = 1_000_000
 MAX_HASH_WORK_PER_BYTE = 4
 _CAP = 1 << 62  # costs saturate here (no big integers)
+_U32 = struct.Struct("<I")
 
 
 class PickleRefused(ValueError):
@@ -68,13 +69,13 @@ class ScanResult:
 
 # opcode byte -> bytes of argument that follow it (the scalars torch's reader knows)
 _FIXED = {
-    ord("N"): 0,  # NONE
+    0x4E: 0,  # N NONE
     0x88: 0,  # NEWTRUE
     0x89: 0,  # NEWFALSE
-    ord("J"): 4,  # BININT
-    ord("K"): 1,  # BININT1
-    ord("M"): 2,  # BININT2
-    ord("G"): 8,  # BINFLOAT
+    0x4A: 4,  # J BININT
+    0x4B: 1,  # K BININT1
+    0x4D: 2,  # M BININT2
+    0x47: 8,  # G BINFLOAT
 }
 
 
@@ -121,19 +122,76 @@ def scan_pickle(
         return data
 
     try:
-        while True:
+        while True:  # the opcodes torch.save writes most often first (BINPUT and BINGET: every object)
             key = read(1)
             if not key:
                 raise PickleRefused("is damaged or not a torch file (its pickle ends early)")
             op = key[0]
-            if op in _FIXED:
+            if op == 0x71:  # q BINPUT
+                memo[exact(1)[0]] = stack[-1]
+            elif op == 0x68:  # h BINGET
+                stack.append(_memo_get(memo, exact(1)[0]))
+            elif op == 0x58:  # X BINUNICODE
+                (n,) = _U32.unpack(exact(4))
+                if n > size:
+                    raise PickleRefused(
+                        "is damaged or not a torch file (a string in its pickle is longer than the pickle)"
+                    )
+                exact(n)
+                stack.append(_SCALAR)
+            elif op == 0x28:  # ( MARK
+                metastack.append(stack)
+                stack = []
+            elif 0x85 <= op <= 0x87:  # TUPLE1..3
+                n = op - 0x84
+                if len(stack) < n:
+                    raise IndexError
+                items = stack[-n:]
+                del stack[-n:]
+                stack.append(_tuple(items))
+            elif op == 0x74:  # t TUPLE
+                items = pop_mark()  # first: it rebinds ``stack``
+                stack.append(_tuple(items))
+            elif op in _FIXED:  # None, booleans, ints, floats
                 exact(_FIXED[op])
                 stack.append(_SCALAR)
-            elif op == 0x80:  # PROTO
-                exact(1)
-            elif op == ord("."):  # STOP
-                return result
-            elif op == ord("c"):  # GLOBAL
+            elif op == 0x52 or op == 0x81:  # R REDUCE, NEWOBJ
+                args = stack.pop()
+                work = _call_work(args)
+                charge(work)
+                stack[-1] = _Value(min(1 + args.cost, _CAP), work)  # type: ignore[attr-defined]
+            elif op == 0x75:  # u SETITEMS
+                items = pop_mark()
+                work = sum(v.cost for v in items[::2])  # type: ignore[attr-defined]
+                charge(work)
+                _add(stack[-1], work)
+            elif op == 0x73:  # s SETITEM
+                _value, key_value = stack.pop(), stack.pop()
+                charge(key_value.cost)  # type: ignore[attr-defined]
+                _add(stack[-1], key_value.cost)  # type: ignore[attr-defined]
+            elif op == 0x29:  # ) EMPTY_TUPLE
+                stack.append(_SCALAR)
+            elif op in (0x5D, 0x7D, 0x8F):  # ] EMPTY_LIST, } EMPTY_DICT, EMPTY_SET
+                stack.append(_Value())
+            elif op == 0x72:  # r LONG_BINPUT
+                memo[_U32.unpack(exact(4))[0]] = stack[-1]
+            elif op == 0x6A:  # j LONG_BINGET
+                stack.append(_memo_get(memo, _U32.unpack(exact(4))[0]))
+            elif op == 0x61:  # a APPEND
+                item = stack.pop()
+                _add(stack[-1], item.cost)  # type: ignore[attr-defined]
+            elif op == 0x65:  # e APPENDS
+                items = pop_mark()
+                _add(stack[-1], sum(v.cost for v in items))  # type: ignore[attr-defined]
+            elif op == 0x62:  # b BUILD
+                stack.pop()
+            elif op == 0x51:  # Q BINPERSID
+                stack.pop()
+                stack.append(_Value())
+            elif op == 0x55 or op == 0x8A:  # U SHORT_BINSTRING, LONG1
+                exact(exact(1)[0])
+                stack.append(_SCALAR)
+            elif op == 0x63:  # c GLOBAL
                 module, name = _read_global_instruction(readline)
                 full = f"{module}.{name}"
                 if full not in seen and not is_allowed(full):
@@ -142,60 +200,10 @@ def scan_pickle(
                     if len(result.globals) > max_kinds:
                         raise PickleRefused(f"names more than {max_kinds} kinds of pickled objects; refused")
                 stack.append(_Value())
-            elif op == ord("X"):  # BINUNICODE
-                (n,) = struct.unpack("<I", exact(4))
-                if n > size:
-                    raise PickleRefused(
-                        "is damaged or not a torch file (a string in its pickle is longer than the pickle)"
-                    )
-                exact(n)
-                stack.append(_SCALAR)
-            elif op in (ord("U"), 0x8A):  # SHORT_BINSTRING, LONG1
-                exact(exact(1)[0])
-                stack.append(_SCALAR)
-            elif op == ord("("):  # MARK
-                metastack.append(stack)
-                stack = []
-            elif op in (ord(")"), ord("]"), ord("}"), 0x8F):  # EMPTY_TUPLE, _LIST, _DICT, _SET
-                stack.append(_SCALAR if op == ord(")") else _Value())
-            elif op in (ord("t"), 0x85, 0x86, 0x87):  # TUPLE, TUPLE1..3
-                items = pop_mark() if op == ord("t") else _pop(stack, op - 0x84)
-                stack.append(_tuple(items))
-            elif op == ord("a"):  # APPEND
-                item = stack.pop()
-                _add(stack[-1], item.cost)  # type: ignore[attr-defined]
-            elif op == ord("e"):  # APPENDS
-                items = pop_mark()
-                _add(stack[-1], sum(v.cost for v in items))  # type: ignore[attr-defined]
-            elif op == ord("s"):  # SETITEM
-                _value, key_value = stack.pop(), stack.pop()
-                charge(key_value.cost)  # type: ignore[attr-defined]
-                _add(stack[-1], key_value.cost)  # type: ignore[attr-defined]
-            elif op == ord("u"):  # SETITEMS
-                items = pop_mark()
-                work = sum(v.cost for v in items[::2])  # type: ignore[attr-defined]
-                charge(work)
-                _add(stack[-1], work)
-            elif op in (ord("R"), 0x81):  # REDUCE, NEWOBJ
-                args = stack.pop()
-                work = _call_work(args)
-                charge(work)
-                stack[-1] = _Value(_sum(1, args.cost), work)  # type: ignore[attr-defined]
-            elif op == ord("b"):  # BUILD
-                stack.pop()
-            elif op == ord("Q"):  # BINPERSID
-                stack.pop()
-                stack.append(_Value())
-            elif op in (ord("h"), ord("j")):  # BINGET, LONG_BINGET
-                index = exact(1)[0] if op == ord("h") else struct.unpack("<I", exact(4))[0]
-                if index not in memo:
-                    raise PickleRefused(
-                        f"is damaged or not a torch file (its pickle gets memo entry {index}, never put)"
-                    )
-                stack.append(memo[index])
-            elif op in (ord("q"), ord("r")):  # BINPUT, LONG_BINPUT
-                index = exact(1)[0] if op == ord("q") else struct.unpack("<I", exact(4))[0]
-                memo[index] = stack[-1]
+            elif op == 0x80:  # PROTO
+                exact(1)
+            elif op == 0x2E:  # . STOP
+                return result
             else:
                 raise _unreadable(op)
     except (IndexError, AttributeError, TypeError):  # an empty stack, a mark where a value should be
@@ -226,12 +234,10 @@ def _unreadable(op: int) -> PickleRefused:
     )
 
 
-def _pop(stack: list[object], n: int) -> list[object]:
-    if len(stack) < n:
-        raise IndexError
-    items = stack[-n:]
-    del stack[-n:]
-    return items
+def _memo_get(memo: dict[int, object], index: int) -> object:
+    if index not in memo:
+        raise PickleRefused(f"is damaged or not a torch file (its pickle gets memo entry {index}, never put)")
+    return memo[index]
 
 
 def _sum(a: int, b: int) -> int:
@@ -240,10 +246,8 @@ def _sum(a: int, b: int) -> int:
 
 def _tuple(items: list[object]) -> _Value:
     """A tuple: hashing it hashes every element, down every shared branch (the expansion)."""
-    cost = 1
-    for item in items:
-        cost = _sum(cost, item.cost)  # type: ignore[attr-defined]
-    return _Value(cost, items=items)  # type: ignore[arg-type]
+    cost = 1 + sum(item.cost for item in items)  # type: ignore[attr-defined]
+    return _Value(min(cost, _CAP), items=items)  # type: ignore[arg-type]
 
 
 def _add(container: object, work: int) -> None:
