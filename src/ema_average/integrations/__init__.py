@@ -18,6 +18,7 @@ from __future__ import annotations
 from ema_average.integrations.models import (
     average_model_state,
     averaged_parameters,
+    averaged_tensors,
     unwrap_model,
     weights_digest,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "EmaTracker",
     "average_model_state",
     "averaged_parameters",
+    "averaged_tensors",
     "default_names",
     "unwrap_model",
     "weights_digest",

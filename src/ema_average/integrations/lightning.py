@@ -75,6 +75,7 @@ class EMACallback(pl.Callback):
         raw_suffix: str = "_raw",
         names: Sequence[str] | None = None,
         at_end: str = "raw",
+        buffers: str = "average",
     ) -> None:
         self._tracker = EmaTracker(
             decay,
@@ -85,6 +86,7 @@ class EMACallback(pl.Callback):
             evaluate=evaluate,
             names=names,
             at_end=at_end,
+            buffers=buffers,
         )
         self.raw_suffix = raw_suffix
         self._loaded: tuple[Callable[[str], Any], str] = (_nothing, "the checkpoint")

@@ -16,6 +16,7 @@ from ema_average.moving_average import is_dtensor, local_part
 __all__ = [
     "average_model_state",
     "averaged_parameters",
+    "averaged_tensors",
     "laid_out_as",
     "refuse_unsupported",
     "unwrap_model",
@@ -72,6 +73,20 @@ def averaged_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Para
     return trainable or named
 
 
+def averaged_tensors(model: torch.nn.Module, buffers: str) -> list[tuple[str, torch.Tensor]]:
+    """What an EMA keeps: :func:`averaged_parameters`, and with ``buffers="average"`` the floating-point
+    buffers the model saves (batch-norm running statistics, as timm and Lightning's EMAWeightAveraging do).
+
+    Integer buffers (``num_batches_tracked``) and buffers the model does not save (causal masks, rotary
+    tables) are the model's own, never averaged; with ``buffers="copy"`` every buffer is.
+    """
+    named: list[tuple[str, torch.Tensor]] = list(averaged_parameters(model))
+    if buffers == "average":
+        saved = set(model.state_dict(keep_vars=True))
+        named += [(n, b) for n, b in model.named_buffers() if n in saved and b.is_floating_point()]
+    return named
+
+
 def weights_digest(named: Sequence[tuple[str, torch.Tensor]]) -> str:
     """A SHA-256 of the named tensors' names, dtypes, shapes and raw bytes (this rank's part of a DTensor).
 
@@ -90,14 +105,15 @@ def weights_digest(named: Sequence[tuple[str, torch.Tensor]]) -> str:
 def average_model_state(
     model: torch.nn.Module, averages: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` with every averaged parameter's entry (tied names included) replaced by its
+    """``model.state_dict()`` with every averaged tensor's entry (tied names included) replaced by its
     average.
 
-    Buffers (batch-norm statistics) and frozen parameters are the model's own: what ``load_state_dict`` /
+    Buffers not averaged and frozen parameters are the model's own: what ``load_state_dict`` /
     ``from_pretrained`` needs to rebuild the averaged model. The averages are the live float32 tensors, not
     copies.
     """
-    by_identity = {id(p): name for name, p in model.named_parameters() if name in averages}
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    by_identity = {id(t): name for name, t in tensors if name in averages}
     state = {}
     for key, value in model.state_dict(keep_vars=True).items():
         name = by_identity.get(id(value))

@@ -18,7 +18,7 @@ import torch
 from ema_average.decay_rules import ExponentialRule
 from ema_average.errors import AverageStateError, ConfigurationError
 from ema_average.integrations.models import (
-    averaged_parameters,
+    averaged_tensors,
     laid_out_as,
     refuse_unsupported,
     unwrap_model,
@@ -27,7 +27,14 @@ from ema_average.integrations.records import Pending, checked_record, checked_se
 from ema_average.moving_average import ExponentialMovingAverage, local_part
 from ema_average.moving_average.parameters import fsdp_modules
 
-__all__ = ["AT_END_CHOICES", "DEFAULT_NAME", "EVALUATE_CHOICES", "EmaTracker", "default_names"]
+__all__ = [
+    "AT_END_CHOICES",
+    "BUFFER_CHOICES",
+    "DEFAULT_NAME",
+    "EVALUATE_CHOICES",
+    "EmaTracker",
+    "default_names",
+]
 
 # What validation and test run on: the averages (swapped in), the training weights, or both (the raw
 # weights' metrics logged under their own names).
@@ -35,6 +42,9 @@ EVALUATE_CHOICES = ("ema", "raw", "both")
 # What the model holds when training ends: the training weights (the default: the model is what the
 # optimizer made, as without the callback) or the (first) EMA.
 AT_END_CHOICES = ("raw", "ema")
+# Floating-point buffers the model saves (batch-norm statistics): averaged like the parameters (the
+# default, as timm and Lightning's EMAWeightAveraging), or the model's own copied into the EMA.
+BUFFER_CHOICES = ("average", "copy")
 DEFAULT_NAME = "ema"  # the first (or only) EMA's name: the .ckpt key, the HF folder, --submodel ema
 
 # The tracker whose averages are in a model now: a second tracker of the same model never swaps its own in
@@ -79,6 +89,7 @@ class EmaTracker:
         evaluate: str,
         names: Sequence[str] | None = None,
         at_end: str = "raw",
+        buffers: str = "average",
         dtensor_refusal: str | None = None,
     ) -> None:
         decays = _decays(decay)
@@ -96,12 +107,15 @@ class EmaTracker:
         if at_end not in AT_END_CHOICES:
             raise ConfigurationError(f"at_end must be one of {', '.join(AT_END_CHOICES)}, got {at_end!r}")
         self.at_end = at_end
+        if buffers not in BUFFER_CHOICES:
+            raise ConfigurationError(f"buffers must be one of {', '.join(BUFFER_CHOICES)}, got {buffers!r}")
+        self.buffers = buffers
         self.device = device
         self.every = every
         self.evaluate = evaluate
         self.dtensor_refusal = dtensor_refusal
         self.model: torch.nn.Module | None = None
-        self.tracked: list[tuple[str, torch.nn.Parameter]] = []  # the parameters averaged, by name
+        self.tracked: list[tuple[str, torch.Tensor]] = []  # the parameters (and buffers) averaged, by name
         self.last_step = 0  # the global step of the last update (or of the start)
         self.swapped: _Slot | None = None  # whose averages are in the model, the training weights kept aside
         self._fsdp: list[torch.nn.Module] = []  # FSDP2 modules, resharded around a swap
@@ -149,7 +163,7 @@ class EmaTracker:
         if self.average is None or self.model is not model or went_back:
             refuse_unsupported(model, self.dtensor_refusal)
             self.swap_out()  # never leave the averages in a model this tracker stops following
-            self.tracked = averaged_parameters(model)
+            self.tracked = averaged_tensors(model, self.buffers)
             for slot in self.slots:
                 slot.average = ExponentialMovingAverage.with_rule(self.tracked, slot.rule, device=self.device)  # type: ignore[assignment]
             self.model = model
