@@ -36,9 +36,16 @@ from ema_average.errors import CheckpointError, ConfigurationError
 from ema_average.integrations import (
     EmaTracker,
     average_model_state,
-    averaged_parameters,
+    averaged_tensors,
     unwrap_model,
     weights_digest,
+)
+from ema_average.integrations.adapters import (
+    ADAPTER_WEIGHTS,
+    adapter_keys,
+    adapter_state,
+    is_peft_model,
+    save_adapter_config,
 )
 from ema_average.moving_average import ExponentialMovingAverage
 from ema_average.output import SafetensorsWriter, TensorEntry
@@ -95,6 +102,7 @@ class EMACallback(TrainerCallback):
         evaluate: str = "ema",
         names: Sequence[str] | None = None,
         at_end: str = "raw",
+        buffers: str = "average",
     ) -> None:
         if evaluate == "both":
             raise ConfigurationError(
@@ -111,6 +119,7 @@ class EMACallback(TrainerCallback):
             evaluate=evaluate,
             names=names,
             at_end=at_end,
+            buffers=buffers,
             dtensor_refusal=DTENSOR_REFUSAL,
         )
 
@@ -147,9 +156,10 @@ class EMACallback(TrainerCallback):
         assert model is not None
         self._tracker.reset()
         if state.global_step > 0:
-            restored = weights_digest(averaged_parameters(unwrap_model(model)))
+            unwrapped = unwrap_model(model)
+            restored = weights_digest(averaged_tensors(unwrapped, self._tracker.buffers))
             for name in self._tracker.names:
-                self._resume(name, restored, args, state.global_step)
+                self._resume(unwrapped, name, restored, args, state.global_step)
         self._tracker.start(model, state.global_step, training=True, owner=state)
 
     def on_step_end(
@@ -203,7 +213,7 @@ class EMACallback(TrainerCallback):
         if not best:
             tracker.put_in()
             return
-        path = Path(best) / tracker.names[0] / WEIGHTS_NAME
+        path = _ema_file(Path(best) / tracker.names[0])
         record = _read_record(path)
         loaded = weights_digest(tracker.tracked)
         if not isinstance(record, Mapping) or record.get(DIGEST_KEY) != loaded:
@@ -211,7 +221,7 @@ class EMACallback(TrainerCallback):
                 path,
                 "is not the EMA of the best checkpoint's weights the Trainer loaded: not put in the model",
             )
-        tracker.put_in(_read_averages(path))
+        tracker.put_in(_read_averages(path, tracker.model))
 
     # --- saving and resuming ------------------------------------------------------------------------
 
@@ -232,7 +242,9 @@ class EMACallback(TrainerCallback):
         for name in tracker.names:
             save_ema_folder(unwrap_model(model or tracker.model), tracker, folder / name, name)
 
-    def _resume(self, name: str, restored: str, args: TrainingArguments, global_step: int) -> None:
+    def _resume(
+        self, model: torch.nn.Module, name: str, restored: str, args: TrainingArguments, global_step: int
+    ) -> None:
         """Continue the EMA ``name`` saved beside exactly the weights the Trainer has just restored.
 
         The Trainer does not say which folder it resumed from; the one it was given (read through
@@ -243,13 +255,13 @@ class EMACallback(TrainerCallback):
         resumed = trainer_resume_folder()
         other: Path | None = None
         for folder in _candidate_folders(resumed, args, global_step):
-            path = folder / name / WEIGHTS_NAME
+            path = _ema_file(folder / name)
             if not path.is_file():
                 continue
             record = _read_record(path)
             saved = record.get(DIGEST_KEY) if isinstance(record, Mapping) else None
             if saved == restored or (saved is None and resumed is not None and folder == resumed):
-                self._tracker.load(record, _read_averages(path), str(path), name)
+                self._tracker.load(record, _read_averages(path, model), str(path), name)
                 return
             other = other or path
         if other is not None:
@@ -321,14 +333,24 @@ def _read_record(path: Path) -> object:
         raise CheckpointError(path, f"cannot be read as the EMA callback's save ({exc})") from None
 
 
-def _read_averages(path: Path) -> dict[str, torch.Tensor]:
+def _read_averages(path: Path, model: torch.nn.Module | None) -> dict[str, torch.Tensor]:
+    """The saved averages by the model's own names (a PEFT adapter's keys mapped back by PEFT's mapping)."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - no __iter__
+            saved = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - no __iter__
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(path, f"cannot be read as the EMA callback's save ({exc})") from None
+    if path.name == ADAPTER_WEIGHTS and model is not None and is_peft_model(model):
+        return {key: saved[peft_key] for key, peft_key in adapter_keys(model).items() if peft_key in saved}
+    return saved
+
+
+def _ema_file(folder: Path) -> Path:
+    """An EMA folder's weights: ``model.safetensors``, or a PEFT adapter's ``adapter_model.safetensors``."""
+    adapter = folder / ADAPTER_WEIGHTS
+    return adapter if adapter.is_file() and not (folder / WEIGHTS_NAME).is_file() else folder / WEIGHTS_NAME
 
 
 def save_ema_folder(
@@ -337,14 +359,15 @@ def save_ema_folder(
     """``folder`` as ``save_pretrained`` would write the averaged model, written aside and renamed whole.
 
     The weights stream from the live averages one tensor at a time: no copy of the model is made. A PEFT
-    model's folder holds its averaged (trainable) parameters alone, under the PeftModel's own names and with
-    no ``config.json``: the base model's config beside adapter weights would load as a base model whose
-    weights are all missing.
+    model's folder is what PEFT's ``save_pretrained`` writes for the adapter (``adapter_model.safetensors``
+    under PEFT's keys, ``adapter_config.json``; no ``config.json``, which would load as a base model whose
+    weights are all missing).
     """
     average = tracker.averages()[name or tracker.names[0]]
     averages = average.averages()
-    peft = hasattr(model, "peft_config")
-    state = dict(averages) if peft else _untied(model, average_model_state(model, averages))
+    peft = is_peft_model(model)
+    full = average_model_state(model, averages)
+    state = adapter_state(model, full) if peft else _untied(model, full)
     entries = [TensorEntry(name, TensorSpec(tuple(t.shape), t.dtype)) for name, t in state.items()]
     record = {
         **tracker.state(name),
@@ -355,12 +378,15 @@ def save_ema_folder(
     shutil.rmtree(aside, ignore_errors=True)
     aside.mkdir(parents=True)
     try:
-        writer = SafetensorsWriter(aside / WEIGHTS_NAME, entries, metadata, overwrite=False)
+        weights = ADAPTER_WEIGHTS if peft else WEIGHTS_NAME
+        writer = SafetensorsWriter(aside / weights, entries, metadata, overwrite=False)
         for name, tensor in state.items():
             writer.write(name, tensor)
         writer.commit()
         config = getattr(model, "config", None)
-        if not peft and config is not None and hasattr(config, "save_pretrained"):
+        if peft:
+            save_adapter_config(model, aside)
+        elif config is not None and hasattr(config, "save_pretrained"):
             config.save_pretrained(aside)
         if folder.exists():
             shutil.rmtree(folder)
