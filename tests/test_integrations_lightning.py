@@ -52,7 +52,8 @@ class Tiny(L.LightningModule):
 
 
 class Recorder(L.Callback):
-    """The weights at the start and after each optimizer step, in float64: the reference's input."""
+    """The weights (parameters and floating-point buffers: batch-norm statistics) at the start and after each
+    optimizer step, in float64: the reference's input."""
 
     def __init__(self) -> None:
         self.steps: list[int] = []
@@ -60,7 +61,8 @@ class Recorder(L.Callback):
 
     def _record(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.steps.append(trainer.global_step)
-        self.weights.append({n: p.detach().double().clone() for n, p in module.named_parameters()})
+        tensors = [*module.named_parameters(), *module.named_buffers()]
+        self.weights.append({n: t.detach().double().clone() for n, t in tensors if t.is_floating_point()})
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._record(trainer, module)
@@ -177,6 +179,9 @@ def val_loss_of(weights: dict[str, torch.Tensor], buffers_from: Tiny) -> float:
     with torch.no_grad():
         for name, p in copy.named_parameters():
             p.copy_(weights[name])
+        for name, b in copy.named_buffers():
+            if name in weights:  # averaged batch-norm statistics
+                b.copy_(weights[name])
     copy.eval()
     _, val = loaders()
     with torch.no_grad():
@@ -190,6 +195,7 @@ def test_validation_runs_on_the_averages_and_restores_training_weights(evaluate:
     t = trainer([ema], max_steps=10, limit_val_batches=1.0)
     fit(t, net)
     raw = {n: p.detach().clone() for n, p in net.named_parameters()}
+    raw |= {n: b.detach().clone() for n, b in net.named_buffers() if b.is_floating_point()}
     _, val = loaders()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -267,10 +273,12 @@ def test_ckpt_holds_the_averaged_model_loadable_by_load_state_dict(tmp_path: Pat
     fresh = model(seed=3)
     fresh.load_state_dict(saved[EMA_KEY])
     assert ema.moving_average is not None
+    fresh_tensors = dict([*fresh.named_parameters(), *fresh.named_buffers()])
     for name, tensor in ema.moving_average.averages().items():
-        assert torch.equal(dict(fresh.named_parameters())[name], tensor), name
-    torch.testing.assert_close(
-        saved[EMA_KEY]["net.1.running_mean"], saved["state_dict"]["net.1.running_mean"]
+        assert torch.equal(fresh_tensors[name], tensor), name
+    assert "net.1.running_mean" in ema.moving_average.averages()  # batch-norm statistics averaged
+    assert torch.equal(
+        saved[EMA_KEY]["net.1.num_batches_tracked"], saved["state_dict"]["net.1.num_batches_tracked"]
     )
 
 
@@ -692,7 +700,7 @@ def test_validate_with_ckpt_path_evaluates_the_ema_saved_in_it(tmp_path: Path) -
         metrics = t.validate(net, val, ckpt_path=str(ckpt), verbose=False)[0]
     for name, p in net.named_parameters():
         assert torch.equal(p, saved["state_dict"][name]), name  # the raw weights, put back
-    averaged = {name: saved[EMA_KEY][name] for name, _ in net.named_parameters()}
+    averaged = {name: saved[EMA_KEY][name] for name, _ in [*net.named_parameters(), *net.named_buffers()]}
     assert metrics["val_loss"] == pytest.approx(val_loss_of(averaged, net), rel=1e-5)
     assert abs(metrics["val_loss"] - val_loss_of(dict(net.named_parameters()), net)) > 1e-3
 
@@ -726,7 +734,10 @@ def test_frozen_parameters_are_saved_as_they_are_and_hold_no_average(tmp_path: P
     fit(ckpt_trainer(tmp_path, [recorder, ema], max_epochs=1), net)
     assert ema.moving_average is not None
     averages = ema.moving_average.averages()
-    assert set(averages) == {"net.1.weight", "net.1.bias", "net.2.weight", "net.2.bias"}
+    assert set(averages) == {"net.1.weight", "net.1.bias", "net.2.weight", "net.2.bias"} | {
+        "net.1.running_mean",
+        "net.1.running_var",
+    }
     expected = reference(recorder)
     assert_close_to(averages, {n: expected[n] for n in averages})
     saved = torch.load(tmp_path / "epoch=0-step=8.ckpt", weights_only=True)[EMA_KEY]

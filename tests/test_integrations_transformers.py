@@ -404,8 +404,23 @@ def test_peft_lora_keeps_and_saves_averages_of_the_adapter_alone(tmp_path: Path)
     train(tmp_path / "parts", [EMACallback(decay=DECAY)], model=models[1], max_steps=2, save_strategy="steps",
           save_steps=2)  # fmt: skip
     folder = tmp_path / "parts" / "checkpoint-2" / "ema"
-    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors"]
-    assert set(load_file(str(folder / "model.safetensors"))) == set(averages)
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    saved = load_file(str(folder / "adapter_model.safetensors"))
+    assert len(saved) == len(averages) and not any(".default." in key for key in saved)  # PEFT's own keys
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(tiny_gpt2(), folder)  # PEFT's loader reads it
+        written = tmp_path / "written-by-peft"
+        loaded.save_pretrained(written)  # and writes the very same layout back
+    assert sorted(p.name for p in written.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    again = load_file(str(written / "adapter_model.safetensors"))
+    assert set(again) == set(saved)
+    for key, tensor in saved.items():
+        assert torch.equal(again[key], tensor.to(again[key].dtype)), key
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         base = peft.get_peft_model(tiny_gpt2(), lora)

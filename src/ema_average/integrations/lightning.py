@@ -19,8 +19,8 @@ training starts, with one line.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,8 +30,8 @@ import torch
 if TYPE_CHECKING:
     from ema_average.checkpoints.dcp_folder import DcpCheckpoint
 
-from ema_average.errors import CheckpointError
-from ema_average.integrations import EmaTracker, average_model_state
+from ema_average.errors import CheckpointError, ConfigurationError
+from ema_average.integrations import DEFAULT_NAME, EmaTracker, average_model_state
 from ema_average.moving_average import ExponentialMovingAverage, is_dtensor
 
 __all__ = ["EMA_KEY", "EMACallback"]
@@ -42,6 +42,8 @@ EMA_KEY = "ema"
 # What ModelParallelStrategy writes beside the DCP files of a sharded save (lightning.fabric's
 # _METADATA_FILENAME): every key of the checkpoint that is neither weights nor optimizer state.
 _SHARDED_SAVE_META = "meta.pt"
+# With at_end="ema" the .ckpt's state_dict is the EMA, and the training weights (to resume from) are here.
+TRAINING_WEIGHTS_KEY = "ema_average_training_state_dict"
 
 
 class EMACallback(pl.Callback):
@@ -51,12 +53,19 @@ class EMACallback(pl.Callback):
     (denominator + n))`` at global step ``n``. ``device``: where the float32 averages live (e.g. ``"cpu"``
     to spare GPU memory, at the cost of a copy per update). ``every``: update every N optimizer steps.
     ``evaluate``: ``"ema"`` (default), ``"raw"``, or ``"both"`` (the raw weights' metrics suffixed
-    ``raw_suffix``).
+    ``raw_suffix``). ``at_end``: what the model holds when training ends: ``"raw"`` (default: the training
+    weights) or ``"ema"`` (the first EMA, also written as each ``.ckpt``'s ``state_dict``, so that
+    ``load_from_checkpoint`` and ``Trainer().test(ckpt_path=...)`` give it; the training weights are kept
+    under ``ema_average_training_state_dict`` and put back when this callback resumes the run).
+
+    Several decays (``decay=[0.999, 0.9999]``) keep several EMAs, updated at the same steps and saved each
+    under its own top-level key of the ``.ckpt`` (``names``, by default ``ema``, ``ema_0.9999``...); the first
+    is the one validation and test run on, any of them ``with callback.average_parameters(name):``.
     """
 
     def __init__(
         self,
-        decay: float = 0.9999,
+        decay: float | Sequence[float] = 0.9999,
         numerator: float = 1.0,
         denominator: float = 10.0,
         *,
@@ -64,31 +73,65 @@ class EMACallback(pl.Callback):
         every: int = 1,
         evaluate: str = "ema",
         raw_suffix: str = "_raw",
+        names: Sequence[str] | None = None,
+        at_end: str = "raw",
+        buffers: str = "average",
     ) -> None:
         self._tracker = EmaTracker(
-            decay, numerator, denominator, device=device, every=every, evaluate=evaluate
+            decay,
+            numerator,
+            denominator,
+            device=device,
+            every=every,
+            evaluate=evaluate,
+            names=names,
+            at_end=at_end,
+            buffers=buffers,
         )
         self.raw_suffix = raw_suffix
-        self._loaded: tuple[Mapping[str, torch.Tensor], str] = ({}, "the checkpoint")
+        self._loaded: tuple[Callable[[str], Any], str] = (_nothing, "the checkpoint")
         self._unanswered: str | None = None  # a checkpoint restored that held no state of this callback
 
     @property
     def moving_average(self) -> ExponentialMovingAverage | None:
-        """The engine instance, once training (or evaluation) has started."""
+        """The (first) EMA's engine instance, once training (or evaluation) has started."""
         return self._tracker.average
+
+    @property
+    def moving_averages(self) -> dict[str, ExponentialMovingAverage]:
+        """Every EMA's engine instance by name, once training (or evaluation) has started."""
+        return self._tracker.averages()
+
+    def average_parameters(self, name: str | None = None) -> AbstractContextManager[None]:
+        """That EMA (the first by default) in the model for the ``with`` block, the training weights after."""
+        return self._tracker.average_parameters(name)
+
+    @property
+    def state_key(self) -> str:
+        """Lightning's key for this callback's state: the class's own for the one ``ema`` (as saved before
+        several EMAs existed), with the names otherwise, so that instances with other names compose."""
+        if self._tracker.names == [DEFAULT_NAME]:
+            return super().state_key
+        return self._generate_state_key(names=",".join(self._tracker.names))
 
     # --- building and updating ----------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Under a strategy that saves sharded, have its saves hold the sharded averages too."""
         self._unanswered = None
+        if self._tracker.at_end == "ema" and _saves_shards(trainer.strategy):
+            raise ConfigurationError(
+                "at_end='ema' writes the EMA as the checkpoint's state_dict, which a sharded (DCP) save does "
+                "not take from a callback; use at_end='raw' and --state-dict-key ema, or "
+                "save_distributed_checkpoint=False"
+            )
         if _saves_shards(trainer.strategy):
-            _save_averages_with_the_shards(trainer.strategy)
+            _save_averages_with_the_shards(trainer.strategy, self._tracker.names)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Build the average once the strategy has placed the model and restored the loops."""
         self._refuse_a_checkpoint_without_state()
-        self._tracker.start(pl_module, trainer.global_step, training=True)
+        self._tracker.start(pl_module, trainer.global_step, training=True, owner=trainer)
 
     def _refuse_a_checkpoint_without_state(self) -> None:
         """A checkpoint saved without this callback holds no average to continue: refused, as the Hugging
@@ -96,7 +139,9 @@ class EMACallback(pl.Callback):
         if self._unanswered is None:
             return
         where, self._unanswered = self._unanswered, None
-        if self._loaded[0]:  # Lightning skips an empty state: the averages are there, their counter is not
+        if any(
+            self._loaded[0](name) for name in self._tracker.names
+        ):  # Lightning skips an empty state: the averages are there, their counter is not
             raise CheckpointError(
                 where,
                 f"holds the EMA under {EMA_KEY!r} but the EMA callback's saved state is empty or absent: "
@@ -109,6 +154,11 @@ class EMACallback(pl.Callback):
             "the run started without it?); fit from these weights without ckpt_path to start a new EMA",
         )
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """``at_end="ema"``: the model ends holding the (first) EMA, for ``predict``/``test`` after fit."""
+        if self._tracker.at_end == "ema":
+            self._tracker.put_in()
+
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -118,7 +168,7 @@ class EMACallback(pl.Callback):
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._refuse_a_checkpoint_without_state()
-        self._tracker.start(pl_module, trainer.global_step, training=False)
+        self._tracker.start(pl_module, trainer.global_step, training=False, owner=trainer)
         self._tracker.swap_in()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -190,30 +240,51 @@ class EMACallback(pl.Callback):
             return
         if not self._tracker.swapped:
             self._tracker.step(trainer.global_step)  # a checkpoint saved before our batch-end hook ran
-        averaged = average_model_state(pl_module, self._tracker.average.averages())
-        if not _saves_shards(trainer.strategy) and any(is_dtensor(t) for t in averaged.values()):
-            averaged = _gathered(averaged, keep=trainer.is_global_zero)  # the one file the strategy writes
-        checkpoint[EMA_KEY] = averaged
+        for name, average in self._tracker.averages().items():
+            averaged = average_model_state(pl_module, average.averages())
+            if not _saves_shards(trainer.strategy) and any(is_dtensor(t) for t in averaged.values()):
+                averaged = _gathered(
+                    averaged, keep=trainer.is_global_zero
+                )  # the one file the strategy writes
+            checkpoint[name] = averaged
+        if self._tracker.at_end == "ema" and self._tracker.names[0] in checkpoint:
+            # load_from_checkpoint, Trainer().test(ckpt_path=...) read state_dict: the EMA; a resume with
+            # this callback puts the training weights back (on_load_checkpoint)
+            checkpoint[TRAINING_WEIGHTS_KEY] = checkpoint["state_dict"]
+            checkpoint["state_dict"] = checkpoint[self._tracker.names[0]]
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
+        if TRAINING_WEIGHTS_KEY in checkpoint and trainer.state.fn == "fit":
+            trainer.strategy.load_model_state_dict({"state_dict": checkpoint[TRAINING_WEIGHTS_KEY]})
         path = getattr(trainer, "ckpt_path", None)
         where = str(path or "the checkpoint")
         self._unanswered = where  # until load_state_dict receives this callback's state
         if path and _is_sharded_save(Path(path)):
-            self._loaded = (_ShardedAverages(Path(path)), where)
+            folder = Path(path)
+            self._loaded = (lambda name: _ShardedAverages(folder, name), where)
         else:
-            self._loaded = (checkpoint.get(EMA_KEY, {}), where)
+            self._loaded = (lambda name: checkpoint.get(name, {}), where)
 
     def state_dict(self) -> dict[str, Any]:
-        return self._tracker.state()
+        """The one EMA's record, or each EMA's under its name."""
+        names = self._tracker.names
+        if len(names) == 1 or self._tracker.average is None:
+            return self._tracker.state()
+        return {name: self._tracker.state(name) for name in names}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        averages, where = self._loaded
+        averages_of, where = self._loaded
         self._unanswered = None
-        self._tracker.load(state_dict, averages, where)
-        self._loaded = ({}, "the checkpoint")
+        names = self._tracker.names
+        if len(names) == 1:
+            self._tracker.load(state_dict, averages_of(names[0]), where)
+        else:
+            for name in names:
+                state = state_dict.get(name) if isinstance(state_dict, Mapping) else state_dict
+                self._tracker.load(state, averages_of(name), f"{where} ({name})", name)
+        self._loaded = (_nothing, "the checkpoint")
 
 
 def _saves_shards(strategy: pl.strategies.Strategy) -> bool:
@@ -242,7 +313,7 @@ def _gathered(averaged: dict[str, torch.Tensor], *, keep: bool) -> dict[str, tor
     return whole
 
 
-def _save_averages_with_the_shards(strategy: pl.strategies.Strategy) -> None:
+def _save_averages_with_the_shards(strategy: pl.strategies.Strategy, names: Sequence[str]) -> None:
     """Make ``strategy.save_checkpoint`` write the averages into its DCP save, under the top-level ``ema``.
 
     ``ModelParallelStrategy`` saves only ``state_dict`` and the optimizer states with DCP and pickles every
@@ -251,11 +322,14 @@ def _save_averages_with_the_shards(strategy: pl.strategies.Strategy) -> None:
     every other save goes to the strategy's own method.
     """
     original = strategy.save_checkpoint
-    if getattr(original, "ema_average_saves_shards", False):
+    keys: set[str] | None = getattr(original, "ema_average_keys", None)
+    if keys is not None:  # installed by another EMA callback: its keys and these
+        keys.update(names)
         return
+    keys = set(names)
 
     def save_checkpoint(checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-        if EMA_KEY not in checkpoint or storage_options is not None or not _saves_shards(strategy):
+        if not keys & set(checkpoint) or storage_options is not None or not _saves_shards(strategy):
             original(checkpoint, filepath, storage_options=storage_options)
             return
         from torch.distributed.checkpoint import save
@@ -268,13 +342,13 @@ def _save_averages_with_the_shards(strategy: pl.strategies.Strategy) -> None:
         state = {
             "state_dict": checkpoint.pop("state_dict"),
             **{f"optimizer_{i}": optimizer for i, optimizer in enumerate(optimizers)},
-            EMA_KEY: checkpoint.pop(EMA_KEY),
+            **{key: checkpoint.pop(key) for key in sorted(keys) if key in checkpoint},
         }
         save(state, checkpoint_id=path)
         if strategy.global_rank == 0:
             torch.save(checkpoint, path / _SHARDED_SAVE_META)
 
-    save_checkpoint.ema_average_saves_shards = True  # type: ignore[attr-defined]
+    save_checkpoint.ema_average_keys = keys  # type: ignore[attr-defined]
     strategy.save_checkpoint = save_checkpoint  # type: ignore[method-assign]
 
 
@@ -285,15 +359,16 @@ class _ShardedAverages(Mapping[str, torch.Tensor]):
     the tracker keeps only this rank's shard of each. Every rank reads the same names in the same order.
     """
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, key: str) -> None:
         self.folder = folder
+        self.key = key
         self._checkpoint: DcpCheckpoint | None = None
 
     def _opened(self) -> DcpCheckpoint:
         if self._checkpoint is None:
             from ema_average.checkpoints.dcp_folder import DcpCheckpoint
 
-            self._checkpoint = DcpCheckpoint(self.folder, state_dict_key=EMA_KEY)
+            self._checkpoint = DcpCheckpoint(self.folder, state_dict_key=self.key)
         return self._checkpoint
 
     def __contains__(self, name: object) -> bool:
@@ -309,6 +384,10 @@ class _ShardedAverages(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self._opened().specs())
+
+
+def _nothing(name: str) -> dict[str, torch.Tensor]:
+    return {}
 
 
 @contextmanager

@@ -24,7 +24,8 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +36,16 @@ from ema_average.errors import CheckpointError, ConfigurationError
 from ema_average.integrations import (
     EmaTracker,
     average_model_state,
-    averaged_parameters,
+    averaged_tensors,
     unwrap_model,
     weights_digest,
+)
+from ema_average.integrations.adapters import (
+    ADAPTER_WEIGHTS,
+    adapter_keys,
+    adapter_state,
+    is_peft_model,
+    save_adapter_config,
 )
 from ema_average.moving_average import ExponentialMovingAverage
 from ema_average.output import SafetensorsWriter, TensorEntry
@@ -72,18 +80,29 @@ class EMACallback(TrainerCallback):
     GPU memory, at the cost of a copy per update). ``every``: update every N optimizer steps. ``evaluate``:
     ``"ema"`` (default) or ``"raw"`` for the Trainer's own evaluations; to have both, evaluate the raw
     weights yourself after training (``trainer.evaluate(metric_key_prefix="eval_raw")``), or the averages
-    with ``with callback.moving_average.average_parameters(): trainer.evaluate()``.
+    with ``with callback.average_parameters(): trainer.evaluate()``.
+
+    ``at_end``: what the model holds when training ends: ``"raw"`` (default: the training weights) or
+    ``"ema"`` (the first EMA; with ``load_best_model_at_end``, the best checkpoint's EMA), so that the
+    final ``trainer.save_model()`` writes it.
+
+    Several decays (``decay=[0.999, 0.9999]``) keep several EMAs, updated at the same steps and saved each
+    in its own folder of ``checkpoint-N/`` (``names``, by default ``ema``, ``ema_0.9999``...); the first is
+    the one the Trainer's evaluations see, any of them ``with callback.average_parameters(name):``.
     """
 
     def __init__(
         self,
-        decay: float = 0.9999,
+        decay: float | Sequence[float] = 0.9999,
         numerator: float = 1.0,
         denominator: float = 10.0,
         *,
         device: torch.device | str | None = None,
         every: int = 1,
         evaluate: str = "ema",
+        names: Sequence[str] | None = None,
+        at_end: str = "raw",
+        buffers: str = "average",
     ) -> None:
         if evaluate == "both":
             raise ConfigurationError(
@@ -98,13 +117,26 @@ class EMACallback(TrainerCallback):
             device=device,
             every=every,
             evaluate=evaluate,
+            names=names,
+            at_end=at_end,
+            buffers=buffers,
             dtensor_refusal=DTENSOR_REFUSAL,
         )
 
     @property
     def moving_average(self) -> ExponentialMovingAverage | None:
-        """The engine instance, once training has started."""
+        """The (first) EMA's engine instance, once training has started."""
         return self._tracker.average
+
+    @property
+    def moving_averages(self) -> dict[str, ExponentialMovingAverage]:
+        """Every EMA's engine instance by name, once training has started."""
+        return self._tracker.averages()
+
+    def average_parameters(self, name: str | None = None) -> AbstractContextManager[None]:
+        """``with callback.average_parameters(name): trainer.evaluate()``: that EMA (the first by default)
+        in the model for the block, the training weights put back after, bit for bit."""
+        return self._tracker.average_parameters(name)
 
     # --- building and updating ----------------------------------------------------------------------
 
@@ -122,11 +154,13 @@ class EMACallback(TrainerCallback):
         run, or to a later step than the checkpoint resumed.
         """
         assert model is not None
-        self._tracker.swap_out()
-        self._tracker.average = None
+        self._tracker.reset()
         if state.global_step > 0:
-            self._resume(unwrap_model(model), args, state.global_step)
-        self._tracker.start(model, state.global_step, training=True)
+            unwrapped = unwrap_model(model)
+            restored = weights_digest(averaged_tensors(unwrapped, self._tracker.buffers))
+            for name in self._tracker.names:
+                self._resume(unwrapped, name, restored, args, state.global_step)
+        self._tracker.start(model, state.global_step, training=True, owner=state)
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -161,9 +195,33 @@ class EMACallback(TrainerCallback):
             self._tracker.swap_out()
 
     def on_train_end(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: torch.nn.Module | None = None,
+        **kwargs: Any,
     ) -> None:
-        self._tracker.swap_out()
+        """With ``at_end="ema"`` the model ends holding the EMA (the Trainer's final ``save_model`` writes
+        it); with ``load_best_model_at_end``, the EMA saved beside the best checkpoint's weights, which the
+        Trainer has just loaded (verified by their digest)."""
+        tracker = self._tracker
+        tracker.swap_out()
+        if tracker.at_end != "ema" or tracker.average is None:
+            return
+        best = state.best_model_checkpoint if args.load_best_model_at_end else None
+        if not best:
+            tracker.put_in()
+            return
+        path = _ema_file(Path(best) / tracker.names[0])
+        record = _read_record(path)
+        loaded = weights_digest(tracker.tracked)
+        if not isinstance(record, Mapping) or record.get(DIGEST_KEY) != loaded:
+            raise CheckpointError(
+                path,
+                "is not the EMA of the best checkpoint's weights the Trainer loaded: not put in the model",
+            )
+        tracker.put_in(_read_averages(path, tracker.model))
 
     # --- saving and resuming ------------------------------------------------------------------------
 
@@ -181,27 +239,29 @@ class EMACallback(TrainerCallback):
             return
         tracker.swap_out()
         folder = Path(args.output_dir) / f"{_CHECKPOINT_PREFIX}-{state.global_step}"
-        save_ema_folder(unwrap_model(model or tracker.model), tracker, folder / EMA_FOLDER)
+        for name in tracker.names:
+            save_ema_folder(unwrap_model(model or tracker.model), tracker, folder / name, name)
 
-    def _resume(self, model: torch.nn.Module, args: TrainingArguments, global_step: int) -> None:
-        """Continue the EMA saved beside exactly the weights the Trainer has just restored.
+    def _resume(
+        self, model: torch.nn.Module, name: str, restored: str, args: TrainingArguments, global_step: int
+    ) -> None:
+        """Continue the EMA ``name`` saved beside exactly the weights the Trainer has just restored.
 
         The Trainer does not say which folder it resumed from; the one it was given (read through
         :func:`trainer_resume_folder`), ``args.resume_from_checkpoint`` and ``output_dir/checkpoint-N`` are
         looked in, and an EMA is taken only if the digest of the training weights recorded beside it is
         that of the weights now in the model: another run's ``checkpoint-N`` is refused, never continued.
         """
-        restored = weights_digest(averaged_parameters(model))
         resumed = trainer_resume_folder()
         other: Path | None = None
         for folder in _candidate_folders(resumed, args, global_step):
-            path = folder / EMA_FOLDER / WEIGHTS_NAME
+            path = _ema_file(folder / name)
             if not path.is_file():
                 continue
             record = _read_record(path)
             saved = record.get(DIGEST_KEY) if isinstance(record, Mapping) else None
             if saved == restored or (saved is None and resumed is not None and folder == resumed):
-                self._tracker.load(record, _read_averages(path), str(path))
+                self._tracker.load(record, _read_averages(path, model), str(path), name)
                 return
             other = other or path
         if other is not None:
@@ -213,7 +273,7 @@ class EMACallback(TrainerCallback):
             )
         raise CheckpointError(
             resumed or Path(args.output_dir) / f"{_CHECKPOINT_PREFIX}-{global_step}",
-            f"holds no {EMA_FOLDER}/{WEIGHTS_NAME}: the EMA callback cannot continue an average it did "
+            f"holds no {name}/{WEIGHTS_NAME}: the EMA callback cannot continue an average it did "
             "not save (was the run started without it?); train from these weights without "
             "resume_from_checkpoint to start a new EMA",
         )
@@ -273,41 +333,60 @@ def _read_record(path: Path) -> object:
         raise CheckpointError(path, f"cannot be read as the EMA callback's save ({exc})") from None
 
 
-def _read_averages(path: Path) -> dict[str, torch.Tensor]:
+def _read_averages(path: Path, model: torch.nn.Module | None) -> dict[str, torch.Tensor]:
+    """The saved averages by the model's own names (a PEFT adapter's keys mapped back by PEFT's mapping)."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - no __iter__
+            saved = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - no __iter__
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(path, f"cannot be read as the EMA callback's save ({exc})") from None
+    if path.name == ADAPTER_WEIGHTS and model is not None and is_peft_model(model):
+        return {key: saved[peft_key] for key, peft_key in adapter_keys(model).items() if peft_key in saved}
+    return saved
 
 
-def save_ema_folder(model: torch.nn.Module, tracker: EmaTracker, folder: Path) -> Path:
+def _ema_file(folder: Path) -> Path:
+    """An EMA folder's weights: ``model.safetensors``, or a PEFT adapter's ``adapter_model.safetensors``."""
+    adapter = folder / ADAPTER_WEIGHTS
+    return adapter if adapter.is_file() and not (folder / WEIGHTS_NAME).is_file() else folder / WEIGHTS_NAME
+
+
+def save_ema_folder(
+    model: torch.nn.Module, tracker: EmaTracker, folder: Path, name: str | None = None
+) -> Path:
     """``folder`` as ``save_pretrained`` would write the averaged model, written aside and renamed whole.
 
     The weights stream from the live averages one tensor at a time: no copy of the model is made. A PEFT
-    model's folder holds its averaged (trainable) parameters alone, under the PeftModel's own names and with
-    no ``config.json``: the base model's config beside adapter weights would load as a base model whose
-    weights are all missing.
+    model's folder is what PEFT's ``save_pretrained`` writes for the adapter (``adapter_model.safetensors``
+    under PEFT's keys, ``adapter_config.json``; no ``config.json``, which would load as a base model whose
+    weights are all missing).
     """
-    assert tracker.average is not None
-    averages = tracker.average.averages()
-    peft = hasattr(model, "peft_config")
-    state = dict(averages) if peft else _untied(model, average_model_state(model, averages))
+    average = tracker.averages()[name or tracker.names[0]]
+    averages = average.averages()
+    peft = is_peft_model(model)
+    full = average_model_state(model, averages)
+    state = adapter_state(model, full) if peft else _untied(model, full)
     entries = [TensorEntry(name, TensorSpec(tuple(t.shape), t.dtype)) for name, t in state.items()]
-    record = {**tracker.state(), DIGEST_KEY: weights_digest(tracker.tracked)}  # the raw weights: swapped out
+    record = {
+        **tracker.state(name),
+        DIGEST_KEY: weights_digest(tracker.tracked),
+    }  # the raw weights: swapped out
     metadata = {"format": "pt", STATE_METADATA_KEY: json.dumps(record)}
     aside = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     shutil.rmtree(aside, ignore_errors=True)
     aside.mkdir(parents=True)
     try:
-        writer = SafetensorsWriter(aside / WEIGHTS_NAME, entries, metadata, overwrite=False)
+        weights = ADAPTER_WEIGHTS if peft else WEIGHTS_NAME
+        writer = SafetensorsWriter(aside / weights, entries, metadata, overwrite=False)
         for name, tensor in state.items():
             writer.write(name, tensor)
         writer.commit()
         config = getattr(model, "config", None)
-        if not peft and config is not None and hasattr(config, "save_pretrained"):
+        if peft:
+            save_adapter_config(model, aside)
+        elif config is not None and hasattr(config, "save_pretrained"):
             config.save_pretrained(aside)
         if folder.exists():
             shutil.rmtree(folder)
