@@ -21,10 +21,32 @@ from ema_average.checkpoints.steps import checked_step
 from ema_average.errors import CheckpointError
 from ema_average.safetensors_format import DTYPE_NAMES, DTYPES, read_header
 
-__all__ = ["DTYPES", "DTYPE_NAMES", "LAYOUT", "TOOL_MARKER_KEY", "SafetensorsCheckpoint"]
+__all__ = [
+    "DTYPES",
+    "DTYPE_NAMES",
+    "LAYOUT",
+    "POSTHOC_KEYS",
+    "TOOL_MARKER_KEY",
+    "SafetensorsCheckpoint",
+    "is_posthoc_snapshot",
+]
 
 # The key under which this tool marks its own outputs, so that they are never taken as inputs.
 TOOL_MARKER_KEY = "ema_average_version"
+# What a post-hoc EMA snapshot records of its profile (ema_average.posthoc): one of these, beside its step.
+POSTHOC_KEYS = ("posthoc_gamma", "posthoc_sigma_rel")
+
+
+def is_posthoc_snapshot(path: Path) -> bool:
+    """Whether ``path`` is a post-hoc EMA snapshot (its header names a profile): read by
+    ``--method posthoc``, never taken as a checkpoint of the run. Reads the header only."""
+    if not path.name.endswith(".safetensors"):
+        return False
+    try:
+        metadata = read_header(path).metadata
+    except (OSError, CheckpointError, ValueError):
+        return False
+    return any(key in metadata for key in POSTHOC_KEYS)
 
 
 class SafetensorsCheckpoint(Checkpoint):
