@@ -46,7 +46,11 @@ def write_snapshots(
         for width in widths:
             states[step, width] = _state(step, width)
             metadata = {"step": str(step), "posthoc_sigma_rel": repr(width), "ema_average_version": "test"}
-            save_file(states[step, width], str(folder / f"ema-{width}-{step:06d}.safetensors"), metadata)
+            save_file(
+                states[step, width],
+                str(folder / f"ema-sigma_rel{width!r}-step{step:010d}.safetensors"),
+                metadata,
+            )
     return states
 
 
@@ -144,7 +148,7 @@ def test_refuses_a_snapshot_without_its_profile(tmp_path: Path) -> None:
 
 def test_refuses_a_step_missing_one_profile(tmp_path: Path) -> None:
     write_snapshots(tmp_path / "snaps")
-    (tmp_path / "snaps" / "ema-0.1-000300.safetensors").unlink()
+    (tmp_path / "snaps" / "ema-sigma_rel0.1-step0000000300.safetensors").unlink()
     assert "step 300 has no snapshot of the profile sigma_rel 0.1" in _refused(
         tmp_path, "--sigma-rel", "0.07"
     )
@@ -173,7 +177,7 @@ def test_refuses_snapshots_holding_other_tensors(tmp_path: Path) -> None:
     state["encoder.bias"] = torch.zeros(31)
     save_file(
         state,
-        str(tmp_path / "snaps" / "ema-0.05-000300.safetensors"),
+        str(tmp_path / "snaps" / "ema-sigma_rel0.05-step0000000300.safetensors"),
         {"step": "300", "posthoc_sigma_rel": "0.05"},
     )
     assert "'encoder.bias'" in _refused(tmp_path, "--sigma-rel", "0.07")
@@ -207,3 +211,22 @@ def test_refuses_a_missing_target_and_flags_of_other_methods(tmp_path: Path) -> 
     assert "--resume continues" in _refused(
         tmp_path, "--sigma-rel", "0.07", "--resume", str(tmp_path / "x.safetensors")
     )
+
+
+def test_a_run_holding_its_snapshot_folder_is_read_both_ways(tmp_path: Path) -> None:
+    """Raw checkpoints beside their posthoc-ema/ folder: the command averages the checkpoints (the
+    snapshots skipped with a notice), --method posthoc on the same folder reads the snapshots."""
+    from ema_average.checkpoints import find_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for step in (100, 200):
+        save_file(_state(step, 1.0), str(run / f"step_{step}.safetensors"), {"step": str(step)})
+    states = write_snapshots(run / "posthoc-ema")
+    found = find_run(run)
+    assert [c.step for c in found.checkpoints] == [100, 200]
+    assert any("posthoc-ema: post-hoc EMA snapshots" in n for n in found.notices), found.notices
+    [path] = _run(run, tmp_path / "o.safetensors", Targets(sigma_rels=(0.07,)))
+    got = load_file(str(path))
+    for name, expected in _expected(states, 0.07, 400).items():
+        torch.testing.assert_close(got[name].double(), expected, rtol=1e-6, atol=1e-6)

@@ -136,3 +136,38 @@ def test_refusals(tmp_path: Path) -> None:
     other = PowerEmaSnapshots(model, (0.05, 0.2), every=5, folder=tmp_path)
     with pytest.raises(AverageStateError, match="profiles"):
         other.load_state_dict(snaps.state_dict())
+
+
+@pytest.mark.slow
+def test_the_docs_worked_example(tmp_path: Path) -> None:
+    """examples/make_example_run.py --posthoc-every writes RUN/posthoc-ema/, which the command reads from
+    the run folder while the plain command still averages the raw checkpoints."""
+    import subprocess
+    import sys
+
+    examples = Path(__file__).parents[1] / "examples"
+    run = tmp_path / "example-run"
+    make = [
+        sys.executable,
+        str(examples / "make_example_run.py"),
+        str(run),
+        "--steps",
+        "400",
+        "--posthoc-every",
+        "100",
+    ]
+    done = subprocess.run(make, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    exe = str(Path(sys.executable).parent / "ema-average")
+    posthoc = subprocess.run(
+        [exe, str(run), "--method", "posthoc", "--sigma-rel", "0.07,0.15"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert posthoc.returncode == 0, posthoc.stderr
+    assert "8 ema-average snapshots" in posthoc.stdout
+    assert (tmp_path / "example-run-ema-sigma-rel0.07.safetensors").is_file()
+    plain = subprocess.run([exe, str(run), "--dry-run"], capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0, plain.stderr
+    assert "4 checkpoints" in plain.stdout and "post-hoc EMA snapshots" in plain.stdout

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ema_average.checkpoints.layouts import layout_of, models_in, own_folders, side_folder
+from ema_average.checkpoints.safetensors_file import is_posthoc_snapshot
 from ema_average.checkpoints.steps import names_a_step, stem_of, step_from_name
 from ema_average.errors import CheckpointError, NoCheckpointsError
 
@@ -66,6 +67,9 @@ def scan(root: Path, globs: Sequence[str] = ()) -> Scan:
     if globs:
         units = [u for u in units if _matches(root, u.path, globs)]
     parents = sorted({str(u.path.parent) for u in units})
+    if len(parents) > 1:  # a folder of post-hoc EMA snapshots beside the checkpoints is not a second run
+        units = _drop_snapshot_folders(units, notices)
+        parents = sorted({str(u.path.parent) for u in units})
     if len(parents) > 1:
         shown = ", ".join(parents[:4]) + (" ..." if len(parents) > 4 else "")
         raise CheckpointError(
@@ -74,6 +78,18 @@ def scan(root: Path, globs: Sequence[str] = ()) -> Scan:
             "or choose files by name (--glob)",
         )
     return Scan(sorted(units, key=lambda u: u.path), notices)
+
+
+def _drop_snapshot_folders(units: list[Unit], notices: list[str]) -> list[Unit]:
+    """Units without the folders that hold only post-hoc EMA snapshots (``ema-average FOLDER --method
+    posthoc`` reads those), each named in a notice. Looked at only when a run seems to span folders."""
+    folders: dict[Path, list[Unit]] = {}
+    for unit in units:
+        folders.setdefault(unit.path.parent, []).append(unit)
+    snapshots = {f for f, held in folders.items() if all(is_posthoc_snapshot(u.path) for u in held)}
+    for folder in sorted(snapshots):
+        notices.append(f"skipped {folder}: post-hoc EMA snapshots (--method posthoc reads them)")
+    return [u for u in units if u.path.parent not in snapshots]
 
 
 def _without_side_folders(units: list[Unit], notices: list[str]) -> list[Unit]:

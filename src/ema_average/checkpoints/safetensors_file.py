@@ -29,9 +29,11 @@ __all__ = [
     "DTYPE_NAMES",
     "LAYOUT",
     "MARKER_FILE",
-    "TOOL_MARKER_KEY",
+    "POSTHOC_KEYS",
     "SafetensorsCheckpoint",
+    "TOOL_MARKER_KEY",
     "in_marked_folder",
+    "is_posthoc_snapshot",
     "marked_json",
     "read_json_file",
 ]
@@ -42,6 +44,20 @@ TOOL_MARKER_KEY = "ema_average_version"
 # folder holding it is an output of this tool, whatever else it holds (lit_model.pth).
 MARKER_FILE = "ema_average.json"
 MAX_JSON_BYTES = 100_000_000
+# What a post-hoc EMA snapshot records of its profile (ema_average.posthoc): one of these, beside its step.
+POSTHOC_KEYS = ("posthoc_gamma", "posthoc_sigma_rel")
+
+
+def is_posthoc_snapshot(path: Path) -> bool:
+    """Whether ``path`` is a post-hoc EMA snapshot (its header names a profile): read by
+    ``--method posthoc``, never taken as a checkpoint of the run. Reads the header only."""
+    if not path.name.endswith(".safetensors"):
+        return False
+    try:
+        metadata = read_header(path).metadata
+    except (OSError, CheckpointError, ValueError):
+        return False
+    return any(key in metadata for key in POSTHOC_KEYS)
 
 
 class SafetensorsCheckpoint(Checkpoint):

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ema_average.checkpoints.base import Checkpoint, TensorSpec
-from ema_average.checkpoints.safetensors_file import TOOL_MARKER_KEY, SafetensorsCheckpoint
+from ema_average.checkpoints.safetensors_file import POSTHOC_KEYS, TOOL_MARKER_KEY, SafetensorsCheckpoint
 from ema_average.checkpoints.steps import checked_step
 from ema_average.checkpoints.torch_file import TorchCheckpoint
 from ema_average.decay_rules import gamma_to_sigma_rel, sigma_rel_to_gamma
@@ -30,8 +30,7 @@ from ema_average.errors import (
 from ema_average.posthoc.profiles import Profile
 
 # What a snapshot of this tool records of its profile (safetensors metadata values are strings).
-GAMMA_KEY = "posthoc_gamma"
-SIGMA_REL_KEY = "posthoc_sigma_rel"
+GAMMA_KEY, SIGMA_REL_KEY = POSTHOC_KEYS
 STEP_KEY = "step"
 # The folder of a run the training side writes snapshots into, looked in when given the run itself.
 DEFAULT_FOLDER = "posthoc-ema"
@@ -114,9 +113,8 @@ _PKL_REFUSAL = (
 def _snapshot_folder(root: Path) -> Path:
     if not root.is_dir():
         raise NoCheckpointsError(root, "is not a folder of post-hoc EMA snapshots")
-    nested = root / DEFAULT_FOLDER
-    has_files = any(p.suffix in (".safetensors", ".pt", ".pkl") for p in root.iterdir() if p.is_file())
-    return nested if nested.is_dir() and not has_files else root
+    nested = root / DEFAULT_FOLDER  # a run folder holding its snapshots' folder (the training side's default)
+    return nested if nested.is_dir() else root
 
 
 def _ours(paths: list[Path], notes: list[str]) -> list[Snapshot]:
