@@ -174,6 +174,7 @@ def test_ddp_prefix_appearing_on_resume_and_strip_prefix_on_input(tmp_path: Path
     averaged = assert_reference(tmp_path / "ema.safetensors", states)
     nn.Sequential(nn.Linear(3, 4)).load_state_dict(averaged)
     assert "val_loss" in text
+    assert "matched by --include/--exclude: 0.weight, 0.bias" in " ".join(text.split())
 
 
 # Side files that are not the model: skipped with a notice, never fatal --------------------------------
@@ -364,3 +365,31 @@ def test_megatron_tensor_parallel_ranks_are_refused_in_one_line_or_read_one_by_o
     assert "--submodel mp_rank_00" in line
     average(run, tmp_path / "rank0.safetensors", "--submodel", "mp_rank_00")  # the hint works on this run
     assert_reference(tmp_path / "rank0.safetensors", states)
+
+
+def test_torchtnt_plan_shows_the_names_selection_flags_match(tmp_path: Path) -> None:
+    """torchtnt's DistributedCheckpointSaver: a DCP folder per step (``epoch_0_train_step_N``) of
+    ``{"app_state": {"module": ..., "train_progress": ...}}`` (torchtnt/framework/callbacks/dcp_saver.py)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    torch.manual_seed(0)
+    states = {}
+    for step in (4, 8):
+        model = {"fc.weight": torch.randn(3, 2), "fc.bias": torch.randn(3)}
+        progress = {"num_steps_completed": torch.tensor(step), "num_epochs_completed": torch.tensor(0)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.save(
+                {"app_state": {"module": model, "train_progress": progress}},
+                checkpoint_id=tmp_path / "run" / f"epoch_0_train_step_{step}",
+            )
+        states[step] = model
+    run = find_run(tmp_path / "run")
+    assert (
+        "tensor names as read, written and matched by --include/--exclude: fc.weight, fc.bias" in run.notices
+    )
+    text = average(tmp_path / "run", tmp_path / "ema.safetensors", "--include", "fc.*")
+    assert_reference(tmp_path / "ema.safetensors", states)
+    assert "fc.weight" in text

@@ -72,6 +72,9 @@ EMA_MARKERS = ("ema", "swa", "averaged")
 # Suffixes of single files that may hold weights (``.pth.tar``: timm and the ImageNet example scripts).
 CHECKPOINT_SUFFIXES = (".pth.tar", ".pt.tar", ".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".th")
 
+# Weights saved by other frameworks, named when a folder holds nothing else: read by none of the layouts.
+FOREIGN_SUFFIXES = {".keras": "Keras", ".weights.h5": "Keras", ".h5": "Keras (HDF5)"}
+
 # Files and folders trainers write beside the weights that are never a model: optimizer and scheduler
 # state, RNG state, arguments, loss scalers, torchtune's ``recipe_state/``, DeepSpeed's optimizer shards.
 SIDE_MARKERS = (
