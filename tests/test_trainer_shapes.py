@@ -299,7 +299,8 @@ def write_megatron_run(run: Path, iterations: list[int], tp: int = 1) -> dict[in
     """megatron/training/checkpointing.py, legacy (torch) format followed from its source: every rank saves
     ``{args, checkpoint_version, iteration, model, optimizer, opt_param_scheduler, rng_state,
     num_floating_point_operations_so_far}`` to ``iter_{:07d}/mp_rank_{tp:02d}/model_optim_rng.pt``, then rank
-    0 writes the tracker ``latest_checkpointed_iteration.txt``. Each TP rank here saves its own copy (the
+    0 writes the tracker ``latest_checkpointed_iteration.txt``; the distributed optimizer's state goes to
+    ``distrib_optim.pt`` beside it (flat fp32 buffers per bucket, larger than the model). Each TP rank here saves its own copy (the
     test's ranks are not split)."""
     import argparse
     import random
@@ -339,6 +340,8 @@ def write_megatron_run(run: Path, iterations: list[int], tp: int = 1) -> dict[in
             folder = run / f"iter_{iteration:07d}" / f"mp_rank_{rank:02d}"
             folder.mkdir(parents=True)
             torch.save(state, folder / "model_optim_rng.pt")
+            moments = {"param": torch.randn(40), "exp_avg": torch.randn(40), "exp_avg_sq": torch.rand(40)}
+            torch.save({0: {(torch.float32, torch.float32): moments}}, folder / "distrib_optim.pt")
         (run / "latest_checkpointed_iteration.txt").write_text(str(iteration))
         states[iteration] = {n: t.detach().clone() for n, t in model.state_dict().items()}
     return states

@@ -5,6 +5,8 @@ Every layout reads these lists; none keeps a private copy, so a key learnt for o
 
 from __future__ import annotations
 
+import re
+
 # Where a training step is recorded, most specific first (torch dicts, safetensors metadata, DCP tensors).
 # ``global_steps`` is DeepSpeed's; ``num_updates`` fairseq's; ``global_step`` Lightning's and HF's.
 STEP_KEYS = (
@@ -96,9 +98,12 @@ def is_ema_name(name: str) -> bool:
 
 
 def is_side_file(name: str) -> bool:
-    """Whether a file or folder name marks trainer state that is not model weights."""
+    """Whether a file or folder name marks trainer state that is not model weights: a marker anywhere, or
+    the word ``optim`` without ``model`` (Megatron's ``distrib_optim.pt``; its ``model_optim_rng.pt`` holds
+    the model)."""
     lower = name.lower()
-    return any(marker in lower for marker in SIDE_MARKERS)
+    words = set(re.split(r"[^a-z0-9]+", lower))
+    return any(marker in lower for marker in SIDE_MARKERS) or ("optim" in words and "model" not in words)
 
 
 # What a container is, by its key (``contents.split``): the key lower-cased, ``-`` as ``_``, compared whole
