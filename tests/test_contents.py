@@ -217,12 +217,17 @@ GPT_SHAPES = {"wte.weight": (64, 16), "h.0.ln.weight": (16,), "h.0.ln.bias": (16
 
 def test_a_metric_beside_a_state_dict_is_trainer_state() -> None:
     # nanoGPT's ckpt.pt: best_val_loss, a 0-d tensor, sits beside model under no key anyone lists.
-    parts = split_shapes({"model": GPT_SHAPES, "best_val_loss": (), "cpu_rng": (5056,)})
-    assert parts == [
-        ("model", "model", sorted(GPT_SHAPES)),
-        ("best_val_loss", "trainer", ["best_val_loss"]),
-        ("cpu_rng", "trainer", ["cpu_rng"]),
-    ]
+    parts = split_shapes(
+        {"model": GPT_SHAPES, "best_val_loss": (), "optimizer": {"state": {}, "param_groups": []}}
+    )
+    assert parts == [("model", "model", sorted(GPT_SHAPES)), ("best_val_loss", "trainer", ["best_val_loss"])]
+
+
+def test_a_parameter_beside_module_state_dicts_stays_in_the_model() -> None:
+    # A positional embedding saved beside its encoder's state dict is a weight, not trainer state.
+    parts = split_shapes({"encoder": GPT_SHAPES, "pos_embedding": (1, 16, 64), "step_loss": ()})
+    assert parts[0] == ("", "model", sorted(["pos_embedding", *(f"encoder.{n}" for n in GPT_SHAPES)]))
+    assert parts[1:] == [("step_loss", "trainer", ["step_loss"])]
 
 
 def test_per_parameter_state_under_any_key_is_optimizer_state() -> None:

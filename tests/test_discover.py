@@ -803,3 +803,35 @@ def test_litgpt_lora_adapters_are_the_checkpoints_and_named_in_the_plan(tmp_path
     assert set(written) == set(states[0])
     for name, tensor in float64_reference(states, [2, 4, 6], 0.9).items():
         torch.testing.assert_close(written[name].double(), tensor, rtol=2e-6, atol=2e-7)
+
+
+def test_keras_files_are_refused_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "ckpt-3.weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
+    (tmp_path / "model.keras").write_bytes(b"PK\x03\x04")
+    with pytest.raises(
+        NoCheckpointsError, match=r"holds Keras weights \(ckpt-3\.weights\.h5 \.\.\.\), which are not read"
+    ):
+        find_run(tmp_path)
+
+
+def test_submodel_naming_a_module_of_the_model_read_says_where_it_is(tmp_path: Path) -> None:
+    # sentence-transformers keeps its modules as 2_Dense/... in the model read: --submodel 2_Dense finds
+    # no separate model, and the message says where its tensors are and the flag that picks them.
+    for step in (1, 2):
+        state = {
+            "embeddings.weight": torch.full((4, 2), float(step)),
+            "2_Dense/linear.weight": torch.ones(2, 2) * step,
+        }
+        save_file(state, str(tmp_path / f"step_{step}.safetensors"))
+    with pytest.raises(CheckpointError) as caught:
+        find_run(tmp_path, submodel="2_Dense")
+    assert "its tensors are part of the model read, in the output as 2_Dense/... (1 tensors)" in str(
+        caught.value
+    )
+    assert "--include '2_Dense/*'" in str(caught.value)
+    from ema_average.plan import TensorSelection
+
+    keeps = TensorSelection(include=("2_Dense/*",)).keeps
+    assert [
+        sorted(n for n in c.specs() if keeps(n)) for c in find_run(tmp_path, keeps=keeps).checkpoints
+    ] == [["2_Dense/linear.weight"]] * 2

@@ -397,7 +397,7 @@ def test_lightning_ema_weight_averaging_reads_current_model_state(tmp_path: Path
     assert [c.step for c in run.checkpoints] == [4, 8, 12]
     assert {c.state_dict_key for c in run.checkpoints} == {"current_model_state"}
     assert (
-        "in each checkpoint: read current_model_state; also here: state_dict (--state-dict-key state_dict); "
+        "in each checkpoint: read current_model_state; also here: state_dict (the average; --state-dict-key state_dict); "
         "not averaged: trainer state (callbacks)" in run.notices
     )
     raw = [torch.load(c.path, weights_only=False)["current_model_state"] for c in run.checkpoints]

@@ -552,7 +552,9 @@ def test_mmengine_ema_hook_save_reads_the_raw_weights(tmp_path: Path) -> None:
     ckpt = TorchCheckpoint(tmp_path / "iter_12.pth")
     assert ckpt.state_dict_key == "ema_state_dict" and sorted(ckpt.specs()) == sorted(raw)
     assert all(torch.equal(ckpt.read(n), raw[n]) for n in raw)
-    assert ckpt.other_models == {"state_dict": "--state-dict-key state_dict"}
+    assert ckpt.other_models == {
+        "state_dict": "the average; --state-dict-key state_dict"
+    }  # says it is the EMA
     averaged = TorchCheckpoint(tmp_path / "iter_12.pth", state_dict_key="state_dict")
     assert all(torch.equal(averaged.read(n), ema[n]) for n in ema)
 

@@ -174,6 +174,7 @@ def test_ddp_prefix_appearing_on_resume_and_strip_prefix_on_input(tmp_path: Path
     averaged = assert_reference(tmp_path / "ema.safetensors", states)
     nn.Sequential(nn.Linear(3, 4)).load_state_dict(averaged)
     assert "val_loss" in text
+    assert "matched by --include/--exclude: 0.weight, 0.bias" in " ".join(text.split())
 
 
 # Side files that are not the model: skipped with a notice, never fatal --------------------------------
@@ -298,7 +299,8 @@ def write_megatron_run(run: Path, iterations: list[int], tp: int = 1) -> dict[in
     """megatron/training/checkpointing.py, legacy (torch) format followed from its source: every rank saves
     ``{args, checkpoint_version, iteration, model, optimizer, opt_param_scheduler, rng_state,
     num_floating_point_operations_so_far}`` to ``iter_{:07d}/mp_rank_{tp:02d}/model_optim_rng.pt``, then rank
-    0 writes the tracker ``latest_checkpointed_iteration.txt``. Each TP rank here saves its own copy (the
+    0 writes the tracker ``latest_checkpointed_iteration.txt``; the distributed optimizer's state goes to
+    ``distrib_optim.pt`` beside it (flat fp32 buffers per bucket, larger than the model). Each TP rank here saves its own copy (the
     test's ranks are not split)."""
     import argparse
     import random
@@ -338,6 +340,8 @@ def write_megatron_run(run: Path, iterations: list[int], tp: int = 1) -> dict[in
             folder = run / f"iter_{iteration:07d}" / f"mp_rank_{rank:02d}"
             folder.mkdir(parents=True)
             torch.save(state, folder / "model_optim_rng.pt")
+            moments = {"param": torch.randn(40), "exp_avg": torch.randn(40), "exp_avg_sq": torch.rand(40)}
+            torch.save({0: {(torch.float32, torch.float32): moments}}, folder / "distrib_optim.pt")
         (run / "latest_checkpointed_iteration.txt").write_text(str(iteration))
         states[iteration] = {n: t.detach().clone() for n, t in model.state_dict().items()}
     return states
@@ -364,3 +368,31 @@ def test_megatron_tensor_parallel_ranks_are_refused_in_one_line_or_read_one_by_o
     assert "--submodel mp_rank_00" in line
     average(run, tmp_path / "rank0.safetensors", "--submodel", "mp_rank_00")  # the hint works on this run
     assert_reference(tmp_path / "rank0.safetensors", states)
+
+
+def test_torchtnt_plan_shows_the_names_selection_flags_match(tmp_path: Path) -> None:
+    """torchtnt's DistributedCheckpointSaver: a DCP folder per step (``epoch_0_train_step_N``) of
+    ``{"app_state": {"module": ..., "train_progress": ...}}`` (torchtnt/framework/callbacks/dcp_saver.py)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    torch.manual_seed(0)
+    states = {}
+    for step in (4, 8):
+        model = {"fc.weight": torch.randn(3, 2), "fc.bias": torch.randn(3)}
+        progress = {"num_steps_completed": torch.tensor(step), "num_epochs_completed": torch.tensor(0)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.save(
+                {"app_state": {"module": model, "train_progress": progress}},
+                checkpoint_id=tmp_path / "run" / f"epoch_0_train_step_{step}",
+            )
+        states[step] = model
+    run = find_run(tmp_path / "run")
+    assert (
+        "tensor names as read, written and matched by --include/--exclude: fc.weight, fc.bias" in run.notices
+    )
+    text = average(tmp_path / "run", tmp_path / "ema.safetensors", "--include", "fc.*")
+    assert_reference(tmp_path / "ema.safetensors", states)
+    assert "fc.weight" in text

@@ -19,8 +19,7 @@ have in common:
 - what is left is the model. A container that holds nothing but one unmarked container (``state_dict``,
   ``app_state`` -> ``module``) is looked through, so the model's names are its own;
 - where a container of the rest is a module's state dict (a flat dict of tensors), what sits beside it is
-  not the model, whatever its key: tensors beside it (a 0-d ``best_val_loss``, an RNG state) are trainer
-  state, and a sibling container that holds per-parameter state (tensors under parameter indexes, each
+  not the model, whatever its key: 0-d tensors beside it (nanoGPT's ``best_val_loss``) are trainer state, and a sibling container that holds per-parameter state (tensors under parameter indexes, each
   beside same-shaped companions: fastai's ``opt.state.N.{grad_avg, sqr_avg}``) or whose tensors repeat
   the model's shapes more than once (moments of every parameter) is optimizer state.
 
@@ -167,13 +166,17 @@ def _looked_through(
 def _beside_the_model(
     rest: _Node[Leaf], path: KeyPath, shape_of: Callable[[Leaf], Shape] | None
 ) -> tuple[_Node[Leaf], list[Part[Leaf]]]:
-    """``rest`` without what sits beside a module's state dict in it, and the parts that makes: tensors
-    beside it (trainer state: a metric, an RNG state) and containers of optimizer state (by structure)."""
+    """``rest`` without what sits beside a module's state dict in it, and the parts that makes: 0-d tensors
+    beside it (trainer state: a metric, a loss) and containers of optimizer state (by structure). A tensor
+    of one or more dimensions beside it may be a parameter of the model (a positional embedding saved
+    beside its encoder's state dict), and stays."""
     modules = [key for key, child in rest.children.items() if _is_state_dict(child)]
     if not modules:
         return rest, []
-    kept: _Node[Leaf] = _Node(children=dict(rest.children), structure=rest.structure)
-    parts = [Part(".".join((*path, name)), "trainer", {name: leaf}) for name, leaf in rest.leaves.items()]
+    scalars = {n: leaf for n, leaf in rest.leaves.items() if shape_of is not None and shape_of(leaf) == ()}
+    others = {n: leaf for n, leaf in rest.leaves.items() if n not in scalars}
+    kept: _Node[Leaf] = _Node(leaves=others, children=dict(rest.children), structure=rest.structure)
+    parts = [Part(".".join((*path, name)), "trainer", {name: leaf}) for name, leaf in scalars.items()]
     model = max((rest.children[key] for key in modules), key=lambda node: len(node.leaves))
     for key, child in rest.children.items():
         if child is not model and _holds_optimizer_state(child, model, shape_of):

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ema_average.checkpoints.base import Checkpoint, OpenOptions, TensorSpec
-from ema_average.checkpoints.keys import is_ema_name
+from ema_average.checkpoints.keys import FOREIGN_SUFFIXES, is_ema_name
 from ema_average.checkpoints.layouts import looked_for, open_leaf
 from ema_average.checkpoints.renamed import stripped_of, with_model_names
 from ema_average.checkpoints.run_folder import Unit, scan
@@ -162,6 +162,7 @@ def find_run(
         checkpoints.append(ckpt)
     checkpoints = side_units(checkpoints, deferred, notices)
     if not checkpoints:
+        _refuse_foreign(root)
         where = f" named {' or '.join(globs)}" if globs else ""
         raise NoCheckpointsError(root, f"no checkpoints{where} found; looked for {looked_for()}")
     if all(c.step is not None for c in checkpoints):
@@ -174,6 +175,7 @@ def find_run(
     validate_run(checkpoints, keeps)
     _note_models(checkpoints, notices)
     _note_stripped(checkpoints, notices)
+    _note_names(checkpoints, notices)
     return Run(root, checkpoints, notices, units)
 
 
@@ -188,6 +190,19 @@ def _written_by_this_tool(ckpt: Checkpoint) -> bool:
     whose metadata is marked says so itself (``Checkpoint.written_by_this_tool``); a folder output holding
     torch weights (litgpt's ``lit_model.pth``) by the marker file beside them, whichever layout reads it."""
     return ckpt.written_by_this_tool or in_marked_folder(ckpt.path)
+
+
+def _refuse_foreign(root: Path) -> None:
+    """A folder of another framework's weights (Keras ``.keras``, ``.weights.h5``) is refused as such, in
+    one line, rather than as a folder with no checkpoints."""
+    files = [p for p in files_under(root)[:10_000] if p.name.lower().endswith(tuple(FOREIGN_SUFFIXES))]
+    if files:
+        suffix = next(s for s in FOREIGN_SUFFIXES if files[0].name.lower().endswith(s))
+        raise NoCheckpointsError(
+            root,
+            f"holds {FOREIGN_SUFFIXES[suffix]} weights ({files[0].name}{' ...' if len(files) > 1 else ''}), "
+            "which are not read: only PyTorch checkpoints (torch files, safetensors, DCP, DeepSpeed) are",
+        )
 
 
 def _check_holds_weights(ckpt: Checkpoint) -> None:
@@ -216,6 +231,14 @@ def _check_holds_weights(ckpt: Checkpoint) -> None:
 def _check_submodel(ckpt: Checkpoint, submodel: str | None) -> None:
     if submodel is None or submodel in ckpt.model.split("/"):
         return
+    inside = sorted(n for n in ckpt.specs() if n.startswith((f"{submodel}/", f"{submodel}.")))
+    if inside:  # a module of the model read (sentence-transformers' 2_Dense/): in the output already
+        shown = inside[0][: len(submodel) + 1]
+        raise CheckpointError(
+            ckpt.path,
+            f"has no separate model {submodel!r} (--submodel): its tensors are part of the model read, in the "
+            f"output as {shown}... ({len(inside)} tensors); average only them with --include '{shown}*'",
+        )
     models = [m for m in [*ckpt.model.split("/")[:1], *ckpt.other_models] if m]
     listed = f"; its models: {', '.join(models)}" if models else "; it holds one model"
     raise CheckpointError(ckpt.path, f"has no model {submodel!r} (--submodel){listed}")
@@ -232,6 +255,17 @@ def _note_models(checkpoints: list[Checkpoint], notices: list[str]) -> None:
         return
     for ckpt, text in described:
         ckpt.notes.append(text)
+
+
+def _note_names(checkpoints: list[Checkpoint], notices: list[str]) -> None:
+    """Where the names read are not the file's own keys (a model inside a container, prefixes stripped),
+    the plan shows a few: what the output holds and what --include/--exclude match."""
+    latest = checkpoints[-1]
+    if "." not in latest.model and stripped_of(latest) is None:  # app_state.module, state.model: nested
+        return
+    names = list(latest.specs())
+    shown = ", ".join(names[:3]) + (f" ... ({len(names)} tensors)" if len(names) > 3 else "")
+    notices.append(f"tensor names as read, written and matched by --include/--exclude: {shown}")
 
 
 def _note_stripped(checkpoints: list[Checkpoint], notices: list[str]) -> None:

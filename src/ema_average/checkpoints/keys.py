@@ -5,6 +5,8 @@ Every layout reads these lists; none keeps a private copy, so a key learnt for o
 
 from __future__ import annotations
 
+import re
+
 # Where a training step is recorded, most specific first (torch dicts, safetensors metadata, DCP tensors).
 # ``global_steps`` is DeepSpeed's; ``num_updates`` fairseq's; ``global_step`` Lightning's and HF's.
 STEP_KEYS = (
@@ -72,6 +74,9 @@ EMA_MARKERS = ("ema", "swa", "averaged")
 # Suffixes of single files that may hold weights (``.pth.tar``: timm and the ImageNet example scripts).
 CHECKPOINT_SUFFIXES = (".pth.tar", ".pt.tar", ".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".th")
 
+# Weights saved by other frameworks, named when a folder holds nothing else: read by none of the layouts.
+FOREIGN_SUFFIXES = {".keras": "Keras", ".weights.h5": "Keras", ".h5": "Keras (HDF5)"}
+
 # Files and folders trainers write beside the weights that are never a model: optimizer and scheduler
 # state, RNG state, arguments, loss scalers, torchtune's ``recipe_state/``, DeepSpeed's optimizer shards.
 SIDE_MARKERS = (
@@ -93,9 +98,12 @@ def is_ema_name(name: str) -> bool:
 
 
 def is_side_file(name: str) -> bool:
-    """Whether a file or folder name marks trainer state that is not model weights."""
+    """Whether a file or folder name marks trainer state that is not model weights: a marker anywhere, or
+    the word ``optim`` without ``model`` (Megatron's ``distrib_optim.pt``; its ``model_optim_rng.pt`` holds
+    the model)."""
     lower = name.lower()
-    return any(marker in lower for marker in SIDE_MARKERS)
+    words = set(re.split(r"[^a-z0-9]+", lower))
+    return any(marker in lower for marker in SIDE_MARKERS) or ("optim" in words and "model" not in words)
 
 
 # What a container is, by its key (``contents.split``): the key lower-cased, ``-`` as ``_``, compared whole

@@ -36,8 +36,9 @@ def run_model(checkpoints: list[Checkpoint]) -> frozenset[str] | None:
     counts = Counter(frozenset(c.specs()) for c in checkpoints)
     if not counts:
         return None
-    (names, count), *rest = [*counts.most_common(2), (frozenset(), 0)]
-    return names if count >= 2 and count > rest[0][1] else None
+    ranked: list[tuple[frozenset[str], int]] = [*counts.most_common(2), (frozenset(), 0)]
+    (names, count), (_, second) = ranked[0], ranked[1]
+    return names if count >= 2 and count > second else None
 
 
 def side_units(checkpoints: list[Checkpoint], deferred: Deferred, notices: list[str]) -> list[Checkpoint]:

@@ -16,7 +16,7 @@ import torch
 
 from ema_average.checkpoints.base import ModelChoice
 from ema_average.checkpoints.contents import KeyPath, Kind, Part, described, mirrors, split, structure_of
-from ema_average.checkpoints.keys import STATE_DICT_KEYS
+from ema_average.checkpoints.keys import STATE_DICT_KEYS, is_ema_name
 from ema_average.checkpoints.placeholders import Placeholder, described_objects, placeholders_in
 from ema_average.errors import CheckpointError, NoWeightsError, UnsafeCheckpointError
 
@@ -310,7 +310,8 @@ def _choice(
     others = {}
     for c in candidates:
         if c is not chosen and mirrors(_flatten(path, c.value), tensors):
-            others[c.key] = f"--state-dict-key {c.key}"
+            said = c.ema and not is_ema_name(c.key)  # mmengine's state_dict, swapped: say it is the EMA
+            others[c.key] = f"the average; --state-dict-key {c.key}" if said else f"--state-dict-key {c.key}"
     if not others and not chosen.ema and not beside and not objects:
         return None
     held = "; ".join(text for text in (described(beside), described_objects(objects)) if text)
