@@ -8,8 +8,9 @@ update (e.g. post-hoc snapshots every N steps) belongs beside :meth:`EmaTracker.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from copy import deepcopy
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +91,8 @@ class EmaTracker:
         names: Sequence[str] | None = None,
         at_end: str = "raw",
         buffers: str = "average",
+        start_step: int = 0,
+        should_update: Callable[[int], bool] | None = None,
         dtensor_refusal: str | None = None,
     ) -> None:
         decays = _decays(decay)
@@ -110,6 +113,14 @@ class EmaTracker:
         if buffers not in BUFFER_CHOICES:
             raise ConfigurationError(f"buffers must be one of {', '.join(BUFFER_CHOICES)}, got {buffers!r}")
         self.buffers = buffers
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise ConfigurationError(f"start_step must be a whole number of steps >= 0, got {start_step!r}")
+        if should_update is not None and not callable(should_update):
+            raise ConfigurationError(
+                f"should_update must be a function of the global step, got {should_update!r}"
+            )
+        self.start_step = start_step
+        self.should_update = should_update
         self.device = device
         self.every = every
         self.evaluate = evaluate
@@ -199,6 +210,11 @@ class EmaTracker:
         """
         if self.average is None or global_step <= self.last_step or global_step % self.every:
             return False
+        if global_step <= self.start_step:  # not started: the EMA follows the weights (timm's rule)
+            self._restart(global_step)
+            return False
+        if self.should_update is not None and not self.should_update(global_step):
+            return False  # skipped: the next update takes the skipped steps' decays (the gap rule)
         other = _SWAPPED.get(self.model) if self.model is not None else None
         if other is not None and other is not self and other.swapped is not None:
             # another callback swapped its EMA in for an evaluation after this step: update from the
@@ -210,6 +226,30 @@ class EmaTracker:
             finally:
                 other.swap_in(name, evaluating=False)
         return self._update(global_step)
+
+    def _restart(self, global_step: int) -> None:
+        """Every EMA anew from the current weights, as at the start of training at ``global_step``."""
+        self.swap_out()
+        for slot in self.slots:
+            slot.average = ExponentialMovingAverage.with_rule(self.tracked, slot.rule, device=self.device)  # type: ignore[assignment]
+        self.last_step = global_step
+
+    def ema_model(self, name: str | None = None) -> torch.nn.Module | None:
+        """A copy of the model holding an EMA (the first by default), for inference beside training.
+
+        A whole copy of the model: memory for it is the caller's choice (the callbacks keep none).
+        """
+        slot = self._slot(name)
+        if slot.average is None or self.model is None:
+            return None
+        self.swap_out()
+        copy = deepcopy(self.model)
+        averages = slot.average.averages()
+        with torch.no_grad():
+            for key, tensor in [*copy.named_parameters(), *copy.named_buffers()]:
+                if key in averages:
+                    local_part(tensor).copy_(local_part(averages[key]))
+        return copy
 
     def _update(self, global_step: int) -> bool:
         for slot in self.slots:

@@ -20,11 +20,12 @@ the gathering save of ``ema/`` it would need cannot be tested here; the Lightnin
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,10 @@ DTENSOR_REFUSAL = (
 
 EMA_FOLDER = "ema"  # checkpoint-N/ema/
 WEIGHTS_NAME = "model.safetensors"
+# Beside a copy saved in a lower precision than the averages (bf16 weights): the float32 averages themselves,
+# which a resume continues exactly.
+STATE_NAME = "ema_average_state.safetensors"
+SAVE_DTYPES = ("model", "float32")
 STATE_METADATA_KEY = "ema_average.callback"  # the callback's counter, in the weights file's metadata
 # In that record: the SHA-256 of the training weights saved beside the EMA (see weights_digest), compared on
 # resume with the weights the Trainer restored.
@@ -84,7 +89,9 @@ class EMACallback(TrainerCallback):
 
     ``at_end``: what the model holds when training ends: ``"raw"`` (default: the training weights) or
     ``"ema"`` (the first EMA; with ``load_best_model_at_end``, the best checkpoint's EMA), so that the
-    final ``trainer.save_model()`` writes it.
+    final ``trainer.save_model()`` writes it. ``save_dtype``: the dtype of the ``ema/`` copy: ``"model"``
+    (default: the model's own, bf16 weights give a bf16 copy, with the float32 averages beside it in
+    ``ema_average_state.safetensors`` for an exact resume) or ``"float32"``; its ``config.json`` says which.
 
     Several decays (``decay=[0.999, 0.9999]``) keep several EMAs, updated at the same steps and saved each
     in its own folder of ``checkpoint-N/`` (``names``, by default ``ema``, ``ema_0.9999``...); the first is
@@ -103,7 +110,15 @@ class EMACallback(TrainerCallback):
         names: Sequence[str] | None = None,
         at_end: str = "raw",
         buffers: str = "average",
+        start_step: int = 0,
+        should_update: Callable[[int], bool] | None = None,
+        save_dtype: str = "model",
     ) -> None:
+        if save_dtype not in SAVE_DTYPES:
+            raise ConfigurationError(
+                f"save_dtype must be one of {', '.join(SAVE_DTYPES)}, got {save_dtype!r}"
+            )
+        self.save_dtype = save_dtype
         if evaluate == "both":
             raise ConfigurationError(
                 "evaluate='both' is for Lightning: the Trainer has no hook before an evaluation to run a "
@@ -120,6 +135,8 @@ class EMACallback(TrainerCallback):
             names=names,
             at_end=at_end,
             buffers=buffers,
+            start_step=start_step,
+            should_update=should_update,
             dtensor_refusal=DTENSOR_REFUSAL,
         )
 
@@ -127,6 +144,10 @@ class EMACallback(TrainerCallback):
     def moving_average(self) -> ExponentialMovingAverage | None:
         """The (first) EMA's engine instance, once training has started."""
         return self._tracker.average
+
+    def ema_model(self, name: str | None = None) -> torch.nn.Module | None:
+        """A copy of the model holding that EMA (the first by default), for inference; None before training."""
+        return self._tracker.ema_model(name)
 
     @property
     def moving_averages(self) -> dict[str, ExponentialMovingAverage]:
@@ -240,7 +261,9 @@ class EMACallback(TrainerCallback):
         tracker.swap_out()
         folder = Path(args.output_dir) / f"{_CHECKPOINT_PREFIX}-{state.global_step}"
         for name in tracker.names:
-            save_ema_folder(unwrap_model(model or tracker.model), tracker, folder / name, name)
+            save_ema_folder(
+                unwrap_model(model or tracker.model), tracker, folder / name, name, self.save_dtype
+            )
 
     def _resume(
         self, model: torch.nn.Module, name: str, restored: str, args: TrainingArguments, global_step: int
@@ -348,13 +371,20 @@ def _read_averages(path: Path, model: torch.nn.Module | None) -> dict[str, torch
 
 
 def _ema_file(folder: Path) -> Path:
-    """An EMA folder's weights: ``model.safetensors``, or a PEFT adapter's ``adapter_model.safetensors``."""
+    """What a resume reads in an EMA folder: the float32 averages saved beside a rounded copy, or the copy
+    (``model.safetensors``, or a PEFT adapter's ``adapter_model.safetensors``)."""
+    if (folder / STATE_NAME).is_file():
+        return folder / STATE_NAME
     adapter = folder / ADAPTER_WEIGHTS
     return adapter if adapter.is_file() and not (folder / WEIGHTS_NAME).is_file() else folder / WEIGHTS_NAME
 
 
 def save_ema_folder(
-    model: torch.nn.Module, tracker: EmaTracker, folder: Path, name: str | None = None
+    model: torch.nn.Module,
+    tracker: EmaTracker,
+    folder: Path,
+    name: str | None = None,
+    save_dtype: str = "model",
 ) -> Path:
     """``folder`` as ``save_pretrained`` would write the averaged model, written aside and renamed whole.
 
@@ -367,27 +397,32 @@ def save_ema_folder(
     averages = average.averages()
     peft = is_peft_model(model)
     full = average_model_state(model, averages)
-    state = adapter_state(model, full) if peft else _untied(model, full)
-    entries = [TensorEntry(name, TensorSpec(tuple(t.shape), t.dtype)) for name, t in state.items()]
+    own = {key: t.dtype for key, t in model.state_dict(keep_vars=True).items()}
+    if peft:
+        keys = adapter_keys(model)
+        state, dtypes = adapter_state(model, full), {keys[k]: own[k] for k in keys}
+    else:
+        state, dtypes = _untied(model, full), own
+    dtypes = {key: _saved_dtype(dtypes[key], tensor, save_dtype) for key, tensor in state.items()}
     record = {
         **tracker.state(name),
         DIGEST_KEY: weights_digest(tracker.tracked),
     }  # the raw weights: swapped out
     metadata = {"format": "pt", STATE_METADATA_KEY: json.dumps(record)}
+    rounded = any(dtypes[key] != tensor.dtype for key, tensor in state.items())
     aside = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     shutil.rmtree(aside, ignore_errors=True)
     aside.mkdir(parents=True)
     try:
         weights = ADAPTER_WEIGHTS if peft else WEIGHTS_NAME
-        writer = SafetensorsWriter(aside / weights, entries, metadata, overwrite=False)
-        for name, tensor in state.items():
-            writer.write(name, tensor)
-        writer.commit()
+        _write(aside / weights, {k: (t, dtypes[k]) for k, t in state.items()}, metadata)
+        if rounded:  # the float32 averages, for a resume that continues them exactly
+            _write(aside / STATE_NAME, {k: (t, t.dtype) for k, t in averages.items()}, metadata)
         config = getattr(model, "config", None)
         if peft:
             save_adapter_config(model, aside)
         elif config is not None and hasattr(config, "save_pretrained"):
-            config.save_pretrained(aside)
+            _saying_dtype(config, set(dtypes.values())).save_pretrained(aside)
         if folder.exists():
             shutil.rmtree(folder)
         os.rename(aside, folder)
@@ -395,6 +430,35 @@ def save_ema_folder(
         shutil.rmtree(aside, ignore_errors=True)
         raise
     return folder
+
+
+def _saved_dtype(model_dtype: torch.dtype, tensor: torch.Tensor, save_dtype: str) -> torch.dtype:
+    """The dtype a tensor is written in: the model's own (``"model"``), or float32 for a floating-point one."""
+    if not tensor.is_floating_point():
+        return tensor.dtype
+    return model_dtype if save_dtype == "model" else torch.float32
+
+
+def _write(
+    path: Path, tensors: dict[str, tuple[torch.Tensor, torch.dtype]], metadata: dict[str, str]
+) -> None:
+    """One safetensors file, each tensor cast to its dtype as it is written (one at a time)."""
+    entries = [TensorEntry(k, TensorSpec(tuple(t.shape), dtype)) for k, (t, dtype) in tensors.items()]
+    writer = SafetensorsWriter(path, entries, metadata, overwrite=False)
+    for key, (tensor, dtype) in tensors.items():
+        writer.write(key, tensor.detach().to(dtype))
+    writer.commit()
+
+
+def _saying_dtype(config: Any, dtypes: set[torch.dtype]) -> Any:
+    """A copy of the model's config whose ``dtype`` is what the weights file holds, so that
+    ``from_pretrained`` loads it as written rather than rounding it to what the config claims."""
+    floating = {d for d in dtypes if d.is_floating_point}
+    if len(floating) != 1:
+        return config
+    said = copy.deepcopy(config)
+    said.dtype = floating.pop()
+    return said
 
 
 def _untied(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
