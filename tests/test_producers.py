@@ -324,8 +324,8 @@ def test_composer_ema_algorithm_reads_the_training_weights(tmp_path: Path) -> No
         torch.save(composer_checkpoint(averaged, 0, batch, ema=raw[-1]), tmp_path / f"ep0-ba{batch}-rank0.pt")
     run = find_run(tmp_path)
     assert (
-        "in each checkpoint: read state.algorithms.EMA; also here: state.model (--state-dict-key state.model)"
-        in run.notices
+        "in each checkpoint: read state.algorithms.EMA; also here: state.model "
+        "(the average; --state-dict-key state.model)" in run.notices  # the EMA swapped into the model
     )
     assert_matches_reference(run.checkpoints, raw)
     averages = find_run(tmp_path, state_dict_key="state.model").checkpoints
