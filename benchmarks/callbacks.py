@@ -1,8 +1,8 @@
 """What the EMA callbacks cost per training step, against the same loop without them.
 
 Prints a table: median milliseconds per optimizer step of a plain torch loop, of Lightning's ``Trainer`` and of
-the Hugging Face ``Trainer``, each without and with the EMA (``ExponentialMovingAverage.apply`` in the torch
-loop, ``EMACallback`` in the trainers), the difference and the ratio. Each trainer's time is measured from its
+the Hugging Face ``Trainer``, each without an EMA, with one and with two (``ExponentialMovingAverage.apply`` per
+average in the torch loop, ``EMACallback(decay=[0.999, 0.9999])`` in the trainers), the differences and ratios. Each trainer's time is measured from its
 own train-start to train-end hooks (set-up excluded), runs interleaved so that machine noise hits both alike.
 
     python benchmarks/callbacks.py [--width 256] [--steps 200] [--repeats 5] [--device cpu] [--threads 1]
@@ -27,7 +27,7 @@ from rich.table import Table
 
 from ema_average import ExponentialMovingAverage
 
-DECAY = 0.999
+DECAYS = [0.999, 0.9999]  # the first n of them: one EMA, or two
 
 
 def make_model(width: int) -> torch.nn.Module:
@@ -48,11 +48,11 @@ def make_data(steps: int) -> torch.utils.data.TensorDataset:
 # --- a plain torch loop ----------------------------------------------------------------------------------
 
 
-def torch_loop(width: int, steps: int, device: str, ema: bool) -> float:
-    """Seconds per step of SGD on ``steps`` batches of 32, with ``apply()`` after each step or not."""
+def torch_loop(width: int, steps: int, device: str, emas: int) -> float:
+    """Seconds per step of SGD on ``steps`` batches of 32, with ``emas`` ``apply()`` after each step."""
     model = make_model(width).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    average = ExponentialMovingAverage(model, decay=DECAY) if ema else None
+    averages = [ExponentialMovingAverage(model, decay=d) for d in DECAYS[:emas]]
     batches = [
         (x.to(device), y.to(device)) for x, y in torch.utils.data.DataLoader(make_data(steps), batch_size=32)
     ]
@@ -63,7 +63,7 @@ def torch_loop(width: int, steps: int, device: str, ema: bool) -> float:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if average is not None:
+        for average in averages:
             average.apply(num_updates=step)
     _sync(device)
     return (time.perf_counter() - start) / steps
@@ -77,7 +77,7 @@ def _sync(device: str) -> None:
 # --- Lightning -------------------------------------------------------------------------------------------
 
 
-def lightning_loop(width: int, steps: int, device: str, ema: bool) -> float:
+def lightning_loop(width: int, steps: int, device: str, emas: int) -> float:
     import lightning as L
 
     from ema_average.integrations.lightning import EMACallback
@@ -104,7 +104,7 @@ def lightning_loop(width: int, steps: int, device: str, ema: bool) -> float:
             self.seconds = time.perf_counter() - self.start
 
     clock = Clock()
-    callbacks: list[L.Callback] = [EMACallback(decay=DECAY), clock] if ema else [clock]
+    callbacks: list[L.Callback] = [EMACallback(decay=DECAYS[:emas]), clock] if emas else [clock]
     trainer = L.Trainer(
         max_steps=steps, callbacks=callbacks, accelerator="gpu" if device.startswith("cuda") else "cpu",
         devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -138,7 +138,7 @@ class _Pairs(torch.utils.data.Dataset):
         return {"x": x, "y": y}
 
 
-def hf_loop(width: int, steps: int, device: str, ema: bool) -> float:
+def hf_loop(width: int, steps: int, device: str, emas: int) -> float:
     import tempfile
 
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
@@ -161,7 +161,7 @@ def hf_loop(width: int, steps: int, device: str, ema: bool) -> float:
             lr_scheduler_type="constant", optim="sgd", report_to=[], save_strategy="no", disable_tqdm=True,
             logging_steps=10**9, use_cpu=not device.startswith("cuda"), dataloader_pin_memory=False,
         )  # fmt: skip
-        callbacks = [EMACallback(decay=DECAY), clock] if ema else [clock]
+        callbacks = [EMACallback(decay=DECAYS[:emas]), clock] if emas else [clock]
         trainer = Trainer(
             model=_Regression(width), args=args, train_dataset=_Pairs(steps), callbacks=callbacks
         )
@@ -173,22 +173,22 @@ def hf_loop(width: int, steps: int, device: str, ema: bool) -> float:
 # --- the table -------------------------------------------------------------------------------------------
 
 
-LOOPS: dict[str, Callable[[int, int, str, bool], float]] = {
+LOOPS: dict[str, Callable[[int, int, str, int], float]] = {
     "torch loop (apply)": torch_loop,
     "Lightning Trainer": lightning_loop,
     "HF Trainer": hf_loop,
 }
 
 
-def median_ms(loop: Callable[[int, int, str, bool], float], args: argparse.Namespace) -> tuple[float, float]:
-    """Median ms per step without and with the EMA, runs interleaved (after one warm-up run of each)."""
-    times: dict[bool, list[float]] = {False: [], True: []}
-    for ema in (False, True):
-        loop(args.width, args.steps, args.device, ema)
+def median_ms(loop: Callable[[int, int, str, int], float], args: argparse.Namespace) -> list[float]:
+    """Median ms per step with no, one and two EMAs, runs interleaved (after one warm-up run of each)."""
+    times: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    for emas in times:
+        loop(args.width, args.steps, args.device, emas)
     for _ in range(args.repeats):
-        for ema in (False, True):
-            times[ema].append(loop(args.width, args.steps, args.device, ema) * 1e3)
-    return statistics.median(times[False]), statistics.median(times[True])
+        for emas in times:
+            times[emas].append(loop(args.width, args.steps, args.device, emas) * 1e3)
+    return [statistics.median(times[emas]) for emas in sorted(times)]
 
 
 def main() -> None:
@@ -209,13 +209,14 @@ def main() -> None:
         title=f"ms per optimizer step, {params:,} fp32 parameters, batch 32, {args.device}, "
         f"{args.threads} thread(s), median of {args.repeats} runs of {args.steps} steps"
     )
-    for column in ("loop", "bare", "with EMA", "EMA cost", "ratio"):
+    for column in ("loop", "bare", "1 EMA", "cost", "ratio", "2 EMAs", "cost ", "ratio "):
         table.add_column(column, justify="left" if column == "loop" else "right")
     for name, loop in LOOPS.items():
-        bare, with_ema = median_ms(loop, args)
+        bare, one, two = median_ms(loop, args)
         table.add_row(
-            name, f"{bare:.3f}", f"{with_ema:.3f}", f"{with_ema - bare:+.3f}", f"{with_ema / bare:.2f}x"
-        )
+            name, f"{bare:.3f}", f"{one:.3f}", f"{one - bare:+.3f}", f"{one / bare:.2f}x",
+            f"{two:.3f}", f"{two - bare:+.3f}", f"{two / bare:.2f}x",
+        )  # fmt: skip
     Console().print(table)
 
 

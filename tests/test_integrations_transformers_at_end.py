@@ -16,7 +16,7 @@ from transformers import GPT2LMHeadModel
 
 from ema_average.errors import ConfigurationError
 from ema_average.integrations.transformers import EMACallback
-from test_integrations_transformers import DECAY, Recorder, Tokens, train
+from test_integrations_transformers import DECAY, Recorder, Tokens, assert_close_to, train
 
 
 def test_by_default_the_model_ends_with_the_training_weights(tmp_path: Path) -> None:
@@ -67,3 +67,19 @@ def test_at_end_ema_with_load_best_model_at_end_the_model_holds_the_best_checkpo
 def test_at_end_must_be_raw_or_ema() -> None:
     with pytest.raises(ConfigurationError, match="at_end"):
         EMACallback(at_end="best")
+
+
+def test_start_step_and_ema_model_in_the_trainer(tmp_path: Path) -> None:
+    """Until step 3 the EMA is the weights; from step 4 it averages them; ema_model() is a copy holding it."""
+    ema, recorder = EMACallback(decay=DECAY, start_step=3), Recorder()
+    trainer = train(tmp_path, [recorder, ema], max_steps=6)
+    shadow = dict(recorder.weights[3])
+    for step in range(4, 7):
+        d = min(DECAY, (1 + step) / (10 + step))
+        shadow = {n: d * s + (1 - d) * recorder.weights[step][n] for n, s in shadow.items()}
+    assert ema.moving_average is not None and ema.moving_average.num_applied == 3
+    assert_close_to(ema.moving_average.averages(), shadow)
+    copy = ema.ema_model()
+    assert copy is not None and copy is not trainer.model
+    for name, p in copy.named_parameters():
+        assert torch.equal(p, ema.moving_average.averages()[name]), name
