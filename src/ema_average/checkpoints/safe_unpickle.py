@@ -12,6 +12,12 @@ a full, unsafe ``torch.load``, with a warning, but only where the safe load fail
 it cannot read) or found the weights in a pickled model; a package that full unpickling needs and that
 is missing is named.
 
+Before any load, the pickle is scanned once (:mod:`ema_average.checkpoints.pickle_scan`): every global it
+names (a legacy file is then loaded once, with all its stand-ins), and refusals of what would cost more than
+the file (kinds past the cap, dict keys that expand exponentially, a compressed zip member) or what the safe
+reader cannot read (a newer protocol). Every tensor loaded is then stripped of state the file gave it
+(:mod:`ema_average.checkpoints.tensor_state`).
+
 DCP ``.metadata`` files are plain pickles of torch's own metadata dataclasses; they are read by
 :mod:`ema_average.checkpoints.dcp_metadata`, which resolves only those classes and torch's constants.
 """
