@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -196,6 +197,23 @@ def test_step_in_a_json_record_beside_the_file(tmp_path: Path) -> None:
     assert [(c.path.name, c.step, c.step_origin) for c in run.checkpoints] == [
         ("snap_a.pt", 30, "snap_a.json beside it:completed_steps"),
         ("snap_b.pt", 60, "snap_b.json beside it:completed_steps"),
+    ]
+
+
+def test_an_unreadable_json_record_beside_the_file_is_no_step(tmp_path: Path) -> None:
+    """A record beside a checkpoint is a hint: nested too deep for the parser (was 'unexpected
+    RecursionError', naming no file) or a FIFO (was a read that never returns) says nothing, and the step
+    comes from the name."""
+    from ema_average.checkpoints import find_run
+
+    for i, step in enumerate((100, 200)):
+        torch.save(_weights(i), tmp_path / f"step_{step}.pt")
+    (tmp_path / "step_100.json").write_text("[" * 100_000 + "]" * 100_000)
+    os.mkfifo(tmp_path / "step_200.json")
+    run = find_run(tmp_path)
+    assert [(c.path.name, c.step, c.step_origin) for c in run.checkpoints] == [
+        ("step_100.pt", 100, "filename:step=N"),
+        ("step_200.pt", 200, "filename:step=N"),
     ]
 
 

@@ -10,7 +10,6 @@ saves the merged model and the adapter), the full model is read and the others a
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from ema_average.checkpoints.base import (
     require_regular_file,
 )
 from ema_average.checkpoints.folder_layout import FolderLayout
+from ema_average.checkpoints.json_file import read_json
 from ema_average.checkpoints.steps import checked_step, step_from_name
 from ema_average.errors import CheckpointError
 
@@ -196,7 +196,7 @@ def side_file_step(folder: Path) -> StepInfo | None:
         side = folder / file
         if not side.is_file():
             continue
-        step = _side_value(_read_json(side), key)
+        step = _side_value(read_json(side), key)
         if step is not None:
             where = f"{file}:{key}"
             return StepInfo(checked_step(side, step, where), where)
@@ -211,7 +211,7 @@ def side_file_problem(folder: Path) -> str | None:
     side = folder / file
     if not side.is_file():
         return None
-    record = _read_json(side)
+    record = read_json(side)
     if not isinstance(record, dict):
         return f"{file} is not a JSON object (it is {_json_kind(record)}), so its {key} was not read"
     if key not in record:
@@ -236,27 +236,12 @@ def _json_kind(value: object) -> str:
     return "null" if value is None else kinds.get(type(value), "an object")
 
 
-def _read_json(path: Path) -> object:
-    """A side file's JSON, read safely (JSON runs no code); any failure is one error naming the file."""
-    try:
-        require_regular_file(path)
-        return json.loads(path.read_bytes())
-    except CheckpointError:
-        raise
-    except OSError as exc:
-        raise CheckpointError(path, f"cannot be read ({exc.strerror or exc})") from exc
-    except RecursionError:
-        raise CheckpointError(path, "is not valid JSON (nested too deeply to read)") from None
-    except ValueError as exc:
-        raise CheckpointError(path, f"is not valid JSON ({str(exc)[:80]})") from None
-
-
 def _weight_map(index: Path) -> dict[str, Path]:
     """Tensor name -> shard file, from an index whose every path is checked to stay inside its folder.
 
     An index is untrusted input: a ``../`` or absolute shard path would average in a file from anywhere.
     """
-    record = _read_json(index)
+    record = read_json(index)
     weight_map = record.get("weight_map") if isinstance(record, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(index, "is not a valid weights index: no 'weight_map' object of tensor -> file")

@@ -6,12 +6,12 @@ which finds and checks the run.
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
 from ema_average.checkpoints.base import Checkpoint, StepInfo
+from ema_average.checkpoints.json_file import read_json
 from ema_average.checkpoints.keys import STEP_KEYS
 from ema_average.checkpoints.layouts import side_step_problem
 from ema_average.checkpoints.steps import (
@@ -73,10 +73,8 @@ def json_step(path: Path) -> StepInfo | None:
 
 def _json_file_step(file: Path, ckpt: Path) -> StepInfo | None:
     try:
-        if file.stat().st_size > _MAX_JSON_BYTES:
-            return None
-        record = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        record = read_json(file, _MAX_JSON_BYTES)
+    except CheckpointError:  # a hint only: an unreadable record (a FIFO, deep nesting, not JSON) says nothing
         return None
     if not isinstance(record, dict):
         return None

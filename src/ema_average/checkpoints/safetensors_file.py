@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import stat
 from pathlib import Path
 
 import torch
@@ -19,6 +17,7 @@ from ema_average.checkpoints.base import (
     damage_of,
     require_regular_file,
 )
+from ema_average.checkpoints.json_file import read_json
 from ema_average.checkpoints.keys import STEP_KEYS, is_side_file
 from ema_average.checkpoints.steps import checked_step, stated_step
 from ema_average.errors import CheckpointError
@@ -35,7 +34,6 @@ __all__ = [
     "in_marked_folder",
     "is_posthoc_snapshot",
     "marked_json",
-    "read_json_file",
 ]
 
 # The key under which this tool marks its own outputs, so that they are never taken as inputs.
@@ -43,7 +41,6 @@ TOOL_MARKER_KEY = "ema_average_version"
 # Beside a folder output's torch weights, which carry no metadata: the run's metadata under that key. A
 # folder holding it is an output of this tool, whatever else it holds (lit_model.pth).
 MARKER_FILE = "ema_average.json"
-MAX_JSON_BYTES = 100_000_000
 # What a post-hoc EMA snapshot records of its profile (ema_average.posthoc): one of these, beside its step.
 POSTHOC_KEYS = ("posthoc_gamma", "posthoc_sigma_rel")
 
@@ -122,40 +119,11 @@ def _open(path: Path, options: OpenOptions) -> Checkpoint:
 LAYOUT = Layout("safetensors", "file", "files ending .safetensors", _claims, _open)
 
 
-def read_json_file(path: Path, limit: int = MAX_JSON_BYTES) -> object:
-    """The JSON in ``path``, a regular file (not a link, FIFO or device: checked before it is opened, and
-    again on the descriptor) of at most ``limit`` bytes; any failure is one error naming the file. Nesting
-    too deep for the parser is refused as such, not raised as a ``RecursionError``."""
-    try:
-        if not stat.S_ISREG(os.lstat(path).st_mode):
-            raise CheckpointError(path, "is not a regular file (a link, folder, FIFO or device); not read")
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        raise CheckpointError(path, f"cannot be read ({exc.strerror or exc})") from exc
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise CheckpointError(path, "is not a regular file (a link, folder, FIFO or device); not read")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(limit + 1)
-    except OSError as exc:
-        raise CheckpointError(path, f"cannot be read ({exc.strerror or exc})") from exc
-    finally:
-        os.close(fd)
-    if len(data) > limit:
-        raise CheckpointError(path, f"is larger than {limit} bytes; not read as JSON")
-    try:
-        return json.loads(data)
-    except RecursionError:
-        raise CheckpointError(path, "is not valid JSON (nested too deeply to read)") from None
-    except ValueError as exc:
-        raise CheckpointError(path, f"is not valid JSON ({str(exc)[:80]})") from None
-
-
 def marked_json(path: Path) -> bool:
     """``path`` is an index or ``MARKER_FILE`` this tool wrote: a JSON object whose ``metadata`` holds the
     tool's marker key. Anything unreadable (a FIFO, a link, deep nesting, not JSON) is not."""
     try:
-        record = read_json_file(path)
+        record = read_json(path, follow_links=False)
     except CheckpointError:
         return False
     metadata = record.get("metadata") if isinstance(record, dict) else None

@@ -10,7 +10,6 @@ together, and written back where they came from (``output_folder``).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,6 @@ from ema_average.checkpoints.base import (
     SavedModel,
     StepInfo,
     TensorSpec,
-    require_regular_file,
 )
 from ema_average.checkpoints.folder_layout import FolderLayout
 from ema_average.checkpoints.hf_folder import (
@@ -32,6 +30,7 @@ from ema_average.checkpoints.hf_folder import (
     side_file_step,
     weight_sets,
 )
+from ema_average.checkpoints.json_file import read_json
 from ema_average.errors import CheckpointError
 
 MODULES_FILE = "modules.json"
@@ -77,17 +76,7 @@ def module_folders(path: Path) -> list[str]:
 
 def _listed_paths(listing: Path) -> list[object]:
     """Each module's ``path`` as ``modules.json`` gives it, unchecked."""
-    info = require_regular_file(listing)
-    if info.st_size > _MAX_MODULES_BYTES:
-        raise CheckpointError(listing, f"is larger than {_MAX_MODULES_BYTES} bytes; not a modules list")
-    try:
-        modules = json.loads(listing.read_bytes())
-    except OSError as exc:
-        raise CheckpointError(listing, f"cannot be read ({exc.strerror or exc})") from exc
-    except RecursionError:
-        raise CheckpointError(listing, "is not valid JSON (nested too deeply to read)") from None
-    except ValueError as exc:
-        raise CheckpointError(listing, f"is not valid JSON ({str(exc)[:80]})") from None
+    modules = read_json(listing, _MAX_MODULES_BYTES)
     if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
         raise CheckpointError(listing, "is not a list of modules (objects with a 'path')")
     return [module.get("path") for module in modules]
