@@ -402,6 +402,14 @@ def test_a_save_with_no_model_is_one_clear_error(tmp_path: Path) -> None:
         DcpCheckpoint(tmp_path / "step-1")
 
 
+def test_a_save_of_byte_items_alone_says_it_holds_no_tensors(tmp_path: Path) -> None:
+    """A folder of byte items only (a step and a note): the refusal said 'holds no model weights, only'
+    and stopped there."""
+    save_dcp(tmp_path / "step-1", {"step": 1, "note": "x"})
+    with pytest.raises(CheckpointError, match=r"step-1: holds no tensors$"):
+        DcpCheckpoint(tmp_path / "step-1")
+
+
 def test_olmo_core_storage_info_look_alike_is_read_as_dcps(tmp_path: Path) -> None:
     # olmo-core (olmo_core/distributed/checkpoint/filesystem.py, reproduced: not installed) pickles its own
     # copy of DCP's _StorageInfo: same name, same fields, another module.

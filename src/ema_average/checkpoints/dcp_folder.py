@@ -110,7 +110,10 @@ class DcpCheckpoint(Checkpoint):
         parts = _parts(self._metadata, tensors)
         models = [p for p in parts if p.kind == "model"] or [p for p in parts if p.kind == "average"]
         if not models:
-            raise CheckpointError(self.path, f"holds no model weights, only {described(parts)}")
+            held = described(parts)  # empty where the folder holds byte items alone
+            raise CheckpointError(
+                self.path, f"holds no model weights, only {held}" if held else "holds no tensors"
+            )
         chosen, beside = models[0], [p for p in parts if p.kind not in ("model", "average")]
         others = {
             p.key: f"--state-dict-key {p.key}"

@@ -150,13 +150,11 @@ class SentenceTransformersCheckpoint(Checkpoint):
         for name, spec in part.specs().items():
             full = prefix + name
             owner = _owning_folder(full, folders)
+            label = f"tensor {full!r}" if name == full else f"tensor {name!r} (named {full!r} in the model)"
             if owner != folder:  # it would be written back into (and read back from) that module's file
-                raise CheckpointError(
-                    where,
-                    f"tensor {name!r} is named {full!r}, inside module {owner!r}'s folder; refused",
-                )
+                raise CheckpointError(where, f"{label} lies inside module {owner!r}'s folder; refused")
             if full in self._specs:
-                raise CheckpointError(where, f"tensor {name!r} is named {full!r}, as another module's is")
+                raise CheckpointError(where, f"{label} has the name of another module's tensor; refused")
             self._owner[full] = (part, name)
             self._specs[full] = spec
 
