@@ -17,7 +17,9 @@ from ema_average.posthoc.profiles import Profile, reconstruct
 EXE = str(Path(sys.executable).parent / "ema-average")
 
 
-def power_reference(history: list[dict[str, torch.Tensor]], sigma_rel: float, t: int) -> dict[str, torch.Tensor]:
+def power_reference(
+    history: list[dict[str, torch.Tensor]], sigma_rel: float, t: int
+) -> dict[str, torch.Tensor]:
     """EDM2's power EMA at step t of the weights after steps 1..t (``history[k - 1]``): step k's weights
     count (k/t)^(g+1) - ((k-1)/t)^(g+1)."""
     g = sigma_rel_to_gamma(sigma_rel)

@@ -12,10 +12,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-from ema_average.errors import CheckpointError, ConfigurationError  # noqa: E402
-from ema_average.integrations.transformers import EMACallback  # noqa: E402
-from posthoc_helpers import assert_reconstructs, assert_snapshots_are_power_emas, read_snapshots  # noqa: E402
-from test_integrations_transformers import Recorder, train  # noqa: E402
+from ema_average.errors import CheckpointError, ConfigurationError
+from ema_average.integrations.transformers import EMACallback
+from posthoc_helpers import assert_reconstructs, assert_snapshots_are_power_emas, read_snapshots
+from test_integrations_transformers import Recorder, train
 
 WIDTHS = (0.05, 0.1)
 
