@@ -1,0 +1,59 @@
+"""Post-hoc EMA snapshots kept by the Lightning EMA callback (``posthoc_every``), with the real Lightning
+trainer: each snapshot (beside the checkpoints) is the float64 power EMA of the weights after every step, the
+command reconstructs from the checkpoint folder, a run resumed from a ``.ckpt`` writes the uninterrupted
+run's snapshots bit for bit, and the training weights are those of a run without the option, bit for bit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+L = pytest.importorskip("lightning")
+
+from ema_average.errors import CheckpointError  # noqa: E402
+from ema_average.integrations.lightning import EMACallback  # noqa: E402
+from posthoc_helpers import assert_reconstructs, assert_snapshots_are_power_emas, read_snapshots  # noqa: E402
+from test_integrations_lightning import Recorder, ckpt_trainer, fit, model  # noqa: E402
+
+WIDTHS = (0.05, 0.1)
+
+
+def test_snapshots_are_power_emas_reconstructed_and_leave_training_untouched(tmp_path: Path) -> None:
+    run, recorder = tmp_path / "run", Recorder()
+    fit(ckpt_trainer(run, [recorder, EMACallback(decay=0.9, posthoc_every=4)], max_epochs=2), model())
+    plain = Recorder()
+    fit(ckpt_trainer(tmp_path / "plain", [plain, EMACallback(decay=0.9)], max_epochs=2), model())
+    assert plain.steps == recorder.steps == list(range(17))
+    for with_option, without in zip(recorder.weights, plain.weights, strict=True):
+        for name, value in without.items():
+            assert torch.equal(with_option[name], value), name
+    folder = run / "posthoc-ema"
+    assert_snapshots_are_power_emas(folder, recorder.weights[1:], [4, 8, 12, 16], WIDTHS)
+    assert "posthoc_ema" in torch.load(run / "epoch=1-step=16.ckpt", weights_only=True)
+    assert_reconstructs(run, folder, 0.07, tmp_path / "sigma0.07.safetensors")
+
+
+def test_resume_writes_the_uninterrupted_runs_snapshots_bit_for_bit(tmp_path: Path) -> None:
+    fit(ckpt_trainer(tmp_path / "whole", [EMACallback(decay=0.9, posthoc_every=4)], max_epochs=4), model())
+    parts = tmp_path / "parts"
+    fit(ckpt_trainer(parts, [EMACallback(decay=0.9, posthoc_every=4)], max_epochs=2), model())
+    stopped = parts / "epoch=1-step=16.ckpt"
+    resumed = EMACallback(decay=0.9, posthoc_every=4)
+    fit(ckpt_trainer(parts, [resumed], max_epochs=4), model(seed=5), ckpt_path=str(stopped))
+    whole, got = read_snapshots(tmp_path / "whole" / "posthoc-ema"), read_snapshots(parts / "posthoc-ema")
+    assert sorted(got) == sorted(whole) == sorted((s, w) for s in range(4, 33, 4) for w in WIDTHS)
+    for key in whole:
+        for name, value in whole[key].items():
+            assert torch.equal(got[key][name], value), (key, name)
+
+
+def test_resuming_a_checkpoint_saved_without_snapshots_is_one_clear_error(tmp_path: Path) -> None:
+    fit(ckpt_trainer(tmp_path, [EMACallback(decay=0.9)], max_epochs=1), model())
+    with pytest.raises(CheckpointError, match="holds no post-hoc snapshots' state"):
+        fit(
+            ckpt_trainer(tmp_path, [EMACallback(decay=0.9, posthoc_every=4)], max_epochs=2),
+            model(),
+            ckpt_path=str(tmp_path / "epoch=0-step=8.ckpt"),
+        )
