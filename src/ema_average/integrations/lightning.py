@@ -159,7 +159,11 @@ class EMACallback(pl.Callback):
         self._tracker.start(pl_module, trainer.global_step, training=True, owner=trainer)
         folder = _posthoc_folder(trainer)
         self._posthoc.start(
-            self._tracker.tracked, folder, trainer.global_step, rank_zero=trainer.is_global_zero
+            self._tracker.tracked,
+            folder,
+            trainer.global_step,
+            rank_zero=trainer.is_global_zero,
+            device=self._tracker.device,
         )
 
     def _refuse_a_checkpoint_without_state(self) -> None:

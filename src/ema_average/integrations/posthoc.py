@@ -57,7 +57,13 @@ class SnapshotKeeper:
         return self.every is not None
 
     def start(
-        self, tracked: Sequence[tuple[str, torch.Tensor]], folder: Path, global_step: int, *, rank_zero: bool
+        self,
+        tracked: Sequence[tuple[str, torch.Tensor]],
+        folder: Path,
+        global_step: int,
+        *,
+        rank_zero: bool,
+        device: torch.device | str | None = None,
     ) -> None:
         """The profiles of ``tracked`` (the EMA's parameters, by name) writing into ``folder``: rank 0 only.
 
@@ -73,7 +79,7 @@ class SnapshotKeeper:
             return
         assert self.every is not None
         self.snapshots = PowerEmaSnapshots(
-            dict(tracked), self.sigma_rels, every=self.every, folder=folder, dtype=self.dtype
+            dict(tracked), self.sigma_rels, every=self.every, folder=folder, dtype=self.dtype, device=device
         )
         if global_step > 0:
             self._resume(pending, global_step)
@@ -89,8 +95,8 @@ class SnapshotKeeper:
         assert self.snapshots is not None
         try:
             last = state.get("last_step") if isinstance(state, Mapping) else None
-            if isinstance(last, int) and last > global_step:
-                raise AverageStateError(f"its last step {last} is after the trainer's step {global_step}")
+            if isinstance(last, int) and last != global_step:  # not this checkpoint's: a gap would skew them
+                raise AverageStateError(f"its last step {last} is not the trainer's step {global_step}")
             self.snapshots.load_state_dict(state)
         except (AverageStateError, KeyError, TypeError, ValueError) as exc:
             raise AverageStateError(f"{where}: the post-hoc snapshots' state: {exc}") from None
@@ -134,6 +140,7 @@ class SnapshotKeeper:
         ``folders`` that holds one (another run's is refused, as the EMA's is)."""
         if not self.enabled:
             return
+        other: Path | None = None
         for folder in folders:
             path = folder / STATE_FILE
             if not path.is_file():
@@ -145,8 +152,11 @@ class SnapshotKeeper:
                     path, f"cannot be read as the post-hoc snapshots' state ({exc})"
                 ) from None
             if not isinstance(saved, Mapping) or saved.get(DIGEST_KEY) != digest:
-                raise CheckpointError(
-                    path, "holds the post-hoc snapshots of other training weights than those resumed"
-                )
+                other = other or path
+                continue
             self.load(saved.get("state"), str(path))
             return
+        if other is not None:
+            raise CheckpointError(
+                other, "holds the post-hoc snapshots of other training weights than those the Trainer resumed"
+            )

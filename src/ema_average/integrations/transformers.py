@@ -195,7 +195,9 @@ class EMACallback(TrainerCallback):
             self._posthoc.load_file(folders, restored)
         self._tracker.start(model, state.global_step, training=True, owner=state)
         folder, zero = Path(args.output_dir) / DEFAULT_FOLDER, state.is_world_process_zero
-        self._posthoc.start(self._tracker.tracked, folder, state.global_step, rank_zero=zero)
+        self._posthoc.start(
+            self._tracker.tracked, folder, state.global_step, rank_zero=zero, device=self._tracker.device
+        )
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
