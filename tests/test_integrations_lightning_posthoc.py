@@ -5,6 +5,10 @@ run's snapshots bit for bit, and the training weights are those of a run without
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -14,8 +18,9 @@ L = pytest.importorskip("lightning")
 
 from ema_average.errors import CheckpointError  # noqa: E402
 from ema_average.integrations.lightning import EMACallback  # noqa: E402
+from ema_average.integrations.posthoc import DTENSOR_REFUSAL  # noqa: E402
 from posthoc_helpers import assert_reconstructs, assert_snapshots_are_power_emas, read_snapshots  # noqa: E402
-from test_integrations_lightning import Recorder, ckpt_trainer, fit, model  # noqa: E402
+from test_integrations_lightning import Recorder, _free_port, ckpt_trainer, fit, model  # noqa: E402
 
 WIDTHS = (0.05, 0.1)
 
@@ -57,3 +62,38 @@ def test_resuming_a_checkpoint_saved_without_snapshots_is_one_clear_error(tmp_pa
             model(),
             ckpt_path=str(tmp_path / "epoch=0-step=8.ckpt"),
         )
+
+
+DTENSOR_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from ema_average.errors import ConfigurationError
+    from ema_average.integrations.posthoc import SnapshotKeeper
+
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    mesh = init_device_mesh("cpu", (1,))
+    weight = torch.nn.Parameter(distribute_tensor(torch.ones(4, 2), mesh, [Shard(0)]))
+    try:
+        SnapshotKeeper(4, (0.05, 0.1), torch.float32).start([("w", weight)], "out", 0, rank_zero=True)
+        print("snapshotted")
+    except ConfigurationError as exc:
+        print(exc)
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_sharded_dtensor_parameters_are_refused_at_start_with_one_line(tmp_path: Path) -> None:
+    """What both callbacks call when training starts, on a real one-rank gloo group."""
+    script = tmp_path / "dtensor.py"
+    script.write_text(DTENSOR_SCRIPT)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == [DTENSOR_REFUSAL]
+    assert not (tmp_path / "out").exists()
