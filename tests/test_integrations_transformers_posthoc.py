@@ -40,7 +40,8 @@ def test_resume_writes_the_uninterrupted_runs_snapshots_bit_for_bit(tmp_path: Pa
     parts = tmp_path / "parts"
     train(parts, [EMACallback(decay=0.9, posthoc_every=2)], **{**options, "max_steps": 4})  # type: ignore[arg-type]
     assert (parts / "checkpoint-4" / "posthoc_ema_state.pt").is_file()
-    (parts / "posthoc-ema" / "ema-sigma_rel0.05-step0000000004.safetensors").unlink()  # rewritten? no: kept
+    # a resume writes only the later steps: a snapshot removed before it stays absent
+    (parts / "posthoc-ema" / "ema-sigma_rel0.05-step0000000004.safetensors").unlink()
     resumed = EMACallback(decay=0.9, posthoc_every=2)
     train(parts, [resumed], resume=str(parts / "checkpoint-4"), **options)  # type: ignore[arg-type]
     whole, got = read_snapshots(tmp_path / "whole" / "posthoc-ema"), read_snapshots(parts / "posthoc-ema")
