@@ -2,10 +2,13 @@
 
 Prints a table: median milliseconds per optimizer step of a plain torch loop, of Lightning's ``Trainer`` and of
 the Hugging Face ``Trainer``, each without an EMA, with one and with two (``ExponentialMovingAverage.apply`` per
-average in the torch loop, ``EMACallback(decay=[0.999, 0.9999])`` in the trainers), the differences and ratios. Each trainer's time is measured from its
+average in the torch loop, ``EMACallback(decay=[0.999, 0.9999])`` in the trainers), and with one EMA plus post-hoc
+snapshots (``PowerEmaSnapshots`` of EDM2's two profiles in the torch loop, ``EMACallback(posthoc_every=N)`` in the
+trainers: two power EMAs updated every step, two files written every N), the differences and ratios. Each trainer's time is measured from its
 own train-start to train-end hooks (set-up excluded), runs interleaved so that machine noise hits both alike.
 
     python benchmarks/callbacks.py [--width 256] [--steps 200] [--repeats 5] [--device cpu] [--threads 1]
+                                   [--posthoc-every 50]
 
 One CPU thread by default: a tiny model's step is dominated by thread hand-offs otherwise, and on a shared
 machine by the other processes' load.
@@ -25,7 +28,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from ema_average import ExponentialMovingAverage
+from ema_average import ExponentialMovingAverage, PowerEmaSnapshots
 
 DECAYS = [0.999, 0.9999]  # the first n of them: one EMA, or two
 
@@ -48,11 +51,16 @@ def make_data(steps: int) -> torch.utils.data.TensorDataset:
 # --- a plain torch loop ----------------------------------------------------------------------------------
 
 
-def torch_loop(width: int, steps: int, device: str, emas: int) -> float:
-    """Seconds per step of SGD on ``steps`` batches of 32, with ``emas`` ``apply()`` after each step."""
+def torch_loop(width: int, steps: int, device: str, emas: int, posthoc: int | None = None) -> float:
+    """Seconds per step of SGD on ``steps`` batches of 32, with ``emas`` ``apply()`` after each step (and
+    ``PowerEmaSnapshots.update`` writing every ``posthoc`` steps)."""
+    import tempfile
+
     model = make_model(width).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     averages = [ExponentialMovingAverage(model, decay=d) for d in DECAYS[:emas]]
+    folder = tempfile.TemporaryDirectory()
+    snapshots = PowerEmaSnapshots(model, every=posthoc, folder=folder.name) if posthoc else None
     batches = [
         (x.to(device), y.to(device)) for x, y in torch.utils.data.DataLoader(make_data(steps), batch_size=32)
     ]
@@ -65,8 +73,12 @@ def torch_loop(width: int, steps: int, device: str, emas: int) -> float:
         optimizer.step()
         for average in averages:
             average.apply(num_updates=step)
+        if snapshots is not None:
+            snapshots.update(step)
     _sync(device)
-    return (time.perf_counter() - start) / steps
+    seconds = time.perf_counter() - start
+    folder.cleanup()
+    return seconds / steps
 
 
 def _sync(device: str) -> None:
@@ -77,7 +89,9 @@ def _sync(device: str) -> None:
 # --- Lightning -------------------------------------------------------------------------------------------
 
 
-def lightning_loop(width: int, steps: int, device: str, emas: int) -> float:
+def lightning_loop(width: int, steps: int, device: str, emas: int, posthoc: int | None = None) -> float:
+    import tempfile
+
     import lightning as L
 
     from ema_average.integrations.lightning import EMACallback
@@ -104,13 +118,18 @@ def lightning_loop(width: int, steps: int, device: str, emas: int) -> float:
             self.seconds = time.perf_counter() - self.start
 
     clock = Clock()
-    callbacks: list[L.Callback] = [EMACallback(decay=DECAYS[:emas]), clock] if emas else [clock]
+    callbacks: list[L.Callback] = [clock]
+    if emas:
+        callbacks.insert(0, EMACallback(decay=DECAYS[:emas], posthoc_every=posthoc))
+    root = tempfile.TemporaryDirectory()  # posthoc-ema/ goes into default_root_dir
     trainer = L.Trainer(
+        default_root_dir=root.name,
         max_steps=steps, callbacks=callbacks, accelerator="gpu" if device.startswith("cuda") else "cpu",
         devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=False,
     )  # fmt: skip
     trainer.fit(Module(), torch.utils.data.DataLoader(make_data(steps), batch_size=32))
+    root.cleanup()
     return clock.seconds / steps
 
 
@@ -138,7 +157,7 @@ class _Pairs(torch.utils.data.Dataset):
         return {"x": x, "y": y}
 
 
-def hf_loop(width: int, steps: int, device: str, emas: int) -> float:
+def hf_loop(width: int, steps: int, device: str, emas: int, posthoc: int | None = None) -> float:
     import tempfile
 
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
@@ -161,7 +180,9 @@ def hf_loop(width: int, steps: int, device: str, emas: int) -> float:
             lr_scheduler_type="constant", optim="sgd", report_to=[], save_strategy="no", disable_tqdm=True,
             logging_steps=10**9, use_cpu=not device.startswith("cuda"), dataloader_pin_memory=False,
         )  # fmt: skip
-        callbacks = [EMACallback(decay=DECAYS[:emas]), clock] if emas else [clock]
+        callbacks: list[TrainerCallback] = [clock]
+        if emas:
+            callbacks.insert(0, EMACallback(decay=DECAYS[:emas], posthoc_every=posthoc))
         trainer = Trainer(
             model=_Regression(width), args=args, train_dataset=_Pairs(steps), callbacks=callbacks
         )
@@ -173,22 +194,27 @@ def hf_loop(width: int, steps: int, device: str, emas: int) -> float:
 # --- the table -------------------------------------------------------------------------------------------
 
 
-LOOPS: dict[str, Callable[[int, int, str, int], float]] = {
+LOOPS: dict[str, Callable[..., float]] = {
     "torch loop (apply)": torch_loop,
     "Lightning Trainer": lightning_loop,
     "HF Trainer": hf_loop,
 }
 
 
-def median_ms(loop: Callable[[int, int, str, int], float], args: argparse.Namespace) -> list[float]:
-    """Median ms per step with no, one and two EMAs, runs interleaved (after one warm-up run of each)."""
-    times: dict[int, list[float]] = {0: [], 1: [], 2: []}
-    for emas in times:
-        loop(args.width, args.steps, args.device, emas)
-    for _ in range(args.repeats):
-        for emas in times:
-            times[emas].append(loop(args.width, args.steps, args.device, emas) * 1e3)
-    return [statistics.median(times[emas]) for emas in sorted(times)]
+VARIANTS = [(0, False), (1, False), (2, False), (1, True)]  # (EMAs, post-hoc snapshots)
+
+
+def median_ms(loop: Callable[..., float], args: argparse.Namespace) -> list[float]:
+    """Median ms per step of each variant (no, one, two EMAs; one EMA and snapshots), runs interleaved
+    (after one warm-up run of each)."""
+    times: dict[tuple[int, bool], list[float]] = {v: [] for v in VARIANTS}
+    for rounds in range(args.repeats + 1):
+        for emas, posthoc in VARIANTS:
+            every = args.posthoc_every if posthoc else None
+            ms = loop(args.width, args.steps, args.device, emas, every) * 1e3
+            if rounds:  # the first round warms up
+                times[emas, posthoc].append(ms)
+    return [statistics.median(times[v]) for v in VARIANTS]
 
 
 def main() -> None:
@@ -200,6 +226,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--posthoc-every", type=int, default=50)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
@@ -207,15 +234,28 @@ def main() -> None:
     params = sum(p.numel() for p in make_model(args.width).parameters())
     table = Table(
         title=f"ms per optimizer step, {params:,} fp32 parameters, batch 32, {args.device}, "
-        f"{args.threads} thread(s), median of {args.repeats} runs of {args.steps} steps"
+        f"{args.threads} thread(s), median of {args.repeats} runs of {args.steps} steps; snapshots "
+        f"of 2 profiles every {args.posthoc_every} steps"
     )
-    for column in ("loop", "bare", "1 EMA", "cost", "ratio", "2 EMAs", "cost ", "ratio "):
+    columns = (
+        "loop",
+        "bare",
+        "1 EMA",
+        "cost",
+        "ratio",
+        "2 EMAs",
+        "cost ",
+        "ratio ",
+        "1 EMA+snap",
+        "snap cost",
+    )
+    for column in columns:
         table.add_column(column, justify="left" if column == "loop" else "right")
     for name, loop in LOOPS.items():
-        bare, one, two = median_ms(loop, args)
+        bare, one, two, snap = median_ms(loop, args)
         table.add_row(
             name, f"{bare:.3f}", f"{one:.3f}", f"{one - bare:+.3f}", f"{one / bare:.2f}x",
-            f"{two:.3f}", f"{two - bare:+.3f}", f"{two / bare:.2f}x",
+            f"{two:.3f}", f"{two - bare:+.3f}", f"{two / bare:.2f}x", f"{snap:.3f}", f"{snap - one:+.3f}",
         )  # fmt: skip
     Console().print(table)
 

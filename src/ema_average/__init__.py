@@ -40,6 +40,7 @@ _LAZY = {
     "PowerFunctionMovingAverage": "ema_average.moving_average",
     "UniformMovingAverage": "ema_average.moving_average",
     "ema_update_": "ema_average.moving_average",
+    "PowerEmaSnapshots": "ema_average.posthoc.training",
     "RunOptions": "ema_average.pipeline",
     "Summary": "ema_average.pipeline",
     "average_checkpoints": "ema_average.pipeline",
@@ -62,6 +63,7 @@ if TYPE_CHECKING:
     )
     from ema_average.pipeline import RunOptions, Summary, average_checkpoints
     from ema_average.plan import AverageSettings, CheckpointSelection, TensorSelection
+    from ema_average.posthoc.training import PowerEmaSnapshots
     from ema_average.sharded_export import save_safetensors
 
 
@@ -96,6 +98,7 @@ __all__ = [
     "OutputRangeError",
     "ParameterError",
     "PluginError",
+    "PowerEmaSnapshots",
     "PowerFunctionMovingAverage",
     "RunOptions",
     "Summary",

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 from ema_average.errors import CheckpointError, ConfigurationError
 from ema_average.integrations import DEFAULT_NAME, EmaTracker, average_model_state
+from ema_average.integrations.posthoc import DEFAULT_FOLDER, DEFAULT_SIGMA_RELS, STATE_KEY, SnapshotKeeper
 from ema_average.moving_average import ExponentialMovingAverage, is_dtensor
 
 __all__ = ["EMA_KEY", "EMACallback"]
@@ -67,6 +68,11 @@ class EMACallback(pl.Callback):
     Several decays (``decay=[0.999, 0.9999]``) keep several EMAs, updated at the same steps and saved each
     under its own top-level key of the ``.ckpt`` (``names``, by default ``ema``, ``ema_0.9999``...); the first
     is the one validation and test run on, any of them ``with callback.average_parameters(name):``.
+
+    ``posthoc_every=N`` also keeps power EMAs of widths ``posthoc_sigma_rels`` (EDM2's 0.05 and 0.10) and
+    writes a snapshot of each every N steps into ``posthoc-ema/`` beside the checkpoints (the
+    ``ModelCheckpoint``'s ``dirpath``, else ``default_root_dir``; ``posthoc_dtype``; global rank 0), their
+    state in each ``.ckpt`` under ``posthoc_ema``: ``ema-average DIRPATH --method posthoc`` reconstructs.
     """
 
     def __init__(
@@ -84,6 +90,9 @@ class EMACallback(pl.Callback):
         buffers: str = "average",
         start_step: int = 0,
         should_update: Callable[[int], bool] | None = None,
+        posthoc_every: int | None = None,
+        posthoc_sigma_rels: Sequence[float] = DEFAULT_SIGMA_RELS,
+        posthoc_dtype: torch.dtype = torch.float32,
     ) -> None:
         self._tracker = EmaTracker(
             decay,
@@ -98,6 +107,8 @@ class EMACallback(pl.Callback):
             start_step=start_step,
             should_update=should_update,
         )
+        self._posthoc = SnapshotKeeper(posthoc_every, posthoc_sigma_rels, posthoc_dtype)
+        self._tracker.beside = self._posthoc.step
         self.raw_suffix = raw_suffix
         self._loaded: tuple[Callable[[str], Any], str] = (_nothing, "the checkpoint")
         self._unanswered: str | None = None  # a checkpoint restored that held no state of this callback
@@ -146,6 +157,14 @@ class EMACallback(pl.Callback):
         """Build the average once the strategy has placed the model and restored the loops."""
         self._refuse_a_checkpoint_without_state()
         self._tracker.start(pl_module, trainer.global_step, training=True, owner=trainer)
+        folder = _posthoc_folder(trainer)
+        self._posthoc.start(
+            self._tracker.tracked,
+            folder,
+            trainer.global_step,
+            rank_zero=trainer.is_global_zero,
+            device=self._tracker.device,
+        )
 
     def _refuse_a_checkpoint_without_state(self) -> None:
         """A checkpoint saved without this callback holds no average to continue: refused, as the Hugging
@@ -254,6 +273,9 @@ class EMACallback(pl.Callback):
             return
         if not self._tracker.swapped:
             self._tracker.step(trainer.global_step)  # a checkpoint saved before our batch-end hook ran
+        posthoc = self._posthoc.state()
+        if posthoc is not None:
+            checkpoint[STATE_KEY] = posthoc
         for name, average in self._tracker.averages().items():
             averaged = average_model_state(pl_module, average.averages())
             if not _saves_shards(trainer.strategy) and any(is_dtensor(t) for t in averaged.values()):
@@ -274,6 +296,8 @@ class EMACallback(pl.Callback):
             trainer.strategy.load_model_state_dict({"state_dict": checkpoint[TRAINING_WEIGHTS_KEY]})
         path = getattr(trainer, "ckpt_path", None)
         where = str(path or "the checkpoint")
+        if STATE_KEY in checkpoint:
+            self._posthoc.load(checkpoint[STATE_KEY], where)
         self._unanswered = where  # until load_state_dict receives this callback's state
         if path and _is_sharded_save(Path(path)):
             folder = Path(path)
@@ -299,6 +323,13 @@ class EMACallback(pl.Callback):
                 state = state_dict.get(name) if isinstance(state_dict, Mapping) else state_dict
                 self._tracker.load(state, averages_of(name), f"{where} ({name})", name)
         self._loaded = (_nothing, "the checkpoint")
+
+
+def _posthoc_folder(trainer: pl.Trainer) -> Path:
+    """``posthoc-ema/`` beside the checkpoints: the checkpoint callback's folder, else the run's root."""
+    saver = trainer.checkpoint_callback
+    dirpath = getattr(saver, "dirpath", None) if saver is not None else None
+    return Path(dirpath or trainer.default_root_dir) / DEFAULT_FOLDER
 
 
 def _saves_shards(strategy: pl.strategies.Strategy) -> bool:

@@ -2,7 +2,8 @@
 
 One tracker keeps one or several EMAs (``decay=[0.999, 0.9999]``), each an engine instance under its own
 name, all updated at the same optimizer steps from the same parameters. Whatever else wants to act at each
-update (e.g. post-hoc snapshots every N steps) belongs beside :meth:`EmaTracker.step`, which knows the step.
+update (post-hoc snapshots every N steps) is ``beside``, called by :meth:`EmaTracker.step` at every optimizer
+step with the training weights in the model.
 """
 
 from __future__ import annotations
@@ -130,6 +131,8 @@ class EmaTracker:
         self.last_step = 0  # the global step of the last update (or of the start)
         self.swapped: _Slot | None = None  # whose averages are in the model, the training weights kept aside
         self._fsdp: list[torch.nn.Module] = []  # FSDP2 modules, resharded around a swap
+        # called at every optimizer step, the training weights in the model (post-hoc snapshots)
+        self.beside: Callable[[int], None] | None = None
 
     @property
     def names(self) -> list[str]:
@@ -208,13 +211,8 @@ class EmaTracker:
         takes the product of the skipped steps' decays (the offline ``--schedule step`` rule), so the
         average stays that of every step's weights as nearly as the values seen allow.
         """
-        if self.average is None or global_step <= self.last_step or global_step % self.every:
+        if self.average is None:
             return False
-        if global_step <= self.start_step:  # not started: the EMA follows the weights (timm's rule)
-            self._restart(global_step)
-            return False
-        if self.should_update is not None and not self.should_update(global_step):
-            return False  # skipped: the next update takes the skipped steps' decays (the gap rule)
         other = _SWAPPED.get(self.model) if self.model is not None else None
         if other is not None and other is not self and other.swapped is not None:
             # another callback swapped its EMA in for an evaluation after this step: update from the
@@ -222,9 +220,21 @@ class EmaTracker:
             name = other.swapped.name
             other.swap_out()
             try:
-                return self._update(global_step)
+                return self._step(global_step)
             finally:
                 other.swap_in(name, evaluating=False)
+        return self._step(global_step)
+
+    def _step(self, global_step: int) -> bool:
+        if self.beside is not None:
+            self.beside(global_step)
+        if global_step <= self.last_step or global_step % self.every:
+            return False
+        if global_step <= self.start_step:  # not started: the EMA follows the weights (timm's rule)
+            self._restart(global_step)
+            return False
+        if self.should_update is not None and not self.should_update(global_step):
+            return False  # skipped: the next update takes the skipped steps' decays (the gap rule)
         return self._update(global_step)
 
     def _restart(self, global_step: int) -> None:

@@ -48,6 +48,7 @@ from ema_average.integrations.adapters import (
     is_peft_model,
     save_adapter_config,
 )
+from ema_average.integrations.posthoc import DEFAULT_FOLDER, DEFAULT_SIGMA_RELS, SnapshotKeeper
 from ema_average.moving_average import ExponentialMovingAverage
 from ema_average.output import SafetensorsWriter, TensorEntry
 from ema_average.safetensors_format import TensorSpec
@@ -96,6 +97,10 @@ class EMACallback(TrainerCallback):
     Several decays (``decay=[0.999, 0.9999]``) keep several EMAs, updated at the same steps and saved each
     in its own folder of ``checkpoint-N/`` (``names``, by default ``ema``, ``ema_0.9999``...); the first is
     the one the Trainer's evaluations see, any of them ``with callback.average_parameters(name):``.
+
+    ``posthoc_every=N`` also keeps power EMAs of widths ``posthoc_sigma_rels`` (EDM2's 0.05 and 0.10) and
+    writes a snapshot of each every N steps into ``<output_dir>/posthoc-ema/`` (``posthoc_dtype``; rank 0),
+    their state in each ``checkpoint-N/posthoc_ema_state.pt``: ``ema-average RUN --method posthoc``.
     """
 
     def __init__(
@@ -113,6 +118,9 @@ class EMACallback(TrainerCallback):
         start_step: int = 0,
         should_update: Callable[[int], bool] | None = None,
         save_dtype: str = "model",
+        posthoc_every: int | None = None,
+        posthoc_sigma_rels: Sequence[float] = DEFAULT_SIGMA_RELS,
+        posthoc_dtype: torch.dtype = torch.float32,
     ) -> None:
         if save_dtype not in SAVE_DTYPES:
             raise ConfigurationError(
@@ -139,6 +147,8 @@ class EMACallback(TrainerCallback):
             should_update=should_update,
             dtensor_refusal=DTENSOR_REFUSAL,
         )
+        self._posthoc = SnapshotKeeper(posthoc_every, posthoc_sigma_rels, posthoc_dtype)
+        self._tracker.beside = self._posthoc.step
 
     @property
     def moving_average(self) -> ExponentialMovingAverage | None:
@@ -181,7 +191,13 @@ class EMACallback(TrainerCallback):
             restored = weights_digest(averaged_tensors(unwrapped, self._tracker.buffers))
             for name in self._tracker.names:
                 self._resume(unwrapped, name, restored, args, state.global_step)
+            folders = _candidate_folders(trainer_resume_folder(), args, state.global_step)
+            self._posthoc.load_file(folders, restored)
         self._tracker.start(model, state.global_step, training=True, owner=state)
+        folder, zero = Path(args.output_dir) / DEFAULT_FOLDER, state.is_world_process_zero
+        self._posthoc.start(
+            self._tracker.tracked, folder, state.global_step, rank_zero=zero, device=self._tracker.device
+        )
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -264,6 +280,7 @@ class EMACallback(TrainerCallback):
             save_ema_folder(
                 unwrap_model(model or tracker.model), tracker, folder / name, name, self.save_dtype
             )
+        self._posthoc.save_file(folder, weights_digest(tracker.tracked))
 
     def _resume(
         self, model: torch.nn.Module, name: str, restored: str, args: TrainingArguments, global_step: int

@@ -109,9 +109,8 @@ class PowerEmaSnapshots:
         writer = SafetensorsWriter(path, entries, metadata, overwrite=True)
         try:
             for name, value in averages.items():
-                rounded = value.to(self.dtype)
-                check_fits(name, value, rounded)
-                writer.write(name, rounded)
+                check_fits(name, value, self.dtype)
+                writer.write(name, value.to(self.dtype))
             writer.commit()
         except BaseException:
             writer.abort()
