@@ -492,3 +492,13 @@ def hf_offline(monkeypatch: Any) -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
+
+
+def save_dcp(folder: Path, state: dict) -> None:
+    """``torch.distributed.checkpoint.save`` of ``state`` into ``folder`` by this one process (its
+    no-process-group warning silenced)."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(state, checkpoint_id=str(folder))

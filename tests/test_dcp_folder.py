@@ -19,15 +19,9 @@ from ema_average.checkpoints import DcpCheckpoint, find_run
 from ema_average.checkpoints.base import StepInfo
 from ema_average.checkpoints.safetensors_file import DTYPE_NAMES
 from ema_average.errors import CheckpointError, UnsafeCheckpointError
-from helpers import WritesMarker, make_state
+from helpers import WritesMarker, make_state, save_dcp
 
 dcp = pytest.importorskip("torch.distributed.checkpoint")
-
-
-def save_dcp(folder: Path, state: dict) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.save(state, checkpoint_id=str(folder))
 
 
 def test_model_and_optimizer_with_step_tensor(tmp_path: Path) -> None:

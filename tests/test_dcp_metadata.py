@@ -18,7 +18,7 @@ import torch
 from ema_average.checkpoints import DcpCheckpoint, find_run
 from ema_average.checkpoints.dcp_metadata import load_dcp_metadata
 from ema_average.errors import CheckpointError, TrustPickleWarning, UnsafeCheckpointError
-from helpers import assert_matches_reference, make_state
+from helpers import assert_matches_reference, make_state, save_dcp
 
 dcp = pytest.importorskip("torch.distributed.checkpoint")
 
@@ -79,12 +79,6 @@ def test_megatron_core_torch_dist_metadata_is_read(tmp_path: Path) -> None:
     assert [c.step for c in run.checkpoints] == [10, 20, 30]
     assert hasattr(run.checkpoints[0]._metadata, "all_local_plans")  # what was read holds the plans
     assert_matches_reference(run.checkpoints, [states[s] for s in (10, 20, 30)])
-
-
-def save_dcp(folder: Path, state: dict) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.save(state, checkpoint_id=str(folder))
 
 
 def rewrite_metadata(folder: Path, change: Any) -> None:

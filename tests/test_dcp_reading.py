@@ -11,7 +11,6 @@ import io
 import pickle
 import subprocess
 import sys
-import warnings
 import zipfile
 from pathlib import Path
 
@@ -20,15 +19,9 @@ import torch
 
 from ema_average.checkpoints import DcpCheckpoint, find_run
 from ema_average.errors import CheckpointError
-from helpers import make_state
+from helpers import make_state, save_dcp
 
 dcp = pytest.importorskip("torch.distributed.checkpoint")
-
-
-def save_dcp(folder: Path, state: dict) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.save(state, checkpoint_id=str(folder))
 
 
 def deflated(archive: bytes) -> bytes:
