@@ -66,43 +66,28 @@ class ScanResult:
     work: int = 0
 
 
-# What the loop does with each opcode byte (0: not read; refused).
-(
-    _NO,
-    _PUT1,
-    _PUT4,
-    _MEMOIZE,
-    _GET1,
-    _GET4,
-    _CONST,
-    _MARK,
-    _TEXT4,
-    _TEXT1,
-    _TUPLE,
-    _TUPLE_N,
-    _CALL,
-    _BUILD,
-) = range(14)
-(_EMPTY, _SETITEMS, _SETITEM, _APPEND, _APPENDS, _PERSID, _STOP, _PROTO, _FRAME, _GLOBAL, _OTHER) = range(
-    14, 25
-)
-
-# The opcodes torch's weights_only reader reads (torch/_weights_only_unpickler.py), by action.
+# What the loop does with each opcode byte, numbered in the order the loop tests them (the most frequent
+# first; literals there, a name lookup per test costs a tenth of the loop).
 _TORCH = {
-    "BINPUT": _PUT1, "LONG_BINPUT": _PUT4, "BINGET": _GET1, "LONG_BINGET": _GET4,
-    "NONE": _CONST, "NEWTRUE": _CONST, "NEWFALSE": _CONST, "BININT": _CONST, "BININT1": _CONST,
-    "BININT2": _CONST, "BINFLOAT": _CONST, "EMPTY_TUPLE": _CONST, "MARK": _MARK, "BINUNICODE": _TEXT4,
-    "SHORT_BINSTRING": _TEXT1, "LONG1": _TEXT1, "TUPLE": _TUPLE, "TUPLE1": _TUPLE_N, "TUPLE2": _TUPLE_N,
-    "TUPLE3": _TUPLE_N, "REDUCE": _CALL, "NEWOBJ": _CALL, "BUILD": _BUILD, "EMPTY_LIST": _EMPTY,
-    "EMPTY_DICT": _EMPTY, "EMPTY_SET": _EMPTY, "SETITEMS": _SETITEMS, "SETITEM": _SETITEM, "APPEND": _APPEND,
-    "APPENDS": _APPENDS, "BINPERSID": _PERSID, "STOP": _STOP, "PROTO": _PROTO, "GLOBAL": _GLOBAL,
+    "LONG_BINPUT": 1, "BINPUT": 1,  # memo[n] = top (1 or 4 bytes of n)
+    "NONE": 2, "NEWTRUE": 2, "NEWFALSE": 2, "BININT": 2, "BININT1": 2, "BININT2": 2, "BINFLOAT": 2,
+    "EMPTY_TUPLE": 2,  # a constant of fixed size
+    "BINGET": 3, "LONG_BINGET": 3,  # push memo[n]
+    "MARK": 5,
+    "BINUNICODE": 6, "SHORT_BINSTRING": 7, "LONG1": 7,  # counted bytes (4- or 1-byte count)
+    "TUPLE2": 8, "TUPLE1": 8, "TUPLE3": 8, "TUPLE": 9,
+    "REDUCE": 10, "NEWOBJ": 10,  # a call: its arguments are hashed
+    "SETITEMS": 11, "BUILD": 12, "SETITEM": 13, "APPEND": 14, "APPENDS": 14,  # change the object below
+    "EMPTY_DICT": 15, "EMPTY_LIST": 15, "EMPTY_SET": 15, "BINPERSID": 16,
+    "STOP": 17, "PROTO": 18, "GLOBAL": 20,
 }  # fmt: skip
-# Any protocol: the same, and the rest of pickle's opcodes (the rare ones by their declared stack effect).
+# Any protocol: the same, and the rest of pickle's opcodes (21: the rare ones, by their declared effect).
 _ANY = {
     **_TORCH,
-    "MEMOIZE": _MEMOIZE, "SHORT_BINUNICODE": _TEXT1, "SHORT_BINBYTES": _TEXT1, "BINBYTES": _TEXT4,
-    "BINSTRING": _TEXT4, "FRAME": _FRAME,
+    "MEMOIZE": 4, "SHORT_BINUNICODE": 7, "SHORT_BINBYTES": 7, "BINBYTES": 6, "BINSTRING": 6, "FRAME": 19,
 }  # fmt: skip
+_OTHER = 21
+_REFUSED = 99  # not read: a newer protocol, or no opcode at all
 # Bytes of an argument's fixed part (its length, where counted), by how pickletools declares its size.
 _COUNTED = {
     pickletools.TAKEN_FROM_ARGUMENT1: 1,
@@ -114,7 +99,7 @@ _COUNTED = {
 
 def _table(actions: dict[str, int], rest: int) -> tuple[list[int], list[int]]:
     """Per opcode byte: its action, and the bytes of its argument's fixed part (a constant's whole)."""
-    action, skip = [_NO] * 256, [0] * 256
+    action, skip = [_REFUSED] * 256, [0] * 256
     for op in pickletools.opcodes:
         byte = ord(op.code)
         action[byte] = actions.get(op.name, rest)
@@ -123,7 +108,7 @@ def _table(actions: dict[str, int], rest: int) -> tuple[list[int], list[int]]:
     return action, skip
 
 
-_TORCH_TABLE = _table(_TORCH, _NO)
+_TORCH_TABLE = _table(_TORCH, _REFUSED)
 _ANY_TABLE = _table(_ANY, _OTHER)
 
 
@@ -253,6 +238,7 @@ def _walk(  # one flat loop: a call per opcode would double its time
     result = ScanResult()
     seen: set[str] = set()
     stack: list = []  # [weight, depth, items] lists (items: a tuple's elements) or _LEAF
+    push = stack.append
     marks: list[int] = []
     memo: dict[int, object] = {}
     spent = 0
@@ -269,29 +255,31 @@ def _walk(  # one flat loop: a call per opcode would double its time
                 continue
             op = buf[pos]
             code = action[op]
-            if code == _PUT4:
-                memo[u32(buf, pos + 1)[0]] = stack[-1]
-                pos += 5
-            elif code == _PUT1:
-                memo[buf[pos + 1]] = stack[-1]
-                pos += 2
-            elif code == _CONST:
-                stack.append(leaf)
+            if code == 1:  # BINPUT, LONG_BINPUT
+                if op == 0x72:
+                    memo[u32(buf, pos + 1)[0]] = stack[-1]
+                    pos += 5
+                else:
+                    memo[buf[pos + 1]] = stack[-1]
+                    pos += 2
+            elif code == 2:  # a constant
+                push(leaf)
                 pos += 1 + skip[op]
-            elif code == _GET1:
-                stack.append(memo[buf[pos + 1]])
-                pos += 2
-            elif code == _MEMOIZE:
+            elif code == 3:  # BINGET, LONG_BINGET
+                if op == 0x68:
+                    push(memo[buf[pos + 1]])
+                    pos += 2
+                else:
+                    push(memo[u32(buf, pos + 1)[0]])
+                    pos += 5
+            elif code == 4:  # MEMOIZE
                 memo[len(memo)] = stack[-1]
                 pos += 1
-            elif code == _GET4:
-                stack.append(memo[u32(buf, pos + 1)[0]])
-                pos += 5
-            elif code == _MARK:
+            elif code == 5:  # MARK
                 marks.append(len(stack))
                 pos += 1
-            elif code == _TEXT4 or code == _TEXT1:
-                if code == _TEXT4:
+            elif code <= 7:  # counted bytes: a string
+                if code == 6:
                     length = u32(buf, pos + 1)[0]
                     if length > size:
                         src.pos = pos
@@ -300,15 +288,15 @@ def _walk(  # one flat loop: a call per opcode would double its time
                 else:
                     length = buf[pos + 1]
                     pos += 2
-                stack.append(leaf)
+                push(leaf)
                 if pos + length <= limit:
                     pos += length
                 else:
                     src.pos = pos
                     src.skip(length)
                     buf, pos, limit = src.buf, src.pos, src.limit
-            elif code == _TUPLE_N or code == _TUPLE:
-                if code == _TUPLE:
+            elif code <= 9:  # TUPLE1..3, TUPLE: weight and depth of its elements, kept for a call's arguments
+                if code == 9:
                     start = marks.pop()
                 else:
                     start = len(stack) - (op - 0x84)
@@ -321,11 +309,9 @@ def _walk(  # one flat loop: a call per opcode would double its time
                     weight += item[0]
                     if item[1] > depth:
                         depth = item[1]
-                stack.append([weight if weight < cap else cap, depth + 1, items])
+                push([weight if weight < cap else cap, depth + 1, items])
                 pos += 1
-            elif (
-                code == _CALL
-            ):  # REDUCE, NEWOBJ: the arguments as they are now (a list in them may have grown)
+            elif code == 10:  # REDUCE, NEWOBJ: the arguments as they are now (a list in them may have grown)
                 args = stack.pop()
                 items = args[2]
                 if items is None:
@@ -344,50 +330,54 @@ def _walk(  # one flat loop: a call per opcode would double its time
                 weight += 1 + callee[0]
                 stack[-1] = [weight if weight < cap else cap, max(depth, callee[1]) + 1, None]
                 pos += 1
-            elif (
-                code == _SETITEMS or code == _APPENDS or code == _SETITEM or code == _APPEND or code == _BUILD
-            ):
-                if code == _SETITEMS or code == _APPENDS:
-                    start = marks.pop()
-                else:
-                    start = len(stack) - (2 if code == _SETITEM else 1)
+            elif code == 11:  # SETITEMS: the keys are hashed
+                start = marks.pop()
                 items = stack[start:]
                 del stack[start:]
-                target = stack[-1]
-                if type(target) is tuple:  # a constant changed in place: the unpickler fails there
-                    raise TypeError
-                if code == _SETITEMS or code == _SETITEM:
-                    hashed = items[0::2]
-                    for key in hashed:
-                        spent += key[0]
-                        if key[1] > MAX_HASHED_DEPTH:
-                            raise _too_costly(spent, budget, key[1], size)
-                    if spent > budget:
-                        raise _too_costly(spent, budget, 0, size)
-                weight, depth = target[0], target[1]
-                for item in items:
-                    weight += item[0]
-                    if item[1] >= depth:
-                        depth = item[1] + 1
-                target[0], target[1] = weight if weight < cap else cap, depth
+                for key in items[0::2]:
+                    spent += key[0]
+                    if key[1] > MAX_HASHED_DEPTH:
+                        raise _too_costly(spent, budget, key[1], size)
+                if spent > budget:
+                    raise _too_costly(spent, budget, 0, size)
+                _grow(stack[-1], items, cap)
                 pos += 1
-            elif code == _EMPTY:
-                stack.append([1, 0, None])  # a container: grows in place later
+            elif code == 12:  # BUILD: the state goes into the object
+                _grow(stack[-2], [stack.pop()], cap)
                 pos += 1
-            elif code == _PERSID:
+            elif code == 13:  # SETITEM
+                value, key = stack.pop(), stack.pop()
+                spent += key[0]
+                if spent > budget or key[1] > MAX_HASHED_DEPTH:
+                    raise _too_costly(spent, budget, key[1], size)
+                _grow(stack[-1], [key, value], cap)
+                pos += 1
+            elif code == 14:  # APPEND, APPENDS
+                if op == 0x65:
+                    start = marks.pop()
+                    items = stack[start:]
+                    del stack[start:]
+                else:
+                    items = [stack.pop()]
+                _grow(stack[-1], items, cap)
+                pos += 1
+            elif code == 15:  # an empty container: grows in place later
+                push([1, 0, None])
+                pos += 1
+            elif code == 16:  # BINPERSID
                 persid = stack[-1]
                 stack[-1] = [min(cap, 1 + persid[0]), persid[1] + 1, None]
                 pos += 1
-            elif code == _STOP:
+            elif code == 17:  # STOP
                 src.pos = pos + 1
                 src.give_back()
                 result.work = spent
                 return result
-            elif code == _PROTO:
+            elif code == 18:  # PROTO
                 pos += 2
-            elif code == _FRAME:
-                pos += 9  # frames only group opcodes: read on as if there were none
-            elif code == _GLOBAL:
+            elif code == 19:  # FRAME: frames only group opcodes; read on as if there were none
+                pos += 9
+            elif code == 20:  # GLOBAL
                 src.pos = pos + 1
                 module, name = _read_global_instruction(src.line)
                 buf, pos, limit = src.buf, src.pos, src.limit
@@ -397,7 +387,7 @@ def _walk(  # one flat loop: a call per opcode would double its time
                     result.globals.append(full)
                     if len(result.globals) > max_kinds:
                         raise PickleRefused(f"names more than {max_kinds} kinds of pickled objects; refused")
-                stack.append(leaf)
+                push(leaf)
             elif code == _OTHER:
                 src.pos = pos + 1
                 spent = _other(pickletools.code2op[chr(op)], src, stack, marks, memo, spent, cap)
@@ -407,10 +397,21 @@ def _walk(  # one flat loop: a call per opcode would double its time
             else:
                 src.pos = pos
                 raise _unreadable(op, src.what)
-
     except (IndexError, KeyError, TypeError, ValueError, struct.error):
         src.pos = max(src.pos, pos + 1 + skip[buf[pos]])  # where the opcode that failed ends
         raise
+
+
+def _grow(target: list, items: list, cap: int) -> None:
+    """Items added to a list, dict, set or object: its weight and depth grow (the memo sees it grow)."""
+    if type(target) is not list:  # a constant changed in place: the unpickler fails there
+        raise TypeError
+    weight, depth = target[0], target[1]
+    for item in items:
+        weight += item[0]
+        if item[1] >= depth:
+            depth = item[1] + 1
+    target[0], target[1] = weight if weight < cap else cap, depth
 
 
 def _too_costly(spent: int, budget: int, depth: int, size: int) -> PickleRefused:
