@@ -2,8 +2,9 @@
 
 Writes (once, to ``--dir``) a ``torch.save`` of a 20,000-tensor state dict and the DCP ``.metadata`` of a
 2,000-parameter model with its AdamW state, then prints the median seconds of: the pre-scan of the torch
-file's ``data.pkl``, torch's own ``weights_only`` load of that file onto the meta device (what the scan runs
-before) and torch's own scan of its globals, the pre-scan of the ``.metadata``, and the restricted load of the ``.metadata``.
+file's ``data.pkl``, torch's own scan of its globals, torch's ``weights_only`` load of that file onto the
+meta device (what the scan runs before), the pre-scan of the ``.metadata`` and the restricted load of it;
+then the hash work each pickle is charged, per byte (the bound: ``MAX_HASH_WORK_PER_BYTE``).
 
     python benchmarks/pickle_scan.py [--dir /tmp/pickle-bench] [--repeats 5]
 """
@@ -76,6 +77,8 @@ def main() -> None:
     ]
     for name, run in rows:
         print(f"{name:<48} {median_seconds(run, args.repeats):8.3f} s")
+    for name, data, result in (("data.pkl", pkl, scan_torch(pkl)), (".metadata", raw, scan_dcp(raw))):
+        print(f"hash work of the {name}: {result.work:,} ({result.work / len(data):.2f} per byte)")  # type: ignore[attr-defined]
 
 
 def scan_torch(pkl: bytes) -> object:

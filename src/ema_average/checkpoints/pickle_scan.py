@@ -34,10 +34,11 @@ from typing import IO
 
 from torch._weights_only_unpickler import _read_global_instruction
 
-# Hash work a pickle may cost: a base, plus so much per byte of the pickle. A state dict costs about 0.2 a
-# byte (a tensor's rebuild, ~20, in ~100 bytes), a DCP .metadata under 1; a tuple DAG 10^7 and more.
+# Hash work a pickle may cost: a base, plus so much per byte of the pickle. Measured: a state dict of 20,000
+# tensors costs 0.19 a byte (a rebuild, ~20, in ~110 bytes), the .metadata of a 2,000-parameter model with
+# AdamW 0.23 (benchmarks/pickle_scan.py); a 600-byte tuple DAG key 10^7 a byte and more.
 MAX_HASH_WORK_BASE = 1_000_000
-MAX_HASH_WORK_PER_BYTE = 16
+MAX_HASH_WORK_PER_BYTE = 4
 MAX_HASHED_DEPTH = 100  # a MetadataIndex key nests 3 deep; 200,000 levels crash the interpreter
 
 _CHUNK = 1 << 20  # bytes read at a time: a streamed pickle is never held whole
