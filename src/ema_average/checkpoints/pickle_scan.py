@@ -34,6 +34,8 @@ from typing import IO
 
 from torch._weights_only_unpickler import _read_global_instruction
 
+from ema_average.checkpoints.pickle_source import PickleRefused, PickleSource
+
 # Hash work a pickle may cost: a base, plus so much per byte of the pickle. Measured: a state dict of 20,000
 # tensors costs 0.19 a byte (a rebuild, ~20, in ~110 bytes), the .metadata of a 2,000-parameter model with
 # AdamW 0.23 (benchmarks/pickle_scan.py); a 600-byte tuple DAG key 10^7 a byte and more.
@@ -41,21 +43,10 @@ MAX_HASH_WORK_BASE = 1_000_000
 MAX_HASH_WORK_PER_BYTE = 4
 MAX_HASHED_DEPTH = 100  # a MetadataIndex key nests 3 deep; 200,000 levels crash the interpreter
 
-_CHUNK = 1 << 20  # bytes read at a time: a streamed pickle is never held whole
-_SLACK = 16  # bytes a fast-path opcode reads at most, past its first (the buffer keeps this many ahead)
 _LEAF = (1, 0, None)  # a constant (number, string, None, a global): weight 1, nothing inside
 _U32 = struct.Struct("<I")
 _I32 = struct.Struct("<i")
 _U64 = struct.Struct("<Q")
-
-
-class PickleRefused(ValueError):
-    """The pickle cannot or may not be read; ``unsafe``: refused as unreadable by the safe reader (a newer
-    protocol), not as damage."""
-
-    def __init__(self, message: str, *, unsafe: bool = False) -> None:
-        super().__init__(message)
-        self.unsafe = unsafe
 
 
 @dataclass
@@ -129,7 +120,7 @@ def scan_pickle(
     {what}". Raises :class:`PickleRefused` past ``max_kinds`` kinds of other globals, past the hash budget
     or depth, on an opcode the reader does not read, or where the pickle is broken.
     """
-    source = _Source(file, size, what)
+    source = PickleSource(file, size, what)
     gc_was = gc.isenabled()
     gc.disable()  # hundreds of thousands of small lists, none of them cyclic
     try:
@@ -155,83 +146,8 @@ def scan_pickle(
             gc.enable()
 
 
-class _Source:
-    """The pickle's bytes, a chunk at a time; ``pos`` in ``buf``, ``end`` its last real byte (at the end of
-    the file, ``buf`` is padded with ``_SLACK`` zeros so that the loop need not check each read)."""
-
-    def __init__(self, file: IO[bytes], size: int, what: str) -> None:
-        self.file, self.size, self.what = file, size, what
-        self.buf, self.pos, self.end, self.eof = b"", 0, 0, False
-        self.refill()
-
-    def refill(self) -> None:
-        """Keep the unread bytes and read the next chunk; ``limit`` is where the loop must come back."""
-        more = self.file.read(_CHUNK) if not self.eof else b""
-        self.buf = self.buf[self.pos : self.end] + more
-        self.pos, self.end = 0, len(self.buf)
-        if len(more) < _CHUNK:
-            self.eof = True
-            self.buf += bytes(_SLACK)
-        self.limit = self.end if self.eof else self.end - _SLACK
-
-    def skip(self, count: int) -> None:
-        """Pass ``count`` bytes from ``pos`` (a long string), reading the file on where the buffer ends."""
-        left = self.end - self.pos
-        if count <= left:
-            self.pos += count
-            return
-        count -= left
-        self.pos = self.end
-        while count and not self.eof:
-            got = self.file.read(min(count, _CHUNK))
-            if len(got) < min(count, _CHUNK):
-                self.eof = True
-            count -= len(got)
-        if count:
-            raise self.ended()
-        self.refill()
-
-    def give_back(self) -> None:
-        """Leave the file just past the pickle (a legacy torch file holds several in a row)."""
-        if self.end > self.pos:
-            self.file.seek(self.pos - self.end, 1)
-
-    def line(self) -> bytes:
-        """The bytes up to the next newline (a text opcode's argument), the newline passed."""
-        while True:
-            at = self.buf.find(b"\n", self.pos, self.end)
-            if at >= 0:
-                text, self.pos = self.buf[self.pos : at + 1], at + 1
-                return text
-            if self.eof:
-                raise self.ended()
-            self.refill()
-
-    def take(self, count: int) -> bytes:
-        """``count`` bytes from ``pos`` (the argument of a rare opcode)."""
-        short = count - (self.end - self.pos)
-        if short > 0 and not self.eof:
-            more = self.file.read(short + _CHUNK)
-            self.buf = self.buf[self.pos : self.end] + more
-            self.pos, self.end = 0, len(self.buf)
-            if len(more) < short + _CHUNK:
-                self.eof = True
-                self.buf += bytes(_SLACK)
-            self.limit = self.end if self.eof else self.end - _SLACK
-        data, self.pos = self.buf[self.pos : self.pos + count], self.pos + count
-        if self.pos > self.end:
-            raise self.ended()
-        return data
-
-    def damaged(self, why: str) -> PickleRefused:
-        return PickleRefused(f"is damaged or not {self.what} ({why})")
-
-    def ended(self) -> PickleRefused:
-        return self.damaged("its pickle ends early")
-
-
 def _walk(  # one flat loop: a call per opcode would double its time
-    src: _Source, size: int, is_allowed: Callable[[str], bool], max_kinds: int, torch_opcodes: bool
+    src: PickleSource, size: int, is_allowed: Callable[[str], bool], max_kinds: int, torch_opcodes: bool
 ) -> ScanResult:
     action, skip = _TORCH_TABLE if torch_opcodes else _ANY_TABLE
     budget = MAX_HASH_WORK_BASE + MAX_HASH_WORK_PER_BYTE * max(size, 0)
@@ -438,7 +354,7 @@ _MEMO_ARG = {"GET", "PUT"}  # text opcodes whose argument is a memo index
 
 
 def _other(
-    op: pickletools.OpcodeInfo, src: _Source, stack: list, marks: list, memo: dict, spent: int, cap: int
+    op: pickletools.OpcodeInfo, src: PickleSource, stack: list, marks: list, memo: dict, spent: int, cap: int
 ) -> int:
     """A rare opcode (text protocols, sets, buffers...), by its declaration in ``pickletools``; returns the
     hash work spent so far."""
@@ -488,7 +404,7 @@ def _other(
     return spent
 
 
-def _argument(op: pickletools.OpcodeInfo, src: _Source) -> bytes | None:
+def _argument(op: pickletools.OpcodeInfo, src: PickleSource) -> bytes | None:
     """The raw argument of a rare opcode: fixed bytes, a line (two for a text global), or counted bytes."""
     kind = op.arg
     if kind is None:
