@@ -199,7 +199,7 @@ def test_a_tuple_dag_used_as_a_key_is_refused_before_it_is_hashed(tmp_path: Path
     assert path.stat().st_size < 4096
     with pytest.raises(CheckpointError) as caught:
         load_dcp_metadata(path)
-    assert str(caught.value).startswith(f"{path}: would take more than ")
+    assert str(caught.value).startswith(f"{path}: would hash more than ")
     assert str(caught.value).endswith("shared tuples nested as keys; refused")
 
 

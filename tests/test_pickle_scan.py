@@ -6,6 +6,7 @@ Each hostile file here is a few KB: a compressed ``data.pkl`` inflating to any s
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import types
 import zipfile
@@ -136,3 +137,41 @@ def test_a_protocol_4_pickle_reads_with_trust_pickle(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="full unpickling"):
         checkpoint = TorchCheckpoint(path, trust_pickle=True)
     assert torch.equal(checkpoint.read("w"), torch.arange(4.0))
+
+
+def chain_key_file(path: Path, zip_format: bool) -> None:
+    """A torch file whose dict key is 200,000 nested 1-tuples (200 KB): ``torch.save``'s pickler cannot
+    write one (it recurses), so the key's opcodes replace a string key's in the saved pickle."""
+    torch.save({**good(), "extra": {"PLACEHOLDER": 1}}, path, _use_new_zipfile_serialization=zip_format)
+    placeholder = b"X\x0b\x00\x00\x00PLACEHOLDER"  # BINUNICODE, as protocol 2 writes the string
+    chain = b")" + b"\x85" * 200_000  # EMPTY_TUPLE, TUPLE1 x 200,000 (the BINPUT after it memoizes it)
+    if not zip_format:
+        raw = path.read_bytes()
+        assert raw.count(placeholder) == 1
+        path.write_bytes(raw.replace(placeholder, chain))
+        return
+    with zipfile.ZipFile(path) as archive:
+        records = [(info.filename, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in records:
+            archive.writestr(name, data.replace(placeholder, chain) if name.endswith("data.pkl") else data)
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_a_deep_tuple_chain_as_a_dict_key_is_refused(tmp_path: Path, zip_format: bool) -> None:
+    """Hashing 200,000 nested tuples recursed in C and ended the process (SIGSEGV): read in a child, so
+    that a crash fails this test instead of ending the run."""
+    path = tmp_path / "chain.pt"
+    chain_key_file(path, zip_format)
+    child = (
+        "import sys\nfrom pathlib import Path\nfrom ema_average.checkpoints import TorchCheckpoint\n"
+        "from ema_average.errors import CheckpointError\n"
+        "try:\n    TorchCheckpoint(Path(sys.argv[1]))\nexcept CheckpointError as exc:\n    print(exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", child, str(path)], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, f"exit {done.returncode}; stderr:\n{done.stderr}"
+    assert done.stdout.strip() == f"{path}: hashes an object nested 200000 deep (at most 100); refused", (
+        done.stderr
+    )

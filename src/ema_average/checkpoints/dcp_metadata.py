@@ -4,7 +4,7 @@ torch's ``FileSystemReader.read_metadata`` uses plain ``pickle.load``, which run
 :class:`DcpMetadataUnpickler` resolves only the pure-data classes of torch's DCP (``Metadata`` and what it
 is made of, and the planner's ``SavePlan``/``WriteItem``... that producers such as megatron-core's
 ``torch_dist`` store beside it), look-alike copies of them (olmo-core's ``_StorageInfo``) and torch's
-dtype/layout constants. Before it runs, :mod:`ema_average.checkpoints.pickle_cost` bounds what hashing
+dtype/layout constants. Before it runs, :mod:`ema_average.checkpoints.pickle_scan` bounds what hashing
 the file's objects costs (a 1.5 KB tuple DAG used as a dict key took 2^34 hashes).
 Split from :mod:`ema_average.checkpoints.safe_unpickle`, which holds the policy for torch files.
 """
@@ -24,7 +24,7 @@ import torch
 
 from ema_average._torch_compat import layout_unpickler
 from ema_average.checkpoints.base import damage_of, require_regular_file
-from ema_average.checkpoints.pickle_cost import hashing_cost_problem
+from ema_average.checkpoints.pickle_scan import PickleRefused, scan_pickle
 from ema_average.checkpoints.safe_unpickle import first_line, unsafe_refusal
 from ema_average.errors import CheckpointError, TrustPickleWarning
 
@@ -151,9 +151,10 @@ _IN_MEMORY_BYTES = 64 * 2**20
 
 
 def _load(path: Path, data: BinaryIO, size: int, trust_pickle: bool) -> Any:
-    problem = hashing_cost_problem(data, size)
-    if problem is not None:
-        raise CheckpointError(path, problem)
+    try:  # any protocol: what hashing its objects costs, bounded before anything is built
+        scan_pickle(data, size, torch_opcodes=False, what="DCP metadata")
+    except PickleRefused as exc:
+        raise CheckpointError(path, str(exc)) from None
     data.seek(0)
     try:
         return DcpMetadataUnpickler(data).load()
