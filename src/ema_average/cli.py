@@ -142,8 +142,8 @@ def _posthoc(
     quiet: bool,
 ) -> None:
     """--method posthoc: the power EMAs named by --sigma-rel or --gamma, reconstructed from snapshots."""
+    from ema_average.cli_posthoc import run_prepared
     from ema_average.posthoc.job import Targets, prepare
-    from ema_average.posthoc.report import run_prepared
 
     other = sorted(set(given) - {"sigma_rel", "gamma"})
     if other or watch or _launched():

@@ -1,5 +1,5 @@
-"""What ``--method posthoc`` prints: the snapshots with each target's coefficient, each target's fit, then
-the offline job's own progress and summary (:mod:`ema_average.cli_report`)."""
+"""What ``--method posthoc`` prints, beside :mod:`ema_average.cli_report`: the snapshots with each target's
+coefficient, each target's fit, then the offline job's own progress and summary."""
 
 from __future__ import annotations
 
