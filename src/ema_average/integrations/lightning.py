@@ -57,8 +57,9 @@ class EMACallback(pl.Callback):
 
     ``decay``, ``numerator``, ``denominator``: the engine's rule, ``min(decay, (numerator + n) /
     (denominator + n))`` at global step ``n``. ``device``: where the float32 averages live (e.g. ``"cpu"``
-    to spare GPU memory, at the cost of a copy per update). ``every``: update every N optimizer steps.
-    ``evaluate``: ``"ema"`` (default), ``"raw"``, or ``"both"`` (the raw weights' metrics suffixed
+    to spare GPU memory, at the cost of a copy per update). ``average_dtype=torch.bfloat16`` keeps them in
+    bf16 with stochastic rounding (opt-in: half the memory, less accuracy; see docs/library.md).
+    ``every``: update every N optimizer steps. ``evaluate``: ``"ema"`` (default), ``"raw"``, or ``"both"`` (the raw weights' metrics suffixed
     ``raw_suffix``). ``at_end``: what the model holds when training ends: ``"raw"`` (default: the training
     weights) or ``"ema"`` (the first EMA, also written as each ``.ckpt``'s ``state_dict``, so that
     ``load_from_checkpoint`` and ``Trainer().test(ckpt_path=...)`` give it; the training weights are kept
@@ -76,6 +77,7 @@ class EMACallback(pl.Callback):
         denominator: float = 10.0,
         *,
         device: torch.device | str | None = None,
+        average_dtype: torch.dtype | None = None,
         every: int = 1,
         evaluate: str = "ema",
         raw_suffix: str = "_raw",
@@ -90,6 +92,7 @@ class EMACallback(pl.Callback):
             numerator,
             denominator,
             device=device,
+            average_dtype=average_dtype,
             every=every,
             evaluate=evaluate,
             names=names,

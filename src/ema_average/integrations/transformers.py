@@ -82,7 +82,9 @@ class EMACallback(TrainerCallback):
 
     ``decay``, ``numerator``, ``denominator``: the engine's rule, ``min(decay, (numerator + n) /
     (denominator + n))`` at global step ``n``. ``device``: where the float32 averages live (``"cpu"`` spares
-    GPU memory, at the cost of a copy per update). ``every``: update every N optimizer steps. ``evaluate``:
+    GPU memory, at the cost of a copy per update). ``average_dtype=torch.bfloat16`` keeps them in bf16 with
+    stochastic rounding (opt-in: half the memory, less accuracy; see docs/library.md). ``every``: update
+    every N optimizer steps. ``evaluate``:
     ``"ema"`` (default) or ``"raw"`` for the Trainer's own evaluations; to have both, evaluate the raw
     weights yourself after training (``trainer.evaluate(metric_key_prefix="eval_raw")``), or the averages
     with ``with callback.average_parameters(): trainer.evaluate()``.
@@ -105,6 +107,7 @@ class EMACallback(TrainerCallback):
         denominator: float = 10.0,
         *,
         device: torch.device | str | None = None,
+        average_dtype: torch.dtype | None = None,
         every: int = 1,
         evaluate: str = "ema",
         names: Sequence[str] | None = None,
@@ -130,6 +133,7 @@ class EMACallback(TrainerCallback):
             numerator,
             denominator,
             device=device,
+            average_dtype=average_dtype,
             every=every,
             evaluate=evaluate,
             names=names,
