@@ -1,9 +1,11 @@
 """``EMACallback(average_dtype=torch.bfloat16)`` with the real Lightning trainer: the averages are bfloat16 and
 stay within the stochastic-rounding bound of the float32 EMA of the same run (the bound is derived in
-test_bf16_average.py: mean error within a few ``sqrt(B / N)`` of 0, mean square error below ``B``)."""
+test_bf16_average.py: mean error within a few ``sqrt(B / N)`` of 0, mean square error below ``B``), and a
+resume from the ``.ckpt`` continues them bit for bit (the rounding bits follow the update count)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +14,7 @@ import torch
 L = pytest.importorskip("lightning")
 
 from ema_average.integrations.lightning import EMACallback  # noqa: E402
-from test_integrations_lightning import fit, trainer  # noqa: E402
+from test_integrations_lightning import ckpt_trainer, fit, model, trainer  # noqa: E402
 
 DECAY, STEPS = 0.95, 24
 
@@ -80,3 +82,17 @@ def test_bf16_ema_stays_within_the_stochastic_rounding_bound_of_the_float32_one(
     assert error.abs().max() > 0  # bfloat16, not float32 relabelled
     assert error.mean().abs() <= 5 * (bound.mean() / n).sqrt()
     assert error.pow(2).mean() <= 1.1 * bound.mean()
+
+
+def test_stop_and_resume_gives_the_uninterrupted_bf16_ema_bit_for_bit(tmp_path: Path) -> None:
+    bf16 = torch.bfloat16
+    whole = EMACallback(decay=0.9, average_dtype=bf16)
+    fit(ckpt_trainer(tmp_path / "whole", [whole], max_epochs=4), model())
+    fit(ckpt_trainer(tmp_path / "parts", [EMACallback(decay=0.9, average_dtype=bf16)], max_epochs=2), model())
+    resumed = EMACallback(decay=0.9, average_dtype=bf16)
+    stopped = tmp_path / "parts" / "epoch=1-step=16.ckpt"
+    fit(ckpt_trainer(tmp_path / "parts", [resumed], max_epochs=4), model(seed=5), ckpt_path=str(stopped))
+    assert whole.moving_average is not None and resumed.moving_average is not None
+    assert resumed.moving_average.num_applied == whole.moving_average.num_applied == 32
+    for name, tensor in whole.moving_average.averages().items():
+        assert tensor.dtype == bf16 and torch.equal(resumed.moving_average.averages()[name], tensor), name
