@@ -57,9 +57,8 @@ class EMACallback(pl.Callback):
 
     ``decay``, ``numerator``, ``denominator``: the engine's rule, ``min(decay, (numerator + n) /
     (denominator + n))`` at global step ``n``. ``device``: where the float32 averages live (e.g. ``"cpu"``
-    to spare GPU memory, at the cost of a copy per update). ``average_dtype=torch.bfloat16`` keeps them in
-    bf16 with stochastic rounding (opt-in: half the memory, less accuracy; see docs/library.md).
-    ``every``: update every N optimizer steps. ``evaluate``: ``"ema"`` (default), ``"raw"``, or ``"both"`` (the raw weights' metrics suffixed
+    to spare GPU memory, at the cost of a copy per update). ``every``: update every N optimizer steps.
+    ``evaluate``: ``"ema"`` (default), ``"raw"``, or ``"both"`` (the raw weights' metrics suffixed
     ``raw_suffix``). ``at_end``: what the model holds when training ends: ``"raw"`` (default: the training
     weights) or ``"ema"`` (the first EMA, also written as each ``.ckpt``'s ``state_dict``, so that
     ``load_from_checkpoint`` and ``Trainer().test(ckpt_path=...)`` give it; the training weights are kept
@@ -68,6 +67,9 @@ class EMACallback(pl.Callback):
     Several decays (``decay=[0.999, 0.9999]``) keep several EMAs, updated at the same steps and saved each
     under its own top-level key of the ``.ckpt`` (``names``, by default ``ema``, ``ema_0.9999``...); the first
     is the one validation and test run on, any of them ``with callback.average_parameters(name):``.
+
+    ``average_dtype=torch.bfloat16`` keeps the averages in bf16 with stochastic rounding (opt-in: half the
+    memory, less accuracy; docs/library.md measures it); the default keeps them in float32.
     """
 
     def __init__(

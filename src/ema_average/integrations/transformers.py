@@ -82,9 +82,7 @@ class EMACallback(TrainerCallback):
 
     ``decay``, ``numerator``, ``denominator``: the engine's rule, ``min(decay, (numerator + n) /
     (denominator + n))`` at global step ``n``. ``device``: where the float32 averages live (``"cpu"`` spares
-    GPU memory, at the cost of a copy per update). ``average_dtype=torch.bfloat16`` keeps them in bf16 with
-    stochastic rounding (opt-in: half the memory, less accuracy; see docs/library.md). ``every``: update
-    every N optimizer steps. ``evaluate``:
+    GPU memory, at the cost of a copy per update). ``every``: update every N optimizer steps. ``evaluate``:
     ``"ema"`` (default) or ``"raw"`` for the Trainer's own evaluations; to have both, evaluate the raw
     weights yourself after training (``trainer.evaluate(metric_key_prefix="eval_raw")``), or the averages
     with ``with callback.average_parameters(): trainer.evaluate()``.
@@ -98,6 +96,9 @@ class EMACallback(TrainerCallback):
     Several decays (``decay=[0.999, 0.9999]``) keep several EMAs, updated at the same steps and saved each
     in its own folder of ``checkpoint-N/`` (``names``, by default ``ema``, ``ema_0.9999``...); the first is
     the one the Trainer's evaluations see, any of them ``with callback.average_parameters(name):``.
+
+    ``average_dtype=torch.bfloat16`` keeps the averages in bf16 with stochastic rounding (opt-in: half the
+    memory, less accuracy; docs/library.md measures it); the default keeps them in float32.
     """
 
     def __init__(
