@@ -73,6 +73,9 @@ class EMACallback(pl.Callback):
     writes a snapshot of each every N steps into ``posthoc-ema/`` beside the checkpoints (the
     ``ModelCheckpoint``'s ``dirpath``, else ``default_root_dir``; ``posthoc_dtype``; global rank 0), their
     state in each ``.ckpt`` under ``posthoc_ema``: ``ema-average DIRPATH --method posthoc`` reconstructs.
+
+    ``average_dtype=torch.bfloat16`` keeps the averages in bf16 with stochastic rounding (opt-in: half the
+    memory, less accuracy; docs/library.md measures it); the default keeps them in float32.
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class EMACallback(pl.Callback):
         denominator: float = 10.0,
         *,
         device: torch.device | str | None = None,
+        average_dtype: torch.dtype | None = None,
         every: int = 1,
         evaluate: str = "ema",
         raw_suffix: str = "_raw",
@@ -99,6 +103,7 @@ class EMACallback(pl.Callback):
             numerator,
             denominator,
             device=device,
+            average_dtype=average_dtype,
             every=every,
             evaluate=evaluate,
             names=names,

@@ -27,6 +27,7 @@ from ema_average.integrations.models import (
 )
 from ema_average.integrations.records import Pending, checked_record, checked_settings, finite, record_of
 from ema_average.moving_average import ExponentialMovingAverage, local_part
+from ema_average.moving_average.kernel import checked_average_dtype
 from ema_average.moving_average.parameters import fsdp_modules
 
 __all__ = [
@@ -95,6 +96,7 @@ class EmaTracker:
         start_step: int = 0,
         should_update: Callable[[int], bool] | None = None,
         dtensor_refusal: str | None = None,
+        average_dtype: torch.dtype | None = None,
     ) -> None:
         decays = _decays(decay)
         rules = [
@@ -123,6 +125,7 @@ class EmaTracker:
         self.start_step = start_step
         self.should_update = should_update
         self.device = device
+        self.average_dtype = checked_average_dtype(average_dtype)  # refused before training starts
         self.every = every
         self.evaluate = evaluate
         self.dtensor_refusal = dtensor_refusal
@@ -179,7 +182,7 @@ class EmaTracker:
             self.swap_out()  # never leave the averages in a model this tracker stops following
             self.tracked = averaged_tensors(model, self.buffers)
             for slot in self.slots:
-                slot.average = ExponentialMovingAverage.with_rule(self.tracked, slot.rule, device=self.device)  # type: ignore[assignment]
+                slot.average = self._engine(slot)
             self.model = model
             self._fsdp = fsdp_modules(model)
             self.last_step = global_step
@@ -188,6 +191,11 @@ class EmaTracker:
             if slot.pending is not None:
                 pending, slot.pending = slot.pending, None
                 self._load(slot, pending, global_step, training=training)
+
+    def _engine(self, slot: _Slot) -> ExponentialMovingAverage:
+        return ExponentialMovingAverage.with_rule(  # type: ignore[return-value]
+            self.tracked, slot.rule, device=self.device, average_dtype=self.average_dtype
+        )
 
     def _follow(self, model: torch.nn.Module, owner: object) -> None:
         """Refuse a second callback of the same run that would save its EMA under a name this one uses."""
@@ -241,7 +249,7 @@ class EmaTracker:
         """Every EMA anew from the current weights, as at the start of training at ``global_step``."""
         self.swap_out()
         for slot in self.slots:
-            slot.average = ExponentialMovingAverage.with_rule(self.tracked, slot.rule, device=self.device)  # type: ignore[assignment]
+            slot.average = self._engine(slot)
         self.last_step = global_step
 
     def ema_model(self, name: str | None = None) -> torch.nn.Module | None:

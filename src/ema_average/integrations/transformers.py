@@ -101,6 +101,9 @@ class EMACallback(TrainerCallback):
     ``posthoc_every=N`` also keeps power EMAs of widths ``posthoc_sigma_rels`` (EDM2's 0.05 and 0.10) and
     writes a snapshot of each every N steps into ``<output_dir>/posthoc-ema/`` (``posthoc_dtype``; rank 0),
     their state in each ``checkpoint-N/posthoc_ema_state.pt``: ``ema-average RUN --method posthoc``.
+
+    ``average_dtype=torch.bfloat16`` keeps the averages in bf16 with stochastic rounding (opt-in: half the
+    memory, less accuracy; docs/library.md measures it); the default keeps them in float32.
     """
 
     def __init__(
@@ -110,6 +113,7 @@ class EMACallback(TrainerCallback):
         denominator: float = 10.0,
         *,
         device: torch.device | str | None = None,
+        average_dtype: torch.dtype | None = None,
         every: int = 1,
         evaluate: str = "ema",
         names: Sequence[str] | None = None,
@@ -138,6 +142,7 @@ class EMACallback(TrainerCallback):
             numerator,
             denominator,
             device=device,
+            average_dtype=average_dtype,
             every=every,
             evaluate=evaluate,
             names=names,

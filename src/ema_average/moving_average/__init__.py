@@ -52,7 +52,9 @@ class ExponentialMovingAverage(MovingAverage):
     """Exponential moving average with TensorFlow's warm-up rule (AllenNLP's "exponential").
 
     ``apply()`` uses ``decay``; ``apply(num_updates=n)`` uses
-    ``min(decay, (numerator + n) / (denominator + n))``.
+    ``min(decay, (numerator + n) / (denominator + n))``. ``average_dtype=torch.bfloat16`` keeps the
+    averages in bfloat16 with stochastic rounding (opt-in: half the memory, at the error docs/library.md
+    measures).
     """
 
     rule_type = ExponentialRule
@@ -66,9 +68,10 @@ class ExponentialMovingAverage(MovingAverage):
         denominator: float = ExponentialRule.denominator,
         *,
         device: torch.device | str | None = None,
+        average_dtype: torch.dtype | None = None,
     ) -> None:
         rule = self.make_rule(decay=decay, numerator=numerator, denominator=denominator)
-        super().__init__(parameters, rule=rule, device=device)
+        super().__init__(parameters, rule=rule, device=device, average_dtype=average_dtype)
 
     @property
     def decay(self) -> float:
@@ -97,8 +100,9 @@ class UniformMovingAverage(MovingAverage):
         parameters: Parameters,
         *,
         device: torch.device | str | None = None,
+        average_dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(parameters, rule=self.make_rule(), device=device)
+        super().__init__(parameters, rule=self.make_rule(), device=device, average_dtype=average_dtype)
 
 
 @MovingAverage.register("power")
@@ -118,6 +122,8 @@ class PowerFunctionMovingAverage(MovingAverage):
         sigma_rel: float | None = None,
         *,
         device: torch.device | str | None = None,
+        average_dtype: torch.dtype | None = None,
     ) -> None:
         given = {k: v for k, v in (("gamma", gamma), ("sigma_rel", sigma_rel)) if v is not None}
-        super().__init__(parameters, rule=self.make_rule(**given), device=device)
+        rule = self.make_rule(**given)
+        super().__init__(parameters, rule=rule, device=device, average_dtype=average_dtype)

@@ -1,4 +1,5 @@
-"""Where averages are kept: one flat float32-or-wider buffer per (device, dtype) of the tracked tensors.
+"""Where averages are kept: one flat buffer per (device, dtype) of the tracked tensors, float32 or wider unless
+the user asks for bfloat16 (``average_dtype=``).
 
 Its own module because the storage (buckets of views, their fit check, the pinned staging and the
 background host updates of CUDA values) is independent of how an average is named, decayed or saved.
@@ -38,6 +39,7 @@ class Bucket:
         None  # which tracked tensors are DTensors, if any: their shards are read at each use
     )
     staging: list[torch.Tensor] = field(default_factory=list)  # pinned views (CUDA values, host averages)
+    generator: torch.Generator | None = None  # the stochastic rounding's, for bfloat16 averages only
     shapes: list[torch.Size] = field(init=False)  # the shadows', read once
 
     def __post_init__(self) -> None:
@@ -60,8 +62,11 @@ class Bucket:
         return list(map(SHAPE, values)) == self.shapes and set(map(_KIND, values)) <= {self.kind}
 
 
-def make_buckets(tensors: list[torch.Tensor], device: torch.device | None) -> list[Bucket]:
-    """Copy ``tensors`` (their local shards) into float32-or-wider flat buffers, one per local device and dtype."""
+def make_buckets(
+    tensors: list[torch.Tensor], device: torch.device | None, dtype: torch.dtype | None = None
+) -> list[Bucket]:
+    """Copy ``tensors`` (their local shards) into flat buffers, one per local device and dtype: of ``dtype``
+    if given, else float32 or wider (a bfloat16 copy rounds each value to nearest, once)."""
     local = [local_part(t) for t in tensors]
     by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, t in enumerate(local):
@@ -71,7 +76,7 @@ def make_buckets(tensors: list[torch.Tensor], device: torch.device | None) -> li
         for (src_device, src_dtype), indices in by_kind.items():
             flat = torch.empty(
                 sum(local[i].numel() for i in indices),
-                dtype=shadow_dtype(src_dtype),
+                dtype=dtype or shadow_dtype(src_dtype),
                 device=device or src_device,
             )
             shadows = views(flat, [local[i].shape for i in indices])
@@ -84,6 +89,8 @@ def make_buckets(tensors: list[torch.Tensor], device: torch.device | None) -> li
             if src_device.type == "cuda" and flat.device.type == "cpu":
                 staging = torch.empty(flat.numel(), dtype=src_dtype, pin_memory=True)
                 bucket.staging = views(staging, [local[i].shape for i in indices])
+            if flat.dtype == torch.bfloat16:
+                bucket.generator = torch.Generator(flat.device)
             buckets.append(bucket)
     return buckets
 
@@ -120,7 +127,7 @@ class HostUpdates:
     @staticmethod
     def _fold(bucket: Bucket, copied: torch.cuda.Event, decay: float) -> None:
         copied.synchronize()
-        ema_update_(bucket.shadows, bucket.staging, decay, flat=bucket.flat)
+        ema_update_(bucket.shadows, bucket.staging, decay, flat=bucket.flat, generator=bucket.generator)
 
     def settle(self) -> None:
         """Wait for queued updates (raising their errors): before the averages are read or updated again."""

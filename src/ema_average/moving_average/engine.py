@@ -20,7 +20,7 @@ import torch
 from ema_average.decay_rules import DecayRule, check_unit
 from ema_average.errors import AverageStateError, ConfigurationError, ParameterError
 from ema_average.moving_average.buckets import SHAPE, Bucket, HostUpdates, describe, make_buckets
-from ema_average.moving_average.kernel import ema_update_, moved
+from ema_average.moving_average.kernel import checked_average_dtype, ema_update_, moved, rounding_seed
 from ema_average.moving_average.parameters import (
     NamedParameter,
     Parameters,
@@ -97,7 +97,12 @@ class MovingAverage:
         *,
         rule: DecayRule,
         device: torch.device | str | None = None,
+        average_dtype: torch.dtype | None = None,
     ) -> None:
+        """``average_dtype=torch.bfloat16`` keeps the averages in bfloat16 (half float32's memory), updated
+        in float32 and stochastically rounded: opt-in, as it costs accuracy (docs/library.md measures it).
+        ``None``, the default, keeps them in float32 (float64 for float64 values)."""
+        self.average_dtype = checked_average_dtype(average_dtype)
         self.rule = rule
         self._fsdp_modules = fsdp_modules(parameters)
         self._reshard()  # after a forward, FSDP2's root module lists its gathered parameters, not its shards
@@ -107,7 +112,7 @@ class MovingAverage:
         self._params: list[torch.Tensor] | None = [t for _, t in items]
         self._layouts = [Layout.of(name, t) for name, t in items]  # None for a plain tensor
         self._device = torch.device(device) if device is not None else None
-        self._buckets = make_buckets(self._params, self._device)
+        self._buckets = make_buckets(self._params, self._device, self.average_dtype)
         self._shadows: list[torch.Tensor] = [torch.empty(0)] * len(self._params)
         for bucket in self._buckets:
             for i, view in zip(bucket.indices, bucket.shadows, strict=True):
@@ -132,12 +137,13 @@ class MovingAverage:
         rule: DecayRule,
         *,
         device: torch.device | str | None = None,
+        average_dtype: torch.dtype | None = None,
     ) -> MovingAverage:
         """An average of this class with a rule built elsewhere, whatever the class's own signature."""
         if not isinstance(rule, cls.rule_type):
             raise ConfigurationError(f"a {cls.registered_name!r} average needs a {cls.rule_type.__name__}")
         average = cls.__new__(cls)
-        MovingAverage.__init__(average, parameters, rule=rule, device=device)
+        MovingAverage.__init__(average, parameters, rule=rule, device=device, average_dtype=average_dtype)
         return average
 
     @classmethod
@@ -147,6 +153,7 @@ class MovingAverage:
         *,
         rule: DecayRule | None = None,
         device: torch.device | str | None = None,
+        average_dtype: torch.dtype | None = None,
         **settings: float,
     ) -> MovingAverage:
         """An average started from ``tensors`` that keeps no reference to them.
@@ -155,7 +162,8 @@ class MovingAverage:
         whole run would double memory. Such an average is fed through :meth:`update` only. Give the
         ``rule``, or the settings it is made from.
         """
-        average = cls.with_rule(tensors, rule or cls.make_rule(**settings), device=device)
+        rule = rule or cls.make_rule(**settings)
+        average = cls.with_rule(tensors, rule, device=device, average_dtype=average_dtype)
         average._params = None
         average._host = None
         for bucket in average._buckets:
@@ -185,12 +193,20 @@ class MovingAverage:
         self._settle()
         checked = self._checked_values()
         with torch.no_grad():
-            for bucket, values in zip(self._buckets, checked, strict=True):
+            for k, (bucket, values) in enumerate(zip(self._buckets, checked, strict=True)):
+                self._seed(bucket, k)
                 if bucket.staging and self._host is not None:
                     self._host.start(bucket, values, decay)
                     continue
-                ema_update_(bucket.shadows, moved(values, bucket.flat.device), decay, flat=bucket.flat)
+                moved_values = moved(values, bucket.flat.device)
+                ema_update_(bucket.shadows, moved_values, decay, flat=bucket.flat, generator=bucket.generator)
         self.num_applied += 1
+
+    def _seed(self, bucket: Bucket, k: int) -> None:
+        """Seed a bfloat16 bucket's rounding for the coming update from the update count (which the state
+        saves), so a resumed average draws the bits the uninterrupted one would have."""
+        if bucket.generator is not None:
+            bucket.generator.manual_seed(rounding_seed(self.num_applied, k))
 
     def _checked_values(self) -> list[list[torch.Tensor]]:
         """Each bucket's current values, every one checked against its average before any is used."""
@@ -276,14 +292,17 @@ class MovingAverage:
     def _update_buckets(self, values: list[torch.Tensor], decay: float) -> None:
         """One multi-tensor update per bucket; values move to the shadows' device if they are elsewhere."""
         with torch.no_grad():
-            for bucket in self._buckets:
+            for k, bucket in enumerate(self._buckets):
+                self._seed(bucket, k)
                 picked = [values[i].detach() for i in bucket.indices]
                 device, dtype = picked[0].device, picked[0].dtype
+                generator = bucket.generator
                 if any(v.device != device or v.dtype != dtype for v in picked):
                     for shadow, value in zip(bucket.shadows, picked, strict=True):  # rare: a mixed bucket
-                        ema_update_([shadow], moved([value], shadow.device), decay)
+                        ema_update_([shadow], moved([value], shadow.device), decay, generator=generator)
                     continue
-                ema_update_(bucket.shadows, moved(picked, bucket.flat.device), decay, flat=bucket.flat)
+                picked = moved(picked, bucket.flat.device)
+                ema_update_(bucket.shadows, picked, decay, flat=bucket.flat, generator=generator)
         self.num_applied += 1
 
     def _ordered(self, values: Values) -> list[torch.Tensor]:
@@ -368,7 +387,7 @@ class MovingAverage:
     # --- reading and saving -----------------------------------------------------------------------
 
     def averages(self) -> dict[str, torch.Tensor]:
-        """The current averages by name: the live float32/float64 tensors, not copies.
+        """The current averages by name: the live float32/float64 (or ``average_dtype``) tensors, not copies.
 
         The average of a DTensor parameter is a DTensor of the same mesh, placements and shape around this
         rank's shard (``.to_local()`` gives the shard, ``.full_tensor()`` gathers the whole: a collective).

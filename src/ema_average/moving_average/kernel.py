@@ -12,6 +12,12 @@ from collections.abc import Iterator
 import torch
 
 from ema_average._torch_compat import flatten_dense
+from ema_average.errors import ConfigurationError
+
+# Dtypes an average may be kept in on request (``average_dtype=``). bfloat16 is a float32 with its low 16
+# bits cut off, which is what makes stochastic rounding a bit mask (float16 is not: refused).
+AVERAGE_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+_LOW_BITS = 1 << 16  # the float32 mantissa bits below bfloat16's
 
 
 def shadow_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -23,13 +29,39 @@ def shadow_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def checked_average_dtype(dtype: object) -> torch.dtype | None:
+    """``average_dtype`` as asked: None (float32 or wider, the default), or one of :data:`AVERAGE_DTYPES`."""
+    if dtype is None or dtype in AVERAGE_DTYPES:
+        return dtype  # type: ignore[return-value]
+    if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
+        problem = "not a floating-point dtype"
+    else:
+        problem = "not a dtype averages can be kept in"
+    names = ", ".join(f"torch.{str(d).removeprefix('torch.')}" for d in AVERAGE_DTYPES)
+    raise ConfigurationError(f"average_dtype must be None or one of {names}; {dtype!r} is {problem}")
+
+
+def rounding_seed(num_applied: int, bucket: int) -> int:
+    """The seed of the stochastic rounding of one bucket's update number ``num_applied``: a function of the
+    count the state already saves, so a resumed average rounds as the uninterrupted one would (splitmix64:
+    the low 32 bits, all a CPU generator uses, differ from update to update)."""
+    z = (num_applied * 0x9E3779B97F4A7C15 + bucket * 0xD1B54A32D192ED03 + 0x632BE59BD9B4E019) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return z ^ (z >> 31)
+
+
 # Elements of narrower values converted per pass before their lerp: a 4 MiB float32 scratch (or the largest
 # tensor, if larger), whatever the model's size.
 _CONVERT_NUMEL = 1 << 20
 
 
 def ema_update_(
-    shadows: list[torch.Tensor], values: list[torch.Tensor], decay: float, flat: torch.Tensor | None = None
+    shadows: list[torch.Tensor],
+    values: list[torch.Tensor],
+    decay: float,
+    flat: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
 ) -> None:
     """``shadow <- decay * shadow + (1 - decay) * value`` for every pair: always ``lerp``, never mul + add.
 
@@ -41,10 +73,23 @@ def ema_update_(
     is the buffer the shadows are consecutive views of, in order: each window is then one ``lerp`` over its
     slice instead of one per tensor (most of the cost on many small tensors). No float32 copy of the model
     is made (CPU type promotion of a mixed-dtype ``lerp`` would allocate one per tensor).
+
+    bfloat16 shadows (``average_dtype=torch.bfloat16``) take :func:`rounded_update_` with ``generator``.
     """
     if not shadows:
         return
     weight = 1.0 - decay
+    if shadows[0].dtype == torch.bfloat16:
+        if generator is None:
+            raise ValueError("bfloat16 averages are updated with stochastic rounding: pass a generator")
+        for first, end, offset in _windows([s.numel() for s in shadows], _CONVERT_NUMEL):
+            if flat is not None:
+                span = sum(s.numel() for s in shadows[first:end])
+                rounded_update_(flat[offset : offset + span], values[first:end], weight, generator)
+                continue
+            for shadow, value in zip(shadows[first:end], values[first:end], strict=True):
+                rounded_update_(shadow.view(-1), [value], weight, generator)
+        return
     if shadows[0].dtype == values[0].dtype:
         torch._foreach_lerp_(shadows, values, weight)
         return
@@ -64,6 +109,38 @@ def ema_update_(
             converted = views(scratch, [s.shape for s in shadows[first:end]])
             torch._foreach_lerp_(shadows[first:end], converted, weight)
         first, offset = end, offset + span
+
+
+def rounded_update_(
+    shadow: torch.Tensor, values: list[torch.Tensor], weight: float, generator: torch.Generator
+) -> None:
+    """``shadow <- lerp(shadow, values, weight)`` for a flat bfloat16 ``shadow`` over ``values`` (consecutive):
+    computed in float32, then stochastically rounded to bfloat16.
+
+    Round to nearest would lose every step whose change, ``weight * |value - shadow|``, is under half a
+    bfloat16 ulp (2^-9 of the shadow): at decay 0.9999 almost all of them, and the average stops. Adding
+    uniform random bits below bfloat16's mantissa to the float32 pattern and truncating rounds up with
+    probability equal to the fraction of an ulp cut off, so the rounding is unbiased (its expected value
+    is the float32 result) and the average keeps moving on average. Its variance is at most
+    ``ulp * |change|`` a step: see docs/library.md for the error this leaves.
+    """
+    wide = shadow.to(torch.float32)
+    flat_values = flatten_dense(values) if len(values) > 1 else values[0].reshape(-1)
+    wide.lerp_(flat_values.to(torch.float32), weight)
+    bits = wide.view(torch.int32)
+    noise = torch.randint(
+        0, _LOW_BITS, bits.shape, generator=generator, dtype=torch.int32, device=bits.device
+    )
+    bits.add_(noise).bitwise_and_(-_LOW_BITS)
+    shadow.copy_(wide)  # exact: the low 16 bits are zero
+
+
+def _windows(numels: list[int], size: int) -> Iterator[tuple[int, int, int]]:
+    """``(first, end, offset)`` of each window of :func:`_window_ends`: its tensors and where it starts."""
+    first = offset = 0
+    for end in _window_ends(numels, size):
+        yield first, end, offset
+        first, offset = end, offset + sum(numels[first:end])
 
 
 def _window_ends(numels: list[int], size: int) -> Iterator[int]:
