@@ -120,7 +120,7 @@ def test_bad_input_exits_1_names_the_file_and_leaves_nothing(tmp_path: Path, cas
         save_file(dict(state), str(culprit), metadata={"step": "3"})
         expected = "tensor 'head.weight' is float32[5, 5]"
     elif case == "unsafe":
-        culprit = run_dir / "bad.pt"
+        culprit = run_dir / "step_3.pt"  # a file that would be read: its step is in its name
         marker = tmp_path / "pwned"
         torch.save({"model": make_state(3), "x": WritesMarker(marker)}, culprit)
         expected = "--trust-pickle"

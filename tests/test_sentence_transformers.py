@@ -317,3 +317,30 @@ def test_a_module_path_with_an_empty_part_is_refused_naming_modules_json(run: Pa
         listing.write_text(listing.read_text().replace('"2_Dense"', '"a//b"'))
     shown = refused(copy, tmp_path)
     assert f"{copy / 'checkpoint-2' / 'modules.json'}: lists module path 'a//b', with an empty part" in shown
+
+
+def test_a_modules_weights_file_linking_out_of_the_model_is_refused(run: Path, tmp_path: Path) -> None:
+    """``2_Dense/model.safetensors`` a link to a file outside the run: read through it, another model's
+    weights were averaged and written as the Dense's (issue 24)."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for step in STEPS:
+        weights = copy / f"checkpoint-{step}" / "2_Dense" / "model.safetensors"
+        weights.rename(outside / f"dense-{step}.safetensors")
+        weights.symlink_to(outside / f"dense-{step}.safetensors")
+    shown = refused(copy, tmp_path)
+    dense = copy / "checkpoint-2" / "2_Dense" / "model.safetensors"
+    assert f"{dense}: links to {outside / 'dense-2.safetensors'}, outside the model" in shown
+    assert "every path a file names resolves inside the run" in shown
+
+
+def test_a_module_with_weights_in_one_checkpoint_only_is_refused(run: Path, tmp_path: Path) -> None:
+    """A module folder that held weights in one checkpoint holds them in all: the run's comparison sees the
+    module's tensors, so the output never drops them."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "checkpoint-6" / "2_Dense" / "model.safetensors").unlink()
+    shown = refused(copy, tmp_path)
+    assert f"{copy / 'checkpoint-6'}: has no tensor '2_Dense/linear." in shown

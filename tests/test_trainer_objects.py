@@ -426,7 +426,8 @@ def test_ultralytics_with_trust_pickle_averages_the_ema_module(
     assert result.returncode == 0, result.stderr
     assert_is_reference(out, states, 0.9)  # fp16 in, the float32 average rounded once to fp16
     told = result.stdout + result.stderr
-    assert "last.pt: same step (12) and weights as" in told or "epoch3.pt: same step (12)" in told
+    # last.pt (epoch 3, as epoch3.pt) carries no step in its name beside files that do: never fully unpickled
+    assert "last.pt: not read: its name carries no step beside files whose names do" in " ".join(told.split())
 
 
 def test_ultralytics_with_trust_pickle_and_no_package_names_it(
@@ -539,3 +540,42 @@ def test_a_finished_ultralytics_run_without_trust_pickle_names_an_epoch_file(
     line = result.stderr.strip().splitlines()[-1]
     assert "pickled model object" in line and "epoch" in line, result.stderr
     assert "best.pt" not in line and "last.pt" not in line, result.stderr
+
+
+ULTRALYTICS_PAYLOAD = """
+import os, sys, torch
+class Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {sys.argv[2]}",))
+saved = torch.load(sys.argv[1] + "/epoch3.pt", weights_only=False)
+saved["x"] = Payload()
+torch.save(saved, sys.argv[1] + "/best.pt")
+"""
+
+
+def test_a_best_copy_with_a_payload_is_skipped_before_it_is_unpickled(
+    ultralytics_run: tuple[Path, Path, dict], tmp_path: Path
+) -> None:
+    """best.pt, a copy of epoch3.pt plus an ``os.system`` payload: with --trust-pickle it was unpickled fully
+    (the payload ran) and only then skipped as a copy; without the flag the refusal named it (issue 25). A
+    file whose name carries no step beside files whose names do is decided on before anything runs."""
+    weights, package, states = ultralytics_run
+    copy, marker = tmp_path / "weights", tmp_path / "PWNED"
+    shutil.copytree(weights, copy)
+    made = run_with(package, ULTRALYTICS_PAYLOAD, copy, marker)
+    assert made.returncode == 0 and not marker.exists(), made.stderr
+    out = tmp_path / "ema.safetensors"
+    result = run_with(package, EXE, copy, "-o", out, "--decay", "0.9", "--trust-pickle")
+    assert result.returncode == 0, result.stderr
+    assert not marker.exists(), result.stderr
+    assert_is_reference(out, states, 0.9)
+    told = " ".join((result.stdout + result.stderr).split())
+    assert (
+        f"skipped {copy / 'best.pt'}: not read: its name carries no step beside files whose names do" in told
+    )
+    assert "needs arbitrary unpickling (posix.system)" in told and "--glob 'best.pt'" in told
+    assert not any("best.pt" in line for line in result.stderr.splitlines() if "full unpickling" in line)
+    refused = run_with(package, EXE, copy, "-o", tmp_path / "never.safetensors")
+    assert refused.returncode == 1 and not marker.exists(), refused.stderr
+    line = refused.stderr.strip().splitlines()[-1]
+    assert "epoch" in line and "best.pt" not in line, refused.stderr  # names a file that would be read

@@ -13,7 +13,7 @@ pipeline's ``unet/``, litgpt's ``final/``) is skipped with a notice. Finding the
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,7 +28,13 @@ from ema_average.checkpoints.run_folder import files_under as files_under
 from ema_average.checkpoints.run_folder import is_rank_state as is_rank_state
 from ema_average.checkpoints.run_steps import StepsFrom, note_unread_step, real_steps, step_of
 from ema_average.checkpoints.safetensors_file import in_marked_folder
-from ema_average.checkpoints.side_units import Deferred, average_siblings, side_units
+from ema_average.checkpoints.side_units import (
+    Deferred,
+    average_siblings,
+    side_units,
+    stepless_copies,
+    unread_copy,
+)
 from ema_average.checkpoints.steps import natural_key
 from ema_average.checkpoints.unit_folder import open_unit
 from ema_average.errors import (
@@ -37,6 +43,7 @@ from ema_average.errors import (
     ConfigurationError,
     NoCheckpointsError,
     NoWeightsError,
+    UnsafeCheckpointError,
 )
 from ema_average.safetensors_format import shape_problem
 
@@ -123,13 +130,21 @@ def find_run(
     options = OpenOptions(state_dict_key=state_dict_key, trust_pickle=trust_pickle, submodel=submodel)
     checkpoints: list[Checkpoint] = []
     deferred = Deferred()
+    stepless = stepless_copies([unit.path for unit in found.units]) if steps is None else set()
+    safe_only = replace(options, trust_pickle=False)
     for unit in found.units:
         if only is not None and unit.path not in only:
             continue
         try:
-            ckpt = _open(unit, options)
+            ckpt = _open(unit, safe_only if unit.path in stepless else options)
         except NoWeightsError as exc:  # a side file beside the run's model, or the run's error
             deferred.no_weights.append(exc)
+            continue
+        except UnsafeCheckpointError as exc:  # a final or best copy: decided before anything runs
+            if unit.path not in stepless:
+                raise
+            notices.append(unread_copy(unit.path, exc, trust_pickle))
+            units.remove(unit.path)
             continue
         if _written_by_this_tool(ckpt):
             notices.append(f"skipped {unit.path}: written by ema-average itself")

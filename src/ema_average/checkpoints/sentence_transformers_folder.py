@@ -25,6 +25,7 @@ from ema_average.checkpoints.base import (
 )
 from ema_average.checkpoints.folder_layout import FolderLayout
 from ema_average.checkpoints.hf_folder import (
+    WEIGHT_FILES,
     HfFolderCheckpoint,
     folder_name_step,
     side_file_step,
@@ -106,6 +107,24 @@ def _inside(folder: str) -> bool:
     return not folder.startswith("/") and all(p not in (".", "..") and not p.startswith(".") for p in parts)
 
 
+def _check_weights_inside(where: Path, root: Path) -> None:
+    """Refuse a module's weights file that is a link leading out of the model (``root``, resolved): read
+    through it, another model's weights would be averaged and written as this module's. A link that leads
+    nowhere is refused too: the module would silently lose its weights in the output."""
+    for name in WEIGHT_FILES:
+        path = where / name
+        if not os.path.lexists(path):
+            continue
+        real = Path(os.path.realpath(path))
+        if not real.is_relative_to(root):
+            raise CheckpointError(
+                path,
+                f"links to {real}, outside the model; every path a file names resolves inside the run; refused",
+            )
+        if not real.exists():
+            raise CheckpointError(path, f"links to {real}, which does not exist; refused")
+
+
 class SentenceTransformersCheckpoint(Checkpoint):
     """Every module's weights of one saved sentence-transformers model, as one checkpoint."""
 
@@ -138,6 +157,7 @@ class SentenceTransformersCheckpoint(Checkpoint):
                 self.path / MODULES_FILE,
                 f"lists module path {folder!r}, which resolves to {real}, outside the model; refused",
             )
+        _check_weights_inside(where, root)
         part = (
             HfFolderCheckpoint(where, trust_pickle=trust_pickle)
             if where.is_dir() and weight_sets(where)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from ema_average.checkpoints.base import Checkpoint
 from ema_average.checkpoints.contents import mirrors
-from ema_average.checkpoints.steps import stem_of
-from ema_average.errors import CheckpointError
+from ema_average.checkpoints.steps import stem_of, step_from_name
+from ema_average.errors import CheckpointError, UnsafeCheckpointError
 
 
 @dataclass
@@ -28,6 +28,32 @@ class Deferred:
 
     no_weights: list[CheckpointError] = field(default_factory=list)
     no_step: list[tuple[Checkpoint, CheckpointError]] = field(default_factory=list)
+
+
+def stepless_copies(paths: list[Path]) -> set[Path]:
+    """The units whose name carries no step while others' do (``best.pt``, ``last.pt`` beside
+    ``epoch10.pt``): copies of a step the run holds, or a model that is no step of it. They are never fully
+    unpickled (``--trust-pickle``), so nothing in them runs before discovery decides to skip them."""
+    named = {path: _name_has_step(path) for path in paths}
+    return {path for path, has in named.items() if not has} if any(named.values()) else set()
+
+
+def _name_has_step(path: Path) -> bool:
+    try:
+        return step_from_name(path) is not None
+    except CheckpointError:  # a number too large for a step: a name that says one all the same
+        return True
+
+
+def unread_copy(path: Path, exc: UnsafeCheckpointError, trust_pickle: bool) -> str:
+    """The notice for a step-less unit whose safe load was refused: skipped, not read, and how to read it."""
+    why = re.split(r"; refused|\. ", exc.problem)[0]
+    trust = "" if trust_pickle else " --trust-pickle"
+    return (
+        f"skipped {path}: not read: its name carries no step beside files whose names do (a final or best "
+        f"copy), and its safe load was refused ({why}); to read it anyway, pass --glob '{path.name}'{trust} or give every step with "
+        f"--steps"
+    )
 
 
 def run_model(checkpoints: list[Checkpoint]) -> frozenset[str] | None:
