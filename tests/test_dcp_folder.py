@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import pickle
 import re
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from ema_average.checkpoints import DcpCheckpoint, find_run
 from ema_average.checkpoints.base import StepInfo
 from ema_average.checkpoints.safetensors_file import DTYPE_NAMES
 from ema_average.errors import CheckpointError, UnsafeCheckpointError
-from helpers import WritesMarker, make_state, save_dcp
+from helpers import WritesMarker, make_state, olmo_core_look_alike, rewrite_metadata, save_dcp
 
 dcp = pytest.importorskip("torch.distributed.checkpoint")
 
@@ -57,15 +56,6 @@ def test_bare_state_with_step_in_folder_name(tmp_path: Path) -> None:
 class Harmless:
     def __init__(self) -> None:
         self.value = 3
-
-
-def rewrite_metadata(folder: Path, change: Callable[[Any], None]) -> None:
-    """Edit a .metadata this test wrote itself (so plain pickle is fine here), as an attacker would."""
-    with open(folder / ".metadata", "rb") as f:
-        metadata = pickle.load(f)
-    change(metadata)
-    with open(folder / ".metadata", "wb") as f:
-        pickle.dump(metadata, f)
 
 
 def each_storage_entry(change: Callable[[Any], None]) -> Callable[[Any], None]:
@@ -405,40 +395,8 @@ def test_a_save_of_byte_items_alone_says_it_holds_no_tensors(tmp_path: Path) -> 
 
 
 def test_olmo_core_storage_info_look_alike_is_read_as_dcps(tmp_path: Path) -> None:
-    # olmo-core (olmo_core/distributed/checkpoint/filesystem.py, reproduced: not installed) pickles its own
-    # copy of DCP's _StorageInfo: same name, same fields, another module.
-    import dataclasses
-    import sys
-    import types
-
-    names = ["olmo_core", "olmo_core.distributed", "olmo_core.distributed.checkpoint"]
-    module = types.ModuleType("olmo_core.distributed.checkpoint.filesystem")
-
-    @dataclasses.dataclass
-    class _StorageInfo:
-        relative_path: str
-        offset: int
-        length: int
-
-    _StorageInfo.__module__, _StorageInfo.__qualname__ = module.__name__, "_StorageInfo"
-    module._StorageInfo = _StorageInfo  # type: ignore[attr-defined]
     save_dcp(tmp_path / "step2", {"model": dict(make_state(2))})
-    fakes = {**{n: types.ModuleType(n) for n in names}, module.__name__: module}
-    saved = {n: sys.modules.get(n) for n in fakes}
-    sys.modules.update(fakes)
-    try:
-
-        def olmo(metadata: Any) -> None:
-            for index, info in metadata.storage_data.items():
-                metadata.storage_data[index] = _StorageInfo(info.relative_path, info.offset, info.length)
-
-        rewrite_metadata(tmp_path / "step2", olmo)
-    finally:
-        for name, before in saved.items():
-            if before is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = before
+    olmo_core_look_alike(tmp_path / "step2")
     assert b"olmo_core.distributed.checkpoint.filesystem" in (tmp_path / "step2" / ".metadata").read_bytes()
     ckpt = DcpCheckpoint(tmp_path / "step2")
     assert all(torch.equal(ckpt.read(n), t) for n, t in make_state(2).items())

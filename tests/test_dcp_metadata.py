@@ -7,7 +7,6 @@ import dataclasses
 import io
 import pickle
 import sys
-import types
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import torch
 from ema_average.checkpoints import DcpCheckpoint, find_run
 from ema_average.checkpoints.dcp_metadata import load_dcp_metadata
 from ema_average.errors import CheckpointError, TrustPickleWarning, UnsafeCheckpointError
-from helpers import assert_matches_reference, make_state, save_dcp
+from helpers import assert_matches_reference, make_state, olmo_core_look_alike, rewrite_metadata, save_dcp
 
 dcp = pytest.importorskip("torch.distributed.checkpoint")
 
@@ -79,47 +78,6 @@ def test_megatron_core_torch_dist_metadata_is_read(tmp_path: Path) -> None:
     assert [c.step for c in run.checkpoints] == [10, 20, 30]
     assert hasattr(run.checkpoints[0]._metadata, "all_local_plans")  # what was read holds the plans
     assert_matches_reference(run.checkpoints, [states[s] for s in (10, 20, 30)])
-
-
-def rewrite_metadata(folder: Path, change: Any) -> None:
-    """Edit a .metadata this test wrote itself (so plain pickle is fine here), as an attacker would."""
-    with open(folder / ".metadata", "rb") as f:
-        metadata = pickle.load(f)
-    change(metadata)
-    with open(folder / ".metadata", "wb") as f:
-        pickle.dump(metadata, f)
-
-
-def olmo_core_look_alike(folder: Path) -> None:
-    """olmo-core's filesystem writer pickles its own copy of DCP's ``_StorageInfo`` (same name, same
-    fields, module ``olmo_core.distributed.checkpoint.filesystem``; reproduced: not installed)."""
-    names = ["olmo_core", "olmo_core.distributed", "olmo_core.distributed.checkpoint"]
-    module = types.ModuleType("olmo_core.distributed.checkpoint.filesystem")
-
-    @dataclasses.dataclass
-    class _StorageInfo:
-        relative_path: str
-        offset: int
-        length: int
-
-    _StorageInfo.__module__, _StorageInfo.__qualname__ = module.__name__, "_StorageInfo"
-    module._StorageInfo = _StorageInfo  # type: ignore[attr-defined]
-    fakes = {**{n: types.ModuleType(n) for n in names}, module.__name__: module}
-    saved = {n: sys.modules.get(n) for n in fakes}
-    sys.modules.update(fakes)
-    try:
-
-        def olmo(metadata: Any) -> None:
-            for index, info in metadata.storage_data.items():
-                metadata.storage_data[index] = _StorageInfo(info.relative_path, info.offset, info.length)
-
-        rewrite_metadata(folder, olmo)
-    finally:
-        for name, before in saved.items():
-            if before is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = before
 
 
 def test_trust_pickle_leaves_a_file_the_safe_reader_reads_to_it(tmp_path: Path) -> None:
