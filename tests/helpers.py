@@ -547,3 +547,32 @@ def olmo_core_look_alike(folder: Path) -> None:
                 sys.modules.pop(name, None)
             else:
                 sys.modules[name] = before
+
+
+def start_child(code: str, *args: str) -> subprocess.Popen[str]:
+    """A separate Python process running ``code`` (default signal dispositions); returns once it prints
+    'ready', and is killed if it never does. It then blocks reading its stdin, a pipe this process holds,
+    so it ends when the test run does, however slow the machine, should a test fail before
+    :func:`kill_hard`."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=default_signals,
+    )
+    assert child.stdout is not None
+    try:
+        assert child.stdout.readline().strip() == "ready"
+    except BaseException:
+        kill_hard(child)
+        raise
+    return child
+
+
+def kill_hard(child: subprocess.Popen[str]) -> None:
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+    assert child.stdout is not None and child.stdin is not None
+    child.stdout.close()
+    child.stdin.close()

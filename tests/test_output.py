@@ -35,7 +35,7 @@ from ema_average.output import (
     remove_stale_temporaries,
 )
 from ema_average.safetensors_format import TensorSpec
-from helpers import default_signals, interrupts_raise
+from helpers import interrupts_raise, kill_hard, start_child
 
 META = {"ema_average_version": "test", "k": "v"}  # the marker that makes a folder ours to replace
 
@@ -92,35 +92,6 @@ OWN_LOCK = ".{}.ema-average-u" + str(os.geteuid()) + ".lock"  # this user's lock
 def locked_by(pid: int) -> str:
     """The refusal of an output whose lock process ``pid`` holds."""
     return rf"locked by process {pid} \(it holds .*\.ema-average-u\d+\.lock\)"
-
-
-def start_child(code: str, *args: str) -> subprocess.Popen[str]:
-    """A separate Python process running ``code`` (default signal dispositions); returns once it prints
-    'ready', and is killed if it never does. It then blocks reading its stdin, a pipe this process holds,
-    so it ends when the test run does, however slow the machine, should a test fail before
-    :func:`kill_hard`."""
-    child = subprocess.Popen(
-        [sys.executable, "-c", code, *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        preexec_fn=default_signals,
-    )
-    assert child.stdout is not None
-    try:
-        assert child.stdout.readline().strip() == "ready"
-    except BaseException:
-        kill_hard(child)
-        raise
-    return child
-
-
-def kill_hard(child: subprocess.Popen[str]) -> None:
-    child.send_signal(signal.SIGKILL)
-    child.wait(timeout=30)
-    assert child.stdout is not None and child.stdin is not None
-    child.stdout.close()
-    child.stdin.close()
 
 
 # --- One file ---------------------------------------------------------------------------------------

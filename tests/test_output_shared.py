@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from ema_average.output import (
     temp_name,
 )
 from ema_average.safetensors_format import TensorSpec
-from helpers import default_signals
+from helpers import kill_hard, start_child
 
 OTHER = 65534  # nobody
 AS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="playing another user needs root")
@@ -60,32 +59,6 @@ def shared() -> Iterator[Path]:
         yield folder
     finally:
         shutil.rmtree(folder)
-
-
-def start_child(code: str, *args: str) -> subprocess.Popen[str]:
-    """A Python process running ``code``; returns once it prints 'ready' (then it waits on its stdin)."""
-    child = subprocess.Popen(
-        [sys.executable, "-c", code, *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        preexec_fn=default_signals,
-    )
-    assert child.stdout is not None
-    try:
-        assert child.stdout.readline().strip() == "ready"
-    except BaseException:
-        kill_hard(child)
-        raise
-    return child
-
-
-def kill_hard(child: subprocess.Popen[str]) -> None:
-    child.send_signal(signal.SIGKILL)
-    child.wait(timeout=30)
-    assert child.stdout is not None and child.stdin is not None
-    child.stdout.close()
-    child.stdin.close()
 
 
 @contextlib.contextmanager
