@@ -14,11 +14,12 @@ from typing import Any
 import pytest
 import torch
 
+from dcp_helpers import olmo_core_look_alike, rewrite_metadata, save_dcp
 from ema_average.checkpoints import DcpCheckpoint, find_run
 from ema_average.checkpoints.base import StepInfo
 from ema_average.checkpoints.safetensors_file import DTYPE_NAMES
 from ema_average.errors import CheckpointError, UnsafeCheckpointError
-from helpers import WritesMarker, make_state, olmo_core_look_alike, rewrite_metadata, save_dcp
+from helpers import WritesMarker, make_state
 
 dcp = pytest.importorskip("torch.distributed.checkpoint")
 

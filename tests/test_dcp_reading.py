@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from dcp_helpers import save_dcp
 from ema_average.checkpoints import DcpCheckpoint, find_run
 from ema_average.errors import CheckpointError
-from helpers import make_state, save_dcp
+from helpers import make_state
 
 dcp = pytest.importorskip("torch.distributed.checkpoint")
 
