@@ -94,7 +94,7 @@ def lightning_loop(width: int, steps: int, device: str, emas: int, posthoc: int 
 
     import lightning as L
 
-    from ema_average.integrations.lightning import EMACallback
+    from ema_average.online.lightning import EMACallback
 
     class Module(L.LightningModule):
         def __init__(self) -> None:
@@ -162,7 +162,7 @@ def hf_loop(width: int, steps: int, device: str, emas: int, posthoc: int | None 
 
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-    from ema_average.integrations.transformers import EMACallback
+    from ema_average.online.transformers import EMACallback
 
     class Clock(TrainerCallback):
         def on_train_begin(self, *args: Any, **kwargs: Any) -> None:

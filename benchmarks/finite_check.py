@@ -25,7 +25,8 @@ from rich.table import Table
 from safetensors.torch import save_file
 
 from ema_average import ExponentialMovingAverage
-from ema_average.pipeline import RunOptions, execute, prepare
+from ema_average.offline.options import RunOptions
+from ema_average.offline.run import execute, prepare
 
 TENSOR = 2048 * 2048
 

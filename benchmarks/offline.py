@@ -126,11 +126,12 @@ def child_floor(args: argparse.Namespace) -> dict[str, float]:
 
 
 def child_average(args: argparse.Namespace) -> dict[str, float]:
-    from ema_average.process import steady_malloc
+    from ema_average._platform.process import steady_malloc
 
     steady_malloc()  # as the command runs
-    from ema_average.pipeline import RunOptions, execute, prepare
-    from ema_average.plan import AverageSettings
+    from ema_average.offline.options import RunOptions
+    from ema_average.offline.plan import AverageSettings
+    from ema_average.offline.run import execute, prepare
 
     settings = [AverageSettings(decay=float(d)) for d in args.decays.split(",")]
     options = RunOptions(
@@ -379,11 +380,12 @@ def table(found: list[Case], bare_hwm: float, args: argparse.Namespace) -> None:
 
 def profile(args: argparse.Namespace) -> None:
     """One run of a case in this process under cProfile (threads 1 unless --threads), hottest first."""
-    from ema_average.process import steady_malloc
+    from ema_average._platform.process import steady_malloc
 
     steady_malloc()
-    from ema_average.pipeline import RunOptions, execute, prepare
-    from ema_average.plan import AverageSettings
+    from ema_average.offline.options import RunOptions
+    from ema_average.offline.plan import AverageSettings
+    from ema_average.offline.run import execute, prepare
 
     (case,) = [c for c in cases(args) if c.name == args.profile]
     out = args.workdir / "out-profile.safetensors"

@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ema_average import ExponentialMovingAverage
-from ema_average.moving_average import local_part
+from ema_average.engine.averages import local_part
 
 DECAY = 0.999
 

@@ -24,8 +24,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch._weights_only_unpickler import get_globals_in_pkl
 
-from ema_average.checkpoints import pickle_scan
-from ema_average.checkpoints.dcp_metadata import load_dcp_metadata
+from ema_average.checkpoints.layouts.dcp_metadata import load_dcp_metadata
+from ema_average.checkpoints.reading import pickle_scan
 
 
 def torch_file(folder: Path, tensors: int) -> Path:

@@ -24,10 +24,11 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.torch import save_file
 
-from ema_average.moving_average import PowerFunctionMovingAverage
-from ema_average.pipeline import RunOptions, execute, peak_rss
-from ema_average.posthoc.job import Targets, prepare
-from ema_average.posthoc.training import PowerEmaSnapshots
+from ema_average.engine.averages import PowerFunctionMovingAverage
+from ema_average.offline.options import RunOptions
+from ema_average.offline.posthoc_job import Targets, prepare
+from ema_average.offline.run import execute, peak_rss
+from ema_average.online.posthoc_training import PowerEmaSnapshots
 
 console = Console()
 

@@ -4,7 +4,7 @@
 
 The setting of docs/posthoc-ema.md's worked example: snapshots of sigma_rel 0.05 and 0.10 every 200 steps,
 read at step 2000. Each curve is the weight a step's model gets in the average (per 1,000), computed by
-``ema_average.posthoc.profiles``; the SVG is written by hand (no plotting library needed).
+``ema_average.engine.posthoc_profiles``; the SVG is written by hand (no plotting library needed).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ema_average.decay_rules import sigma_rel_to_gamma
-from ema_average.posthoc.profiles import Profile, binned_weights, reconstruct
+from ema_average.engine.decay_rules import sigma_rel_to_gamma
+from ema_average.engine.posthoc_profiles import Profile, binned_weights, reconstruct
 
 LAST, EVERY, STORED = 2000, 200, (0.05, 0.10)
 TARGETS = ((0.03, "#d62728"), (0.07, "#1f77b4"), (0.15, "#2ca02c"))

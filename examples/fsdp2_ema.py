@@ -21,7 +21,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from ema_average import ExponentialMovingAverage
-from ema_average.sharded_export import save_safetensors
+from ema_average.online.sharded_export import save_safetensors
 
 
 def main(steps: int, out: str, decay: float = 0.99) -> None:

@@ -26,7 +26,7 @@ def main(
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     snapshots = None
     if posthoc_every:
-        from ema_average.posthoc.training import DEFAULT_FOLDER, PowerEmaSnapshots
+        from ema_average.online.posthoc_training import DEFAULT_FOLDER, PowerEmaSnapshots
 
         snapshots = PowerEmaSnapshots(model, every=posthoc_every, folder=run_dir / DEFAULT_FOLDER)
     saved = []

@@ -19,8 +19,9 @@ from safetensors.torch import load_file
 from tiny_regression import make_model, train_step
 
 from ema_average import ExponentialMovingAverage
-from ema_average.pipeline import RunOptions, average_checkpoints
-from ema_average.plan import AverageSettings
+from ema_average.offline.options import RunOptions
+from ema_average.offline.plan import AverageSettings
+from ema_average.offline.run import average_checkpoints
 
 
 def online_ema(steps: int, decay: float) -> dict[str, torch.Tensor]:

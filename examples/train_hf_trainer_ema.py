@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
-from ema_average.integrations.transformers import EMACallback
+from ema_average.online.transformers import EMACallback
 
 
 class Repeats(torch.utils.data.Dataset):

@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from tiny_regression import make_data, make_model
 
-from ema_average.integrations.lightning import EMACallback
+from ema_average.online.lightning import EMACallback
 
 
 class Regression(L.LightningModule):

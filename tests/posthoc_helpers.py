@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ema_average.decay_rules import sigma_rel_to_gamma
-from ema_average.posthoc.profiles import Profile, reconstruct
+from ema_average.engine.decay_rules import sigma_rel_to_gamma
+from ema_average.engine.posthoc_profiles import Profile, reconstruct
 
 EXE = str(Path(sys.executable).parent / "ema-average")
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ema_average.engine.averages import ExponentialMovingAverage, PowerFunctionMovingAverage
 from ema_average.errors import ConfigurationError
-from ema_average.moving_average import ExponentialMovingAverage, PowerFunctionMovingAverage
 
 N, STEPS, DECAY = 1 << 12, 600, 0.99
 

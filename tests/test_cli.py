@@ -464,7 +464,7 @@ def test_numbers_on_the_command_line_are_ascii(tmp_path: Path, args: list[str]) 
     click's own INTEGER and FLOAT options (--last, --numerator, --threads) already did."""
     from typer.testing import CliRunner
 
-    from ema_average.cli import app
+    from ema_average.cli.app import app
 
     write_safetensors_run(tmp_path / "run", STEPS)
     result = CliRunner().invoke(app, [str(tmp_path / "run"), "--dry-run", *args])

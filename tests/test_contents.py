@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from ema_average.checkpoints.contents import KeyPath, split, structure_of
+from ema_average.checkpoints.contents.parts import KeyPath, split, structure_of
 
 
 def torch_paths(obj: Mapping[str, Any], path: KeyPath = ()) -> Iterator[tuple[KeyPath, str]]:

@@ -17,7 +17,7 @@ import torch
 from dcp_helpers import olmo_core_look_alike, rewrite_metadata, save_dcp
 from ema_average.checkpoints import DcpCheckpoint, find_run
 from ema_average.checkpoints.base import StepInfo
-from ema_average.checkpoints.safetensors_file import DTYPE_NAMES
+from ema_average.checkpoints.safetensors_format import DTYPE_NAMES
 from ema_average.errors import CheckpointError, UnsafeCheckpointError
 from helpers import WritesMarker, make_state
 
@@ -280,7 +280,7 @@ def test_an_interrupt_during_a_read_stays_an_interrupt(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """DCP wraps a Ctrl-C landing inside its read too; it must come out as the KeyboardInterrupt it was."""
-    from ema_average.checkpoints import dcp_reading
+    from ema_average.checkpoints.layouts import dcp_reading
 
     save_dcp(tmp_path, dict(make_state(1)))
     ckpt = DcpCheckpoint(tmp_path)
@@ -478,7 +478,7 @@ def test_a_step_counter_saved_as_a_byte_item_wins_over_the_folder_name(tmp_path:
 def test_the_plan_says_a_byte_item_step_was_used(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from ema_average.cli import app
+    from ema_average.cli.app import app
 
     for name, step in (("step-5", 7), ("step-10", 12)):
         save_dcp(tmp_path / name, {**make_state(step), "train_state": TorchtitanTrainer(step)})

@@ -16,7 +16,7 @@ import torch
 
 from dcp_helpers import olmo_core_look_alike, rewrite_metadata, save_dcp
 from ema_average.checkpoints import DcpCheckpoint, find_run
-from ema_average.checkpoints.dcp_metadata import load_dcp_metadata
+from ema_average.checkpoints.layouts.dcp_metadata import load_dcp_metadata
 from ema_average.errors import CheckpointError, TrustPickleWarning, UnsafeCheckpointError
 from helpers import assert_matches_reference, make_state
 

@@ -69,7 +69,7 @@ def test_hf_trainer_fsdp_sharded_save_skips_the_optimizer_folder(tmp_path: Path,
     from safetensors.torch import load_file
     from typer.testing import CliRunner
 
-    from ema_average.cli import app
+    from ema_average.cli.app import app
     from helpers import float64_reference
 
     model, saved = hf_trainer_fsdp_run(tmp_path / "run")

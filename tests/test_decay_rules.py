@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ema_average import ExponentialMovingAverage, MovingAverage
-from ema_average.decay_rules import (
+from ema_average.engine.decay_rules import (
     DecayRule,
     ExponentialRule,
     PowerRule,

@@ -27,8 +27,9 @@ import torch
 
 from ema_average.checkpoints import DeepSpeedCheckpoint, find_run
 from ema_average.errors import CheckpointError
-from ema_average.pipeline import RunOptions, average_checkpoints
-from ema_average.plan import AverageSettings
+from ema_average.offline.options import RunOptions
+from ema_average.offline.plan import AverageSettings
+from ema_average.offline.run import average_checkpoints
 from helpers import DEEPSPEED_RUNS, assert_matches_reference, float64_reference
 
 pytest.importorskip("deepspeed")
@@ -500,7 +501,7 @@ def one_error_line(stderr: str) -> str:
 def test_hostile_folder_is_one_line_naming_the_file(deepspeed_runs: Path, tmp_path: Path, name: str) -> None:
     from typer.testing import CliRunner
 
-    from ema_average.cli import app
+    from ema_average.cli.app import app
 
     case = HOSTILE[name]
     run, culprit = hostile_run(deepspeed_runs, tmp_path, case)

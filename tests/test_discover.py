@@ -181,11 +181,11 @@ def test_only_regular_files_are_read(tmp_path: Path, kind: str) -> None:
 
 
 def test_a_layout_is_one_registered_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Discovery knows layouts only through layouts.LAYOUTS: one entry adds a kind of file, its open and
-    its line in the "looked for" message."""
-    from ema_average.checkpoints import layouts
+    """Discovery knows layouts only through the registry: one registration adds a kind of file, its open
+    and its line in the "looked for" message."""
+    from ema_average.checkpoints import registry
     from ema_average.checkpoints.base import Layout
-    from ema_average.checkpoints.safetensors_file import SafetensorsCheckpoint
+    from ema_average.checkpoints.layouts.safetensors_file import SafetensorsCheckpoint
 
     npz = Layout(
         "npz",
@@ -194,7 +194,9 @@ def test_a_layout_is_one_registered_entry(tmp_path: Path, monkeypatch: pytest.Mo
         lambda p: p.suffix == ".npz",
         lambda p, o: SafetensorsCheckpoint(p),
     )
-    monkeypatch.setattr(layouts, "LAYOUTS", (*layouts.LAYOUTS, npz))
+    monkeypatch.setattr(registry, "_registered", [])  # the registration ends with the test
+    monkeypatch.setattr(registry, "_cache", None)
+    registry.register(npz)
     with pytest.raises(NoCheckpointsError, match=r"looked for .*; files ending \.npz; DCP folders"):
         discover(tmp_path)
     write_safetensors_run(tmp_path, [1, 2])
@@ -280,7 +282,7 @@ def test_a_folder_too_deep_to_list_is_skipped_with_a_notice(tmp_path: Path, deep
 
 def test_files_under_lists_what_rglob_lists_at_any_depth(tmp_path: Path, deep: DeepFolder) -> None:
     """--watch snapshots a folder unit's files; Path.rglob recursed (RecursionError at ~1,000 levels)."""
-    from ema_average.checkpoints.discover import files_under
+    from ema_average.checkpoints.discovery.discover import files_under
 
     write_safetensors_run(tmp_path / "checkpoint-1", [1])
     (tmp_path / "checkpoint-1" / ".hidden").write_text("x")
@@ -606,14 +608,15 @@ def test_copies_are_judged_on_the_selected_tensors(tmp_path: Path) -> None:
 def test_a_folder_layout_is_one_module_and_one_registry_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """tests/tiny_folder_layout.py, registered with ``layouts.register``: discovery finds its folders inside
+    """tests/tiny_folder_layout.py, registered with ``registry.register``: discovery finds its folders inside
     step folders (raw before ``ema``), reads each step from the trainer's side file around them
     (``progress.json``, 100 x the folder's number), names the other model, and lists the final model's
     weights by the layout's own names, all through the layout's hooks."""
     import tiny_folder_layout
-    from ema_average.checkpoints import layouts
+    from ema_average.checkpoints import registry
 
-    monkeypatch.setattr(layouts, "LAYOUTS", layouts.LAYOUTS)  # the registration ends with the test
+    monkeypatch.setattr(registry, "_registered", [])  # the registration ends with the test
+    monkeypatch.setattr(registry, "_cache", None)
     run = tmp_path / "run"
     states = []
     for n in (1, 2, 3):
@@ -627,7 +630,7 @@ def test_a_folder_layout_is_one_module_and_one_registry_line(
     with pytest.raises(CheckpointError, match="holds checkpoints in 7 folders"):
         find_run(run)  # before it is registered, each params.safetensors is a loose file of its own
 
-    layouts.register(tiny_folder_layout.LAYOUT)
+    registry.register(tiny_folder_layout.LAYOUT)
 
     found = find_run(run)
     assert [(c.path.name, c.step, c.step_origin, c.layout) for c in found.checkpoints] == [
@@ -638,7 +641,7 @@ def test_a_folder_layout_is_one_module_and_one_registry_line(
     assert_matches_reference(found.checkpoints, states)
     ema = find_run(run, submodel="ema")
     assert_matches_reference(ema.checkpoints, [make_state(10 + n) for n in (1, 2, 3)])
-    assert "params folders (params.safetensors)" in layouts.looked_for()
+    assert "params folders (params.safetensors)" in registry.looked_for()
 
 
 # Trainer-state files are not checkpoints (issue 17, items 1 and 5) -------------------------------------
@@ -829,7 +832,7 @@ def test_submodel_naming_a_module_of_the_model_read_says_where_it_is(tmp_path: P
         caught.value
     )
     assert "--include '2_Dense/*'" in str(caught.value)
-    from ema_average.plan import TensorSelection
+    from ema_average.offline.plan import TensorSelection
 
     keeps = TensorSelection(include=("2_Dense/*",)).keeps
     assert [

@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 
 from ema_average.checkpoints import DcpCheckpoint
 from ema_average.checkpoints.base import Checkpoint
-from ema_average.checkpoints.safetensors_file import SafetensorsCheckpoint
-from ema_average.checkpoints.torch_file import TorchCheckpoint
+from ema_average.checkpoints.layouts.safetensors_file import SafetensorsCheckpoint
+from ema_average.checkpoints.layouts.torch_file import TorchCheckpoint
 from ema_average.errors import CheckpointError
 from helpers import make_state
 

@@ -293,7 +293,7 @@ def float8_beyond_range(run: Path, tmp: Path) -> tuple[list[str], Path]:
     from torch import nn
 
     from ema_average import ExponentialMovingAverage
-    from ema_average.sharded_export import save_safetensors
+    from ema_average.online.sharded_export import save_safetensors
 
     run.mkdir(parents=True)
     for step in (20, 30):

@@ -22,7 +22,7 @@ from helpers import float64_reference
 L = pytest.importorskip("lightning")
 
 from ema_average.errors import AverageStateError, ConfigurationError  # noqa: E402
-from ema_average.integrations.lightning import EMA_KEY, EMACallback  # noqa: E402
+from ema_average.online.lightning import EMA_KEY, EMACallback  # noqa: E402
 
 DECAY = 0.9
 
@@ -309,7 +309,7 @@ DDP_SCRIPT = textwrap.dedent(
     import json, sys, warnings
     import torch
     import lightning as L
-    from ema_average.integrations.lightning import EMACallback
+    from ema_average.online.lightning import EMACallback
 
     class Tiny(L.LightningModule):
         def __init__(self):
@@ -443,7 +443,7 @@ FSDP1_SCRIPT = textwrap.dedent(
     import torch.distributed as dist
     from torch.distributed.fsdp import FullyShardedDataParallel
     from ema_average.errors import ConfigurationError
-    from ema_average.integrations import EmaTracker
+    from ema_average.online import EmaTracker
 
     dist.init_process_group("gloo", rank=0, world_size=1)
     flat = FullyShardedDataParallel(torch.nn.Linear(4, 1), device_id=torch.device("cpu"))
@@ -479,7 +479,7 @@ FSDP2_SCRIPT = textwrap.dedent(
     import lightning as L
     from lightning.pytorch.strategies import ModelParallelStrategy
     from torch.distributed.fsdp import fully_shard
-    from ema_average.integrations.lightning import EMACallback
+    from ema_average.online.lightning import EMACallback
 
     class Tiny(L.LightningModule):
         def __init__(self):
@@ -748,7 +748,7 @@ def test_frozen_parameters_are_saved_as_they_are_and_hold_no_average(tmp_path: P
 @pytest.mark.parametrize(("key", "value"), [("num_applied", 2.7), ("last_step", 2.7), ("last_step", -1)])
 def test_a_saved_counter_that_is_no_whole_number_is_refused_not_truncated(key: str, value: object) -> None:
     from ema_average.errors import AverageStateError
-    from ema_average.integrations import EmaTracker
+    from ema_average.online import EmaTracker
 
     model = torch.nn.Linear(3, 2)
     settings = {

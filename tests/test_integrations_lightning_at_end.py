@@ -14,7 +14,7 @@ import torch
 L = pytest.importorskip("lightning")
 
 from ema_average.errors import ConfigurationError  # noqa: E402
-from ema_average.integrations.lightning import EMA_KEY, TRAINING_WEIGHTS_KEY, EMACallback  # noqa: E402
+from ema_average.online.lightning import EMA_KEY, TRAINING_WEIGHTS_KEY, EMACallback  # noqa: E402
 from test_integrations_lightning import (  # noqa: E402
     DECAY,
     Tiny,

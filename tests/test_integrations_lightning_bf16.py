@@ -13,7 +13,7 @@ import torch
 
 L = pytest.importorskip("lightning")
 
-from ema_average.integrations.lightning import EMACallback  # noqa: E402
+from ema_average.online.lightning import EMACallback  # noqa: E402
 from test_integrations_lightning import ckpt_trainer, fit, model, trainer  # noqa: E402
 
 DECAY, STEPS = 0.95, 24

@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("lightning")
 
 from ema_average.errors import ConfigurationError
-from ema_average.integrations.lightning import EMA_KEY, EMACallback
+from ema_average.online.lightning import EMA_KEY, EMACallback
 from test_integrations_lightning import (
     DECAY,
     Recorder,
@@ -101,7 +101,7 @@ def test_the_fsdp2_save_seam_is_the_lightning_it_copies() -> None:
     from lightning.fabric.strategies import model_parallel
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    from ema_average.integrations import lightning as integration
+    from ema_average.online import lightning as integration
 
     source = inspect.getsource(ModelParallelStrategy.save_checkpoint)
     assert hashlib.sha256(source.encode()).hexdigest() == integration.LIGHTNING_SAVE_SEAM_SHA256, (

@@ -17,8 +17,8 @@ import torch
 L = pytest.importorskip("lightning")
 
 from ema_average.errors import CheckpointError  # noqa: E402
-from ema_average.integrations.lightning import EMACallback  # noqa: E402
-from ema_average.integrations.posthoc import DTENSOR_REFUSAL  # noqa: E402
+from ema_average.online.lightning import EMACallback  # noqa: E402
+from ema_average.online.posthoc_callbacks import DTENSOR_REFUSAL  # noqa: E402
 from posthoc_helpers import assert_reconstructs, assert_snapshots_are_power_emas, read_snapshots  # noqa: E402
 from test_integrations_lightning import Recorder, _free_port, ckpt_trainer, fit, model  # noqa: E402
 
@@ -71,7 +71,7 @@ DTENSOR_SCRIPT = textwrap.dedent(
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
     from ema_average.errors import ConfigurationError
-    from ema_average.integrations.posthoc import SnapshotKeeper
+    from ema_average.online.posthoc_callbacks import SnapshotKeeper
 
     dist.init_process_group("gloo", rank=0, world_size=1)
     mesh = init_device_mesh("cpu", (1,))

@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("lightning")
 
 from ema_average.errors import AverageStateError, CheckpointError
-from ema_average.integrations.lightning import EMA_KEY, EMACallback
+from ema_average.online.lightning import EMA_KEY, EMACallback
 from test_integrations_lightning import DECAY, ckpt_trainer, fit, model, trainer
 
 SAVED = "epoch=0-step=8.ckpt"

@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("lightning")
 
-from ema_average.integrations.lightning import EMACallback
+from ema_average.online.lightning import EMACallback
 from test_integrations_lightning import (
     Recorder,
     assert_close_to,

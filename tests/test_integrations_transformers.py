@@ -24,7 +24,7 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from ema_average.errors import CheckpointError, ConfigurationError  # noqa: E402
-from ema_average.integrations.transformers import STATE_METADATA_KEY, EMACallback  # noqa: E402
+from ema_average.online.transformers import STATE_METADATA_KEY, EMACallback  # noqa: E402
 from helpers import float64_reference, tiny_gpt2  # noqa: E402
 
 DECAY = 0.9
@@ -303,7 +303,7 @@ import json, os, sys, warnings
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 from ema_average.errors import ConfigurationError
-from ema_average.integrations.transformers import EMACallback
+from ema_average.online.transformers import EMACallback
 
 class Tokens(torch.utils.data.Dataset):
     def __len__(self): return 32
@@ -438,7 +438,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from transformers import TrainerControl, TrainerState, TrainingArguments
 from ema_average.errors import ConfigurationError
-from ema_average.integrations.transformers import EMACallback
+from ema_average.online.transformers import EMACallback
 
 dist.init_process_group("gloo", rank=0, world_size=1)
 model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))

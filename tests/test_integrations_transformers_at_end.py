@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import GPT2LMHeadModel
 
 from ema_average.errors import ConfigurationError
-from ema_average.integrations.transformers import EMACallback
+from ema_average.online.transformers import EMACallback
 from test_integrations_transformers import DECAY, Recorder, Tokens, assert_close_to, train
 
 

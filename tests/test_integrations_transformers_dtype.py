@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import GPT2LMHeadModel
 
 from ema_average.errors import ConfigurationError
-from ema_average.integrations.transformers import EMACallback
+from ema_average.online.transformers import EMACallback
 from helpers import tiny_gpt2
 from test_integrations_transformers import DECAY, train
 

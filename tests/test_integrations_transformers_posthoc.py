@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("transformers")
 
 from ema_average.errors import CheckpointError, ConfigurationError
-from ema_average.integrations.transformers import EMACallback
+from ema_average.online.transformers import EMACallback
 from posthoc_helpers import assert_reconstructs, assert_snapshots_are_power_emas, read_snapshots
 from test_integrations_transformers import Recorder, train
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
 
 from ema_average.errors import AverageStateError, CheckpointError
-from ema_average.integrations.transformers import STATE_METADATA_KEY, EMACallback
+from ema_average.online.transformers import STATE_METADATA_KEY, EMACallback
 from helpers import tiny_gpt2
 from test_integrations_transformers import DECAY, Tokens, arguments, train
 
@@ -167,7 +167,7 @@ def test_without_the_resume_seam_another_runs_ema_is_refused_by_the_weights_dige
     whole_run: tuple[Path, dict[str, torch.Tensor]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Should transformers stop exposing the folder, the digest still tells another run's EMA apart."""
-    from ema_average.integrations import transformers as integration
+    from ema_average.online import transformers as integration
 
     run, _ = whole_run
     other_runs_checkpoint(tmp_path / "new")
@@ -184,7 +184,7 @@ class SeamProbe(TrainerCallback):
     found: Path | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        from ema_average.integrations.transformers import trainer_resume_folder
+        from ema_average.online.transformers import trainer_resume_folder
 
         self.found = trainer_resume_folder()
 

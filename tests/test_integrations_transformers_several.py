@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 from transformers import GPT2LMHeadModel
 
 from ema_average.errors import ConfigurationError
-from ema_average.integrations.transformers import EMACallback
+from ema_average.online.transformers import EMACallback
 from test_integrations_transformers import Recorder, Tokens, assert_close_to, train
 
 SCHEDULE = {"eval_strategy": "steps", "eval_steps": 2, "eval_dataset": Tokens(8, offset=1000)}

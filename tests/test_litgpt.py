@@ -1,4 +1,4 @@
-"""litgpt runs averaged into a folder litgpt loads (output_folder.py's litgpt folder, output/torch_file.py).
+"""litgpt runs averaged into a folder litgpt loads (output/folder_plan.py's litgpt folder, output/torch_file.py).
 
 The run is reproduced from litgpt 0.5.13's source, not written by litgpt: litgpt cannot be installed beside
 the test extra (it pins an older huggingface_hub). ``pretrain.py``'s ``save_checkpoint`` saves
@@ -27,10 +27,10 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from ema_average.cli import app
+from ema_average.checkpoints.safetensors_format import TensorEntry, TensorSpec
+from ema_average.cli.app import app
 from ema_average.errors import OutputError
 from ema_average.output.torch_file import TorchFileWriter
-from ema_average.safetensors_format import TensorEntry, TensorSpec
 from helpers import float64_reference
 
 STEPS = [2, 4, 6]

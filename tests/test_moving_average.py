@@ -19,8 +19,8 @@ from ema_average import (
     PluginError,
     UniformMovingAverage,
 )
-from ema_average.decay_rules import DecayRule
-from ema_average.plan import AverageSettings, update_decays
+from ema_average.engine.decay_rules import DecayRule
+from ema_average.offline.plan import AverageSettings, update_decays
 from plugin_pkg.install import MODULE as PLUGIN_MODULE
 from plugin_pkg.install import install_plugin
 

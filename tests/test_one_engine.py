@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from ema_average import ExponentialMovingAverage, PowerFunctionMovingAverage
-from ema_average.cli import app
-from ema_average.moving_average import MovingAverage
+from ema_average.cli.app import app
+from ema_average.engine.averages import MovingAverage
 
 STEPS = range(1, 14)  # step 1 starts the average; steps 2..13 are all in the warm-up (decay < 0.9)
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

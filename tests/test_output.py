@@ -21,9 +21,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import ema_average.output.fs as fs_module
-import ema_average.output.lock as lock_module
-import ema_average.output.pool as pool_module
+import ema_average._platform.fs as fs_module
+import ema_average._platform.open_files as pool_module
+import ema_average._platform.output_lock as lock_module
+from ema_average.checkpoints.safetensors_format import TensorSpec
 from ema_average.errors import OutputError
 from ema_average.output import (
     OutputLock,
@@ -34,7 +35,6 @@ from ema_average.output import (
     name_problem,
     remove_stale_temporaries,
 )
-from ema_average.safetensors_format import TensorSpec
 from helpers import interrupts_raise, kill_hard, start_child
 
 META = {"ema_average_version": "test", "k": "v"}  # the marker that makes a folder ours to replace

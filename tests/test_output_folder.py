@@ -1,4 +1,4 @@
-"""Folder outputs that the producing library's ``from_pretrained`` loads as they are (output_folder.py).
+"""Folder outputs that the producing library's ``from_pretrained`` loads as they are (output/folder_plan.py).
 
 Runs are written with the real producers (transformers, PEFT, diffusers ``save_pretrained``) and the
 averages loaded back with the real consumers, against an independent float64 average of the same tensors.
@@ -16,11 +16,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from ema_average import output_folder
-from ema_average.cli import app
+from ema_average.cli.app import app
 from ema_average.errors import CheckpointError, ConfigurationError, OutputError
-from ema_average.pipeline import RunOptions, average_checkpoints, prepare
-from ema_average.plan import AverageSettings
+from ema_average.offline.options import RunOptions
+from ema_average.offline.plan import AverageSettings
+from ema_average.offline.run import average_checkpoints, prepare
+from ema_average.output import folder_plan as output_folder
 from helpers import hf_offline, tiny_gpt2, tiny_unet
 
 VOCAB = 12  # the tiny tokenizer's words
@@ -350,7 +351,7 @@ def test_folder_replaced_only_with_overwrite_and_only_if_ours(tmp_path: Path) ->
 
 
 def test_resume_and_watch_refuse_a_folder_in_one_line(tmp_path: Path) -> None:
-    from ema_average.watch import watch
+    from ema_average.offline.watch import watch
 
     write_hf_like_run(tmp_path / "run", {})
     average_checkpoints(RunOptions(tmp_path / "run", tmp_path / "e.safetensors"))
@@ -506,7 +507,8 @@ SPARSE = ["tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "adde
 _RSS_CHILD = """
 import resource, sys
 from pathlib import Path
-from ema_average.pipeline import RunOptions, average_checkpoints
+from ema_average.offline.run import average_checkpoints
+from ema_average.offline.options import RunOptions
 
 def peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

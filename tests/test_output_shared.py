@@ -20,7 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import ema_average.output.lock as lock_module
+import ema_average._platform.output_lock as lock_module
+from ema_average.checkpoints.safetensors_format import TensorSpec
 from ema_average.errors import OutputError
 from ema_average.output import (
     OutputLock,
@@ -30,7 +31,6 @@ from ema_average.output import (
     remove_stale_temporaries,
     temp_name,
 )
-from ema_average.safetensors_format import TensorSpec
 from helpers import kill_hard, start_child
 
 OTHER = 65534  # nobody
@@ -40,7 +40,7 @@ LISTED = [TensorEntry("w", TensorSpec((4,), torch.float32))]
 IMPORTS = (
     "import encodings.ascii, os, sys, torch; from pathlib import Path\n"  # loaded before the drop to 65534
     "from ema_average.output import OutputLock, ShardedWriter, TensorEntry, remove_stale_temporaries\n"
-    "from ema_average.safetensors_format import TensorSpec\n"
+    "from ema_average.checkpoints.safetensors_format import TensorSpec\n"
     "listed = [TensorEntry('w', TensorSpec((4,), torch.float32))]\n"
 )
 

@@ -61,7 +61,7 @@ def test_version_and_help_answer_without_importing_torch(flag: str, answer: str)
     assert result.returncode == 0, result.stderr
     assert answer in result.stdout
     modules = imported_modules(result.stderr)
-    assert {"ema_average.__main__", "ema_average.cli"} <= modules  # the list is real and complete
+    assert {"ema_average.__main__", "ema_average.cli.app"} <= modules  # the list is real and complete
     assert sorted(m for m in modules if m.split(".")[0] == "torch") == []
 
 
@@ -87,7 +87,7 @@ def test_only_the_entry_point_imports_the_command_line() -> None:
     # pull typer and rich into the library and tie the engine to the command's options.
     package = ROOT / "src" / "ema_average"
     command = {f"ema_average.{p.stem}" for p in package.glob("cli*.py")}
-    assert {"ema_average.cli", "ema_average.cli_options", "ema_average.cli_report"} <= command
+    assert {"ema_average.cli.app", "ema_average.cli.options", "ema_average.cli.report"} <= command
     importers = {
         str(source.relative_to(package))
         for source in package.rglob("*.py")
@@ -112,7 +112,7 @@ def test_import_is_lazy_and_the_public_api_resolves() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ema_average.moving_average"
+    assert result.stdout.strip() == "ema_average.engine.averages"
 
 
 # Modules torch imports early and midway, each with over 40 KB of import list still to come before torch is

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ema_average.checkpoints import TorchCheckpoint, safe_unpickle
-from ema_average.checkpoints.pickle_scan import MAX_HASH_WORK_BASE, MAX_HASH_WORK_PER_BYTE
-from ema_average.checkpoints.placeholders import MAX_PLACEHOLDERS
+from ema_average.checkpoints import TorchCheckpoint
+from ema_average.checkpoints.reading import safe_unpickle
+from ema_average.checkpoints.reading.pickle_scan import MAX_HASH_WORK_BASE, MAX_HASH_WORK_PER_BYTE
+from ema_average.checkpoints.reading.placeholders import MAX_PLACEHOLDERS
 from ema_average.errors import CheckpointError, UnsafeCheckpointError
 
 

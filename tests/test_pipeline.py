@@ -21,8 +21,9 @@ from ema_average.errors import (
     NonFiniteError,
     OutputError,
 )
-from ema_average.pipeline import RunOptions, average_checkpoints, prepare
-from ema_average.plan import AverageSettings, CheckpointSelection, TensorSelection
+from ema_average.offline.options import RunOptions
+from ema_average.offline.plan import AverageSettings, CheckpointSelection, TensorSelection
+from ema_average.offline.run import average_checkpoints, prepare
 from helpers import float64_reference, write_fairseq_run, write_safetensors_run, write_torch_run
 
 STEPS = [100, 250, 400, 1000, 1600]

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from ema_average.checkpoints import TensorSpec
-from ema_average.decay_rules import DecayRule
+from ema_average.engine.averages import MovingAverage
+from ema_average.engine.decay_rules import DecayRule
 from ema_average.errors import ConfigurationError
-from ema_average.moving_average import MovingAverage
-from ema_average.plan import (
+from ema_average.offline.plan import (
     AverageSettings,
     CheckpointSelection,
     ResumedProgress,

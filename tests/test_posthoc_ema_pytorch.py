@@ -10,9 +10,10 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from ema_average.cli import app
-from ema_average.pipeline import RunOptions, execute
-from ema_average.posthoc.job import Targets, prepare
+from ema_average.cli.app import app
+from ema_average.offline.options import RunOptions
+from ema_average.offline.posthoc_job import Targets, prepare
+from ema_average.offline.run import execute
 
 ema_pytorch = pytest.importorskip("ema_pytorch")
 

@@ -15,11 +15,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from ema_average.cli import app
-from ema_average.decay_rules import sigma_rel_to_gamma
-from ema_average.pipeline import RunOptions, execute
-from ema_average.posthoc.job import Targets, prepare
-from ema_average.posthoc.profiles import Profile, reconstruct
+from ema_average.cli.app import app
+from ema_average.engine.decay_rules import sigma_rel_to_gamma
+from ema_average.engine.posthoc_profiles import Profile, reconstruct
+from ema_average.offline.options import RunOptions
+from ema_average.offline.posthoc_job import Targets, prepare
+from ema_average.offline.run import execute
 
 EXE = str(Path(sys.executable).parent / "ema-average")
 STEPS = (100, 200, 300, 400)

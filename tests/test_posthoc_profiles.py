@@ -7,9 +7,9 @@ import mpmath
 import numpy as np
 import pytest
 
-from ema_average.decay_rules import PowerRule, sigma_rel_to_gamma
+from ema_average.engine.decay_rules import PowerRule, sigma_rel_to_gamma
+from ema_average.engine.posthoc_profiles import Profile, binned_weights, inner_products, reconstruct
 from ema_average.errors import ConfigurationError
-from ema_average.posthoc.profiles import Profile, binned_weights, inner_products, reconstruct
 
 mpmath.mp.dps = 40
 

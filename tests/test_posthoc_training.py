@@ -12,10 +12,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ema_average.decay_rules import sigma_rel_to_gamma
+from ema_average.engine.decay_rules import sigma_rel_to_gamma
 from ema_average.errors import AverageStateError, ConfigurationError
-from ema_average.posthoc.snapshots import find_snapshots
-from ema_average.posthoc.training import PowerEmaSnapshots
+from ema_average.offline.posthoc_snapshots import find_snapshots
+from ema_average.online.posthoc_training import PowerEmaSnapshots
 
 
 def _model(seed: int = 0) -> torch.nn.Module:

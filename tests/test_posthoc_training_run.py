@@ -18,12 +18,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ema_average.decay_rules import sigma_rel_to_gamma
-from ema_average.moving_average import PowerFunctionMovingAverage
-from ema_average.pipeline import RunOptions, execute
-from ema_average.posthoc.job import Targets, prepare
-from ema_average.posthoc.profiles import Profile, binned_weights
-from ema_average.posthoc.training import PowerEmaSnapshots
+from ema_average.engine.averages import PowerFunctionMovingAverage
+from ema_average.engine.decay_rules import sigma_rel_to_gamma
+from ema_average.engine.posthoc_profiles import Profile, binned_weights
+from ema_average.offline.options import RunOptions
+from ema_average.offline.posthoc_job import Targets, prepare
+from ema_average.offline.run import execute
+from ema_average.online.posthoc_training import PowerEmaSnapshots
 
 STEPS, EVERY, TRACKED, UNTRACKED = 3000, 300, (0.05, 0.10), (0.07, 0.15)
 

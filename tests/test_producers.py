@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ema_average.checkpoints import find_run
-from ema_average.checkpoints.discover import candidates
+from ema_average.checkpoints.discovery.discover import candidates
 from ema_average.errors import CheckpointError, ConfigurationError
 from helpers import (
     assert_matches_reference,

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ema_average.checkpoints import TorchCheckpoint, safe_unpickle
+from ema_average.checkpoints import TorchCheckpoint
 from ema_average.checkpoints.base import StepInfo
+from ema_average.checkpoints.reading import safe_unpickle
 from ema_average.errors import CheckpointError, UnsafeCheckpointError
 from helpers import WritesMarker, write_fairseq_run
 
@@ -139,7 +140,7 @@ def test_payloads_beside_placeholders_never_run(tmp_path: Path, zip_format: bool
 
 
 def test_getattr_chains_on_placeholders_stay_short() -> None:
-    from ema_average.checkpoints import placeholders
+    from ema_average.checkpoints.reading import placeholders
 
     value: object = placeholders.placeholder_class("trainer.pkg.Thing")
     for _ in range(10_000):

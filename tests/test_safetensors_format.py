@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from ema_average.checkpoints.safetensors_format import read_header
 from ema_average.errors import CheckpointError
-from ema_average.safetensors_format import read_header
 from helpers import make_state
 
 EXE = str(Path(sys.executable).parent / "ema-average")

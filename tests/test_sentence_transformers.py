@@ -1,4 +1,4 @@
-"""sentence-transformers checkpoints (checkpoints/sentence_transformers_folder.py and their folder output).
+"""sentence-transformers checkpoints (checkpoints/layouts/sentence_transformers_folder.py and their folder output).
 
 The run is trained with the real ``SentenceTransformerTrainer`` (a 2-layer BERT of width 16, mean Pooling,
 Dense 16 -> 8, Normalize), saving ``checkpoint-N/`` as the library does; the averages are checked against a
@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from ema_average.checkpoints import find_run
-from ema_average.cli import app
+from ema_average.cli.app import app
 from helpers import float64_reference, hf_offline
 
 STEPS = [2, 4, 6]

@@ -28,7 +28,7 @@ from ema_average import (
     PowerFunctionMovingAverage,
     UniformMovingAverage,
 )
-from ema_average.moving_average import local_part
+from ema_average.engine.averages import local_part
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="needs torch.distributed")
 
@@ -482,7 +482,7 @@ def test_checkpoint_reshards_to_another_world_size(
 
 
 def _export(rank: int, world: int, path: Path) -> None:
-    from ema_average.sharded_export import save_safetensors
+    from ema_average.online.sharded_export import save_safetensors
 
     model = fsdp2(make_model(), world)
     ema = ExponentialMovingAverage(model, decay=DECAY)
@@ -499,8 +499,8 @@ def test_safetensors_export_equals_the_one_process_average(tmp_path: Path) -> No
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from ema_average.plan import AverageSettings
-    from ema_average.resume import open_resumed
+    from ema_average.offline.plan import AverageSettings
+    from ema_average.offline.resume import open_resumed
 
     path = tmp_path / "ema.safetensors"
     spawn(3, _export, tmp_path, path)
@@ -524,7 +524,7 @@ def test_offline_command_resumes_an_exported_average(tmp_path: Path) -> None:
 
     from safetensors.torch import load_file, save_file
 
-    from ema_average.sharded_export import save_safetensors
+    from ema_average.online.sharded_export import save_safetensors
 
     model = make_model()
     ema = ExponentialMovingAverage(model, decay=DECAY)
@@ -548,7 +548,7 @@ def test_offline_command_resumes_an_exported_average(tmp_path: Path) -> None:
 
 
 def test_export_metadata_of_the_uniform_average_counts_its_values() -> None:
-    from ema_average.sharded_export import resume_metadata
+    from ema_average.online.sharded_export import resume_metadata
 
     average = UniformMovingAverage({"w": torch.zeros(2)})
     for _ in range(3):
@@ -566,9 +566,10 @@ def test_a_long_uniform_export_stays_small_and_resumes_with_its_count(tmp_path: 
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from ema_average.pipeline import RunOptions, average_checkpoints
-    from ema_average.plan import AverageSettings
-    from ema_average.sharded_export import save_safetensors
+    from ema_average.offline.options import RunOptions
+    from ema_average.offline.plan import AverageSettings
+    from ema_average.offline.run import average_checkpoints
+    from ema_average.online.sharded_export import save_safetensors
 
     values = torch.randn(3003, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     weights = {"w": torch.nn.Parameter(values[0].float())}
@@ -599,7 +600,7 @@ def test_export_refuses_finite_averages_the_dtype_cannot_hold(
     from safetensors.torch import load_file
 
     from ema_average import OutputRangeError
-    from ema_average.sharded_export import save_safetensors
+    from ema_average.online.sharded_export import save_safetensors
 
     big = {"ok": torch.tensor([1.0, -2.5]), "big": torch.tensor([1.0, 7e4, -1e5, 3.4e38])}
     average = ExponentialMovingAverage({n: nn.Parameter(t) for n, t in big.items()}, decay=DECAY)
@@ -631,7 +632,7 @@ def test_export_writes_float8_and_refuses_what_it_cannot_hold(
     from safetensors.torch import load_file
 
     from ema_average import OutputRangeError
-    from ema_average.sharded_export import save_safetensors
+    from ema_average.online.sharded_export import save_safetensors
 
     values = torch.randn(200, generator=torch.Generator().manual_seed(24), dtype=torch.float64) * 100
     average = ExponentialMovingAverage({"w": nn.Parameter(values.float())}, decay=DECAY)
@@ -676,7 +677,7 @@ def test_host_kept_averages_of_cuda_values_update_in_the_background() -> None:
 
 
 def _host_kept_shards(rank: int, world: int, path: Path) -> None:
-    from ema_average.sharded_export import save_safetensors
+    from ema_average.online.sharded_export import save_safetensors
 
     model = fsdp2(make_model().cuda(), world, device="cuda")
     ema = ExponentialMovingAverage(model, decay=DECAY, device="cpu")

@@ -1,11 +1,11 @@
-"""Byte counts as people write them and read them (``ema_average.sizes``)."""
+"""Byte counts as people write them and read them (``ema_average.output.sizes``)."""
 
 from __future__ import annotations
 
 import pytest
 
 from ema_average.errors import ConfigurationError
-from ema_average.sizes import format_bytes, parse_size
+from ema_average.output.sizes import format_bytes, parse_size
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ema_average.checkpoints import step_from_name
-from ema_average.checkpoints.steps import checked_step, step_of_count
+from ema_average.checkpoints.contents.steps import checked_step, step_of_count
 from ema_average.errors import CheckpointError
 
 
@@ -116,7 +116,7 @@ def test_producer_names(name: str, step: int, label: str, counter: bool) -> None
     ],
 )
 def test_names_a_step(name: str, names_step: bool) -> None:
-    from ema_average.checkpoints.steps import names_a_step
+    from ema_average.checkpoints.contents.steps import names_a_step
 
     assert names_a_step(Path(name)) is names_step
 
@@ -158,7 +158,7 @@ def test_a_count_past_int64_is_refused() -> None:
     ],
 )
 def test_keys_that_name_a_step_record(key: str, record: bool) -> None:
-    from ema_average.checkpoints.steps import names_a_step_record
+    from ema_average.checkpoints.contents.steps import names_a_step_record
 
     assert names_a_step_record(key) is record
 

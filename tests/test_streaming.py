@@ -11,14 +11,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ema_average import streaming
 from ema_average.checkpoints import Checkpoint, SafetensorsCheckpoint, TensorSpec
+from ema_average.engine.averages import MovingAverage
 from ema_average.errors import ConfigurationError, NonFiniteError, OutputError
-from ema_average.moving_average import MovingAverage
-from ema_average.output import SafetensorsWriter
-from ema_average.output import file as output_file
-from ema_average.pipeline import RunOptions, average_checkpoints, labelled, prepare
-from ema_average.plan import (
+from ema_average.offline import streaming
+from ema_average.offline.options import RunOptions
+from ema_average.offline.plan import (
     AverageSettings,
     CheckpointSelection,
     OutputTensor,
@@ -26,6 +24,9 @@ from ema_average.plan import (
     chunk_layout,
     output_tensors,
 )
+from ema_average.offline.run import average_checkpoints, labelled, prepare
+from ema_average.output import SafetensorsWriter
+from ema_average.output import file as output_file
 from helpers import assert_weighted_sum
 
 STEPS = [100, 250, 400, 1000]
@@ -531,7 +532,7 @@ def test_devices_present_match_the_oracle(tmp_path: Path, device: str) -> None:
 
 
 def test_writer_takes_pieces_from_threads(tmp_path: Path) -> None:
-    from ema_average.safetensors_format import TensorEntry, TensorSpec
+    from ema_average.checkpoints.safetensors_format import TensorEntry, TensorSpec
 
     writer = SafetensorsWriter(
         tmp_path / "o.safetensors", [TensorEntry("w", TensorSpec((100,), torch.float32))], {}, overwrite=False

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ema_average.checkpoints import TorchCheckpoint, find_run, torch_contents
+from ema_average.checkpoints import TorchCheckpoint, find_run
 from ema_average.checkpoints.base import StepInfo
-from ema_average.checkpoints.safe_unpickle import zip_members
+from ema_average.checkpoints.contents import torch_objects as torch_contents
+from ema_average.checkpoints.reading.safe_unpickle import zip_members
 from ema_average.errors import CheckpointError
 from helpers import (
     assert_matches_reference,
@@ -395,8 +396,9 @@ CUT_BETWEEN_PLAN_AND_PASS = """
 import os, sys
 from pathlib import Path
 from ema_average.errors import CheckpointError
-from ema_average.pipeline import RunOptions, execute, prepare
-from ema_average.plan import AverageSettings
+from ema_average.offline.run import execute, prepare
+from ema_average.offline.options import RunOptions
+from ema_average.offline.plan import AverageSettings
 run, out = Path(sys.argv[1]), Path(sys.argv[2])
 prepared = prepare(RunOptions(run, out, settings=AverageSettings(decay=0.9), threads=1))
 cut = run / "ckpt_30.pt"

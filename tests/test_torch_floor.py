@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ema_average._torch_floor import OLDEST_TORCH
+from ema_average._platform.torch_floor import OLDEST_TORCH
 
 PROBE = "import sys, ema_average; assert 'torch' not in sys.modules; print('imported')"
 

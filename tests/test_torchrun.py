@@ -88,8 +88,8 @@ def names(folder: Path) -> list[str]:
 
 
 def test_share_is_contiguous_byte_balanced_and_complete() -> None:
-    from ema_average.distributed import share
-    from ema_average.plan import Chunk, Piece
+    from ema_average.offline.plan import Chunk, Piece
+    from ema_average.offline.torchrun import share
 
     sizes = [5, 1, 1, 1, 8, 2, 2, 3, 1, 1]
     chunks = [
@@ -223,8 +223,9 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
 
 def _reader_of(name: str, index: int, run: Path, output: Path) -> int:
     """The rank of a 2-rank launch whose share holds element ``index`` of tensor ``name``."""
-    from ema_average.distributed import share
-    from ema_average.pipeline import RunOptions, prepare
+    from ema_average.offline.options import RunOptions
+    from ema_average.offline.run import prepare
+    from ema_average.offline.torchrun import share
 
     prepared = prepare(RunOptions(run, output), dry_run=True)
     numel = next(t.spec.numel for t in prepared.plan.outputs if t.input_name == name)
@@ -241,9 +242,9 @@ def test_writers_share_one_file_across_processes(tmp_path: Path) -> None:
     """The writer side of the protocol, in one process: a shared file, a joined writer for half of it."""
     from safetensors.torch import load_file
 
+    from ema_average.checkpoints.safetensors_format import TensorSpec
     from ema_average.errors import OutputError
     from ema_average.output import SafetensorsWriter, TensorEntry, temp_name
-    from ema_average.safetensors_format import TensorSpec
 
     values = {"a": torch.arange(10, dtype=torch.float32), "b": torch.ones(3, 2, dtype=torch.bfloat16)}
     entries = [TensorEntry(name, TensorSpec(tuple(v.shape), v.dtype)) for name, v in values.items()]
@@ -271,7 +272,7 @@ def test_writers_share_one_file_across_processes(tmp_path: Path) -> None:
 
 def test_progress_counts_every_rank_and_stops_once_one_failed() -> None:
     """Through the store alone (no collective): rank 0 reports every rank's bytes; a failure stops all."""
-    from ema_average import distributed
+    from ema_average.offline import torchrun as distributed
 
     store = dist.HashStore()
     lead, other = (distributed.Ranks(r, 2, r, 2, str, store) for r in (0, 1))

@@ -25,7 +25,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ema_average.checkpoints import TorchCheckpoint, safe_unpickle
+from ema_average.checkpoints import TorchCheckpoint
+from ema_average.checkpoints.reading import safe_unpickle
 from ema_average.errors import CheckpointError, MissingPackageError, UnsafeCheckpointError
 from helpers import float64_reference
 

@@ -19,7 +19,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from ema_average.checkpoints import find_run
-from ema_average.cli import app
+from ema_average.cli.app import app
 from helpers import float64_reference
 from nanogpt_producer import GPT, GPTConfig, write_nanogpt_run
 

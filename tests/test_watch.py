@@ -18,9 +18,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from ema_average.errors import ConfigurationError, OutputError
-from ema_average.pipeline import RunOptions, average_checkpoints
-from ema_average.plan import AverageSettings
-from ema_average.watch import watch
+from ema_average.offline.options import RunOptions
+from ema_average.offline.plan import AverageSettings
+from ema_average.offline.run import average_checkpoints
+from ema_average.offline.watch import watch
 from helpers import make_state, signalled_child
 
 STEPS = [100, 200, 300, 400]
@@ -194,7 +195,7 @@ def test_watch_keeps_a_file_another_program_puts_at_the_output_before_the_first_
 ) -> None:
     # The output did not exist when the watch planned its first write; a file that appears there before the
     # rename is someone else's: kept byte for byte, and the watch stops with the one-shot run's error.
-    import ema_average.watch as watch_module
+    import ema_average.offline.watch as watch_module
 
     run, out = tmp_path / "run", tmp_path / "ema.safetensors"
     run.mkdir()
@@ -278,7 +279,7 @@ def test_watch_averages_again_when_an_averaged_checkpoint_is_rewritten(tmp_path:
 
 def test_a_folder_checkpoint_with_a_deep_tree_inside_is_watched(tmp_path: Path) -> None:
     # Path.rglob recurses before Python 3.12: 1,200 levels inside a checkpoint folder was a RecursionError.
-    from ema_average.watch import snapshot
+    from ema_average.offline.watch import snapshot
     from test_discover import deep_folder, remove_deep
 
     unit = tmp_path / "run" / "checkpoint-10"

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ema_average.checkpoints.base import Checkpoint, OpenOptions, StepInfo, TensorSpec
-from ema_average.checkpoints.folder_layout import FolderLayout
-from ema_average.checkpoints.safetensors_file import SafetensorsCheckpoint
+from ema_average.checkpoints.base import Checkpoint, Layout, OpenOptions, StepInfo, TensorSpec
+from ema_average.checkpoints.layouts.safetensors_file import SafetensorsCheckpoint
 
 WEIGHTS = "params.safetensors"
 SIDE = "progress.json"
@@ -61,7 +60,7 @@ def _open(path: Path, options: OpenOptions) -> Checkpoint:
     return ParamsFolder(path)
 
 
-LAYOUT = FolderLayout(
+LAYOUT = Layout(
     "params-folder",
     "folder",
     "params folders (params.safetensors)",

@@ -3,7 +3,7 @@ itself, with a hook that makes one rank SIGKILL itself at a chosen point, so the
 test-only code.
 
 The environment says which hook and which rank (``KILL_AFTER_FIRST_CHUNK=N``, ``KILL_AFTER_COMMIT=N``);
-each replaces one function of ``ema_average.distributed`` at the point where the rank is to die, then
+each replaces one function of ``ema_average.offline.torchrun`` at the point where the rank is to die, then
 ``ema_average.__main__.main()`` runs as ``python -m ema_average`` would.
 """
 
@@ -14,8 +14,8 @@ import signal
 import time
 from collections.abc import Callable
 
-from ema_average import distributed
 from ema_average.__main__ import main
+from ema_average.offline import torchrun as distributed
 from ema_average.output import SafetensorsWriter
 
 # The rank whose number this holds SIGKILLs itself after its first chunk (a rank dying midway).

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from ema_average._torch_floor import check_torch_version
+from ema_average._platform.torch_floor import check_torch_version
 from ema_average._version import __version__
 from ema_average.errors import (
     AverageStateError,
@@ -35,36 +35,37 @@ _LAZY = {
     "Checkpoint": "ema_average.checkpoints",
     "discover": "ema_average.checkpoints",
     "find_run": "ema_average.checkpoints",
-    "ExponentialMovingAverage": "ema_average.moving_average",
-    "MovingAverage": "ema_average.moving_average",
-    "PowerFunctionMovingAverage": "ema_average.moving_average",
-    "UniformMovingAverage": "ema_average.moving_average",
-    "ema_update_": "ema_average.moving_average",
-    "PowerEmaSnapshots": "ema_average.posthoc.training",
-    "RunOptions": "ema_average.pipeline",
-    "Summary": "ema_average.pipeline",
-    "average_checkpoints": "ema_average.pipeline",
-    "save_safetensors": "ema_average.sharded_export",
-    "AverageSettings": "ema_average.plan",
-    "CheckpointSelection": "ema_average.plan",
-    "TensorSelection": "ema_average.plan",
+    "ExponentialMovingAverage": "ema_average.engine.averages",
+    "MovingAverage": "ema_average.engine.averages",
+    "PowerFunctionMovingAverage": "ema_average.engine.averages",
+    "UniformMovingAverage": "ema_average.engine.averages",
+    "ema_update_": "ema_average.engine.averages",
+    "PowerEmaSnapshots": "ema_average.online.posthoc_training",
+    "RunOptions": "ema_average.offline.options",
+    "Summary": "ema_average.offline.run",
+    "average_checkpoints": "ema_average.offline.run",
+    "save_safetensors": "ema_average.online.sharded_export",
+    "AverageSettings": "ema_average.offline.plan",
+    "CheckpointSelection": "ema_average.offline.plan",
+    "TensorSelection": "ema_average.offline.plan",
 }
 
 if TYPE_CHECKING:
     from typing import Any
 
     from ema_average.checkpoints import Checkpoint, discover, find_run
-    from ema_average.moving_average import (
+    from ema_average.engine.averages import (
         ExponentialMovingAverage,
         MovingAverage,
         PowerFunctionMovingAverage,
         UniformMovingAverage,
         ema_update_,
     )
-    from ema_average.pipeline import RunOptions, Summary, average_checkpoints
-    from ema_average.plan import AverageSettings, CheckpointSelection, TensorSelection
-    from ema_average.posthoc.training import PowerEmaSnapshots
-    from ema_average.sharded_export import save_safetensors
+    from ema_average.offline.options import RunOptions
+    from ema_average.offline.plan import AverageSettings, CheckpointSelection, TensorSelection
+    from ema_average.offline.run import Summary, average_checkpoints
+    from ema_average.online.posthoc_training import PowerEmaSnapshots
+    from ema_average.online.sharded_export import save_safetensors
 
 
 def __getattr__(name: str) -> Any:

@@ -4,7 +4,7 @@ Ctrl-C while the command's modules are still importing is answered like any othe
 line and exit 130, not a traceback from the middle of an import; one that lands after the command is done
 (during the interpreter's shutdown) is ignored. The package and this module import nothing heavy (3-4 ms,
 not typing nor pathlib), so the window before this guard is Python's own start-up. The whole story, stage
-by stage, is in :mod:`ema_average.process`.
+by stage, is in :mod:`ema_average._platform.process`.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def _answered_silently(exc: SystemExit) -> bool:
 def _run() -> None:
     """The command, whose interrupts :func:`main` answers wherever they land: in its imports, while typer
     builds it from its signature (before click's own interrupt handling is in place), or in the run."""
-    from ema_average.cli import main as run_command
-    from ema_average.process import ignore_interrupts
+    from ema_average._platform.process import ignore_interrupts
+    from ema_average.cli.app import main as run_command
 
     try:
         run_command()

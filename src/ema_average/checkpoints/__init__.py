@@ -1,6 +1,6 @@
 """Finding a run's checkpoints and reading them lazily, one module per layout. No averaging here.
 
-Every layout is listed once, in ``layouts.LAYOUTS``; discovery loops over it.
+Every layout is known through the registry (:func:`layouts`, :func:`register`); discovery asks it alone.
 """
 
 from ema_average.checkpoints.base import (
@@ -12,17 +12,16 @@ from ema_average.checkpoints.base import (
     StepInfo,
     TensorSpec,
 )
-from ema_average.checkpoints.dcp_folder import DcpCheckpoint
-from ema_average.checkpoints.deepspeed_folder import DeepSpeedCheckpoint
-from ema_average.checkpoints.discover import Run, discover, find_run, validate_run
-from ema_average.checkpoints.hf_folder import HfFolderCheckpoint
-from ema_average.checkpoints.layouts import LAYOUTS
-from ema_average.checkpoints.safetensors_file import SafetensorsCheckpoint
-from ema_average.checkpoints.steps import step_from_name
-from ema_average.checkpoints.torch_file import TorchCheckpoint
+from ema_average.checkpoints.contents.steps import step_from_name
+from ema_average.checkpoints.discovery.discover import Run, discover, find_run, validate_run
+from ema_average.checkpoints.layouts.dcp_folder import DcpCheckpoint
+from ema_average.checkpoints.layouts.deepspeed_folder import DeepSpeedCheckpoint
+from ema_average.checkpoints.layouts.safetensors_file import SafetensorsCheckpoint
+from ema_average.checkpoints.layouts.save_pretrained import HfFolderCheckpoint
+from ema_average.checkpoints.layouts.torch_file import TorchCheckpoint
+from ema_average.checkpoints.registry import layouts, register
 
 __all__ = [
-    "LAYOUTS",
     "Checkpoint",
     "DcpCheckpoint",
     "DeepSpeedCheckpoint",
@@ -38,6 +37,8 @@ __all__ = [
     "TorchCheckpoint",
     "discover",
     "find_run",
+    "layouts",
+    "register",
     "step_from_name",
     "validate_run",
 ]

@@ -16,24 +16,11 @@ from typing import ClassVar, Literal
 
 import torch
 
+from ema_average.checkpoints.contents.steps import StepInfo, step_from_name
+from ema_average.checkpoints.safetensors_format import TensorSpec
 from ema_average.errors import CheckpointError
-from ema_average.safetensors_format import TensorSpec
 
 _LFS_POINTER = b"version https://git-lfs.github.com/spec/"
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    """A training step and where it was found, e.g. ``(1200, "metadata:global_step")``.
-
-    ``counter`` marks a number that counts saves or epochs rather than optimizer steps (accelerate's
-    ``checkpoint_K``, timm's ``epoch``, torchtune's ``epoch_E``): the plan flags it, and ``step_every``
-    turns it into a step.
-    """
-
-    step: int
-    origin: str
-    counter: bool = False
 
 
 @dataclass(frozen=True)
@@ -47,10 +34,33 @@ class OpenOptions:
 
 @dataclass(frozen=True)
 class Layout:
-    """One checkpoint layout as discovery sees it: what it claims, how it opens, how it is described.
+    """One checkpoint layout as discovery sees it: what it claims, how it opens, how it is described, and
+    the optional hooks a folder layout answers (each None where the layout has nothing to say).
 
     ``unit`` says whether it claims files or folders; ``claims`` is cheap (names and stats only, never
     unpickling); ``looked_for`` completes "no checkpoints found; looked for ...".
+
+    A step of a run is often a folder around other layouts' checkpoints (the HF Trainer's ``checkpoint-N/``
+    around a DeepSpeed ``global_stepN/``, a diffusers ``checkpoint-N/`` around ``unet/`` and ``unet_ema/``).
+    Discovery knows layouts only through the registry and asks these hooks of whichever layouts have them:
+
+    - ``models(folder)``: the models ``folder`` holds directly, as (name, the file that opens it), preferred
+      first: how a step folder's own weights are named for ``--submodel`` and listed in notices;
+    - ``side_step(folder)``: a step from the files a trainer writes beside the weights (any step folder
+      is asked, not only the ones this layout claims);
+    - ``side_step_problem(folder)``: why such a file gave no step, for the plan;
+    - ``name_step(folder)``: the step a folder's name carries where the layout knows its naming (a count of
+      saves rather than steps); discovery falls back to the name patterns of ``contents/steps.py``;
+    - ``own_model(folder, names)``: the folder's own save as its library loads it, where the weights read
+      from another layout inside it (tensor ``names``) are that model: what a folder output copies;
+    - ``own_folders(folder)``: the sub-folders that are part of the checkpoint (a sentence-transformers
+      model's module folders): discovery does not search them for more models;
+    - ``side_folder(folder)``: why a folder this layout claims, found beside other models in a step
+      folder, is a trainer's side folder and not a model (optimizer state only), or None: discovery
+      skips it with a notice, where another model remains.
+
+    ``before`` names the layout this one must be asked before, for one another package declares through
+    the ``ema_average.layouts`` entry points (``register(layout, before=...)`` in process).
     """
 
     name: str
@@ -58,6 +68,14 @@ class Layout:
     looked_for: str
     claims: Callable[[Path], bool]
     open: Callable[[Path, OpenOptions], Checkpoint]
+    models: Callable[[Path], list[tuple[str, Path]]] | None = None
+    side_step: Callable[[Path], StepInfo | None] | None = None
+    side_step_problem: Callable[[Path], str | None] | None = None
+    name_step: Callable[[Path], StepInfo | None] | None = None
+    own_model: Callable[[Path, set[str]], SavedModel | None] | None = None
+    own_folders: Callable[[Path], list[str]] | None = None
+    side_folder: Callable[[Path], str | None] | None = None
+    before: str | None = None
 
 
 @dataclass
@@ -144,8 +162,6 @@ class Checkpoint(ABC):
 
     def name_step(self) -> StepInfo | None:
         """The step its file or folder name carries; layouts that know a name is a counter say so."""
-        from ema_average.checkpoints.steps import step_from_name
-
         return step_from_name(self.path)
 
     def aliases(self) -> dict[str, str]:

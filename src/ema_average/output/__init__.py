@@ -6,12 +6,12 @@ sharded output folder; ``commit`` several outputs named together. The rest of th
 from here.
 """
 
+from ema_average._platform.fs import temp_name
+from ema_average._platform.output_lock import OutputLock, remove_stale_temporaries
+from ema_average.checkpoints.safetensors_format import TensorEntry, TensorSpec, name_problem
 from ema_average.output.commit import commit_together
 from ema_average.output.file import SafetensorsWriter
 from ema_average.output.folder import ShardedWriter
-from ema_average.output.fs import temp_name
-from ema_average.output.lock import OutputLock, remove_stale_temporaries
-from ema_average.safetensors_format import TensorEntry, TensorSpec, name_problem
 
 __all__ = [
     "OutputLock",

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from ema_average._platform.signals import deferred
 from ema_average.errors import OutputError
 from ema_average.output.file import SafetensorsWriter
 from ema_average.output.folder import ShardedWriter
-from ema_average.signals import deferred
 
 
 def commit_together(

@@ -26,11 +26,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ema_average.errors import OutputError
-from ema_average.output import fs
-from ema_average.output.lock import writer_lock
-from ema_average.output.pool import OpenFiles
-from ema_average.safetensors_format import (
+from ema_average._platform import fs
+from ema_average._platform.open_files import OpenFiles
+from ema_average._platform.output_lock import writer_lock
+from ema_average.checkpoints.safetensors_format import (
     DTYPE_NAMES,
     TensorEntry,
     build_header,
@@ -38,6 +37,7 @@ from ema_average.safetensors_format import (
     safetensors_order,
     utf8_problem,
 )
+from ema_average.errors import OutputError
 
 
 def check_entries(path: Path, entries: Sequence[TensorEntry]) -> None:

@@ -22,14 +22,14 @@ from typing import NoReturn
 
 import torch
 
-from ema_average.checkpoints.safetensors_file import MARKER_FILE, TOOL_MARKER_KEY, marked_json
+from ema_average._platform import fs
+from ema_average._platform.open_files import OpenFiles, shard_files_limit
+from ema_average._platform.output_lock import writer_lock
+from ema_average.checkpoints.contents.own_outputs import MARKER_FILE, TOOL_MARKER_KEY, marked_json
+from ema_average.checkpoints.safetensors_format import TensorEntry, read_header, safetensors_order
 from ema_average.errors import CheckpointError, OutputError
-from ema_average.output import fs
 from ema_average.output.file import SafetensorsWriter, check_entries, check_metadata
-from ema_average.output.lock import writer_lock
-from ema_average.output.pool import OpenFiles, shard_files_limit
 from ema_average.output.torch_file import TorchFileWriter
-from ema_average.safetensors_format import TensorEntry, read_header, safetensors_order
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
+from ema_average._platform import fs
+from ema_average.checkpoints.safetensors_format import TensorEntry
 from ema_average.errors import OutputError
-from ema_average.output import fs
-from ema_average.safetensors_format import TensorEntry
 
 _CRC_BLOCK = 8 * 2**20
 _LOCAL_HEADER = 30  # bytes of a zip local file header before its name and extra field

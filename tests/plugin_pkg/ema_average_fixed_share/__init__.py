@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ema_average import MovingAverage
-from ema_average.decay_rules import DecayRule, Setting, check_unit
+from ema_average.engine.decay_rules import DecayRule, Setting, check_unit
 
 
 @dataclass(frozen=True)

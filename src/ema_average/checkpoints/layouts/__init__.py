@@ -1,0 +1,1 @@
+"""The built-in checkpoint layouts, one module per format, registered in discovery's order."""
