@@ -352,7 +352,6 @@ def test_declared_tables_by_hand() -> None:
 def test_a_rule_without_a_table_takes_its_dataclass_fields() -> None:
     @dataclasses.dataclass(frozen=True)
     class Shares(DecayRule):
-        average_name = "test-shares"
         keep: float = 0.5
         floor: float = 0.0
 
@@ -371,6 +370,6 @@ def test_a_rule_without_a_table_takes_its_dataclass_fields() -> None:
         Shares.from_options(keep="x")  # type: ignore[arg-type]
     with pytest.raises(
         ConfigurationError,
-        match=r"^--decay does not apply to the test-shares average \(it takes --keep, --floor\)$",
+        match=r"^--decay does not apply to the Shares average \(it takes --keep, --floor\)$",
     ):
         Shares.from_options(decay=0.9)

@@ -308,7 +308,6 @@ def test_registry() -> None:
     class HalfRule(DecayRule):
         """Every update halves the old average's weight; over a gap of n steps, 0.5 ** n."""
 
-        average_name = "test-half"
         weight: float = 0.5
 
         def at(self, num_updates: int | None, count: int) -> float:

@@ -247,7 +247,6 @@ def equal_weights() -> Iterator[str]:
 
     @dataclasses.dataclass(frozen=True)
     class EveryOneRule(DecayRule):
-        average_name = "test-every-one"
         has_gap_product = False
         weighs_equally = True
 

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import torch
 
-from ema_average.engine.decay_rules import ExponentialRule, PowerRule, UniformRule
+from ema_average.engine.decay_rules import DecayRule, ExponentialRule, PowerRule, UniformRule
 from ema_average.engine.dtensor_layouts import is_dtensor, local_part
 from ema_average.engine.fits import check_fits
 from ema_average.engine.kernel import ema_update_, shadow_dtype
 from ema_average.engine.moving_average import ENTRY_POINT_GROUP, MovingAverage, Values
 from ema_average.engine.parameters import NamedParameter, Parameters
+from ema_average.errors import ConfigurationError
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -44,6 +45,20 @@ __all__ = [
     "local_part",
     "shadow_dtype",
 ]
+
+
+def rule_or_settings(
+    average: MovingAverage, rule: DecayRule | None, given: dict[str, float], defaults: DecayRule | None
+) -> DecayRule:
+    """The rule a constructor was given (how :meth:`MovingAverage.with_rule` builds every average, through
+    its own ``__init__``), else the one its settings make; both at once is refused, never one ignored."""
+    if rule is None:
+        return average.make_rule(**given)
+    if given and (defaults is None or average.make_rule(**given) != defaults):
+        raise ConfigurationError(
+            f"give the {average.registered_name} average a rule or its settings, not both"
+        )
+    return rule
 
 
 @MovingAverage.register("exponential")
@@ -66,10 +81,12 @@ class ExponentialMovingAverage(MovingAverage):
         numerator: float = ExponentialRule.numerator,
         denominator: float = ExponentialRule.denominator,
         *,
+        rule: ExponentialRule | None = None,
         device: torch.device | str | None = None,
         average_dtype: torch.dtype | None = None,
     ) -> None:
-        rule = self.make_rule(decay=decay, numerator=numerator, denominator=denominator)
+        given = {"decay": decay, "numerator": numerator, "denominator": denominator}
+        rule = rule_or_settings(self, rule, given, ExponentialRule())
         super().__init__(parameters, rule=rule, device=device, average_dtype=average_dtype)
 
     @property
@@ -98,10 +115,12 @@ class UniformMovingAverage(MovingAverage):
         self,
         parameters: Parameters,
         *,
+        rule: UniformRule | None = None,
         device: torch.device | str | None = None,
         average_dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(parameters, rule=self.make_rule(), device=device, average_dtype=average_dtype)
+        rule = rule_or_settings(self, rule, {}, UniformRule())
+        super().__init__(parameters, rule=rule, device=device, average_dtype=average_dtype)
 
 
 @MovingAverage.register("power")
@@ -120,9 +139,10 @@ class PowerFunctionMovingAverage(MovingAverage):
         gamma: float | None = None,
         sigma_rel: float | None = None,
         *,
+        rule: PowerRule | None = None,
         device: torch.device | str | None = None,
         average_dtype: torch.dtype | None = None,
     ) -> None:
         given = {k: v for k, v in (("gamma", gamma), ("sigma_rel", sigma_rel)) if v is not None}
-        rule = self.make_rule(**given)
+        rule = rule_or_settings(self, rule, given, None)
         super().__init__(parameters, rule=rule, device=device, average_dtype=average_dtype)

@@ -78,7 +78,9 @@ def flag_of(name: str) -> str:
 class DecayRule(ABC):
     """The decay of each update of one kind of average."""
 
-    average_name: ClassVar[str] = "?"  # how errors name the average this rule belongs to
+    # How errors name the average this rule belongs to: set once, by ``MovingAverage.register(name)``, so
+    # the name lives in one place (a rule no average has registered is named by its class).
+    average_name: ClassVar[str] = ""
     # The settings a user may give; None: the dataclass fields, each with its default, each a list.
     parameters: ClassVar[tuple[Setting, ...] | None] = None
     # Whether every checkpoint gets the same weight (the plan then has no "first one dominates" note).
@@ -163,7 +165,7 @@ def _refuse_foreign(rule: type[DecayRule], options: dict[str, float], known: tup
         flags = ", ".join(flag_of(name) for name in foreign)
         takes = ", ".join(flag_of(name) for name in known) or "no settings"
         raise ConfigurationError(
-            f"{flags} does not apply to the {rule.average_name} average (it takes {takes})"
+            f"{flags} does not apply to the {rule.average_name or rule.__name__} average (it takes {takes})"
         )
 
 
@@ -171,7 +173,6 @@ def _refuse_foreign(rule: type[DecayRule], options: dict[str, float], known: tup
 class ExponentialRule(DecayRule):
     """The seed's rule: ``min(decay, (numerator + n) / (denominator + n))`` (TensorFlow's warm-up)."""
 
-    average_name: ClassVar[str] = "exponential"
     parameters: ClassVar[tuple[Setting, ...]] = (
         Setting(
             "decay",
@@ -285,7 +286,6 @@ class ExponentialRule(DecayRule):
 class UniformRule(DecayRule):
     """The arithmetic mean: the k-th value added gets weight 1/k (fairseq's and OpenNMT's averaging)."""
 
-    average_name: ClassVar[str] = "uniform"
     has_gap_product: ClassVar[bool] = False
     weighs_equally: ClassVar[bool] = True
 
@@ -305,7 +305,6 @@ class PowerRule(DecayRule):
     Over a gap the product telescopes: ``prod (k - 1) / k`` for k in (a, b] is ``a / b``.
     """
 
-    average_name: ClassVar[str] = "power"
     default_sigma_rel: ClassVar[float] = 0.05  # EDM2's shorter profile; gamma 16.97
     parameters: ClassVar[tuple[Setting, ...]] = (
         Setting(

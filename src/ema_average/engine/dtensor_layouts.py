@@ -48,7 +48,7 @@ def local_part(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class Layout:
+class DTensorLayout:
     """How a DTensor parameter is spread over ranks, so its average goes back out as a like DTensor.
 
     The global shape and stride are kept, never inferred from the local shard: FSDP2 shards dim 0
@@ -61,7 +61,7 @@ class Layout:
     stride: tuple[int, ...]
 
     @classmethod
-    def of(cls, name: str, tensor: torch.Tensor) -> Layout | None:
+    def of(cls, name: str, tensor: torch.Tensor) -> DTensorLayout | None:
         if not is_dtensor(tensor):
             return None
         placements = tuple(tensor.placements)  # type: ignore[attr-defined]

@@ -3,7 +3,7 @@
 Its own module because it is the one class users meet: construction, ``apply``/``update``, swapping the
 averages in and out, reading and saving. The storage (buckets), the kernel, DTensor layouts, parameter
 slots and state checks it relies on each live in a sibling module; the averages themselves (exponential,
-uniform, power) are registered in the package's ``__init__``.
+uniform, power) are registered in :mod:`.averages`.
 
 This package knows nothing of files or of the command line.
 """
@@ -20,7 +20,7 @@ import torch
 from ema_average import plugins
 from ema_average.engine.buckets import SHAPE, Bucket, HostUpdates, describe, make_buckets
 from ema_average.engine.decay_rules import DecayRule, check_unit
-from ema_average.engine.dtensor_layouts import Layout, is_dtensor, local_part, whole
+from ema_average.engine.dtensor_layouts import DTensorLayout, is_dtensor, local_part, whole
 from ema_average.engine.kernel import checked_average_dtype, ema_update_, moved, rounding_seed
 from ema_average.engine.parameters import (
     NamedParameter,
@@ -64,7 +64,7 @@ class MovingAverage:
 
     A new average is one registered subclass that names its ``rule_type`` (a :class:`DecayRule`, which
     says the decay of each update and builds itself from named settings); an ``__init__`` that spells
-    those settings out is optional. The storage, the update kernel, swapping and saving live here, once,
+    those settings out is optional (it takes ``rule=`` beside them, as :meth:`with_rule` builds through it). The storage, the update kernel, swapping and saving live here, once,
     and the offline command finds the class and its rule through the registry alone.
     """
 
@@ -82,6 +82,9 @@ class MovingAverage:
                 raise ConfigurationError(f"a moving average named {name!r} is already registered")
             MovingAverage._registry[name] = subclass
             subclass.registered_name = name
+            rule_type = getattr(subclass, "rule_type", None)  # None on an abstract base
+            if rule_type is not None and not rule_type.average_name:
+                rule_type.average_name = name  # the rule's errors name the average as registered
             return subclass
 
         return add
@@ -129,7 +132,7 @@ class MovingAverage:
         items = named_tensors(parameters)
         self._names = [name for name, _ in items]
         self._params: list[torch.Tensor] | None = [t for _, t in items]
-        self._layouts = [Layout.of(name, t) for name, t in items]  # None for a plain tensor
+        self._layouts = [DTensorLayout.of(name, t) for name, t in items]  # None for a plain tensor
         self._device = torch.device(device) if device is not None else None
         self._buckets = make_buckets(self._params, self._device, self.average_dtype)
         self._shadows: list[torch.Tensor] = [torch.empty(0)] * len(self._params)
@@ -158,12 +161,12 @@ class MovingAverage:
         device: torch.device | str | None = None,
         average_dtype: torch.dtype | None = None,
     ) -> MovingAverage:
-        """An average of this class with a rule built elsewhere, whatever the class's own signature."""
+        """An average of this class with a rule built elsewhere, through the class's own constructor: every
+        average takes ``rule=`` (``MovingAverage.__init__`` does; one that spells its settings out in an
+        ``__init__`` of its own accepts ``rule=`` beside them)."""
         if not isinstance(rule, cls.rule_type):
             raise ConfigurationError(f"a {cls.registered_name!r} average needs a {cls.rule_type.__name__}")
-        average = cls.__new__(cls)
-        MovingAverage.__init__(average, parameters, rule=rule, device=device, average_dtype=average_dtype)
-        return average
+        return cls(parameters, rule=rule, device=device, average_dtype=average_dtype)
 
     @classmethod
     def from_tensors(
@@ -277,7 +280,7 @@ class MovingAverage:
             )
         layout = self._layouts[i]
         if (layout is None) != (not is_dtensor(new)) or (
-            layout is not None and Layout.of(name, new) != layout
+            layout is not None and DTensorLayout.of(name, new) != layout
         ):
             raise ParameterError(
                 f"parameter {name!r} was replaced by one sharded otherwise; build a new average for it "

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ema_average.engine.decay_rules import DecayRule
-from ema_average.engine.dtensor_layouts import Layout, is_dtensor
+from ema_average.engine.dtensor_layouts import DTensorLayout, is_dtensor
 from ema_average.errors import AverageStateError, ConfigurationError
 
 MISSING = object()
@@ -47,7 +47,7 @@ def _settings_text(rule: DecayRule) -> str:
 
 
 def checked_averages(
-    saved: object, names: Sequence[str], shapes: Sequence[torch.Size], layouts: Sequence[Layout | None]
+    saved: object, names: Sequence[str], shapes: Sequence[torch.Size], layouts: Sequence[DTensorLayout | None]
 ) -> Mapping[str, torch.Tensor]:
     """The state's averages, each checked to load into its own: same names, global shapes, a
     floating-point dense tensor with data (not on the meta device), a DTensor on this mesh."""

@@ -17,7 +17,6 @@ from ema_average.engine.decay_rules import DecayRule, Setting, check_unit
 class FixedShareRule(DecayRule):
     """Decay ``keep`` at every update; over a gap of n steps, ``keep ** n``."""
 
-    average_name: ClassVar[str] = "fixed-share"
     parameters: ClassVar[tuple[Setting, ...]] = (
         Setting("keep", 0.5, "Share of the old average each update keeps."),
         Setting(

@@ -47,9 +47,9 @@ from ema_average.checkpoints.base import (
 from ema_average.checkpoints.contents.steps import checked_step
 from ema_average.checkpoints.contents.torch_objects import checked_name
 from ema_average.checkpoints.layouts.deepspeed_zero import (
+    FlatSlice,
     NotLaidOutIn,
     Opened,
-    Piece,
     Source,
     alignment_paddings,
     buffer_names,
@@ -278,7 +278,7 @@ class DeepSpeedCheckpoint(Checkpoint):
             if self.stage < 3:
                 found[name] = frozen_whole(main.path, name, frags[0], dims)
             else:  # each fragment flattened, end to end: a read copies at most what the files hold
-                pieces = [Piece(f, 0, f.numel()) for f in frags]
+                pieces = [FlatSlice(f, 0, f.numel()) for f in frags]
                 found[name] = Source(dims, frags[0].dtype, trim(main.path, name, pieces, math.prod(dims)))
         return found
 

@@ -1,7 +1,7 @@
 """Where each value of a DeepSpeed save lies: pieces of its files, and the ZeRO partition geometry.
 
 :mod:`deepspeed_folder` finds a tag folder's files and reads them; this module says, for each output
-tensor, which saved tensors hold its values and where (a :class:`Source` of :class:`Piece` s of
+tensor, which saved tensors hold its values and where (a :class:`Source` made of :class:`FlatSlice` pieces of
 :class:`Held` tensors), as DeepSpeed's ``zero_to_fp32.py`` rebuilds them: ZeRO-1/2 parameters lie end to
 end in each group's fp32 vector (the ranks' partitions concatenated, each parameter followed by its
 alignment padding); ZeRO-3 cuts every parameter in ``world`` equal slices, slice r in rank r's flat groups.
@@ -87,7 +87,7 @@ class Opened:
 
 
 @dataclass(frozen=True)
-class Piece:
+class FlatSlice:
     """``length`` elements of a tensor (flattened) from ``start``."""
 
     flat: Held
@@ -101,14 +101,14 @@ class Source:
 
     shape: tuple[int, ...]
     dtype: torch.dtype
-    pieces: list[Piece]
+    pieces: list[FlatSlice]
 
 
 def whole_source(opened: Opened, name: str, tensor: torch.Tensor, *, to_fp32: bool = False) -> Source:
     """A tensor saved whole; ``to_fp32`` reads a floating one as float32 (buffers, as zero_to_fp32 does)."""
     held = opened.held(name, tensor)
     dtype = torch.float32 if to_fp32 and tensor.is_floating_point() else tensor.dtype
-    return Source(tuple(tensor.shape), dtype, [Piece(held, 0, held.numel())])
+    return Source(tuple(tensor.shape), dtype, [FlatSlice(held, 0, held.numel())])
 
 
 def frozen_whole(file: Path, name: str, fragment: Held, dims: tuple[int, ...]) -> Source:
@@ -119,7 +119,7 @@ def frozen_whole(file: Path, name: str, fragment: Held, dims: tuple[int, ...]) -
             f"has frozen parameter {name!r} of shape {list(dims)} but {fragment.numel()} saved values "
             f"(frozen_param_fragments, shape {list(fragment.tensor.shape)}); damaged?",
         )
-    return Source(dims, fragment.dtype, [Piece(fragment, 0, fragment.numel())])
+    return Source(dims, fragment.dtype, [FlatSlice(fragment, 0, fragment.numel())])
 
 
 def module_sources(main: Opened, module: Mapping[str, Any]) -> dict[str, Source]:
@@ -249,7 +249,7 @@ def check_ranks(path: Path, what: str, files: dict[int, Path], world: int) -> No
         raise CheckpointError(path, f"holds the {what} of ranks {ranks[:8]}, not of ranks 0-{world - 1}")
 
 
-def _span(parts: list[Held], start: int, length: int) -> list[Piece]:
+def _span(parts: list[Held], start: int, length: int) -> list[FlatSlice]:
     """The pieces covering ``[start, start + length)`` of the concatenation of ``parts``."""
     pieces = []
     base = 0
@@ -257,18 +257,18 @@ def _span(parts: list[Held], start: int, length: int) -> list[Piece]:
         size = part.numel()
         lo, hi = max(start, base), min(start + length, base + size)
         if lo < hi:
-            pieces.append(Piece(part, lo - base, hi - lo))
+            pieces.append(FlatSlice(part, lo - base, hi - lo))
         base += size
     return pieces
 
 
-def trim(file: Path, name: str, pieces: list[Piece], numel: int) -> list[Piece]:
+def trim(file: Path, name: str, pieces: list[FlatSlice], numel: int) -> list[FlatSlice]:
     """The first ``numel`` elements of ``pieces`` (dropping the partition padding)."""
     kept, total = [], 0
     for piece in pieces:
         take = min(piece.length, numel - total)
         if take > 0:
-            kept.append(Piece(piece.flat, piece.start, take))
+            kept.append(FlatSlice(piece.flat, piece.start, take))
             total += take
     if total != numel:
         raise CheckpointError(file, f"holds {total} values for {name!r}, which needs {numel}")
