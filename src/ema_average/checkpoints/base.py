@@ -10,12 +10,13 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
 
+from ema_average.checkpoints.contents.parts import ModelChoice
 from ema_average.checkpoints.contents.steps import StepInfo, step_from_name
 from ema_average.checkpoints.safetensors_format import TensorSpec
 from ema_average.errors import CheckpointError
@@ -76,24 +77,6 @@ class Layout:
     own_folders: Callable[[Path], list[str]] | None = None
     side_folder: Callable[[Path], str | None] | None = None
     before: str | None = None
-
-
-@dataclass
-class ModelChoice:
-    """Which of the models in a unit was read, and how to read each of the others instead."""
-
-    read: str
-    others: dict[str, str] = field(default_factory=dict)  # name -> the flag that reads it
-    average: bool = False  # what was read is itself an average (no raw weights were found)
-    beside: str = ""  # what else the unit holds that is no model (optimizer, scheduler, trainer state)
-
-    def describe(self) -> str:
-        what = self.read
-        if self.average:  # asked for by name beside the raw weights, or all the unit holds
-            what += " (an average)" if self.others else " (an average: no raw weights found beside it)"
-        also = ", ".join(f"{name} ({flag})" for name, flag in self.others.items())
-        text = f"read {what}" + (f"; also here: {also}" if also else "")
-        return text + (f"; not averaged: {self.beside}" if self.beside else "")
 
 
 @dataclass(frozen=True)

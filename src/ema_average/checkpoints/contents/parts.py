@@ -43,6 +43,24 @@ KeyPath = tuple[str, ...]
 
 
 @dataclass
+class ModelChoice:
+    """Which of the models in a unit was read, and how to read each of the others instead."""
+
+    read: str
+    others: dict[str, str] = field(default_factory=dict)  # name -> the flag that reads it
+    average: bool = False  # what was read is itself an average (no raw weights were found)
+    beside: str = ""  # what else the unit holds that is no model (optimizer, scheduler, trainer state)
+
+    def describe(self) -> str:
+        what = self.read
+        if self.average:  # asked for by name beside the raw weights, or all the unit holds
+            what += " (an average)" if self.others else " (an average: no raw weights found beside it)"
+        also = ", ".join(f"{name} ({flag})" for name, flag in self.others.items())
+        text = f"read {what}" + (f"; also here: {also}" if also else "")
+        return text + (f"; not averaged: {self.beside}" if self.beside else "")
+
+
+@dataclass
 class Part(Generic[Leaf]):
     """One thing a checkpoint holds: where it sits (``key``, dotted, ``""`` for the top level), what it is,
     and its tensors under names relative to ``key``."""

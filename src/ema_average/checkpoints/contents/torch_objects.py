@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from ema_average.checkpoints.base import ModelChoice
 from ema_average.checkpoints.contents.keys import STATE_DICT_KEYS, is_ema_name
 from ema_average.checkpoints.contents.parts import (
     KeyPath,
     Kind,
+    ModelChoice,
     Part,
     described,
     mirrors,

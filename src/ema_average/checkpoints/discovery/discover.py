@@ -21,9 +21,9 @@ import torch
 from ema_average.checkpoints.base import Checkpoint, OpenOptions, TensorSpec
 from ema_average.checkpoints.contents.keys import FOREIGN_SUFFIXES, is_ema_name
 from ema_average.checkpoints.contents.own_outputs import in_marked_folder
-from ema_average.checkpoints.contents.renamed import stripped_of, with_model_names
 from ema_average.checkpoints.contents.steps import natural_key
 from ema_average.checkpoints.discovery.model_folders import open_unit
+from ema_average.checkpoints.discovery.renamed import stripped_of, with_model_names
 from ema_average.checkpoints.discovery.run_folder import Unit, scan
 from ema_average.checkpoints.discovery.run_folder import (
     candidates as candidates,  # watch and tests import these here
