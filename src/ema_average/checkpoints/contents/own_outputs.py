@@ -16,7 +16,7 @@ TOOL_MARKER_KEY = "ema_average_version"
 # Beside a folder output's torch weights, which carry no metadata: the run's metadata under that key. A
 # folder holding it is an output of this tool, whatever else it holds (lit_model.pth).
 MARKER_FILE = "ema_average.json"
-# What a post-hoc EMA snapshot records of its profile (ema_average.posthoc): one of these, beside its step.
+# What a post-hoc EMA snapshot records of its profile (written by :mod:`ema_average.online.posthoc_training`): one of these, beside its step.
 POSTHOC_KEYS = ("posthoc_gamma", "posthoc_sigma_rel")
 
 
