@@ -160,3 +160,54 @@ def test_the_checks_see_the_whole_package() -> None:
     } <= set(GRAPH)
     assert "ema_average.engine.kernel" in GRAPH["ema_average.engine.moving_average"]
     assert len(GRAPH) > 80
+
+
+# The picture in docs/imports.md ---------------------------------------------------------------------------
+
+
+def _reduced() -> dict[str, set[str]]:
+    """The graph with every import implied by a longer path left out (a transitive reduction: the same
+    layering, a readable picture)."""
+    reach: dict[str, set[str]] = {}
+
+    def reachable(v: str) -> set[str]:
+        if v not in reach:
+            reach[v] = set().union(*({w} | reachable(w) for w in GRAPH[v])) if GRAPH[v] else set()
+        return reach[v]
+
+    return {v: {w for w in GRAPH[v] if not any(w in reachable(u) for u in GRAPH[v] - {w})} for v in GRAPH}
+
+
+def _room(name: str) -> str:
+    prefixes = LAYERS[layer_of(name)]
+    return max((p for p in prefixes if name == p or name.startswith(p + ".")), key=len)
+
+
+def mermaid() -> str:
+    """docs/imports.md's picture: the modules as boxes in their rooms (top to bottom as ``LAYERS``), an arrow
+    for each import not implied by others."""
+    node = {name: name.replace(".", "_") for name in GRAPH}
+    lines = ["flowchart TB"]
+    for prefixes in LAYERS:
+        for prefix in prefixes:
+            members = sorted(n for n in GRAPH if _room(n) == prefix)
+            if not members:
+                continue
+            lines.append(f'  subgraph {node.get(prefix, prefix.replace(".", "_"))}_room["{prefix}"]')
+            lines += [f'    {node[n]}["{n.removeprefix(prefix + ".") or n}"]' for n in members]
+            lines.append("  end")
+    reduced = _reduced()
+    lines += [f"  {node[v]} --> {node[w]}" for v in sorted(reduced) for w in sorted(reduced[v])]
+    return "\n".join(lines) + "\n"
+
+
+def test_the_picture_in_the_docs_is_the_graph() -> None:
+    """docs/imports.md shows the imports as they stand (regenerate: ``python tests/test_import_layers.py``)."""
+    text = (SRC.parent / "docs" / "imports.md").read_text()
+    assert f"```mermaid\n{mermaid()}```" in text
+
+
+if __name__ == "__main__":
+    page = SRC.parent / "docs" / "imports.md"
+    head = page.read_text().split("```mermaid")[0] if page.exists() else "# The import graph\n\n"
+    page.write_text(f"{head}```mermaid\n{mermaid()}```\n")
