@@ -205,6 +205,7 @@ def kind_of_key(key: str) -> str | None:
         return "average"
     return None
 
+
 # What transformers, PEFT and diffusers read beside the weights (configs, tokenizers): the side files a
 # folder output of a layout built on them may copy; nothing else is ever copied. litgpt's
 # ``copy_config_files`` copies the same tokenizer files and ``config.json``.
