@@ -4,7 +4,8 @@ Three sources, one list: the built-in layouts (named below, loaded by module pat
 none of them and a layout may open its leaf files through :func:`open_weights_file`), the layouts other
 installed packages declare under the entry-point group ``ema_average.layouts`` (``name = "module:LAYOUT"``),
 and those registered in process with :func:`register`. Folder layouts come first (a folder one claims is
-one checkpoint and is not searched further), then file layouts; ``before=`` puts a layout ahead of a named
+one checkpoint: its files are its own, its sub-folders too where its ``own_folders`` names them; others are
+searched for more), then file layouts; ``before=`` puts a layout ahead of a named
 one (a third-party folder layout whose folders also hold a ``model.safetensors`` goes before ``hf-folder``).
 A layout declared by a package without ``before`` sits after the built-ins of its unit.
 
