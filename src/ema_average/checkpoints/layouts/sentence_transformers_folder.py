@@ -176,7 +176,8 @@ class SentenceTransformersCheckpoint(Checkpoint):
         shards only where the module was saved in shards (the library loads the others, ``Dense``,
         ``StaticEmbedding``, from one file, reading no index), each module's configs beside them and
         ``modules.json`` on top, so ``SentenceTransformer(DIR)`` builds the same model."""
-        weights, side = [], []
+        weights: list[SavedWeights] = []
+        side: list[str] = []
         for folder, part in self._modules:
             saved = part.saved_model if part is not None else None
             into = f"{folder}/" if folder else ""
