@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from ema_average.checkpoints.contents.keys import LOADER_FILES
 from ema_average.cli.app import app
 from ema_average.errors import CheckpointError, ConfigurationError, OutputError
 from ema_average.offline.options import RunOptions
@@ -142,7 +143,7 @@ def test_transformers_folder_loads_with_from_pretrained(tmp_path: Path) -> None:
     latest = tmp_path / "run" / "checkpoint-6"
     copied = {"config.json", "generation_config.json"} | TOKENIZER_FILES
     assert copied <= files(latest)
-    assert files(out) == {"model.safetensors"} | (files(latest) & set(output_folder.SIDE_FILES))
+    assert files(out) == {"model.safetensors"} | (files(latest) & set(LOADER_FILES))
     for name in files(out) - {"model.safetensors"}:
         assert (out / name).read_bytes() == (latest / name).read_bytes(), name
 

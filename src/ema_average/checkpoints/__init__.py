@@ -9,6 +9,7 @@ from ema_average.checkpoints.base import (
     ModelChoice,
     OpenOptions,
     SavedModel,
+    SavedWeights,
     StepInfo,
     TensorSpec,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "Run",
     "SafetensorsCheckpoint",
     "SavedModel",
+    "SavedWeights",
     "StepInfo",
     "TensorSpec",
     "TorchCheckpoint",

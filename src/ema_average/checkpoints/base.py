@@ -39,7 +39,10 @@ class Layout:
     the optional hooks a folder layout answers (each None where the layout has nothing to say).
 
     ``unit`` says whether it claims files or folders; ``claims`` is cheap (names and stats only, never
-    unpickling); ``looked_for`` completes "no checkpoints found; looked for ...".
+    unpickling); ``looked_for`` completes "no checkpoints found; looked for ...". ``open`` gives the reading
+    side; the writing side, how a folder output gives the model back in the layout's shape (weights files,
+    sub-folders, prefixes, the side files it may copy), is the checkpoint's ``saved_model``, a
+    :class:`SavedModel` the layout fills.
 
     A step of a run is often a folder around other layouts' checkpoints (the HF Trainer's ``checkpoint-N/``
     around a DeepSpeed ``global_stepN/``, a diffusers ``checkpoint-N/`` around ``unet/`` and ``unet_ema/``).
@@ -80,14 +83,47 @@ class Layout:
 
 
 @dataclass(frozen=True)
+class SavedWeights:
+    """One weights file of a model as its library saves it, where a folder output writes it back: its name,
+    the sub-folder it lies in (``""``: the top), the prefix its tensors carry in the checkpoint read (stored
+    in the file without it: a sentence-transformers module's ``2_Dense/linear.weight`` is
+    ``2_Dense/model.safetensors``'s ``linear.weight``), its largest shard's bytes where it was sharded, and
+    whether its library reads shards behind an index at all (``--max-shard-size`` splits only those). A
+    ``.safetensors`` name is written in safetensors; any other name as one ``torch.save`` of the plain
+    state dict (litgpt's ``lit_model.pth``)."""
+
+    name: str
+    folder: str = ""
+    prefix: str = ""
+    shard_bytes: int | None = None
+    shardable: bool = True
+
+
+@dataclass(frozen=True)
 class SavedModel:
-    """Where the model read lives as ``save_pretrained`` wrote it, so a folder output can be named and
-    completed as its library loads it: the folder holding its weights and side files (``config.json``...),
-    the safetensors name its library looks for, and the largest shard's bytes where it was sharded."""
+    """How the model read is saved, so that a folder output (``-o DIR``) gives it back in the shape its
+    library loads: a layout's writing side, declared as data (the output code names no layout).
+
+    - ``folder``: the model's folder, where its side files are found;
+    - ``weights_name`` / ``shard_bytes``: its one weights file (sharded behind an index when the input was),
+      or ``weights``: several weights files instead, each routed by the prefix of the tensors it holds;
+    - ``folders``: sub-folders the output has even when empty (a module with neither weights nor config);
+    - ``side_files``: the only files copied beside the weights, as names in the output (``config.json``,
+      ``2_Dense/config.json``), each from ``folder / name`` where it is there, else from ``fallback /
+      name`` (litgpt's ``final/``); every one of them may be in an earlier output that ``--overwrite``
+      replaces. None of them is ever parsed: they are copied as bytes, checked to be small regular files;
+    - ``unit``: the folder every side file must lie in (a link leading out of it is refused); None: the
+      checkpoint read (its folder).
+    """
 
     folder: Path
-    weights_name: str  # model.safetensors, adapter_model.safetensors, diffusion_pytorch_model.safetensors
+    weights_name: str = "model.safetensors"
     shard_bytes: int | None = None
+    weights: tuple[SavedWeights, ...] = ()
+    folders: tuple[str, ...] = ()
+    side_files: tuple[str, ...] = ()
+    fallback: Path | None = None
+    unit: Path | None = None
 
 
 class Checkpoint(ABC):
@@ -108,6 +144,9 @@ class Checkpoint(ABC):
         self.final_copy: str | None = None  # why it is a final copy of the weights, not a step of the run
         self.notes: list[str] = []
         self.choices: list[ModelChoice] = []  # outermost first, where a unit holds several models
+        # How a folder output gives this checkpoint's model back, where the layout that opened it reads its
+        # files through another's reader (litgpt's torch files) and says so here; see ``saved_model``.
+        self.saved_as: SavedModel | None = None
 
     @property
     def model(self) -> str:
@@ -121,9 +160,11 @@ class Checkpoint(ABC):
 
     @property
     def saved_model(self) -> SavedModel | None:
-        """The ``save_pretrained`` folder the model read came from; None for layouts with no such name
-        (torch files, DCP, DeepSpeed)."""
-        return None
+        """How the model read is saved, for a folder output to give it back in that shape (its layout's
+        own, see :class:`SavedModel`); None where it has no shape of its own (a plain torch file, DCP,
+        DeepSpeed): the output is then a bare ``model.safetensors``. Layouts whose class knows it override
+        this; by default it is what the layout that opened the checkpoint set as ``saved_as``."""
+        return self.saved_as
 
     @property
     def written_by_this_tool(self) -> bool:

@@ -4,7 +4,8 @@ Three sources, one list: the built-in layouts (named below, loaded by module pat
 none of them and a layout may open its leaf files through :func:`open_weights_file`), the layouts other
 installed packages declare under the entry-point group ``ema_average.layouts`` (``name = "module:LAYOUT"``),
 and those registered in process with :func:`register`. Folder layouts come first (a folder one claims is
-one checkpoint and is not searched further), then file layouts; ``before=`` puts a layout ahead of a named
+one checkpoint: its files are its own, its sub-folders too where its ``own_folders`` names them; others are
+searched for more), then file layouts; ``before=`` puts a layout ahead of a named
 one (a third-party folder layout whose folders also hold a ``model.safetensors`` goes before ``hf-folder``).
 A layout declared by a package without ``before`` sits after the built-ins of its unit.
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 from ema_average import plugins
 from ema_average.checkpoints.base import Checkpoint, Layout, OpenOptions, SavedModel, StepInfo
@@ -27,6 +28,8 @@ from ema_average.errors import PluginError
 
 ENTRY_POINT_GROUP = "ema_average.layouts"  # where other packages declare their layouts
 
+T = TypeVar("T")
+
 _PACKAGE = "ema_average.checkpoints.layouts"
 BUILT_IN = (  # discovery's order; module names under checkpoints/layouts/, each with a LAYOUT
     "dcp_folder",
@@ -34,8 +37,8 @@ BUILT_IN = (  # discovery's order; module names under checkpoints/layouts/, each
     "sentence_transformers_folder",  # before hf_folder: its top folder holds a model.safetensors too
     "hf_folder",
     "safetensors_file",
+    "litgpt",  # before torch_file: its lit_model.pth is a torch file that litgpt loads under that name
     "torch_file",
-    "litgpt_lora",
 )
 
 _registered: list[tuple[Layout, str | None]] = []  # in-process registrations and where they go
@@ -99,38 +102,44 @@ def _insert(found: list[Layout], layout: Layout, before: str | None) -> None:
     found.insert(same_unit[-1] + 1 if same_unit else len(found), layout)
 
 
-def _hooks(name: str) -> list[Callable[..., Any]]:
-    """The hook ``name`` of every layout that declares one (see ``Layout``), in registry order."""
-    found = (getattr(layout, name) for layout in layouts())
-    return [hook for hook in found if hook is not None]
+def _hooks(hook: Callable[[Layout], T | None]) -> list[T]:
+    """The hook ``hook`` picks (a declared field of ``Layout``) of every layout that answers it, in
+    registry order."""
+    found = (hook(layout) for layout in layouts())
+    return [answer for answer in found if answer is not None]
 
 
 def models_in(folder: Path) -> list[tuple[str, Path]]:
     """The models ``folder`` holds directly (name, the file that opens it), by the first layout that sees any."""
-    return next((found for hook in _hooks("models") if (found := hook(folder))), [])
+    return next((found for hook in _hooks(lambda layout: layout.models) if (found := hook(folder))), [])
 
 
 def side_step(folder: Path) -> StepInfo | None:
     """A step from the files a trainer wrote beside the weights in ``folder`` (``trainer_state.json``)."""
-    return next((info for hook in _hooks("side_step") if (info := hook(folder)) is not None), None)
+    hooks = _hooks(lambda layout: layout.side_step)
+    return next((info for hook in hooks if (info := hook(folder)) is not None), None)
 
 
 def side_step_problem(folder: Path) -> str | None:
     """Why a trainer's side file in ``folder`` gave no step, for the plan; None if none did."""
-    return next((text for hook in _hooks("side_step_problem") if (text := hook(folder))), None)
+    return next(
+        (text for hook in _hooks(lambda layout: layout.side_step_problem) if (text := hook(folder))), None
+    )
 
 
 def name_step(folder: Path) -> StepInfo | None:
     """The step a step folder's name carries: as a layout reads its own naming (a count of saves), else by
     the name patterns every checkpoint's name is read with."""
-    info = next((info for hook in _hooks("name_step") if (info := hook(folder)) is not None), None)
+    hooks = _hooks(lambda layout: layout.name_step)
+    info = next((info for hook in hooks if (info := hook(folder)) is not None), None)
     return info if info is not None else step_from_name(folder)
 
 
 def own_model(folder: Path, names: set[str]) -> SavedModel | None:
     """``folder``'s own save as its library loads it, where the weights read inside it (``names``) are that
     model (the HF Trainer's ``checkpoint-N/`` around the DeepSpeed tag read); None otherwise."""
-    return next((saved for hook in _hooks("own_model") if (saved := hook(folder, names)) is not None), None)
+    hooks = _hooks(lambda layout: layout.own_model)
+    return next((saved for hook in hooks if (saved := hook(folder, names)) is not None), None)
 
 
 def own_folders(layout: Layout, folder: Path) -> list[str]:

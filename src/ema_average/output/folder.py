@@ -1,9 +1,9 @@
-"""A folder output: a ``save_pretrained`` folder (or a sentence-transformers or litgpt one) built whole beside
-its target and switched in.
+"""A folder output, in whatever shape the input's layout declares (a ``save_pretrained`` folder, a
+sentence-transformers or litgpt one: ``folder_plan``), built whole beside its target and switched in.
 
 Its files are ``file``'s writers (safetensors shards) and ``torch_file``'s (a ``torch.save`` file) in a
-private staging folder; what is its own is the layout (which weights file of which sub-folder holds which
-tensors, shard split, names, indexes, side files), the check that a folder it replaces is an earlier output
+private staging folder; what is its own is laying out the files it is given (which weights file of which
+sub-folder holds which tensors, shard split, names, indexes, side files), the check that a folder it replaces is an earlier output
 of this tool (never a user's), and the one rename that switches the folder in.
 """
 

@@ -1,16 +1,14 @@
-"""A folder output that the producing library's ``from_pretrained`` loads as it is.
+"""A folder output that the producing library loads as it is, in the shape the input's layout declares.
 
-``-o DIR`` (any name not ending ``.safetensors``) writes the averaged weights under the name the input had
-(``model.safetensors``, ``adapter_model.safetensors``, ``diffusion_pytorch_model.safetensors``; sharded
-behind an index when the input was, or with ``--max-shard-size``) and copies beside them the small files
-the library needs to load them (``config.json``, tokenizer files, ``adapter_config.json``...) from the
-latest averaged checkpoint's model folder. A sentence-transformers checkpoint gives every module's weights
-back in its own sub-folder (``2_Dense/model.safetensors``) with its configs and ``modules.json``, so
-``SentenceTransformer(DIR)`` builds the same model; a litgpt run gives ``lit_model.pth`` (a ``torch.save``
-of the plain state dict) with ``model_config.yaml``, what litgpt's ``GPT`` loads. Other inputs with no
-such name (torch files, DCP, DeepSpeed) give a bare ``model.safetensors``.
+``-o DIR`` (any name not ending ``.safetensors``) writes the averaged weights back in the shape of the
+latest averaged checkpoint, as its layout declares it (``Checkpoint.saved_model``, a ``SavedModel``): the
+weights file names (``model.safetensors``, ``adapter_model.safetensors``, litgpt's ``lit_model.pth``...),
+sharded behind an index when the input was or with ``--max-shard-size``, the sub-folders and the prefixes
+that route tensors into them (a sentence-transformers module's ``2_Dense/model.safetensors``), and the side
+files copied beside them (``config.json``, tokenizer files...). A checkpoint whose layout declares no shape
+(a plain torch file, DCP, DeepSpeed) gives a bare ``model.safetensors``. Nothing here names a layout.
 
-Side files come from folders this tool does not trust: only names on an explicit allow-list, only regular
+Side files come from folders this tool does not trust: only the names the layout declares, only regular
 files (a FIFO would block, a device be read forever), a link only when it resolves inside the checkpoint,
 at most ``MAX_SIDE_FILE_BYTES`` each and ``MAX_SIDE_FILES_BYTES`` together (a sparse file is small on disk,
 not to copy), copied as bytes a block at a time (never held whole, parsed, executed or unpickled).
@@ -24,46 +22,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ema_average.checkpoints import Checkpoint
-from ema_average.checkpoints.layouts.sentence_transformers_folder import SavedModules
+from ema_average.checkpoints import Checkpoint, SavedModel
 from ema_average.checkpoints.safetensors_format import TensorEntry
 from ema_average.errors import CheckpointError
 from ema_average.output.folder import ShardedWriter, WeightsFile
 from ema_average.output.sizes import format_bytes
 
-# What transformers, PEFT and diffusers read beside the weights; nothing else is ever copied.
-SIDE_FILES: tuple[str, ...] = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "tokenizer.model",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "adapter_config.json",
-    "scheduler_config.json",
-    "preprocessor_config.json",
-)
-# What sentence-transformers reads beside each module's weights, besides the above.
-SENTENCE_TRANSFORMERS_FILES: tuple[str, ...] = (
-    "modules.json",
-    "config_sentence_transformers.json",
-    "sentence_bert_config.json",
-)
-# What litgpt reads beside lit_model.pth (the model's config; a LoRA's hyperparameters for merge_lora),
-# besides the tokenizer files and config.json above, as its copy_config_files copies them.
-LITGPT_FILES: tuple[str, ...] = ("model_config.yaml", "hyperparameters.yaml")
-LITGPT_WEIGHTS = "lit_model.pth"  # and lit_model.pth.lora, .adapter, .adapter_v2 for finetuned parts
-# Side files that belong to one kind of weights only: transformers' from_pretrained, finding an
-# adapter_config.json beside full weights, would try to load an adapter instead.
-_ONLY_WITH = {"adapter_config.json": "adapter_model.safetensors"}
 MAX_SIDE_FILE_BYTES = 64 * 2**20
 # All side files of one folder output together: what is copied (and written) per output is bounded by this,
 # whatever their sizes on disk (a sparse 64 MiB file takes a few KiB).
@@ -97,8 +61,8 @@ class SideFile:
 class OutputFolder:
     """What a folder output holds: the weights' file name, how they are sharded, and the side files copied
     (output name -> the checkpoint file it is copied from, inside ``unit``). ``weights`` lays out several
-    weights files instead (a sentence-transformers module's in its sub-folder, a litgpt torch file);
-    ``folders`` are sub-folders made even when empty (a module with no weights nor config)."""
+    weights files instead (each in its sub-folder, or a torch file); ``folders`` are sub-folders made even
+    when empty; ``declared`` every side file the layout allows, found or not."""
 
     weights_name: str = DEFAULT_WEIGHTS_NAME
     shard_bytes: int | None = None  # None: one weights file
@@ -106,6 +70,7 @@ class OutputFolder:
     unit: Path | None = None  # the checkpoint (or run folder) the side files come from
     weights: tuple[WeightsFile, ...] = ()
     folders: tuple[str, ...] = ()
+    declared: tuple[str, ...] = ()  # every side file the layout allows: an earlier output may hold any
 
     def max_shard_size(self, asked: int | None) -> int:
         """``--max-shard-size`` when given, else the input's largest shard, else no sharding."""
@@ -142,10 +107,7 @@ class OutputFolder:
             overwrite=overwrite,
             max_shard_size=self.max_shard_size(max_shard_size),
             weights_name=self.weights_name,
-            side_files={
-                *SIDE_FILES,
-                *self.side_files,
-            },  # any of them may be in an earlier output this replaces
+            side_files={*self.declared, *self.side_files},  # any may be in an earlier output replaced
             weights=weights or None,
             folders=self.folders,
         )
@@ -191,65 +153,36 @@ def plan_folder(latest: Checkpoint) -> OutputFolder:
 
 
 def _plan_folder(latest: Checkpoint) -> OutputFolder:
+    """The output in the shape the latest checkpoint's layout declares, else a bare ``model.safetensors``."""
     saved = latest.saved_model
-    if isinstance(saved, SavedModules):
-        return _modules_folder(saved, latest.path)
     if saved is None:
-        return _litgpt_folder(latest) or OutputFolder()
-    side = _side_files(saved.folder, _side_names(saved.weights_name), latest.path)
-    return OutputFolder(saved.weights_name, saved.shard_bytes, side, latest.path)
+        return OutputFolder()
+    unit = saved.unit or latest.path
+    weights = tuple(
+        WeightsFile(w.name, w.folder, w.prefix, w.shard_bytes, w.shardable) for w in saved.weights
+    )
+    return OutputFolder(
+        weights_name=saved.weights_name,
+        shard_bytes=saved.shard_bytes,
+        side_files=_side_files(saved, unit),
+        unit=unit,
+        weights=weights,
+        folders=saved.folders,
+        declared=saved.side_files,
+    )
 
 
-def _side_names(weights_name: str, extra: Sequence[str] = ()) -> list[str]:
-    """The side files that may go beside weights named ``weights_name``."""
-    return [name for name in [*SIDE_FILES, *extra] if _ONLY_WITH.get(name, weights_name) == weights_name]
-
-
-def _side_files(folder: Path, names: Sequence[str], unit: Path, into: str = "") -> dict[str, Path]:
-    """Output name (``into/NAME``) -> file, for each of ``names`` in ``folder``, each checked now."""
+def _side_files(saved: SavedModel, unit: Path) -> dict[str, Path]:
+    """Output name -> file, for each side file ``saved`` declares that is there (in its folder, else in its
+    fallback folder), each checked now."""
     side: dict[str, Path] = {}
-    for name in names:
-        path = folder / name
-        if os.path.lexists(path):
-            os.close(_open_side_file(path, unit))
-            side[f"{into}/{name}" if into else name] = path
+    for name in saved.side_files:
+        for folder in (saved.folder, saved.fallback):
+            if folder is not None and os.path.lexists(folder / name):
+                os.close(_open_side_file(folder / name, unit))
+                side[name] = folder / name
+                break
     return side
-
-
-def _modules_folder(saved: SavedModules, unit: Path) -> OutputFolder:
-    """A sentence-transformers model: each module's weights back in its sub-folder (its tensors are named
-    ``FOLDER/NAME`` in the checkpoint), each module's configs beside them, ``modules.json`` on top. Only a
-    module saved in shards is written in shards (``--max-shard-size`` sets their size): the library loads
-    other modules (``Dense``, ``StaticEmbedding``) from one file."""
-    weights, side = [], {}
-    for module in saved.modules:
-        if module.weights_name is not None:
-            prefix = f"{module.folder}/" if module.folder else ""
-            sharded = module.shard_bytes is not None  # else its loader may read one file only (Dense)
-            weights.append(
-                WeightsFile(module.weights_name, module.folder, prefix, module.shard_bytes, sharded)
-            )
-        names = _side_names(module.weights_name or "", SENTENCE_TRANSFORMERS_FILES)
-        side.update(_side_files(saved.folder / module.folder, names, unit, module.folder))
-    folders = tuple(m.folder for m in saved.modules if m.folder)
-    return OutputFolder(DEFAULT_WEIGHTS_NAME, None, side, unit, tuple(weights), folders)
-
-
-def _litgpt_folder(latest: Checkpoint) -> OutputFolder | None:
-    """A litgpt run (``step-N/lit_model.pth``): the averaged state dict as ``lit_model.pth`` (or the
-    finetuned part's name, ``lit_model.pth.lora``) and ``model_config.yaml`` from the latest step, else from
-    the run's ``final/``; None for any other torch file."""
-    leaf = latest
-    while isinstance(getattr(leaf, "inner", None), Checkpoint):  # a step folder's model: its file
-        leaf = leaf.inner  # type: ignore[attr-defined]
-    if not leaf.path.name.startswith(LITGPT_WEIGHTS) or not leaf.path.is_file():
-        return None
-    names = _side_names(leaf.path.name, LITGPT_FILES)
-    final = leaf.path.parent.parent / "final"
-    unit = final.parent if final.is_dir() else leaf.path.parent
-    side = _side_files(final, names, unit) if final.is_dir() else {}
-    side.update(_side_files(leaf.path.parent, names, unit))  # the latest step's own, where it has them
-    return OutputFolder(leaf.path.name, None, side, unit, (WeightsFile(leaf.path.name),))
 
 
 def _open_side_file(path: Path, unit: Path) -> int:

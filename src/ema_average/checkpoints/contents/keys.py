@@ -204,3 +204,35 @@ def kind_of_key(key: str) -> str | None:
     if is_ema_name(key):
         return "average"
     return None
+
+
+# What transformers, PEFT and diffusers read beside the weights (configs, tokenizers): the side files a
+# folder output of a layout built on them may copy; nothing else is ever copied. litgpt's
+# ``copy_config_files`` copies the same tokenizer files and ``config.json``.
+LOADER_FILES: tuple[str, ...] = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "adapter_config.json",
+    "scheduler_config.json",
+    "preprocessor_config.json",
+)
+# Loader files that belong beside one kind of weights only: transformers' from_pretrained, finding an
+# adapter_config.json beside full weights, would try to load an adapter instead.
+_ONLY_WITH = {"adapter_config.json": "adapter_model.safetensors"}
+
+
+def loader_files(weights_name: str, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The loader files (and a layout's ``extra`` ones) that may go beside weights named ``weights_name``."""
+    return tuple(n for n in (*LOADER_FILES, *extra) if _ONLY_WITH.get(n, weights_name) == weights_name)

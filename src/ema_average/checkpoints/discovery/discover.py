@@ -369,7 +369,5 @@ def validate_run(checkpoints: list[Checkpoint], keeps: Keeps | None = None) -> N
             raise CheckpointMismatchError(ckpt.path, f"has tensor {extra!r}, absent from {first.path.name}")
 
 
-def _describe(spec: object) -> str:
-    shape = getattr(spec, "shape", ())
-    dtype = str(getattr(spec, "dtype", "")).removeprefix("torch.")
-    return f"{dtype}{list(shape)}"
+def _describe(spec: TensorSpec) -> str:
+    return f"{str(spec.dtype).removeprefix('torch.')}{list(spec.shape)}"

@@ -8,6 +8,7 @@ model is save_pretrained folders, one per module). Each layout declares itself i
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from ema_average.checkpoints.base import (
     TensorSpec,
     require_regular_file,
 )
+from ema_average.checkpoints.contents.keys import loader_files
 from ema_average.checkpoints.contents.steps import checked_step, step_from_name
 from ema_average.checkpoints.reading.json_file import read_json
 from ema_average.checkpoints.registry import open_weights_file
@@ -125,11 +127,13 @@ class HfFolderCheckpoint(Checkpoint):
     @property
     def saved_model(self) -> SavedModel:
         """This folder, its model's weights named as its library loads them in safetensors
-        (``pytorch_model.bin`` -> ``model.safetensors``)."""
+        (``pytorch_model.bin`` -> ``model.safetensors``), sharded as they were, with the configs and
+        tokenizer files its library reads beside them."""
         shards = None
         if len(self._parts) > 1:
             shards = max(sum(spec.nbytes for spec in part.specs().values()) for part in self._parts)
-        return SavedModel(self.path, f"{self._name}.safetensors", shards)
+        weights_name = f"{self._name}.safetensors"
+        return SavedModel(self.path, weights_name, shards, side_files=loader_files(weights_name))
 
     def specs(self) -> dict[str, TensorSpec]:
         return self._specs
@@ -283,4 +287,4 @@ def own_model(folder: Path, names: set[str]) -> SavedModel | None:
         own.close()
     if held and not held <= names:
         return None
-    return saved if held else SavedModel(saved.folder, saved.weights_name)  # placeholders: no shard size
+    return saved if held else replace(saved, shard_bytes=None)  # placeholders: no shard size

@@ -5,13 +5,12 @@ module and its folder: the Transformer's weights usually in the folder itself, a
 ``2_Dense/model.safetensors``, a ``Pooling`` or ``Normalize`` with a config and no weights. Averaging one of
 them alone would leave a folder that loads as another model, so the modules are one checkpoint: each
 module's tensors named by its folder (``2_Dense/linear.weight``; the top folder's unprefixed), averaged
-together, and written back where they came from (``output_folder``).
+together, and written back where they came from (``saved_model``, for a folder output).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,9 +20,11 @@ from ema_average.checkpoints.base import (
     Layout,
     OpenOptions,
     SavedModel,
+    SavedWeights,
     StepInfo,
     TensorSpec,
 )
+from ema_average.checkpoints.contents.keys import loader_files
 from ema_average.checkpoints.layouts.save_pretrained import (
     WEIGHT_FILES,
     HfFolderCheckpoint,
@@ -35,24 +36,9 @@ from ema_average.checkpoints.reading.json_file import read_json
 from ema_average.errors import CheckpointError
 
 MODULES_FILE = "modules.json"
+# What sentence-transformers reads beside each module's weights, besides the loader files of ``keys.py``.
+MODULE_FILES = (MODULES_FILE, "config_sentence_transformers.json", "sentence_bert_config.json")
 _MAX_MODULES_BYTES = 2**20
-
-
-@dataclass(frozen=True)
-class SavedModule:
-    """One module as saved: its folder inside the model's (``""``: the top), the safetensors name its
-    weights load from (None: it has none) and its largest shard's bytes where it was sharded."""
-
-    folder: str
-    weights_name: str | None
-    shard_bytes: int | None = None
-
-
-@dataclass(frozen=True)
-class SavedModules(SavedModel):
-    """A model saved as modules in sub-folders: where each module's weights and files go back."""
-
-    modules: tuple[SavedModule, ...] = ()
 
 
 def is_sentence_transformers_folder(path: Path) -> bool:
@@ -185,20 +171,23 @@ class SentenceTransformersCheckpoint(Checkpoint):
         return bool(parts) and all(part.written_by_this_tool for part in parts)
 
     @property
-    def saved_model(self) -> SavedModules:
-        """Where each module's weights and files go back in a folder output."""
-        modules = []
+    def saved_model(self) -> SavedModel:
+        """Each module's weights back in its folder (its tensors carry the folder as a prefix here), in
+        shards only where the module was saved in shards (the library loads the others, ``Dense``,
+        ``StaticEmbedding``, from one file, reading no index), each module's configs beside them and
+        ``modules.json`` on top, so ``SentenceTransformer(DIR)`` builds the same model."""
+        weights: list[SavedWeights] = []
+        side: list[str] = []
         for folder, part in self._modules:
             saved = part.saved_model if part is not None else None
-            modules.append(
-                SavedModule(folder, saved.weights_name, saved.shard_bytes)
-                if saved is not None
-                else SavedModule(folder, None)
-            )
-        root = next(
-            (m.weights_name for m in modules if m.folder == "" and m.weights_name), "model.safetensors"
-        )
-        return SavedModules(self.path, root, None, tuple(modules))
+            into = f"{folder}/" if folder else ""
+            if saved is not None:
+                sharded = saved.shard_bytes is not None
+                weights.append(SavedWeights(saved.weights_name, folder, into, saved.shard_bytes, sharded))
+            names = loader_files(saved.weights_name if saved is not None else "", MODULE_FILES)
+            side.extend(into + name for name in names)
+        folders = tuple(folder for folder, _ in self._modules if folder)
+        return SavedModel(self.path, weights=tuple(weights), folders=folders, side_files=tuple(side))
 
     def specs(self) -> dict[str, TensorSpec]:
         return self._specs
