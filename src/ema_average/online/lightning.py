@@ -399,7 +399,7 @@ def _save_averages_with_the_shards(strategy: pl.strategies.Strategy, names: Sequ
             torch.save(checkpoint, path / _SHARDED_SAVE_META)
 
     save_checkpoint.ema_average_keys = keys  # type: ignore[attr-defined]
-    strategy.save_checkpoint = save_checkpoint  # type: ignore[method-assign]
+    strategy.save_checkpoint = save_checkpoint
 
 
 class _ShardedAverages(Mapping[str, torch.Tensor]):

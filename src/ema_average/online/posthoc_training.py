@@ -39,7 +39,7 @@ def _tensors(parameters: Parameters) -> list[torch.Tensor]:
         return list(parameters.parameters())
     if isinstance(parameters, Mapping):
         return list(parameters.values())
-    return [p[1] if isinstance(p, tuple) else p for p in parameters]  # type: ignore[union-attr]
+    return [p[1] if isinstance(p, tuple) else p for p in parameters]
 
 
 class PowerEmaSnapshots:

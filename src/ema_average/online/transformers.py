@@ -277,14 +277,13 @@ class EMACallback(TrainerCallback):
     ) -> None:
         """``checkpoint-N/ema/`` beside the Trainer's save of step N (rank 0 writes it)."""
         tracker = self._tracker
-        if tracker.average is None or not state.is_world_process_zero:
+        saved = model or tracker.model
+        if tracker.average is None or saved is None or not state.is_world_process_zero:
             return
         tracker.swap_out()
         folder = Path(args.output_dir) / f"{_CHECKPOINT_PREFIX}-{state.global_step}"
         for name in tracker.names:
-            save_ema_folder(
-                unwrap_model(model or tracker.model), tracker, folder / name, name, self.save_dtype
-            )
+            save_ema_folder(unwrap_model(saved), tracker, folder / name, name, self.save_dtype)
         self._posthoc.save_file(folder, weights_digest(tracker.tracked))
 
     def _resume(

@@ -232,7 +232,7 @@ class SafetensorsWriter:
         """``data``'s bytes at byte ``first`` of tensor ``name`` in the file, counted as written."""
         if data.nbytes:
             self._pwrite(
-                memoryview(data.reshape(-1).view(torch.uint8).numpy()),
+                data.reshape(-1).view(torch.uint8).numpy().data,
                 len(self._header) + self._offsets[name] + first,
             )
         self._wrote(name, data.nbytes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,7 +125,7 @@ def names_a_step_record(key: str) -> bool:
     return bool(words & _STEP_WORDS) and not words & _NOT_A_STEP
 
 
-def stated_step(path: Path, record: dict[str, object], where: str) -> StepInfo | None:
+def stated_step(path: Path, record: Mapping[str, object], where: str) -> StepInfo | None:
     """The step a record states under a key that names one (any trainer's: the listed keys are tried
     first by the layouts), where all such keys agree on a whole number; None otherwise."""
     found: dict[int, str] = {}

@@ -25,7 +25,7 @@ def _claims(path: Path) -> bool:
 
 def _open(path: Path, options: OpenOptions) -> Checkpoint:
     ckpt = open_weights_file(path, options)  # a torch file, named as litgpt's
-    ckpt.layout = NAME  # type: ignore[misc]  # as the plan names it
+    ckpt.layout = NAME  # as the plan names it
     return ckpt
 
 
