@@ -131,7 +131,7 @@ def laid_out_as(live: torch.Tensor, saved: torch.Tensor) -> torch.Tensor:
         return saved  # the engine names the mismatch
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    mesh, placements = live.device_mesh, live.placements  # type: ignore[attr-defined]
+    mesh, placements = live.device_mesh, live.placements
     shard = distribute_tensor(saved.to(live.device), mesh, placements, src_data_rank=None)
     local = local_part(shard).clone()  # not a view that keeps the whole tensor alive
     return DTensor.from_local(
