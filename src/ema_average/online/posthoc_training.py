@@ -93,7 +93,7 @@ class PowerEmaSnapshots:
         return [self._write(average) for average in self.averages]
 
     def _write(self, average: PowerFunctionMovingAverage) -> Path:
-        gamma = average.rule.gamma  # type: ignore[attr-defined]
+        gamma = average.rule.gamma  # type: ignore[attr-defined]  # a power average: a PowerRule
         sigma_rel = self.sigma_rels[self.averages.index(average)]
         path = self.folder / f"ema-sigma_rel{sigma_rel!r}-step{self.last_step:010d}.safetensors"
         averages = average.averages()

@@ -28,6 +28,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -332,13 +333,13 @@ def trainer_resume_folder() -> Path | None:
     weights digest still refuses any other run's EMA. ``test_the_resume_seam_finds_the_folder_the_trainer_
     resumed`` fails loudly if transformers changes this.
     """
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         if isinstance(frame.f_locals.get("self"), Trainer):
             value = frame.f_locals.get(_RESUME_LOCAL)
             if isinstance(value, str | os.PathLike) and str(value):
                 return Path(value)
-        frame = frame.f_back  # type: ignore[assignment]
+        frame = frame.f_back
     return None
 
 

@@ -129,7 +129,7 @@ class SafetensorsWriter:
                 self._reserve()
                 self._pwrite(memoryview(self._header), 0)
                 if files is not None:  # reopened through ``files`` while written to
-                    os.close(self._fd)  # type: ignore[arg-type]
+                    os.close(self._fd)  # type: ignore[arg-type]  # opened just above
                     self._fd = None
         except BaseException:
             self.abort()
