@@ -27,4 +27,4 @@ def libc_call(name: str, *argtypes: type) -> Callable[..., int] | None:
         return None
     call.argtypes = list(argtypes)
     call.restype = ctypes.c_int
-    return call  # type: ignore[no-any-return]
+    return call

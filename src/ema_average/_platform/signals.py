@@ -84,7 +84,7 @@ def deferred(signals: tuple[signal.Signals, ...] = INTERRUPTS) -> Iterator[None]
     try:
         for sig in signals:
             before = signal.getsignal(sig)
-            if before is not None and before is not signal.SIG_IGN:
+            if callable(before) or before is signal.SIG_DFL:  # not ignored, nor set outside Python (None)
                 signal.signal(sig, record)
                 held[sig] = before
     except BaseException:
@@ -96,8 +96,8 @@ def deferred(signals: tuple[signal.Signals, ...] = INTERRUPTS) -> Iterator[None]
         _give_back(held, record)
         raise
     _give_back(held, record)
-    for sig in dict.fromkeys(caught):
-        signal.raise_signal(sig)
+    for signum in dict.fromkeys(caught):
+        signal.raise_signal(signum)
 
 
 def _give_back(held: dict[signal.Signals, signal.Handlers | _Handler], record: _Handler) -> None:

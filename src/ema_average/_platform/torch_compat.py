@@ -52,7 +52,7 @@ def local_tensors(tensors: Sequence[torch.Tensor], sharded: Sequence[bool]) -> l
 
 
 def dtensor_off_mesh_device(
-    cls: type[torch.Tensor],
+    cls: Callable[..., torch.Tensor],  # DTensor's class: (local, spec, *, requires_grad)
     local: torch.Tensor,
     mesh: Any,
     placements: tuple[Any, ...],
@@ -70,7 +70,7 @@ def dtensor_off_mesh_device(
 
     meta = TensorMeta(shape, stride, local.dtype)
     spec = DTensorSpec(mesh, placements, tensor_meta=meta)
-    return cls(local, spec, requires_grad=False)  # type: ignore[call-arg]
+    return cls(local, spec, requires_grad=False)
 
 
 def parameter_slots(module: torch.nn.Module) -> dict[str, Any]:
@@ -79,7 +79,7 @@ def parameter_slots(module: torch.nn.Module) -> dict[str, Any]:
 
     Public API: ``named_parameters(recurse=False)``, a snapshot, which cannot follow a replacement.
     """
-    return module._parameters  # type: ignore[return-value]
+    return module._parameters
 
 
 def flatten_dense(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 
@@ -133,8 +133,10 @@ class Checkpoint(ABC):
     says. Tensors are read one at a time with :meth:`read`, never all at once.
     """
 
-    layout: ClassVar[str] = "?"
-    lazy: ClassVar[bool] = True
+    # Class defaults, set again per instance where only the opened file tells (a torch file that is
+    # Lightning's, a legacy file loaded whole) or a wrapper takes its inner checkpoint's.
+    layout: str = "?"
+    lazy: bool = True
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -265,7 +267,7 @@ class PreadFile:
         size = out.numel() * out.element_size()
         if size == 0:
             return out
-        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        view = out.reshape(-1).view(torch.uint8).numpy().data
         with self.opened(name, offset + size) as fd:
             done = 0
             while done < size:  # pread may return short counts on large reads

@@ -13,6 +13,7 @@ import contextlib
 import os
 import sys
 import warnings
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 import typer
@@ -90,7 +91,12 @@ def average(
         )
         from ema_average.offline.run import prepare
 
-        flags = {"decay": decay, "half_life": half_life, "gamma": gamma, "sigma_rel": sigma_rel}
+        flags: dict[str, Sequence[float] | None] = {
+            "decay": decay,
+            "half_life": half_life,
+            "gamma": gamma,
+            "sigma_rel": sigma_rel,
+        }
         flags |= {"numerator": opt.one(numerator), "denominator": opt.one(denominator)}
         given = opt.settings_given(flags, set_ or [])
         posthoc = method == "posthoc"
@@ -110,7 +116,7 @@ def average(
             max_shard_size=max_shard_size,
             selection=TensorSelection(tuple(include or ()), tuple(exclude or ()), strip_prefix),
             state_dict_key=state_dict_key,
-            steps_from=steps_from.value,  # type: ignore[arg-type]
+            steps_from=steps_from.value,  # type: ignore[arg-type]  # a word of choices.STEPS_FROM (click checked)
             trust_pickle=trust_pickle,
             submodel=submodel,
             step_every=step_every,

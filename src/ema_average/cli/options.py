@@ -8,11 +8,11 @@ them; ``--help`` groups them in rich panels by what they are for. Torch-free, so
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -23,14 +23,26 @@ from ema_average.errors import ConfigurationError
 from ema_average.offline import choices
 
 
-def _choices(name: str, names: tuple[str, ...]) -> type[Enum]:
+class Choice(str, Enum):
+    """A word from a fixed list, as typer offers it; the word is its ``value``."""
+
+    _value_: str
+
+
+def _choices(name: str, names: tuple[str, ...]) -> type[Choice]:
     """A typer choice type made from one of the real lists in :mod:`ema_average.offline.choices`."""
-    return Enum(name, {n: n for n in names}, type=str)  # type: ignore[return-value]
+    # typeshed types the functional API as giving type[Enum], whatever ``type`` it mixes in
+    return Enum(name, {n: n for n in names}, type=Choice)  # type: ignore[return-value]
 
 
-Schedule = _choices("Schedule", choices.SCHEDULES)
-OutputDtype = _choices("OutputDtype", choices.OUTPUT_DTYPES)
-StepsFrom = _choices("StepsFrom", choices.STEPS_FROM)
+if TYPE_CHECKING:  # to mypy, each is a Choice: its members are made when the module runs, from the lists
+    Schedule = Choice
+    OutputDtype = Choice
+    StepsFrom = Choice
+else:
+    Schedule = _choices("Schedule", choices.SCHEDULES)
+    OutputDtype = _choices("OutputDtype", choices.OUTPUT_DTYPES)
+    StepsFrom = _choices("StepsFrom", choices.STEPS_FROM)
 DEFAULT_SCHEDULE = Schedule(choices.SCHEDULES[0])
 DEFAULT_DTYPE = OutputDtype(choices.OUTPUT_DTYPES[0])
 DEFAULT_STEPS_FROM = StepsFrom(choices.STEPS_FROM[0])
@@ -125,7 +137,7 @@ def _setting_help(rule: type[DecayRule], name: str) -> str:
 
 
 def settings_given(
-    flags: dict[str, Sequence[float] | None], assignments: list[Assignment]
+    flags: Mapping[str, Sequence[float] | None], assignments: list[Assignment]
 ) -> dict[str, list[float]]:
     """The settings given by their own flags and by ``--set``, by name; one given twice is refused."""
     given = {name: list(values) for name, values in flags.items() if values is not None}

@@ -3,8 +3,13 @@ coefficient, each target's fit, then the offline job's own progress and summary.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ema_average.cli.report import execute_with_progress, out, show_summary
 from ema_average.offline.posthoc_job import PosthocRun
+
+if TYPE_CHECKING:  # rich itself is imported where a table is shown
+    from rich.console import JustifyMethod
 
 
 def show_plan(run: PosthocRun) -> None:
@@ -19,8 +24,14 @@ def show_plan(run: PosthocRun) -> None:
         f"read at step {run.at_step}",
         title_justify="left",
     )
-    for name, justify in (("#", "right"), ("snapshot", "left"), ("step", "right"), ("sigma_rel", "right")):
-        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
+        ("#", "right"),
+        ("snapshot", "left"),
+        ("step", "right"),
+        ("sigma_rel", "right"),
+    )
+    for name, justify in columns:
+        table.add_column(name, justify=justify, overflow="fold")
     for average in plan.averages:
         table.add_column(f"coefficient {average.label}".rstrip(), justify="right")
     used = [s for s in run.snapshots.snapshots if s.profile.step <= run.at_step]

@@ -86,8 +86,8 @@ class ExponentialMovingAverage(MovingAverage):
         average_dtype: torch.dtype | None = None,
     ) -> None:
         given = {"decay": decay, "numerator": numerator, "denominator": denominator}
-        rule = rule_or_settings(self, rule, given, ExponentialRule())
-        super().__init__(parameters, rule=rule, device=device, average_dtype=average_dtype)
+        chosen = rule_or_settings(self, rule, given, ExponentialRule())
+        super().__init__(parameters, rule=chosen, device=device, average_dtype=average_dtype)
 
     @property
     def decay(self) -> float:
@@ -119,8 +119,8 @@ class UniformMovingAverage(MovingAverage):
         device: torch.device | str | None = None,
         average_dtype: torch.dtype | None = None,
     ) -> None:
-        rule = rule_or_settings(self, rule, {}, UniformRule())
-        super().__init__(parameters, rule=rule, device=device, average_dtype=average_dtype)
+        chosen = rule_or_settings(self, rule, {}, UniformRule())
+        super().__init__(parameters, rule=chosen, device=device, average_dtype=average_dtype)
 
 
 @MovingAverage.register("power")
@@ -144,5 +144,5 @@ class PowerFunctionMovingAverage(MovingAverage):
         average_dtype: torch.dtype | None = None,
     ) -> None:
         given = {k: v for k, v in (("gamma", gamma), ("sigma_rel", sigma_rel)) if v is not None}
-        rule = rule_or_settings(self, rule, given, None)
-        super().__init__(parameters, rule=rule, device=device, average_dtype=average_dtype)
+        chosen = rule_or_settings(self, rule, given, None)
+        super().__init__(parameters, rule=chosen, device=device, average_dtype=average_dtype)

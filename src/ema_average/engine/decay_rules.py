@@ -109,7 +109,7 @@ class DecayRule(ABC):
             return cls.parameters
         return tuple(
             Setting(f.name, None if f.default is MISSING else f.default)
-            for f in fields(cls)  # type: ignore[arg-type]
+            for f in fields(cls)  # type: ignore[arg-type]  # every concrete rule is a dataclass
         )
 
     @classmethod
@@ -133,7 +133,7 @@ class DecayRule(ABC):
         return cls(**values)
 
     def settings(self) -> dict[str, float]:
-        return asdict(self)  # type: ignore[call-overload]
+        return asdict(self)  # type: ignore[call-overload]  # every concrete rule is a dataclass
 
 
 def _apply_alternative(table: tuple[Setting, ...], alternative: Setting, values: dict[str, float]) -> None:

@@ -9,12 +9,15 @@ plain local tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 
 from ema_average._platform.torch_compat import dtensor_off_mesh_device, loaded_dtensor_class, local_tensor
 from ema_average.errors import AverageStateError, ParameterError
+
+if TYPE_CHECKING:  # a type only: importing it costs a plain run 0.7 s (see _dtensor_class)
+    from torch.distributed.tensor import DTensor
 
 _DTENSOR: list[type[torch.Tensor]] = []  # DTensor's class, once its module is loaded
 
@@ -32,7 +35,7 @@ def _dtensor_class() -> type[torch.Tensor] | None:
     return _DTENSOR[0] if _DTENSOR else None
 
 
-def is_dtensor(tensor: torch.Tensor) -> bool:
+def is_dtensor(tensor: torch.Tensor) -> TypeGuard[DTensor]:
     cls = _dtensor_class()
     return cls is not None and isinstance(tensor, cls)
 
@@ -64,13 +67,13 @@ class DTensorLayout:
     def of(cls, name: str, tensor: torch.Tensor) -> DTensorLayout | None:
         if not is_dtensor(tensor):
             return None
-        placements = tuple(tensor.placements)  # type: ignore[attr-defined]
+        placements = tuple(tensor.placements)
         if any(p.is_partial() for p in placements):
             raise ParameterError(
                 f"parameter {name!r} is a partial DTensor (pending a reduction): its local part is not a "
                 "shard of the parameter, so it cannot be averaged"
             )
-        return cls(tensor.device_mesh, placements, tensor.shape, tensor.stride())  # type: ignore[attr-defined]
+        return cls(tensor.device_mesh, placements, tensor.shape, tensor.stride())
 
     def wrap(self, local: torch.Tensor) -> torch.Tensor:
         """A DTensor of this layout around ``local`` (shared, not copied), which stays on its device.
@@ -82,7 +85,7 @@ class DTensorLayout:
         assert cls is not None
         with torch.no_grad():
             if local.device.type == self.mesh.device_type:
-                return cls.from_local(  # type: ignore[attr-defined]
+                return cls.from_local(  # type: ignore[attr-defined]  # cls: DTensor, typed as a Tensor class
                     local, self.mesh, self.placements, run_check=False, shape=self.shape, stride=self.stride
                 )
             return dtensor_off_mesh_device(cls, local, self.mesh, self.placements, self.shape, self.stride)
@@ -91,13 +94,13 @@ class DTensorLayout:
         """This rank's shard of a saved average: a DTensor's own (redistributed if laid out otherwise) or
         the slice of a whole tensor that this layout puts here (no communication)."""
         if is_dtensor(value):
-            if value.device_mesh != self.mesh:  # type: ignore[attr-defined]
+            if value.device_mesh != self.mesh:
                 raise AverageStateError(
                     "a saved average is a DTensor on another device mesh; load it through "
                     "torch.distributed.checkpoint into this average's state_dict() instead"
                 )
-            if tuple(value.placements) != self.placements:  # type: ignore[attr-defined]
-                value = value.redistribute(self.mesh, self.placements)  # type: ignore[attr-defined]
+            if tuple(value.placements) != self.placements:
+                value = value.redistribute(self.mesh, self.placements)
             return local_part(value)
         from torch.distributed.tensor import distribute_tensor
 
@@ -106,4 +109,4 @@ class DTensorLayout:
 
 def whole(value: torch.Tensor) -> torch.Tensor:
     """A saved average as one whole tensor (a DTensor is gathered from its ranks: a collective)."""
-    return value.full_tensor() if is_dtensor(value) else value  # type: ignore[attr-defined]
+    return value.full_tensor() if is_dtensor(value) else value

@@ -32,7 +32,7 @@ def shadow_dtype(dtype: torch.dtype) -> torch.dtype:
 def checked_average_dtype(dtype: object) -> torch.dtype | None:
     """``average_dtype`` as asked: None (float32 or wider, the default), or one of :data:`AVERAGE_DTYPES`."""
     if dtype is None or dtype in AVERAGE_DTYPES:
-        return dtype  # type: ignore[return-value]
+        return dtype
     if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
         problem = "not a floating-point dtype"
     else:

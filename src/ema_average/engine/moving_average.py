@@ -266,7 +266,7 @@ class MovingAverage:
             self._check_replacement(i, current[i], places[i][0])
         for i in changed:
             bucket, j = places[i]
-            bucket.tracked[j] = params[i] = current[i]  # type: ignore[assignment]
+            bucket.tracked[j] = params[i] = current[i]  # type: ignore[assignment]  # checked above: a tensor
             if bucket.sharded is not None:
                 bucket.sharded[j] = is_dtensor(params[i])
         return params
@@ -390,7 +390,7 @@ class MovingAverage:
     def _reshard(self) -> None:
         """Drop FSDP2's gathered copies (local, no communication), so the next forward gathers the shards."""
         for module in self._fsdp_modules:
-            module.reshard()  # type: ignore[operator]
+            module.reshard()  # type: ignore[operator]  # an FSDPModule, typed by its nn.Module base
 
     @contextmanager
     def average_parameters(self) -> Iterator[None]:

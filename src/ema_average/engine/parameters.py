@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Mapping
+from types import GeneratorType
 from typing import Any, TypeAlias
 
 import torch
@@ -65,8 +66,11 @@ def owner_module(parameters: Parameters) -> torch.nn.Module | None:
     generator) names no module."""
     if isinstance(parameters, torch.nn.Module):
         return parameters
-    if getattr(parameters, "gi_code", None) is torch.nn.Module.named_parameters.__code__:
-        owner = parameters.gi_frame.f_locals.get("self") if parameters.gi_frame else None  # type: ignore[attr-defined]
+    if (
+        isinstance(parameters, GeneratorType)
+        and parameters.gi_code is torch.nn.Module.named_parameters.__code__
+    ):
+        owner = parameters.gi_frame.f_locals.get("self") if parameters.gi_frame else None
         return owner if isinstance(owner, torch.nn.Module) else None
     return None
 
@@ -85,5 +89,5 @@ def module_slots(owner: torch.nn.Module | None, params: list[torch.Tensor]) -> l
         for key, param in own.items():
             if param is not None:
                 where.setdefault(id(param), (own, key))
-    slots = [where.get(id(p)) for p in params]
-    return None if any(slot is None for slot in slots) else slots  # type: ignore[return-value]
+    slots = [where[id(p)] for p in params if id(p) in where]
+    return slots if len(slots) == len(params) else None

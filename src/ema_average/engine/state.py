@@ -24,7 +24,11 @@ def checked_count(value: object) -> int:
     """A saved ``num_applied``: a whole number in [0, 2**63) (not a bool, float, NaN or list)."""
     if value is MISSING:
         raise AverageStateError("state has no 'num_applied' (the number of updates in the averages)")
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= _MAX_COUNT:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or not 0 <= int(value) <= _MAX_COUNT
+    ):
         raise AverageStateError(f"state's 'num_applied' must be a whole number >= 0, got {value!r}")
     return int(value)
 
@@ -65,14 +69,14 @@ def checked_averages(
         problem = _tensor_problem(value)
         if problem is None and tuple(value.shape) != tuple(shape):
             problem = f"has shape {tuple(value.shape)}, expected {tuple(shape)}"
-        if problem is None and is_dtensor(value) and layout is not None and value.device_mesh != layout.mesh:  # type: ignore[attr-defined]
+        if problem is None and is_dtensor(value) and layout is not None and value.device_mesh != layout.mesh:
             problem = (
                 "is a DTensor on another device mesh; load it through torch.distributed.checkpoint "
                 "into this average's state_dict() instead"
             )
         if problem is not None:
             raise AverageStateError(f"state's average {name!r} {problem}")
-    return saved  # type: ignore[return-value]
+    return saved
 
 
 def rule_of(

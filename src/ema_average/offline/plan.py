@@ -442,10 +442,10 @@ def settings_sweep(varying: Mapping[str, Sequence[float] | None], **fixed: objec
         raise ConfigurationError(f"{flags} both list several values: vary one setting per run")
     base = {name: values[0] for name, values in given.items()}
     if not several:
-        return [AverageSettings(**fixed, values=base)]  # type: ignore[arg-type]
+        return [AverageSettings(**fixed, values=base)]  # type: ignore[arg-type]  # fixed: method, schedule
     name = several[0]
     _check_takes_a_list(str(fixed.get("method", MovingAverage.default_implementation)), name)
-    return [AverageSettings(**fixed, values={**base, name: v}) for v in given[name]]  # type: ignore[arg-type]
+    return [AverageSettings(**fixed, values={**base, name: v}) for v in given[name]]  # type: ignore[arg-type]  # as above
 
 
 def _check_takes_a_list(method: str, name: str) -> None:

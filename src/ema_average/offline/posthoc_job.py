@@ -12,6 +12,8 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from ema_average.checkpoints.discovery.discover import Run
 from ema_average.engine.decay_rules import sigma_rel_to_gamma
 from ema_average.engine.posthoc_profiles import Profile, Reconstruction, reconstruct
@@ -129,13 +131,13 @@ def _plan(
     solved: list[Reconstruction],
     used: list[int],
     labels: list[str],
-    device: object,
+    device: torch.device,
     found: SnapshotSet,
 ) -> Plan:
     first = sources[0]
     outputs = output_tensors(first.specs(), first.aliases(), options.selection, options.dtype)
     split = all(streaming.reads_ranges(s) for s in sources)
-    numel = options.chunk_numel or streaming.chunk_numel(device)  # type: ignore[arg-type]
+    numel = options.chunk_numel or streaming.chunk_numel(device)
     chunks = chunk_layout(outputs, {}, numel, split=split)
     notes = list(found.notes)
     averages = []

@@ -13,6 +13,7 @@ import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeGuard
 
 import torch
 
@@ -118,8 +119,9 @@ def open_resumed(path: Path, settings: AverageSettings) -> Resumed:
 
 def _recorded_steps(path: Path, meta: dict[str, str]) -> list[int]:
     """The steps list, increasing whole numbers, whose last entry is ``last_step``."""
-    steps = _json_list(path, meta, STEPS_KEY)
-    if not steps or not all(_is_step(s) for s in steps):
+    listed = _json_list(path, meta, STEPS_KEY)
+    steps = [s for s in listed if _is_step(s)]
+    if not steps or len(steps) != len(listed):
         raise _edited(path, f"its {STEPS_KEY!r} is not a list of steps")
     if any(a >= b for a, b in itertools.pairwise(steps)):
         raise _edited(path, f"its {STEPS_KEY!r} do not increase")
@@ -141,8 +143,9 @@ def _recorded_count(path: Path, meta: dict[str, str], listed: int) -> int:
 
 
 def _recorded_files(path: Path, meta: dict[str, str], count: int) -> list[str]:
-    files = _json_list(path, meta, FILES_KEY)
-    if len(files) != count or not all(isinstance(f, str) for f in files):
+    listed = _json_list(path, meta, FILES_KEY)
+    files = [f for f in listed if isinstance(f, str)]
+    if len(files) != count or len(files) != len(listed):
         raise _edited(path, f"its {FILES_KEY!r} do not name one file per step")
     return files
 
@@ -157,7 +160,7 @@ def _json_list(path: Path, meta: dict[str, str], key: str) -> list[object]:
     return value
 
 
-def _is_step(value: object) -> bool:
+def _is_step(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_STEP
 
 

@@ -147,7 +147,7 @@ class Ranks:
     def most(self, value: int) -> int:
         return self._reduce(value, dist.ReduceOp.MAX)
 
-    def _reduce(self, value: int, op: dist.ReduceOp) -> int:
+    def _reduce(self, value: int, op: dist.ReduceOp.RedOpType) -> int:
         box = torch.tensor([value], dtype=torch.int64)
         with _peers_alive():
             dist.all_reduce(box, op)

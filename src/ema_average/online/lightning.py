@@ -357,7 +357,7 @@ def _gathered(averaged: dict[str, torch.Tensor], *, keep: bool) -> dict[str, tor
     """
     whole = {}
     for name, tensor in averaged.items():
-        value = tensor.full_tensor().cpu() if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
+        value = tensor.full_tensor().cpu() if is_dtensor(tensor) else tensor
         if keep:
             whole[name] = value
     return whole
@@ -398,8 +398,8 @@ def _save_averages_with_the_shards(strategy: pl.strategies.Strategy, names: Sequ
         if strategy.global_rank == 0:
             torch.save(checkpoint, path / _SHARDED_SAVE_META)
 
-    save_checkpoint.ema_average_keys = keys  # type: ignore[attr-defined]
-    strategy.save_checkpoint = save_checkpoint  # type: ignore[method-assign]
+    save_checkpoint.ema_average_keys = keys  # type: ignore[attr-defined]  # a mark, read back above
+    strategy.save_checkpoint = save_checkpoint
 
 
 class _ShardedAverages(Mapping[str, torch.Tensor]):

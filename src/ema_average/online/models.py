@@ -26,11 +26,12 @@ __all__ = [
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The user's model inside DDP / DeepSpeed wrappers: the names its own ``state_dict`` has."""
-    while isinstance(model, torch.nn.parallel.DistributedDataParallel) or (
-        type(model).__name__ == "DeepSpeedEngine"
-        and isinstance(getattr(model, "module", None), torch.nn.Module)
+    inner = getattr(model, "module", None)
+    while isinstance(inner, torch.nn.Module) and (
+        isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        or type(model).__name__ == "DeepSpeedEngine"
     ):
-        model = model.module
+        model, inner = inner, getattr(inner, "module", None)
     return model
 
 
@@ -98,7 +99,7 @@ def weights_digest(named: Sequence[tuple[str, torch.Tensor]]) -> str:
     for name, tensor in named:
         value = local_part(tensor).detach()
         digest.update(f"{name}|{str(value.dtype).removeprefix('torch.')}|{tuple(value.shape)}\n".encode())
-        digest.update(value.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        digest.update(value.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()
 
 
@@ -130,7 +131,7 @@ def laid_out_as(live: torch.Tensor, saved: torch.Tensor) -> torch.Tensor:
         return saved  # the engine names the mismatch
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    mesh, placements = live.device_mesh, live.placements  # type: ignore[attr-defined]
+    mesh, placements = live.device_mesh, live.placements
     shard = distribute_tensor(saved.to(live.device), mesh, placements, src_data_rank=None)
     local = local_part(shard).clone()  # not a view that keeps the whole tensor alive
     return DTensor.from_local(

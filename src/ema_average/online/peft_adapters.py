@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,7 +26,8 @@ ADAPTER_CONFIG = "adapter_config.json"  # peft's CONFIG_NAME
 
 def is_peft_model(model: torch.nn.Module) -> bool:
     """Decided by structure: a model carrying PEFT adapter configurations."""
-    return isinstance(getattr(model, "peft_config", None), Mapping) and bool(model.peft_config)  # type: ignore[attr-defined]
+    configs = getattr(model, "peft_config", None)
+    return isinstance(configs, Mapping) and bool(configs)
 
 
 def _adapter_name(model: torch.nn.Module) -> str:
@@ -49,4 +51,5 @@ def adapter_state(model: torch.nn.Module, averaged: Mapping[str, torch.Tensor]) 
 
 
 def save_adapter_config(model: torch.nn.Module, folder: Path) -> None:
-    model.peft_config[_adapter_name(model)].save_pretrained(str(folder))  # type: ignore[attr-defined,index]
+    configs: Mapping[str, Any] = getattr(model, "peft_config", {})
+    configs[_adapter_name(model)].save_pretrained(str(folder))

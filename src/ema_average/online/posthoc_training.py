@@ -39,7 +39,7 @@ def _tensors(parameters: Parameters) -> list[torch.Tensor]:
         return list(parameters.parameters())
     if isinstance(parameters, Mapping):
         return list(parameters.values())
-    return [p[1] if isinstance(p, tuple) else p for p in parameters]  # type: ignore[union-attr]
+    return [p[1] if isinstance(p, tuple) else p for p in parameters]
 
 
 class PowerEmaSnapshots:
@@ -93,7 +93,7 @@ class PowerEmaSnapshots:
         return [self._write(average) for average in self.averages]
 
     def _write(self, average: PowerFunctionMovingAverage) -> Path:
-        gamma = average.rule.gamma  # type: ignore[attr-defined]
+        gamma = average.rule.gamma  # type: ignore[attr-defined]  # a power average: a PowerRule
         sigma_rel = self.sigma_rels[self.averages.index(average)]
         path = self.folder / f"ema-sigma_rel{sigma_rel!r}-step{self.last_step:010d}.safetensors"
         averages = average.averages()

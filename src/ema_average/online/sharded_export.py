@@ -107,17 +107,17 @@ def _whole(value: torch.Tensor) -> torch.Tensor:
     is kept in host memory, which a GPU collective cannot read), any other tensor as it is."""
     if not is_dtensor(value):
         return value
-    local, mesh = local_part(value), value.device_mesh  # type: ignore[attr-defined]
+    local, mesh = local_part(value), value.device_mesh
     if local.device.type != mesh.device_type:
-        value = type(value).from_local(  # type: ignore[attr-defined]
+        value = type(value).from_local(
             local,
             mesh,
-            value.placements,  # type: ignore[attr-defined]
+            value.placements,
             run_check=False,
             shape=value.shape,
             stride=value.stride(),
         )
-    return value.full_tensor()  # type: ignore[attr-defined]
+    return value.full_tensor()
 
 
 def _finish(writer: SafetensorsWriter, failure: Exception | None) -> Exception | None:

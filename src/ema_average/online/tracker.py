@@ -103,7 +103,7 @@ class EmaTracker:
             ExponentialMovingAverage.make_rule(decay=d, numerator=numerator, denominator=denominator)
             for d in decays
         ]  # bad settings fail here, before training starts
-        self.slots = [_Slot(n, r) for n, r in zip(_names(names, decays), rules, strict=True)]  # type: ignore[arg-type]
+        self.slots = [_Slot(n, r) for n, r in zip(_names(names, decays), rules, strict=True)]  # type: ignore[arg-type]  # ExponentialRules (make_rule is typed for any rule)
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ConfigurationError(f"every must be a whole number of optimizer steps >= 1, got {every!r}")
         if evaluate not in EVALUATE_CHOICES:
@@ -193,7 +193,7 @@ class EmaTracker:
                 self._load(slot, pending, global_step, training=training)
 
     def _engine(self, slot: _Slot) -> ExponentialMovingAverage:
-        return ExponentialMovingAverage.with_rule(  # type: ignore[return-value]
+        return ExponentialMovingAverage.with_rule(  # type: ignore[return-value]  # of the class it is called on
             self.tracked, slot.rule, device=self.device, average_dtype=self.average_dtype
         )
 
@@ -348,7 +348,7 @@ class EmaTracker:
         would run on them rather than on the shards just swapped.
         """
         for module in self._fsdp:
-            module.reshard()  # type: ignore[operator]
+            module.reshard()  # type: ignore[operator]  # an FSDPModule, typed by its nn.Module base
 
     # --- saving and resuming ----------------------------------------------------------------------
 
@@ -411,7 +411,7 @@ def _decays(decay: float | Sequence[float]) -> list[float]:
         if not decay:
             raise ConfigurationError("decay must be a number or a non-empty list of numbers, got []")
         return list(decay)
-    return [decay]  # type: ignore[list-item]
+    return [decay]  # type: ignore[list-item]  # not a list or tuple: one decay
 
 
 def _names(names: Sequence[str] | None, decays: Sequence[float]) -> list[str]:

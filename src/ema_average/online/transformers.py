@@ -28,6 +28,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -277,14 +278,13 @@ class EMACallback(TrainerCallback):
     ) -> None:
         """``checkpoint-N/ema/`` beside the Trainer's save of step N (rank 0 writes it)."""
         tracker = self._tracker
-        if tracker.average is None or not state.is_world_process_zero:
+        saved = model or tracker.model
+        if tracker.average is None or saved is None or not state.is_world_process_zero:
             return
         tracker.swap_out()
         folder = Path(args.output_dir) / f"{_CHECKPOINT_PREFIX}-{state.global_step}"
         for name in tracker.names:
-            save_ema_folder(
-                unwrap_model(model or tracker.model), tracker, folder / name, name, self.save_dtype
-            )
+            save_ema_folder(unwrap_model(saved), tracker, folder / name, name, self.save_dtype)
         self._posthoc.save_file(folder, weights_digest(tracker.tracked))
 
     def _resume(
@@ -333,13 +333,13 @@ def trainer_resume_folder() -> Path | None:
     weights digest still refuses any other run's EMA. ``test_the_resume_seam_finds_the_folder_the_trainer_
     resumed`` fails loudly if transformers changes this.
     """
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         if isinstance(frame.f_locals.get("self"), Trainer):
             value = frame.f_locals.get(_RESUME_LOCAL)
             if isinstance(value, str | os.PathLike) and str(value):
                 return Path(value)
-        frame = frame.f_back  # type: ignore[assignment]
+        frame = frame.f_back
     return None
 
 

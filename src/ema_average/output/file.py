@@ -129,7 +129,7 @@ class SafetensorsWriter:
                 self._reserve()
                 self._pwrite(memoryview(self._header), 0)
                 if files is not None:  # reopened through ``files`` while written to
-                    os.close(self._fd)  # type: ignore[arg-type]
+                    os.close(self._fd)  # type: ignore[arg-type]  # opened just above
                     self._fd = None
         except BaseException:
             self.abort()
@@ -232,7 +232,7 @@ class SafetensorsWriter:
         """``data``'s bytes at byte ``first`` of tensor ``name`` in the file, counted as written."""
         if data.nbytes:
             self._pwrite(
-                memoryview(data.reshape(-1).view(torch.uint8).numpy()),
+                data.reshape(-1).view(torch.uint8).numpy().data,
                 len(self._header) + self._offsets[name] + first,
             )
         self._wrote(name, data.nbytes)

@@ -157,14 +157,15 @@ class ShardedWriter:
         else:
             shards = _split(safetensors_order([e for _, e in part]), w.max_shard_size or max_shard_size)
             names = _shard_names(w.name, len(shards))
-            writers = [
+            sharded = [
                 SafetensorsWriter(
                     where / name, shard, metadata, overwrite=False, lock=False, files=self._files
                 )
                 for name, shard in zip(names, shards, strict=True)
             ]
             if len(shards) > 1:
-                self._indexes.append((w, writers))  # type: ignore[arg-type]
+                self._indexes.append((w, sharded))
+            writers = [*sharded]
         for name, shard, writer in zip(names, shards, writers, strict=True):
             self.writers.append(writer)
             self._parts.append((w, [name], writer))

@@ -85,9 +85,7 @@ class TorchFileWriter:
                 f"its {self._sizes[name]} bytes of {self._dtypes[name]}"
             )
         if data.nbytes:
-            self._pwrite(
-                memoryview(data.reshape(-1).view(torch.uint8).numpy()), self._records[name][0] + first
-            )
+            self._pwrite(data.reshape(-1).view(torch.uint8).numpy().data, self._records[name][0] + first)
         with self._guard:
             self._unwritten[name] -= data.nbytes
 

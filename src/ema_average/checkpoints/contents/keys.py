@@ -6,6 +6,7 @@ Every layout reads these lists; none keeps a private copy, so a key learnt for o
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 # Where a training step is recorded, most specific first (torch dicts, safetensors metadata, DCP tensors).
 # ``global_steps`` is DeepSpeed's; ``num_updates`` fairseq's; ``global_step`` Lightning's and HF's.
@@ -188,7 +189,7 @@ OPTIMIZER_MOMENTS = (
 )
 
 
-def kind_of_key(key: str) -> str | None:
+def kind_of_key(key: str) -> Literal["average", "optimizer", "scheduler", "trainer"] | None:
     """What a container named ``key`` holds, where its name says (``None``: nothing said). A number after
     the name counts one of several (Lightning's sharded save: ``optimizer_0``, ``optimizer_1``)."""
     lower = key.lower().replace("-", "_")

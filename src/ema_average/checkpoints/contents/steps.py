@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeGuard
 
 import torch
 
@@ -124,7 +126,7 @@ def names_a_step_record(key: str) -> bool:
     return bool(words & _STEP_WORDS) and not words & _NOT_A_STEP
 
 
-def stated_step(path: Path, record: dict[str, object], where: str) -> StepInfo | None:
+def stated_step(path: Path, record: Mapping[str, object], where: str) -> StepInfo | None:
     """The step a record states under a key that names one (any trainer's: the listed keys are tried
     first by the layouts), where all such keys agree on a whole number; None otherwise."""
     found: dict[int, str] = {}
@@ -153,7 +155,7 @@ def checked_step(path: Path, value: object, where: str) -> int:
     elif isinstance(value, int) and not isinstance(value, bool):
         step = value
     elif _is_integer_scalar_tensor(value):
-        step = int(value.item())  # type: ignore[attr-defined]
+        step = int(value.item())
     if step is None or not 0 <= step <= MAX_STEP:
         shown = _short_repr(value)
         raise CheckpointError(path, f"has step {shown} ({where}), not a whole number in 0..{MAX_STEP}")
@@ -167,7 +169,7 @@ def _short_repr(value: object) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _is_integer_scalar_tensor(value: object) -> bool:
+def _is_integer_scalar_tensor(value: object) -> TypeGuard[torch.Tensor]:
     return (
         isinstance(value, torch.Tensor)
         and value.numel() == 1

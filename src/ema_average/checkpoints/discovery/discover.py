@@ -315,10 +315,11 @@ def _drop_copies(checkpoints: list[Checkpoint], notices: list[str], keeps: Keeps
     error."""
     by_step: dict[int, Checkpoint] = {}
     for ckpt in checkpoints:
-        assert ckpt.step is not None
-        kept = by_step.get(ckpt.step)
+        step = ckpt.step
+        assert step is not None
+        kept = by_step.get(step)
         if kept is None:
-            by_step[ckpt.step] = ckpt
+            by_step[step] = ckpt
             continue
         if not _same_tensors(kept, ckpt, keeps):
             raise CheckpointMismatchError(
@@ -328,7 +329,7 @@ def _drop_copies(checkpoints: list[Checkpoint], notices: list[str], keeps: Keeps
         # whose name holds a number (ultralytics' epoch3.pt over best.pt).
         if _name_rank(ckpt) > _name_rank(kept):
             kept, ckpt = ckpt, kept
-            by_step[kept.step] = kept  # type: ignore[index]
+            by_step[step] = kept
         notices.append(f"skipped {ckpt.path}: same step ({ckpt.step}) and weights as {kept.path}")
         ckpt.close()
     return list(by_step.values())

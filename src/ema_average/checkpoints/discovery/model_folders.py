@@ -122,8 +122,8 @@ class FolderUnit(Checkpoint):
                 )
         assert inner is not None
         self.inner = inner
-        self.layout = inner.layout  # type: ignore[misc]
-        self.lazy = inner.lazy  # type: ignore[misc]
+        self.layout = inner.layout
+        self.lazy = inner.lazy
         self.notes = [*inner.notes, *skipped]
         read = model_name(path, inner.path)
         others = {

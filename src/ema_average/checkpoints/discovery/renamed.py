@@ -40,8 +40,8 @@ class Renamed(Checkpoint):
     def __init__(self, inner: Checkpoint, names: dict[str, str], stripped: str) -> None:
         super().__init__(inner.path)
         self.inner = inner
-        self.layout = inner.layout  # type: ignore[misc]
-        self.lazy = inner.lazy  # type: ignore[misc]
+        self.layout = inner.layout
+        self.lazy = inner.lazy
         self.notes = inner.notes
         self.choices = inner.choices
         self.final_copy = inner.final_copy

@@ -70,7 +70,7 @@ def check_stored(data: io.RawIOBase | io.BytesIO, where: Path, what: str) -> Non
     if head != _ZIP_MAGIC:
         return
     try:
-        with zipfile.ZipFile(data) as archive:  # type: ignore[arg-type]
+        with zipfile.ZipFile(data) as archive:
             members = archive.infolist()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, OSError) as exc:
         raise CheckpointError(where, f"{what} is damaged ({first_line(exc)})") from exc
@@ -111,7 +111,8 @@ def _read_tensor(file: PreadFile, fqn: str, info: Any) -> torch.Tensor:
     with file.opened(fqn, info.offset + info.length) as fd:
         stream = FileSlice(fd, info.offset, info.length)
         check_stored(stream, file.path, f"tensor {fqn!r}")
-        return torch.load(stream, map_location="cpu", weights_only=True)
+        # buffered: a raw stream's read(n) may return fewer bytes, a buffered one's only at its end
+        return torch.load(io.BufferedReader(stream), map_location="cpu", weights_only=True)
 
 
 @functools.cache
@@ -142,7 +143,7 @@ def reader_type() -> type:
         def read_data(self, plan: Any, planner: Any) -> Any:
             for req in plan.items:
                 if req.type == LoadItemType.BYTE_IO:  # DCP would unpickle them with plain pickle
-                    raise CheckpointError(self.path, "a read asks for pickled objects; refused")
+                    raise CheckpointError(Path(self.path), "a read asks for pickled objects; refused")
                 info = self.storage_data[req.storage_index]
                 tensor = _read_tensor(self._files[info.relative_path], req.storage_index.fqn, info)
                 tensor = narrow_tensor_by_index(tensor, req.storage_offsets, req.lengths)

@@ -39,7 +39,7 @@ def _claims(path: Path) -> bool:
 def _open(path: Path, options: OpenOptions) -> Checkpoint:
     ckpt = open_weights_file(path, options)  # a torch file, under litgpt's names
     if path.name.lower().endswith(LORA_SUFFIX):
-        ckpt.layout = LORA_NAME  # type: ignore[misc]  # as the plan names it
+        ckpt.layout = LORA_NAME  # as the plan names it
     if path.name.startswith(MODEL):
         ckpt.saved_as = saved_model(path)
     return ckpt

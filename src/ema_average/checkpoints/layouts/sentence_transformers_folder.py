@@ -131,7 +131,7 @@ class SentenceTransformersCheckpoint(Checkpoint):
         if not self._specs:
             raise CheckpointError(path / MODULES_FILE, "lists no module with weights")
         parts = [part for _, part in self._modules if part is not None]
-        self.lazy = all(part.lazy for part in parts)  # type: ignore[misc]
+        self.lazy = all(part.lazy for part in parts)
 
     def _add_module(self, folder: str, folders: list[str], trust_pickle: bool) -> None:
         where = self.path / folder

@@ -307,7 +307,7 @@ def _walk(  # one flat loop: a call per opcode would double its time
                 push(leaf)
             elif code == _OTHER:
                 src.pos = pos + 1
-                spent = _other(pickletools.code2op[chr(op)], src, stack, marks, memo, spent, cap)
+                spent = _other(_OPCODES[chr(op)], src, stack, marks, memo, spent, cap)
                 if spent > budget:
                     raise _too_costly(spent, budget, 0, size)
                 buf, pos, limit = src.buf, src.pos, src.limit
@@ -351,6 +351,7 @@ _HASHED: dict[str, Callable[[list, list], list]] = {
     "OBJ": lambda pre, items: items[1:],
 }
 _MEMO_ARG = {"GET", "PUT"}  # text opcodes whose argument is a memo index
+_OPCODES = {op.code: op for op in pickletools.opcodes}  # pickletools' own code2op, which is not public
 
 
 def _other(
@@ -360,6 +361,7 @@ def _other(
     hash work spent so far."""
     arg = _argument(op, src)
     if op.name in _MEMO_ARG:
+        assert arg is not None  # GET and PUT declare a decimal line
         index = int(arg)
         if op.name == "GET":
             stack.append(memo[index])
@@ -431,7 +433,7 @@ def _argument(op: pickletools.OpcodeInfo, src: PickleSource) -> bytes | None:
 def _unreadable(op: int, what: str) -> PickleRefused:
     """An opcode the reader does not read: for torch's safe reader, a newer protocol (4: FRAME,
     STACK_GLOBAL, MEMOIZE...); or no pickle at all."""
-    info = pickletools.code2op.get(chr(op))
+    info = _OPCODES.get(chr(op))
     if info is None:
         return PickleRefused(f"is damaged or not {what} (byte {op:#04x} is no pickle opcode)")
     if info.proto < 3:  # protocols 0 and 1: text, not what torch.save writes; most likely no pickle at all

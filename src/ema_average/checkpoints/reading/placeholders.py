@@ -51,6 +51,8 @@ class Placeholder:
 
     __slots__ = ("module_like", "pickled_name")
     kind: ClassVar[str] = "object"
+    module_like: bool
+    pickled_name: str
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Placeholder:
         made = object.__new__(cls)
@@ -91,10 +93,13 @@ def named(name: str) -> Placeholder:
 
 def inert_getattr(obj: Any, name: Any, *default: Any) -> Placeholder:
     """``builtins.getattr`` as a pickle may use it: only on a placeholder, giving another; never run."""
-    is_placeholder = isinstance(obj, Placeholder) or (isinstance(obj, type) and issubclass(obj, Placeholder))
-    if not is_placeholder or not isinstance(name, str) or len(default) > 1:
+    if isinstance(obj, Placeholder):
+        base: str | None = obj.pickled_name
+    else:
+        base = obj.kind if isinstance(obj, type) and issubclass(obj, Placeholder) else None
+    if base is None or not isinstance(name, str) or len(default) > 1:
         raise RefusedCall(f"builtins.getattr on {type(obj).__name__!r}")
-    return named(f"{obj.kind if isinstance(obj, type) else obj.pickled_name}.{name}")
+    return named(f"{base}.{name}")
 
 
 def may_stand_in(name: str) -> bool:

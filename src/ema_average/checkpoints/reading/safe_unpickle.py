@@ -111,7 +111,8 @@ class InertStandIn(dict):
     holds are rebuilt by torch's own allow-listed functions, outside of these objects).
     """
 
-    __hash__ = object.__hash__
+    # hashable by identity, as the objects it stands in for are (a dict is not)
+    __hash__ = object.__hash__  # type: ignore[assignment]  # typeshed: dict.__hash__ is None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__()
@@ -352,6 +353,7 @@ def _load_allowing(path: Path, mmap: bool, stand_ins: dict[str, Any], *, meta: b
     """A ``weights_only`` load with ``stand_ins`` allowed, one such load at a time: also one that needs
     none, which could otherwise resolve a name while another load's stand-in is allowed and build it after
     that was removed (a false "damaged")."""
+    allowed: list[Callable[..., Any] | tuple[Callable[..., Any], str]]
     allowed = [(stand_in, name) for name, stand_in in sorted(stand_ins.items())]
     with ALLOWED_GLOBALS_LOCK, torch.serialization.safe_globals(allowed):
         return _torch_load(path, mmap=mmap, weights_only=True, meta=meta)

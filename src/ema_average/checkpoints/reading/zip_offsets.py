@@ -62,7 +62,8 @@ def stored(path: Path, name: str, tensor: torch.Tensor, members: dict[int, ZipMe
     contiguous = torch.Tensor.is_contiguous(tensor)
     if math.prod(shape) == 0:
         return Stored(0, shape, stride, offset, tensor.dtype, contiguous)
-    member = members.get(file_offset(tensor))  # type: ignore[arg-type]
+    offset_in_file = file_offset(tensor)
+    member = members.get(offset_in_file) if offset_in_file is not None else None
     if member is None:
         raise NotLaidOut(f"no tensor data starts at byte {file_offset(tensor)}, where {name!r} would")
     last = offset + sum((size - 1) * step for size, step in zip(shape, stride, strict=True))
