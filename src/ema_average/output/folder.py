@@ -23,7 +23,7 @@ from typing import NoReturn
 import torch
 
 from ema_average._platform import fs
-from ema_average._platform.open_files import OpenFiles, shard_files_limit
+from ema_average._platform.open_files import require_spare_descriptors
 from ema_average._platform.output_lock import writer_lock
 from ema_average.checkpoints.contents.own_outputs import MARKER_FILE, TOOL_MARKER_KEY, marked_json
 from ema_average.checkpoints.safetensors_format import TensorEntry, read_header, safetensors_order
@@ -119,7 +119,7 @@ class ShardedWriter:
         self._committed = False
         self.writers: list[SafetensorsWriter | TorchFileWriter] = []
         self._route: dict[str, tuple[SafetensorsWriter | TorchFileWriter, str]] = {}
-        self._files = OpenFiles(shard_files_limit(path))
+        require_spare_descriptors(path)
         self._lock = writer_lock(path)
         try:
             self._make_staging()
@@ -158,9 +158,7 @@ class ShardedWriter:
             shards = _split(safetensors_order([e for _, e in part]), w.max_shard_size or max_shard_size)
             names = _shard_names(w.name, len(shards))
             writers = [
-                SafetensorsWriter(
-                    where / name, shard, metadata, overwrite=False, lock=False, files=self._files
-                )
+                SafetensorsWriter(where / name, shard, metadata, overwrite=False, lock=False, pooled=True)
                 for name, shard in zip(names, shards, strict=True)
             ]
             if len(shards) > 1:
@@ -333,7 +331,6 @@ class ShardedWriter:
         self._close()
 
     def _close(self) -> None:
-        self._files.close_all()
         if self._staging_fd is not None:
             os.close(self._staging_fd)
             self._staging_fd = None

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import _weights_only_unpickler
 
-from ema_average.checkpoints.base import damage_of, require_regular_file
+from ema_average.checkpoints.reading.file_checks import damage_of, require_regular_file
 from ema_average.checkpoints.reading.pickle_scan import PickleRefused, scan_pickle
 from ema_average.checkpoints.reading.placeholders import (
     MAX_PLACEHOLDERS,

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ema_average.checkpoints.base import PreadFile
+from ema_average.checkpoints.reading.positioned import PreadFile
 from ema_average.checkpoints.reading.safe_unpickle import ZipMember
 from ema_average.checkpoints.reading.tensor_state import layout_of
 from ema_average.errors import CheckpointError
