@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ema_average._platform.torch_compat import narrow_by_index
 from ema_average.checkpoints.reading.positioned import PreadFile
 from ema_average.checkpoints.reading.safe_unpickle import ALLOWED_GLOBALS_LOCK, first_line, refused_globals
 from ema_average.errors import CheckpointError
@@ -117,7 +118,6 @@ def _read_tensor(file: PreadFile, fqn: str, info: Any) -> torch.Tensor:
 @functools.cache
 def reader_type() -> type:
     """:class:`CheckedReader`, defined on first use (importing DCP is slow, and may fail)."""
-    from torch.distributed._shard._utils import narrow_tensor_by_index
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import StorageMeta
     from torch.distributed.checkpoint.planner import LoadItemType
@@ -145,7 +145,7 @@ def reader_type() -> type:
                     raise CheckpointError(self.path, "a read asks for pickled objects; refused")
                 info = self.storage_data[req.storage_index]
                 tensor = _read_tensor(self._files[info.relative_path], req.storage_index.fqn, info)
-                tensor = narrow_tensor_by_index(tensor, req.storage_offsets, req.lengths)
+                tensor = narrow_by_index(tensor, req.storage_offsets, req.lengths)
                 target = planner.resolve_tensor(req).detach()
                 if target.size() != tensor.size():
                     raise AssertionError(
