@@ -80,6 +80,21 @@ def parameter_slots(module: torch.nn.Module) -> dict[str, Any]:
     return module._parameters  # type: ignore[return-value]
 
 
+def named_parameters_owner(parameters: object) -> torch.nn.Module | None:
+    """The module whose ``named_parameters()`` generator ``parameters`` is, not yet started; else None.
+
+    Leans on how torch 2.13 writes ``Module.named_parameters``: a generator function whose frame holds the
+    module as ``self`` (read through the generator's ``gi_code`` and ``gi_frame``, which Python documents
+    in ``inspect``). A torch that wrapped it otherwise gives None here: the average then simply does not
+    follow parameters the module replaces. No public API names a generator's module.
+    """
+    if getattr(parameters, "gi_code", None) is not torch.nn.Module.named_parameters.__code__:
+        return None
+    frame = parameters.gi_frame  # type: ignore[attr-defined]
+    owner = frame.f_locals.get("self") if frame is not None else None
+    return owner if isinstance(owner, torch.nn.Module) else None
+
+
 def flatten_dense(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """The tensors' elements end to end in one new 1-D tensor, concatenated in C++.
 
