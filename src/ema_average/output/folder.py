@@ -63,9 +63,9 @@ class ShardedWriter:
     it holding the metadata); ``folders`` are sub-folders to create even if nothing is written in them.
     ``add_file`` puts small side files (a config, ``1_Pooling/config.json``) beside the weights.
 
-    Each shard file is open only while written to, at most ``_MAX_OPEN_SHARDS`` at once, so thousands of
-    shards fit the usual ``ulimit -n``; a limit too tight even for that is refused before anything is
-    written.
+    Each shard file is open only while written to, through the process's one pool of open files (shared
+    with the checkpoints being read: ``_platform/open_files.py``), so thousands of shards fit the usual
+    ``ulimit -n``; a limit too tight even for that is refused before anything is written.
 
     Everything is written into ``PARENT/.FOLDER.ema-average-PID.tmp/``, each file fsynced, then the
     staging folder, then one atomic switch: a new target is created with ``renameat2(RENAME_NOREPLACE)``
