@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import resource
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -31,12 +30,17 @@ _FEWEST_POOLED = 4
 # libraries' own files.
 _FILES_KEPT_FREE = 16
 
-_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO swapped in never blocks the open
-_WRITE_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC  # a staging file of ours: never a link
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)  # flags Windows lacks are 0 there: checkpoints are still read
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | _CLOEXEC  # a FIFO swapped in never blocks
+_WRITE_FLAGS = os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0) | _CLOEXEC  # a staging file of ours: no link
 
 
 def soft_limit() -> int | None:
-    """This process's limit on open files (``ulimit -n``), or None where there is none."""
+    """This process's limit on open files (``ulimit -n``), or None where there is none or it is unknown."""
+    try:
+        import resource  # not on Windows
+    except ImportError:
+        return None
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     return None if soft == resource.RLIM_INFINITY else soft
 
