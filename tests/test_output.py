@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 import ema_average._platform.fs as fs_module
 import ema_average._platform.open_files as pool_module
 import ema_average._platform.output_lock as lock_module
+from ema_average.checkpoints import SafetensorsCheckpoint
 from ema_average.checkpoints.safetensors_format import TensorSpec
 from ema_average.errors import OutputError
 from ema_average.output import (
@@ -652,7 +653,10 @@ def test_shard_files_are_open_only_while_written(tmp_path: Path) -> None:
     assert_folder_holds(tmp_path / "out", ts, shards=40)
 
 
-def test_writing_shards_in_pieces_reopens_them_within_the_bound(tmp_path: Path) -> None:
+def test_writing_shards_in_pieces_reopens_them_within_the_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pool_module, "pooled_limit", lambda: 4)  # the one pool's bound, read and write
     ts = layers(1.0, count=20)
     writer = ShardedWriter(tmp_path / "out", entries(ts), META, overwrite=False, max_shard_size=1024)
     before = len(os.listdir("/proc/self/fd"))
@@ -662,7 +666,34 @@ def test_writing_shards_in_pieces_reopens_them_within_the_bound(tmp_path: Path) 
             writer.write_range(name, half, t[half : half + 128])
             most = max(most, len(os.listdir("/proc/self/fd")) - before)
     writer.commit()
-    assert most <= pool_module._MAX_OPEN_SHARDS
+    assert most <= 4
+    assert_folder_holds(tmp_path / "out", ts, shards=20)
+
+
+def test_reads_and_writes_share_one_pool_of_open_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checkpoints read with pread and shards written in pieces take descriptors from one pool with one
+    bound: six inputs read and twenty shards reopened keep at most 4 open together."""
+    monkeypatch.setattr(pool_module, "pooled_limit", lambda: 4)
+    inputs = []
+    for i in range(6):
+        save_file({"w": torch.full((64,), float(i))}, str(tmp_path / f"in{i}.safetensors"))
+        inputs.append(SafetensorsCheckpoint(tmp_path / f"in{i}.safetensors"))
+    ts = layers(2.0, count=20)
+    writer = ShardedWriter(tmp_path / "out", entries(ts), META, overwrite=False, max_shard_size=1024)
+    before = len(os.listdir("/proc/self/fd"))
+    most = 0
+    for half in (0, 128):
+        for i, (name, t) in enumerate(ts.items()):
+            ckpt = inputs[i % len(inputs)]
+            assert torch.equal(ckpt.read("w"), torch.full((64,), float(i % len(inputs))))
+            writer.write_range(name, half, t[half : half + 128])
+            most = max(most, len(os.listdir("/proc/self/fd")) - before)
+    writer.commit()
+    for ckpt in inputs:
+        ckpt.close()
+    assert most <= 4
     assert_folder_holds(tmp_path / "out", ts, shards=20)
 
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ema_average.checkpoints import SafetensorsCheckpoint, base
+from ema_average._platform import open_files
+from ema_average.checkpoints import SafetensorsCheckpoint
 from ema_average.errors import CheckpointError
 from helpers import float64_reference, make_state, rss_growth, write_safetensors_run
 
@@ -194,7 +195,7 @@ def open_descriptors() -> int:
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
 def test_open_descriptors_are_bounded_and_reopened(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(base, "read_descriptor_limit", lambda: 4)
+    monkeypatch.setattr(open_files, "pooled_limit", lambda: 4)
     states = write_safetensors_run(tmp_path, list(range(1, 21)))
     checkpoints = [SafetensorsCheckpoint(tmp_path / f"model_step_{step}.safetensors") for step in states]
     before = open_descriptors()
@@ -266,24 +267,24 @@ def test_too_many_open_files_gives_back_idle_descriptors_then_says_so(
     held = [SafetensorsCheckpoint(tmp_path / f"model_step_{step}.safetensors") for step in (1, 2, 3)]
     for ckpt in held:
         ckpt.read("encoder.bias")  # each keeps its descriptor in the pool
-    real_open = base._open_for_reading
+    real_open = open_files._open_descriptor
     refusals = iter([OSError(errno.EMFILE, "Too many open files")])
 
-    def open_once_refused(path: Path) -> int:
+    def open_once_refused(path: Path, flags: int) -> int:
         refusal = next(refusals, None)
         if refusal is not None:
             raise refusal
-        return real_open(path)
+        return real_open(path, flags)
 
-    monkeypatch.setattr(base, "_open_for_reading", open_once_refused)
+    monkeypatch.setattr(open_files, "_open_descriptor", open_once_refused)
     fourth = SafetensorsCheckpoint(tmp_path / "model_step_4.safetensors")
     assert torch.equal(fourth.read("head.weight"), states[4]["head.weight"])
     assert all(ckpt._file.fd is None for ckpt in held)  # given back to make room, reopened when next read
 
-    def always_refused(path: Path) -> int:
+    def always_refused(path: Path, flags: int) -> int:
         raise OSError(errno.EMFILE, "Too many open files")
 
-    monkeypatch.setattr(base, "_open_for_reading", always_refused)
+    monkeypatch.setattr(open_files, "_open_descriptor", always_refused)
     fifth = SafetensorsCheckpoint(tmp_path / "model_step_5.safetensors")
     with pytest.raises(
         CheckpointError, match=r"model_step_5\.safetensors: cannot be opened: too many open files"

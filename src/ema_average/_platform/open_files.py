@@ -1,14 +1,19 @@
-"""How many files a folder output keeps open, and the pool that keeps it to that.
+"""One pool of open files for the whole process: checkpoints read with ``pread`` and shards written with
+``pwrite`` take their descriptors from it.
 
-A folder output may have thousands of shards; each is open only while written to, so a run fits the
-usual ``ulimit -n``. Apart from ``folder`` because ``file``'s writer reopens its shard through the pool.
+A run may read thousands of checkpoints (or DCP data files) and write a folder output of thousands of
+shards; each file keeps its descriptor only while in use or among the most recently used, and is opened
+again on its next use, so the run fits the usual ``ulimit -n``. One bound for both: :func:`pooled_limit`.
+Whoever uses a pooled file checks that it is still the file meant (readers compare identity at every
+read: ``checkpoints/reading/positioned.py``; writers open their own staging files without following
+links).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
-import resource
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -16,92 +21,152 @@ from pathlib import Path
 
 from ema_average.errors import OutputError
 
-# Shard files a folder output keeps open at once (each reopened when written to again): a folder of 1,500
-# shards fits ``ulimit -n 1024``, and streaming writes the shards in order, so few are ever reopened.
-_MAX_OPEN_SHARDS = 8
+# The most descriptors the pool keeps, whatever ``ulimit -n`` allows: more buys nothing (streaming reads
+# the checkpoints in turn and writes the shards in order, so few are ever reopened).
+_MOST_POOLED = 256
+# The fewest: a run reads several checkpoints at a time (the plan's look at each, then the pass).
+_FEWEST_POOLED = 4
 # Descriptors left for everything else while a folder is written: checkpoints reopened, a read-back,
 # libraries' own files.
 _FILES_KEPT_FREE = 16
 
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)  # flags Windows lacks are 0 there: checkpoints are still read
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | _CLOEXEC  # a FIFO swapped in never blocks
+_WRITE_FLAGS = os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0) | _CLOEXEC  # a staging file of ours: no link
+
+
+def soft_limit() -> int | None:
+    """This process's limit on open files (``ulimit -n``), or None where there is none or it is unknown."""
+    try:
+        import resource  # not on Windows
+    except ImportError:
+        return None
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def pooled_limit() -> int:
+    """How many files the pool keeps open at once, read and written together: a quarter of
+    ``ulimit -n`` (the rest is left to outputs' own files, libraries, the interpreter), between 4 and 256.
+    A file in use is never closed: past the bound, at most one more per thread using a file."""
+    soft = soft_limit()
+    if soft is None:
+        return _MOST_POOLED
+    return max(_FEWEST_POOLED, min(_MOST_POOLED, soft // 4))
+
+
+def too_many_open(exc: OSError) -> bool:
+    """Whether ``exc`` says the process or the system has no descriptor left."""
+    return exc.errno in (errno.EMFILE, errno.ENFILE)
+
+
+def too_many_open_words() -> str:
+    """The end of an error line for :func:`too_many_open`: what the limit is and what to do."""
+    soft = soft_limit()
+    limit = f" (ulimit -n is {soft})" if soft is not None else ""
+    return f"too many open files{limit}; raise the limit"
+
+
+class PooledFile:
+    """A file opened through :data:`POOL`, for reading or for writing: its descriptor (``fd``) is open
+    only while in use or kept by the pool, and opened again on the next use."""
+
+    def __init__(self, path: Path, *, write: bool = False) -> None:
+        self.path = path
+        self.flags = _WRITE_FLAGS if write else _READ_FLAGS
+        self.fd: int | None = None
+        self.users = 0  # uses under way: the pool never closes a descriptor in use
+        self.closing = False  # to close once its last user is done
+
+
+def _open_descriptor(path: Path, flags: int) -> int:
+    """The one ``open`` of the pool (a test replaces it to play a process out of descriptors)."""
+    return os.open(path, flags)
+
 
 class OpenFiles:
-    """At most ``limit`` files open for writing at once, by path: ``use`` reopens one closed before (the
-    least recently used idle one makes room), waiting while every open one is in use by another thread."""
+    """The open descriptors of every :class:`PooledFile`, at most :func:`pooled_limit` idle or in use
+    (plus any in use at once past it, at most one per thread); the least recently used idle one is closed
+    to make room. Where ``open`` finds no descriptor left (other parts of the process hold many), every
+    idle one is given back and the open tried once more. One lock: files are used from several threads."""
 
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-        self._open: OrderedDict[Path, int] = OrderedDict()  # least recently used first
-        self._users: dict[Path, int] = {}
-        self._closing: set[Path] = set()  # to close once their last user is done
-        self._changed = threading.Condition()
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: OrderedDict[PooledFile, None] = OrderedDict()  # least recently used first
 
     @contextlib.contextmanager
-    def use(self, path: Path) -> Iterator[int]:
-        fd = self._acquire(path)
+    def use(self, file: PooledFile) -> Iterator[int]:
+        """``file``'s descriptor, held open while the caller uses it. Raises ``OSError`` where it cannot
+        be opened (:func:`too_many_open` says whether for want of descriptors)."""
+        fd = self.acquire(file)
         try:
             yield fd
         finally:
-            with self._changed:
-                self._users[path] -= 1
-                if not self._users[path]:
-                    del self._users[path]
-                    if path in self._closing:
-                        self._close_now(path)
-                self._changed.notify_all()
+            self.release(file)
 
-    def _acquire(self, path: Path) -> int:
-        with self._changed:
-            while path not in self._open:
-                if len(self._open) < self._limit or self._make_room():
-                    self._open[path] = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-                    break
-                self._changed.wait()
-            self._open.move_to_end(path)
-            self._closing.discard(path)
-            self._users[path] = self._users.get(path, 0) + 1
-            return self._open[path]
+    def acquire(self, file: PooledFile) -> int:
+        with self._lock:
+            if file.fd is None:
+                self._make_room(pooled_limit() - 1)
+                file.fd = self._open_file(file)
+            file.closing = False
+            self._open[file] = None
+            self._open.move_to_end(file)
+            file.users += 1
+            return file.fd
 
-    def _make_room(self) -> bool:
-        idle = next((path for path in self._open if path not in self._users), None)
-        if idle is not None:
-            self._close_now(idle)
-        return idle is not None
+    def release(self, file: PooledFile) -> None:
+        with self._lock:
+            file.users -= 1
+            if file.closing and file.users == 0:
+                self._close(file)
 
-    def close(self, path: Path) -> None:
-        """Close ``path`` (once its users are done): its file is finished, or abandoned."""
-        with self._changed:
-            if path in self._users:
-                self._closing.add(path)
-            elif path in self._open:
-                self._close_now(path)
-            self._changed.notify_all()
+    def close(self, file: PooledFile) -> None:
+        """Close ``file`` (once its users are done): it is finished, or abandoned; a later use reopens it."""
+        with self._lock:
+            if file.users:
+                file.closing = True  # closed by the last use under way
+            elif file.fd is not None:
+                self._close(file)
 
-    def close_all(self) -> None:
-        with self._changed:
-            for path in list(self._open):
-                self._close_now(path)
-            self._users.clear()
+    def _make_room(self, keep: int) -> None:
+        idle = [f for f in self._open if f.users == 0]
+        for file in idle[: max(0, len(self._open) - keep)]:
+            self._close(file)
 
-    def _close_now(self, path: Path) -> None:
-        self._closing.discard(path)
-        with contextlib.suppress(OSError):
-            os.close(self._open.pop(path))
+    def _open_file(self, file: PooledFile) -> int:
+        try:
+            return _open_descriptor(file.path, file.flags)
+        except OSError as exc:
+            if not too_many_open(exc):
+                raise
+        self._make_room(0)  # other parts of the process hold many: give back every idle one, once
+        return _open_descriptor(file.path, file.flags)
+
+    def _close(self, file: PooledFile) -> None:
+        self._open.pop(file, None)
+        if file.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(file.fd)
+            file.fd = None
+        file.closing = False
 
 
-def shard_files_limit(path: Path) -> int:
-    """How many shard files writing ``path`` may keep open; refused up front where even one would leave
-    too few descriptors for the rest of the run (``ulimit -n``)."""
-    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+POOL = OpenFiles()
+
+
+def require_spare_descriptors(path: Path) -> None:
+    """Refuse writing the folder output ``path`` up front where ``ulimit -n`` leaves too few descriptors
+    for one shard beside the rest of the run (its staging folder, the files kept free)."""
+    soft = soft_limit()
     try:
         in_use = len(os.listdir("/proc/self/fd")) - 1  # less listdir's own
     except OSError:
-        return _MAX_OPEN_SHARDS  # no way to count here: the plain bound
-    if soft == resource.RLIM_INFINITY:
-        return _MAX_OPEN_SHARDS
-    spare = soft - in_use - _FILES_KEPT_FREE - 1  # the staging folder's own
-    if spare < 1:
+        return  # no way to count here: the pool's retry and its error line remain
+    if soft is None:
+        return
+    if soft - in_use - _FILES_KEPT_FREE - 1 < 1:  # the staging folder's own, then one shard
         raise OutputError(
             f"{path}: too few open files allowed (ulimit -n {soft}, {in_use} in use): writing a folder "
             f"output needs {in_use + _FILES_KEPT_FREE + 2}; raise ulimit -n"
         )
-    return min(_MAX_OPEN_SHARDS, spare)

@@ -1,15 +1,13 @@
-"""What every checkpoint layout offers the pipeline: its step and lazy, one-tensor-at-a-time access."""
+"""What every checkpoint layout offers the pipeline: its step and lazy, one-tensor-at-a-time access.
+
+The interface only (``Checkpoint``, ``Layout``, ``OpenOptions``, ``SavedModel``, ``ModelChoice``); how a
+file is read (positioned reads, the checks before opening) is in ``reading/``.
+"""
 
 from __future__ import annotations
 
-import errno
-import os
-import stat
-import threading
 from abc import ABC, abstractmethod
-from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,9 +17,6 @@ import torch
 from ema_average.checkpoints.contents.parts import ModelChoice
 from ema_average.checkpoints.contents.steps import StepInfo, step_from_name
 from ema_average.checkpoints.safetensors_format import TensorSpec
-from ema_average.errors import CheckpointError
-
-_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 
 
 @dataclass(frozen=True)
@@ -226,209 +221,3 @@ class Checkpoint(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r}, step={self.step})"
-
-
-def require_regular_file(path: Path) -> os.stat_result:
-    """Stat ``path`` (following links) and refuse anything but a regular file.
-
-    A FIFO named like a checkpoint would block the read forever, and a link to /dev/zero or
-    /dev/urandom would be read until memory runs out.
-    """
-    try:
-        info = os.stat(path)
-    except OSError as exc:
-        raise CheckpointError(path, f"cannot be read ({exc.strerror or exc})") from exc
-    if not stat.S_ISREG(info.st_mode):
-        kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file (a FIFO, device or socket)"
-        raise CheckpointError(path, f"is {kind}; only regular files are read")
-    return info
-
-
-class PreadFile:
-    """A checkpoint file whose tensor bytes are read with ``pread`` straight into given buffers.
-
-    No mapping: a file cut short while it is read gives a clear error, never a SIGBUS. Descriptors come
-    from one process-wide pool of a bounded size (a run of 1,100 checkpoints fits ``ulimit -n 1024``); a
-    file whose descriptor was handed back is reopened on its next read. Every read checks that the file is
-    still the one planned (device, inode, size, modification time), so a file replaced or rewritten since
-    its header was read is refused rather than read at stale offsets. The change time is compared too: a
-    rewrite that restores the size and the modification time (``os.utime``) still moves ``st_ctime_ns``.
-    """
-
-    def __init__(self, path: Path, planned: os.stat_result) -> None:
-        self.path = path
-        self.planned = planned
-        self.fd: int | None = None
-        self.users = 0  # reads under way: the pool never closes a descriptor in use
-        self.closing = False
-
-    def read_into(self, out: torch.Tensor, offset: int, name: str) -> torch.Tensor:
-        """``out.nbytes`` bytes of the file from byte ``offset`` into ``out`` (contiguous, on the CPU)."""
-        size = out.numel() * out.element_size()
-        if size == 0:
-            return out
-        view = out.reshape(-1).view(torch.uint8).numpy().data
-        with self.opened(name, offset + size) as fd:
-            done = 0
-            while done < size:  # pread may return short counts on large reads
-                try:
-                    n = os.preadv(fd, [view[done:]], offset + done)
-                except OSError as exc:
-                    raise CheckpointError(
-                        self.path, f"read failed in tensor {name!r} ({exc.strerror})"
-                    ) from exc
-                if n == 0:
-                    raise CheckpointError(self.path, f"file ends inside tensor {name!r} (truncated?)")
-                done += n
-        return out
-
-    @contextmanager
-    def opened(self, name: str, end: int) -> Iterator[int]:
-        """A descriptor of the file, checked to be the one planned and to reach byte ``end``, held open
-        while the caller reads through it (a reader that is not ``read_into``: DCP's ``torch.load``)."""
-        fd = DESCRIPTORS.acquire(self)
-        try:
-            self._check_unchanged(fd, name, end)
-            yield fd
-        finally:
-            DESCRIPTORS.release(self)
-
-    def _check_unchanged(self, fd: int, name: str, end: int) -> None:
-        """Refuse to read a file that is no longer the one planned (the header's offsets no longer hold)."""
-        now = os.fstat(fd)
-        was = self.planned
-        if (now.st_dev, now.st_ino) != (was.st_dev, was.st_ino) or now.st_nlink < was.st_nlink:
-            # another inode under the name, or the planned one unlinked (replaced while held open)
-            raise CheckpointError(self.path, "was replaced by another file since it was planned; refused")
-        if now.st_size < end:
-            raise CheckpointError(
-                self.path,
-                f"file ends inside tensor {name!r} (truncated? {was.st_size} bytes when planned, "
-                f"{now.st_size} now)",
-            )
-        if changed_since(now, was):
-            raise CheckpointError(
-                self.path,
-                f"was modified since it was planned ({was.st_size} -> {now.st_size} bytes); refused",
-            )
-
-    def close(self) -> None:
-        DESCRIPTORS.close(self)
-
-
-def changed_since(now: os.stat_result, planned: os.stat_result) -> bool:
-    """Whether the same file (device and inode already compared) was written to since ``planned``: its
-    size, modification time or change time moved (``st_ctime_ns`` cannot be set back by the writer)."""
-    return (now.st_size, now.st_mtime_ns, now.st_ctime_ns) != (
-        planned.st_size,
-        planned.st_mtime_ns,
-        planned.st_ctime_ns,
-    )
-
-
-class _DescriptorPool:
-    """The open descriptors of every :class:`PreadFile`, at most :func:`read_descriptor_limit` of them
-    (plus any in use at once, at most one per reading thread); the least recently used idle one is closed
-    to make room. One lock: files are read from several threads."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._open: OrderedDict[PreadFile, None] = OrderedDict()
-
-    def acquire(self, file: PreadFile) -> int:
-        with self._lock:
-            if file.fd is None:
-                self._make_room(read_descriptor_limit() - 1)
-                file.fd = self._open_file(file)
-                file.closing = False
-            self._open[file] = None
-            self._open.move_to_end(file)
-            file.users += 1
-            return file.fd
-
-    def release(self, file: PreadFile) -> None:
-        with self._lock:
-            file.users -= 1
-            if file.closing and file.users == 0:
-                self._close(file)
-
-    def close(self, file: PreadFile) -> None:
-        with self._lock:
-            if file.users:
-                file.closing = True  # closed by the last read under way
-            elif file.fd is not None:
-                self._close(file)
-
-    def _make_room(self, keep: int) -> None:
-        for file in [f for f in self._open if f.users == 0][: max(0, len(self._open) - keep)]:
-            self._close(file)
-
-    def _open_file(self, file: PreadFile) -> int:
-        try:
-            return _open_for_reading(file.path)
-        except OSError as exc:
-            if exc.errno not in (errno.EMFILE, errno.ENFILE):
-                raise _unreadable(file.path, exc) from exc
-        self._make_room(0)  # other parts of the process hold many: give back every idle one, once
-        try:
-            return _open_for_reading(file.path)
-        except OSError as exc:
-            raise _unreadable(file.path, exc) from exc
-
-    def _close(self, file: PreadFile) -> None:
-        self._open.pop(file, None)
-        if file.fd is not None:
-            os.close(file.fd)
-            file.fd = None
-        file.closing = False
-
-
-def _open_for_reading(path: Path) -> int:
-    return os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-
-
-def _unreadable(path: Path, exc: OSError) -> CheckpointError:
-    if exc.errno in (errno.EMFILE, errno.ENFILE):
-        soft = _soft_limit()
-        limit = f" (ulimit -n is {soft})" if soft is not None else ""
-        return CheckpointError(path, f"cannot be opened: too many open files{limit}; raise the limit")
-    return CheckpointError(path, f"cannot be read ({exc.strerror or exc})")
-
-
-DESCRIPTORS = _DescriptorPool()
-_MAX_READ_DESCRIPTORS = 256
-
-
-def _soft_limit() -> int | None:
-    """This process's limit on open files (``ulimit -n``), or None where there is none or it is unknown."""
-    try:
-        import resource
-    except ImportError:  # not on Windows
-        return None
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return None if soft == resource.RLIM_INFINITY else soft
-
-
-def read_descriptor_limit() -> int:
-    """How many checkpoint files are kept open for reading at once: a quarter of ``ulimit -n`` (the
-    rest is left to outputs, shards, libraries), between 4 and 256."""
-    soft = _soft_limit()
-    if soft is None:
-        return _MAX_READ_DESCRIPTORS
-    return max(4, min(_MAX_READ_DESCRIPTORS, soft // 4))
-
-
-def damage_of(path: Path) -> str | None:
-    """A plain-words diagnosis of a file that is not what its name says, from its first bytes.
-
-    So that a Git LFS pointer (a clone made without ``git lfs pull``) is named as such, rather than
-    reported as a corrupt or unsafe checkpoint.
-    """
-    try:
-        with open(path, "rb") as f:
-            head = f.read(len(_LFS_POINTER))
-    except OSError:
-        return None
-    if head == _LFS_POINTER:
-        return "is a Git LFS pointer, not the weights: fetch the real file with `git lfs pull`"
-    return None

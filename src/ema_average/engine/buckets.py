@@ -13,7 +13,7 @@ from operator import attrgetter
 
 import torch
 
-from ema_average._platform.torch_compat import local_tensors
+from ema_average._platform.torch_compat import foreach_copy_, local_tensors
 from ema_average.engine.dtensor_layouts import is_dtensor, local_part
 from ema_average.engine.kernel import ema_update_, shadow_dtype, views
 
@@ -118,7 +118,7 @@ class HostUpdates:
         training = torch.cuda.current_stream(device)
         side.wait_stream(training)  # copy the values as this step left them
         with torch.cuda.stream(side):
-            torch._foreach_copy_(bucket.staging, values, non_blocking=True)
+            foreach_copy_(bucket.staging, values, non_blocking=True)
             copied = torch.cuda.Event()
             copied.record(side)
         training.wait_event(copied)

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ema_average._platform.torch_compat import flatten_dense
+from ema_average._platform.torch_compat import flatten_dense, foreach_lerp_
 from ema_average.errors import ConfigurationError
 
 # Dtypes an average may be kept in on request (``average_dtype=``). bfloat16 is a float32 with its low 16
@@ -91,7 +91,7 @@ def ema_update_(
                 rounded_update_(shadow.view(-1), [value], weight, generator)
         return
     if shadows[0].dtype == values[0].dtype:
-        torch._foreach_lerp_(shadows, values, weight)
+        foreach_lerp_(shadows, values, weight)
         return
     numels = [s.numel() for s in shadows]
     size = min(sum(numels), max(_CONVERT_NUMEL, *numels))
@@ -107,7 +107,7 @@ def ema_update_(
             flat[offset : offset + span].lerp_(scratch[:span], weight)
         else:
             converted = views(scratch, [s.shape for s in shadows[first:end]])
-            torch._foreach_lerp_(shadows[first:end], converted, weight)
+            foreach_lerp_(shadows[first:end], converted, weight)
         first, offset = end, offset + span
 
 

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 
 from ema_average import plugins
+from ema_average._platform.torch_compat import foreach_copy_
 from ema_average.engine.buckets import SHAPE, Bucket, HostUpdates, describe, make_buckets
 from ema_average.engine.decay_rules import DecayRule, check_unit
 from ema_average.engine.dtensor_layouts import DTensorLayout, is_dtensor, local_part, whole
@@ -372,7 +373,7 @@ class MovingAverage:
         with torch.no_grad():
             local = [local_part(p) for p in params]
             self._check_shapes(local)
-            torch._foreach_copy_(local, self._backups)
+            foreach_copy_(local, self._backups)
         self._backups = None
         self._reshard()
 

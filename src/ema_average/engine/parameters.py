@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Mapping
-from types import GeneratorType
 from typing import Any, TypeAlias
 
 import torch
 
-from ema_average._platform.torch_compat import parameter_slots
+from ema_average._platform.torch_compat import named_parameters_owner, parameter_slots
 from ema_average.errors import ParameterError
 
 NamedParameter = tuple[str, torch.Tensor]
@@ -63,16 +62,11 @@ Slot: TypeAlias = tuple[dict[str, Any], str]
 def owner_module(parameters: Parameters) -> torch.nn.Module | None:
     """The module whose parameters these are, when it can be known: the module itself, or the one whose
     ``named_parameters()`` generator was passed (not yet started). Anything else (a list, a dict, a filtered
-    generator) names no module."""
+    generator) names no module. Read once, when an average is made; ``apply()`` then only looks the
+    parameters up in the slots :func:`module_slots` finds in that module."""
     if isinstance(parameters, torch.nn.Module):
         return parameters
-    if (
-        isinstance(parameters, GeneratorType)
-        and parameters.gi_code is torch.nn.Module.named_parameters.__code__
-    ):
-        owner = parameters.gi_frame.f_locals.get("self") if parameters.gi_frame else None
-        return owner if isinstance(owner, torch.nn.Module) else None
-    return None
+    return named_parameters_owner(parameters)
 
 
 def module_slots(owner: torch.nn.Module | None, params: list[torch.Tensor]) -> list[Slot] | None:

@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ema_average._platform import fs
-from ema_average._platform.open_files import OpenFiles
+from ema_average._platform.open_files import POOL, PooledFile, too_many_open, too_many_open_words
 from ema_average._platform.output_lock import writer_lock
 from ema_average.checkpoints.safetensors_format import (
     DTYPE_NAMES,
@@ -70,8 +70,9 @@ class SafetensorsWriter:
     ``lock=False`` is for a caller that already guarantees no other writer (``ShardedWriter``'s private
     staging folder).
 
-    ``files`` (``ShardedWriter``'s shards) writes the file at its own name, and opens it only while writing
-    to it, through a set that bounds how many are open at once; its name is the folder's to give.
+    ``pooled=True`` (``ShardedWriter``'s shards) writes the file at its own name, and opens it only while
+    writing to it, through the process's one pool of open files (``_platform/open_files.py``), which bounds
+    how many are open at once; its name is the folder's to give.
 
     Several processes can write one file (``torchrun``: each rank its own byte ranges): one writer made
     with ``shared=True`` creates a named temporary (``temp_name(path, its PID)``: other processes, even on
@@ -90,7 +91,7 @@ class SafetensorsWriter:
         lock: bool = True,
         shared: bool = False,
         join: Path | None = None,
-        files: OpenFiles | None = None,
+        pooled: bool = False,
     ) -> None:
         self.path = path
         self._overwrite = overwrite
@@ -113,8 +114,8 @@ class SafetensorsWriter:
         self._guard = threading.Lock()
         self.data_size = sum(self._sizes.values())  # tensor bytes alone: an index's total_size
         self.size = len(self._header) + self.data_size
-        self._files = files
-        self.temp_path = join or (path if files is not None else fs.temp_name(path, os.getpid()))
+        self.temp_path = join or (path if pooled else fs.temp_name(path, os.getpid()))
+        self._pooled = PooledFile(self.temp_path, write=True) if pooled else None
         self._fd: int | None = None
         self._anonymous = False
         self._named_temp = False  # temp_path is ours to remove
@@ -125,10 +126,10 @@ class SafetensorsWriter:
             if join is not None:
                 self._open_joined()
             else:
-                self._open_temporary(named=shared or files is not None)
+                self._open_temporary(named=shared or pooled)
                 self._reserve()
                 self._pwrite(memoryview(self._header), 0)
-                if files is not None:  # reopened through ``files`` while written to
+                if pooled:  # reopened through the pool while written to
                     os.close(self._fd)  # type: ignore[arg-type]  # opened just above
                     self._fd = None
         except BaseException:
@@ -238,8 +239,8 @@ class SafetensorsWriter:
         self._wrote(name, data.nbytes)
 
     def _wrote(self, name: str, nbytes: int) -> None:
-        """Count ``nbytes`` of ``name`` as written; every few MiB, start writing them to disk. A file of
-        ``files`` is closed once every tensor is in it."""
+        """Count ``nbytes`` of ``name`` as written; every few MiB, start writing them to disk. A pooled
+        file is closed once every tensor is in it."""
         with self._guard:
             self._unwritten[name] -= nbytes
             if self._unwritten[name] <= 0:
@@ -249,21 +250,28 @@ class SafetensorsWriter:
             if kick:
                 self._dirty = 0
             finished = not self._pending
-        if finished and self._files is not None:
-            self._files.close(self.temp_path)
+        if finished and self._pooled is not None:
+            POOL.close(self._pooled)
         elif kick:
             with self._io() as fd:
                 fs.start_writeback(fd)
 
     @contextlib.contextmanager
     def _io(self) -> Iterator[int]:
-        """The file's descriptor for one operation: this writer's own, or one that ``files`` opens."""
-        if self._fd is not None or self._files is None:
+        """The file's descriptor for one operation: this writer's own, or the pool's."""
+        if self._fd is not None or self._pooled is None:
             assert self._fd is not None
             yield self._fd
             return
-        with self._files.use(self.temp_path) as fd:
+        try:
+            fd = POOL.acquire(self._pooled)
+        except OSError as exc:
+            words = too_many_open_words() if too_many_open(exc) else exc.strerror
+            raise OutputError(f"{self.path}: cannot be opened to write into ({words})") from exc
+        try:
             yield fd
+        finally:
+            POOL.release(self._pooled)
 
     def _pwrite(self, view: memoryview, offset: int) -> None:
         done = 0
@@ -291,8 +299,8 @@ class SafetensorsWriter:
                 os.fsync(fd)
                 readable = f"/proc/self/fd/{fd}" if self._anonymous else str(self.temp_path)
                 _verify_written(readable, self.path, self.entries, self._metadata)
-            if self._files is not None:
-                self._files.close(self.temp_path)
+            if self._pooled is not None:
+                POOL.close(self._pooled)
         self._sealed = True
 
     def publish(self) -> None:
@@ -304,7 +312,7 @@ class SafetensorsWriter:
         self._release()
 
     def _name(self) -> None:
-        if self._files is not None:  # at its name already, in a folder whose rename is the commit
+        if self._pooled is not None:  # at its name already, in a folder whose rename is the commit
             self._named_temp = False
             return
         assert self._fd is not None
@@ -338,8 +346,8 @@ class SafetensorsWriter:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = None
-        if self._files is not None:
-            self._files.close(self.temp_path)
+        if self._pooled is not None:
+            POOL.close(self._pooled)
         if self._named_temp:
             with contextlib.suppress(FileNotFoundError):
                 self.temp_path.unlink()

@@ -23,7 +23,7 @@ from typing import NoReturn
 import torch
 
 from ema_average._platform import fs
-from ema_average._platform.open_files import OpenFiles, shard_files_limit
+from ema_average._platform.open_files import require_spare_descriptors
 from ema_average._platform.output_lock import writer_lock
 from ema_average.checkpoints.contents.own_outputs import MARKER_FILE, TOOL_MARKER_KEY, marked_json
 from ema_average.checkpoints.safetensors_format import TensorEntry, read_header, safetensors_order
@@ -63,9 +63,9 @@ class ShardedWriter:
     it holding the metadata); ``folders`` are sub-folders to create even if nothing is written in them.
     ``add_file`` puts small side files (a config, ``1_Pooling/config.json``) beside the weights.
 
-    Each shard file is open only while written to, at most ``_MAX_OPEN_SHARDS`` at once, so thousands of
-    shards fit the usual ``ulimit -n``; a limit too tight even for that is refused before anything is
-    written.
+    Each shard file is open only while written to, through the process's one pool of open files (shared
+    with the checkpoints being read: ``_platform/open_files.py``), so thousands of shards fit the usual
+    ``ulimit -n``; a limit too tight even for that is refused before anything is written.
 
     Everything is written into ``PARENT/.FOLDER.ema-average-PID.tmp/``, each file fsynced, then the
     staging folder, then one atomic switch: a new target is created with ``renameat2(RENAME_NOREPLACE)``
@@ -119,7 +119,7 @@ class ShardedWriter:
         self._committed = False
         self.writers: list[SafetensorsWriter | TorchFileWriter] = []
         self._route: dict[str, tuple[SafetensorsWriter | TorchFileWriter, str]] = {}
-        self._files = OpenFiles(shard_files_limit(path))
+        require_spare_descriptors(path)
         self._lock = writer_lock(path)
         try:
             self._make_staging()
@@ -158,9 +158,7 @@ class ShardedWriter:
             shards = _split(safetensors_order([e for _, e in part]), w.max_shard_size or max_shard_size)
             names = _shard_names(w.name, len(shards))
             sharded = [
-                SafetensorsWriter(
-                    where / name, shard, metadata, overwrite=False, lock=False, files=self._files
-                )
+                SafetensorsWriter(where / name, shard, metadata, overwrite=False, lock=False, pooled=True)
                 for name, shard in zip(names, shards, strict=True)
             ]
             if len(shards) > 1:
@@ -334,7 +332,6 @@ class ShardedWriter:
         self._close()
 
     def _close(self) -> None:
-        self._files.close_all()
         if self._staging_fd is not None:
             os.close(self._staging_fd)
             self._staging_fd = None

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ema_average._platform import fs
+from ema_average._platform.torch_compat import fake_tensor_mode
 from ema_average.checkpoints.safetensors_format import TensorEntry
 from ema_average.errors import OutputError
 
@@ -123,9 +124,7 @@ class TorchFileWriter:
 
 def _save_layout(path: Path, entries: Sequence[TensorEntry]) -> None:
     """``torch.save`` of a dict of placeholders: torch's structure and records, each tensor's bytes a hole."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with FakeTensorMode():
+    with fake_tensor_mode():
         placeholders = {e.name: torch.empty(e.shape, dtype=e.dtype) for e in entries}
     with torch.serialization.skip_data(materialize_fake_tensors=True):
         torch.save(placeholders, path)

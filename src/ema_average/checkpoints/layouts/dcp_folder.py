@@ -38,10 +38,8 @@ from ema_average.checkpoints.base import (
     Layout,
     ModelChoice,
     OpenOptions,
-    PreadFile,
     StepInfo,
     TensorSpec,
-    require_regular_file,
 )
 from ema_average.checkpoints.contents.keys import NESTED_STEP_KEYS, STEP_KEYS
 from ema_average.checkpoints.contents.parts import KeyPath, Part, described, split
@@ -49,6 +47,8 @@ from ema_average.checkpoints.contents.recorded_steps import nested_value, step_v
 from ema_average.checkpoints.contents.torch_objects import checked_name
 from ema_average.checkpoints.layouts.dcp_metadata import load_dcp_metadata
 from ema_average.checkpoints.layouts.dcp_reading import read_byte_item, reader_type
+from ema_average.checkpoints.reading.file_checks import require_regular_file
+from ema_average.checkpoints.reading.positioned import PreadFile
 from ema_average.checkpoints.reading.safe_unpickle import first_line, refused_globals
 from ema_average.checkpoints.reading.tensor_checks import dtype_problem
 from ema_average.checkpoints.safetensors_format import DTYPE_NAMES, shape_problem

@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 import torch
 
 from ema_average._platform.torch_compat import layout_unpickler
-from ema_average.checkpoints.base import damage_of, require_regular_file
+from ema_average.checkpoints.reading.file_checks import damage_of, require_regular_file
 from ema_average.checkpoints.reading.pickle_scan import PickleRefused, scan_pickle
 from ema_average.checkpoints.reading.safe_unpickle import first_line, unsafe_refusal
 from ema_average.errors import CheckpointError, TrustPickleWarning

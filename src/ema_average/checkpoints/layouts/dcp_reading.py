@@ -4,7 +4,7 @@ torch's ``FileSystemReader`` opens each ``.distcp`` file by name when it reads, 
 slice it finds there: a file replaced or rewritten after the metadata was checked would be read at the
 planned offsets, and a slice whose ``torch.save`` archive is DEFLATE-compressed (torch never writes one)
 inflates to any size (17 KB of items gave 780 MiB). Here every slice is read through the
-:class:`~ema_average.checkpoints.base.PreadFile` of its data file, checked to be the file planned (device,
+:class:`~ema_average.checkpoints.reading.positioned.PreadFile` of its data file, checked to be the file planned (device,
 inode, size, modification and change time) at every read, and its archive is checked to hold only stored
 members before ``torch.load`` sees it: an item never becomes more bytes than it has on disk.
 """
@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from ema_average.checkpoints.base import PreadFile
+from ema_average._platform.torch_compat import narrow_by_index
+from ema_average.checkpoints.reading.positioned import PreadFile
 from ema_average.checkpoints.reading.safe_unpickle import ALLOWED_GLOBALS_LOCK, first_line, refused_globals
 from ema_average.errors import CheckpointError
 
@@ -118,7 +119,6 @@ def _read_tensor(file: PreadFile, fqn: str, info: Any) -> torch.Tensor:
 @functools.cache
 def reader_type() -> type:
     """:class:`CheckedReader`, defined on first use (importing DCP is slow, and may fail)."""
-    from torch.distributed._shard._utils import narrow_tensor_by_index
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import StorageMeta
     from torch.distributed.checkpoint.planner import LoadItemType
@@ -146,7 +146,7 @@ def reader_type() -> type:
                     raise CheckpointError(Path(self.path), "a read asks for pickled objects; refused")
                 info = self.storage_data[req.storage_index]
                 tensor = _read_tensor(self._files[info.relative_path], req.storage_index.fqn, info)
-                tensor = narrow_tensor_by_index(tensor, req.storage_offsets, req.lengths)
+                tensor = narrow_by_index(tensor, req.storage_offsets, req.lengths)
                 target = planner.resolve_tensor(req).detach()
                 if target.size() != tensor.size():
                     raise AssertionError(

@@ -40,7 +40,6 @@ from ema_average.checkpoints.base import (
     Layout,
     ModelChoice,
     OpenOptions,
-    PreadFile,
     StepInfo,
     TensorSpec,
 )
@@ -71,6 +70,7 @@ from ema_average.checkpoints.layouts.deepspeed_zero import (
     zero2_params,
     zero3_params,
 )
+from ema_average.checkpoints.reading.positioned import PreadFile
 from ema_average.checkpoints.reading.safe_unpickle import open_torch_file
 from ema_average.checkpoints.reading.tensor_state import numel_of
 from ema_average.checkpoints.reading.zip_offsets import file_offset

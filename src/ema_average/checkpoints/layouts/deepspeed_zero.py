@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from ema_average.checkpoints.base import PreadFile
 from ema_average.checkpoints.contents.torch_objects import checked_name
+from ema_average.checkpoints.reading.positioned import PreadFile
 from ema_average.checkpoints.reading.safe_unpickle import TorchFile
 from ema_average.checkpoints.reading.tensor_checks import first_names, storage_aliases, tensor_problem
 from ema_average.checkpoints.reading.tensor_state import numel_of

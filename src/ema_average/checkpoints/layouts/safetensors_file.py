@@ -10,15 +10,14 @@ from ema_average.checkpoints.base import (
     Checkpoint,
     Layout,
     OpenOptions,
-    PreadFile,
     StepInfo,
     TensorSpec,
-    damage_of,
-    require_regular_file,
 )
 from ema_average.checkpoints.contents.keys import STEP_KEYS, is_side_file
 from ema_average.checkpoints.contents.own_outputs import TOOL_MARKER_KEY
 from ema_average.checkpoints.contents.steps import checked_step, stated_step
+from ema_average.checkpoints.reading.file_checks import damage_of, require_regular_file
+from ema_average.checkpoints.reading.positioned import PreadFile
 from ema_average.checkpoints.safetensors_format import read_header
 from ema_average.errors import CheckpointError
 

@@ -20,10 +20,10 @@ from ema_average.checkpoints.base import (
     SavedModel,
     StepInfo,
     TensorSpec,
-    require_regular_file,
 )
 from ema_average.checkpoints.contents.keys import loader_files
 from ema_average.checkpoints.contents.steps import checked_step, step_from_name
+from ema_average.checkpoints.reading.file_checks import require_regular_file
 from ema_average.checkpoints.reading.json_file import read_json
 from ema_average.checkpoints.registry import open_weights_file
 from ema_average.errors import CheckpointError

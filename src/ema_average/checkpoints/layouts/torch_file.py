@@ -18,7 +18,6 @@ from ema_average.checkpoints.base import (
     Checkpoint,
     Layout,
     OpenOptions,
-    PreadFile,
     StepInfo,
     TensorSpec,
 )
@@ -28,6 +27,7 @@ from ema_average.checkpoints.contents.keys import (
 )
 from ema_average.checkpoints.contents.recorded_steps import final_copy, find_step
 from ema_average.checkpoints.contents.torch_objects import NeedsFullUnpickling, as_mapping, find_state_dict
+from ema_average.checkpoints.reading.positioned import PreadFile
 from ema_average.checkpoints.reading.safe_unpickle import TorchFile, ZipMember, open_torch_file
 from ema_average.checkpoints.reading.tensor_checks import (
     first_names,

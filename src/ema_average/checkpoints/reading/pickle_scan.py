@@ -32,9 +32,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO
 
-from torch._weights_only_unpickler import _read_global_instruction
-
+from ema_average._platform.torch_compat import pickle_global_reader
 from ema_average.checkpoints.reading.pickle_source import PickleRefused, PickleSource
+
+_read_global = pickle_global_reader()  # what the load reads a GLOBAL with, to read the same names
 
 # Hash work a pickle may cost: a base, plus so much per byte of the pickle. Measured: a state dict of 20,000
 # tensors costs 0.19 a byte (a rebuild, ~20, in ~110 bytes), the .metadata of a 2,000-parameter model with
@@ -296,7 +297,7 @@ def _walk(  # one flat loop: a call per opcode would double its time
                 pos += 9
             elif code == 20:  # GLOBAL
                 src.pos = pos + 1
-                module, name = _read_global_instruction(src.line)
+                module, name = _read_global(src.line)
                 buf, pos, limit = src.buf, src.pos, src.limit
                 full = f"{module}.{name}"
                 if full not in seen and not is_allowed(full):

@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import _weights_only_unpickler
 
-from ema_average.checkpoints.base import damage_of, require_regular_file
+from ema_average._platform.torch_compat import weights_only_allowed_globals
+from ema_average.checkpoints.reading.file_checks import damage_of, require_regular_file
 from ema_average.checkpoints.reading.pickle_scan import PickleRefused, scan_pickle
 from ema_average.checkpoints.reading.placeholders import (
     MAX_PLACEHOLDERS,
@@ -283,8 +283,7 @@ def _scanned_stand_ins(path: Path) -> dict[str, Any]:
     would cost more than the file (past 1,024 kinds of objects, a dict key that expands exponentially)
     and what the safe reader cannot read (a newer pickle protocol: not damage)."""
     with ALLOWED_GLOBALS_LOCK:  # the allowed names, less the stand-ins of a load under way
-        allowed = set(_weights_only_unpickler._get_allowed_globals())
-        allowed |= set(_weights_only_unpickler._get_user_allowed_globals())
+        allowed = weights_only_allowed_globals()
     try:
         names = _pickle_globals(path, allowed.__contains__)
     except PickleRefused as exc:

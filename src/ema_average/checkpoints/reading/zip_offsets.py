@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from ema_average.checkpoints.base import PreadFile
+from ema_average._platform.torch_compat import checkpoint_offset
+from ema_average.checkpoints.reading.positioned import PreadFile
 from ema_average.checkpoints.reading.safe_unpickle import ZipMember
 from ema_average.checkpoints.reading.tensor_state import layout_of
 from ema_average.errors import CheckpointError
@@ -51,8 +52,7 @@ def file_offset(tensor: torch.Tensor) -> int | None:
     other tensor (one saved on the meta device, sparse or nested ones, tensors in memory)."""
     if tensor.device.type != "meta" or tensor.layout != torch.strided or tensor.is_nested:
         return None
-    offset = getattr(torch.Tensor.untyped_storage(tensor), "_checkpoint_offset", None)
-    return offset if isinstance(offset, int) else None
+    return checkpoint_offset(tensor)
 
 
 def stored(path: Path, name: str, tensor: torch.Tensor, members: dict[int, ZipMember]) -> Stored:
