@@ -6,12 +6,15 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
 
+from ema_average.cli.app import app
 from helpers import (
     WritesMarker,
     float64_reference,
@@ -491,3 +494,18 @@ def test_a_plugin_that_exits_at_import_is_one_line_naming_it(tmp_path: Path) -> 
         "its import raised SystemExit(3)"
     ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plugin", "run"]
+
+
+# --- the command in a host's process (a test runner, a notebook) -------------------------------------------
+
+
+def test_the_command_in_process_leaves_the_hosts_warnings_alone(tmp_path: Path) -> None:
+    """The command silenced every library's warning for the rest of the host's life, and replaced its
+    ``warnings.showwarning``: only the command's own process is its to change (as its signal handlers)."""
+    write_safetensors_run(tmp_path / "run", STEPS)
+    with warnings.catch_warnings():  # whatever happens, the test run's own filters come back
+        warnings.simplefilter("default")
+        before = (list(warnings.filters), warnings.showwarning)
+        for args in (["--dry-run"], ["--decay", "x"], ["-o", tmp_path / "run"]):  # ok, usage error, error
+            CliRunner().invoke(app, [str(tmp_path / "run"), *map(str, args)], catch_exceptions=False)
+            assert (list(warnings.filters), warnings.showwarning) == before, args

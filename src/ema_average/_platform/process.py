@@ -40,7 +40,7 @@ from typing import NoReturn
 from ema_average._platform.libc import libc_call
 from ema_average._platform.signals import settle
 
-__all__ = ["ignore_interrupts", "ignore_sigterm", "own", "steady_malloc"]
+__all__ = ["ignore_interrupts", "ignore_sigterm", "own", "owned", "steady_malloc"]
 
 
 class _Process:
@@ -60,6 +60,12 @@ def own() -> None:
     if _process.owned:
         signal.signal(signal.SIGTERM, _terminate)
         steady_malloc()
+
+
+def owned() -> bool:
+    """Whether this is the command's own process (:func:`own` ran here), whose process-wide settings are
+    the command's to change for the rest of its life."""
+    return _process.owned
 
 
 def ignore_interrupts() -> None:
