@@ -214,7 +214,7 @@ def test_run_killed_midway_leaves_nothing(tmp_path: Path, sig: signal.Signals) -
         signal_when(proc, sig, lambda: holds_unnamed_output(proc.pid, output))
         stdout, stderr = proc.communicate(timeout=120)
     if sig == signal.SIGKILL:  # no cleanup can run: only the hidden lock file stays, the next run removes it
-        assert proc.returncode == -signal.SIGKILL
+        assert proc.returncode == -signal.SIGKILL, stderr
         assert [p.name for p in out_dir.iterdir()] == [
             f".ema.safetensors.ema-average-u{os.geteuid()}.lock"
         ], stderr
