@@ -101,7 +101,7 @@ def test_python_dash_m_runs_the_command() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "ema_average", "--version"], capture_output=True, text=True
     )
-    assert result.returncode == 0 and result.stdout.startswith("ema-average ")
+    assert result.returncode == 0 and result.stdout.startswith("ema-average "), result.stderr
 
 
 def test_import_is_lazy_and_the_public_api_resolves() -> None:
