@@ -391,7 +391,8 @@ def signalled_child(
 ) -> Iterator[subprocess.Popen]:
     """A child process to send signals to, started with :func:`default_signals`, that never outlives the
     test: killed when the block ends with it still running (a failed assertion included), and after
-    ``watchdog`` seconds in any case, so a test blocked reading its output fails instead of hanging."""
+    ``watchdog`` seconds in any case, so a test blocked reading its output fails instead of hanging. A
+    failure in the block shows what the child wrote to its stderr pipe, not read yet."""
     proc = subprocess.Popen(command, preexec_fn=default_signals, **popen)
     timer = threading.Timer(watchdog, proc.kill)
     timer.daemon = True
@@ -400,6 +401,12 @@ def signalled_child(
         with proc:  # closes the pipes and reaps it
             try:
                 yield proc
+            except BaseException as exc:
+                proc.kill()
+                if proc.stderr is not None and not proc.stderr.closed:
+                    with contextlib.suppress(Exception):
+                        exc.add_note(f"the child's stderr: {proc.communicate(timeout=30)[1]!r}")
+                raise
             finally:
                 if proc.poll() is None:
                     proc.kill()

@@ -3,18 +3,15 @@ recorded weights of every step, and the snapshots a run wrote, read back by step
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from cli_helpers import run_cli
 from ema_average.engine.decay_rules import sigma_rel_to_gamma
 from ema_average.engine.posthoc_profiles import Profile, reconstruct
-
-EXE = str(Path(sys.executable).parent / "ema-average")
 
 
 def power_reference(
@@ -55,12 +52,7 @@ def assert_snapshots_are_power_emas(
 def assert_reconstructs(run: Path, folder: Path, sigma_rel: float, out: Path) -> None:
     """``ema-average RUN --method posthoc --sigma-rel W`` finds ``folder``'s snapshots and writes their
     combination with the float64 least-squares coefficients (float32 tolerance)."""
-    done = subprocess.run(
-        [EXE, str(run), "--method", "posthoc", "--sigma-rel", repr(sigma_rel), "-o", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_cli(run, "--method", "posthoc", "--sigma-rel", repr(sigma_rel), "-o", out)
     assert done.returncode == 0, done.stderr
     snapshots = read_snapshots(folder)
     keys = sorted(snapshots)

@@ -1,17 +1,24 @@
-"""End to end through the installed ``ema-average`` console script."""
+"""End to end through the command: in process through typer's CliRunner on the app (``run_cli``), and as
+the installed ``ema-average`` console script (``run_exe``, ``@pytest.mark.subprocess``) where the process
+boundary is what a test is about: exit codes and lines from the real entry point, signals, plug-ins found
+in the environment a process starts with."""
 
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
-import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
 
+from cli_helpers import EXE, run_cli, run_exe
+from ema_average.cli.app import app
+from ema_average.errors import EmaAverageError
 from helpers import (
     WritesMarker,
     float64_reference,
@@ -24,17 +31,12 @@ from helpers import (
 )
 from plugin_pkg.install import install_plugin
 
-EXE = str(Path(sys.executable).parent / "ema-average")
 STEPS = [10, 20, 40, 80]
-
-
-def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([EXE, *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
 def test_average_matches_float64_reference(tmp_path: Path) -> None:
     states = write_safetensors_run(tmp_path / "run", STEPS)
-    result = run(tmp_path / "run", "-o", tmp_path / "ema.safetensors", "--decay", "0.9")
+    result = run_cli(tmp_path / "run", "-o", tmp_path / "ema.safetensors", "--decay", "0.9")
     assert result.returncode == 0, result.stderr
     assert "wrote" in result.stdout and "peak memory" in result.stdout
     ref = float64_reference([states[s] for s in STEPS], STEPS, 0.9)
@@ -45,7 +47,7 @@ def test_average_matches_float64_reference(tmp_path: Path) -> None:
 
 def test_dtype_and_warmup_options(tmp_path: Path) -> None:
     states = write_safetensors_run(tmp_path / "run", STEPS, torch.float32)
-    result = run(
+    result = run_cli(
         tmp_path / "run", "-o", tmp_path / "o.safetensors", "--decay", "0.99", "--numerator", "5",
         "--denominator", "50", "--dtype", "bfloat16",
     )  # fmt: skip
@@ -59,7 +61,7 @@ def test_dtype_and_warmup_options(tmp_path: Path) -> None:
 
 def test_dry_run_shows_the_plan_and_writes_nothing(tmp_path: Path) -> None:
     write_safetensors_run(tmp_path / "run", STEPS)
-    result = run(tmp_path / "run", "--dry-run", "--decay", "0.9")
+    result = run_cli(tmp_path / "run", "--dry-run", "--decay", "0.9")
     assert result.returncode == 0, result.stderr
     for text in ("model_step_10.safetensors", "metadata:step", "start", "0.7", "0.82", "51.6600%"):
         assert text in result.stdout
@@ -69,7 +71,7 @@ def test_dry_run_shows_the_plan_and_writes_nothing(tmp_path: Path) -> None:
 
 def test_first_checkpoint_dominance_is_pointed_out(tmp_path: Path) -> None:
     write_safetensors_run(tmp_path / "run", [1000, 2000, 3000])
-    result = run(tmp_path / "run", "--dry-run")
+    result = run_cli(tmp_path / "run", "--dry-run")
     # (2001 / 2010) * (3001 / 3010) = 0.99255: the warm-up rule, not 0.9999, sets both decays here
     assert "note: the first checkpoint (step 1000) carries 99.3% of the average" in result.stdout
     assert "--schedule step applies the decay once per training step" in result.stdout
@@ -79,15 +81,15 @@ def test_first_checkpoint_dominance_is_pointed_out(tmp_path: Path) -> None:
 def test_dry_run_with_an_existing_output_notes_it(tmp_path: Path) -> None:
     write_safetensors_run(tmp_path / "run", [1, 2])
     (tmp_path / "run-ema.safetensors").write_bytes(b"old")
-    result = run(tmp_path / "run", "--dry-run")
+    result = run_cli(tmp_path / "run", "--dry-run")
     assert result.returncode == 0
     assert "already exists: a real run needs --overwrite" in result.stdout
     assert (tmp_path / "run-ema.safetensors").read_bytes() == b"old"
 
 
 def test_version_and_help() -> None:
-    assert run("--version").stdout.startswith("ema-average ")
-    help_text = run("--help").stdout
+    assert run_cli("--version").stdout.startswith("ema-average ")
+    help_text = run_cli("--help").stdout
     for option in (
         "--device",
         "--decay",
@@ -100,9 +102,12 @@ def test_version_and_help() -> None:
         assert option in help_text
 
 
+@pytest.mark.subprocess
 def test_usage_error_exits_2(tmp_path: Path) -> None:
-    result = run(tmp_path, "--dtype", "int8")
-    assert result.returncode == 2
+    # the real entry point's exit code, and click's usage message on stderr only
+    result = run_exe(tmp_path, "--dtype", "int8")
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == "" and "Invalid value for '--dtype'" in result.stderr, result.stderr
 
 
 def assert_nothing_written(folder: Path, expected: list[str]) -> None:
@@ -137,7 +142,7 @@ def test_bad_input_exits_1_names_the_file_and_leaves_nothing(tmp_path: Path, cas
         culprit = run_dir / "final.pt"
         expected = "no training step found"
     before = sorted(p.name for p in run_dir.iterdir())
-    result = run(run_dir, "-o", tmp_path / "ema.safetensors")
+    result = run_cli(run_dir, "-o", tmp_path / "ema.safetensors")
     assert result.returncode == 1
     line = result.stderr.strip()
     assert "\n" not in line and "Traceback" not in line
@@ -148,29 +153,41 @@ def test_bad_input_exits_1_names_the_file_and_leaves_nothing(tmp_path: Path, cas
         assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.subprocess
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
-    result = run(tmp_path / "missing", "--debug")
-    assert result.returncode != 0 and "Traceback" in result.stderr
+    # the traceback is the interpreter's, printed by the process as the error leaves the entry point
+    result = run_exe(tmp_path / "missing", "--debug")
+    assert result.returncode == 1 and "Traceback" in result.stderr, result.stderr
+    assert "ema_average.errors" in result.stderr and str(tmp_path / "missing") in result.stderr
+
+
+def test_debug_lets_the_error_out_in_process(tmp_path: Path) -> None:
+    with pytest.raises(EmaAverageError, match="missing"):
+        run_cli(tmp_path / "missing", "--debug")
 
 
 def test_unavailable_device_is_an_error_before_work(tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     write_safetensors_run(tmp_path / "run", [1, 2])
-    result = run(tmp_path / "run", "--device", "cuda")
+    result = run_cli(tmp_path / "run", "--device", "cuda")
     assert result.returncode == 1
     assert "CUDA is not available" in result.stderr
     assert_nothing_written(tmp_path, ["run"])
 
 
+@pytest.mark.subprocess
 def test_existing_output_is_kept_without_overwrite(tmp_path: Path) -> None:
+    # through the real entry point: exit 1 with one line on stderr, then exit 0
     write_safetensors_run(tmp_path / "run", [1, 2])
     out = tmp_path / "ema.safetensors"
     out.write_bytes(b"precious")
-    result = run(tmp_path / "run", "-o", out)
-    assert result.returncode == 1 and "--overwrite" in result.stderr
+    result = run_exe(tmp_path / "run", "-o", out)
+    assert result.returncode == 1, result.stderr
+    assert len(result.stderr.splitlines()) == 1 and "--overwrite" in result.stderr, result.stderr
     assert out.read_bytes() == b"precious"
-    assert run(tmp_path / "run", "-o", out, "--overwrite").returncode == 0
+    result = run_exe(tmp_path / "run", "-o", out, "--overwrite")
+    assert result.returncode == 0, result.stderr
     assert set(load_file(str(out))) == set(make_state(1))
 
 
@@ -182,6 +199,7 @@ def big_run(folder: Path) -> None:
         save_file(state, str(folder / f"step_{step}.safetensors"))
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to see the run midway")
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
 def test_run_killed_midway_leaves_nothing(tmp_path: Path, sig: signal.Signals) -> None:
@@ -196,11 +214,11 @@ def test_run_killed_midway_leaves_nothing(tmp_path: Path, sig: signal.Signals) -
         signal_when(proc, sig, lambda: holds_unnamed_output(proc.pid, output))
         stdout, stderr = proc.communicate(timeout=120)
     if sig == signal.SIGKILL:  # no cleanup can run: only the hidden lock file stays, the next run removes it
-        assert proc.returncode == -signal.SIGKILL
+        assert proc.returncode == -signal.SIGKILL, stderr
         assert [p.name for p in out_dir.iterdir()] == [
             f".ema.safetensors.ema-average-u{os.geteuid()}.lock"
         ], stderr
-        again = run(tmp_path / "run", "-o", output, "-q")
+        again = run_cli(tmp_path / "run", "-o", output, "-q")
         assert again.returncode == 0, again.stderr
         assert [p.name for p in out_dir.iterdir()] == ["ema.safetensors"]
     else:
@@ -210,7 +228,9 @@ def test_run_killed_midway_leaves_nothing(tmp_path: Path, sig: signal.Signals) -
 
 def test_torch_run_end_to_end(tmp_path: Path) -> None:
     states = write_torch_run(tmp_path / "run", STEPS)
-    result = run(tmp_path / "run", "-o", tmp_path / "o.safetensors", "--decay", "0.5", "--exclude", "head.*")
+    result = run_cli(
+        tmp_path / "run", "-o", tmp_path / "o.safetensors", "--decay", "0.5", "--exclude", "head.*"
+    )
     assert result.returncode == 0, result.stderr
     out = load_file(str(tmp_path / "o.safetensors"))
     assert "head.weight" not in out
@@ -220,7 +240,7 @@ def test_torch_run_end_to_end(tmp_path: Path) -> None:
 
 def test_uniform_method_from_the_command_line(tmp_path: Path) -> None:
     states = write_safetensors_run(tmp_path / "run", STEPS)
-    result = run(tmp_path / "run", "-o", tmp_path / "o.safetensors", "--method", "uniform")
+    result = run_cli(tmp_path / "run", "-o", tmp_path / "o.safetensors", "--method", "uniform")
     assert result.returncode == 0, result.stderr
     mean = torch.stack([states[s]["head.weight"].double() for s in STEPS]).mean(0)
     torch.testing.assert_close(load_file(str(tmp_path / "o.safetensors"))["head.weight"].double(), mean)
@@ -228,34 +248,34 @@ def test_uniform_method_from_the_command_line(tmp_path: Path) -> None:
 
 def test_decay_and_half_life_together_is_an_error(tmp_path: Path) -> None:
     write_safetensors_run(tmp_path / "run", STEPS)
-    result = run(tmp_path / "run", "--decay", "0.9", "--half-life", "10")
+    result = run_cli(tmp_path / "run", "--decay", "0.9", "--half-life", "10")
     assert result.returncode == 2 and "give --decay or --half-life, not both" in result.stderr
 
 
 def test_resume_from_the_command_line(tmp_path: Path) -> None:
     write_safetensors_run(tmp_path / "run", STEPS[:2])
     out = tmp_path / "live.safetensors"
-    assert run(tmp_path / "run", "-o", out, "--schedule", "step", "--decay", "0.99").returncode == 0
+    assert run_cli(tmp_path / "run", "-o", out, "--schedule", "step", "--decay", "0.99").returncode == 0
     write_safetensors_run(tmp_path / "run", STEPS[2:])
-    result = run(tmp_path / "run", "--resume", out, "--schedule", "step", "--decay", "0.99")
+    result = run_cli(tmp_path / "run", "--resume", out, "--schedule", "step", "--decay", "0.99")
     assert result.returncode == 0, result.stderr
     assert "continuing live.safetensors" in result.stdout and "(earlier average)" in result.stdout
-    again = run(tmp_path / "run", "--resume", out, "--schedule", "step", "--decay", "0.99")
+    again = run_cli(tmp_path / "run", "--resume", out, "--schedule", "step", "--decay", "0.99")
     assert again.returncode == 0 and "is up to date" in again.stdout
-    mismatch = run(tmp_path / "run", "--resume", out, "--decay", "0.99")
+    mismatch = run_cli(tmp_path / "run", "--resume", out, "--decay", "0.99")
     assert mismatch.returncode == 1 and "was made with schedule step, not checkpoint" in mismatch.stderr
 
 
 def test_selection_cannot_thin_a_resumed_average(tmp_path: Path) -> None:
     write_safetensors_run(tmp_path / "run", STEPS)
-    assert run(tmp_path / "run", "-o", tmp_path / "o.safetensors").returncode == 0
-    result = run(tmp_path / "run", "--resume", tmp_path / "o.safetensors", "--last", "2")
+    assert run_cli(tmp_path / "run", "-o", tmp_path / "o.safetensors").returncode == 0
+    result = run_cli(tmp_path / "run", "--resume", tmp_path / "o.safetensors", "--last", "2")
     assert result.returncode == 2 and "--last and --every cannot be combined with --resume" in result.stderr
 
 
 def test_several_decays_in_one_pass(tmp_path: Path) -> None:
     write_safetensors_run(tmp_path / "run", STEPS, torch.bfloat16)
-    plan = run(tmp_path / "run", "--decay", "0.9,0.99", "--dry-run")
+    plan = run_cli(tmp_path / "run", "--decay", "0.9,0.99", "--dry-run")
     assert plan.returncode == 0, plan.stderr
     for text in (
         "weight decay0.9",
@@ -264,11 +284,11 @@ def test_several_decays_in_one_pass(tmp_path: Path) -> None:
         "run-ema-decay0.99.safetensors",
     ):
         assert text in plan.stdout, text
-    result = run(tmp_path / "run", "--decay", "0.9,0.99", "--threads", "2")
+    result = run_cli(tmp_path / "run", "--decay", "0.9,0.99", "--threads", "2")
     assert result.returncode == 0, result.stderr
     for decay in ("0.9", "0.99"):
         assert (
-            run(
+            run_cli(
                 tmp_path / "run", "--decay", decay, "-o", tmp_path / "alone.safetensors", "--overwrite"
             ).returncode
             == 0
@@ -291,7 +311,7 @@ def test_several_decays_in_one_pass(tmp_path: Path) -> None:
 )
 def test_several_settings_errors(tmp_path: Path, args: list[str], message: str) -> None:
     write_safetensors_run(tmp_path / "run", STEPS)
-    result = run(tmp_path / "run", *args)
+    result = run_cli(tmp_path / "run", *args)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
@@ -320,7 +340,7 @@ def test_several_settings_errors(tmp_path: Path, args: list[str], message: str) 
 def test_every_usage_error_exits_2_and_writes_nothing(tmp_path: Path, args: list[str], message: str) -> None:
     # A value the command line cannot parse and settings it cannot use alike: exit 2, as click's own.
     write_safetensors_run(tmp_path / "run", STEPS)
-    result = run(tmp_path / "run", *args)
+    result = run_cli(tmp_path / "run", *args)
     assert result.returncode == 2, result.stderr
     assert message in " ".join(result.stderr.replace("│", " ").split()), result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
@@ -332,7 +352,7 @@ def test_discovery_flags_reach_the_run(tmp_path: Path) -> None:
 
     write_fairseq_run(tmp_path / "run", [10, 20, 30])
     (tmp_path / "run" / "checkpoint1.pt").write_bytes((tmp_path / "run" / "checkpoint_1_10.pt").read_bytes())
-    result = run(tmp_path / "run", "--dry-run", "--glob", "checkpoint_*_*.pt", "--steps", "100,200,300")
+    result = run_cli(tmp_path / "run", "--dry-run", "--glob", "checkpoint_*_*.pt", "--steps", "100,200,300")
     assert result.returncode == 0, result.stderr
     assert "checkpoint1.pt" not in result.stdout and "checkpoint_last.pt" not in result.stdout
     for step in ("100", "200", "300"):
@@ -355,7 +375,7 @@ def test_an_output_dtype_that_cannot_hold_the_average_is_refused(
         )
     before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
     out = tmp_path / "o.safetensors"
-    result = run(run_dir, "-o", out, "--dtype", dtype)
+    result = run_cli(run_dir, "-o", out, "--dtype", dtype)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"ema-average: error: tensor 'w' averages to 3.4e+38, beyond what {dtype} holds ({limit}): it would be "
@@ -364,7 +384,7 @@ def test_an_output_dtype_that_cannot_hold_the_average_is_refused(
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
     # asked for, Inf is written where the dtype overflows, and only there
-    assert run(run_dir, "-o", out, "--dtype", dtype, "--allow-nonfinite").returncode == 0
+    assert run_cli(run_dir, "-o", out, "--dtype", dtype, "--allow-nonfinite").returncode == 0
     written = load_file(str(out))
     assert torch.equal(written["fits"], torch.tensor([1.0, 65504.0]).to(getattr(torch, dtype)))
     assert torch.isinf(written["w"]).tolist() == (
@@ -393,20 +413,21 @@ def fixed_share_reference(states: list[dict[str, torch.Tensor]], keep: float) ->
     return shadow
 
 
+@pytest.mark.subprocess
 def test_average_from_another_package_by_name(tmp_path: Path, plugin_env: dict[str, str]) -> None:
+    # a process of its own: the plug-in is found in the environment the command starts with, and its
+    # average registers in that process only
     states = write_safetensors_run(tmp_path / "run", STEPS)
     ordered = [states[s] for s in STEPS]
-    command = [EXE, str(tmp_path / "run"), "--method", "fixed-share"]
-    one = [*command, "--set", "keep=0.25", "-o", str(tmp_path / "o.safetensors")]
-    result = subprocess.run(one, capture_output=True, text=True, timeout=300, env=plugin_env)
+    command = [tmp_path / "run", "--method", "fixed-share"]
+    result = run_exe(*command, "--set", "keep=0.25", "-o", tmp_path / "o.safetensors", env=plugin_env)
     assert result.returncode == 0, result.stderr
     assert "method fixed-share (keep 0.25)" in result.stdout
     out = load_file(str(tmp_path / "o.safetensors"))
     for name, expected in fixed_share_reference(ordered, 0.25).items():
         torch.testing.assert_close(out[name].double(), expected, rtol=2e-6, atol=2e-7)
     # its alternative setting, as a comma list: one output per value, named for it
-    sweep = [*command, "--set", "drop=0.5,0.75", "-o", str(tmp_path / "s.safetensors")]
-    result = subprocess.run(sweep, capture_output=True, text=True, timeout=300, env=plugin_env)
+    result = run_exe(*command, "--set", "drop=0.5,0.75", "-o", tmp_path / "s.safetensors", env=plugin_env)
     assert result.returncode == 0, result.stderr
     for drop in (0.5, 0.75):
         out = load_file(str(tmp_path / f"s-drop{drop}.safetensors"))
@@ -416,14 +437,14 @@ def test_average_from_another_package_by_name(tmp_path: Path, plugin_env: dict[s
 
 def test_set_gives_a_built_in_setting_as_its_flag_does(tmp_path: Path) -> None:
     write_safetensors_run(tmp_path / "run", STEPS)
-    assert run(tmp_path / "run", "-o", tmp_path / "flag.safetensors", "--half-life", "3").returncode == 0
-    result = run(tmp_path / "run", "-o", tmp_path / "set.safetensors", "--set", "half-life=3")
+    assert run_cli(tmp_path / "run", "-o", tmp_path / "flag.safetensors", "--half-life", "3").returncode == 0
+    result = run_cli(tmp_path / "run", "-o", tmp_path / "set.safetensors", "--set", "half-life=3")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "set.safetensors").read_bytes() == (tmp_path / "flag.safetensors").read_bytes()
 
 
 def test_help_shows_the_defaults_the_rules_declare() -> None:
-    result = run("--help")
+    result = run_cli("--help")
     assert result.returncode == 0, result.stderr
     shown = " ".join(result.stdout.replace("│", " ").split())
     for text in ("[default: 0.9999]", "[default: 0.05]", "[default: 10.0]", "--set NAME=VALUE[,VALUE...]"):
@@ -441,7 +462,7 @@ def test_float8_outputs_equal_the_float64_reference_rounded(tmp_path: Path) -> N
     (tmp_path / "run").mkdir()
     for step, state in zip(STEPS, states, strict=True):
         save_file(state, str(tmp_path / "run" / f"s{step}.safetensors"), {"step": str(step)})
-    result = run(tmp_path / "run", "-o", tmp_path / "o.safetensors", "--decay", "0.9", "-q")
+    result = run_cli(tmp_path / "run", "-o", tmp_path / "o.safetensors", "--decay", "0.9", "-q")
     assert result.returncode == 0, result.stderr
     out = load_file(str(tmp_path / "o.safetensors"))
     reference = float64_reference([{n: t.double() for n, t in s.items()} for s in states], STEPS, 0.9)
@@ -462,17 +483,14 @@ def test_float8_outputs_equal_the_float64_reference_rounded(tmp_path: Path) -> N
 def test_numbers_on_the_command_line_are_ascii(tmp_path: Path, args: list[str]) -> None:
     """Python's int() and float() read any Unicode digit; the command line reads ASCII ones (issue 24), as
     click's own INTEGER and FLOAT options (--last, --numerator, --threads) already did."""
-    from typer.testing import CliRunner
-
-    from ema_average.cli.app import app
-
     write_safetensors_run(tmp_path / "run", STEPS)
-    result = CliRunner().invoke(app, [str(tmp_path / "run"), "--dry-run", *args])
-    assert result.exit_code == 2, result.output
-    assert f"Invalid value for '{args[-2]}'" in " ".join(result.output.replace("│", " ").split())
+    result = run_cli(tmp_path / "run", "--dry-run", *args)
+    assert result.returncode == 2, result.stderr
+    assert f"Invalid value for '{args[-2]}'" in " ".join(result.stderr.replace("│", " ").split())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
+@pytest.mark.subprocess
 def test_a_plugin_that_exits_at_import_is_one_line_naming_it(tmp_path: Path) -> None:
     """A declared average whose import raises SystemExit(3) ended the command with exit 3 and nothing said."""
     plugin = tmp_path / "plugin"
@@ -483,11 +501,25 @@ def test_a_plugin_that_exits_at_import_is_one_line_naming_it(tmp_path: Path) -> 
     (plugin / "exiting_plugin.py").write_text("raise SystemExit(3)\n")
     write_safetensors_run(tmp_path / "run", STEPS)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin), os.environ.get("PYTHONPATH", "")])}
-    command = [EXE, str(tmp_path / "run"), "--method", "exiting", "-o", str(tmp_path / "o.safetensors")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    result = run_exe(tmp_path / "run", "--method", "exiting", "-o", tmp_path / "o.safetensors", env=env)
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip().splitlines() == [
         "ema-average: error: the average 'exiting' declared as 'exiting_plugin:Average' does not load: "
         "its import raised SystemExit(3)"
     ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plugin", "run"]
+
+
+# --- the command in a host's process (a test runner, a notebook) -------------------------------------------
+
+
+def test_the_command_in_process_leaves_the_hosts_warnings_alone(tmp_path: Path) -> None:
+    """The command silenced every library's warning for the rest of the host's life, and replaced its
+    ``warnings.showwarning``: only the command's own process is its to change (as its signal handlers)."""
+    write_safetensors_run(tmp_path / "run", STEPS)
+    with warnings.catch_warnings():  # whatever happens, the test run's own filters come back
+        warnings.simplefilter("default")
+        before = (list(warnings.filters), warnings.showwarning)
+        for args in (["--dry-run"], ["--decay", "x"], ["-o", tmp_path / "run"]):  # ok, usage error, error
+            CliRunner().invoke(app, [str(tmp_path / "run"), *map(str, args)], catch_exceptions=False)
+            assert (list(warnings.filters), warnings.showwarning) == before, args

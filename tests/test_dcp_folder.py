@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 
+from cli_helpers import run_cli
 from dcp_helpers import olmo_core_look_alike, rewrite_metadata, save_dcp
 from ema_average.checkpoints import DcpCheckpoint, find_run
 from ema_average.checkpoints.base import StepInfo
@@ -476,16 +477,12 @@ def test_a_step_counter_saved_as_a_byte_item_wins_over_the_folder_name(tmp_path:
 
 
 def test_the_plan_says_a_byte_item_step_was_used(tmp_path: Path) -> None:
-    from typer.testing import CliRunner
-
-    from ema_average.cli.app import app
-
     for name, step in (("step-5", 7), ("step-10", 12)):
         save_dcp(tmp_path / name, {**make_state(step), "train_state": TorchtitanTrainer(step)})
-    result = CliRunner().invoke(app, [str(tmp_path), "--dry-run"])
-    assert result.exit_code == 0, result.output
-    lines = [line for line in result.output.splitlines() if "metadata:train_state.step" in line]
-    assert len(lines) == 2 and "7" in lines[0] and "12" in lines[1], result.output
+    result = run_cli(tmp_path, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if "metadata:train_state.step" in line]
+    assert len(lines) == 2 and "7" in lines[0] and "12" in lines[1], result.stdout
 
 
 def test_a_byte_item_that_runs_code_never_runs(tmp_path: Path) -> None:

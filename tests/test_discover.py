@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from cli_helpers import run_cli
 from ema_average.checkpoints import discover, find_run
 from ema_average.errors import CheckpointError, CheckpointMismatchError, NoCheckpointsError
 from helpers import (
@@ -293,13 +292,6 @@ def test_files_under_lists_what_rglob_lists_at_any_depth(tmp_path: Path, deep: D
     assert files_under(tmp_path / "checkpoint-1") == sorted([*shallow, deepest / "notes.txt"])
 
 
-EXE = str(Path(sys.executable).parent / "ema-average")
-
-
-def run_command(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([EXE, *map(str, args)], capture_output=True, text=True, timeout=300)
-
-
 def test_a_lone_empty_tensor_is_averaged_and_written(tmp_path: Path) -> None:
     """A model may hold an empty buffer (its weights are all there): it is copied with its shape and dtype,
     the rest averaged as without it."""
@@ -313,7 +305,7 @@ def test_a_lone_empty_tensor_is_averaged_and_written(tmp_path: Path) -> None:
         states.append(state)
     sharded = tmp_path.parent / f"{tmp_path.name}-sharded"
     for output, extra in ((tmp_path.parent / "ema.safetensors", []), (sharded, ["--max-shard-size", "600B"])):
-        result = run_command(tmp_path, "-o", output, "--decay", "0.9", *extra)
+        result = run_cli(tmp_path, "-o", output, "--decay", "0.9", *extra)
         assert result.returncode == 0, result.stderr
         files = [output] if output.is_file() else sorted(output.glob("*.safetensors"))
         out = {name: t for f in files for name, t in load_file(str(f)).items()}
@@ -358,11 +350,11 @@ def test_a_folder_output_inside_the_run_is_never_an_input(
     checkpoint; named for a new step (300) it was averaged in silently."""
     write_safetensors_run(tmp_path, [100, 200, 250])
     output = tmp_path / name
-    first = run_command(tmp_path, "-o", f"{output}/", *shards)
+    first = run_cli(tmp_path, "-o", f"{output}/", *shards)
     assert first.returncode == 0, first.stderr
     written = file_digests(output)
     assert len(written) == (3 if shards else 1)  # two shards and an index, or model.safetensors
-    again = run_command(tmp_path, "-o", f"{output}/", "--overwrite", *shards)
+    again = run_cli(tmp_path, "-o", f"{output}/", "--overwrite", *shards)
     assert again.returncode == 0, again.stderr
     assert f"note: skipped {output}: written by ema-average itself" in again.stdout
     rows = [line for line in again.stdout.splitlines() if line.startswith("│")]
@@ -407,7 +399,7 @@ def test_ignite_epoch_named_files_are_read_at_their_iteration(tmp_path: Path) ->
         (f"checkpoint_{e}.pt", 5 * e, "metadata:trainer.iteration", False) for e in (1, 2, 3)
     ]
     output = tmp_path / "ema.safetensors"
-    result = run_command(tmp_path / "run", "-o", output, "--decay", "0.9")
+    result = run_cli(tmp_path / "run", "-o", output, "--decay", "0.9")
     assert result.returncode == 0, result.stderr
     expected = float64_reference(states, [5, 10, 15], 0.9)  # hand-computed steps: iteration = 5 x epoch
     out = load_file(str(output))
@@ -499,7 +491,7 @@ def test_open_clip_epochs_count_from_1(tmp_path: Path) -> None:
         (100 * e, f"{origin}, counted from 1: n x 100") for e in (1, 2, 3)
     ]
     assert_matches_reference(run.checkpoints, states)
-    result = run_command(tmp_path / "checkpoints", "--step-every", "100", "--dry-run")
+    result = run_cli(tmp_path / "checkpoints", "--step-every", "100", "--dry-run")
     assert result.returncode == 0, result.stderr
     assert "counted from 1: n x 100" in result.stdout
 
@@ -566,11 +558,11 @@ def test_checkpoints_differing_only_in_excluded_tensors_make_one_run(tmp_path: P
     states = [make_state(1), make_state(2)]
     save_file(dict(states[0]), str(run / "step_1.safetensors"))
     save_file({**states[1], "extra.w": torch.ones(3)}, str(run / "step_2.safetensors"))
-    refused = run_command(run, "--dry-run")
+    refused = run_cli(run, "--dry-run")
     assert refused.returncode == 1
     assert "step_2.safetensors: has tensor 'extra.w', absent from step_1.safetensors" in refused.stderr
     output = tmp_path / "ema.safetensors"
-    result = run_command(run, "--exclude", "extra.*", "-o", output, "--decay", "0.9")
+    result = run_cli(run, "--exclude", "extra.*", "-o", output, "--decay", "0.9")
     assert result.returncode == 0, result.stderr
     out = load_file(str(output))
     assert set(out) == set(states[0])
@@ -707,7 +699,7 @@ def test_olmo_core_rank_files_are_trainer_state_not_checkpoints(tmp_path: Path) 
     assert [(c.path.name, c.step) for c in found.checkpoints] == [("step2", 2), ("step4", 4), ("step6", 6)]
     assert [unit.name for unit in found.units] == ["step2", "step4", "step6"]
     assert_matches_reference(found.checkpoints, states)
-    result = run_command(run, "--dry-run")
+    result = run_cli(run, "--dry-run")
     assert result.returncode == 0, result.stderr
     assert "rank0.pt" not in result.stdout + result.stderr
 
@@ -751,7 +743,7 @@ def test_litgpt_final_folder_is_skipped_with_a_notice(tmp_path: Path) -> None:
     assert f"skipped final/ in {out}: a final model saved beside the checkpoints" in found.notices
     assert_matches_reference(found.checkpoints, states)
     output = tmp_path / "ema.safetensors"
-    result = run_command(out, "-o", output, "--decay", "0.9")
+    result = run_cli(out, "-o", output, "--decay", "0.9")
     assert result.returncode == 0, result.stderr
     assert "skipped final/" in result.stdout + result.stderr
     written = load_file(str(output))
@@ -797,11 +789,11 @@ def test_litgpt_lora_adapters_are_the_checkpoints_and_named_in_the_plan(tmp_path
     ]
     assert f"skipped final/ in {out}: a final model saved beside the checkpoints" in found.notices
     assert_matches_reference(found.checkpoints, states)
-    result = run_command(out, "--dry-run")
+    result = run_cli(out, "--dry-run")
     assert result.returncode == 0, result.stderr
     assert "litgpt LoRA adapter" in result.stdout
     output = tmp_path / "ema.safetensors"
-    assert run_command(out, "-o", output, "--decay", "0.9").returncode == 0
+    assert run_cli(out, "-o", output, "--decay", "0.9").returncode == 0
     written = load_file(str(output))
     assert set(written) == set(states[0])
     for name, tensor in float64_reference(states, [2, 4, 6], 0.9).items():

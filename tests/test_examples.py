@@ -19,9 +19,12 @@ def examples_importable(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def script(name: str, *args: str | Path) -> str:
+    """The example run as a script; its stdout, or a failure showing its stderr (``check=True`` showed only
+    the exit status)."""
     done = subprocess.run(
-        [sys.executable, str(EXAMPLES / name), *map(str, args)], capture_output=True, text=True, check=True
+        [sys.executable, str(EXAMPLES / name), *map(str, args)], capture_output=True, text=True
     )
+    assert done.returncode == 0, f"{name} exited {done.returncode}: {done.stderr}"
     return done.stdout
 
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cli_helpers import Ran, run_cli
 from helpers import float64_reference
 
 L = pytest.importorskip("lightning")
@@ -393,9 +394,6 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-EXE = str(Path(sys.executable).parent / "ema-average")
-
-
 def lightning_ema_run(folder: Path) -> list[dict[str, torch.Tensor]]:
     """Three epochs' .ckpt files of a run with the callback; the averaged models they hold, in order."""
     fit(ckpt_trainer(folder, [EMACallback(decay=DECAY)], max_epochs=3), model())
@@ -403,10 +401,8 @@ def lightning_ema_run(folder: Path) -> list[dict[str, torch.Tensor]]:
     return [torch.load(p, weights_only=True)[EMA_KEY] for p in paths]
 
 
-def command_average(run: Path, out: Path, *flags: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [EXE, str(run), *flags, "--decay", "0.5", "-o", str(out)], capture_output=True, text=True
-    )
+def command_average(run: Path, out: Path, *flags: str) -> Ran:
+    return run_cli(run, *flags, "--decay", "0.5", "-o", out)
 
 
 def assert_averages_the_ema_copies(out: Path, states: list[dict[str, torch.Tensor]]) -> None:
@@ -422,7 +418,8 @@ def assert_averages_the_ema_copies(out: Path, states: list[dict[str, torch.Tenso
 
 def test_the_command_names_and_averages_the_ema_in_lightning_ckpts(tmp_path: Path) -> None:
     states = lightning_ema_run(tmp_path / "run")
-    plan = subprocess.run([EXE, str(tmp_path / "run"), "--dry-run"], capture_output=True, text=True)
+    plan = run_cli(tmp_path / "run", "--dry-run")
+    assert plan.returncode == 0, plan.stderr
     assert "read state_dict; also here: ema (--state-dict-key ema)" in plan.stdout
     done = command_average(tmp_path / "run", tmp_path / "out.safetensors", "--state-dict-key", "ema")
     assert done.returncode == 0, done.stderr

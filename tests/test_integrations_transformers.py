@@ -23,12 +23,12 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
+from cli_helpers import run_cli  # noqa: E402
 from ema_average.errors import CheckpointError, ConfigurationError  # noqa: E402
 from ema_average.online.transformers import STATE_METADATA_KEY, EMACallback  # noqa: E402
 from helpers import float64_reference, tiny_gpt2  # noqa: E402
 
 DECAY = 0.9
-EXE = str(Path(sys.executable).parent / "ema-average")
 
 
 class Tokens(torch.utils.data.Dataset):
@@ -283,9 +283,7 @@ def test_evaluate_both_is_refused_with_the_way_to_get_both() -> None:
 def test_the_command_averages_the_callbacks_ema_folders_with_submodel_ema(tmp_path: Path) -> None:
     run, out = tmp_path / "run", tmp_path / "ema-of-ema.safetensors"
     train(run, [EMACallback(decay=DECAY)], max_steps=6, save_strategy="steps", save_steps=2)
-    done = subprocess.run(
-        [EXE, str(run), "--submodel", "ema", "--decay", "0.5", "-o", str(out)], capture_output=True, text=True
-    )
+    done = run_cli(run, "--submodel", "ema", "--decay", "0.5", "-o", out)
     assert done.returncode == 0, done.stderr
     assert "read ema (the EMA kept while training); also here: model (--submodel model)" in done.stdout
     states = [load_file(str(run / f"checkpoint-{step}" / "ema" / "model.safetensors")) for step in (2, 4, 6)]

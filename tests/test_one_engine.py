@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
+from cli_helpers import run_cli
 from ema_average import ExponentialMovingAverage, PowerFunctionMovingAverage
-from ema_average.cli.app import app
 from ema_average.engine.averages import MovingAverage
 
 STEPS = range(1, 14)  # step 1 starts the average; steps 2..13 are all in the warm-up (decay < 0.9)
@@ -71,8 +70,8 @@ def offline(
         device,
         *settings,
     ]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
     return load_file(str(out))
 
 

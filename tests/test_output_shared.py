@@ -129,7 +129,8 @@ def test_runs_of_two_users_exclude_each_other(shared: Path, holder: int, taker: 
             assert str(info.value) == expected
         else:
             result = run_as(taker, "OutputLock(Path(sys.argv[1]))", str(output))
-            assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].endswith(expected)
+            assert result.returncode == 1, result.stderr
+            assert result.stderr.strip().splitlines()[-1].endswith(expected), result.stderr
         assert sorted(p.name for p in shared.iterdir()) == [f".out.safetensors.ema-average-u{holder}.lock"]
     with OutputLock(output):  # free once that run is gone
         pass

@@ -23,7 +23,7 @@ IMPORT_TIMES = {"PYTHONPROFILEIMPORTTIME": "1"}  # Python lists each import on s
 
 
 def test_wheel_ships_the_license_and_py_typed(tmp_path: Path) -> None:
-    subprocess.run(
+    built = subprocess.run(
         [
             sys.executable,
             "-m",
@@ -36,9 +36,10 @@ def test_wheel_ships_the_license_and_py_typed(tmp_path: Path) -> None:
             "-w",
             str(tmp_path),
         ],
-        check=True,
         capture_output=True,
+        text=True,
     )
+    assert built.returncode == 0, built.stderr
     (wheel,) = tmp_path.glob("ema_average-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
@@ -100,7 +101,7 @@ def test_python_dash_m_runs_the_command() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "ema_average", "--version"], capture_output=True, text=True
     )
-    assert result.returncode == 0 and result.stdout.startswith("ema-average ")
+    assert result.returncode == 0 and result.stdout.startswith("ema-average "), result.stderr
 
 
 def test_import_is_lazy_and_the_public_api_resolves() -> None:

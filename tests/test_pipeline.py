@@ -513,6 +513,7 @@ def _few_open_files() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
 
 
+@pytest.mark.subprocess  # the descriptor limit is the process's own
 def test_a_folder_of_200_shards_is_written_under_ulimit_n_64(tmp_path: Path) -> None:
     steps = [10, 20, 30]
     (tmp_path / "run").mkdir()

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from ema_average.cli.app import app
+from cli_helpers import run_cli
 from ema_average.offline.options import RunOptions
 from ema_average.offline.posthoc_job import Targets, prepare
 from ema_average.offline.run import execute
@@ -65,8 +64,8 @@ def test_matches_its_own_synthesize_ema_model(posthoc_folder, tmp_path: Path, ta
 
 
 def _error(folder: Path, *args: str) -> str:
-    result = CliRunner().invoke(app, [str(folder), "--method", "posthoc", "--sigma-rel", "0.1", *args])
-    assert result.exit_code != 0
+    result = run_cli(folder, "--method", "posthoc", "--sigma-rel", "0.1", *args)
+    assert result.returncode != 0, result.stdout
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     return lines[0]

@@ -6,23 +6,19 @@ from __future__ import annotations
 
 import json
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
-from ema_average.cli.app import app
+from cli_helpers import run_cli
 from ema_average.engine.decay_rules import sigma_rel_to_gamma
 from ema_average.engine.posthoc_profiles import Profile, reconstruct
 from ema_average.offline.options import RunOptions
 from ema_average.offline.posthoc_job import Targets, prepare
 from ema_average.offline.run import execute
 
-EXE = str(Path(sys.executable).parent / "ema-average")
 STEPS = (100, 200, 300, 400)
 WIDTHS = (0.05, 0.10)
 
@@ -112,12 +108,12 @@ def test_output_records_the_reconstruction(tmp_path: Path) -> None:
 def test_the_command_shows_coefficients_and_fit_and_writes(tmp_path: Path) -> None:
     states = write_snapshots(tmp_path / "snaps")
     out = tmp_path / "ema.safetensors"
-    args = [EXE, str(tmp_path / "snaps"), "--method", "posthoc", "--sigma-rel", "0.07", "-o", str(out)]
-    dry = subprocess.run([*args, "--dry-run"], capture_output=True, text=True, timeout=300)
+    args = [tmp_path / "snaps", "--method", "posthoc", "--sigma-rel", "0.07", "-o", out]
+    dry = run_cli(*args, "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert "coefficient" in dry.stdout and "fit error" in dry.stdout and "condition number" in dry.stdout
     assert not out.exists()
-    real = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    real = run_cli(*args)
     assert real.returncode == 0, real.stderr
     got = load_file(str(out))
     for name, expected in _expected(states, 0.07, 400).items():
@@ -127,8 +123,8 @@ def test_the_command_shows_coefficients_and_fit_and_writes(tmp_path: Path) -> No
 def _refused(tmp_path: Path, *args: str) -> str:
     """The command's one error line; nothing was written beside the snapshots."""
     before = set(tmp_path.rglob("*"))
-    result = CliRunner().invoke(app, [str(tmp_path / "snaps"), "--method", "posthoc", *args])
-    assert result.exit_code in (1, 2), result.output
+    result = run_cli(tmp_path / "snaps", "--method", "posthoc", *args)
+    assert result.returncode in (1, 2), result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("ema-average: error: "), result.stderr
     assert set(tmp_path.rglob("*")) == before

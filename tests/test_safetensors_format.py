@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import json
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from cli_helpers import run_cli
 from ema_average.checkpoints.safetensors_format import read_header
 from ema_average.errors import CheckpointError
 from helpers import make_state
-
-EXE = str(Path(sys.executable).parent / "ema-average")
 
 
 def with_extra_tensor(source: Path, target: Path, name: str, dtype: str, shape: list[int]) -> None:
@@ -72,8 +69,8 @@ def test_the_command_refuses_it_before_a_dry_run_passes(tmp_path: Path) -> None:
         save_file(dict(make_state(step)), str(plain))
         with_extra_tensor(plain, run / f"step_{step}.safetensors", "pos.empty", "F32", [2**63, 0])
     for extra in (["--dry-run"], ["-o", str(tmp_path / "out.safetensors")]):
-        result = subprocess.run([EXE, str(run), *extra], capture_output=True, text=True, timeout=300)
-        assert result.returncode == 1
+        result = run_cli(run, *extra)
+        assert result.returncode == 1, result.stderr
         assert result.stderr.splitlines() == [
             f"ema-average: error: {run / 'step_1.safetensors'}: tensor 'pos.empty' has shape "
             "[9223372036854775808, 0], beyond what torch can index (int64 sizes and strides); refused"

@@ -407,7 +407,7 @@ def ultralytics_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
 def test_ultralytics_without_trust_pickle_is_one_line(ultralytics_run: tuple[Path, Path, dict]) -> None:
     weights, _, _ = ultralytics_run
     result = run_with(None, EXE, weights, "-o", weights.parent / "never.safetensors")
-    assert result.returncode == 1
+    assert result.returncode == 1, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert (
         "its weights are a pickled model object (ema: ultralytics.nn.tasks.DetectionModel)" in result.stderr
@@ -442,7 +442,7 @@ def test_ultralytics_with_trust_pickle_and_no_package_names_it(
     ):
         TorchCheckpoint(weights / "epoch0.pt", trust_pickle=True)
     result = run_with(None, EXE, weights, "-o", weights.parent / "never.safetensors", "--trust-pickle")
-    assert result.returncode == 1
+    assert result.returncode == 1, result.stderr
     assert "module 'ultralytics', which is not installed here" in result.stderr
     assert "damaged" not in result.stderr
 

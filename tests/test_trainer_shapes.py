@@ -16,18 +16,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from typer.testing import CliRunner
 
+from cli_helpers import run_cli
 from ema_average.checkpoints import find_run
-from ema_average.cli.app import app
 from helpers import float64_reference
 from nanogpt_producer import GPT, GPTConfig, write_nanogpt_run
 
 
 def average(run: Path, output: Path, *args: str) -> str:
     """The command on ``run`` (decay 0.9) writing ``output``; its stderr (the plan and notices)."""
-    result = CliRunner().invoke(app, [str(run), "-o", str(output), "--decay", "0.9", *args])
-    assert result.exit_code == 0, result.output
+    result = run_cli(run, "-o", output, "--decay", "0.9", *args)
+    assert result.returncode == 0, result.stderr
     return result.stderr + result.stdout
 
 
@@ -361,8 +360,8 @@ def test_megatron_legacy_rank_folder_is_read_as_its_step(tmp_path: Path) -> None
 def test_megatron_tensor_parallel_ranks_are_refused_in_one_line_or_read_one_by_one(tmp_path: Path) -> None:
     run = tmp_path / "checkpoints"
     states = write_megatron_run(run, [100, 200], tp=2)
-    result = CliRunner().invoke(app, [str(run), "-o", str(tmp_path / "ema.safetensors")])
-    assert result.exit_code == 1
+    result = run_cli(run, "-o", tmp_path / "ema.safetensors")
+    assert result.returncode == 1, result.stderr
     line = result.stderr.strip()
     assert "\n" not in line and "holds 2 model-parallel ranks (mp_rank_00, mp_rank_01)" in line, line
     assert "--submodel mp_rank_00" in line

@@ -2,7 +2,8 @@
 
 Signal dispositions and malloc tuning belong to the process, so only the command's own process changes
 them (:func:`own`, run by the entry point): a host that calls the command in process (a test runner, a
-notebook) keeps its handlers, and :func:`ignore_interrupts` does nothing there. Each change goes through
+notebook) keeps its handlers, and :func:`ignore_interrupts` does nothing there. The command's warnings
+filters follow the same rule (:func:`owned`: for the process's life in its own, for the run in a host's). Each change goes through
 :func:`ema_average._platform.signals.settle`, which leaves no window for CPython's race.
 
 What Ctrl-C (SIGINT) and SIGTERM do, stage by stage, in one process:
@@ -40,7 +41,7 @@ from typing import NoReturn
 from ema_average._platform.libc import libc_call
 from ema_average._platform.signals import settle
 
-__all__ = ["ignore_interrupts", "ignore_sigterm", "own", "steady_malloc"]
+__all__ = ["ignore_interrupts", "ignore_sigterm", "own", "owned", "steady_malloc"]
 
 
 class _Process:
@@ -60,6 +61,12 @@ def own() -> None:
     if _process.owned:
         signal.signal(signal.SIGTERM, _terminate)
         steady_malloc()
+
+
+def owned() -> bool:
+    """Whether this is the command's own process (:func:`own` ran here), whose process-wide settings are
+    the command's to change for the rest of its life."""
+    return _process.owned
 
 
 def ignore_interrupts() -> None:

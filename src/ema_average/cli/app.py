@@ -38,6 +38,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     "split the work and write one file."
 )
 def average(
+    ctx: typer.Context,
     checkpoint_dir: opt.CheckpointDir,
     last: opt.Last = None,
     from_step: opt.FromStep = None,
@@ -80,7 +81,7 @@ def average(
     version: opt.Version = None,
 ) -> None:
     if not debug:
-        _only_our_warnings()
+        _only_our_warnings(ctx)
     try:
         from ema_average.offline.options import RunOptions
         from ema_average.offline.plan import (
@@ -256,9 +257,14 @@ def _watch(options: RunOptions, poll: float, quiet: bool) -> None:
             out.print("stopped watching")
 
 
-def _only_our_warnings() -> None:
+def _only_our_warnings(ctx: typer.Context) -> None:
     """Libraries' warnings (torch deprecations and the like) are not the user's business and would break
-    the one-line error promise; ours (--trust-pickle) are, one line each. --debug shows everything."""
+    the one-line error promise; ours (--trust-pickle) are, one line each. --debug shows everything.
+
+    In the command's own process this holds until it exits (its shutdown included); in a host's (a test
+    runner, a notebook) only while the command runs: the host's filters and ``showwarning`` come back."""
+    if not process.owned():
+        ctx.with_resource(warnings.catch_warnings())
     warnings.simplefilter("ignore")
     warnings.simplefilter("always", TrustPickleWarning)
 
