@@ -300,6 +300,7 @@ def run_command(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([EXE, *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.subprocess
 def test_a_lone_empty_tensor_is_averaged_and_written(tmp_path: Path) -> None:
     """A model may hold an empty buffer (its weights are all there): it is copied with its shape and dtype,
     the rest averaged as without it."""
@@ -350,6 +351,7 @@ def file_digests(folder: Path) -> dict[str, bytes]:
     [("ema_step250", []), ("ema_step300", ["--max-shard-size", "600B"])],
     ids=["one file, a step of the run", "sharded, a new step"],
 )
+@pytest.mark.subprocess
 def test_a_folder_output_inside_the_run_is_never_an_input(
     tmp_path: Path, shards: list[str], name: str
 ) -> None:
@@ -398,6 +400,7 @@ def write_ignite_run(folder: Path, epochs: int = 3, epoch_length: int = 5) -> li
     return states
 
 
+@pytest.mark.subprocess
 def test_ignite_epoch_named_files_are_read_at_their_iteration(tmp_path: Path) -> None:
     """ignite's ``checkpoint_3.pt`` holds ``trainer.iteration`` 15: the counter inside wins over the
     epoch in the name (steps 1, 2, 3 were used, unflagged), and the command averages at steps 5, 10, 15."""
@@ -484,6 +487,7 @@ def write_open_clip_run(folder: Path, epochs: int = 3) -> list[dict[str, torch.T
     return states
 
 
+@pytest.mark.subprocess
 def test_open_clip_epochs_count_from_1(tmp_path: Path) -> None:
     """open_clip's ``epoch_E.pt`` holds ``epoch`` = epochs completed (first file epoch_1): a count, flagged,
     that ``--step-every N`` makes E x N (it made (E + 1) x N, one epoch late), and the plan says so."""
@@ -557,6 +561,7 @@ def test_torchtnt_fit_folders_are_read_at_their_training_step(tmp_path: Path) ->
 # Selection before comparison (issue 17, item 1) --------------------------------------------------------
 
 
+@pytest.mark.subprocess
 def test_checkpoints_differing_only_in_excluded_tensors_make_one_run(tmp_path: Path) -> None:
     """``--exclude`` applies before checkpoints are compared: a tensor only step_2 has (an optimizer's, a
     model-only save beside full ones) is no mismatch once excluded; the output is the float64 average of the
@@ -697,6 +702,7 @@ def write_olmo_core_run(run: Path, steps: tuple[int, ...] = (2, 4, 6), ranks: in
     return saved
 
 
+@pytest.mark.subprocess
 def test_olmo_core_rank_files_are_trainer_state_not_checkpoints(tmp_path: Path) -> None:
     """``train/rank0.pt`` and ``train/rank1.pt`` (which hold a tensor: the RNG state) are neither taken as
     checkpoints nor make the run "checkpoints in 2 folders": each ``stepN/`` is one checkpoint, its model
@@ -739,6 +745,7 @@ def write_litgpt_pretrain_run(out: Path, steps: tuple[int, ...] = (4, 8, 12)) ->
     return states
 
 
+@pytest.mark.subprocess
 def test_litgpt_final_folder_is_skipped_with_a_notice(tmp_path: Path) -> None:
     """litgpt's ``final/`` beside its ``step-0000000N/`` folders is the final model (README: skipped with a
     notice), not a second folder of checkpoints; steps are ``step_count`` from inside each file."""
@@ -785,6 +792,7 @@ def write_litgpt_lora_run(out: Path, steps: tuple[int, ...] = (2, 4, 6)) -> list
     return states
 
 
+@pytest.mark.subprocess
 def test_litgpt_lora_adapters_are_the_checkpoints_and_named_in_the_plan(tmp_path: Path) -> None:
     """``lit_model.pth.lora`` (a torch file under litgpt's own suffix, safe-loaded) is what each step folder
     holds: read as the checkpoints, the plan naming them as litgpt LoRA adapters; ``final/`` (adapter and

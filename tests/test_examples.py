@@ -19,12 +19,13 @@ def examples_importable(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def script(name: str, *args: str | Path) -> str:
-    done = subprocess.run(
-        [sys.executable, str(EXAMPLES / name), *map(str, args)], capture_output=True, text=True, check=True
-    )
+    """The example run as a script; a failure shows what it printed to stderr (its traceback)."""
+    done = subprocess.run([sys.executable, str(EXAMPLES / name), *map(str, args)], capture_output=True, text=True)
+    assert done.returncode == 0, f"{name} exited {done.returncode}:\n{done.stderr[-5000:]}"
     return done.stdout
 
 
+@pytest.mark.subprocess
 def test_train_with_ema_runs_as_a_script() -> None:
     assert "test loss of its EMA" in script("train_with_ema.py", "--steps", "300")
 
@@ -37,6 +38,7 @@ def test_train_with_ema_average_beats_the_noisy_last_iterate() -> None:
     assert losses["ema"] < losses["raw"]
 
 
+@pytest.mark.subprocess
 def test_readme_main_job_flow(tmp_path: Path) -> None:
     run_dir = tmp_path / "example-run"
     assert "saved 20 checkpoints" in script("make_example_run.py", run_dir)
@@ -52,6 +54,7 @@ def test_readme_main_job_flow(tmp_path: Path) -> None:
     assert losses["average"] < losses["last"]
 
 
+@pytest.mark.subprocess
 def test_make_example_run_writes_pt_files_too(tmp_path: Path) -> None:
     script("make_example_run.py", tmp_path / "r", "--steps", "200", "--every", "100", "--format", "pt")
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["step_000100.pt", "step_000200.pt"]
@@ -66,11 +69,14 @@ def test_offline_vs_online_step_schedule_is_far_closer() -> None:
         assert row["step schedule"] < row["uniform"], (every, row)
 
 
+@pytest.mark.subprocess
 def test_offline_vs_online_runs_as_a_script() -> None:
     out = script("offline_vs_online.py", "--steps", "200", "--decay", "0.99", "--every", "50")
     assert "step schedule" in out and "relative distance to the online EMA" in out
 
 
+@pytest.mark.subprocess
+@pytest.mark.multiprocess
 def test_fsdp2_ema_trains_sharded_and_exports_one_file(tmp_path: Path) -> None:
     from safetensors.torch import load_file
     from tiny_regression import make_model, test_loss

@@ -86,6 +86,7 @@ DTENSOR_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.subprocess
 def test_sharded_dtensor_parameters_are_refused_at_start_with_one_line(tmp_path: Path) -> None:
     """What both callbacks call when training starts, on a real one-rank gloo group."""
     script = tmp_path / "dtensor.py"

@@ -280,6 +280,7 @@ def test_evaluate_both_is_refused_with_the_way_to_get_both() -> None:
         EMACallback(evaluate="both")
 
 
+@pytest.mark.subprocess
 def test_the_command_averages_the_callbacks_ema_folders_with_submodel_ema(tmp_path: Path) -> None:
     run, out = tmp_path / "run", tmp_path / "ema-of-ema.safetensors"
     train(run, [EMACallback(decay=DECAY)], max_steps=6, save_strategy="steps", save_steps=2)
@@ -352,6 +353,8 @@ with open(f"{out}/rank{rank}.json", "w") as f:
 """
 
 
+@pytest.mark.subprocess
+@pytest.mark.multiprocess
 def test_deepspeed_zero2_on_two_gloo_ranks_and_zero3_refused(tmp_path: Path) -> None:
     """The real Trainer with DeepSpeed on two CPU ranks (torchrun, gloo): under ZeRO-2 each rank's EMA is
     the float64 reference of its weights and equal across ranks; ZeRO-3 is refused with one line."""
@@ -453,6 +456,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.subprocess
 def test_fsdp2_sharded_parameters_are_refused_when_training_starts(tmp_path: Path) -> None:
     """FSDP2's DTensors (fully_shard on a real one-rank gloo group): the Trainer runs FSDP2 only on
     accelerators (accelerate drops the plugin on the CPU), where its ema/ save is untested, so one line."""

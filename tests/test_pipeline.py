@@ -471,6 +471,7 @@ def _default_interrupts() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_between_two_outputs_renames_leaves_both_new(tmp_path: Path, sig: signal.Signals) -> None:
     decays = [0.9, 0.99]
@@ -513,6 +514,7 @@ def _few_open_files() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
 
 
+@pytest.mark.subprocess
 def test_a_folder_of_200_shards_is_written_under_ulimit_n_64(tmp_path: Path) -> None:
     steps = [10, 20, 30]
     (tmp_path / "run").mkdir()

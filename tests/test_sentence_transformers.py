@@ -23,6 +23,8 @@ from ema_average.checkpoints import find_run
 from ema_average.cli.app import app
 from helpers import float64_reference, hf_offline
 
+pytestmark = pytest.mark.producers  # sentence-transformers' own Trainer writes the run
+
 STEPS = [2, 4, 6]
 DECAY = 0.9
 SENTENCES = ["a b c", "d e f g", "g a"]

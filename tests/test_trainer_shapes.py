@@ -250,6 +250,7 @@ def write_nemo_ema_run(folder: Path) -> Path:
     return write_lightning_run(folder, callbacks=[EMA()], checkpoint_class=NeMoModelCheckpoint)
 
 
+@pytest.mark.producers
 def test_nemo_ema_sibling_files_are_skipped_or_chosen(tmp_path: Path) -> None:
     run = write_nemo_ema_run(tmp_path / "run")
     raw = sorted(run.glob("*=?.ckpt")) + sorted(run.glob("*=??.ckpt"))

@@ -151,6 +151,7 @@ def test_watch_keeps_one_average(tmp_path: Path) -> None:
         watch(RunOptions(tmp_path, settings=sweep), poll=1.0, on_refresh=print, on_notice=print)
 
 
+@pytest.mark.subprocess
 def test_watch_command_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     # Synchronised on what the command prints (a refresh per line), never on the clock; the child starts
     # with Ctrl-C at its default, whatever the launcher of the test run ignored.
