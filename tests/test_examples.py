@@ -20,7 +20,9 @@ def examples_importable(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def script(name: str, *args: str | Path) -> str:
     """The example run as a script; a failure shows what it printed to stderr (its traceback)."""
-    done = subprocess.run([sys.executable, str(EXAMPLES / name), *map(str, args)], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *map(str, args)], capture_output=True, text=True
+    )
     assert done.returncode == 0, f"{name} exited {done.returncode}:\n{done.stderr[-5000:]}"
     return done.stdout
 
