@@ -34,6 +34,9 @@ PRODUCER_PACKAGES = (
     "peft",
     "diffusers",
     "deepspeed",
+    "sentence-transformers",
+    "datasets",
+    "tokenizers",
     "safetensors",
     "numpy",
 )
@@ -49,24 +52,31 @@ def _version(package: str) -> str | None:
         return None
 
 
-def cache_key(name: str) -> str:
-    """What the files written for ``name`` depend on, hashed."""
+def cache_key(name: str, sources: tuple[str, ...] = ()) -> str:
+    """What the files written for ``name`` depend on, hashed (``sources``: more test files, beside tests/)."""
     facts = {
         "name": name,
         "python": platform.python_version(),
         "packages": {package: _version(package) for package in PRODUCER_PACKAGES},
         "sources": {
-            source: hashlib.sha256((HERE / source).read_bytes()).hexdigest() for source in PRODUCER_SOURCES
+            source: hashlib.sha256((HERE / source).read_bytes()).hexdigest()
+            for source in (*PRODUCER_SOURCES, *sources)
         },
     }
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def produced(
-    config: pytest.Config, tmp_path_factory: pytest.TempPathFactory, name: str, write: Callable[[Path], None]
+    config: pytest.Config,
+    tmp_path_factory: pytest.TempPathFactory,
+    name: str,
+    write: Callable[[Path], object],
+    sources: tuple[str, ...] = (),
 ) -> Path:
     """A fresh copy of what ``write(folder)`` writes into an empty ``folder``, from the cache when an entry
-    for the current versions is there, else written (once, whoever holds the lock) and cached."""
+    for the current versions is there, else written (once, whoever holds the lock) and cached. ``write``
+    must be a producer alone (no code of ema-average decides what it writes: the key does not see src/);
+    ``sources``: the test files beside this one it is defined in, besides the shared ones."""
     copy = tmp_path_factory.mktemp(name) / "tree"
     cache = getattr(config, "cache", None)
     if cache is None:  # -p no:cacheprovider: nothing kept
@@ -74,7 +84,7 @@ def produced(
         write(copy)
         return copy
     root = cache.mkdir("ema-producers")
-    entry = root / f"{name}-{cache_key(name)}"
+    entry = root / f"{name}-{cache_key(name, sources)}"
     with FileLock(str(root / f"{entry.name}.lock")):
         if not entry.is_dir():
             _write_entry(root, entry, write)
@@ -82,7 +92,7 @@ def produced(
     return copy
 
 
-def _write_entry(root: Path, entry: Path, write: Callable[[Path], None]) -> None:
+def _write_entry(root: Path, entry: Path, write: Callable[[Path], object]) -> None:
     """``write`` into a temporary beside ``entry``, renamed to it when complete; older entries of the same
     producer (other versions) are removed, so the cache holds one entry per producer."""
     staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{entry.name}-"))
