@@ -261,6 +261,7 @@ def test_a_deep_unrelated_folder_does_not_stop_the_run(tmp_path: Path, deep: Dee
     assert run.notices == []
 
 
+@pytest.mark.slow
 def test_a_weight_file_deep_down_is_still_found(tmp_path: Path, deep: DeepFolder) -> None:
     deepest = deep(tmp_path, 1100, "d")
     write_safetensors_run(deepest, [3, 4])

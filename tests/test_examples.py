@@ -32,6 +32,7 @@ def test_train_with_ema_runs_as_a_script() -> None:
     assert "test loss of its EMA" in script("train_with_ema.py", "--steps", "300")
 
 
+@pytest.mark.slow
 def test_train_with_ema_average_beats_the_noisy_last_iterate() -> None:
     # On a noisy target with a large constant learning rate, the average of late iterates generalises
     # better than the last one: the reason people keep an EMA at all.
@@ -62,6 +63,7 @@ def test_make_example_run_writes_pt_files_too(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["step_000100.pt", "step_000200.pt"]
 
 
+@pytest.mark.slow
 def test_offline_vs_online_step_schedule_is_far_closer() -> None:
     results = runpy.run_path(str(EXAMPLES / "offline_vs_online.py"))["main"](
         steps=600, decay=0.99, everies=(10, 100)
@@ -92,6 +94,7 @@ def test_fsdp2_ema_trains_sharded_and_exports_one_file(tmp_path: Path) -> None:
     assert float(losses["test loss of its EMA"]) < float(losses["test loss of the trained model"])
 
 
+@pytest.mark.slow
 def test_train_lightning_ema_validates_the_ema_and_it_beats_the_raw_weights(tmp_path: Path) -> None:
     pytest.importorskip("lightning")
     import torch

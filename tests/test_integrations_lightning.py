@@ -245,6 +245,7 @@ def ckpt_trainer(folder: Path, callbacks: list[L.Callback], max_epochs: int) -> 
     return trainer([*callbacks, saver], max_epochs=max_epochs, enable_checkpointing=True)
 
 
+@pytest.mark.slow
 def test_stop_and_resume_gives_the_uninterrupted_ema_bit_for_bit(tmp_path: Path) -> None:
     whole = EMACallback(decay=DECAY)
     net_whole = model()

@@ -186,6 +186,7 @@ def assert_is_reference(output: Path, states: dict[int, dict[str, torch.Tensor]]
             torch.testing.assert_close(out[name].double(), tensor, rtol=2e-6, atol=2e-7)
 
 
+@pytest.mark.subprocess
 def test_mmengine_file_names_its_objects_and_getattr(mmengine_run: tuple[Path, dict]) -> None:
     # What the test relies on: the Runner's file pickles mmengine's class and getattr(HistoryBuffer, 'min').
     names = set(torch.serialization.get_unsafe_globals_in_checkpoint(mmengine_run[0] / "iter_4.pth"))
@@ -219,6 +220,7 @@ def test_mmengine_with_trust_pickle_and_no_package_is_not_damaged(
     assert_is_reference(out, states, 0.9)
 
 
+@pytest.mark.subprocess
 def test_objects_inside_placeholders_are_not_weights(mmengine_run: tuple[Path, dict]) -> None:
     ckpt = TorchCheckpoint(mmengine_run[0] / "iter_8.pth")
     assert ckpt.state_dict_key == "state_dict"

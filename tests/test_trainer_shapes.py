@@ -52,6 +52,7 @@ def nanogpt_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[in
     return out, states
 
 
+@pytest.mark.slow
 def test_nanogpt_file_holds_a_metric_beside_a_compiled_model(nanogpt_run: tuple[Path, dict]) -> None:
     out, _ = nanogpt_run
     saved = torch.load(out / "iter_4" / "ckpt.pt", weights_only=True)
@@ -60,6 +61,7 @@ def test_nanogpt_file_holds_a_metric_beside_a_compiled_model(nanogpt_run: tuple[
     assert not next(iter(torch.load(out / "iter_2" / "ckpt.pt", weights_only=True)["model"])).startswith("_")
 
 
+@pytest.mark.slow
 def test_nanogpt_run_averages_the_model_and_loads_into_gpt(
     nanogpt_run: tuple[Path, dict], tmp_path: Path
 ) -> None:

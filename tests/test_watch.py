@@ -278,6 +278,7 @@ def test_watch_averages_again_when_an_averaged_checkpoint_is_rewritten(tmp_path:
     assert all(torch.allclose(live[n].double(), reference[n], rtol=1e-6, atol=1e-7) for n in reference)
 
 
+@pytest.mark.slow
 def test_a_folder_checkpoint_with_a_deep_tree_inside_is_watched(tmp_path: Path) -> None:
     # Path.rglob recurses before Python 3.12: 1,200 levels inside a checkpoint folder was a RecursionError.
     from ema_average.offline.watch import snapshot
