@@ -83,6 +83,7 @@ def _nearest_update(shadow: torch.Tensor | None, v: torch.Tensor) -> torch.Tenso
     return torch.lerp(shadow.float(), v, 1 - DECAY).bfloat16()
 
 
+@pytest.mark.slow
 def test_bfloat16_average_is_unbiased_within_the_stochastic_rounding_bound() -> None:
     shadow, reference, bound = _run(_engine_update())
     assert shadow.dtype == torch.bfloat16 and shadow.element_size() == 2

@@ -259,6 +259,7 @@ def test_damaged_data_is_one_error_naming_the_file(tmp_path: Path, damage: str) 
     assert re.search(problem, message)
 
 
+@pytest.mark.subprocess
 def test_damaged_step_tensor_under_dry_run_is_one_line(tmp_path: Path) -> None:
     for step in (1, 2):
         save_dcp(tmp_path / f"save_{step}", {"model": dict(make_state(step)), "step": torch.tensor(step)})

@@ -102,6 +102,7 @@ except CheckpointError as exc:
 """
 
 
+@pytest.mark.subprocess
 def test_a_deflate_bomb_in_a_tensor_item_is_refused_before_it_is_unpacked(tmp_path: Path) -> None:
     """A tensor item viewing 16 floats of a 256 MiB storage of zeros, compressed to about 250 KB:
     refused from the archive's directory, under an address-space limit of 128 MiB more than the child

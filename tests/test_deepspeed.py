@@ -32,6 +32,8 @@ from ema_average.offline.plan import AverageSettings
 from ema_average.offline.run import average_checkpoints
 from helpers import DEEPSPEED_RUNS, assert_matches_reference, float64_reference
 
+pytestmark = [pytest.mark.producers, pytest.mark.multiprocess]  # real DeepSpeed ranks write the inputs
+
 pytest.importorskip("deepspeed")
 
 VARIANTS = [(world, v) for world, variants in DEEPSPEED_RUNS.items() for v in variants]
@@ -536,6 +538,7 @@ def _limits() -> None:
     ],
     ids=["zero2-1e8", "zero2-1e9", "zero3-2**62"],
 )
+@pytest.mark.subprocess
 def test_huge_partition_count_is_refused_before_anything_is_built(
     deepspeed_runs: Path, tmp_path: Path, variant: str, file: str, count: Any, args: tuple[str, ...]
 ) -> None:
@@ -591,6 +594,7 @@ except CheckpointError as exc:
     ],
     ids=["module", "fp32-partition", "zero3-frozen-fragment"],
 )
+@pytest.mark.subprocess
 def test_a_file_cut_short_while_it_is_read_is_an_error_not_a_sigbus(
     deepspeed_runs: Path, tmp_path: Path, world: int, variant: str, submodel: str, cut: str
 ) -> None:

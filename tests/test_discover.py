@@ -260,6 +260,7 @@ def test_a_deep_unrelated_folder_does_not_stop_the_run(tmp_path: Path, deep: Dee
     assert run.notices == []
 
 
+@pytest.mark.slow
 def test_a_weight_file_deep_down_is_still_found(tmp_path: Path, deep: DeepFolder) -> None:
     deepest = deep(tmp_path, 1100, "d")
     write_safetensors_run(deepest, [3, 4])
@@ -342,6 +343,7 @@ def file_digests(folder: Path) -> dict[str, bytes]:
     [("ema_step250", []), ("ema_step300", ["--max-shard-size", "600B"])],
     ids=["one file, a step of the run", "sharded, a new step"],
 )
+@pytest.mark.subprocess
 def test_a_folder_output_inside_the_run_is_never_an_input(
     tmp_path: Path, shards: list[str], name: str
 ) -> None:
@@ -390,6 +392,7 @@ def write_ignite_run(folder: Path, epochs: int = 3, epoch_length: int = 5) -> li
     return states
 
 
+@pytest.mark.subprocess
 def test_ignite_epoch_named_files_are_read_at_their_iteration(tmp_path: Path) -> None:
     """ignite's ``checkpoint_3.pt`` holds ``trainer.iteration`` 15: the counter inside wins over the
     epoch in the name (steps 1, 2, 3 were used, unflagged), and the command averages at steps 5, 10, 15."""
@@ -476,6 +479,7 @@ def write_open_clip_run(folder: Path, epochs: int = 3) -> list[dict[str, torch.T
     return states
 
 
+@pytest.mark.subprocess
 def test_open_clip_epochs_count_from_1(tmp_path: Path) -> None:
     """open_clip's ``epoch_E.pt`` holds ``epoch`` = epochs completed (first file epoch_1): a count, flagged,
     that ``--step-every N`` makes E x N (it made (E + 1) x N, one epoch late), and the plan says so."""
@@ -549,6 +553,7 @@ def test_torchtnt_fit_folders_are_read_at_their_training_step(tmp_path: Path) ->
 # Selection before comparison (issue 17, item 1) --------------------------------------------------------
 
 
+@pytest.mark.subprocess
 def test_checkpoints_differing_only_in_excluded_tensors_make_one_run(tmp_path: Path) -> None:
     """``--exclude`` applies before checkpoints are compared: a tensor only step_2 has (an optimizer's, a
     model-only save beside full ones) is no mismatch once excluded; the output is the float64 average of the
@@ -689,6 +694,7 @@ def write_olmo_core_run(run: Path, steps: tuple[int, ...] = (2, 4, 6), ranks: in
     return saved
 
 
+@pytest.mark.subprocess
 def test_olmo_core_rank_files_are_trainer_state_not_checkpoints(tmp_path: Path) -> None:
     """``train/rank0.pt`` and ``train/rank1.pt`` (which hold a tensor: the RNG state) are neither taken as
     checkpoints nor make the run "checkpoints in 2 folders": each ``stepN/`` is one checkpoint, its model
@@ -731,6 +737,7 @@ def write_litgpt_pretrain_run(out: Path, steps: tuple[int, ...] = (4, 8, 12)) ->
     return states
 
 
+@pytest.mark.subprocess
 def test_litgpt_final_folder_is_skipped_with_a_notice(tmp_path: Path) -> None:
     """litgpt's ``final/`` beside its ``step-0000000N/`` folders is the final model (README: skipped with a
     notice), not a second folder of checkpoints; steps are ``step_count`` from inside each file."""
@@ -777,6 +784,7 @@ def write_litgpt_lora_run(out: Path, steps: tuple[int, ...] = (2, 4, 6)) -> list
     return states
 
 
+@pytest.mark.subprocess
 def test_litgpt_lora_adapters_are_the_checkpoints_and_named_in_the_plan(tmp_path: Path) -> None:
     """``lit_model.pth.lora`` (a torch file under litgpt's own suffix, safe-loaded) is what each step folder
     holds: read as the checkpoints, the plan naming them as litgpt LoRA adapters; ``final/`` (adapter and

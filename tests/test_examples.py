@@ -19,19 +19,20 @@ def examples_importable(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def script(name: str, *args: str | Path) -> str:
-    """The example run as a script; its stdout, or a failure showing its stderr (``check=True`` showed only
-    the exit status)."""
+    """The example run as a script; a failure shows what it printed to stderr (its traceback)."""
     done = subprocess.run(
         [sys.executable, str(EXAMPLES / name), *map(str, args)], capture_output=True, text=True
     )
-    assert done.returncode == 0, f"{name} exited {done.returncode}: {done.stderr}"
+    assert done.returncode == 0, f"{name} exited {done.returncode}:\n{done.stderr[-5000:]}"
     return done.stdout
 
 
+@pytest.mark.subprocess
 def test_train_with_ema_runs_as_a_script() -> None:
     assert "test loss of its EMA" in script("train_with_ema.py", "--steps", "300")
 
 
+@pytest.mark.slow
 def test_train_with_ema_average_beats_the_noisy_last_iterate() -> None:
     # On a noisy target with a large constant learning rate, the average of late iterates generalises
     # better than the last one: the reason people keep an EMA at all.
@@ -40,6 +41,7 @@ def test_train_with_ema_average_beats_the_noisy_last_iterate() -> None:
     assert losses["ema"] < losses["raw"]
 
 
+@pytest.mark.subprocess
 def test_readme_main_job_flow(tmp_path: Path) -> None:
     run_dir = tmp_path / "example-run"
     assert "saved 20 checkpoints" in script("make_example_run.py", run_dir)
@@ -55,11 +57,13 @@ def test_readme_main_job_flow(tmp_path: Path) -> None:
     assert losses["average"] < losses["last"]
 
 
+@pytest.mark.subprocess
 def test_make_example_run_writes_pt_files_too(tmp_path: Path) -> None:
     script("make_example_run.py", tmp_path / "r", "--steps", "200", "--every", "100", "--format", "pt")
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["step_000100.pt", "step_000200.pt"]
 
 
+@pytest.mark.slow
 def test_offline_vs_online_step_schedule_is_far_closer() -> None:
     results = runpy.run_path(str(EXAMPLES / "offline_vs_online.py"))["main"](
         steps=600, decay=0.99, everies=(10, 100)
@@ -69,11 +73,14 @@ def test_offline_vs_online_step_schedule_is_far_closer() -> None:
         assert row["step schedule"] < row["uniform"], (every, row)
 
 
+@pytest.mark.subprocess
 def test_offline_vs_online_runs_as_a_script() -> None:
     out = script("offline_vs_online.py", "--steps", "200", "--decay", "0.99", "--every", "50")
     assert "step schedule" in out and "relative distance to the online EMA" in out
 
 
+@pytest.mark.subprocess
+@pytest.mark.multiprocess
 def test_fsdp2_ema_trains_sharded_and_exports_one_file(tmp_path: Path) -> None:
     from safetensors.torch import load_file
     from tiny_regression import make_model, test_loss
@@ -87,6 +94,7 @@ def test_fsdp2_ema_trains_sharded_and_exports_one_file(tmp_path: Path) -> None:
     assert float(losses["test loss of its EMA"]) < float(losses["test loss of the trained model"])
 
 
+@pytest.mark.slow
 def test_train_lightning_ema_validates_the_ema_and_it_beats_the_raw_weights(tmp_path: Path) -> None:
     pytest.importorskip("lightning")
     import torch

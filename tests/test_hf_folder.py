@@ -197,6 +197,7 @@ def test_a_trainer_state_giving_no_step_is_said_in_the_plan(tmp_path: Path, stat
     ]
 
 
+@pytest.mark.subprocess
 def test_the_command_prints_that_note(tmp_path: Path) -> None:
     run_with_trainer_state(tmp_path / "run", "[3, 6]")
     exe = str(Path(sys.executable).parent / "ema-average")

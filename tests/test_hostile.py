@@ -1,8 +1,9 @@
 """The command against every class of hostile input, as a table (issue: keep every promise docs/promises.md makes).
 
-Each case builds a run folder (and a previous output at ``-o``), runs the installed ``ema-average`` in a
-child process under address-space and file-size limits (so a regression fails instead of exhausting the
-machine), and asserts: the exit code, exactly one error line naming the right file, no traceback, nothing
+Each case builds a run folder (and a previous output at ``-o``); one child process, under address-space, CPU
+and file-size limits (so a regression fails instead of exhausting the machine), runs the command's entry point
+on every case in turn (tests/hostile_child.py) and reports each result as a JSON line. Each case is still its
+own test, asserting: the exit code, exactly one error line naming the right file, no traceback, nothing
 written, every file (inputs and the previous output) byte-identical, and no payload marker created.
 """
 
@@ -21,16 +22,22 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import save_file
+from typer.testing import CliRunner
 
+from ema_average.cli.app import app
 from helpers import WritesMarker, make_state, write_safetensors_run
 
-EXE = str(Path(sys.executable).parent / "ema-average")
+pytestmark = pytest.mark.subprocess
+
 LIMIT_AS = 6 * 2**30  # torch maps ~0.7 GiB at import; a run over tiny inputs needs far less than this
 LIMIT_FSIZE = 64 * 2**20
+LIMIT_CPU = 600  # CPU seconds for the whole table, all cases together (a runaway case stops here)
+CHILD_TIMEOUT = 900
 PREVIOUS = b"the previous output, which a failed run must leave as it was"
 
 
@@ -44,8 +51,10 @@ class Case:
 
 
 def _limits() -> None:
+    """Set once in the child that runs every case: a regression fails there instead of exhausting the machine."""
     resource.setrlimit(resource.RLIMIT_AS, (LIMIT_AS, LIMIT_AS))
     resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT_FSIZE, LIMIT_FSIZE))
+    resource.setrlimit(resource.RLIMIT_CPU, (LIMIT_CPU, LIMIT_CPU))
 
 
 def files_digest(root: Path) -> dict[str, str]:
@@ -231,8 +240,8 @@ def edited_resume(edit: dict[str, str]) -> Callable[[Path, Path], tuple[list[str
     def build(run: Path, tmp: Path) -> tuple[list[str], Path]:
         good_run(run)
         earlier = tmp / "earlier.safetensors"
-        result = subprocess.run([EXE, str(run), "-o", str(earlier), "-q"], capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr
+        result = CliRunner().invoke(app, [str(run), "-o", str(earlier), "-q"])  # in process: an honest run
+        assert result.exit_code == 0, result.output
         from safetensors import safe_open
         from safetensors.torch import load_file
 
@@ -524,26 +533,8 @@ CASES.update(
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_hostile_input(tmp_path: Path, name: str) -> None:
-    case = CASES[name]
-    run = tmp_path / "run"
-    args, culprit = case.build(run, tmp_path)
-    output = tmp_path / "ema.safetensors"
-    if "-o" not in args:
-        output.write_bytes(PREVIOUS)
-        args = [*args, "-o", str(output), "--overwrite"]
-    before = files_digest(tmp_path)
-    result = subprocess.run(
-        [EXE, str(run), *args], capture_output=True, text=True, timeout=120, preexec_fn=_limits
-    )
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == case.exit_code, result.stderr
-    assert len(lines) == 1 and lines[0].startswith("ema-average: error: "), result.stderr
-    assert "Traceback" not in result.stderr
-    assert str(culprit) in lines[0], lines[0]
-    assert case.expected in lines[0], lines[0]
-    assert files_digest(tmp_path) == before  # nothing written, nothing changed, the previous output intact
-    assert not (tmp_path / "pwned").exists()
+def test_hostile_input(hostile_outcomes: dict[str, Outcome], name: str) -> None:
+    check(hostile_outcomes[name])
 
 
 # --- issue 24: folder outputs, and the paths a sentence-transformers modules.json names ---------------------
@@ -633,6 +624,107 @@ OUTPUT_CASES: dict[str, Case] = {
 
 
 @pytest.mark.parametrize("name", list(OUTPUT_CASES))
-def test_hostile_folder_input(tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(CASES, name, OUTPUT_CASES[name])
-    test_hostile_input(tmp_path, name)
+def test_hostile_folder_input(hostile_outcomes: dict[str, Outcome], name: str) -> None:
+    check(hostile_outcomes[name])
+
+
+# --- every case in one child ------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """One case: its folder (``tmp``), what its files were before the command ran, and the command's result
+    (``None`` where the child ended before reporting it)."""
+
+    case: Case
+    tmp: Path
+    culprit: Path
+    before: dict[str, str]
+    result: dict[str, Any] | None = None
+    child_stderr: str = ""
+    build_error: BaseException | None = None
+
+
+def check(outcome: Outcome) -> None:
+    """The promise for one case: its exit code, exactly one error line naming the culprit and saying what is
+    wrong, no traceback, nothing written or changed (the previous output intact), no payload run."""
+    if outcome.build_error is not None:
+        raise outcome.build_error
+    result = outcome.result
+    assert result is not None, f"the child ended before this case reported:\n{outcome.child_stderr}"
+    stderr = result["stderr"]
+    lines = stderr.strip().splitlines()
+    assert result["code"] == outcome.case.exit_code, stderr
+    assert len(lines) == 1 and lines[0].startswith("ema-average: error: "), stderr
+    assert "Traceback" not in stderr
+    assert str(outcome.culprit) in lines[0], lines[0]
+    assert outcome.case.expected in lines[0], lines[0]
+    assert files_digest(outcome.tmp) == outcome.before  # nothing written, nothing changed
+    assert not (outcome.tmp / "pwned").exists()
+
+
+def prepare(case: Case, tmp: Path) -> tuple[list[str], Outcome]:
+    """Builds the case's run (and a previous output at ``-o``) in ``tmp``: the command's arguments and the
+    outcome to fill."""
+    run = tmp / "run"
+    args, culprit = case.build(run, tmp)
+    output = tmp / "ema.safetensors"
+    if "-o" not in args:
+        output.write_bytes(PREVIOUS)
+        args = [*args, "-o", str(output), "--overwrite"]
+    return [str(run), *args], Outcome(case, tmp, culprit, files_digest(tmp))
+
+
+def selected_cases(session: pytest.Session) -> list[str]:
+    """The cases this session runs (all of them, or those ``-k`` or a node id picked)."""
+    names = []
+    for item in session.items:
+        module = getattr(item, "module", None)
+        if module is not None and module.__name__ == __name__ and hasattr(item, "callspec"):
+            names.append(item.callspec.params["name"])
+    return names
+
+
+@pytest.fixture(scope="module")
+def hostile_outcomes(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Outcome]:
+    """Every selected case built here, then run by one child (tests/hostile_child.py) under the limits set
+    once: one Python start and one torch import for the whole table."""
+    every = CASES | OUTPUT_CASES
+    plan, outcomes = [], {}
+    for name in selected_cases(request.session):
+        tmp = tmp_path_factory.mktemp("hostile")
+        try:
+            argv, outcomes[name] = prepare(every[name], tmp)
+        except Exception as exc:  # this case's test fails on it, the others run
+            outcomes[name] = Outcome(every[name], tmp, tmp, {}, build_error=exc)
+            continue
+        plan.append({"name": name, "argv": argv})
+    work = tmp_path_factory.mktemp("hostile-child")
+    (work / "plan.json").write_text(json.dumps(plan))
+    results = work / "results.jsonl"
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("hostile_child.py")),
+            str(work / "plan.json"),
+            str(results),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_limits,
+    )
+    try:
+        _, stderr = child.communicate(timeout=CHILD_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        _, stderr = child.communicate()
+        stderr = f"killed after {CHILD_TIMEOUT} s\n{stderr}"
+    reported = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    for result in reported:
+        outcomes[result["name"]].result = result
+    for outcome in outcomes.values():
+        outcome.child_stderr = f"exit {child.returncode}\n{stderr[-5000:]}"
+    return outcomes

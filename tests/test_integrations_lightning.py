@@ -246,6 +246,7 @@ def ckpt_trainer(folder: Path, callbacks: list[L.Callback], max_epochs: int) -> 
     return trainer([*callbacks, saver], max_epochs=max_epochs, enable_checkpointing=True)
 
 
+@pytest.mark.slow
 def test_stop_and_resume_gives_the_uninterrupted_ema_bit_for_bit(tmp_path: Path) -> None:
     whole = EMACallback(decay=DECAY)
     net_whole = model()
@@ -360,6 +361,8 @@ DDP_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.subprocess
+@pytest.mark.multiprocess
 def test_ddp_two_gloo_ranks_keep_equal_averages(tmp_path: Path) -> None:
     """Lightning's own DDP launcher (it starts rank 1 by running the script again) on two CPU processes."""
     run_lightning_script(tmp_path, "ddp_ema.py", DDP_SCRIPT)
@@ -416,6 +419,7 @@ def assert_averages_the_ema_copies(out: Path, states: list[dict[str, torch.Tenso
     )  # the latest
 
 
+@pytest.mark.subprocess
 def test_the_command_names_and_averages_the_ema_in_lightning_ckpts(tmp_path: Path) -> None:
     states = lightning_ema_run(tmp_path / "run")
     plan = run_cli(tmp_path / "run", "--dry-run")
@@ -426,6 +430,7 @@ def test_the_command_names_and_averages_the_ema_in_lightning_ckpts(tmp_path: Pat
     assert_averages_the_ema_copies(tmp_path / "out.safetensors", states)
 
 
+@pytest.mark.subprocess
 def test_submodel_ema_reads_the_ema_in_lightning_ckpts(tmp_path: Path) -> None:
     states = lightning_ema_run(tmp_path / "run")
     done = command_average(tmp_path / "run", tmp_path / "out.safetensors", "--submodel", "ema")
@@ -454,6 +459,7 @@ FSDP1_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.subprocess
 def test_fsdp_flat_parameters_are_refused_at_start_with_one_line(tmp_path: Path) -> None:
     """FSDP's (the first's) flat parameters, on a real one-rank gloo group."""
     script = tmp_path / "fsdp1.py"
@@ -578,6 +584,8 @@ def fsdp2_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dic
     return folder, [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
 
+@pytest.mark.subprocess
+@pytest.mark.multiprocess
 def test_fsdp2_keeps_shard_local_averages_equal_to_a_float64_reference(
     fsdp2_runs: tuple[Path, list[dict[str, Any]]],
 ) -> None:
@@ -597,6 +605,8 @@ def test_fsdp2_keeps_shard_local_averages_equal_to_a_float64_reference(
     )
 
 
+@pytest.mark.subprocess
+@pytest.mark.multiprocess
 def test_fsdp2_validation_sees_the_averages_and_training_goes_on_from_the_raw_weights(
     fsdp2_runs: tuple[Path, list[dict[str, Any]]],
 ) -> None:
@@ -621,6 +631,8 @@ def test_fsdp2_validation_sees_the_averages_and_training_goes_on_from_the_raw_we
     assert abs(loss(record["whole"]) - loss(record["weights"][-1])) > 1e-3  # the two are told apart
 
 
+@pytest.mark.subprocess
+@pytest.mark.multiprocess
 def test_fsdp2_stop_and_resume_gives_the_uninterrupted_shards_bit_for_bit(
     fsdp2_runs: tuple[Path, list[dict[str, Any]]],
 ) -> None:
@@ -636,6 +648,8 @@ def test_fsdp2_stop_and_resume_gives_the_uninterrupted_shards_bit_for_bit(
             assert torch.equal(record["from_full_shards"][name], shard), name
 
 
+@pytest.mark.subprocess
+@pytest.mark.multiprocess
 def test_fsdp2_with_save_distributed_checkpoint_false_the_ckpt_holds_the_gathered_averages(
     fsdp2_runs: tuple[Path, list[dict[str, Any]]],
 ) -> None:
@@ -648,6 +662,8 @@ def test_fsdp2_with_save_distributed_checkpoint_false_the_ckpt_holds_the_gathere
         assert torch.equal(saved[name].double(), tensor), name
 
 
+@pytest.mark.subprocess
+@pytest.mark.multiprocess
 def test_fsdp2_dcp_folder_holds_the_averages_the_command_reads(
     fsdp2_runs: tuple[Path, list[dict[str, Any]]], tmp_path: Path
 ) -> None:
@@ -664,6 +680,8 @@ def test_fsdp2_dcp_folder_holds_the_averages_the_command_reads(
     )
 
 
+@pytest.mark.subprocess
+@pytest.mark.multiprocess
 def test_fsdp2_submodel_ema_reads_the_averages_in_the_dcp_folders(
     fsdp2_runs: tuple[Path, list[dict[str, Any]]], tmp_path: Path
 ) -> None:

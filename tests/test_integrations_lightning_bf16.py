@@ -84,6 +84,7 @@ def test_bf16_ema_stays_within_the_stochastic_rounding_bound_of_the_float32_one(
     assert error.pow(2).mean() <= 1.1 * bound.mean()
 
 
+@pytest.mark.slow
 def test_stop_and_resume_gives_the_uninterrupted_bf16_ema_bit_for_bit(tmp_path: Path) -> None:
     bf16 = torch.bfloat16
     whole = EMACallback(decay=0.9, average_dtype=bf16)

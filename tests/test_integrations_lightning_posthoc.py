@@ -25,6 +25,7 @@ from test_integrations_lightning import Recorder, _free_port, ckpt_trainer, fit,
 WIDTHS = (0.05, 0.1)
 
 
+@pytest.mark.slow
 def test_snapshots_are_power_emas_reconstructed_and_leave_training_untouched(tmp_path: Path) -> None:
     run, recorder = tmp_path / "run", Recorder()
     fit(ckpt_trainer(run, [recorder, EMACallback(decay=0.9, posthoc_every=4)], max_epochs=2), model())
@@ -40,6 +41,7 @@ def test_snapshots_are_power_emas_reconstructed_and_leave_training_untouched(tmp
     assert_reconstructs(run, folder, 0.07, tmp_path / "sigma0.07.safetensors")
 
 
+@pytest.mark.slow
 def test_resume_writes_the_uninterrupted_runs_snapshots_bit_for_bit(tmp_path: Path) -> None:
     fit(ckpt_trainer(tmp_path / "whole", [EMACallback(decay=0.9, posthoc_every=4)], max_epochs=4), model())
     parts = tmp_path / "parts"
@@ -86,6 +88,7 @@ DTENSOR_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.subprocess
 def test_sharded_dtensor_parameters_are_refused_at_start_with_one_line(tmp_path: Path) -> None:
     """What both callbacks call when training starts, on a real one-rank gloo group."""
     script = tmp_path / "dtensor.py"

@@ -125,6 +125,7 @@ def test_ema_equals_float64_reference_of_every_optimizer_step(tmp_path: Path) ->
     assert_close_to(ema.moving_average.averages(), reference(recorder))
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_updates_once_per_optimizer_step(tmp_path: Path) -> None:
     ema, recorder = EMACallback(decay=DECAY), Recorder()
     train(tmp_path, [recorder, ema], max_steps=3, gradient_accumulation_steps=4)  # 12 batches, 3 steps
@@ -149,6 +150,7 @@ def eval_loss_of(weights: dict[str, torch.Tensor], data: torch.utils.data.Datase
     [(False, "no"), (True, "no"), (False, "steps")],
     ids=["one-dataset", "dict-of-datasets", "saving-after-evaluating"],
 )
+@pytest.mark.slow
 def test_evaluations_while_training_see_the_averages_and_training_goes_on_from_raw_weights(
     tmp_path: Path, named: bool, save: str
 ) -> None:
@@ -178,6 +180,7 @@ def test_evaluations_while_training_see_the_averages_and_training_goes_on_from_r
                 assert torch.equal(saved[name].double(), tensor), name
 
 
+@pytest.mark.slow
 def test_an_epoch_end_save_after_a_step_evaluation_saves_the_training_weights(tmp_path: Path) -> None:
     """Step 8 ends the epoch: evaluated on the EMA at the step's end, saved at the epoch's end."""
     ema, recorder = EMACallback(decay=DECAY), Recorder()
@@ -190,6 +193,7 @@ def test_an_epoch_end_save_after_a_step_evaluation_saves_the_training_weights(tm
     assert (tmp_path / "checkpoint-8" / "ema" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_evaluate_raw_leaves_the_trainer_evaluating_training_weights(tmp_path: Path) -> None:
     ema, recorder = EMACallback(decay=DECAY, evaluate="raw"), Recorder()
     held_out = Tokens(8, offset=1000)
@@ -200,6 +204,7 @@ def test_evaluate_raw_leaves_the_trainer_evaluating_training_weights(tmp_path: P
     assert loss == pytest.approx(eval_loss_of(recorder.weights[3], held_out, tmp_path / "c"), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_each_checkpoint_holds_an_ema_folder_that_from_pretrained_loads(tmp_path: Path) -> None:
     ema, recorder = EMACallback(decay=DECAY), Recorder()
     train(tmp_path, [recorder, ema], max_steps=6, save_strategy="steps", save_steps=3)
@@ -214,6 +219,7 @@ def test_each_checkpoint_holds_an_ema_folder_that_from_pretrained_loads(tmp_path
     assert not list(tmp_path.glob("checkpoint-*/.ema*"))  # nothing left aside
 
 
+@pytest.mark.slow
 def test_stop_and_resume_gives_the_uninterrupted_ema_bit_for_bit(tmp_path: Path) -> None:
     whole = EMACallback(decay=DECAY)
     whole_trainer = train(tmp_path / "whole", [whole], max_steps=8, save_strategy="steps", save_steps=4)
@@ -239,6 +245,7 @@ def test_stop_and_resume_gives_the_uninterrupted_ema_bit_for_bit(tmp_path: Path)
         assert torch.equal(p, raw[name]), name
 
 
+@pytest.mark.slow
 def test_a_callback_used_before_resumes_from_the_checkpoint_not_from_its_own_average(tmp_path: Path) -> None:
     ema = EMACallback(decay=DECAY)
     train(tmp_path, [ema], max_steps=8, save_strategy="steps", save_steps=4)
@@ -280,6 +287,7 @@ def test_evaluate_both_is_refused_with_the_way_to_get_both() -> None:
         EMACallback(evaluate="both")
 
 
+@pytest.mark.subprocess
 def test_the_command_averages_the_callbacks_ema_folders_with_submodel_ema(tmp_path: Path) -> None:
     run, out = tmp_path / "run", tmp_path / "ema-of-ema.safetensors"
     train(run, [EMACallback(decay=DECAY)], max_steps=6, save_strategy="steps", save_steps=2)
@@ -350,6 +358,8 @@ with open(f"{out}/rank{rank}.json", "w") as f:
 """
 
 
+@pytest.mark.subprocess
+@pytest.mark.multiprocess
 def test_deepspeed_zero2_on_two_gloo_ranks_and_zero3_refused(tmp_path: Path) -> None:
     """The real Trainer with DeepSpeed on two CPU ranks (torchrun, gloo): under ZeRO-2 each rank's EMA is
     the float64 reference of its weights and equal across ranks; ZeRO-3 is refused with one line."""
@@ -380,6 +390,7 @@ def test_deepspeed_zero2_on_two_gloo_ranks_and_zero3_refused(tmp_path: Path) -> 
         )
 
 
+@pytest.mark.slow
 def test_peft_lora_keeps_and_saves_averages_of_the_adapter_alone(tmp_path: Path) -> None:
     """The frozen base model holds no average (it would be itself); ema/ holds the averaged adapter weights
     under the PeftModel's names, and a resumed run continues them bit for bit."""
@@ -451,6 +462,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.subprocess
 def test_fsdp2_sharded_parameters_are_refused_when_training_starts(tmp_path: Path) -> None:
     """FSDP2's DTensors (fully_shard on a real one-rank gloo group): the Trainer runs FSDP2 only on
     accelerators (accelerate drops the plugin on the CPU), where its ema/ save is untested, so one line."""

@@ -20,6 +20,7 @@ from test_integrations_transformers import Recorder, train
 WIDTHS = (0.05, 0.1)
 
 
+@pytest.mark.slow
 def test_snapshots_are_power_emas_reconstructed_and_leave_training_untouched(tmp_path: Path) -> None:
     run, recorder = tmp_path / "run", Recorder()
     train(run, [recorder, EMACallback(decay=0.9, posthoc_every=2)], max_steps=6)
@@ -34,6 +35,7 @@ def test_snapshots_are_power_emas_reconstructed_and_leave_training_untouched(tmp
     assert_reconstructs(run, folder, 0.07, tmp_path / "sigma0.07.safetensors")
 
 
+@pytest.mark.slow
 def test_resume_writes_the_uninterrupted_runs_snapshots_bit_for_bit(tmp_path: Path) -> None:
     options = {"max_steps": 8, "save_strategy": "steps", "save_steps": 4}
     train(tmp_path / "whole", [EMACallback(decay=0.9, posthoc_every=2)], **options)  # type: ignore[arg-type]

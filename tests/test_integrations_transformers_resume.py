@@ -155,6 +155,7 @@ def other_runs_checkpoint(out: Path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_an_output_dir_holding_another_runs_checkpoint_does_not_lend_its_ema(
     whole_run: tuple[Path, dict[str, torch.Tensor]], tmp_path: Path
 ) -> None:

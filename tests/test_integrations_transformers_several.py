@@ -64,6 +64,7 @@ def test_one_callback_with_two_decays_keeps_saves_and_evaluates_both(plain: Reco
     assert_close_to({n: p.detach() for n, p in model.named_parameters()}, plain.weights[-1])
 
 
+@pytest.mark.slow
 def test_two_callbacks_compose_without_touching_the_training_weights(plain: Recorder, tmp_path: Path) -> None:
     fast, slow, recorder = EMACallback(decay=0.8), EMACallback(decay=0.95, names=["ema_slow"]), Recorder()
     train(tmp_path, [recorder, fast, slow], max_steps=6, save_strategy="steps", save_steps=6, **SCHEDULE)  # type: ignore[arg-type]

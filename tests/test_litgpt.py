@@ -265,6 +265,7 @@ def replace_refused(out: Path, avg: Path) -> str:
     return lines[0]
 
 
+@pytest.mark.subprocess
 def test_a_fifo_marker_in_the_folder_to_replace_is_refused_without_blocking(tmp_path: Path) -> None:
     write_litgpt_run(tmp_path / "out")
     avg = tmp_path / "avg"
@@ -275,6 +276,7 @@ def test_a_fifo_marker_in_the_folder_to_replace_is_refused_without_blocking(tmp_
     assert f"{avg}: is not an ema-average output (ema_average.json is not a plain file)" in line
 
 
+@pytest.mark.subprocess
 def test_a_deeply_nested_marker_in_the_folder_to_replace_is_one_line(tmp_path: Path) -> None:
     write_litgpt_run(tmp_path / "out")
     avg = tmp_path / "avg"

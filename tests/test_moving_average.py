@@ -349,6 +349,7 @@ def forget_plugin() -> Iterator[None]:
     sys.modules.pop(PLUGIN_MODULE, None)
 
 
+@pytest.mark.subprocess
 @pytest.mark.usefixtures("forget_plugin")
 def test_average_declared_by_another_package_is_found_by_name(
     plugin_dir: Path, monkeypatch: pytest.MonkeyPatch

@@ -350,6 +350,7 @@ def test_two_spellings_of_one_output_share_its_lock(tmp_path: Path) -> None:
         OutputLock(tmp_path / "alias" / ".." / "alias" / "out")
 
 
+@pytest.mark.subprocess
 def test_the_lock_of_a_killed_run_is_free_and_leaves_nothing(tmp_path: Path) -> None:
     out = tmp_path / "out.safetensors"
     child = start_child(
@@ -402,6 +403,7 @@ def test_a_squatter_on_the_old_socket_name_blocks_nothing(tmp_path: Path) -> Non
         squatter.close()
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("kind", ["symlink", "fifo", "other user", "held file"])
 def test_whatever_squats_the_lock_file_is_named_not_guessed(tmp_path: Path, kind: str) -> None:
     out, lock_file = tmp_path / "out.safetensors", tmp_path / OWN_LOCK.format("out.safetensors")
@@ -705,6 +707,7 @@ def assert_folder_holds(folder: Path, ts: dict[str, torch.Tensor], *, shards: in
         assert torch.equal(load_file(str(folder / weight_map[name]))[name], t)
 
 
+@pytest.mark.subprocess
 def test_too_low_a_ulimit_n_is_refused_before_anything_is_written(tmp_path: Path) -> None:
     code = (
         "import os, resource, sys, torch; from pathlib import Path\n"
@@ -731,6 +734,7 @@ def test_too_low_a_ulimit_n_is_refused_before_anything_is_written(tmp_path: Path
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.subprocess
 def test_a_killed_fresh_run_leaves_no_output_folder(tmp_path: Path) -> None:
     child = start_child(
         "import sys, torch; from pathlib import Path\n"

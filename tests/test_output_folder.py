@@ -188,6 +188,7 @@ def test_max_shard_size_shards_an_unsharded_input(tmp_path: Path) -> None:
 # --- PEFT -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.producers
 def test_peft_adapter_folder_loads_with_peft_model(tmp_path: Path) -> None:
     from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 
@@ -215,6 +216,7 @@ def unet_state(model) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.producers
 def test_diffusers_save_pretrained_run_loads_with_from_pretrained(tmp_path: Path) -> None:
     from diffusers import UNet2DModel
 
@@ -230,6 +232,7 @@ def test_diffusers_save_pretrained_run_loads_with_from_pretrained(tmp_path: Path
     assert_close(unet_state(UNet2DModel.from_pretrained(out)), mean64(states))
 
 
+@pytest.mark.producers
 def test_diffusers_training_checkpoint_reads_unet_and_copies_its_config(tmp_path: Path) -> None:
     """``checkpoint-N/unet/`` + ``unet_ema/`` (diffusers training scripts): the raw unet is averaged and
     written with unet/'s config; ``--submodel unet_ema`` takes unet_ema/'s."""
@@ -530,6 +533,7 @@ def sparse_side_files(folder: Path, names: list[str]) -> None:
             f.truncate(output_folder.MAX_SIDE_FILE_BYTES)
 
 
+@pytest.mark.subprocess
 def test_side_files_are_copied_without_being_held_in_memory(tmp_path: Path) -> None:
     """Three sparse 64 MiB side files: copied a block at a time, not all held at once (+192 MiB of peak)."""
     import subprocess
@@ -570,6 +574,7 @@ def _small_files() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (2**16, 2**16))
 
 
+@pytest.mark.subprocess
 def test_a_folder_output_that_cannot_be_written_is_named_not_its_staging_file(tmp_path: Path) -> None:
     """The error names the output the user gave (the staging folder is hidden and gone after the failure)."""
     import subprocess

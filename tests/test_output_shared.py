@@ -84,6 +84,7 @@ def run_as(uid: int, code: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.subprocess
 @AS_ROOT
 def test_a_killed_run_of_another_user_blocks_nothing(shared: Path) -> None:
     """A SIGKILLed run of root left its 0600 lock file and its staging folder in a 1777 folder; another
@@ -115,6 +116,7 @@ def test_a_killed_run_of_another_user_blocks_nothing(shared: Path) -> None:
     assert [p.name for p in shared.iterdir()] == ["out"]
 
 
+@pytest.mark.subprocess
 @AS_ROOT
 @PROC_LOCKS
 @pytest.mark.parametrize(("holder", "taker"), [(0, OTHER), (OTHER, 0)])
@@ -136,6 +138,7 @@ def test_runs_of_two_users_exclude_each_other(shared: Path, holder: int, taker: 
         pass
 
 
+@pytest.mark.subprocess
 @PROC_LOCKS
 def test_a_lock_an_earlier_version_holds_is_respected(tmp_path: Path) -> None:
     """An earlier version's run locks ``.NAME.ema-average.lock``, for every user: still one run at a time."""

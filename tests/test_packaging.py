@@ -22,6 +22,7 @@ EXE = str(Path(sys.executable).parent / "ema-average")
 IMPORT_TIMES = {"PYTHONPROFILEIMPORTTIME": "1"}  # Python lists each import on stderr as it completes
 
 
+@pytest.mark.subprocess
 def test_wheel_ships_the_license_and_py_typed(tmp_path: Path) -> None:
     built = subprocess.run(
         [
@@ -52,6 +53,7 @@ def imported_modules(stderr: str) -> set[str]:
     return {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize(("flag", "answer"), [("--version", "ema-average "), ("--help", "Usage: ")])
 def test_version_and_help_answer_without_importing_torch(flag: str, answer: str) -> None:
     # Importing torch takes seconds: the guard is that it is never imported, which Python's own list of
@@ -97,6 +99,7 @@ def test_only_the_entry_point_imports_the_command_line() -> None:
     assert importers == {"__main__.py"}
 
 
+@pytest.mark.subprocess
 def test_python_dash_m_runs_the_command() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "ema_average", "--version"], capture_output=True, text=True
@@ -104,6 +107,7 @@ def test_python_dash_m_runs_the_command() -> None:
     assert result.returncode == 0 and result.stdout.startswith("ema-average "), result.stderr
 
 
+@pytest.mark.subprocess
 def test_import_is_lazy_and_the_public_api_resolves() -> None:
     code = (
         "import sys, ema_average\n"
@@ -122,6 +126,7 @@ TORCH_LANDMARKS = ["torch._C", "torch.nn"]
 SMALL_PIPE = 4096  # the least a pipe holds: the child stops this many bytes past what was read
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(not hasattr(fcntl, "F_SETPIPE_SZ"), reason="needs Linux's pipe size control")
 @pytest.mark.parametrize("landmark", TORCH_LANDMARKS)
 def test_ctrl_c_while_torch_imports_is_one_line_not_a_traceback(tmp_path: Path, landmark: str) -> None:
@@ -191,6 +196,7 @@ WRAPPERS = {
 }
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("wrapper", sorted(WRAPPERS))
 @pytest.mark.parametrize("where", sorted(INTERRUPT_AT))
 def test_ctrl_c_in_each_start_up_window_is_one_line(tmp_path: Path, where: str, wrapper: str) -> None:
@@ -227,6 +233,7 @@ def torch_zeros() -> object:  # torch imported lazily: the start-up tests here m
     return torch.zeros(4)
 
 
+@pytest.mark.subprocess
 def test_ctrl_c_after_the_summary_is_ignored(tmp_path: Path) -> None:
     # The output is committed and the summary printed: an interrupt now lands in the interpreter's
     # shutdown, where it used to print "Exception ignored ... Traceback" from an atexit finalizer.
@@ -253,6 +260,7 @@ def test_ctrl_c_after_the_summary_is_ignored(tmp_path: Path) -> None:
     assert (tmp_path / "run-ema.safetensors").is_file()
 
 
+@pytest.mark.subprocess
 def test_a_signalled_child_starts_with_default_dispositions() -> None:
     # A shell without job control (nohup, `sh -c '... &'`, some CI runners) starts the test run with Ctrl-C
     # ignored, and an ignored disposition survives exec: every child a test signals starts through

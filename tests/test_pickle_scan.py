@@ -158,6 +158,7 @@ def chain_key_file(path: Path, zip_format: bool) -> None:
             archive.writestr(name, data.replace(placeholder, chain) if name.endswith("data.pkl") else data)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
 def test_a_deep_tuple_chain_as_a_dict_key_is_refused(tmp_path: Path, zip_format: bool) -> None:
     """Hashing 200,000 nested tuples recursed in C and ended the process (SIGSEGV): read in a child, so

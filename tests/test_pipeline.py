@@ -471,6 +471,7 @@ def _default_interrupts() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_between_two_outputs_renames_leaves_both_new(tmp_path: Path, sig: signal.Signals) -> None:
     decays = [0.9, 0.99]

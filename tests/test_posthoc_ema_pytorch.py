@@ -14,6 +14,8 @@ from ema_average.offline.options import RunOptions
 from ema_average.offline.posthoc_job import Targets, prepare
 from ema_average.offline.run import execute
 
+pytestmark = pytest.mark.producers  # ema-pytorch's PostHocEMA writes the snapshots
+
 ema_pytorch = pytest.importorskip("ema_pytorch")
 
 WIDTHS = (0.05, 0.28)  # ema-pytorch's README example

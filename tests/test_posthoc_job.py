@@ -105,6 +105,7 @@ def test_output_records_the_reconstruction(tmp_path: Path) -> None:
     assert sum(json.loads(metadata["posthoc_coefficients"])) == pytest.approx(1.0)
 
 
+@pytest.mark.subprocess
 def test_the_command_shows_coefficients_and_fit_and_writes(tmp_path: Path) -> None:
     states = write_snapshots(tmp_path / "snaps")
     out = tmp_path / "ema.safetensors"

@@ -138,6 +138,7 @@ def test_refusals(tmp_path: Path) -> None:
         other.load_state_dict(snaps.state_dict())
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_the_docs_worked_example(tmp_path: Path) -> None:
     """examples/make_example_run.py --posthoc-every writes RUN/posthoc-ema/, which the command reads from

@@ -28,6 +28,8 @@ from helpers import (
     write_lightning_run,
 )
 
+pytestmark = pytest.mark.producers
+
 # PEFT LoRA through the HF Trainer ---------------------------------------------------------------------
 
 

@@ -238,6 +238,7 @@ def test_a_file_rewritten_in_place_is_refused(tmp_path: Path) -> None:
         ckpt.read("encoder.bias")
 
 
+@pytest.mark.subprocess
 def test_more_checkpoints_than_the_open_file_limit(tmp_path: Path) -> None:
     """150 checkpoints averaged by the command under ``ulimit -n 64``: each was held open for the whole
     pass ("Too many open files" past ~60); read descriptors now come from a pool sized to the limit."""

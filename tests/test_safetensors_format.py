@@ -60,6 +60,7 @@ def test_possible_empty_shapes_are_read(tmp_path: Path) -> None:
     assert load_file(str(tmp_path / "e.safetensors"))["e"].shape == (0, 3)
 
 
+@pytest.mark.subprocess
 def test_the_command_refuses_it_before_a_dry_run_passes(tmp_path: Path) -> None:
     """It passed --dry-run, then the run failed with 1.4 KB of C++ stack on one line naming no file."""
     run = tmp_path / "run"

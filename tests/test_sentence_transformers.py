@@ -22,6 +22,9 @@ from typer.testing import CliRunner
 from ema_average.checkpoints import find_run
 from ema_average.cli.app import app
 from helpers import float64_reference, hf_offline
+from producer_cache import produced
+
+pytestmark = pytest.mark.producers  # sentence-transformers' own Trainer writes the run
 
 STEPS = [2, 4, 6]
 DECAY = 0.9
@@ -87,11 +90,17 @@ def train_run(folder: Path) -> Path:
     return folder / "run"
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def write_run(folder: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return train_run(tmp_path_factory.mktemp("st"))
+        train_run(folder)
+
+
+@pytest.fixture(scope="module")
+def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained run, from the producer cache (tests/producer_cache.py) when it holds one."""
+    sources = ("test_sentence_transformers.py",)
+    return produced(request.config, tmp_path_factory, "sentence-transformers", write_run, sources) / "run"
 
 
 def module_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:

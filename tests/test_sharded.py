@@ -219,6 +219,7 @@ def _train_with_averages(rank: int, world: int, wrap: str, out: Path) -> None:
         torch.save(result, out)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(("wrap", "world"), [("fsdp2", 2), ("fsdp2", 3), ("ddp", 2)])
 def test_averages_of_sharded_training_equal_the_one_process_run(
     wrap: str, world: int, tmp_path: Path
@@ -247,6 +248,7 @@ def _train_bf16(rank: int, world: int, out: Path) -> None:
     save_with_reference(rank, out, ema, ref)
 
 
+@pytest.mark.multiprocess
 def test_bf16_parameters_keep_float32_averages(tmp_path: Path) -> None:
     averaged = spawn_against_reference(_train_bf16, tmp_path, atol=2e-6)
     assert all(t.dtype == torch.float32 for t in averaged.values())
@@ -307,6 +309,7 @@ def _swap_and_apply(rank: int, world: int, out: Path) -> None:
         torch.save({"swapped": swapped, "expected": expected, "raw": raw}, out)
 
 
+@pytest.mark.multiprocess
 def test_swaps_are_exact_and_apply_runs_no_collective(tmp_path: Path) -> None:
     spawn(2, _swap_and_apply, tmp_path, tmp_path / "out.pt")
     result = torch.load(tmp_path / "out.pt", weights_only=True)
@@ -369,6 +372,7 @@ def _tensor_parallel(rank: int, world: int, out: Path) -> None:
     save_with_reference(rank, out, ema, ref)
 
 
+@pytest.mark.multiprocess
 def test_tensor_parallel_placements_and_plain_tensors_mix(tmp_path: Path) -> None:
     spawn_against_reference(_tensor_parallel, tmp_path, atol=1e-6)
 
@@ -461,6 +465,7 @@ def saved_midway(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Pa
     return at
 
 
+@pytest.mark.multiprocess
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP's note on loading in one process
 @pytest.mark.parametrize(("saved", "loaded"), [(2, 3), (3, 2), (2, 1)])
 def test_checkpoint_reshards_to_another_world_size(
@@ -495,6 +500,7 @@ def _export(rank: int, world: int, path: Path) -> None:
         save_safetensors(ema, path, step=STEPS)
 
 
+@pytest.mark.multiprocess
 def test_safetensors_export_equals_the_one_process_average(tmp_path: Path) -> None:
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -516,6 +522,7 @@ def test_safetensors_export_equals_the_one_process_average(tmp_path: Path) -> No
     assert [p.name for p in tmp_path.iterdir() if p.suffix == ".safetensors"] == ["ema.safetensors"]
 
 
+@pytest.mark.subprocess
 def test_offline_command_resumes_an_exported_average(tmp_path: Path) -> None:
     """Checkpoints after the export, each holding the weights of the steps since the last: the offline
     gap-aware continuation then equals the online average applied at every one of those steps."""
@@ -690,6 +697,7 @@ def _host_kept_shards(rank: int, world: int, path: Path) -> None:
     save_safetensors(ema, path, step=STEPS)
 
 
+@pytest.mark.multiprocess
 @CUDA
 def test_host_kept_averages_of_cuda_shards_save_and_export(tmp_path: Path) -> None:
     from safetensors.torch import load_file
@@ -700,6 +708,7 @@ def test_host_kept_averages_of_cuda_shards_save_and_export(tmp_path: Path) -> No
     assert_close(load_file(tmp_path / "ema.safetensors"), one_process_reference()["exponential"], atol=1e-5)
 
 
+@pytest.mark.subprocess
 def test_the_plain_engine_does_not_import_dtensor() -> None:
     import subprocess
     import sys

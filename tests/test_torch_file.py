@@ -383,6 +383,7 @@ except CheckpointError as exc:
 """
 
 
+@pytest.mark.subprocess
 def test_a_file_cut_short_while_it_is_read_is_an_error_not_a_sigbus(tmp_path: Path) -> None:
     path = tmp_path / "cut.pt"
     child = run_child(CUT_WHILE_READ, path)
@@ -410,6 +411,7 @@ except CheckpointError as exc:
 """
 
 
+@pytest.mark.subprocess
 def test_a_run_whose_checkpoint_is_cut_after_planning_fails_cleanly(tmp_path: Path) -> None:
     write_torch_run(tmp_path / "run", [10, 20, 30])
     out = tmp_path / "ema.safetensors"

@@ -35,6 +35,7 @@ def _import_with(root: Path) -> subprocess.CompletedProcess[str]:
     "version_line",
     ["__version__ = '2.5.1+cpu'", "__version__ = '2.12.1'", "__version__: str = '1.13.1+cu117'"],
 )
+@pytest.mark.subprocess
 def test_an_older_torch_is_refused_at_import_with_one_line(tmp_path: Path, version_line: str) -> None:
     found = version_line.split("'")[1]
     done = _import_with(_stand_in_torch(tmp_path, version_line))
@@ -48,6 +49,7 @@ def test_an_older_torch_is_refused_at_import_with_one_line(tmp_path: Path, versi
     assert "stand-in torch was imported" not in done.stderr
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("version", ["2.13.0a0+git1234abc", "2.13.0", "2.14.1+cpu", "3.0.0"])
 def test_the_floor_and_newer_import_without_importing_torch(tmp_path: Path, version: str) -> None:
     done = _import_with(_stand_in_torch(tmp_path, f"__version__ = '{version}'"))

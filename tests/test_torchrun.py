@@ -16,9 +16,13 @@ from safetensors.torch import save_file
 
 from torchrun_wrapper import KILL_AFTER_COMMIT, KILL_AFTER_FIRST_CHUNK
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is needed"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is needed"
+    ),
+    pytest.mark.multiprocess,
+    pytest.mark.subprocess,
+]
 
 STEPS = [10, 20, 40]
 EXE = [sys.executable, "-m", "ema_average"]

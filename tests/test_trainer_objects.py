@@ -186,12 +186,14 @@ def assert_is_reference(output: Path, states: dict[int, dict[str, torch.Tensor]]
             torch.testing.assert_close(out[name].double(), tensor, rtol=2e-6, atol=2e-7)
 
 
+@pytest.mark.subprocess
 def test_mmengine_file_names_its_objects_and_getattr(mmengine_run: tuple[Path, dict]) -> None:
     # What the test relies on: the Runner's file pickles mmengine's class and getattr(HistoryBuffer, 'min').
     names = set(torch.serialization.get_unsafe_globals_in_checkpoint(mmengine_run[0] / "iter_4.pth"))
     assert {"mmengine.logging.history_buffer.HistoryBuffer", "builtins.getattr"} <= names
 
 
+@pytest.mark.subprocess
 def test_mmengine_runner_checkpoints_average_without_the_package(
     mmengine_run: tuple[Path, dict], tmp_path: Path
 ) -> None:
@@ -205,6 +207,7 @@ def test_mmengine_runner_checkpoints_average_without_the_package(
     assert {p: p.read_bytes() for p in run.iterdir()} == before
 
 
+@pytest.mark.subprocess
 def test_mmengine_with_trust_pickle_and_no_package_is_not_damaged(
     mmengine_run: tuple[Path, dict], tmp_path: Path
 ) -> None:
@@ -217,6 +220,7 @@ def test_mmengine_with_trust_pickle_and_no_package_is_not_damaged(
     assert_is_reference(out, states, 0.9)
 
 
+@pytest.mark.subprocess
 def test_objects_inside_placeholders_are_not_weights(mmengine_run: tuple[Path, dict]) -> None:
     ckpt = TorchCheckpoint(mmengine_run[0] / "iter_8.pth")
     assert ckpt.state_dict_key == "state_dict"
@@ -250,6 +254,7 @@ torch.save({
 """
 
 
+@pytest.mark.subprocess
 def test_olmo_core_trainer_state_is_readable(tmp_path: Path) -> None:
     path = tmp_path / "step20" / "train" / "rank0.pt"
     path.parent.mkdir(parents=True)
@@ -404,6 +409,7 @@ def ultralytics_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
     return root / "runs" / "detect" / "train" / "weights", package, states
 
 
+@pytest.mark.subprocess
 def test_ultralytics_without_trust_pickle_is_one_line(ultralytics_run: tuple[Path, Path, dict]) -> None:
     weights, _, _ = ultralytics_run
     result = run_with(None, EXE, weights, "-o", weights.parent / "never.safetensors")
@@ -418,6 +424,7 @@ def test_ultralytics_without_trust_pickle_is_one_line(ultralytics_run: tuple[Pat
         TorchCheckpoint(weights / "epoch0.pt", state_dict_key="ema")  # also when asked for by name
 
 
+@pytest.mark.subprocess
 def test_ultralytics_with_trust_pickle_averages_the_ema_module(
     ultralytics_run: tuple[Path, Path, dict], tmp_path: Path
 ) -> None:
@@ -431,6 +438,7 @@ def test_ultralytics_with_trust_pickle_averages_the_ema_module(
     assert "last.pt: not read: its name carries no step beside files whose names do" in " ".join(told.split())
 
 
+@pytest.mark.subprocess
 def test_ultralytics_with_trust_pickle_and_no_package_names_it(
     ultralytics_run: tuple[Path, Path, dict],
 ) -> None:
@@ -486,6 +494,7 @@ assert all(torch.equal(last.read(n), epoch.read(n)) for n in epoch.specs())
 """
 
 
+@pytest.mark.subprocess
 def test_ultralytics_stripped_final_copies_have_no_step(
     ultralytics_run: tuple[Path, Path, dict], tmp_path: Path
 ) -> None:
@@ -506,6 +515,7 @@ def test_ultralytics_stripped_final_copies_have_no_step(
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.subprocess
 def test_a_finished_ultralytics_run_skips_its_final_copies(
     ultralytics_run: tuple[Path, Path, dict], tmp_path: Path
 ) -> None:
@@ -528,6 +538,7 @@ def test_a_finished_ultralytics_run_skips_its_final_copies(
     assert not any("last.pt" in line or "best.pt" in line for line in unpickled), result.stderr
 
 
+@pytest.mark.subprocess
 def test_a_finished_ultralytics_run_without_trust_pickle_names_an_epoch_file(
     ultralytics_run: tuple[Path, Path, dict], tmp_path: Path
 ) -> None:
@@ -554,6 +565,7 @@ torch.save(saved, sys.argv[1] + "/best.pt")
 """
 
 
+@pytest.mark.subprocess
 def test_a_best_copy_with_a_payload_is_skipped_before_it_is_unpickled(
     ultralytics_run: tuple[Path, Path, dict], tmp_path: Path
 ) -> None:

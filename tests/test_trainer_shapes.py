@@ -51,6 +51,7 @@ def nanogpt_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[in
     return out, states
 
 
+@pytest.mark.slow
 def test_nanogpt_file_holds_a_metric_beside_a_compiled_model(nanogpt_run: tuple[Path, dict]) -> None:
     out, _ = nanogpt_run
     saved = torch.load(out / "iter_4" / "ckpt.pt", weights_only=True)
@@ -59,6 +60,7 @@ def test_nanogpt_file_holds_a_metric_beside_a_compiled_model(nanogpt_run: tuple[
     assert not next(iter(torch.load(out / "iter_2" / "ckpt.pt", weights_only=True)["model"])).startswith("_")
 
 
+@pytest.mark.slow
 def test_nanogpt_run_averages_the_model_and_loads_into_gpt(
     nanogpt_run: tuple[Path, dict], tmp_path: Path
 ) -> None:
@@ -249,6 +251,7 @@ def write_nemo_ema_run(folder: Path) -> Path:
     return write_lightning_run(folder, callbacks=[EMA()], checkpoint_class=NeMoModelCheckpoint)
 
 
+@pytest.mark.producers
 def test_nemo_ema_sibling_files_are_skipped_or_chosen(tmp_path: Path) -> None:
     run = write_nemo_ema_run(tmp_path / "run")
     raw = sorted(run.glob("*=?.ckpt")) + sorted(run.glob("*=??.ckpt"))

@@ -151,6 +151,7 @@ def test_watch_keeps_one_average(tmp_path: Path) -> None:
         watch(RunOptions(tmp_path, settings=sweep), poll=1.0, on_refresh=print, on_notice=print)
 
 
+@pytest.mark.subprocess
 def test_watch_command_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     # Synchronised on what the command prints (a refresh per line), never on the clock; the child starts
     # with Ctrl-C at its default, whatever the launcher of the test run ignored.
@@ -277,6 +278,7 @@ def test_watch_averages_again_when_an_averaged_checkpoint_is_rewritten(tmp_path:
     assert all(torch.allclose(live[n].double(), reference[n], rtol=1e-6, atol=1e-7) for n in reference)
 
 
+@pytest.mark.slow
 def test_a_folder_checkpoint_with_a_deep_tree_inside_is_watched(tmp_path: Path) -> None:
     # Path.rglob recurses before Python 3.12: 1,200 levels inside a checkpoint folder was a RecursionError.
     from ema_average.offline.watch import snapshot
