@@ -32,7 +32,6 @@ import torch.distributed as dist
 from ema_average._platform.process import ignore_sigterm
 from ema_average._platform.torch_compat import default_store
 from ema_average.errors import ConfigurationError, EmaAverageError
-from ema_average.offline import run as pipeline
 from ema_average.offline import streaming
 from ema_average.offline.options import RunOptions
 from ema_average.offline.plan import Chunk
@@ -46,6 +45,7 @@ from ema_average.offline.run import (
     run_metadata,
     stream_chunks,
 )
+from ema_average.offline.run import prepare as prepare_locally  # the one-process preparation, per rank
 from ema_average.output import SafetensorsWriter, commit_together, temp_name
 
 T = TypeVar("T")
@@ -199,8 +199,9 @@ def rank_options(options: RunOptions, ranks: Ranks, *, watch: bool) -> RunOption
 
 
 def prepare(options: RunOptions, ranks: Ranks, *, dry_run: bool) -> PreparedRun:
-    """``pipeline.prepare`` on this rank (headers only), refusing outputs other than one file each."""
-    prepared = pipeline.prepare(options, dry_run=dry_run)
+    """The one-process :func:`~ema_average.offline.run.prepare` on this rank (headers only), refusing
+    outputs other than one file each."""
+    prepared = prepare_locally(options, dry_run=dry_run)
     if prepared.folder is not None:
         raise ConfigurationError(
             f"-o {prepared.output}: under torchrun the ranks write one .safetensors file each; give "
